@@ -1,0 +1,41 @@
+# prefstream: every target creates .venv when missing and installs the project into it.
+# The install is one `pip install` of all extras at once: installing packages one by one breaks
+# faust-streaming's click pin silently (DESIGN 8).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= embedded,test
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma  := ,
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test bench lint install clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	@touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/prefstream demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench:
+	$(MAKE) EXTRAS=embedded,test,bench install
+	$(PY) -m bench.run
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check streams trainers schemas tests bench
+
+clean:
+	rm -rf $(VENV) .prefstream .pytest_cache demo-report

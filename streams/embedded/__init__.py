@@ -1,0 +1,1 @@
+"""The embedded runtime: a Kafka-compatible broker (Tansu) and Redis as local child processes."""

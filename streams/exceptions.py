@@ -1,0 +1,39 @@
+"""Errors of the streams package. Everything raised here derives from StreamsError.
+
+Errors from confluent-kafka, redis and subprocesses are translated at the boundary
+(``raise ... from exc``) into these, and every message says what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class StreamsError(Exception):
+    """Root of every error the streams package raises."""
+
+
+class ConfigError(StreamsError):
+    """A setting or argument with a value that cannot work."""
+
+
+class StackError(StreamsError):
+    """The embedded broker or Redis could not be started, reached or stopped."""
+
+
+class PortInUseError(StackError):
+    """The port a server should listen on is taken by another process."""
+
+
+class BinaryNotFoundError(StackError):
+    """A server binary (tansu, redis-server) is not installed."""
+
+
+class KafkaError(StreamsError):
+    """A Kafka operation failed (delivery, admin, consume)."""
+
+
+class DeliveryError(KafkaError):
+    """A produced record was not acknowledged by the broker; it was not written."""
+
+
+class InputFormatError(StreamsError):
+    """An input file whose lines are not in the format asked for."""

@@ -1,0 +1,182 @@
+"""Client SDK for applications: publish preference pairs, read scores.
+
+    from streams.sdk import PreferenceProducer, ScoreConsumer
+
+    with PreferenceProducer() as producer:
+        producer.send({"prompt": "2+2?", "chosen": "4", "rejected": "5"})
+    for scored in ScoreConsumer(group="my-dashboard"):
+        print(scored["pair"]["pair_id"], scored["p"])
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError as _RdKafkaError
+
+from schemas.pairs import validate_pair
+from schemas.wire import ValueCodec
+from streams import topics
+from streams.exceptions import DeliveryError, KafkaError
+from streams.kafka_config import consumer_config, producer_config
+from streams.settings import Settings, get_settings
+
+DEFAULT_FLUSH_TIMEOUT_S = 30.0
+POLL_S = 0.2
+
+
+class PreferenceProducer:
+    """Validates pairs and writes them to ``prefs.raw`` (Avro, keyed by pair_id) with an idempotent producer.
+
+    Delivery errors are never dropped: the delivery callback records them and the next ``send``
+    or ``flush`` raises DeliveryError.
+    """
+
+    def __init__(self, settings: Settings | None = None, topic: str | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.topic = topic or self.settings.topic(topics.RAW)
+        self.codec = ValueCodec(self.settings.schema_registry_url)
+        self._producer = Producer(producer_config(self.settings))
+        self._errors: list[str] = []
+        self._lock = threading.Lock()
+        self.sent = 0
+        self.delivered = 0
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        with self._lock:
+            if err is not None:
+                key = msg.key().decode(errors="replace") if msg.key() else "?"
+                self._errors.append(f"pair {key}: {err.str()}")
+            else:
+                self.delivered += 1
+
+    def _raise_pending(self) -> None:
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise DeliveryError(f"{len(errors)} pair(s) were not written to {self.topic}: {errors[0]}{more}")
+
+    def send(self, pair: Any) -> str:
+        """Validate ``pair`` (dict or dataclass) and queue it; returns its pair_id.
+
+        Raises InvalidRecordError (from schemas) for a bad pair, DeliveryError for an earlier failure.
+        """
+        self._raise_pending()
+        record = validate_pair(pair)
+        value, headers = self.codec.encode("PreferencePair", record, self.topic)
+        while True:
+            try:
+                self._producer.produce(self.topic, value=value, key=record["pair_id"].encode(),
+                                       headers=headers, on_delivery=self._on_delivery)
+                break
+            except BufferError:
+                self._producer.poll(0.1)  # local queue full: serve callbacks, then retry
+            except KafkaException as exc:
+                raise KafkaError(f"cannot produce to {self.topic}: {exc.args[0].str()}") from exc
+        self._producer.poll(0)
+        self.sent += 1
+        return record["pair_id"]
+
+    def flush(self, timeout: float = DEFAULT_FLUSH_TIMEOUT_S) -> None:
+        """Wait until every queued pair is acknowledged; raise DeliveryError if any failed or timed out."""
+        remaining = self._producer.flush(timeout)
+        self._raise_pending()
+        if remaining:
+            raise DeliveryError(
+                f"{remaining} pair(s) still unacknowledged after {timeout:.0f} s; is Kafka at "
+                f"{self.settings.bootstrap} up? (`prefstream stack status`)"
+            )
+
+    def __enter__(self) -> PreferenceProducer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.flush()
+
+
+class TopicReader:
+    """Reads decoded records from one topic.
+
+    With a ``group`` it joins the consumer group and commits each record's offset once the caller
+    asks for the next one (so a record is committed only after it was processed). Without a group it
+    assigns every partition from the beginning and commits nothing.
+    """
+
+    def __init__(self, topic: str, schema: str, settings: Settings | None = None, group: str | None = None,
+                 from_beginning: bool = True) -> None:
+        self.settings = settings or get_settings()
+        self.topic, self.schema, self.group = topic, schema, group
+        self.codec = ValueCodec(self.settings.schema_registry_url)
+        self._consumer = Consumer(consumer_config(self.settings, group,
+                                                  **({} if from_beginning else {"auto.offset.reset": "latest"})))
+        if group:
+            self._consumer.subscribe([topic])
+        else:
+            try:
+                meta = self._consumer.list_topics(topic, timeout=10)
+            except KafkaException as exc:
+                raise KafkaError(f"cannot read topic {topic} at {self.settings.bootstrap}: {exc.args[0].str()}") from exc
+            parts = meta.topics[topic].partitions if topic in meta.topics else {}
+            if not parts or meta.topics[topic].error is not None:
+                self._consumer.close()
+                raise KafkaError(f"topic {topic} does not exist at {self.settings.bootstrap}; run `prefstream stack up`")
+            self._consumer.assign([TopicPartition(topic, p, -2) for p in parts])  # -2: OFFSET_BEGINNING
+        self._pending = None
+
+    def _commit_pending(self) -> None:
+        if self._pending is not None and self.group:
+            self._consumer.commit(message=self._pending, asynchronous=False)
+        self._pending = None
+
+    def messages(self, idle_timeout: float | None = None) -> Iterator[Any]:
+        """Raw messages; stops after ``idle_timeout`` seconds without a new one (None: never)."""
+        last = time.monotonic()
+        while True:
+            self._commit_pending()
+            msg = self._consumer.poll(POLL_S)
+            if msg is None:
+                if idle_timeout is not None and time.monotonic() - last > idle_timeout:
+                    return
+                continue
+            if msg.error():
+                if msg.error().code() == _RdKafkaError._PARTITION_EOF:
+                    continue
+                if msg.error().fatal() or msg.error().code() == _RdKafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise KafkaError(f"reading {self.topic}: {msg.error().str()}")
+                continue
+            last = time.monotonic()
+            self._pending = msg
+            yield msg
+
+    def records(self, idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        for msg in self.messages(idle_timeout):
+            yield self.codec.decode(self.schema, msg.value(), msg.headers(), self.topic)
+
+    def close(self) -> None:
+        try:
+            self._commit_pending()
+        finally:
+            self._consumer.close()  # leave the group cleanly: a dead member holds it until timeout
+
+    def __enter__(self) -> TopicReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ScoreConsumer(TopicReader):
+    """Iterates ScoredPair records from ``prefs.scored``; commits each one after the loop body ran."""
+
+    def __init__(self, settings: Settings | None = None, group: str = "prefstream-scores", topic: str | None = None) -> None:
+        settings = settings or get_settings()
+        super().__init__(topic or settings.topic(topics.SCORED), "ScoredPair", settings, group=group)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.records()

@@ -1,0 +1,55 @@
+"""Session fixtures: one real embedded stack (Tansu + Redis) for the whole test session.
+
+Each test that needs topics gets its own uuid topic prefix, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from streams.admin import ensure_topics
+from streams.embedded.process import free_port
+from streams.embedded.stack import Stack
+from streams.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings of the session's embedded stack, on free ports so a user's own stack is not disturbed."""
+    home = tmp_path_factory.mktemp("prefstream-home")
+    return Settings(
+        bootstrap=f"127.0.0.1:{free_port()}",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        home=home,
+        models_dir=home / "models",
+        shards_dir=home / "shards",
+    )
+
+
+@pytest.fixture(scope="session")
+def stack(stack_settings: Settings):
+    st = Stack(stack_settings)
+    st.up()
+    yield st
+    st.down()
+    assert st.broker.pid() is None and st.redis.pid() is None, "the test stack left a server running"
+
+
+@pytest.fixture
+def settings(stack: Stack, stack_settings: Settings, tmp_path: Path) -> Settings:
+    """Settings with a fresh topic prefix (topics created) and private model and shard dirs."""
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    s = stack_settings.model_copy(update={"topic_prefix": prefix, "models_dir": tmp_path / "models",
+                                          "shards_dir": tmp_path / "shards"})
+    ensure_topics(s)
+    return s
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests never reach a model hub; transformers must load from local files only.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
