@@ -3,7 +3,13 @@
 This package imports neither ``streams`` nor ``trainers``.
 """
 
-from schemas.exceptions import CompatibilityError, DecodeError, InvalidRecordError, SchemaError, UnknownSchemaError
+from schemas.exceptions import (
+    CompatibilityError,
+    DecodeError,
+    InvalidRecordError,
+    SchemaError,
+    UnknownSchemaError,
+)
 from schemas.pairs import pair_from_json, pair_to_json, validate_pair
 from schemas.wire import ValueCodec
 

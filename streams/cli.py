@@ -14,7 +14,7 @@ from rich.table import Table
 from schemas.exceptions import SchemaError
 from streams import topics
 from streams.exceptions import StreamsError
-from streams.settings import Settings, get_settings
+from streams.settings import get_settings
 
 console = Console(stderr=True)
 
@@ -199,9 +199,10 @@ def consume(topic: str, max_records: int | None, timeout: float, group: str | No
 
 def _register_optional_commands() -> None:
     """Commands that live in other modules (kept out of start-up time of `prefstream --help`)."""
-    from streams import demo
+    from streams import cli_models, demo
 
     main.add_command(demo.demo)
+    cli_models.register(main)
 
 
 _register_optional_commands()

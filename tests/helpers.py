@@ -59,3 +59,30 @@ def run_cli(args: list[str], settings: Settings, *, check: bool = True, timeout:
 
 def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def toy_pairs(n: int, seed: int = 0) -> list[dict]:
+    """A separable toy set: chosen answers state the right sum politely, rejected ones refuse rudely."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        out.append({"conversation": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+                    "chosen": f"Happy to help: {a} plus {b} is {a + b}.",
+                    "rejected": rng.choice(["No idea, go away.", "Figure it out yourself.", "Whatever, I refuse."]),
+                    "extra": {}})
+    return out
+
+
+def assert_trained(result, min_accuracy: float = 0.9) -> None:
+    """The one check for a training run: loss fell, every trainable parameter changed, accuracy reached."""
+    m = result.metrics
+    losses = [h["loss"] for h in result.history]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, f"loss did not fall: {losses[:3]} -> {losses[-3:]}"
+    assert m["unchanged_parameters"] == [], f"parameters never updated: {m['unchanged_parameters']}"
+    assert m["trainable_parameters_changed"] == m["trainable_parameters"] > 0
+    assert m["eval_accuracy"] > min_accuracy, f"held-out accuracy {m['eval_accuracy']}"
+    for name in ("model.safetensors", "metrics.json", "config.json", "curve.png"):
+        assert (result.output_dir / name).exists(), f"{name} not written"

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from schemas.formats import from_hh_rlhf
 from schemas.pairs import validate_pair
 from schemas.wire import ValueCodec
 from streams import topics
 from streams.exceptions import DeliveryError
-from streams.formats import from_hh_rlhf
 from streams.sdk import PreferenceProducer, ScoreConsumer, TopicReader
 from streams.settings import Settings
 from tests.helpers import hh_lines, json_lines, require_hh_rlhf, run_cli

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
-import copy
 
 import pytest
 

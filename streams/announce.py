@@ -1,0 +1,39 @@
+"""Announcing model versions on the compacted `models.versions` topic (key = role)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka import Producer
+
+from schemas.wire import ValueCodec
+from streams import topics
+from streams.admin import broker_answers
+from streams.exceptions import DeliveryError
+from streams.kafka_config import producer_config
+from streams.settings import Settings
+
+ANNOUNCE_TIMEOUT_S = 15.0
+
+
+class Announcer:
+    """Callable given to ModelStore.publish/promote/rollback; writes the ModelVersion record."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topic = settings.topic(topics.MODEL_VERSIONS)
+        self.codec = ValueCodec(settings.schema_registry_url)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        value, headers = self.codec.encode("ModelVersion", record, self.topic)
+        producer = Producer(producer_config(self.settings))
+        errors: list[str] = []
+        producer.produce(self.topic, key=record["role"].encode(), value=value, headers=headers,
+                         on_delivery=lambda err, _msg: errors.append(err.str()) if err else None)
+        if producer.flush(ANNOUNCE_TIMEOUT_S) or errors:
+            raise DeliveryError(f"could not announce {record['version']} on {self.topic}: {errors or 'timed out'}")
+
+
+def announcer_if_reachable(settings: Settings) -> Announcer | None:
+    """An Announcer when a broker answers, else None (the model store works without Kafka)."""
+    return Announcer(settings) if broker_answers(settings, timeout=2.0) else None

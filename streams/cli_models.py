@@ -1,0 +1,222 @@
+"""CLI commands for the model side: train, eval, export, models list|show|promote|rollback."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from streams.settings import get_settings
+
+console = Console(stderr=True)
+
+
+def _dataclass_options(cls: type) -> Any:
+    """Click options generated from a dataclass config, each with the field's help text."""
+
+    def decorate(fn: Any) -> Any:
+        for f in reversed(dataclasses.fields(cls)):
+            if f.name == "train_files":
+                continue
+            name = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else None
+            help_text = f.metadata.get("help", "")
+            if f.type in ("bool", bool):
+                fn = click.option(f"{name}/--no-{f.name.replace('_', '-')}", f.name, default=default, show_default=True,
+                                  help=help_text)(fn)
+            elif f.type in ("list[str]",):
+                fn = click.option(name, f.name, multiple=True, help=help_text)(fn)
+            else:
+                typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+                fn = click.option(name, f.name, type=typ, default=default, show_default=True, help=help_text)(fn)
+        return fn
+
+    return decorate
+
+
+def _train_command() -> click.Command:
+    from trainers.train import TrainConfig
+
+    @click.command("train")
+    @click.option("--data", "-d", "data", multiple=True, required=True,
+                  help="Training data: shard directories or files (*.avro), or JSONL (ours, HH-RLHF). Repeatable.")
+    @click.option("--limit", type=int, default=None, help="Use at most this many pairs (quick runs).")
+    @_dataclass_options(TrainConfig)
+    def train_cmd(data: tuple[str, ...], limit: int | None, **kwargs: Any) -> None:
+        """Train a Bradley-Terry reward model on preference pairs.
+
+        Writes the model (safetensors), metrics.json and curve.png to --output-dir. Start from the
+        packaged MiniLM (--base-model default) or warm-start from any model directory.
+        """
+        from trainers.data import read_pairs
+        from trainers.train import train
+
+        kwargs["eval_files"] = list(kwargs.get("eval_files") or [])
+        cfg = TrainConfig(train_files=list(data), **kwargs)
+        cfg.validate()
+        pairs = read_pairs(cfg.train_files)
+        if limit:
+            pairs = pairs[:limit]
+        console.print(f"training on {len(pairs)} pairs from {', '.join(data)}")
+        result = train(cfg, pairs if not cfg.eval_files else pairs, None)
+        m = result.metrics
+        console.print(f"[green]done[/]: {m['steps']} steps, {m['pairs_per_second']:.1f} pairs/s, loss "
+                      f"{m['first_loss']:.4f} -> {m['final_loss']:.4f}, held-out accuracy {m['eval_accuracy']:.4f}")
+        click.echo(str(result.output_dir))
+
+    return train_cmd
+
+
+@click.command("eval")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "-d", "files", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
+              help="Benchmark file(s), JSONL or .gz. Repeatable.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "json", "hh-rlhf", "rewardbench", "rmbench", "judgebench", "best-of-n"]),
+              help="File format; auto detects it per line.")
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
+@click.option("--limit", type=int, default=None, help="Evaluate at most this many items per file.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write report.json and report.md here.")
+def eval_cmd(model: Path, files: tuple[Path, ...], fmt: str, backend: str, limit: int | None, out: Path | None) -> None:
+    """Evaluate a reward model: pairwise accuracy, per category, Best-of-N, style bias, RM-Bench.
+
+    Prints a markdown table; --out also writes report.json and report.md.
+    """
+    from trainers.evaluate import evaluate, markdown_table, read_eval_items
+    from trainers.model import RewardModel
+
+    items: list[dict] = []
+    skipped = 0
+    for f in files:
+        got, sk = read_eval_items(f, fmt, limit)
+        items.extend(got)
+        skipped += sk
+    rm = RewardModel.load(model, backend=backend)
+    with console.status(f"scoring {len(items)} items"):
+        report = evaluate(rm, items)
+    report["skipped_lines"] = skipped
+    report["model"] = str(model)
+    table = markdown_table(report)
+    click.echo(table)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "report.md").write_text(f"# Evaluation of {model}\n\n{table}")
+        console.print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
+
+
+@click.command("export")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "-d", "files", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
+              help="Validation pairs for the torch-vs-ONNX agreement check (JSONL, HH-RLHF or shards).")
+@click.option("--limit", type=int, default=500, show_default=True, help="Validation pairs to use.")
+@click.option("--quantize/--no-quantize", default=True, show_default=True, help="Also write model.int8.onnx.")
+@click.option("--min-agreement", type=float, default=0.995, show_default=True,
+              help="Fail if decisions agree with torch on fewer than this share of pairs.")
+def export_cmd(model: Path, files: tuple[Path, ...], limit: int, quantize: bool, min_agreement: float) -> None:
+    """Export MODEL to ONNX (dynamic batch and sequence axes) and dynamic INT8, checked against torch."""
+    from trainers.data import read_pairs
+    from trainers.export import export
+
+    pairs = read_pairs(list(files))[:limit]
+    with console.status("exporting and checking agreement"):
+        rep = export(model, pairs, quantize=quantize, min_agreement=min_agreement)
+    console.print(f"[green]exported[/] {rep.fp32_path} (agreement {rep.agreement_fp32:.2%}, max |diff| "
+                  f"{rep.max_abs_diff_fp32:.2e})" + (f" and {rep.int8_path} (agreement {rep.agreement_int8:.2%})"
+                                                     if rep.int8_path else "") + f" on {rep.validation_pairs} pairs")
+
+
+@click.group("models")
+@click.option("--store", type=click.Path(path_type=Path), default=None,
+              help="Model store directory (default: PREFSTREAM_MODELS_DIR).")
+@click.pass_context
+def models(ctx: click.Context, store: Path | None) -> None:
+    """List, inspect, publish, promote and roll back model versions in the model store."""
+    from trainers.registry import ModelStore
+
+    ctx.obj = ModelStore(store or get_settings().models_dir)
+
+
+def _announcer(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from streams.announce import announcer_if_reachable
+
+    ann = announcer_if_reachable(get_settings())
+    if ann is None:
+        console.print("[yellow]no broker answers; the change is recorded in the store but not announced[/]")
+    return ann
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per version instead of a table.")
+@click.pass_obj
+def models_list(store: Any, as_json: bool) -> None:
+    """Every version with its role, parent and headline metrics; * marks the serving ones."""
+    serving = {store.serving(r): r for r in ("current", "gold")}
+    if as_json:
+        for v in store.list():
+            click.echo(json.dumps({"version": v.version, "role": v.role, "serving": v.version in serving,
+                                   "parent": v.manifest.get("parent"), "metrics": v.metrics}))
+        return
+    table = Table("", "version", "role", "parent", "eval_accuracy", "pairs")
+    for v in store.list():
+        table.add_row("*" if v.version in serving else "", v.version, v.role, v.manifest.get("parent") or "-",
+                      f"{v.metrics.get('eval_accuracy', float('nan')):.4f}", str(v.metrics.get("train_pairs", "-")))
+    Console(width=max(Console().width, 140)).print(table)
+
+
+@models.command("show")
+@click.argument("version")
+@click.pass_obj
+def models_show(store: Any, version: str) -> None:
+    """Print the manifest of VERSION after verifying every file's sha256."""
+    info = store.verify(version)
+    click.echo(json.dumps(info.manifest, indent=2))
+
+
+@models.command("publish")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--role", type=click.Choice(["current", "gold"]), default="current", show_default=True)
+@click.option("--parent", default=None, help="Version it was trained from.")
+@click.option("--announce/--no-announce", default=True, show_default=True, help="Announce on models.versions.")
+@click.pass_obj
+def models_publish(store: Any, model: Path, role: str, parent: str | None, announce: bool) -> None:
+    """Copy MODEL into the store atomically as a new version and serve it for ROLE."""
+    info = store.publish(model, role, parent=parent, announce=_announcer(announce))
+    click.echo(info.version)
+
+
+@models.command("promote")
+@click.argument("version")
+@click.option("--role", type=click.Choice(["current", "gold"]), default=None, help="Default: the version's own role.")
+@click.option("--announce/--no-announce", default=True, show_default=True)
+@click.pass_obj
+def models_promote(store: Any, version: str, role: str | None, announce: bool) -> None:
+    """Serve VERSION for its role (verified first) and announce it."""
+    rec = store.promote(version, role or store.get(version).role, announce=_announcer(announce))
+    console.print(f"{rec['role']} now serves {rec['version']}")
+
+
+@models.command("rollback")
+@click.option("--role", type=click.Choice(["current", "gold"]), default="current", show_default=True)
+@click.option("--announce/--no-announce", default=True, show_default=True)
+@click.pass_obj
+def models_rollback(store: Any, role: str, announce: bool) -> None:
+    """Serve the previous version of ROLE again and announce it; scorers swap back."""
+    rec = store.rollback(role, announce=_announcer(announce))
+    console.print(f"{role} rolled back to {rec['version']}")
+
+
+def register(main: click.Group) -> None:
+    main.add_command(_train_command())
+    main.add_command(eval_cmd)
+    main.add_command(export_cmd)
+    main.add_command(models)
+
+

@@ -1,0 +1,160 @@
+"""Reward model core on real models: packaged MiniLM and tiny random Qwen3/Llama configs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import assert_trained, toy_pairs
+from tests.tiny_models import build_tiny_decoder
+from trainers.exceptions import ExportError, ModelLoadError, PickleCheckpointError
+from trainers.export import export
+from trainers.formatting import CHAT, PAIR
+from trainers.model import RewardModel
+from trainers.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    pairs = toy_pairs(120)
+    cfg = TrainConfig(output_dir=str(tmp_path_factory.mktemp("toy") / "model"), max_steps=30, batch_size=8,
+                      learning_rate=1e-4, max_length=64, eval_every=10, progress=False, seed=3)
+    return train(cfg, pairs[:100], pairs[100:])
+
+
+def test_tiny_training_run_learns_the_toy_set(trained):
+    assert_trained(trained, min_accuracy=0.9)
+    evals = [h for h in trained.history if "eval_accuracy" in h]
+    assert [h["step"] for h in evals] == [10, 20, 30]
+    saved = json.loads((trained.output_dir / "metrics.json").read_text())
+    assert saved["steps"] == 30 and saved["config"]["seed"] == 3
+
+
+def test_training_is_deterministic_with_a_seed(tmp_path):
+    pairs = toy_pairs(40)
+    runs = [train(TrainConfig(output_dir=str(tmp_path / f"r{i}"), max_steps=4, batch_size=4, max_length=48,
+                              eval_every=0, progress=False, plot=False, seed=7), pairs[:32], pairs[32:]) for i in range(2)]
+    assert [h["loss"] for h in runs[0].history] == [h["loss"] for h in runs[1].history]
+
+
+def test_margin_and_centering_change_the_loss(tmp_path):
+    pairs = toy_pairs(16)
+    base = dict(max_steps=1, batch_size=16, max_length=48, eval_every=0, progress=False, plot=False, seed=1)
+    plain = train(TrainConfig(output_dir=str(tmp_path / "a"), **base), pairs, pairs[:2]).history[0]["loss"]
+    for p in pairs:
+        p["extra"] = {"margin": 2.0}
+    margin = train(TrainConfig(output_dir=str(tmp_path / "b"), **base), pairs, pairs[:2])
+    centred = train(TrainConfig(output_dir=str(tmp_path / "c"), center_rewards_coefficient=1.0, **base), pairs, pairs[:2])
+    assert margin.history[0]["loss"] > plain + 1.0  # -log sigmoid(d - 2) > -log sigmoid(d) + ~1.4 near d = 0
+    assert centred.history[0]["loss"] > margin.history[0]["loss"]
+    assert "classifier.bias" not in centred.metrics["unchanged_parameters"]
+
+
+def test_freeze_layers_keeps_lower_layers_fixed(tmp_path):
+    pairs = toy_pairs(16)
+    res = train(TrainConfig(output_dir=str(tmp_path / "f"), max_steps=2, batch_size=8, max_length=48, freeze_layers=4,
+                            eval_every=0, progress=False, plot=False), pairs, pairs[:4])
+    assert res.metrics["unchanged_parameters"] == []
+    from safetensors.torch import load_file
+
+    from trainers.model import default_base_path
+
+    base = load_file(str(default_base_path() / "model.safetensors"))
+    new = load_file(str(res.output_dir / "model.safetensors"))
+    assert torch.equal(new["bert.encoder.layer.0.attention.self.query.weight"], base["encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(new["bert.encoder.layer.5.attention.self.query.weight"], base["encoder.layer.5.attention.self.query.weight"])
+
+
+def test_warm_start_loads_the_trained_model(trained):
+    rm = RewardModel.load(trained.output_dir)
+    rc, rr = rm.score_pairs(toy_pairs(20, seed=99))
+    assert np.mean(rc > rr) > 0.9
+    assert rm.input_format == PAIR and rm.max_length == 64
+
+
+def test_truncation_keeps_the_response_and_cuts_old_context():
+    rm = RewardModel.default(max_length=64)
+    conv = [{"role": "user", "content": "OLDEST " + "filler " * 200 + "NEWEST question"}]
+    ids = rm.formatter.encode([conv], ["the final response"])[0]["input_ids"]
+    text = rm.tokenizer.decode(ids)
+    assert len(ids) == 64
+    assert "the final response" in text and "newest question" in text and "oldest" not in text
+    long_resp = rm.formatter.encode([conv], ["word " * 500])[0]["input_ids"]
+    assert len(long_resp) == 64
+
+
+def test_dynamic_padding_gives_the_same_scores_as_one_by_one():
+    rm = RewardModel.default(max_length=128, batch_size=4)
+    pairs = toy_pairs(10)
+    pairs[3]["chosen"] = "a much longer answer " * 10
+    convs = [p["conversation"] for p in pairs]
+    batched = rm.score(convs, [p["chosen"] for p in pairs])
+    single = np.array([rm.score([c], [p["chosen"]])[0] for c, p in zip(convs, pairs, strict=True)])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_bf16_backend_scores_close_to_fp32():
+    pairs = toy_pairs(8)
+    torch.manual_seed(0)
+    fp32 = RewardModel.default(max_length=64).score_pairs(pairs)[0]
+    bf16 = RewardModel.default(max_length=64, dtype="bf16").score_pairs(pairs)[0]
+    np.testing.assert_allclose(fp32, bf16, atol=0.1)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_tiny_decoder_scores_through_chat_template_and_onnx(kind, tmp_path):
+    path = build_tiny_decoder(kind, tmp_path / kind)
+    rm = RewardModel.load(path)
+    assert rm.input_format == CHAT
+    ids = rm.formatter.encode([[{"role": "user", "content": "hi there"}]], ["the answer"])[0]["input_ids"]
+    decoded = rm.tokenizer.decode(ids)
+    assert decoded.index("user") < decoded.index("assistant") < decoded.index("answer")
+    pairs = toy_pairs(24)
+    for i, p in enumerate(pairs):  # different lengths, so batches are padded
+        p["chosen"] += " extra" * i
+    rc, _ = rm.score_pairs(pairs)
+    assert np.isfinite(rc).all() and np.std(rc) > 0
+    report = export(path, pairs, quantize=False)
+    assert report.agreement_fp32 >= 0.995 and report.max_abs_diff_fp32 < 1e-4
+    onnx_rc, _ = RewardModel.load(path, backend="onnx", onnx_file="model.onnx").score_pairs(pairs)
+    np.testing.assert_allclose(onnx_rc, rc, atol=1e-4)
+
+
+def test_minilm_export_int8_agrees_on_a_trained_model(trained, tmp_path):
+    import shutil
+
+    model = shutil.copytree(trained.output_dir, tmp_path / "m")
+    pairs = toy_pairs(100, seed=5)
+    report = export(model, pairs, quantize=True)
+    assert report.agreement_fp32 >= 0.995 and report.agreement_int8 >= 0.995
+    assert (model / "model.int8.onnx").stat().st_size < (model / "model.onnx").stat().st_size / 2
+
+
+def test_export_fails_loudly_and_leaves_no_file(trained, tmp_path):
+    import shutil
+
+    model = shutil.copytree(trained.output_dir, tmp_path / "m")
+    with pytest.raises(ExportError, match="agrees with torch on only"):
+        export(model, toy_pairs(10), quantize=False, min_agreement=1.01)
+    assert not (model / "model.onnx").exists()
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    torch.save({"w": torch.zeros(1)}, d / "pytorch_model.bin")
+    with pytest.raises(PickleCheckpointError, match="arbitrary code"):
+        RewardModel.load(d)
+
+
+def test_missing_and_wrong_models_give_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a directory"):
+        RewardModel.load(tmp_path / "nope")
+    with pytest.raises(ModelLoadError, match="backend"):
+        RewardModel.load(tmp_path, backend="tensorrt")
+    with pytest.raises(ModelLoadError, match="prefstream export"):
+        RewardModel.default(backend="onnx")

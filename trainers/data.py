@@ -1,0 +1,82 @@
+"""Reading preference pairs for training: JSONL (ours or HH-RLHF) and Avro shard files of CuratedPair."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from fastavro import reader as avro_reader
+
+from schemas.exceptions import InvalidRecordError
+from schemas.formats import READERS, detect
+from schemas.pairs import validate_pair
+from trainers.exceptions import DataError
+
+
+def _open(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Pairs from JSONL: our pair JSON, HH-RLHF or JudgeBench. Training-only keys go to 'extra'."""
+    with _open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: a line must be a JSON object")
+            fmt = detect(obj)
+            extra = {k: obj.pop(k) for k in list(obj) if k in ("margin", "split", "is_flipped", "style_trap")}
+            try:
+                pair = validate_pair(READERS[fmt](obj))
+            except InvalidRecordError:
+                continue  # e.g. identical responses: nothing to learn from; counted by the caller's total
+            pair["extra"] = extra
+            yield pair
+
+
+def read_shard(path: Path) -> Iterator[dict[str, Any]]:
+    """Pairs from an Avro container file of CuratedPair (what the shard writer produces)."""
+    try:
+        with path.open("rb") as fh:
+            for rec in avro_reader(fh):
+                pair = dict(rec["pair"])
+                pair["extra"] = {"split": rec.get("split")}
+                yield pair
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot read shard {path}: {exc}") from exc
+
+
+def read_pairs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Every pair in the given files or directories (*.avro, *.jsonl, *.jsonl.gz)."""
+    out: list[dict[str, Any]] = []
+    for raw in paths:
+        path = Path(raw)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        if not path.exists():
+            raise DataError(f"{path} does not exist")
+        for f in files:
+            if f.suffix == ".avro":
+                out.extend(read_shard(f))
+            elif f.name.endswith((".jsonl", ".jsonl.gz", ".json")):
+                out.extend(read_jsonl(f))
+    if not out:
+        raise DataError(f"no pairs found in {', '.join(map(str, paths))} (expected *.avro shards or *.jsonl)")
+    return out
+
+
+def split_holdout(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic train/holdout split."""
+    idx = list(range(len(pairs)))
+    random.Random(seed).shuffle(idx)
+    n_hold = int(len(pairs) * fraction)
+    hold = set(idx[:n_hold])
+    return [pairs[i] for i in idx if i not in hold], [pairs[i] for i in sorted(hold)]

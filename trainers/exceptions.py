@@ -1,0 +1,31 @@
+"""Errors of the trainers package. Everything raised here derives from TrainerError."""
+
+from __future__ import annotations
+
+
+class TrainerError(Exception):
+    """Root of every error the trainers package raises."""
+
+
+class ModelLoadError(TrainerError):
+    """A model directory that cannot be loaded (missing files, wrong head, unknown backend)."""
+
+
+class PickleCheckpointError(ModelLoadError):
+    """A checkpoint stored with pickle (.bin/.pt/.ckpt); loading it could run arbitrary code."""
+
+
+class DataError(TrainerError):
+    """Training or evaluation data that cannot be read."""
+
+
+class ExportError(TrainerError):
+    """ONNX export failed or the exported model disagrees with torch."""
+
+
+class RegistryError(TrainerError):
+    """A model-store operation that cannot be done (unknown version, nothing to roll back to)."""
+
+
+class CorruptArtifactError(RegistryError):
+    """A model version whose files do not match the sha256 in its manifest."""

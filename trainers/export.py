@@ -1,0 +1,107 @@
+"""ONNX export with dynamic batch and sequence axes, dynamic INT8 quantisation, and an agreement check.
+
+The check scores a validation set with torch and with each exported file and compares decisions
+(which response wins). Below the threshold the export fails loudly and leaves no ONNX file behind.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainers.exceptions import ExportError
+from trainers.model import ONNX_FP32, ONNX_INT8, RewardModel
+
+MIN_AGREEMENT = 0.995
+OPSET = 17
+
+
+@dataclass
+class ExportReport:
+    fp32_path: Path
+    int8_path: Path | None
+    agreement_fp32: float
+    agreement_int8: float | None
+    max_abs_diff_fp32: float
+    validation_pairs: int
+
+
+def _export_onnx(rm: RewardModel, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    # Eager attention: the SDPA path skips the mask when the traced sample has no padding, and
+    # that decision would be frozen into the graph. The sample is padded for the same reason.
+    model = AutoModelForSequenceClassification.from_pretrained(rm.path, num_labels=1, attn_implementation="eager").eval()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = rm.torch_model.config.pad_token_id
+    sample = rm.formatter.pad(rm.formatter.encode(
+        [[{"role": "user", "content": "hello there, how are you today?"}]] * 2,
+        ["hi", "hello, I am fine and I hope you are well too"]))
+    names = list(sample)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
+
+    class _Wrapper(torch.nn.Module):
+        # Positional inputs in a fixed order; returns the logits tensor only.
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            return self.inner(**dict(zip(names, args, strict=True))).logits
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(_Wrapper(model), tuple(torch.from_numpy(sample[n]) for n in names), str(out),
+                              input_names=names, output_names=["logits"], dynamic_axes=axes,
+                              opset_version=OPSET, dynamo=False)
+        except Exception as exc:  # torch raises many types here; all mean the same to the user
+            raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {exc}") from exc
+
+
+def _decisions(rc: np.ndarray, rr: np.ndarray) -> np.ndarray:
+    return np.sign(rc - rr)
+
+
+def export(model_dir: str | Path, validation_pairs: list[dict], quantize: bool = True,
+           min_agreement: float = MIN_AGREEMENT) -> ExportReport:
+    """Write model.onnx (and model.int8.onnx) into ``model_dir``, checked against torch."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model_dir = Path(model_dir)
+    if not validation_pairs:
+        raise ExportError("the agreement check needs validation pairs; give --data")
+    rm = RewardModel.load(model_dir)
+    fp32, int8 = model_dir / ONNX_FP32, model_dir / ONNX_INT8
+    _export_onnx(rm, fp32)
+    ref_c, ref_r = rm.score_pairs(validation_pairs)
+    ref = _decisions(ref_c, ref_r)
+
+    def check(path: Path) -> tuple[float, float]:
+        onnx_rm = RewardModel.load(model_dir, backend="onnx", onnx_file=path.name)
+        c, r = onnx_rm.score_pairs(validation_pairs)
+        agree = float(np.mean(_decisions(c, r) == ref))
+        if agree < min_agreement:
+            for f in (fp32, int8):
+                f.unlink(missing_ok=True)
+            raise ExportError(
+                f"{path.name} agrees with torch on only {agree:.2%} of {len(validation_pairs)} validation decisions "
+                f"(need {min_agreement:.1%}); the export was removed. Try without INT8 (--no-quantize)."
+            )
+        return agree, float(max(np.abs(c - ref_c).max(), np.abs(r - ref_r).max()))
+
+    agree_fp32, diff = check(fp32)
+    agree_int8 = None
+    if quantize:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import logging
+
+            logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's pre-processing advice
+            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
+        agree_int8, _ = check(int8)
+    return ExportReport(fp32, int8 if quantize else None, agree_fp32, agree_int8, diff, len(validation_pairs))

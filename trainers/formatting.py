@@ -1,0 +1,92 @@
+"""Turning (conversation, response) into token ids the way each architecture expects.
+
+- Encoders (BERT, MiniLM, DeBERTa, ...): a cross-encoder pair, segment A the conversation and
+  segment B the response.
+- Decoders (Qwen3, Llama, ...): the tokenizer's chat template with the response as the last
+  assistant turn, which is how Skywork-Reward-V2 checkpoints are meant to be scored.
+
+Truncation removes the oldest conversation tokens first, so the response (what is judged) is kept.
+A response longer than the whole budget is cut at its end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# Keep at least this many conversation tokens when a response is very long: a reward without any
+# context is meaningless.
+MIN_CONTEXT_TOKENS = 32
+PAIR = "pair"
+CHAT = "chat"
+
+
+def conversation_text(conversation: Sequence[dict]) -> str:
+    """Conversation as plain text for a cross-encoder's first segment."""
+    return "\n".join(f"{turn['role']}: {turn['content']}" for turn in conversation)
+
+
+def detect_input_format(model_type: str) -> str:
+    """'pair' for encoder architectures, 'chat' for decoder-only ones."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return PAIR if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else CHAT
+
+
+@dataclass
+class Formatter:
+    tokenizer: object
+    input_format: str
+    max_length: int
+    use_token_type_ids: bool
+
+    def __post_init__(self) -> None:
+        self.tokenizer.truncation_side = "left"
+        if self.input_format == CHAT and getattr(self.tokenizer, "chat_template", None) is None:
+            from trainers.exceptions import ModelLoadError
+
+            raise ModelLoadError("this decoder model's tokenizer has no chat_template; add one to tokenizer_config.json")
+
+    def _cut_responses(self, responses: Sequence[str], budget: int) -> list[str]:
+        enc = self.tokenizer(list(responses), add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for text, offsets in zip(responses, enc["offset_mapping"], strict=True):
+            out.append(text[: offsets[budget - 1][1]] if len(offsets) > budget else text)
+        return out
+
+    def encode(self, conversations: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[dict[str, list[int]]]:
+        """Token ids (unpadded) for each (conversation, response)."""
+        tok = self.tokenizer
+        if self.input_format == PAIR:
+            responses = self._cut_responses(responses, self.max_length - MIN_CONTEXT_TOKENS)
+            enc = tok([conversation_text(c) for c in conversations], list(responses),
+                      truncation="only_first", max_length=self.max_length)
+        else:
+            responses = self._cut_responses(responses, self.max_length - MIN_CONTEXT_TOKENS)
+            texts = [tok.apply_chat_template(list(c) + [{"role": "assistant", "content": r}], tokenize=False)
+                     for c, r in zip(conversations, responses, strict=True)]
+            # The template already holds the special tokens (BOS etc.); do not add them twice.
+            enc = tok(texts, truncation=True, max_length=self.max_length, add_special_tokens=False)
+        keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if self.use_token_type_ids else [])
+        return [{k: enc[k][i] for k in keys if k in enc} for i in range(len(enc["input_ids"]))]
+
+    def pad(self, items: Sequence[dict[str, list[int]]]) -> dict[str, np.ndarray]:
+        """Pad a batch to its own longest member (dynamic padding), right side."""
+        width = max(len(x["input_ids"]) for x in items)
+        pad_id = self.tokenizer.pad_token_id or 0
+        out: dict[str, np.ndarray] = {}
+        for key in items[0]:
+            fill = pad_id if key == "input_ids" else 0
+            arr = np.full((len(items), width), fill, dtype=np.int64)
+            for i, x in enumerate(items):
+                arr[i, : len(x[key])] = x[key]
+            out[key] = arr
+        return out
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), so padding is minimal."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]

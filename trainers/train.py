@@ -1,0 +1,296 @@
+"""Bradley-Terry reward-model training (`prefstream train`).
+
+Loss per pair: ``-log sigmoid(r_chosen - r_rejected - margin)``, plus the optional reward-centering
+term ``coef * mean((r_chosen + r_rejected)^2)`` (TRL's ``center_rewards_coefficient``).
+Chosen and rejected go through the model in one forward pass, in length-grouped batches padded
+only to their own longest member: on a CPU, padding is most of the cost of a naive loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainers.data import read_pairs, split_holdout
+from trainers.exceptions import TrainerError
+from trainers.model import DEFAULT_MAX_LENGTH, RewardModel, default_base_path
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; every field has help text (shown by `prefstream train --help`)."""
+
+    train_files: list[str] = _help("Shard directories/files (*.avro) or JSONL files to train on.", default_factory=list)
+    output_dir: str = _help("Where the trained model, metrics.json and curve.png are written.", default="trained-model")
+    base_model: str = _help("Model directory to warm-start from; 'default' = packaged MiniLM-L6 with a new head.",
+                            default="default")
+    eval_files: list[str] = _help("Held-out files; empty = hold out eval_fraction of the training data.",
+                                  default_factory=list)
+    eval_fraction: float = _help("Share of the training data held out when no eval_files are given.", default=0.1)
+    epochs: float = _help("Passes over the training data (ignored when max_steps > 0).", default=1.0)
+    max_steps: int = _help("Optimizer steps to run; 0 = derive from epochs.", default=0)
+    batch_size: int = _help("Pairs per micro-batch.", default=16)
+    grad_accum: int = _help("Micro-batches per optimizer step (effective batch = batch_size * grad_accum).", default=1)
+    learning_rate: float = _help("Peak AdamW learning rate.", default=3e-5)
+    head_learning_rate: float = _help("Learning rate of the new scalar head (it starts from random).", default=1e-3)
+    weight_decay: float = _help("AdamW weight decay.", default=0.01)
+    warmup_ratio: float = _help("Share of steps with linear warm-up; then linear decay to 0.", default=0.1)
+    max_length: int = _help("Tokens per (conversation, response); the conversation is cut from the left.",
+                            default=DEFAULT_MAX_LENGTH)
+    freeze_layers: int = _help("Freeze the embeddings and this many lowest transformer layers (CPU-friendly).",
+                               default=0)
+    center_rewards_coefficient: float = _help("Weight of the reward-centering term; 0 disables it.", default=0.0)
+    use_margin: bool = _help("Subtract each pair's 'margin' (when present) inside the sigmoid.", default=True)
+    eval_every: int = _help("Evaluate on the held-out pairs every N optimizer steps; 0 = only at the end.",
+                            default=50)
+    seed: int = _help("Seed for shuffling, the new head and dropout: equal seeds give equal runs.", default=0)
+    threads: int = _help("torch CPU threads; 0 = torch's default.", default=0)
+    max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
+    plot: bool = _help("Write curve.png (loss and held-out accuracy).", default=True)
+    progress: bool = _help("Show a progress bar.", default=True)
+
+    def validate(self) -> None:
+        if not self.train_files:
+            raise TrainerError("no training data: give shard directories or JSONL files (--data)")
+        for name in ("batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) <= 0:
+                raise TrainerError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.eval_fraction < 1:
+            raise TrainerError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+def config_help() -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random, mega: int = 50) -> list[list[int]]:
+    """Shuffle, then sort within mega-batches by length, so batches are homogeneous but order random."""
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    batches = []
+    for start in range(0, len(idx), batch_size * mega):
+        chunk = sorted(idx[start: start + batch_size * mega], key=lambda i: -lengths[i])
+        batches.extend(chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def freeze_lower_layers(model: Any, n: int) -> None:
+    """Freeze embeddings and the ``n`` lowest encoder/decoder layers."""
+    if n <= 0:
+        return
+    base = getattr(model, model.base_model_prefix, model)
+    for p in getattr(base, "embeddings", getattr(base, "embed_tokens", None)).parameters():
+        p.requires_grad = False
+    layers = None
+    for attr in ("encoder.layer", "layers", "h"):
+        obj = base
+        try:
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+            layers = obj
+            break
+        except AttributeError:
+            continue
+    if layers is None:
+        raise TrainerError(f"freeze_layers: cannot find the layer stack of {type(model).__name__}")
+    for layer in list(layers)[:n]:
+        for p in layer.parameters():
+            p.requires_grad = False
+
+
+def pair_accuracy(rm: RewardModel, pairs: list[dict]) -> float:
+    """Share of pairs where chosen scores strictly above rejected (a tie counts as wrong)."""
+    if not pairs:
+        return float("nan")
+    rc, rr = rm.score_pairs(pairs)
+    return float(np.mean(rc > rr))
+
+
+def _load_base(cfg: TrainConfig) -> RewardModel:
+    path = default_base_path() if cfg.base_model == "default" else Path(cfg.base_model)
+    return RewardModel.load(path, max_length=cfg.max_length, batch_size=max(cfg.batch_size * 2, 32))
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                TimeRemainingColumn())
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total, info="")
+
+    def update(self, info: str) -> None:
+        if self.bar:
+            self.bar.update(self.task, advance=1, info=info)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def train(cfg: TrainConfig, train_pairs: list[dict] | None = None, eval_pairs: list[dict] | None = None) -> TrainResult:
+    """Train a reward model. Pairs may be given directly (tests, retrain jobs) or read from cfg's files."""
+    import torch
+    from torch.nn import functional as F
+
+    if train_pairs is None:
+        cfg.validate()
+        train_pairs = read_pairs(cfg.train_files)
+    if eval_pairs is None:
+        if cfg.eval_files:
+            eval_pairs = read_pairs(cfg.eval_files)
+        else:
+            train_pairs, eval_pairs = split_holdout(train_pairs, cfg.eval_fraction, cfg.seed)
+    if not train_pairs:
+        raise TrainerError("no training pairs left after the held-out split")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _seed_everything(cfg.seed)
+    rm = _load_base(cfg)
+    model = rm.torch_model
+    model.train()
+    freeze_lower_layers(model, cfg.freeze_layers)
+    if not cfg.center_rewards_coefficient:
+        # The head's bias cancels in r_chosen - r_rejected: it gets no gradient from the BT loss.
+        for name, p in model.named_parameters():
+            if name.startswith(("classifier", "score")) and name.endswith("bias"):
+                p.requires_grad = False
+
+    convs = [p["conversation"] for p in train_pairs]
+    enc_c = rm.formatter.encode(convs, [p["chosen"] for p in train_pairs])
+    enc_r = rm.formatter.encode(convs, [p["rejected"] for p in train_pairs])
+    margins = np.array([float((p.get("extra") or {}).get("margin") or 0.0) if cfg.use_margin else 0.0 for p in train_pairs],
+                       dtype=np.float32)
+    lengths = [max(len(a["input_ids"]), len(b["input_ids"])) for a, b in zip(enc_c, enc_r, strict=True)]
+
+    rng = random.Random(cfg.seed)
+    steps_per_epoch = math.ceil(len(train_pairs) / (cfg.batch_size * cfg.grad_accum))
+    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    head_names = {n for n, _ in model.named_parameters() if n.startswith(("classifier", "score"))}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in head_names and p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in head_names and p.ndim <= 1]
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n in head_names]
+    optimizer = torch.optim.AdamW([
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.learning_rate},
+        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.learning_rate},
+        {"params": head, "weight_decay": 0.0, "lr": cfg.head_learning_rate},
+    ])
+    warmup = int(total_steps * cfg.warmup_ratio)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    history: list[dict[str, float]] = []
+    progress = _Progress(cfg.progress, total_steps)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    step, seen, t0 = 0, 0, time.perf_counter()
+    batches: list[list[int]] = []
+    running: list[float] = []
+    try:
+        while step < total_steps:
+            if not batches:
+                batches = length_grouped_batches(lengths, cfg.batch_size, rng)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                if not batches:
+                    batches = length_grouped_batches(lengths, cfg.batch_size, rng)
+                idx = batches.pop()
+                batch = rm.formatter.pad([enc_c[i] for i in idx] + [enc_r[i] for i in idx])
+                out = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits[:, 0]
+                rc, rr = out[: len(idx)], out[len(idx):]
+                m = torch.from_numpy(margins[idx])
+                loss = -F.logsigmoid(rc - rr - m).mean()
+                if cfg.center_rewards_coefficient:
+                    loss = loss + cfg.center_rewards_coefficient * ((rc + rr) ** 2).mean()
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                seen += len(idx)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            running.append(step_loss)
+            row: dict[str, float] = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0]}
+            if eval_pairs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                model.eval()
+                row["eval_accuracy"] = pair_accuracy(rm, eval_pairs)
+                model.train()
+            history.append(row)
+            progress.update(f"loss {np.mean(running[-20:]):.4f}" + (f" acc {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else ""))
+    finally:
+        progress.close()
+    elapsed = time.perf_counter() - t0
+    model.eval()
+    unchanged = [n for n, p in model.named_parameters() if n in before and torch.equal(before[n], p.detach())]
+    out_dir = rm.save(cfg.output_dir)
+    final_eval = next((h["eval_accuracy"] for h in reversed(history) if "eval_accuracy" in h), float("nan"))
+    metrics = {
+        "steps": step, "pairs_seen": seen, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs or []),
+        "train_seconds": round(elapsed, 3), "pairs_per_second": round(seen / elapsed, 3) if elapsed else 0.0,
+        "first_loss": history[0]["loss"], "final_loss": float(np.mean(running[-10:])),
+        "eval_accuracy": final_eval, "trainable_parameters_changed": len(before) - len(unchanged), "unchanged_parameters": unchanged,
+        "trainable_parameters": len(before), "config": asdict(cfg),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    (out_dir / "history.json").write_text(json.dumps(history))
+    if cfg.plot:
+        plot_curve(history, out_dir / "curve.png")
+    return TrainResult(out_dir, metrics, history)
+
+
+def plot_curve(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", color="tab:blue", alpha=0.7)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("Bradley-Terry loss")
+    evals = [h for h in history if "eval_accuracy" in h]
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([h["step"] for h in evals], [h["eval_accuracy"] for h in evals], "o-", color="tab:orange", label="held-out accuracy")
+        ax2.set_ylabel("held-out accuracy")
+        ax2.set_ylim(0, 1)
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
