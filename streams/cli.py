@@ -199,10 +199,11 @@ def consume(topic: str, max_records: int | None, timeout: float, group: str | No
 
 def _register_optional_commands() -> None:
     """Commands that live in other modules (kept out of start-up time of `prefstream --help`)."""
-    from streams import cli_models, demo
+    from streams import cli_models, cli_stream, demo
 
     main.add_command(demo.demo)
     cli_models.register(main)
+    cli_stream.register(main)
 
 
 _register_optional_commands()

@@ -52,3 +52,31 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+class WorkerSettings(BaseSettings):
+    """Settings of `prefstream worker` (PREFSTREAM_WORKER_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFSTREAM_WORKER_", frozen=True, extra="ignore")
+
+    group: str = Field("prefstream-pipeline", description="Consumer group of the pipeline; workers in it share partitions.")
+    worker_id: str = Field(
+        default_factory=lambda: __import__("socket").gethostname(),
+        description="Stable id of this worker (its transactional.id). A restarted worker with the same id fences "
+                    "its dead predecessor and aborts its open transaction; give each concurrent worker its own.",
+    )
+    max_batch: int = Field(32, description="Most records scored in one micro-batch.")
+    max_wait_ms: int = Field(50, description="Longest wait to fill a micro-batch.")
+    tau: float = Field(0.8, description="p below this (and >= 0.5) is uncertain and goes to review.")
+    gold_agree: float = Field(0.6, description="gold_p at or above this confirms a confident pair as silver.")
+    flip_below: float = Field(0.1, description="p and gold_p both below this: the label is flipped and recycled.")
+    bootstrap_max_length: int = Field(256, description="Max tokens of the untrained bootstrap model.")
+    dedupe_ttl_s: int = Field(7 * 24 * 3600, description="How long a pair_id is remembered for deduplication.")
+    health_host: str = Field("0.0.0.0", description="Address of the /healthz, /readyz and /metrics server.")
+    health_port: int = Field(8081, description="Port of the health and metrics server; 0 disables it.")
+    shard_writer: bool = Field(True, description="Also run the shard writer in this process.")
+    shard_max_records: int = Field(500, description="Flush a shard after this many records of one partition.")
+    shard_max_age_s: float = Field(5.0, description="Flush a partition's shard after this many seconds.")
+    llm_url: str | None = Field(None, description="OpenAI-compatible endpoint for the optional LLM labeler.")
+    llm_model: str = Field("default", description="Model name to ask the LLM endpoint for.")
+    llm_api_key: SecretStr | None = Field(None, description="API key for the LLM endpoint.")

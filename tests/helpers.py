@@ -86,3 +86,105 @@ def assert_trained(result, min_accuracy: float = 0.9) -> None:
     assert m["eval_accuracy"] > min_accuracy, f"held-out accuracy {m['eval_accuracy']}"
     for name in ("model.safetensors", "metrics.json", "config.json", "curve.png"):
         assert (result.output_dir / name).exists(), f"{name} not written"
+
+
+class WorkerProcess:
+    """`prefstream worker` in a subprocess against the test stack, as an operator would run it."""
+
+    def __init__(self, settings: Settings, worker_id: str = "w0", extra_env: dict[str, str] | None = None) -> None:
+        from streams.embedded.process import free_port
+
+        self.settings, self.worker_id = settings, worker_id
+        self.port = free_port()
+        self.env = settings_env(settings) | {"PREFSTREAM_WORKER_WORKER_ID": worker_id,
+                                             "PREFSTREAM_WORKER_SHARD_MAX_AGE_S": "1"} | (extra_env or {})
+        self.proc: subprocess.Popen | None = None
+        self.log = Path(settings.shards_dir).parent / f"worker-{worker_id}.log"
+
+    def start(self, wait_ready: float = 120) -> WorkerProcess:
+        import time
+        import urllib.request
+
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--health-port", str(self.port)],
+                                     env=self.env, cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + wait_ready
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"worker not ready after {wait_ready} s:\n{self.log.read_text()[-3000:]}")
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
+
+    def kill9(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode if self.proc else 0
+
+
+def read_topic(settings: Settings, name: str, schema: str, idle: float = 3.0) -> list[dict]:
+    """Every committed record of a logical topic (read_committed, from the beginning)."""
+    from streams.sdk import TopicReader
+
+    with TopicReader(settings.topic(name), schema, settings) as reader:
+        return list(reader.records(idle_timeout=idle))
+
+
+def wait_for_scored(settings: Settings, pair_ids: set[str], timeout: float = 300) -> list[dict]:
+    """Read prefs.scored until every pair id has appeared (or fail with what is missing)."""
+    import time
+
+    from streams.sdk import TopicReader
+
+    seen: list[dict] = []
+    ids: set[str] = set()
+    deadline = time.monotonic() + timeout
+    with TopicReader(settings.topic("prefs.scored"), "ScoredPair", settings) as reader:
+        for msg in reader.messages(idle_timeout=timeout):
+            rec = reader.codec.decode("ScoredPair", msg.value(), msg.headers())
+            rec["_partition"], rec["_offset"] = msg.partition(), msg.offset()
+            seen.append(rec)
+            ids.add(rec["pair"]["pair_id"])
+            if pair_ids <= ids or time.monotonic() > deadline:
+                break
+    missing = pair_ids - ids
+    assert not missing, f"{len(missing)} pairs never reached prefs.scored, e.g. {sorted(missing)[:3]}"
+    return seen
+
+
+def objective_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Math pairs with known answers; every fourth has its label flipped (chosen is the wrong one)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(3, 99), rng.randint(3, 99)
+        right, wrong = f"{a} * {b} = {a * b}.", f"{a} * {b} = {a * b + rng.randint(1, 9)}."
+        flipped = i % 4 == 3
+        out.append({"pair_id": f"obj-{seed}-{i}", "prompt": f"What is {a} * {b}?",
+                    "chosen": wrong if flipped else right, "rejected": right if flipped else wrong,
+                    "metadata": {"truth": "rejected" if flipped else "chosen"}})
+    return out

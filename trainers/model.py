@@ -123,7 +123,7 @@ class RewardModel:
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "torch", device: str = "cpu", dtype: str = "fp32",
              onnx_file: str = ONNX_INT8, max_length: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-             threads: int | None = None) -> RewardModel:
+             threads: int | None = None, attn_implementation: str | None = None) -> RewardModel:
         from transformers import AutoConfig, AutoTokenizer
 
         quiet_transformers()
@@ -144,7 +144,7 @@ class RewardModel:
         max_length = max_length or pcfg.get("max_length") or min(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH), 16384)
         torch_model = None
         if backend == "torch":
-            torch_model = cls._load_torch(path)
+            torch_model = cls._load_torch(path, attn_implementation)
             runner: Any = TorchBackend(torch_model, device, dtype)
         else:
             runner = OnnxBackend(path / onnx_file, threads)
@@ -152,11 +152,12 @@ class RewardModel:
         return cls(tokenizer, runner, input_format, int(max_length), batch_size, torch_model, path, uses_tt)
 
     @staticmethod
-    def _load_torch(path: Path) -> Any:
+    def _load_torch(path: Path, attn_implementation: str | None = None) -> Any:
         from transformers import AutoModelForSequenceClassification
 
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True, **extra)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the model weights from {path}: {exc}") from exc
         if model.config.pad_token_id is None:

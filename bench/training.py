@@ -1,0 +1,129 @@
+"""Training throughput and held-out accuracy: `prefstream train` vs TRL's RewardTrainer.
+
+Same model (packaged MiniLM-L6 with a new head, same seed), same pairs, batch size, steps,
+learning rate and max length, 2 CPU threads. TRL drops pairs longer than max_length, so the pairs
+are pre-filtered to those that fit, and both trainers see exactly the same ones. Each model is
+scored on the held-out pairs with the input format it was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import hh_pairs, write_result
+
+
+def _fits(tok, pairs, max_length: int) -> list[dict]:
+    from trainers.formatting import conversation_text
+
+    out = []
+    for p in pairs:
+        prompt = conversation_text(p["conversation"]) + "\n"
+        if all(len(tok(prompt + p[k])["input_ids"]) <= max_length for k in ("chosen", "rejected")):
+            out.append(p)
+    return out
+
+
+def _trl_accuracy(model, tok, pairs) -> float:
+    import torch
+
+    from trainers.formatting import conversation_text
+
+    model.eval()
+    wins = []
+    with torch.no_grad():
+        for p in pairs:
+            prompt = conversation_text(p["conversation"]) + "\n"
+            enc = tok([prompt + p["chosen"], prompt + p["rejected"]], return_tensors="pt", padding=True)
+            r = model(**enc).logits[:, 0]
+            wins.append(bool(r[0] > r[1]))
+    return float(np.mean(wins))
+
+
+def run_trl(train_pairs, eval_pairs, steps: int, batch: int, lr: float, max_length: int, seed: int, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from trainers.formatting import conversation_text
+    from trainers.model import default_base_path
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(default_base_path())
+    tok.eos_token = tok.sep_token  # TRL appends eos; BERT tokenizers have none (DESIGN 8)
+    model = AutoModelForSequenceClassification.from_pretrained(default_base_path(), num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    ds = Dataset.from_list([{"prompt": conversation_text(p["conversation"]) + "\n", "chosen": p["chosen"],
+                             "rejected": p["rejected"]} for p in train_pairs])
+    cfg = RewardConfig(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr,
+                       max_length=max_length, report_to="none", logging_steps=max(1, steps // 5), save_strategy="no",
+                       use_cpu=True, seed=seed, dataloader_num_workers=0, warmup_steps=max(1, steps // 10),
+                       disable_tqdm=True,
+                       # TRL defaults to bf16 autocast and gradient checkpointing; both are slow on a CPU
+                       # without bf16 units and neither is what ours does. Compare like with like: fp32.
+                       bf16=False, gradient_checkpointing=False)
+    trainer = RewardTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+    t = time.perf_counter()
+    trainer.train()
+    secs = time.perf_counter() - t
+    return {"seconds": round(secs, 2), "pairs_per_s": round(steps * batch / secs, 3),
+            "heldout_accuracy": _trl_accuracy(trainer.model, tok, eval_pairs)}
+
+
+def run_ours(train_pairs, eval_pairs, steps: int, batch: int, lr: float, max_length: int, seed: int, out: Path) -> dict:
+    from trainers.train import TrainConfig, train
+
+    cfg = TrainConfig(output_dir=str(out), max_steps=steps, batch_size=batch, learning_rate=lr, max_length=max_length,
+                      eval_every=0, seed=seed, progress=False, plot=False, warmup_ratio=0.1)
+    res = train(cfg, train_pairs, eval_pairs)
+    m = res.metrics
+    return {"seconds": m["train_seconds"], "pairs_per_s": round(steps * batch / m["train_seconds"], 3),
+            "heldout_accuracy": m["eval_accuracy"], "model_dir": str(res.output_dir)}
+
+
+def run(n_train: int, n_eval: int, steps: int, batch: int, lr: float, max_length: int, seed: int,
+        keep_model: Path | None) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from trainers.model import default_base_path
+
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(default_base_path())
+    pairs = _fits(tok, hh_pairs(n_train + n_eval + 400), max_length)
+    train_pairs, eval_pairs = pairs[:n_train], pairs[n_train: n_train + n_eval]
+    with tempfile.TemporaryDirectory() as tmp:
+        trl = run_trl(train_pairs, eval_pairs, steps, batch, lr, max_length, seed, Path(tmp) / "trl")
+    ours = run_ours(train_pairs, eval_pairs, steps, batch, lr, max_length, seed, keep_model or Path(tempfile.mkdtemp()))
+    return {
+        "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "steps": steps, "batch_size": batch,
+        "learning_rate": lr, "max_length": max_length, "threads": 2,
+        "ours": ours, "trl": trl, "speedup": round(ours["pairs_per_s"] / trl["pairs_per_s"], 2),
+        "targets": {"speedup": ">= 1.5x", "accuracy": "ours >= trl"},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--train", type=int, default=480)
+    ap.add_argument("--eval", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep-model", type=Path, default=None, help="keep our trained model here (the scoring bench uses it)")
+    args = ap.parse_args(argv)
+    result = run(args.train, args.eval, args.steps, args.batch, args.lr, args.max_length, args.seed, args.keep_model)
+    write_result("training", result, "python -m bench.training " + " ".join(argv or []))
+    return result
+
+
+if __name__ == "__main__":
+    print(main())

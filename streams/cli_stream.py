@@ -1,0 +1,116 @@
+"""CLI commands of the stream side: worker, dlq list|replay, shards."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+import click
+from rich.console import Console
+
+from streams import topics
+from streams.settings import WorkerSettings, get_settings
+
+console = Console(stderr=True)
+
+
+@click.command("worker")
+@click.option("--health-port", type=int, default=None, help="Port of /healthz, /readyz, /metrics (default 8081; 0 = off).")
+@click.option("--no-shard-writer", is_flag=True, help="Do not run the shard writer in this process.")
+@click.option("--log-level", default="INFO", show_default=True)
+def worker(health_port: int | None, no_shard_writer: bool, log_level: str) -> None:
+    """Run the stream processors: ingest, score, label, route (and the shard writer).
+
+    Reads prefs.raw, writes prefs.scored, prefs.review, prefs.curated, prefs.dlq in one Kafka
+    transaction per micro-batch. Start several to share the partitions; Ctrl-C stops cleanly.
+    Settings: PREFSTREAM_WORKER_* (max batch, thresholds, health port, LLM labeler, ...).
+    """
+    from streams.worker import run_worker
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides: dict[str, Any] = {}
+    if health_port is not None:
+        overrides["health_port"] = health_port
+    if no_shard_writer:
+        overrides["shard_writer"] = False
+    run_worker(get_settings(), WorkerSettings(**overrides))
+
+
+@click.group("dlq")
+def dlq() -> None:
+    """Inspect and replay the dead-letter queue (prefs.dlq)."""
+
+
+def _dead_letters(timeout: float) -> list[tuple[Any, dict]]:
+    from streams.sdk import TopicReader
+
+    settings = get_settings()
+    with TopicReader(settings.topic(topics.DLQ), "DeadLetter", settings) as reader:
+        return [(m, reader.codec.decode("DeadLetter", m.value(), m.headers())) for m in reader.messages(idle_timeout=timeout)]
+
+
+@dlq.command("list")
+@click.option("--reason", default=None, help="Only dead letters with this reason (e.g. invalid_json).")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines (original bytes as latin-1 text).")
+@click.option("--timeout", type=float, default=3.0, show_default=True)
+def dlq_list(reason: str | None, as_json: bool, timeout: float) -> None:
+    """List dead letters with their reason and source; ends with a count per reason."""
+    counts: Counter[str] = Counter()
+    for msg, dl in _dead_letters(timeout):
+        if reason and dl["reason"] != reason:
+            continue
+        counts[dl["reason"]] += 1
+        if as_json:
+            out = {k: (v.decode("latin-1") if isinstance(v, bytes) else v) for k, v in dl.items() if k != "original_headers"}
+            click.echo(json.dumps(out | {"dlq_offset": msg.offset()}, ensure_ascii=False))
+        else:
+            click.echo(f"{msg.offset():>8} {dl['reason']:<20} {dl['source_topic']}[{dl['source_partition']}]@"
+                       f"{dl['source_offset']}: {dl['detail'][:100]}")
+    for r, n in counts.most_common():
+        console.print(f"{r}: {n}")
+
+
+@dlq.command("replay")
+@click.option("--reason", default=None, help="Only replay dead letters with this reason.")
+@click.option("--to", "target", default=None, help="Topic to replay into (default: each record's source topic).")
+@click.option("--timeout", type=float, default=3.0, show_default=True)
+def dlq_replay(reason: str | None, target: str | None, timeout: float) -> None:
+    """Re-publish dead letters' original bytes (key, value, headers), e.g. after fixing a bug."""
+    from confluent_kafka import Producer
+
+    from streams.kafka_config import producer_config
+
+    settings = get_settings()
+    producer = Producer(producer_config(settings))
+    n = 0
+    for _, dl in _dead_letters(timeout):
+        if reason and dl["reason"] != reason:
+            continue
+        producer.produce(target or dl["source_topic"], key=dl["original_key"], value=dl["original_value"],
+                         headers=list(dl["original_headers"].items()))
+        n += 1
+    left = producer.flush(30)
+    if left:
+        raise click.ClickException(f"{left} replayed records were not acknowledged")
+    console.print(f"replayed {n} dead letter(s)")
+
+
+@click.command("shards")
+def shards() -> None:
+    """Show the shard manifest: rows per split and the shard files."""
+    from pathlib import Path
+
+    from streams.shard_writer import write_manifest
+
+    root = Path(get_settings().shards_dir)
+    if not root.exists():
+        raise click.ClickException(f"no shards yet at {root} (PREFSTREAM_SHARDS_DIR)")
+    manifest = write_manifest(root)
+    click.echo(json.dumps({"totals": manifest["totals"], "files": len(manifest["shards"])}, indent=1))
+
+
+def register(main: click.Group) -> None:
+    for cmd in (worker, dlq, shards):
+        main.add_command(cmd)

@@ -1,0 +1,22 @@
+"""Prometheus metrics of the worker (one registry per process, exported on /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+RECORDS_IN = Counter("prefstream_records_in_total", "Records consumed", ["topic"])
+RECORDS_OUT = Counter("prefstream_records_out_total", "Records produced", ["topic"])
+LATENCY = Histogram("prefstream_processing_seconds", "Time from a record's broker timestamp to its output being committed",
+                    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+BATCH_SIZE = Histogram("prefstream_batch_size", "Records per scoring micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+MISPREDICTED = Counter("prefstream_mispredicted_total", "Scored pairs with p < 0.5")
+SCORED = Counter("prefstream_scored_total", "Scored pairs")
+ROUTES = Counter("prefstream_routes_total", "Routing decisions", ["route", "reason"])
+DLQ = Counter("prefstream_dlq_total", "Records sent to the dead-letter queue", ["reason"])
+DUPLICATES = Counter("prefstream_duplicates_total", "Exact duplicates dropped by ingest")
+MODEL_VERSION = Info("prefstream_model", "Serving model versions")
+SWAPS = Counter("prefstream_model_swaps_total", "Hot-swaps done", ["role"])
+SWAP_FAILURES = Counter("prefstream_model_swap_failures_total", "Model versions refused (load or verify failed)", ["role"])
+SWAP_SECONDS = Histogram("prefstream_model_load_seconds", "Time to load and verify a new version in the background", ["role"])
+SHARD_ROWS = Counter("prefstream_shard_rows_total", "Rows written to shards", ["split"])
+READY = Gauge("prefstream_ready", "1 when the worker has its partitions and models")

@@ -1,0 +1,1 @@
+"""The stream processors: ingest, labeler, scorer, router (with verifiers and retrieval)."""

@@ -1,0 +1,165 @@
+"""The labeler: the seed's five attributes for each pair.
+
+- task_category: nearest taxonomy entry by prompt embedding (MiniLM) against each category's
+  description and examples (``streams/data/taxonomy.json``, 50+ task types).
+- objectivity: the category's default, overridden by cues in the prompt ("in your opinion", ...).
+- controversiality: from the two models' disagreement on the pair (|p - gold_p|) and the
+  category's annotator-disagreement history (1 - alpha, kept in Redis by the aggregator).
+- expected_attributes and annotation_guideline: the category's templates.
+
+An optional LLM labeler (OpenAI-compatible endpoint, JSON-schema output) is used only when
+configured and falls back to the default on any failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from schemas.pairs import CONTROVERSIALITY, OBJECTIVITY, prompt_text
+
+log = logging.getLogger(__name__)
+
+_OPINION_CUES = re.compile(r"\b(in your opinion|what do you think|do you believe|should i|is it (?:right|wrong|ethical)|better)\b", re.I)
+DISAGREEMENT_KEY = "prefstream:category:disagreement"
+
+
+@dataclass(frozen=True)
+class Category:
+    name: str
+    description: str
+    examples: list[str]
+    objectivity: str
+    expected_attributes: list[str]
+    annotation_guideline: str
+
+
+def load_taxonomy(path: str | None = None) -> list[Category]:
+    text = open(path).read() if path else resources.files("streams").joinpath("data/taxonomy.json").read_text()
+    cats = [Category(**c) for c in json.loads(text)["categories"]]
+    for c in cats:
+        if c.objectivity not in OBJECTIVITY:
+            raise ValueError(f"taxonomy category {c.name}: objectivity {c.objectivity!r} is not one of {OBJECTIVITY}")
+    return cats
+
+
+def controversiality(model_disagreement: float | None, category_disagreement: float) -> str:
+    """low / medium / high from the larger of the two disagreement signals (both in [0, 1])."""
+    score = max(model_disagreement or 0.0, category_disagreement)
+    return CONTROVERSIALITY[0] if score < 0.2 else CONTROVERSIALITY[1] if score < 0.45 else CONTROVERSIALITY[2]
+
+
+class Labeler:
+    def __init__(self, embedder: Any, taxonomy: list[Category] | None = None, redis: Any = None) -> None:
+        self.embedder = embedder
+        self.taxonomy = taxonomy or load_taxonomy()
+        self.by_name = {c.name: c for c in self.taxonomy}
+        self.redis = redis
+        # One centroid per category: mean of the description and examples, unit length.
+        vecs = []
+        for c in self.taxonomy:
+            e = embedder.embed([c.description, *c.examples])
+            v = e.mean(axis=0)
+            vecs.append(v / np.linalg.norm(v))
+        self.centroids = np.stack(vecs)
+
+    def category_disagreement(self) -> dict[str, float]:
+        if self.redis is None:
+            return {}
+        try:
+            raw = self.redis.hgetall(DISAGREEMENT_KEY)
+        except Exception:  # Redis down: label without history rather than stall the stream
+            return {}
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+    def categorize(self, prompts: Sequence[str]) -> list[str]:
+        sims = self.embedder.embed(list(prompts)) @ self.centroids.T
+        return [self.taxonomy[i].name for i in sims.argmax(axis=1)]
+
+    def label(self, pairs: list[dict], model_disagreement: Sequence[float | None] | None = None) -> list[dict]:
+        """Fill the five attributes in place where the producer did not set them; returns the pairs."""
+        prompts = [prompt_text(p) for p in pairs]
+        cats = self.categorize(prompts)
+        history = self.category_disagreement()
+        for i, (p, name) in enumerate(zip(pairs, cats, strict=True)):
+            cat = self.by_name.get(p.get("task_category") or name) or self.by_name[name]
+            p["task_category"] = p.get("task_category") or cat.name
+            if p.get("objectivity") is None:
+                obj = cat.objectivity
+                if obj == "factual" and _OPINION_CUES.search(prompts[i]):
+                    obj = "opinion"
+                p["objectivity"] = obj
+            if p.get("controversiality") is None:
+                md = model_disagreement[i] if model_disagreement is not None else None
+                p["controversiality"] = controversiality(md, history.get(cat.name, 0.0))
+            if p.get("expected_attributes") is None:
+                p["expected_attributes"] = list(cat.expected_attributes)
+            if p.get("annotation_guideline") is None:
+                p["annotation_guideline"] = cat.annotation_guideline
+        return pairs
+
+
+LLM_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "task_category": {"type": "string"},
+        "objectivity": {"type": "string", "enum": list(OBJECTIVITY)},
+        "controversiality": {"type": "string", "enum": list(CONTROVERSIALITY)},
+        "expected_attributes": {"type": "array", "items": {"type": "string"}},
+        "annotation_guideline": {"type": "string"},
+    },
+    "required": ["task_category", "objectivity", "controversiality", "expected_attributes", "annotation_guideline"],
+}
+
+
+class LLMLabeler:
+    """Attributes from an OpenAI-compatible chat endpoint (vLLM, Ollama); falls back to ``fallback``."""
+
+    def __init__(self, base_url: str, model: str, fallback: Labeler, api_key: str | None = None, timeout: float = 10.0) -> None:
+        import httpx
+
+        self.client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout,
+                                   headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        self.model = model
+        self.fallback = fallback
+        self.failures = 0
+
+    def _ask(self, pair: dict) -> dict:
+        names = ", ".join(c.name for c in self.fallback.taxonomy)
+        body = {
+            "model": self.model, "temperature": 0,
+            "messages": [
+                {"role": "system", "content": f"Label the user's prompt. task_category must be one of: {names}."},
+                {"role": "user", "content": prompt_text(pair)},
+            ],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "attributes", "schema": LLM_SCHEMA}},
+        }
+        resp = self.client.post("/chat/completions", json=body)
+        resp.raise_for_status()
+        out = json.loads(resp.json()["choices"][0]["message"]["content"])
+        if out.get("task_category") not in self.fallback.by_name or out.get("objectivity") not in OBJECTIVITY \
+                or out.get("controversiality") not in CONTROVERSIALITY:
+            raise ValueError(f"LLM answer outside the schema: {out}")
+        return out
+
+    def label(self, pairs: list[dict], model_disagreement: Sequence[float | None] | None = None) -> list[dict]:
+        todo = []
+        for p in pairs:
+            try:
+                for k, v in self._ask(p).items():
+                    if p.get(k) is None:
+                        p[k] = v
+            except Exception as exc:  # any failure: the default labeler decides
+                self.failures += 1
+                log.warning("LLM labeler failed (%s); using the default labeler", exc)
+                todo.append(p)
+        if todo:
+            self.fallback.label(todo)
+        return pairs

@@ -1,0 +1,136 @@
+"""The scorer: current and gold reward models, micro-batched, with hot-swap from models.versions.
+
+A ``ModelSlot`` serves one role. A watcher thread follows the compacted ``models.versions``
+topic; a new version is verified (manifest sha256 and every file) and loaded *in that thread*,
+then parked as ``pending``. The worker calls ``swap_if_ready()`` between batches, so a batch is
+always scored by one fully loaded model, and a failed load leaves the old model serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streams import metrics
+from trainers.model import ONNX_INT8, RewardModel, sigmoid
+from trainers.registry import BOOTSTRAP_VERSION, ModelStore, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    model: Any
+    version: str
+
+
+@dataclass
+class SwapEvent:
+    role: str
+    version: str
+    load_seconds: float
+    swapped_at: float
+
+
+@dataclass
+class ModelSlot:
+    role: str
+    loader: Callable[[dict], Any]
+    serving: Loaded | None = None
+    pending: Loaded | None = None
+    failures: list[str] = field(default_factory=list)
+    swaps: list[SwapEvent] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _pending_load_s: float = 0.0
+
+    def offer(self, record: dict) -> None:
+        """Load and verify the announced version (call from the watcher thread)."""
+        version = record["version"]
+        with self._lock:
+            if (self.serving and self.serving.version == version) or (self.pending and self.pending.version == version):
+                return
+        t0 = time.perf_counter()
+        try:
+            model = self.loader(record)
+        except Exception as exc:  # any failure keeps the old model serving
+            msg = f"{self.role} version {version} refused: {exc}"
+            log.error(msg)
+            self.failures.append(msg)
+            metrics.SWAP_FAILURES.labels(self.role).inc()
+            return
+        secs = time.perf_counter() - t0
+        metrics.SWAP_SECONDS.labels(self.role).observe(secs)
+        with self._lock:
+            self.pending, self._pending_load_s = Loaded(model, version), secs
+
+    def swap_if_ready(self) -> bool:
+        with self._lock:
+            if self.pending is None:
+                return False
+            self.serving, self.pending = self.pending, None
+            self.swaps.append(SwapEvent(self.role, self.serving.version, self._pending_load_s, time.time()))
+        metrics.SWAPS.labels(self.role).inc()
+        log.info("%s model now %s", self.role, self.serving.version)
+        return True
+
+
+def load_announced(record: dict, backend: str = "auto", max_length: int | None = None) -> RewardModel:
+    """Verify a ModelVersion record against the store on disk, then load it."""
+    path = Path(record["path"])
+    manifest = path / "manifest.json"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest} does not exist (is the model store mounted at the same path?)")
+    if sha256_file(manifest) != record["manifest_sha256"]:
+        raise ValueError(f"manifest of {record['version']} does not match the announced sha256")
+    ModelStore(path.parent.parent).verify(record["version"])
+    chosen = backend if backend != "auto" else ("onnx" if (path / ONNX_INT8).exists() else "torch")
+    rm = RewardModel.load(path, backend=chosen, max_length=max_length)
+    probe = [{"conversation": [{"role": "user", "content": "ping"}], "chosen": "pong", "rejected": "no"}]
+    rc, rr = rm.score_pairs(probe)  # a model that cannot score one pair never serves
+    if not (np.isfinite(rc).all() and np.isfinite(rr).all()):
+        raise ValueError(f"{record['version']} produced non-finite rewards")
+    return rm
+
+
+class Scorer:
+    def __init__(self, current: ModelSlot, gold: ModelSlot) -> None:
+        self.current, self.gold = current, gold
+
+    def swap_if_ready(self) -> None:
+        swapped = [self.current.swap_if_ready(), self.gold.swap_if_ready()]  # both, never short-circuit
+        if any(swapped):
+            metrics.MODEL_VERSION.info({"current": self.versions()[0], "gold": self.versions()[1] or "none"})
+
+    def versions(self) -> tuple[str, str | None]:
+        return (self.current.serving.version if self.current.serving else BOOTSTRAP_VERSION,
+                self.gold.serving.version if self.gold.serving else None)
+
+    def score(self, pairs: list[dict]) -> list[dict]:
+        """ScoredPair fields (without the pair) for each pair, from the models serving right now."""
+        cur, gold = self.current.serving, self.gold.serving
+        rc, rr = cur.model.score_pairs(pairs)
+        p = sigmoid(rc - rr)
+        if gold is not None:
+            gc, gr = gold.model.score_pairs(pairs)
+            gp = sigmoid(gc - gr)
+        out = []
+        now = int(time.time() * 1000)
+        for i in range(len(pairs)):
+            out.append({
+                "reward_chosen": float(rc[i]), "reward_rejected": float(rr[i]), "p": float(p[i]),
+                "model_version": cur.version,
+                "gold_reward_chosen": float(gc[i]) if gold else None, "gold_reward_rejected": float(gr[i]) if gold else None,
+                "gold_p": float(gp[i]) if gold else None, "gold_model_version": gold.version if gold else None,
+                "scored_at": now,
+            })
+        metrics.SCORED.inc(len(pairs))
+        metrics.MISPREDICTED.inc(int((p < 0.5).sum()))
+        metrics.BATCH_SIZE.observe(len(pairs))
+        return out

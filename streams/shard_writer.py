@@ -1,0 +1,172 @@
+"""The shard writer: prefs.curated -> Avro container files under shards/<split>/.
+
+One flush covers an offset range of one partition and writes one file per split present, named
+
+    shards/<split>/<topic>.p<partition>.<first>-<last>.<i>of<n>.n<count>.avro
+
+Files are written to shards/.tmp, fsynced, renamed, the directory fsynced, and only then are the
+offsets committed. On (re)assignment a partition resumes after the last *complete* flush group on
+disk (all n files present), and stray members of an incomplete group are removed, so a crash at
+any point neither loses nor duplicates a row. Gold pairs reach prefs.curated from the aggregator
+(a gold CuratedPair beside each VerifiedPair), so this writer reads one topic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from fastavro import parse_schema
+from fastavro import writer as avro_writer
+
+from schemas import registry
+from schemas.wire import ValueCodec
+from streams import metrics, topics
+from streams.kafka_config import consumer_config
+from streams.settings import Settings, WorkerSettings
+
+log = logging.getLogger(__name__)
+SHARD_GROUP = "prefstream-shards"
+NAME = re.compile(r"^(?P<topic>.+)\.p(?P<part>\d+)\.(?P<first>\d+)-(?P<last>\d+)\.(?P<i>\d+)of(?P<n>\d+)\.n(?P<count>\d+)\.avro$")
+MANIFEST = "manifest.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def scan(root: Path) -> tuple[dict[tuple[str, int], int], list[dict[str, Any]], list[Path]]:
+    """(next offset per (topic, partition) from complete groups, shard list, members of incomplete groups)."""
+    groups: dict[tuple, list[tuple[Path, dict]]] = defaultdict(list)
+    for f in root.glob("*/*.avro"):
+        m = NAME.match(f.name)
+        if m and f.parent.name != ".tmp":
+            g = m.groupdict()
+            groups[(g["topic"], int(g["part"]), int(g["first"]), int(g["last"]), int(g["n"]))].append((f, g))
+    next_offset: dict[tuple[str, int], int] = {}
+    shards, incomplete = [], []
+    for (topic, part, first, last, n), members in groups.items():
+        if len(members) != n:
+            incomplete.extend(f for f, _ in members)
+            continue
+        next_offset[(topic, part)] = max(next_offset.get((topic, part), 0), last + 1)
+        for f, g in members:
+            shards.append({"file": str(f.relative_to(root)), "split": f.parent.name, "topic": topic, "partition": part,
+                           "first_offset": first, "last_offset": last, "count": int(g["count"])})
+    return next_offset, sorted(shards, key=lambda s: s["file"]), incomplete
+
+
+def write_manifest(root: Path) -> dict[str, Any]:
+    _, shards, _ = scan(root)
+    totals: dict[str, int] = defaultdict(int)
+    for s in shards:
+        totals[s["split"]] += s["count"]
+    manifest = {"updated_at": time.time(), "totals": dict(totals), "shards": shards}
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, root / MANIFEST)
+    return manifest
+
+
+class ShardWriter:
+    def __init__(self, settings: Settings, wsettings: WorkerSettings, stop: threading.Event | None = None) -> None:
+        self.s, self.w = settings, wsettings
+        self.root = Path(settings.shards_dir)
+        self.tmp = self.root / ".tmp"
+        self.topic = settings.topic(topics.CURATED)
+        self.codec = ValueCodec(settings.schema_registry_url)
+        # The expanded schema: a shard file's header must be readable without our named-type table.
+        self.schema = parse_schema(json.loads(registry.get("CuratedPair").expanded_json))
+        self.stop = stop or threading.Event()
+        self.buffers: dict[int, list[tuple[int, dict]]] = defaultdict(list)
+        self.started: dict[int, float] = {}
+        self.consumer: Consumer | None = None
+
+    # -------------------------------------------------------------- assignment
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        next_offset, _, incomplete = scan(self.root)
+        for f in incomplete:  # a flush interrupted between renames: its offsets were never committed
+            log.warning("removing %s (incomplete flush group; the records will be rewritten)", f)
+            f.unlink(missing_ok=True)
+        committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(partitions, timeout=10)}
+        out = []
+        for tp in partitions:
+            resume = max(committed.get((tp.topic, tp.partition), -1), next_offset.get((tp.topic, tp.partition), -1))
+            out.append(TopicPartition(tp.topic, tp.partition, resume if resume >= 0 else OFFSET_BEGINNING))
+        consumer.assign(out)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._flush(tp.partition)
+            self.buffers.pop(tp.partition, None)
+
+    # -------------------------------------------------------------- writing
+    def _flush(self, partition: int) -> None:
+        rows = self.buffers.get(partition)
+        if not rows or self.consumer is None:
+            return
+        first, last = rows[0][0], rows[-1][0]
+        by_split: dict[str, list[dict]] = defaultdict(list)
+        for _, rec in rows:
+            by_split[rec["split"]].append(rec)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        n = len(by_split)
+        staged = []
+        for i, (split, recs) in enumerate(sorted(by_split.items()), 1):
+            name = f"{self.topic}.p{partition}.{first:012d}-{last:012d}.{i}of{n}.n{len(recs)}.avro"
+            tmp = self.tmp / name
+            with tmp.open("wb") as fh:
+                avro_writer(fh, self.schema, recs, codec="deflate")
+                fh.flush()
+                os.fsync(fh.fileno())
+            staged.append((tmp, self.root / split / name, split, len(recs)))
+        for tmp, final, split, count in staged:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+            metrics.SHARD_ROWS.labels(split).inc(count)
+        write_manifest(self.root)
+        self.consumer.commit(offsets=[TopicPartition(self.topic, partition, last + 1)], asynchronous=False)
+        self.buffers[partition] = []
+        self.started.pop(partition, None)
+
+    def _flush_due(self, force: bool = False) -> None:
+        now = time.monotonic()
+        for part, rows in list(self.buffers.items()):
+            if rows and (force or len(rows) >= self.w.shard_max_records or now - self.started.get(part, now) >= self.w.shard_max_age_s):
+                self._flush(part)
+
+    def run(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.consumer = Consumer(consumer_config(self.s, SHARD_GROUP))
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        try:
+            while not self.stop.is_set():
+                msg = self.consumer.poll(0.2)
+                if msg is not None and not msg.error():
+                    try:
+                        rec = self.codec.decode("CuratedPair", msg.value(), msg.headers(), self.topic)
+                    except Exception as exc:  # written by our own worker; an unreadable one is logged and skipped
+                        log.error("unreadable CuratedPair at %s[%s]@%s: %s", self.topic, msg.partition(), msg.offset(), exc)
+                        rec = None
+                    if rec is not None:
+                        self.buffers[msg.partition()].append((msg.offset(), rec))
+                        self.started.setdefault(msg.partition(), time.monotonic())
+                    elif not self.buffers[msg.partition()]:
+                        self.consumer.commit(message=msg, asynchronous=False)
+                self._flush_due()
+            self._flush_due(force=True)
+        finally:
+            self.consumer.close()

@@ -1,0 +1,282 @@
+"""`prefstream worker`: ingest -> score -> label -> route in one consume-transform-produce loop.
+
+Each micro-batch is one Kafka transaction: the outputs (prefs.scored, prefs.review, prefs.curated,
+prefs.dlq) and the input offsets commit together or not at all, so a worker killed at any moment
+and restarted leaves every pair exactly once in the outputs (read_committed). Faust was the first
+plan, but its exactly-once mode fails on Tansu (DESIGN 8) while confluent-kafka transactions
+work, and one loop is simpler to reason about than agents chained through topics.
+
+Several workers in the same group share the partitions of prefs.raw: scaling is running more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+
+from schemas.pairs import prompt_text
+from schemas.wire import ValueCodec
+from streams import metrics, topics
+from streams.exceptions import KafkaError
+from streams.kafka_config import consumer_config, producer_config
+from streams.processors.embedder import Embedder
+from streams.processors.ingest import Ingestor
+from streams.processors.labeler import Labeler, LLMLabeler
+from streams.processors.retrieval import NeighbourIndex
+from streams.processors.router import RouterPolicy, route
+from streams.processors.scorer import ModelSlot, Scorer, load_announced
+from streams.processors.verifiers import verify
+from streams.settings import Settings, WorkerSettings
+from trainers.model import RewardModel
+from trainers.registry import BOOTSTRAP_VERSION
+
+log = logging.getLogger(__name__)
+TXN_TIMEOUT_S = 30.0
+# Bounds how long read_committed consumers wait behind a transaction left open by a killed worker
+# that is not restarted with the same worker_id (a restart with it aborts the transaction at once).
+TXN_TIMEOUT_MS = 15000
+RETRY_BACKOFF_S = 1.0
+VERSIONS_DRAIN_S = 1.0
+
+
+class Pipeline:
+    """The per-batch logic, free of Kafka plumbing (so it can be tested and benchmarked alone)."""
+
+    def __init__(self, settings: Settings, wsettings: WorkerSettings, redis_client: Any, scorer: Scorer,
+                 embedder: Embedder | None = None) -> None:
+        self.s, self.w = settings, wsettings
+        self.codec = ValueCodec(settings.schema_registry_url)
+        self.ingestor = Ingestor(self.codec, redis_client, wsettings.dedupe_ttl_s, key_prefix=settings.topic_prefix)
+        self.embedder = embedder or Embedder()
+        labeler = Labeler(self.embedder, redis=redis_client)
+        self.labeler: Any = labeler
+        if wsettings.llm_url:
+            key = wsettings.llm_api_key.get_secret_value() if wsettings.llm_api_key else None
+            self.labeler = LLMLabeler(wsettings.llm_url, wsettings.llm_model, labeler, key)
+        self.index = NeighbourIndex(self.embedder.dim)
+        self.scorer = scorer
+        self.policy = RouterPolicy(wsettings.tau, wsettings.gold_agree, wsettings.flip_below)
+        self.t = {name: settings.topic(name) for name in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ)}
+
+    def _out(self, name: str, schema: str, key: bytes | None, record: dict) -> tuple[str, bytes | None, bytes, list]:
+        topic = self.t[name]
+        value, headers = self.codec.encode(schema, record, topic)
+        return topic, key, value, headers
+
+    def process(self, msgs: list[Any]) -> list[tuple[str, bytes | None, bytes, list]]:
+        results = [(m, self.ingestor.decode(m)) for m in msgs]
+        self.ingestor.dedupe(results)
+        outputs = []
+        pairs = []
+        for m, r in results:
+            metrics.RECORDS_IN.labels(m.topic()).inc()
+            if r.dead_letter is not None:
+                metrics.DLQ.labels(r.dead_letter["reason"]).inc()
+                outputs.append(self._out(topics.DLQ, "DeadLetter", m.key(), r.dead_letter))
+            elif r.duplicate:
+                metrics.DUPLICATES.inc()
+            else:
+                pairs.append(r.pair)
+        if not pairs:
+            return outputs
+        scores = self.scorer.score(pairs)
+        disagreement = [abs(s["p"] - s["gold_p"]) if s["gold_p"] is not None else None for s in scores]
+        self.labeler.label(pairs, disagreement)
+        prompts = [prompt_text(p) for p in pairs]
+        emb = self.embedder.embed(prompts)
+        now = int(time.time() * 1000)
+        for i, (pair, score) in enumerate(zip(pairs, scores, strict=True)):
+            decision = route(score["p"], score["gold_p"], verify(pair), self.policy)
+            metrics.ROUTES.labels(decision.kind, decision.reason.split(":")[0][:40]).inc()
+            key = pair["pair_id"].encode()
+            outputs.append(self._out(topics.SCORED, "ScoredPair", key,
+                                     {"pair": pair, **score, "route": decision.kind, "route_reason": decision.reason}))
+            if decision.kind == "review":
+                similar = [{"pair_id": n.pair_id, "prompt": n.prompt, "chosen": n.chosen, "rejected": n.rejected,
+                            "label_source": n.label_source, "similarity": n.similarity}
+                           for n in self.index.search(emb[i], decision.k, exclude=pair["pair_id"])]
+                task = {"task_id": pair["pair_id"], "pair": pair, "p": score["p"],
+                        "margin": score["reward_chosen"] - score["reward_rejected"], "model_version": score["model_version"],
+                        # Severity first: lower p is served first; ties by age (created_at in ms, scaled down).
+                        "priority": score["p"] + pair["created_at"] / 1e16, "reason": decision.reason,
+                        "similar": similar, "expert": False, "created_at": now}
+                outputs.append(self._out(topics.REVIEW, "ReviewTask", key, task))
+            elif decision.kind != "dropped":
+                trained = dict(pair)
+                if decision.flip:
+                    trained["chosen"], trained["rejected"] = pair["rejected"], pair["chosen"]
+                p_train = 1 - score["p"] if decision.flip else score["p"]
+                outputs.append(self._out(topics.CURATED, "CuratedPair", key, {
+                    "pair": trained, "split": decision.kind, "p": p_train, "model_version": score["model_version"],
+                    "reason": decision.reason, "curated_at": now}))
+        self.index.add(emb, [(p["pair_id"], prompts[i], p["chosen"], p["rejected"], p["label_source"])
+                             for i, p in enumerate(pairs)])
+        return outputs
+
+
+class VersionWatcher:
+    """Follows models.versions and offers each new version to its slot (loaded in this thread)."""
+
+    def __init__(self, settings: Settings, slots: dict[str, ModelSlot]) -> None:
+        self.settings, self.slots = settings, slots
+        self.topic = settings.topic(topics.MODEL_VERSIONS)
+        self.codec = ValueCodec(settings.schema_registry_url)
+        self.consumer = Consumer(consumer_config(settings, f"prefstream-versions-{socket.gethostname()}-{os.getpid()}"))
+        self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
+        self.stop = threading.Event()
+
+    def _decode(self, msg: Any) -> dict | None:
+        try:
+            return self.codec.decode("ModelVersion", msg.value(), msg.headers(), self.topic)
+        except Exception as exc:  # a bad announcement must not stop the watcher
+            log.error("unreadable record on %s at offset %s: %s", self.topic, msg.offset(), exc)
+            return None
+
+    def drain(self) -> None:
+        """Read what is there now; offer only the latest record per role (start-up)."""
+        latest: dict[str, dict] = {}
+        deadline = time.monotonic() + VERSIONS_DRAIN_S
+        while time.monotonic() < deadline:
+            msg = self.consumer.poll(0.2)
+            if msg is None or msg.error():
+                continue
+            deadline = time.monotonic() + VERSIONS_DRAIN_S
+            if (rec := self._decode(msg)) and rec["role"] in self.slots:
+                latest[rec["role"]] = rec
+        for role, rec in latest.items():
+            self.slots[role].offer(rec)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            msg = self.consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            if (rec := self._decode(msg)) and rec["role"] in self.slots:
+                self.slots[rec["role"]].offer(rec)
+        self.consumer.close()
+
+
+def build_scorer(settings: Settings, wsettings: WorkerSettings) -> tuple[Scorer, dict[str, ModelSlot]]:
+    loader = lambda rec: load_announced(rec)  # noqa: E731
+    current, gold = ModelSlot("current", loader), ModelSlot("gold", loader)
+    return Scorer(current, gold), {"current": current, "gold": gold}
+
+
+class Worker:
+    def __init__(self, settings: Settings, wsettings: WorkerSettings) -> None:
+        self.s, self.w = settings, wsettings
+        self.stop = threading.Event()
+        self.ready = False
+        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.scorer, self.slots = build_scorer(settings, wsettings)
+        self.watcher = VersionWatcher(settings, self.slots)
+        self.counts: Counter[str] = Counter()
+
+    def _start_models(self) -> None:
+        self.watcher.drain()
+        self.scorer.swap_if_ready()
+        if self.slots["current"].serving is None:
+            # Stage 1: before any version exists the untrained default serves, stamped 'bootstrap'.
+            from streams.processors.scorer import Loaded
+
+            self.slots["current"].serving = Loaded(RewardModel.default(max_length=self.w.bootstrap_max_length),
+                                                   BOOTSTRAP_VERSION)
+        threading.Thread(target=self.watcher.run, name="versions", daemon=True).start()
+
+    def _rewind(self, consumer: Consumer) -> None:
+        assigned = consumer.assignment()
+        if not assigned:
+            return
+        for tp in consumer.committed(assigned, timeout=10):
+            consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+
+    def run(self) -> None:
+        pipeline = Pipeline(self.s, self.w, self.redis, self.scorer)
+        self._start_models()
+        tid = f"prefstream-{self.s.topic_prefix}{self.w.group}-{self.w.worker_id}"
+        producer = Producer(producer_config(self.s, **{"transactional.id": tid, "transaction.timeout.ms": TXN_TIMEOUT_MS}))
+        try:
+            producer.init_transactions(TXN_TIMEOUT_S)
+        except KafkaException as exc:
+            raise KafkaError(f"cannot start a transactional producer at {self.s.bootstrap}: {exc.args[0].str()}") from exc
+        consumer = Consumer(consumer_config(self.s, self.w.group))
+        consumer.subscribe([self.s.topic(topics.RAW)])
+        shard_thread = None
+        if self.w.shard_writer:
+            from streams.shard_writer import ShardWriter
+
+            writer = ShardWriter(self.s, self.w, self.stop)
+            shard_thread = threading.Thread(target=writer.run, name="shards", daemon=True)
+            shard_thread.start()
+        self.ready = True
+        metrics.READY.set(1)
+        log.info("worker %s consuming %s", tid, self.s.topic(topics.RAW))
+        try:
+            while not self.stop.is_set():
+                self.scorer.swap_if_ready()  # between batches only
+                msgs = consumer.consume(self.w.max_batch, self.w.max_wait_ms / 1000)
+                msgs = [m for m in msgs if not m.error()]
+                if not msgs:
+                    continue
+                try:
+                    outputs = pipeline.process(msgs)
+                    producer.begin_transaction()
+                    for topic, key, value, headers in outputs:
+                        producer.produce(topic, value=value, key=key, headers=headers)
+                        metrics.RECORDS_OUT.labels(topic).inc()
+                    producer.send_offsets_to_transaction(consumer.position(consumer.assignment()),
+                                                         consumer.consumer_group_metadata(), TXN_TIMEOUT_S)
+                    producer.commit_transaction(TXN_TIMEOUT_S)
+                except KafkaException as exc:
+                    err = exc.args[0]
+                    if err.fatal():
+                        raise KafkaError(f"fatal Kafka error, restart the worker: {err.str()}") from exc
+                    log.warning("transaction failed (%s); aborting and retrying the batch", err.str())
+                    if err.txn_requires_abort():
+                        producer.abort_transaction(TXN_TIMEOUT_S)
+                    self._rewind(consumer)
+                    time.sleep(RETRY_BACKOFF_S)
+                    continue
+                except (redis.RedisError, OSError) as exc:
+                    log.warning("batch failed (%s); retrying after %.0f s", exc, RETRY_BACKOFF_S)
+                    self._rewind(consumer)
+                    time.sleep(RETRY_BACKOFF_S)
+                    continue
+                now = time.time()
+                for m in msgs:
+                    ts = m.timestamp()[1]
+                    if ts > 0:
+                        metrics.LATENCY.observe(max(0.0, now - ts / 1000))
+                self.counts["batches"] += 1
+                self.counts["records"] += len(msgs)
+        finally:
+            self.ready = False
+            metrics.READY.set(0)
+            self.watcher.stop.set()
+            consumer.close()  # leave the group now rather than after a session timeout
+            if shard_thread is not None:
+                shard_thread.join(timeout=30)
+
+
+def run_worker(settings: Settings, wsettings: WorkerSettings) -> None:
+    from streams.health import serve
+
+    worker = Worker(settings, wsettings)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker.stop.set())
+    server = serve(wsettings.health_host, wsettings.health_port, alive=lambda: not worker.stop.is_set(),
+                   ready=lambda: worker.ready) if wsettings.health_port else None
+    try:
+        worker.run()
+    finally:
+        if server is not None:
+            server.shutdown()

@@ -1,0 +1,176 @@
+"""The stream pipeline against the real embedded broker and Redis, with real worker processes."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+
+import pytest
+
+from schemas.formats import from_hh_rlhf
+from schemas.pairs import validate_pair
+from schemas.wire import ValueCodec
+from streams import topics
+from streams.processors.router import RouterPolicy, route
+from streams.sdk import PreferenceProducer
+from streams.shard_writer import scan
+from tests.helpers import WorkerProcess, hh_lines, objective_pairs, read_topic, wait_for_scored
+
+pytestmark = pytest.mark.integration
+
+ROUTES = {"review", "silver", "flipped", "verified_by_tool", "dropped"}
+
+
+def hh_pairs(n: int) -> list[dict]:
+    out = []
+    for line in hh_lines(n * 2):
+        try:
+            out.append(validate_pair(from_hh_rlhf(line)))
+        except Exception:
+            continue
+        if len(out) == n:
+            break
+    return out
+
+
+def produce(settings, pairs) -> set[str]:
+    with PreferenceProducer(settings) as producer:
+        return {producer.send(p) for p in pairs}
+
+
+def last_per_pair(records: list[dict]) -> dict[str, dict]:
+    out = {}
+    for r in records:
+        out[r["pair"]["pair_id"]] = r
+    return out
+
+
+def assert_exactly_once_in_shards(settings, expected_ids: set[str]) -> None:
+    """Every curated pair is in the shards exactly once (waits for the writer's time-based flush)."""
+    from fastavro import reader
+
+    deadline = time.monotonic() + 60
+    while True:
+        ids: Counter[str] = Counter()
+        for path in settings.shards_dir.glob("*/*.avro"):
+            with path.open("rb") as fh:
+                ids.update(rec["pair"]["pair_id"] for rec in reader(fh))
+        if set(ids) >= expected_ids or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    dupes = {k: v for k, v in ids.items() if v > 1}
+    assert not dupes, f"duplicated shard rows: {list(dupes.items())[:5]}"
+    assert set(ids) == expected_ids, f"missing {len(expected_ids - set(ids))}, unexpected {len(set(ids) - expected_ids)}"
+    _, shards, incomplete = scan(settings.shards_dir)
+    assert not incomplete and sum(s["count"] for s in shards) == len(expected_ids)
+
+
+def test_end_to_end_every_pair_accounted_for(settings):
+    worker = WorkerProcess(settings).start()
+    try:
+        objective = objective_pairs(60)
+        pairs = hh_pairs(140) + objective
+        ids = produce(settings, pairs)
+        scored = last_per_pair(wait_for_scored(settings, ids))
+        assert set(scored) == ids
+        policy = RouterPolicy()
+        for pid, rec in scored.items():
+            assert rec["route"] in ROUTES and rec["route_reason"]
+            assert rec["model_version"] == "bootstrap" and 0.0 <= rec["p"] <= 1.0
+            for attr in ("task_category", "objectivity", "controversiality", "expected_attributes", "annotation_guideline"):
+                assert rec["pair"][attr], f"{pid} lacks {attr}"
+            if rec["route"] != "verified_by_tool":  # the policy, recomputed from the record's own scores
+                assert route(rec["p"], rec["gold_p"], None, policy).kind == rec["route"]
+        for pair in objective:
+            rec = scored[pair["pair_id"]]
+            assert rec["route"] == "verified_by_tool", rec["route_reason"]
+            assert ("rejected is correct" in rec["route_reason"]) == (pair["metadata"]["truth"] == "rejected")
+        review = read_topic(settings, topics.REVIEW, "ReviewTask")
+        curated = read_topic(settings, topics.CURATED, "CuratedPair")
+        by_route = Counter(r["route"] for r in scored.values())
+        assert len(review) == by_route["review"] and len(curated) == by_route["verified_by_tool"] + by_route["silver"] + by_route["flipped"]
+        assert {t["task_id"] for t in review} | {c["pair"]["pair_id"] for c in curated} <= ids
+        for task in review:
+            k = 8 if task["p"] < 0.5 else int(8 * (1 - task["p"]))
+            assert len(task["similar"]) == min(k, len(task["similar"])) <= k
+        assert any(len(t["similar"]) == 8 for t in review), "mispredicted pairs should come with 8 similar pairs"
+        for c in curated:  # flipped verdicts are stored the right way round for training
+            truth = next(p for p in objective if p["pair_id"] == c["pair"]["pair_id"])
+            assert c["pair"]["chosen"].endswith(f"= {eval(truth['prompt'][8:-1].replace(' ', ''))}.")
+        assert_exactly_once_in_shards(settings, {c["pair"]["pair_id"] for c in curated})
+        text = worker.metrics()
+        assert f'prefstream_records_in_total{{topic="{settings.topic(topics.RAW)}"}} {float(len(ids))}' in text
+        assert "prefstream_routes_total" in text and "prefstream_processing_seconds_bucket" in text
+    finally:
+        assert worker.stop() == 0
+
+
+def bad_records(settings, n: int) -> list[tuple[bytes | None, bytes, list]]:
+    """Malformed and hostile records of every kind, with the expected DLQ reason (None: a duplicate)."""
+    codec = ValueCodec()
+    good = validate_pair({"prompt": "dup?", "chosen": "yes", "rejected": "no", "pair_id": "dup-1"})
+    avro_value, avro_headers = codec.encode("PreferencePair", good, "x")
+    scored_value, scored_headers = codec.encode("ModelVersion", {
+        "role": "current", "version": "v", "path": "/x", "parent": None, "manifest_sha256": "0", "metrics": {},
+        "action": "promote", "reason": "", "announced_at": 0}, "x")
+    kinds = [
+        (b'{"prompt": "q", "chosen": ', [], "invalid_json"),
+        (json.dumps({"prompt": "q", "chosen": 5, "rejected": "b"}).encode(), [], "wrong_type"),
+        (json.dumps({"prompt": "q", "chosen": "a"}).encode(), [], "missing_field"),
+        (json.dumps({"prompt": "q", "chosen": "x" * (5 << 20), "rejected": "b"}).encode(), [], "too_large"),
+        (b'{"prompt": "q", "chosen": "ok", "rejected": "\xff\xfe"}', [], "invalid_utf8"),
+        (scored_value, scored_headers, "wrong_schema"),
+        (b"\x00\x01\x02 binary without a header", [], "unknown_schema"),
+        (avro_value[:-2], avro_headers, "invalid_avro"),
+        (json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}).encode(), [], "identical_responses"),
+        (avro_value, avro_headers, None),
+    ]
+    rng = random.Random(0)
+    return [rng.choice(kinds) for _ in range(n)]
+
+
+def test_bad_input_goes_to_the_dlq_and_valid_pairs_still_flow(settings):
+    from confluent_kafka import Producer
+
+    from streams.kafka_config import producer_config
+
+    worker = WorkerProcess(settings).start()
+    try:
+        bad = bad_records(settings, 300)
+        good = [validate_pair({"prompt": f"Capital number {i}?", "chosen": f"Answer {i}.", "rejected": "No."})
+                for i in range(40)]
+        prod = Producer(producer_config(settings))
+        raw = settings.topic(topics.RAW)
+        expected = Counter()
+        codec = ValueCodec()
+        for i, (value, headers, reason) in enumerate(bad):
+            prod.produce(raw, value=value, headers=headers, key=f"bad-{i}".encode())
+            if reason:
+                expected[reason] += 1
+            if i % 7 == 0 and good:
+                pair = good.pop()
+                v, h = codec.encode("PreferencePair", pair, raw)
+                prod.produce(raw, value=v, headers=h, key=pair["pair_id"].encode())
+        for pair in good:
+            v, h = codec.encode("PreferencePair", pair, raw)
+            prod.produce(raw, value=v, headers=h, key=pair["pair_id"].encode())
+        assert prod.flush(30) == 0
+        valid_ids = {f"Capital number {i}?" for i in range(40)}
+        deadline = time.monotonic() + 180
+        while True:
+            dlq = read_topic(settings, topics.DLQ, "DeadLetter", idle=2)
+            recs = read_topic(settings, topics.SCORED, "ScoredPair", idle=2)
+            prompts = {r["pair"]["conversation"][0]["content"] for r in recs}
+            if (len(dlq) >= sum(expected.values()) and valid_ids | {"dup?"} <= prompts) or time.monotonic() > deadline:
+                break
+        assert Counter(d["reason"] for d in dlq) == expected
+        for d in dlq:
+            assert d["source_topic"] == raw and d["source_offset"] >= 0 and d["detail"]
+            assert d["original_value"] is not None
+        assert valid_ids | {"dup?"} <= prompts
+        assert sum(r["pair"]["pair_id"] == "dup-1" for r in recs) == 1, "duplicates must be dropped"
+        assert worker.proc.poll() is None, "the worker must survive hostile input"
+    finally:
+        assert worker.stop() == 0
