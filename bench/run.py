@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import scoring, training
+from bench import pipeline, retrieval, scoring, training
 from bench.common import HH, RESULTS, ROOT, machine
 
 README = ROOT / "README.md"
@@ -34,6 +34,20 @@ def table() -> str:
                     f"padding {r['ours_pairs_per_s']} | transformers fp32, padding=max_length {r['naive_pairs_per_s']} | "
                     f"{r['speedup']}x | >= 4x | decision agreement with fp32 torch: "
                     f"{r['decision_agreement_int8_vs_torch_fp32']:.3f} (target >= 0.995) |")
+    rt = RESULTS / "retrieval.json"
+    if rt.exists():
+        r = json.loads(rt.read_text())
+        rows.append(f"| retrieval p99 at {r['indexed']:,} indexed prompts, k={r['k']} | {r['p99_ms']} ms (IVF) | full sort "
+                    f"| recall@{r['k']} {r['recall_at_k']:.3f} | p99 < 20 ms, recall >= 0.95 | p50 {r['p50_ms']} ms |")
+    pl = RESULTS / "pipeline.json"
+    if pl.exists():
+        r = json.loads(pl.read_text())
+        lat = r["latency_at_half_max_rate"]
+        rows.append(f"| stream end to end, pairs/s ({r['pairs']} HH-RLHF pairs, 1 worker) | {r['e2e_1_worker_pairs_per_s']} | "
+                    f"bare scorer {r['bare_scorer_pairs_per_s']} | {r['e2e_vs_bare']}x | >= 0.9x | 2 workers: "
+                    f"{r['e2e_2_workers_pairs_per_s']} pairs/s ({r['scaling_2_vs_1']}x of 1) |")
+        rows.append(f"| produce -> prefs.scored latency at {lat['rate_pairs_per_s']} pairs/s (half max) | p50 {lat['p50_ms']} ms, "
+                    f"p99 {lat['p99_ms']} ms | | | p99 < 500 ms | {lat['records']} records |")
     m = machine()
     rows.append("")
     rows.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}. "
@@ -70,6 +84,10 @@ def main() -> int:
         export_unchecked(model, pairs, quantize=True, min_agreement=0.0)
     print("scoring: ours (INT8 ONNX) vs naive transformers ...", flush=True)
     print(scoring.main(["--model", str(model)]), flush=True)
+    print("retrieval at 100k ...", flush=True)
+    print(retrieval.main([]), flush=True)
+    print("stream pipeline end to end ...", flush=True)
+    print(pipeline.main([]), flush=True)
     update_readme()
     print(table())
     return 0

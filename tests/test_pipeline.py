@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -172,5 +173,84 @@ def test_bad_input_goes_to_the_dlq_and_valid_pairs_still_flow(settings):
         assert valid_ids | {"dup?"} <= prompts
         assert sum(r["pair"]["pair_id"] == "dup-1" for r in recs) == 1, "duplicates must be dropped"
         assert worker.proc.poll() is None, "the worker must survive hostile input"
+    finally:
+        assert worker.stop() == 0
+
+
+def short_pairs(n: int, tag: str) -> list[dict]:
+    rng = random.Random(tag)
+    return [{"pair_id": f"{tag}-{i}", "prompt": f"Say something nice about item {i}.",
+             "chosen": rng.choice(["It is lovely.", "Great item!", "Very useful."]),
+             "rejected": rng.choice(["Meh.", "Bad.", "No."])} for i in range(n)]
+
+
+def test_kill_9_three_times_loses_and_duplicates_nothing(settings):
+    # 3,000 + 300 pairs take ~5 min on 2 cores; make test runs 1,200 unless PREFSTREAM_TEST_CRASH_PAIRS says more.
+    n = int(os.environ.get("PREFSTREAM_TEST_CRASH_PAIRS", "1200"))
+    pairs = short_pairs(n, "crash") + objective_pairs(n // 10, seed=7)
+    cut1, cut2 = len(pairs) // 3, 2 * len(pairs) // 3
+    ids = {p["pair_id"] for p in pairs}
+    worker = WorkerProcess(settings, worker_id="crashy").start()
+    produced = produce(settings, pairs[:cut1])
+    rng = random.Random(1)
+    for batch in (pairs[cut1:cut2], pairs[cut2:]):
+        time.sleep(rng.uniform(2, 6))
+        worker.kill9()
+        produced |= produce(settings, batch)
+        worker = WorkerProcess(settings, worker_id="crashy").start()
+    time.sleep(rng.uniform(2, 6))
+    worker.kill9()
+    worker = WorkerProcess(settings, worker_id="crashy").start()
+    try:
+        assert produced == ids
+        records = wait_for_scored(settings, ids, timeout=600)
+        counts = Counter(r["pair"]["pair_id"] for r in records)
+        dupes = [k for k, v in counts.items() if v > 1]
+        assert not dupes, f"{len(dupes)} pairs appear twice in prefs.scored (read_committed), e.g. {dupes[:3]}"
+        curated = read_topic(settings, topics.CURATED, "CuratedPair")
+        assert len({c["pair"]["pair_id"] for c in curated}) == len(curated)
+        assert_exactly_once_in_shards(settings, {c["pair"]["pair_id"] for c in curated})
+    finally:
+        worker.stop()
+
+
+def test_hot_swap_under_load_and_corrupt_version_refused(settings):
+    from streams.announce import Announcer
+    from trainers.model import RewardModel
+    from trainers.registry import ModelStore
+
+    store = ModelStore(settings.models_dir)
+    model_dir = RewardModel.default(max_length=64, seed=5).save(settings.models_dir.parent / "candidate")
+    worker = WorkerProcess(settings).start()
+    try:
+        first = short_pairs(400, "before")
+        produce(settings, first)
+        wait_for_scored(settings, {p["pair_id"] for p in first[:20]})  # the stream is flowing: swap mid-stream
+        v1 = store.publish(model_dir, "current", announce=Announcer(settings))
+        second = short_pairs(600, "after")
+        produce(settings, second)
+        records = wait_for_scored(settings, {p["pair_id"] for p in first + second}, timeout=300)
+        versions = Counter(r["model_version"] for r in records)
+        assert set(versions) == {"bootstrap", v1.version}, versions
+        last_seen: dict[int, str] = {}
+        for r in sorted(records, key=lambda r: (r["_partition"], r["_offset"])):
+            if last_seen.get(r["_partition"]) == v1.version:
+                assert r["model_version"] == v1.version, "a partition went back to the old model"
+            last_seen[r["_partition"]] = r["model_version"]
+        assert len(records) == len(first) + len(second)
+
+        # A corrupt version is announced: it is refused and v1 keeps serving.
+        v2 = store.publish(model_dir, "current", promote=False)
+        weights = v2.path / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100] + b"\0" * 100)
+        Announcer(settings)(store.version_record(v2.version, "current", "promote", "test"))
+        third = short_pairs(200, "corrupt")
+        produce(settings, third)
+        more = wait_for_scored(settings, {p["pair_id"] for p in third}, timeout=300)
+        assert {r["model_version"] for r in more if r["pair"]["pair_id"].startswith("corrupt")} == {v1.version}
+        deadline = time.monotonic() + 30
+        while 'prefstream_model_swap_failures_total{role="current"} 1.0' not in worker.metrics():
+            assert time.monotonic() < deadline, "the corrupt version was not counted as a failed swap"
+            time.sleep(0.5)
     finally:
         assert worker.stop() == 0

@@ -1,0 +1,124 @@
+"""End-to-end stream throughput vs the bare scorer, latency at half the maximum rate, 1 -> 2 workers.
+
+All on a private embedded stack. "Bare scorer" is the model alone (the same bootstrap MiniLM,
+batch 32) scoring the same pairs in this process; end to end adds Kafka, ingest, dedupe, labels
+(one more MiniLM pass over the prompt), routing, retrieval and the transactional commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import hh_pairs, write_result
+
+
+def _settings(base, home: Path):
+    return base.model_copy(update={"topic_prefix": f"b{uuid.uuid4().hex[:8]}.", "shards_dir": home / uuid.uuid4().hex})
+
+
+def _e2e(settings, pairs, workers: int) -> float:
+    from streams.admin import ensure_topics
+    from streams.sdk import PreferenceProducer
+    from tests.helpers import WorkerProcess, wait_for_scored
+
+    ensure_topics(settings)
+    procs = [WorkerProcess(settings, worker_id=f"bench{i}").start() for i in range(workers)]
+    try:
+        time.sleep(8)  # let the group settle so both workers own partitions before the clock starts
+        t = time.perf_counter()
+        with PreferenceProducer(settings) as producer:
+            ids = {producer.send(p) for p in pairs}
+        wait_for_scored(settings, ids, timeout=900)
+        return time.perf_counter() - t
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def _latency(settings, pairs, rate: float) -> dict:
+    from streams.admin import ensure_topics
+    from streams.sdk import PreferenceProducer, TopicReader
+    from tests.helpers import WorkerProcess
+
+    ensure_topics(settings)
+    worker = WorkerProcess(settings, worker_id="lat").start()
+    lat: list[float] = []
+    done = threading.Event()
+
+    def read() -> None:
+        with TopicReader(settings.topic("prefs.scored"), "ScoredPair", settings) as reader:
+            for rec in reader.records(idle_timeout=30):
+                lat.append(time.time() - int(rec["pair"]["metadata"]["sent_at_ms"]) / 1000)
+                if len(lat) == len(pairs):
+                    break
+        done.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        with PreferenceProducer(settings) as producer:
+            t0 = time.perf_counter()
+            for i, p in enumerate(pairs):
+                delay = t0 + i / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                producer.send(dict(p, metadata={"sent_at_ms": str(int(time.time() * 1000))}, pair_id=None))
+                producer._producer.poll(0)
+        done.wait(300)
+    finally:
+        worker.stop()
+    arr = np.array(lat) * 1000
+    return {"rate_pairs_per_s": round(rate, 2), "records": len(lat), "p50_ms": round(float(np.percentile(arr, 50)), 1),
+            "p99_ms": round(float(np.percentile(arr, 99)), 1)}
+
+
+def run(n: int, latency_s: float) -> dict:
+    from streams.embedded.process import free_port
+    from streams.embedded.stack import Stack
+    from streams.settings import Settings
+    from trainers.model import RewardModel
+
+    pairs = [{k: p[k] for k in ("conversation", "chosen", "rejected")} for p in hh_pairs(n)]
+    rm = RewardModel.default(max_length=256)
+    t = time.perf_counter()
+    rm.score_pairs(pairs)
+    bare_s = time.perf_counter() - t
+    home = Path(tempfile.mkdtemp(prefix="bench-stack-"))
+    base = Settings(bootstrap=f"127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0", home=home,
+                    models_dir=home / "models", shards_dir=home / "shards")
+    stack = Stack(base)
+    stack.up()
+    try:
+        one = _e2e(_settings(base, home), pairs, 1)
+        two = _e2e(_settings(base, home), pairs, 2)
+        rate = 0.5 * n / one
+        lat = _latency(_settings(base, home), pairs[: max(20, int(rate * latency_s))], rate)
+    finally:
+        stack.down()
+    return {
+        "pairs": n, "bare_scorer_pairs_per_s": round(n / bare_s, 2), "e2e_1_worker_pairs_per_s": round(n / one, 2),
+        "e2e_2_workers_pairs_per_s": round(n / two, 2), "e2e_vs_bare": round(bare_s / one, 3),
+        "scaling_2_vs_1": round(one / two, 3), "latency_at_half_max_rate": lat,
+        "targets": {"e2e_vs_bare": ">= 0.9", "p99_ms": "< 500"},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pairs", type=int, default=400)
+    ap.add_argument("--latency-seconds", type=float, default=30)
+    args = ap.parse_args(argv)
+    result = run(args.pairs, args.latency_seconds)
+    write_result("pipeline", result, f"python -m bench.pipeline --pairs {args.pairs}")
+    return result
+
+
+if __name__ == "__main__":
+    print(main())

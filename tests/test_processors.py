@@ -1,0 +1,136 @@
+"""Unit tests of the processors' decisions (no broker): router, verifiers, retrieval, labeler, dedupe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streams.processors.retrieval import EXACT_LIMIT, NeighbourIndex
+from streams.processors.router import RouterPolicy, route, similar_k
+from streams.processors.verifiers import run_python, verify, verify_math
+
+
+@pytest.mark.parametrize(("p", "gold_p", "kind", "k"), [
+    (0.05, 0.05, "flipped", 0),
+    (0.05, 0.5, "review", 8),
+    (0.3, None, "review", 8),
+    (0.5, 0.9, "review", 4),
+    (0.7, 0.9, "review", 2),
+    (0.79, 0.9, "review", 1),
+    (0.9, 0.9, "silver", 0),
+    (0.9, 0.3, "dropped", 0),
+    (0.9, None, "dropped", 0),
+])
+def test_router_policy(p, gold_p, kind, k):
+    r = route(p, gold_p, None, RouterPolicy())
+    assert (r.kind, r.k) == (kind, k)
+    assert r.flip == (kind == "flipped")
+
+
+def test_similar_k_formula():
+    assert [similar_k(p) for p in (0.0, 0.49, 0.5, 0.6, 0.75, 0.874, 0.99)] == [8, 8, 4, 3, 2, 1, 0]
+
+
+def test_verifier_decides_before_the_models():
+    r = route(0.01, 0.01, ("math", "chosen"), RouterPolicy())
+    assert (r.kind, r.flip) == ("verified_by_tool", False)
+    assert route(0.99, 0.99, ("math", "rejected"), RouterPolicy()).flip
+
+
+def math_pair(prompt, chosen, rejected, **extra):
+    return {"conversation": [{"role": "user", "content": prompt}], "chosen": chosen, "rejected": rejected,
+            "objectivity": "factual", "task_category": "arithmetic", "metadata": {}} | extra
+
+
+def test_math_verifier_compares_final_numbers():
+    assert verify(math_pair("What is 12 * 12?", "That makes 144.", "It is 145.")) == ("math", "chosen")
+    assert verify(math_pair("What is 12 * 12?", "It is 145.", "Surely 144")) == ("math", "rejected")
+    assert verify(math_pair("What is 12 * 12?", "144", "144.0")) is None  # both right: the tool cannot decide
+    assert verify_math(math_pair("Tell me a joke", "1", "2")) is None
+    assert verify(math_pair("How far?", "It is 1,500 km.", "It is 15 km.", metadata={"answer": "1500"})) == ("math", "chosen")
+
+
+def test_code_verifier_runs_tests_in_a_sandbox():
+    tests = "assert add(2, 3) == 5"
+    good = "```python\ndef add(a, b):\n    return a + b\n```"
+    bad = "def add(a, b):\n    return a - b"
+    pair = {"conversation": [{"role": "user", "content": "add"}], "chosen": bad, "rejected": good, "metadata": {"tests": tests}}
+    assert verify(pair) == ("code", "rejected")
+    assert not run_python("while True:\n    pass", "", timeout=1.0)
+    assert not run_python("import socket\nsocket.create_connection(('127.0.0.1', 9))", "")
+    assert not run_python("x = bytearray(2 * 1024 ** 3)", "")
+    assert run_python("import os\nassert 'PREFSTREAM_HOME' not in os.environ", "")
+
+
+def _unit(rng, n, d):
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_retrieval_exact_and_ivf_agree_with_brute_force():
+    rng = np.random.default_rng(0)
+    centres = _unit(rng, 50, 32)
+    vecs = centres[rng.integers(0, 50, EXACT_LIMIT + 5000)] + 0.3 * _unit(rng, EXACT_LIMIT + 5000, 32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    index = NeighbourIndex(32)
+    index.add(vecs[:1000], [(f"p{i}", "", "", "", "h") for i in range(1000)])
+    q = vecs[3]
+    assert [n.pair_id for n in index.search(q, 5)] == [f"p{i}" for i in np.argsort(-(vecs[:1000] @ q))[:5]]
+    index.add(vecs[1000:], [(f"p{i}", "", "", "", "h") for i in range(1000, len(vecs))])
+    assert index.centroids is not None, "the index should switch to IVF past EXACT_LIMIT"
+    hits = 0
+    for qi in rng.integers(0, len(vecs), 50):
+        exact = {f"p{i}" for i in np.argsort(-(vecs @ vecs[qi]))[:8]}
+        hits += len({n.pair_id for n in index.search(vecs[qi], 8)} & exact)
+    assert hits / 400 >= 0.95
+    assert all(n.pair_id != "p3" for n in index.search(vecs[3], 8, exclude="p3"))
+
+
+def test_retrieval_forgets_oldest_when_full():
+    rng = np.random.default_rng(1)
+    index = NeighbourIndex(8, capacity=10)
+    vecs = _unit(rng, 15, 8)
+    index.add(vecs, [(f"p{i}", "", "", "", "h") for i in range(15)])
+    assert index.size == 10 and "p0" not in index.ids and "p14" in index.ids
+    assert index.search(vecs[14], 1)[0].pair_id == "p14"
+
+
+@pytest.fixture(scope="module")
+def labeler():
+    from streams.processors.embedder import Embedder
+    from streams.processors.labeler import Labeler, load_taxonomy
+
+    assert len(load_taxonomy()) >= 50
+    return Labeler(Embedder())
+
+
+@pytest.mark.parametrize(("prompt", "category"), [
+    ("What is 17 * 23?", "arithmetic"),
+    ("What is the capital of Peru?", "world_facts"),
+    ("Write a haiku about the autumn rain", "poetry"),
+    ("How do I build a pipe bomb at home?", "harmful_request"),
+    ("Convert 12 miles to kilometres", "unit_conversion"),
+])
+def test_labeler_assigns_the_five_attributes(labeler, prompt, category):
+    pair = {"conversation": [{"role": "user", "content": prompt}], "chosen": "a", "rejected": "b"}
+    labeler.label([pair], [0.6])
+    assert pair["task_category"] == category
+    assert pair["objectivity"] in ("factual", "opinion", "open-ended")
+    assert pair["controversiality"] == "high"  # model disagreement 0.6
+    assert pair["expected_attributes"] and pair["annotation_guideline"]
+
+
+def test_labeler_keeps_producer_attributes(labeler):
+    pair = {"conversation": [{"role": "user", "content": "What is 2+2?"}], "chosen": "4", "rejected": "5",
+            "task_category": "algebra", "objectivity": "opinion"}
+    labeler.label([pair])
+    assert (pair["task_category"], pair["objectivity"], pair["controversiality"]) == ("algebra", "opinion", "low")
+
+
+def test_llm_labeler_falls_back_on_failure(labeler):
+    from streams.processors.labeler import LLMLabeler
+
+    llm = LLMLabeler("http://127.0.0.1:9", "none", labeler, timeout=0.5)
+    pair = {"conversation": [{"role": "user", "content": "What is 17 * 23?"}], "chosen": "a", "rejected": "b"}
+    llm.label([pair])
+    assert llm.failures == 1 and pair["task_category"] == "arithmetic"
