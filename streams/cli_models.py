@@ -213,8 +213,43 @@ def models_rollback(store: Any, role: str, announce: bool) -> None:
     console.print(f"{role} rolled back to {rec['version']}")
 
 
+def _retrain_command() -> click.Command:
+    from trainers.retrain import RetrainConfig
+
+    @click.command("retrain")
+    @click.option("--announce/--no-announce", default=True, show_default=True,
+                  help="Announce a published version on models.versions.")
+    @_dataclass_options(RetrainConfig)
+    def retrain_cmd(announce: bool, **kwargs: Any) -> None:
+        """Retrain a role from the shards, gate it against the serving model, export, publish, announce.
+
+        With --seed-file, train the first current and gold versions from a verified seed set.
+        The last line printed is RETRAIN_RESULT {json}: what the job runners read.
+        """
+        from dataclasses import asdict
+
+        from trainers.jobs import RESULT_PREFIX
+        from trainers.retrain import run_retrain, run_seed
+
+        settings = get_settings()
+        if kwargs.get("shards_dir") in (None, ".prefstream/shards"):
+            kwargs["shards_dir"] = str(settings.shards_dir)
+        if kwargs.get("models_dir") in (None, ".prefstream/models"):
+            kwargs["models_dir"] = str(settings.models_dir)
+        cfg = RetrainConfig(**kwargs)
+        ann = _announcer(announce)
+        results = run_seed(cfg, ann) if cfg.seed_file else [run_retrain(cfg, ann)]
+        for r in results:
+            colour = {"published": "green", "gate_failed": "yellow"}.get(r.decision, "white")
+            console.print(f"[{colour}]{r.role}: {r.decision}[/] {r.version or ''} - {r.reason}", highlight=False)
+        click.echo(RESULT_PREFIX + json.dumps([asdict(r) for r in results] if len(results) > 1 else asdict(results[0])))
+
+    return retrain_cmd
+
+
 def register(main: click.Group) -> None:
     main.add_command(_train_command())
+    main.add_command(_retrain_command())
     main.add_command(eval_cmd)
     main.add_command(export_cmd)
     main.add_command(models)

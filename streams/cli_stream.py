@@ -111,6 +111,36 @@ def shards() -> None:
     click.echo(json.dumps({"totals": manifest["totals"], "files": len(manifest["shards"])}, indent=1))
 
 
+@click.command("controller")
+@click.option("--log-level", default="INFO", show_default=True)
+def controller(log_level: str) -> None:
+    """Watch the shards and the live scores; retrain, gate, publish and roll back on its own.
+
+    Triggers: PREFSTREAM_CONTROLLER_THRESHOLD_CURRENT / _THRESHOLD_GOLD new pairs, _INTERVAL_S, or
+    drift. Jobs run as local processes (default) or Kubernetes Jobs (PREFSTREAM_CONTROLLER_RUNNER=kubernetes).
+    Decisions are logged, counted on /metrics and appended to <models_dir>/controller-decisions.jsonl.
+    """
+    import signal
+
+    from streams.announce import Announcer
+    from streams.controller import Controller
+    from streams.health import serve
+    from streams.settings import ControllerSettings
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings, csettings = get_settings(), ControllerSettings()
+    ctl = Controller(settings, csettings, announce=Announcer(settings))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: ctl.stop.set())
+    server = serve(csettings.health_host, csettings.health_port, alive=lambda: not ctl.stop.is_set(),
+                   ready=lambda: True) if csettings.health_port else None
+    try:
+        ctl.run()
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
 def register(main: click.Group) -> None:
-    for cmd in (worker, dlq, shards):
+    for cmd in (worker, dlq, shards, controller):
         main.add_command(cmd)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka import KafkaError as _RdKafkaError
 
 from schemas.pairs import validate_pair
@@ -126,7 +126,8 @@ class TopicReader:
             if not parts or meta.topics[topic].error is not None:
                 self._consumer.close()
                 raise KafkaError(f"topic {topic} does not exist at {self.settings.bootstrap}; run `prefstream stack up`")
-            self._consumer.assign([TopicPartition(topic, p, -2) for p in parts])  # -2: OFFSET_BEGINNING
+            start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+            self._consumer.assign([TopicPartition(topic, p, start) for p in parts])
         self._pending = None
 
     def _commit_pending(self) -> None:

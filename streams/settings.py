@@ -80,3 +80,24 @@ class WorkerSettings(BaseSettings):
     llm_url: str | None = Field(None, description="OpenAI-compatible endpoint for the optional LLM labeler.")
     llm_model: str = Field("default", description="Model name to ask the LLM endpoint for.")
     llm_api_key: SecretStr | None = Field(None, description="API key for the LLM endpoint.")
+
+
+class ControllerSettings(BaseSettings):
+    """Settings of `prefstream controller` (PREFSTREAM_CONTROLLER_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFSTREAM_CONTROLLER_", frozen=True, extra="ignore")
+
+    threshold_current: int = Field(500, description="New curated pairs (all splits) that trigger a current retrain.")
+    threshold_gold: int = Field(100, description="New gold pairs that trigger a gold retrain.")
+    interval_s: float = Field(0, description="Also retrain when this many seconds passed and any new data exists; 0 = off.")
+    poll_s: float = Field(5.0, description="How often the shard manifest is checked.")
+    window: int = Field(200, description="Scored records per model version in the drift and rollback windows.")
+    drift_bound: float = Field(0.15, description="Retrain when the misprediction rate rises this much above its baseline.")
+    rollback_bound: float = Field(0.15, description="Roll back when a new version disagrees with the gold model this much "
+                                                    "more often than the previous one.")
+    runner: str = Field("local", description="local (a subprocess) or kubernetes (a batch/v1 Job).")
+    retrain_args: str = Field("", description="Extra arguments for `prefstream retrain` (e.g. --max-steps 200).")
+    k8s_namespace: str = Field("prefstream", description="Namespace of retrain Jobs.")
+    k8s_image: str = Field("prefstream:latest", description="Image of retrain Jobs.")
+    health_host: str = Field("0.0.0.0", description="Address of the controller's /healthz and /metrics.")
+    health_port: int = Field(8082, description="Port of /healthz and /metrics; 0 disables it.")

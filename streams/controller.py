@@ -1,0 +1,225 @@
+"""`prefstream controller`: decides when to retrain, runs the job, watches the result live.
+
+- Triggers per role: new pairs in the shard manifest past a threshold, an interval with new data,
+  or drift (the current model's misprediction rate rising above its own baseline).
+- Never two retrains of the same role at once.
+- Live rollback: after a swap, if the new current version disagrees with the gold model on more
+  gold-checked pairs than its predecessor did (by more than ``rollback_bound``), it is rolled back.
+- Every decision (trigger or not, outcome, rollback) goes to the log, to metrics and to
+  ``<models_dir>/controller-decisions.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from streams import topics
+from streams.settings import ControllerSettings, Settings
+from streams.shard_writer import write_manifest
+from trainers.jobs import JobOutcome, LocalRunner
+from trainers.registry import ModelStore
+from trainers.retrain import CURRENT_SPLITS, GOLD_SPLITS
+
+log = logging.getLogger(__name__)
+DECISIONS = Counter("prefstream_controller_decisions_total", "Controller decisions", ["role", "decision", "reason"])
+RUNNING = Gauge("prefstream_controller_retrain_running", "1 while a retrain of the role runs", ["role"])
+SPLITS = {"current": CURRENT_SPLITS, "gold": GOLD_SPLITS}
+
+
+@dataclass
+class VersionStats:
+    mispredicted: deque = field(default_factory=lambda: deque(maxlen=2000))
+    disagree: deque = field(default_factory=lambda: deque(maxlen=2000))
+    first_seen: float = field(default_factory=time.time)
+
+
+class ScoredMonitor:
+    """Follows prefs.scored (from its end) and keeps per-version rates for drift and rollback."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stats: dict[str, VersionStats] = defaultdict(VersionStats)
+        self.order: list[str] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+
+    def observe(self, rec: dict) -> None:
+        v = rec["model_version"]
+        with self.lock:
+            if v not in self.stats:
+                self.order.append(v)
+            st = self.stats[v]
+            st.mispredicted.append(rec["p"] < 0.5)
+            if rec.get("gold_p") is not None:
+                st.disagree.append((rec["p"] >= 0.5) != (rec["gold_p"] >= 0.5))
+
+    def run(self) -> None:
+        from streams.sdk import TopicReader
+
+        with TopicReader(self.settings.topic(topics.SCORED), "ScoredPair", self.settings, from_beginning=False) as reader:
+            for msg in reader.messages(idle_timeout=None):
+                if self.stop.is_set():
+                    return
+                try:
+                    self.observe(reader.codec.decode("ScoredPair", msg.value(), msg.headers()))
+                except Exception as exc:  # one unreadable record must not blind the controller
+                    log.warning("unreadable ScoredPair: %s", exc)
+
+
+def _rate(values: deque, last: int) -> float | None:
+    vals = list(values)[-last:]
+    return sum(vals) / len(vals) if vals else None
+
+
+class Controller:
+    def __init__(self, settings: Settings, csettings: ControllerSettings, runner: Any = None, announce: Any = None) -> None:
+        self.s, self.c = settings, csettings
+        self.store = ModelStore(settings.models_dir)
+        self.shards = Path(settings.shards_dir)
+        self.state_file = Path(settings.models_dir) / "controller-state.json"
+        self.decisions_file = Path(settings.models_dir) / "controller-decisions.jsonl"
+        self.runner = runner or self._make_runner()
+        self.announce = announce
+        self.running: dict[str, Any] = {}
+        self.monitor = ScoredMonitor(settings)
+        self.stop = threading.Event()
+        self.state = self._load_state()
+        self.last_reason: dict[str, str] = {}
+        self.rolled_back: set[str] = set()
+
+    def _make_runner(self) -> Any:
+        if self.c.runner == "kubernetes":
+            from trainers.jobs import JobTemplate, KubernetesRunner
+
+            return KubernetesRunner(JobTemplate(namespace=self.c.k8s_namespace, image=self.c.k8s_image))
+        return LocalRunner(Path(self.s.home) / "logs" / "retrain")
+
+    # ------------------------------------------------------------------ state and records
+    def _load_state(self) -> dict[str, Any]:
+        if self.state_file.exists():
+            return json.loads(self.state_file.read_text())
+        return {"trained_total": {"current": 0, "gold": 0}, "last_run": {"current": time.time(), "gold": time.time()}}
+
+    def _save_state(self) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state))
+        tmp.replace(self.state_file)
+
+    def record(self, role: str, decision: str, reason: str, **extra: Any) -> None:
+        DECISIONS.labels(role, decision, reason.split(":")[0][:40]).inc()
+        entry = {"time": time.time(), "role": role, "decision": decision, "reason": reason} | extra
+        self.decisions_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.decisions_file.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        log.info("%s: %s (%s)", role, decision, reason)
+
+    # ------------------------------------------------------------------ decisions
+    def totals(self) -> dict[str, int]:
+        if not self.shards.exists():
+            return {}
+        return write_manifest(self.shards)["totals"]
+
+    def why_retrain(self, role: str, totals: dict[str, int]) -> tuple[str | None, str]:
+        available = sum(totals.get(s, 0) for s in SPLITS[role])
+        new = available - self.state["trained_total"][role]
+        threshold = self.c.threshold_current if role == "current" else self.c.threshold_gold
+        if new >= threshold:
+            return "threshold", f"{new} new pairs >= threshold {threshold}"
+        if self.c.interval_s and new > 0 and time.time() - self.state["last_run"][role] >= self.c.interval_s:
+            return "interval", f"{self.c.interval_s:.0f} s passed with {new} new pairs"
+        if role == "current" and new > 0 and (drift := self.drift()) is not None:
+            return "drift", drift
+        return None, f"{new} new pairs < threshold {threshold}"
+
+    def drift(self) -> str | None:
+        serving = self.store.serving("current") or "bootstrap"
+        with self.monitor.lock:
+            st = self.monitor.stats.get(serving)
+            if st is None or len(st.mispredicted) < 2 * self.c.window:
+                return None
+            base = sum(list(st.mispredicted)[: self.c.window]) / self.c.window
+            now = _rate(st.mispredicted, self.c.window)
+        if now is not None and now - base > self.c.drift_bound:
+            return f"misprediction rate {now:.3f} rose above its baseline {base:.3f} by more than {self.c.drift_bound}"
+        return None
+
+    def check_rollback(self) -> None:
+        """Live rollback of the current role when the new version disagrees with gold more than the old one."""
+        hist = self.store.history("current")
+        if len(hist) < 2 or hist[-1] in self.rolled_back:
+            return
+        new, old = hist[-1], hist[-2]
+        with self.monitor.lock:
+            sn, so = self.monitor.stats.get(new), self.monitor.stats.get(old)
+            if sn is None or so is None or len(sn.disagree) < self.c.window or len(so.disagree) < self.c.window:
+                return
+            rn, ro = _rate(sn.disagree, self.c.window), _rate(so.disagree, self.c.window)
+        if rn - ro > self.c.rollback_bound:
+            reason = (f"live rollback: {new} disagrees with the gold model on {rn:.3f} of gold-checked pairs vs "
+                      f"{ro:.3f} for {old}")
+            self.rolled_back.add(new)
+            self.store.rollback("current", announce=self.announce, reason=reason)
+            self.record("current", "rolled_back", reason, version=new, restored=old)
+
+    def _finish(self, role: str, outcome: JobOutcome, available: int) -> None:
+        RUNNING.labels(role).set(0)
+        result = outcome.result or {}
+        if outcome.succeeded and result.get("decision") == "published":
+            self.record(role, "published", result.get("reason", ""), version=result.get("version"))
+        elif outcome.succeeded and result.get("decision") == "gate_failed":
+            self.record(role, "gate_failed", result.get("reason", ""))
+        elif outcome.succeeded and result.get("decision") == "skipped":
+            self.record(role, "skipped", result.get("reason", ""))
+            return  # not enough data: keep the counter so the pairs count towards the next trigger
+        else:
+            self.record(role, "job_failed", outcome.detail)
+            return
+        self.state["trained_total"][role] = available
+        self.state["last_run"][role] = time.time()
+        self._save_state()
+
+    def step(self) -> None:
+        totals = self.totals()
+        for role in ("gold", "current"):
+            available = sum(totals.get(s, 0) for s in SPLITS[role])
+            handle = self.running.get(role)
+            if handle is not None:
+                if handle.done():
+                    del self.running[role]
+                    self._finish(role, handle.outcome(), handle.available)
+                continue
+            kind, why = self.why_retrain(role, totals)
+            if kind is None:
+                if self.last_reason.get(role) != why:
+                    DECISIONS.labels(role, "waiting", "below_threshold").inc()
+                    log.debug("%s: not retraining (%s)", role, why)
+                self.last_reason[role] = why
+                continue
+            labels = {"prefstream.io/data-pairs": str(available), "prefstream.io/trigger": kind}
+            handle = self.runner.submit(role, labels, shlex.split(self.c.retrain_args))
+            handle.available = available
+            self.running[role] = handle
+            RUNNING.labels(role).set(1)
+            self.record(role, "triggered", f"{kind}: {why}", job=handle.name)
+        self.check_rollback()
+
+    def run(self) -> None:
+        threading.Thread(target=self.monitor.run, name="scored-monitor", daemon=True).start()
+        while not self.stop.is_set():
+            try:
+                self.step()
+            except Exception:  # keep deciding; the error is logged with its traceback
+                log.exception("controller step failed")
+            self.stop.wait(self.c.poll_s)
+        self.monitor.stop.set()

@@ -1,0 +1,233 @@
+"""Job runners for the retrain job: LocalRunner (a subprocess, the embedded default) and
+KubernetesRunner (a batch/v1 Job through the official `kubernetes` client).
+
+Both run the same command (`prefstream retrain --role R ... --result-json`) and read the same
+outcome: the RetrainResult JSON the job prints as its last stdout line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from trainers.exceptions import TrainerError
+
+RESULT_PREFIX = "RETRAIN_RESULT "
+
+
+class JobError(TrainerError):
+    """A retrain job could not be started or its outcome could not be read."""
+
+
+@dataclass
+class JobOutcome:
+    name: str
+    succeeded: bool
+    result: dict[str, Any] | None
+    detail: str = ""
+
+
+def parse_result(logs: str) -> dict[str, Any] | None:
+    for line in reversed(logs.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    return None
+
+
+def retrain_args(role: str, extra: list[str] | None = None) -> list[str]:
+    return ["retrain", "--role", role, *(extra or [])]
+
+
+class Handle(Protocol):
+    name: str
+
+    def done(self) -> bool: ...
+
+    def outcome(self) -> JobOutcome: ...
+
+
+class JobRunner(Protocol):
+    def submit(self, role: str, labels: dict[str, str], extra_args: list[str] | None = None) -> Handle: ...
+
+
+# ---------------------------------------------------------------------------- local
+@dataclass
+class LocalHandle:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def outcome(self) -> JobOutcome:
+        code = self.proc.wait()
+        logs = self.log.read_text(errors="replace")
+        return JobOutcome(self.name, code == 0, parse_result(logs), f"exit code {code}; log {self.log}")
+
+
+@dataclass
+class LocalRunner:
+    """Runs `python -m streams.cli retrain ...` as a child process with the caller's environment."""
+
+    log_dir: Path
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    def submit(self, role: str, labels: dict[str, str], extra_args: list[str] | None = None) -> LocalHandle:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        name = f"retrain-{role}-{time.strftime('%Y%m%d-%H%M%S')}"
+        log = self.log_dir / f"{name}.log"
+        argv = [sys.executable, "-m", "streams.cli", *retrain_args(role, extra_args)]
+        proc = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=self.env,
+                                stdin=subprocess.DEVNULL)
+        return LocalHandle(name, proc, log)
+
+
+# ---------------------------------------------------------------------------- kubernetes
+@dataclass
+class JobTemplate:
+    """What the controller's ConfigMap says a retrain Job looks like (everything but the role)."""
+
+    namespace: str = "prefstream"
+    image: str = "prefstream:latest"
+    service_account: str = "prefstream-retrain"
+    cpu_request: str = "2"
+    memory_request: str = "4Gi"
+    cpu_limit: str = "4"
+    memory_limit: str = "8Gi"
+    shards_pvc: str = "prefstream-shards"
+    models_pvc: str = "prefstream-models"
+    backoff_limit: int = 1
+    ttl_seconds_after_finished: int = 3600
+    active_deadline_seconds: int = 6 * 3600
+    env_from_configmap: str = "prefstream-config"
+
+
+def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate, extra_args: list[str] | None = None) -> dict:
+    """The batch/v1 Job for one retrain, as a plain dict (validated against the Kubernetes schema in tests)."""
+    all_labels = {"app.kubernetes.io/name": "prefstream", "app.kubernetes.io/component": "retrain",
+                  "prefstream.io/role": role} | labels
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": tpl.namespace, "labels": all_labels},
+        "spec": {
+            "backoffLimit": tpl.backoff_limit,
+            "ttlSecondsAfterFinished": tpl.ttl_seconds_after_finished,
+            "activeDeadlineSeconds": tpl.active_deadline_seconds,
+            "template": {
+                "metadata": {"labels": all_labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": tpl.service_account,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+                    "containers": [{
+                        "name": "retrain", "image": tpl.image,
+                        "args": retrain_args(role, extra_args),
+                        "envFrom": [{"configMapRef": {"name": tpl.env_from_configmap}}],
+                        "env": [{"name": "PREFSTREAM_SHARDS_DIR", "value": "/data/shards"},
+                                {"name": "PREFSTREAM_MODELS_DIR", "value": "/data/models"}],
+                        "resources": {"requests": {"cpu": tpl.cpu_request, "memory": tpl.memory_request},
+                                      "limits": {"cpu": tpl.cpu_limit, "memory": tpl.memory_limit}},
+                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}},
+                        "volumeMounts": [{"name": "shards", "mountPath": "/data/shards", "readOnly": True},
+                                         {"name": "models", "mountPath": "/data/models"},
+                                         {"name": "tmp", "mountPath": "/tmp"}],
+                    }],
+                    "volumes": [{"name": "shards", "persistentVolumeClaim": {"claimName": tpl.shards_pvc}},
+                                {"name": "models", "persistentVolumeClaim": {"claimName": tpl.models_pvc}},
+                                {"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def kube_client(in_cluster: bool | None = None, kubeconfig: str | None = None, host: str | None = None) -> Any:
+    """An ApiClient: in-cluster service-account auth when inside a pod, else a kubeconfig (or ``host``)."""
+    from kubernetes import client, config
+
+    if host:  # explicit endpoint (tests, or a proxy started with `kubectl proxy`)
+        cfg = client.Configuration()
+        cfg.host = host
+        return client.ApiClient(cfg)
+    try:
+        if in_cluster or (in_cluster is None and os.environ.get("KUBERNETES_SERVICE_HOST")):
+            config.load_incluster_config()
+        else:
+            config.load_kube_config(config_file=kubeconfig)
+    except config.ConfigException as exc:
+        raise JobError(f"no Kubernetes credentials: {exc}. Inside a pod mount a service account; outside give "
+                       "--kubeconfig or KUBECONFIG") from exc
+    return client.ApiClient()
+
+
+@dataclass
+class KubernetesHandle:
+    name: str
+    runner: KubernetesRunner
+
+    def done(self) -> bool:
+        status = self.runner.batch.read_namespaced_job_status(self.name, self.runner.template.namespace).status
+        return bool(status.succeeded or status.failed)
+
+    def outcome(self) -> JobOutcome:
+        return self.runner.wait(self.name)
+
+
+class KubernetesRunner:
+    def __init__(self, template: JobTemplate, api_client: Any = None, poll_s: float = 5.0) -> None:
+        from kubernetes import client
+
+        self.template = template
+        self.api = api_client or kube_client()
+        self.batch = client.BatchV1Api(self.api)
+        self.core = client.CoreV1Api(self.api)
+        self.poll_s = poll_s
+
+    def submit(self, role: str, labels: dict[str, str], extra_args: list[str] | None = None) -> KubernetesHandle:
+        from kubernetes.client.exceptions import ApiException
+
+        name = f"prefstream-retrain-{role}-{time.strftime('%Y%m%d%H%M%S')}"
+        body = job_manifest(name, role, labels, self.template, extra_args)
+        try:
+            self.batch.create_namespaced_job(self.template.namespace, body)
+        except ApiException as exc:
+            raise JobError(f"creating Job {name} failed: {exc.status} {exc.reason}: {exc.body}") from exc
+        return KubernetesHandle(name, self)
+
+    def wait(self, name: str, timeout_s: float | None = None) -> JobOutcome:
+        """Watch the Job until it succeeds or fails, then read the result from its pod's log."""
+        from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
+
+        ns = self.template.namespace
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        status = None
+        w = watch.Watch()
+        try:
+            for event in w.stream(self.batch.list_namespaced_job, ns, field_selector=f"metadata.name={name}",
+                                  timeout_seconds=int(timeout_s or self.template.active_deadline_seconds)):
+                status = event["object"].status
+                if status.succeeded or status.failed:
+                    w.stop()
+                    break
+                if deadline and time.monotonic() > deadline:
+                    w.stop()
+                    break
+        except ApiException as exc:
+            raise JobError(f"watching Job {name} failed: {exc.status} {exc.reason}") from exc
+        if status is None or not (status.succeeded or status.failed):
+            status = self.batch.read_namespaced_job_status(name, ns).status
+        logs = ""
+        pods = self.core.list_namespaced_pod(ns, label_selector=f"job-name={name}").items
+        if pods:
+            logs = self.core.read_namespaced_pod_log(pods[-1].metadata.name, ns, tail_lines=200)
+        return JobOutcome(name, bool(status.succeeded), parse_result(logs),
+                          f"succeeded={status.succeeded} failed={status.failed}")

@@ -1,0 +1,208 @@
+"""The retrain job (`prefstream retrain --role current|gold`): train, gate, export, publish.
+
+1. Data from the shards: the current RM trains on gold + silver + flipped + verified_by_tool pairs,
+   the new shards since the serving version plus a replay sample of older ones (so it does not
+   forget); the gold RM trains on gold (human-verified) pairs only. A deterministic 10% of gold
+   pairs (by pair_id hash) is the gold holdout and is never trained on.
+2. Train warm-started from the serving version (or the packaged MiniLM before any exists).
+3. Evaluate candidate and serving model on the gold holdout plus the fixed regression set; with no
+   gold holdout yet, on a held-out slice of this job's data (the report says which).
+4. Gate: holdout accuracy no worse than the serving model's (minus ``tolerance``) and no task
+   category with enough pairs dropping by more than ``max_category_drop``. A failed gate keeps the
+   old model and says why.
+5. Export ONNX (INT8 only when its decisions agree with torch), publish atomically, announce.
+
+``--seed FILE`` is Stage 1: the first current and gold versions from a small verified seed set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import tempfile
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainers.data import read_jsonl, read_shard, split_holdout
+from trainers.exceptions import ExportError, TrainerError
+from trainers.registry import Announcer, ModelStore
+
+CURRENT_SPLITS = ("gold", "silver", "flipped", "verified_by_tool")
+GOLD_SPLITS = ("gold",)
+HOLDOUT_BUCKETS = 10  # 1 in 10 gold pairs is held out
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class RetrainConfig:
+    role: str = _help("current (the served RM) or gold (the consistency-filter RM).", default="current")
+    shards_dir: str = _help("Root of the training shards (shards/<split>/*.avro).", default=".prefstream/shards")
+    models_dir: str = _help("Model store root.", default=".prefstream/models")
+    seed_file: str | None = _help("JSONL of verified pairs: train the first current and gold versions from it.",
+                                  default=None)
+    regression_file: str | None = _help("Fixed regression set (JSONL) evaluated with the gold holdout.", default=None)
+    replay_fraction: float = _help("Share of pairs from shards the serving version already saw, replayed.", default=0.3)
+    min_pairs: int = _help("Do not train on fewer pairs than this.", default=20)
+    tolerance: float = _help("Gate: candidate accuracy may be this much below the serving model's.", default=0.02)
+    max_category_drop: float = _help("Gate: no category (with >= min_category_pairs) may drop more than this.",
+                                     default=0.1)
+    min_category_pairs: int = _help("Categories with fewer holdout pairs are not gated individually.", default=10)
+    eval_fraction: float = _help("Held-out share of this job's data when there is no gold holdout yet.", default=0.2)
+    max_steps: int = _help("Optimizer steps (0 = one epoch).", default=0)
+    batch_size: int = _help("Pairs per batch.", default=16)
+    learning_rate: float = _help("Peak learning rate.", default=5e-5)
+    max_length: int = _help("Tokens per (conversation, response).", default=256)
+    freeze_layers: int = _help("Freeze this many lower layers (CPU-friendly).", default=0)
+    quantize: bool = _help("Export model.int8.onnx when it agrees with torch.", default=True)
+    seed: int = _help("Random seed.", default=0)
+
+
+@dataclass
+class RetrainResult:
+    role: str
+    decision: str  # published | gate_failed | skipped
+    reason: str
+    version: str | None = None
+    candidate: dict[str, Any] = field(default_factory=dict)
+    serving: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def in_gold_holdout(pair_id: str) -> bool:
+    return int(hashlib.sha256(pair_id.encode()).hexdigest(), 16) % HOLDOUT_BUCKETS == 0
+
+
+def shard_files(root: Path, splits: tuple[str, ...]) -> list[Path]:
+    return sorted(p for s in splits for p in (root / s).glob("*.avro"))
+
+
+def collect(cfg: RetrainConfig, store: ModelStore) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """(training pairs, gold holdout, lineage) for the role."""
+    root = Path(cfg.shards_dir)
+    serving = store.serving(cfg.role)
+    seen = set(store.get(serving).manifest.get("lineage", {}).get("shards", [])) if serving else set()
+    holdout, new, old = [], [], []
+    files = shard_files(root, CURRENT_SPLITS if cfg.role == "current" else GOLD_SPLITS)
+    for f in files:
+        rows = list(read_shard(f))
+        if f.parent.name == "gold":
+            holdout.extend(r for r in rows if in_gold_holdout(r["pair_id"]))
+            rows = [r for r in rows if not in_gold_holdout(r["pair_id"])]
+        (old if str(f.relative_to(root)) in seen else new).extend(rows)
+    rng = random.Random(cfg.seed)
+    replay = rng.sample(old, min(len(old), int(len(new) * cfg.replay_fraction / max(1e-9, 1 - cfg.replay_fraction))))
+    counts: dict[str, int] = defaultdict(int)
+    for r in new + replay:
+        counts[(r.get("extra") or {}).get("split") or "?"] += 1
+    lineage = {"shards": [str(f.relative_to(root)) for f in files], "new_pairs": len(new), "replayed_pairs": len(replay),
+               "pairs_by_split": dict(counts), "gold_holdout_pairs": len(holdout)}
+    return new + replay, holdout, lineage
+
+
+def accuracy_report(rm: Any, pairs: list[dict]) -> dict[str, Any]:
+    if not pairs:
+        return {"accuracy": float("nan"), "n": 0, "by_category": {}}
+    rc, rr = rm.score_pairs(pairs)
+    ok = rc > rr
+    cats: dict[str, list[bool]] = defaultdict(list)
+    for p, o in zip(pairs, ok, strict=True):
+        cats[p.get("task_category") or "unknown"].append(bool(o))
+    return {"accuracy": float(np.mean(ok)), "n": len(pairs),
+            "by_category": {c: {"accuracy": float(np.mean(v)), "n": len(v)} for c, v in cats.items()}}
+
+
+def gate(cand: dict[str, Any], serv: dict[str, Any], cfg: RetrainConfig) -> tuple[bool, str]:
+    if cand["accuracy"] < serv["accuracy"] - cfg.tolerance:
+        return False, (f"holdout accuracy {cand['accuracy']:.4f} is below the serving model's {serv['accuracy']:.4f} "
+                       f"by more than the tolerance {cfg.tolerance}")
+    for cat, s in serv["by_category"].items():
+        c = cand["by_category"].get(cat)
+        if c and s["n"] >= cfg.min_category_pairs and s["accuracy"] - c["accuracy"] > cfg.max_category_drop:
+            return False, (f"category {cat} drops from {s['accuracy']:.4f} to {c['accuracy']:.4f} "
+                           f"(bound {cfg.max_category_drop})")
+    return True, f"holdout accuracy {cand['accuracy']:.4f} vs serving {serv['accuracy']:.4f} on {cand['n']} pairs"
+
+
+def _serving_model(store: ModelStore, role: str, max_length: int) -> tuple[Any, str]:
+    from trainers.model import RewardModel
+
+    version = store.serving(role)
+    if version is None:
+        import torch
+
+        torch.manual_seed(0)
+        return RewardModel.default(max_length=max_length), "bootstrap"
+    store.verify(version)
+    return RewardModel.load(store.get(version).path, max_length=max_length), version
+
+
+def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: list[dict] | None = None,
+                holdout: list[dict] | None = None, lineage: dict[str, Any] | None = None) -> RetrainResult:
+    from trainers.export import export
+    from trainers.model import RewardModel
+    from trainers.train import TrainConfig, train
+
+    if cfg.role not in ("current", "gold"):
+        raise TrainerError(f"role {cfg.role!r} is not one of current, gold")
+    store = ModelStore(cfg.models_dir)
+    if pairs is None:
+        pairs, holdout, lineage = collect(cfg, store)
+    holdout, lineage = holdout or [], lineage or {}
+    if cfg.regression_file:
+        holdout = holdout + list(read_jsonl(Path(cfg.regression_file)))
+    if len(pairs) < cfg.min_pairs:
+        return RetrainResult(cfg.role, "skipped", f"{len(pairs)} training pairs, fewer than min_pairs={cfg.min_pairs}")
+    eval_set_name = "gold holdout"
+    if not holdout:
+        pairs, holdout = split_holdout(pairs, cfg.eval_fraction, cfg.seed)
+        eval_set_name = "held-out slice of this job's data (no gold holdout yet)"
+    serving_rm, serving_version = _serving_model(store, cfg.role, cfg.max_length)
+    base = "default" if serving_version == "bootstrap" else str(store.get(serving_version).path)
+    with tempfile.TemporaryDirectory(prefix="prefstream-retrain-") as tmp:
+        tcfg = TrainConfig(output_dir=str(Path(tmp) / "model"), base_model=base, max_steps=cfg.max_steps,
+                           batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, max_length=cfg.max_length,
+                           freeze_layers=cfg.freeze_layers, eval_every=0, seed=cfg.seed, progress=False)
+        trained = train(tcfg, pairs, holdout[: min(len(holdout), 200)])
+        cand = accuracy_report(RewardModel.load(trained.output_dir), holdout)
+        serv = accuracy_report(serving_rm, holdout)
+        ok, why = gate(cand, serv, cfg)
+        result = RetrainResult(cfg.role, "published" if ok else "gate_failed", f"{why} ({eval_set_name})",
+                               candidate=cand, serving=serv | {"version": serving_version}, lineage=lineage)
+        if not ok:
+            return result
+        try:
+            export(trained.output_dir, holdout[:300] or pairs[:300], quantize=cfg.quantize)
+        except ExportError as exc:
+            # INT8 disagreed with torch: serve the fp32 ONNX instead of a model that decides differently.
+            result.reason += f"; INT8 export refused ({exc}); serving fp32 ONNX"
+            export(trained.output_dir, holdout[:300] or pairs[:300], quantize=False)
+        metrics = {"holdout_accuracy": cand["accuracy"], "serving_holdout_accuracy": serv["accuracy"],
+                   "holdout_pairs": cand["n"], "train_pairs": len(pairs), "final_loss": trained.metrics["final_loss"]}
+        info = store.publish(trained.output_dir, cfg.role, parent=None if serving_version == "bootstrap" else serving_version,
+                             lineage=lineage, metrics=metrics, announce=announce, reason=result.reason)
+        result.version = info.version
+        return result
+
+
+def run_seed(cfg: RetrainConfig, announce: Announcer | None = None) -> list[RetrainResult]:
+    """Stage 1: train the first current and gold versions from a verified seed file."""
+    seed_pairs = list(read_jsonl(Path(cfg.seed_file)))
+    if not seed_pairs:
+        raise TrainerError(f"the seed file {cfg.seed_file} holds no usable pairs")
+    lineage = {"seed_file": str(cfg.seed_file), "seed_pairs": len(seed_pairs)}
+    out = []
+    for role in ("gold", "current"):
+        c = RetrainConfig(**(asdict(cfg) | {"role": role}))
+        out.append(run_retrain(c, announce, pairs=list(seed_pairs), holdout=[], lineage=lineage))
+    return out
