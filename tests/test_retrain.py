@@ -213,13 +213,19 @@ def test_controller_retrains_gates_publishes_and_scorers_swap_then_rollback(sett
         produce(settings, first)
         before = wait_for_scored(settings, {p["pair_id"] for p in first})
         assert {r["model_version"] for r in before} == {v1}  # the seed version serves (loaded at start)
+        decisions_file = settings.models_dir / "controller-decisions.jsonl"
+
+        def decisions() -> list[dict]:
+            return [json.loads(line) for line in decisions_file.read_text().splitlines()] if decisions_file.exists() else []
+
         deadline = time.monotonic() + 420
-        while store.serving("current") == v1:
+        while not any(d["decision"] == "published" for d in decisions()):
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             assert ctl.poll() is None, log.read_text()[-3000:]
-            time.sleep(2)
+            time.sleep(1)
         v2 = store.serving("current")
-        decisions = [json.loads(line) for line in (settings.models_dir / "controller-decisions.jsonl").read_text().splitlines()]
+        assert v2 != v1
+        decisions = decisions()
         assert [d["decision"] for d in decisions if d["role"] == "current"][:2] == ["triggered", "published"]
         assert decisions[0]["reason"].startswith("threshold")
         # Without a restart the worker switches to v2, and nothing is lost.
