@@ -47,14 +47,22 @@ def _latency(settings, pairs, rate: float) -> dict:
     from streams.sdk import PreferenceProducer, TopicReader
     from tests.helpers import WorkerProcess
 
+    from tests.helpers import wait_for_scored
+
     ensure_topics(settings)
     worker = WorkerProcess(settings, worker_id="lat").start()
+    # Warm up: the first records wait for the consumer group to form, which is start-up, not latency.
+    with PreferenceProducer(settings) as producer:
+        warm = {producer.send(dict(p, metadata={"warmup": "1"})) for p in pairs[:5]}
+    wait_for_scored(settings, warm, timeout=300)
     lat: list[float] = []
     done = threading.Event()
 
     def read() -> None:
         with TopicReader(settings.topic("prefs.scored"), "ScoredPair", settings) as reader:
-            for rec in reader.records(idle_timeout=30):
+            for rec in reader.records(idle_timeout=60):
+                if "sent_at_ms" not in rec["pair"]["metadata"]:
+                    continue
                 lat.append(time.time() - int(rec["pair"]["metadata"]["sent_at_ms"]) / 1000)
                 if len(lat) == len(pairs):
                     break
@@ -74,6 +82,8 @@ def _latency(settings, pairs, rate: float) -> dict:
         done.wait(300)
     finally:
         worker.stop()
+    if not lat:
+        raise RuntimeError(f"no scored record arrived during the latency run; see {worker.log}")
     arr = np.array(lat) * 1000
     return {"rate_pairs_per_s": round(rate, 2), "records": len(lat), "p50_ms": round(float(np.percentile(arr, 50)), 1),
             "p99_ms": round(float(np.percentile(arr, 99)), 1)}
