@@ -45,15 +45,13 @@ def _e2e(settings, pairs, workers: int) -> float:
 def _latency(settings, pairs, rate: float) -> dict:
     from streams.admin import ensure_topics
     from streams.sdk import PreferenceProducer, TopicReader
-    from tests.helpers import WorkerProcess
-
-    from tests.helpers import wait_for_scored
+    from tests.helpers import WorkerProcess, wait_for_scored
 
     ensure_topics(settings)
     worker = WorkerProcess(settings, worker_id="lat").start()
     # Warm up: the first records wait for the consumer group to form, which is start-up, not latency.
     with PreferenceProducer(settings) as producer:
-        warm = {producer.send(dict(p, metadata={"warmup": "1"})) for p in pairs[:5]}
+        warm = {producer.send(dict(p, metadata={"warmup": "1"}, chosen=p["chosen"] + " (warm-up)")) for p in pairs[:5]}
     wait_for_scored(settings, warm, timeout=300)
     lat: list[float] = []
     done = threading.Event()

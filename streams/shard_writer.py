@@ -150,7 +150,7 @@ class ShardWriter:
 
     def run(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.consumer = Consumer(consumer_config(self.s, SHARD_GROUP))
+        self.consumer = Consumer(consumer_config(self.s, f"{self.s.topic_prefix}{SHARD_GROUP}"))
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             while not self.stop.is_set():

@@ -208,7 +208,8 @@ class Worker:
             producer.init_transactions(TXN_TIMEOUT_S)
         except KafkaException as exc:
             raise KafkaError(f"cannot start a transactional producer at {self.s.bootstrap}: {exc.args[0].str()}") from exc
-        consumer = Consumer(consumer_config(self.s, self.w.group))
+        # The topic prefix isolates deployments sharing a cluster; their groups must be isolated too.
+        consumer = Consumer(consumer_config(self.s, f"{self.s.topic_prefix}{self.w.group}"))
         consumer.subscribe([self.s.topic(topics.RAW)])
         shard_thread = None
         if self.w.shard_writer:
