@@ -104,6 +104,34 @@ def stack_down() -> None:
         console.print(f"{name}: {'stopped' if stopped else 'was not running'}")
 
 
+@main.group("topics")
+def topics_group() -> None:
+    """The topic table (names, partitions, configs) and provisioning against any Kafka."""
+
+
+@topics_group.command("list")
+def topics_list() -> None:
+    """Print the topic table from the code (the one source of names and partition counts)."""
+    settings = get_settings()
+    table = Table("topic", "partitions", "config", "value schema", "what")
+    for t in topics.TOPICS:
+        table.add_row(settings.topic(t.name), str(t.partitions), ",".join(f"{k}={v}" for k, v in t.config.items()),
+                      t.value_schema, t.doc)
+    Console(width=160).print(table)
+
+
+@topics_group.command("create")
+def topics_create() -> None:
+    """Create every missing topic on the configured PREFSTREAM_BOOTSTRAP (idempotent)."""
+    from streams.admin import ensure_topics
+
+    states = ensure_topics(get_settings())
+    for s in states:
+        console.print(f"{s.name}: {s.action} ({s.partitions} partitions)")
+    if any(s.action == "mismatch" for s in states):
+        raise StreamsError("some topics exist with a different partition count than the table; see above")
+
+
 # --------------------------------------------------------------------------- produce / consume
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
