@@ -49,10 +49,6 @@ def _latency(settings, pairs, rate: float) -> dict:
 
     ensure_topics(settings)
     worker = WorkerProcess(settings, worker_id="lat").start()
-    # Warm up: the first records wait for the consumer group to form, which is start-up, not latency.
-    with PreferenceProducer(settings) as producer:
-        warm = {producer.send(dict(p, metadata={"warmup": "1"}, chosen=p["chosen"] + " (warm-up)")) for p in pairs[:5]}
-    wait_for_scored(settings, warm, timeout=300)
     lat: list[float] = []
     done = threading.Event()
 
@@ -66,9 +62,13 @@ def _latency(settings, pairs, rate: float) -> dict:
                     break
         done.set()
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
     try:
+        # Warm up: the first records wait for the consumer group to form, which is start-up, not latency.
+        with PreferenceProducer(settings) as producer:
+            warm = {producer.send(dict(p, metadata={"warmup": "1"}, chosen=p["chosen"] + " (warm-up)")) for p in pairs[:5]}
+        wait_for_scored(settings, warm, timeout=300)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
         with PreferenceProducer(settings) as producer:
             t0 = time.perf_counter()
             for i, p in enumerate(pairs):
