@@ -32,19 +32,12 @@ from schemas.wire import ValueCodec
 from streams import metrics, topics
 from streams.kafka_config import consumer_config
 from streams.settings import Settings, WorkerSettings
+from trainers.registry import fsync_dir
 
 log = logging.getLogger(__name__)
 SHARD_GROUP = "prefstream-shards"
 NAME = re.compile(r"^(?P<topic>.+)\.p(?P<part>\d+)\.(?P<first>\d+)-(?P<last>\d+)\.(?P<i>\d+)of(?P<n>\d+)\.n(?P<count>\d+)\.avro$")
 MANIFEST = "manifest.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def scan(root: Path) -> tuple[dict[tuple[str, int], int], list[dict[str, Any]], list[Path]]:
@@ -135,7 +128,7 @@ class ShardWriter:
         for tmp, final, split, count in staged:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             metrics.SHARD_ROWS.labels(split).inc(count)
         write_manifest(self.root)
         self.consumer.commit(offsets=[TopicPartition(self.topic, partition, last + 1)], asynchronous=False)

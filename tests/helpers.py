@@ -29,6 +29,23 @@ def hh_lines(limit: int) -> list[dict]:
         return [json.loads(line) for _, line in zip(range(limit), fh, strict=False)]
 
 
+def hh_valid_pairs(n: int) -> list[dict]:
+    """The first ``n`` HH-RLHF lines that make valid pairs, parsed the documented way."""
+    from schemas.exceptions import InvalidRecordError
+    from schemas.formats import from_hh_rlhf
+    from schemas.pairs import validate_pair
+
+    out = []
+    for line in hh_lines(n * 2):
+        try:
+            out.append(validate_pair(from_hh_rlhf(line)))
+        except InvalidRecordError:
+            continue
+        if len(out) == n:
+            break
+    return out
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment for a subprocess that should see the same stack and topic prefix."""
     env = dict(os.environ)

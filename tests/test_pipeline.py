@@ -10,30 +10,17 @@ from collections import Counter
 
 import pytest
 
-from schemas.formats import from_hh_rlhf
 from schemas.pairs import validate_pair
 from schemas.wire import ValueCodec
 from streams import topics
 from streams.processors.router import RouterPolicy, route
 from streams.sdk import PreferenceProducer
 from streams.shard_writer import scan
-from tests.helpers import WorkerProcess, hh_lines, objective_pairs, read_topic, wait_for_scored
+from tests.helpers import WorkerProcess, hh_valid_pairs, objective_pairs, read_topic, wait_for_scored
 
 pytestmark = pytest.mark.integration
 
 ROUTES = {"review", "silver", "flipped", "verified_by_tool", "dropped"}
-
-
-def hh_pairs(n: int) -> list[dict]:
-    out = []
-    for line in hh_lines(n * 2):
-        try:
-            out.append(validate_pair(from_hh_rlhf(line)))
-        except Exception:
-            continue
-        if len(out) == n:
-            break
-    return out
 
 
 def produce(settings, pairs) -> set[str]:
@@ -72,7 +59,7 @@ def test_end_to_end_every_pair_accounted_for(settings):
     worker = WorkerProcess(settings).start()
     try:
         objective = objective_pairs(60)
-        pairs = hh_pairs(140) + objective
+        pairs = hh_valid_pairs(140) + objective
         ids = produce(settings, pairs)
         scored = last_per_pair(wait_for_scored(settings, ids))
         assert set(scored) == ids

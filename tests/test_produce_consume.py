@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from schemas.formats import from_hh_rlhf
 from schemas.pairs import validate_pair
 from schemas.wire import ValueCodec
 from streams import topics
 from streams.exceptions import DeliveryError
 from streams.sdk import PreferenceProducer, ScoreConsumer, TopicReader
 from streams.settings import Settings
-from tests.helpers import hh_lines, json_lines, require_hh_rlhf, run_cli
+from tests.helpers import hh_valid_pairs, json_lines, require_hh_rlhf, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +31,7 @@ def test_hh_rlhf_round_trip_is_byte_identical(settings, tmp_path):
     records = json_lines(consumed.stdout)
     assert len(records) == ROUND_TRIP_PAIRS
     # Expected content: the same source lines, parsed the documented way; rejected lines skipped.
-    expected = []
-    for line in hh_lines(3000):
-        try:
-            expected.append(validate_pair(from_hh_rlhf(line)))
-        except Exception:
-            continue
-        if len(expected) == ROUND_TRIP_PAIRS:
-            break
+    expected = hh_valid_pairs(ROUND_TRIP_PAIRS)
     by_id = {r["pair_id"]: r for r in records}
     assert len(by_id) == ROUND_TRIP_PAIRS
     for exp in expected:

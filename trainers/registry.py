@@ -41,7 +41,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -56,7 +57,7 @@ def _atomic_write(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,9 @@ class ModelStore:
             "files": files, "lineage": lineage or {}, "metrics": _headline(metrics or {}),
         }
         _atomic_write(staging / MANIFEST, json.dumps(manifest, indent=2))
-        _fsync_dir(staging)
+        fsync_dir(staging)
         os.rename(staging, self.versions_dir / version)  # atomic: the version appears whole or not at all
-        _fsync_dir(self.versions_dir)
+        fsync_dir(self.versions_dir)
         info = VersionInfo(version, self.versions_dir / version, manifest)
         if promote:
             self.promote(version, role, announce=announce, reason=reason or "published")
