@@ -141,6 +141,38 @@ def controller(log_level: str) -> None:
             server.shutdown()
 
 
+@click.command("review")
+@click.option("--host", default=None, help="Address to listen on (default PREFSTREAM_REVIEW_HOST or 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default PREFSTREAM_REVIEW_PORT or 8080).")
+def review(host: str | None, port: int | None) -> None:
+    """Serve the annotator web app, feed it from prefs.review, aggregate verdicts.
+
+    Annotators sign in with personal tokens from PREFSTREAM_REVIEW_TOKENS ('name:token,...');
+    experts are listed in PREFSTREAM_REVIEW_EXPERTS. API docs at /docs.
+    """
+    import uvicorn
+
+    from streams.review.app import create_app
+    from streams.review.feeder import start
+    from streams.settings import ReviewSettings
+
+    settings, rs = get_settings(), ReviewSettings()
+    app = create_app(settings, rs)
+    if not len(app.state.book):
+        console.print("[yellow]no annotator tokens configured (PREFSTREAM_REVIEW_TOKENS): every API call will get 401[/]")
+    import threading
+
+    from streams.review import aggregator
+
+    feeder, _ = start(settings, app.state.queue)
+    threading.Thread(target=aggregator.run, args=(settings, app.state.queue.r, feeder.stop), name="aggregator",
+                     daemon=True).start()
+    try:
+        uvicorn.run(app, host=host or rs.host, port=port or rs.port, log_level="warning")
+    finally:
+        feeder.stop.set()
+
+
 def register(main: click.Group) -> None:
-    for cmd in (worker, dlq, shards, controller):
+    for cmd in (worker, dlq, shards, controller, review):
         main.add_command(cmd)

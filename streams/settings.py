@@ -101,3 +101,15 @@ class ControllerSettings(BaseSettings):
     k8s_image: str = Field("prefstream:latest", description="Image of retrain Jobs.")
     health_host: str = Field("0.0.0.0", description="Address of the controller's /healthz and /metrics.")
     health_port: int = Field(8082, description="Port of /healthz and /metrics; 0 disables it.")
+
+
+class ReviewSettings(BaseSettings):
+    """Settings of `prefstream review` (PREFSTREAM_REVIEW_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFSTREAM_REVIEW_", frozen=True, extra="ignore")
+
+    tokens: SecretStr = Field(SecretStr(""), description="Annotator tokens, 'name:token,name:token' (from a Secret).")
+    experts: str = Field("", description="Comma-separated annotator names allowed in the expert view.")
+    host: str = Field("127.0.0.1", description="Address the web app listens on.")
+    port: int = Field(8080, description="Port of the web app.")
+    lease_s: int = Field(300, description="Seconds an annotator holds a task before it returns to the queue.")

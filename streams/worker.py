@@ -165,6 +165,15 @@ class VersionWatcher:
         self.consumer.close()
 
 
+def rewind(consumer: Consumer) -> None:
+    """After an aborted transaction: go back to the last committed offsets and redo the batch."""
+    assigned = consumer.assignment()
+    if not assigned:
+        return
+    for tp in consumer.committed(assigned, timeout=10):
+        consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+
+
 def build_scorer(settings: Settings, wsettings: WorkerSettings) -> tuple[Scorer, dict[str, ModelSlot]]:
     loader = lambda rec: load_announced(rec)  # noqa: E731
     current, gold = ModelSlot("current", loader), ModelSlot("gold", loader)
@@ -191,13 +200,6 @@ class Worker:
             self.slots["current"].serving = Loaded(RewardModel.default(max_length=self.w.bootstrap_max_length),
                                                    BOOTSTRAP_VERSION)
         threading.Thread(target=self.watcher.run, name="versions", daemon=True).start()
-
-    def _rewind(self, consumer: Consumer) -> None:
-        assigned = consumer.assignment()
-        if not assigned:
-            return
-        for tp in consumer.committed(assigned, timeout=10):
-            consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
 
     def run(self) -> None:
         pipeline = Pipeline(self.s, self.w, self.redis, self.scorer)
@@ -244,12 +246,12 @@ class Worker:
                     log.warning("transaction failed (%s); aborting and retrying the batch", err.str())
                     if err.txn_requires_abort():
                         producer.abort_transaction(TXN_TIMEOUT_S)
-                    self._rewind(consumer)
+                    rewind(consumer)
                     time.sleep(RETRY_BACKOFF_S)
                     continue
                 except (redis.RedisError, OSError) as exc:
                     log.warning("batch failed (%s); retrying after %.0f s", exc, RETRY_BACKOFF_S)
-                    self._rewind(consumer)
+                    rewind(consumer)
                     time.sleep(RETRY_BACKOFF_S)
                     continue
                 now = time.time()

@@ -1,0 +1,1 @@
+"""The human review loop: Redis work queue, annotator web app, aggregator."""

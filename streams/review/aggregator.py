@@ -1,0 +1,213 @@
+"""The aggregator: three verdicts per pair become gold data, or an expert decides.
+
+- 3 votes, with 2 or 3 for the same side (chosen or rejected) -> VerifiedPair on prefs.verified and a
+  gold CuratedPair on prefs.curated (oriented the way the humans chose; label 'flipped' if they
+  preferred the original rejected response).
+- A split, or a majority of tie / both_bad / invalid -> an expert ReviewTask; the expert's verdict is
+  final (tie / both_bad / invalid from the expert discards the pair, with the reason recorded).
+- 1 in 20 verified pairs (by pair_id hash) goes back, blind, as a re-annotation task; the answer is
+  compared with the verified label to measure consistency.
+- Rolling Krippendorff's alpha (nominal) over the last decided tasks, overall and per task
+  category, from the `krippendorff` package; exported as a metric, written to Redis for the stats
+  page and (as 1 - alpha) for the labeler's controversiality; a warning below 0.85.
+
+Each batch of annotations is one Kafka transaction with its input offsets, like the worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from streams.processors.labeler import DISAGREEMENT_KEY
+
+log = logging.getLogger(__name__)
+ALPHA_TARGET = 0.85
+ALPHA_WINDOW = 500
+REANNOTATE_EVERY = 20  # 5%
+SIDES = ("chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: str  # verified | escalate | discarded
+    preferred: str | None  # chosen | rejected when verified
+    agreement: float
+    decided_by: str  # unanimous | majority | expert | split
+
+
+def decide(votes: list[str], expert: bool = False) -> Decision:
+    """The gold label from verdicts mapped to the pair (chosen/rejected/tie/both_bad/invalid)."""
+    if expert:
+        v = votes[-1]
+        return Decision("verified" if v in SIDES else "discarded", v if v in SIDES else None, 1.0, "expert")
+    top, n = Counter(votes).most_common(1)[0]
+    agreement = n / len(votes)
+    if n >= 2 and top in SIDES:
+        return Decision("verified", top, agreement, "unanimous" if n == len(votes) else "majority")
+    return Decision("escalate", None, agreement, "split")
+
+
+def alpha(units: list[dict[str, str]]) -> float | None:
+    """Nominal Krippendorff's alpha over units (each a mapping annotator -> preferred)."""
+    import krippendorff
+
+    raters = sorted({a for u in units for a in u})
+    values = sorted({v for u in units for v in u.values()})
+    if len(units) < 2:
+        return None
+    if len(values) < 2:
+        return 1.0  # everyone always said the same thing (the package refuses a single value)
+    code = {v: i for i, v in enumerate(values)}
+    data = np.full((len(raters), len(units)), np.nan)
+    for j, u in enumerate(units):
+        for a, v in u.items():
+            data[raters.index(a), j] = code[v]
+    return float(krippendorff.alpha(reliability_data=data, level_of_measurement="nominal"))
+
+
+def needs_reannotation(pair_id: str) -> bool:
+    return int(hashlib.sha256(pair_id.encode()).hexdigest(), 16) % REANNOTATE_EVERY == 0
+
+
+class Aggregator:
+    """Per-annotation logic on Redis state; returns the records to produce."""
+
+    def __init__(self, redis: Any, queue_prefix: str) -> None:
+        self.r = redis
+        self.p = f"{queue_prefix}prefstream:agg:"
+        self.qp = f"{queue_prefix}prefstream:review:"
+        self.window: deque[tuple[str, dict[str, str]]] = deque(maxlen=ALPHA_WINDOW)
+
+    def _task(self, tid: str) -> dict | None:
+        raw = self.r.get(f"{self.qp}task:{tid}")
+        return json.loads(raw) if raw else None
+
+    def handle(self, ann: dict[str, Any], task: dict[str, Any] | None = None) -> list[tuple[str, str, dict]]:
+        """(topic name, schema, record) outputs for one Annotation."""
+        task = task or self._task(ann["task_id"])
+        if task is None:
+            log.warning("annotation for unknown task %s ignored", ann["task_id"])
+            return []
+        pair_id = task["pair"]["pair_id"]
+        if ann.get("reannotation"):
+            final = self.r.hget(self.p + "final", pair_id)
+            if final is not None:
+                self.r.hincrby(self.p + "consistency", "same" if final.decode() == ann["preferred"] else "different", 1)
+            return []
+        key = self.p + "votes:" + ann["task_id"]
+        self.r.hsetnx(key, ann["annotator"], ann["preferred"])
+        votes = {k.decode(): v.decode() for k, v in self.r.hgetall(key).items()}
+        if not ann.get("expert") and len(votes) < 3:
+            return []
+        if not self.r.set(self.p + "decided:" + ann["task_id"], "1", nx=True):
+            return []  # already decided (a replayed annotation)
+        d = decide([ann["preferred"]] if ann.get("expert") else list(votes.values()), expert=bool(ann.get("expert")))
+        if not ann.get("expert"):
+            self.window.append((task["pair"].get("task_category") or "unknown", votes))
+            self._update_alpha()
+        now = int(time.time() * 1000)
+        if d.kind == "escalate":
+            expert_task = dict(task, task_id=f"{pair_id}:expert", expert=True, reason="escalated", created_at=now)
+            return [("prefs.review", "ReviewTask", expert_task)]
+        if d.kind == "discarded":
+            self.r.hincrby(self.p + "discarded", ann["preferred"], 1)
+            return []
+        pair = dict(task["pair"])
+        label = "kept"
+        if d.preferred == "rejected":
+            pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
+            label = "flipped"
+        pair["label_source"] = "human"
+        self.r.hset(self.p + "final", pair_id, d.preferred)
+        rationale = "; ".join(filter(None, [ann.get("rationale")]))
+        out = [
+            ("prefs.verified", "VerifiedPair", {"pair": pair, "label": label, "agreement": d.agreement,
+                                                "annotators": list(votes) if not ann.get("expert") else [ann["annotator"]],
+                                                "decided_by": d.decided_by, "rationale": rationale or None,
+                                                "verified_at": now}),
+            ("prefs.curated", "CuratedPair", {"pair": pair, "split": "gold", "p": None, "model_version": None,
+                                              "reason": f"human {d.decided_by} ({d.agreement:.2f})", "curated_at": now}),
+        ]
+        if needs_reannotation(pair_id) and not ann.get("expert"):
+            out.append(("prefs.review", "ReviewTask", dict(task, task_id=f"{pair_id}:re", reason="reannotation",
+                                                            priority=1.0, created_at=now)))
+        return out
+
+    def _update_alpha(self) -> None:
+        from streams import metrics
+
+        overall = alpha([v for _, v in self.window])
+        if overall is None:
+            return
+        self.r.set(self.qp + "alpha:overall", f"{overall:.4f}")
+        metrics.ALPHA.labels("overall").set(overall)
+        by_cat: dict[str, list[dict[str, str]]] = {}
+        for cat, v in self.window:
+            by_cat.setdefault(cat, []).append(v)
+        for cat, units in by_cat.items():
+            a = alpha(units)
+            if a is not None:
+                metrics.ALPHA.labels(cat).set(a)
+                self.r.hset(DISAGREEMENT_KEY, cat, f"{max(0.0, min(1.0, 1 - a)):.4f}")
+        if overall < ALPHA_TARGET:
+            log.warning("annotator agreement is low: Krippendorff's alpha %.3f < %.2f over %d tasks",
+                        overall, ALPHA_TARGET, len(self.window))
+
+
+def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64) -> None:
+    """Consume prefs.annotations; each batch's outputs and offsets commit in one transaction."""
+    from confluent_kafka import Consumer, KafkaException, Producer
+
+    from schemas.wire import ValueCodec
+    from streams import topics
+    from streams.kafka_config import consumer_config, producer_config
+    from streams.worker import TXN_TIMEOUT_MS, TXN_TIMEOUT_S, rewind
+
+    agg = Aggregator(redis_client, settings.topic_prefix)
+    codec = ValueCodec(settings.schema_registry_url)
+    group = f"{settings.topic_prefix}prefstream-aggregator"
+    producer = Producer(producer_config(settings, **{"transactional.id": group, "transaction.timeout.ms": TXN_TIMEOUT_MS}))
+    producer.init_transactions(TXN_TIMEOUT_S)
+    consumer = Consumer(consumer_config(settings, group))
+    consumer.subscribe([settings.topic(topics.ANNOTATIONS)])
+    try:
+        while not stop.is_set():
+            msgs = [m for m in consumer.consume(max_batch, 0.5) if not m.error()]
+            if not msgs:
+                continue
+            try:
+                outputs = []
+                for m in msgs:
+                    try:
+                        ann = codec.decode("Annotation", m.value(), m.headers())
+                    except Exception as exc:  # written by our own app; an unreadable one is logged, not fatal
+                        log.error("unreadable Annotation at offset %s: %s", m.offset(), exc)
+                        continue
+                    outputs.extend(agg.handle(ann))
+                producer.begin_transaction()
+                for name, schema, rec in outputs:
+                    topic = settings.topic(name)
+                    value, headers = codec.encode(schema, rec, topic)
+                    producer.produce(topic, key=rec.get("task_id", rec["pair"]["pair_id"]).encode(), value=value,
+                                     headers=headers)
+                producer.send_offsets_to_transaction(consumer.position(consumer.assignment()),
+                                                     consumer.consumer_group_metadata(), TXN_TIMEOUT_S)
+                producer.commit_transaction(TXN_TIMEOUT_S)
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.fatal():
+                    raise
+                if err.txn_requires_abort():
+                    producer.abort_transaction(TXN_TIMEOUT_S)
+                rewind(consumer)
+                time.sleep(1)
+    finally:
+        consumer.close()
