@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import click
@@ -173,6 +174,30 @@ def review(host: str | None, port: int | None) -> None:
         feeder.stop.set()
 
 
+@click.command("annotate")
+@click.option("--simulate", "n", type=int, required=True, help="How many simulated annotators to sign in.")
+@click.option("--accuracy", type=float, default=0.9, show_default=True, help="Chance each verdict is right.")
+@click.option("--truth", "truth_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="JSONL of the pairs with their known truth (metadata.truth = chosen|rejected).")
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The review app.")
+@click.option("--max-tasks", type=int, default=None, help="Stop after this many verdicts.")
+@click.option("--idle", type=float, default=5.0, show_default=True, help="Stop after this many seconds without a task.")
+def annotate(n: int, accuracy: float, truth_file: Path, url: str, max_tasks: int | None, idle: float) -> None:
+    """Simulated annotators answering review tasks through the HTTP API, like real users.
+
+    Uses the first N tokens of PREFSTREAM_REVIEW_TOKENS.
+    """
+    from streams.review.simulate import load_truths, simulate
+    from streams.settings import ReviewSettings
+
+    tokens = [item.split(":", 1)[1] for item in ReviewSettings().tokens.get_secret_value().split(",") if ":" in item][:n]
+    if len(tokens) < n:
+        raise click.ClickException(f"PREFSTREAM_REVIEW_TOKENS has {len(tokens)} tokens; --simulate {n} needs {n}")
+    stats = simulate(url, tokens, accuracy, load_truths(truth_file), max_tasks, idle)
+    click.echo(json.dumps({"answered": stats.answered, "scored": stats.scored, "correct": stats.correct,
+                           "per_annotator": stats.per_annotator}))
+
+
 def register(main: click.Group) -> None:
-    for cmd in (worker, dlq, shards, controller, review):
+    for cmd in (worker, dlq, shards, controller, review, annotate):
         main.add_command(cmd)

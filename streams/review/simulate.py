@@ -1,0 +1,81 @@
+"""Simulated annotators: sign in through the HTTP API like real users and answer with a known accuracy.
+
+They are told the truth the way a generator knows it: a mapping pair_id -> text of the truly better
+response (from a JSONL of pairs whose ``metadata.truth`` says ``chosen`` or ``rejected``; the
+pair's own label otherwise). An annotator picks the better side with probability ``accuracy``,
+else the other one. Tasks whose pair has no known truth get a coin flip and are not scored.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class SimStats:
+    answered: int = 0
+    scored: int = 0
+    correct: int = 0
+    per_annotator: dict[str, int] = field(default_factory=dict)
+
+
+def load_truths(path: Path) -> dict[str, str]:
+    """pair_id -> text of the better response, from a JSONL of pairs."""
+    import json
+
+    from schemas.pairs import validate_pair
+
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            obj = json.loads(line)
+            pair = validate_pair(obj)
+            flipped = (obj.get("metadata") or {}).get("truth") == "rejected"
+            out[pair["pair_id"]] = pair["rejected"] if flipped else pair["chosen"]
+    return out
+
+
+def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str, str], max_tasks: int | None = None,
+             idle_s: float = 5.0, seed: int = 0) -> SimStats:
+    """One thread per token, until no annotator got a task for ``idle_s`` seconds (or ``max_tasks``)."""
+    stats = SimStats()
+    lock = threading.Lock()
+    last_work = [time.monotonic()]
+
+    def annotator(i: int, token: str) -> None:
+        rng = random.Random(seed * 1000 + i)
+        with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
+            while time.monotonic() - last_work[0] < idle_s:
+                with lock:
+                    if max_tasks is not None and stats.answered >= max_tasks:
+                        return
+                r = client.get("/api/tasks/next")
+                if r.status_code == 204:
+                    time.sleep(0.2)
+                    continue
+                r.raise_for_status()
+                t = r.json()
+                better = truths.get(t["task_id"].split(":")[0])
+                right = "A" if better == t["A"] else "B" if better == t["B"] else rng.choice("AB")
+                verdict = right if rng.random() < accuracy else ("B" if right == "A" else "A")
+                client.post(f"/api/tasks/{t['task_id']}/verdict", json={"verdict": verdict}).raise_for_status()
+                with lock:
+                    stats.answered += 1
+                    if better is not None:
+                        stats.scored += 1
+                        stats.correct += verdict == right
+                    stats.per_annotator[t["annotator"]] = stats.per_annotator.get(t["annotator"], 0) + 1
+                    last_work[0] = time.monotonic()
+
+    threads = [threading.Thread(target=annotator, args=(i, tok), daemon=True) for i, tok in enumerate(tokens)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return stats

@@ -1,0 +1,122 @@
+"""The review app as a real process: a real browser (headless Chromium) and simulated annotators."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from confluent_kafka import Producer
+
+from schemas.wire import ValueCodec
+from streams import topics
+from streams.embedded.process import free_port
+from streams.kafka_config import producer_config
+from tests.helpers import ROOT, read_topic, settings_env
+from tests.test_review import TOKENS, task
+
+pytestmark = pytest.mark.integration
+CHROMIUM = "/usr/bin/chromium"
+
+
+def publish_tasks(settings, tasks):
+    codec, prod = ValueCodec(), Producer(producer_config(settings))
+    for t in tasks:
+        v, h = codec.encode("ReviewTask", t, settings.topic(topics.REVIEW))
+        prod.produce(settings.topic(topics.REVIEW), key=t["task_id"].encode(), value=v, headers=h)
+    assert prod.flush(10) == 0
+
+
+@pytest.fixture
+def review_app(settings, tmp_path):
+    port = free_port()
+    env = settings_env(settings) | {"PREFSTREAM_REVIEW_TOKENS": TOKENS, "PREFSTREAM_REVIEW_EXPERTS": "erin"}
+    log = tmp_path / "review.log"
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "review", "--port", str(port)], env=env, cwd=ROOT,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.3)
+    yield url, env
+    proc.terminate()
+    proc.wait(20)
+
+
+def wait_pending(url: str, n: int) -> None:
+    deadline = time.monotonic() + 60
+    while json.load(urllib.request.urlopen(url + "/api/stats"))["pending"] < n:
+        assert time.monotonic() < deadline, "the feeder did not queue the tasks"
+        time.sleep(0.3)
+
+
+def test_simulated_annotators_drain_the_queue_into_gold(settings, review_app, tmp_path):
+    url, env = review_app
+    tasks = [task(100 + i) for i in range(12)]
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text("\n".join(json.dumps(t["pair"]) for t in tasks))
+    publish_tasks(settings, tasks)
+    wait_pending(url, 12)
+    out = subprocess.run([sys.executable, "-m", "streams.cli", "annotate", "--simulate", "3", "--accuracy", "1.0",
+                          "--truth", str(truth), "--url", url, "--idle", "3"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["answered"] == 36 and stats["correct"] == 36 and sorted(stats["per_annotator"].values()) == [12, 12, 12]
+    deadline = time.monotonic() + 60
+    while len(verified := read_topic(settings, topics.VERIFIED, "VerifiedPair", idle=1)) < 12:
+        assert time.monotonic() < deadline, f"only {len(verified)} verified"
+    assert {v["decided_by"] for v in verified} == {"unanimous"} and {v["label"] for v in verified} == {"kept"}
+    page = urllib.request.urlopen(url + "/stats").read().decode()
+    assert ">1.0000<" in page  # rolling alpha on the stats page: perfect agreement
+
+
+@pytest.fixture
+def browser():
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                              "--no-first-run"])
+        yield b
+        b.close()
+
+
+def test_browser_sign_in_click_keyboard_escaping_and_wrong_token(settings, review_app, browser):
+    url, _ = review_app
+    hostile = task(200, prompt="<script>window.pwned=1</script>", chosen='<img src=x onerror="window.pwned=2">',
+                   rejected="**plain** <b>text</b>")
+    hostile["pair"]["conversation"] = [{"role": "user", "content": "<script>window.pwned=1</script>"}]
+    publish_tasks(settings, [hostile, task(201)])
+    wait_pending(url, 2)
+    page = browser.new_page()
+    page.goto(url + "/annotate")
+    page.fill("#token", "wrong-token-123")
+    page.click("#signin-btn")
+    page.wait_for_selector("#signin-error:has-text('refused')")
+    page.fill("#token", "alice-token-1")
+    page.click("#signin-btn")
+    page.wait_for_selector("#task:not([hidden])")
+    first = page.text_content("#conversation")
+    assert "<script>window.pwned=1</script>" in first  # shown as text...
+    assert page.evaluate("window.pwned") is None  # ...and never run
+    assert '<img src=x onerror="window.pwned=2">' in (page.text_content("#A") + page.text_content("#B"))
+    page.click("button[data-v='A']")  # by click
+    page.wait_for_function("document.getElementById('conversation').textContent.includes('Question 201')")
+    page.keyboard.press("2")  # by keyboard
+    page.wait_for_selector("#empty:not([hidden])")
+    anns = read_topic(settings, topics.ANNOTATIONS, "Annotation")
+    assert [(a["task_id"], a["verdict"]) for a in anns] == [("pair-200", "A"), ("pair-201", "B")]
+    assert page.evaluate("window.pwned") is None
