@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from streams.settings import ControllerSettings, Settings, WorkerSettings
+from streams.settings import ControllerSettings, ReviewSettings, Settings, WorkerSettings
 from streams.topics import TOPICS
 
 STRIMZI_TOPICS = Path(__file__).resolve().parent.parent / "k8s" / "overlays" / "strimzi" / "topics.yaml"
@@ -33,7 +33,7 @@ def strimzi_topics_yaml() -> str:
 def settings_env_names() -> set[str]:
     """Every environment variable the settings classes read."""
     names = set()
-    for cls in (Settings, WorkerSettings, ControllerSettings):
+    for cls in (Settings, WorkerSettings, ControllerSettings, ReviewSettings):
         prefix = cls.model_config.get("env_prefix", "")
         for name, field in cls.model_fields.items():
             names.add(f"{prefix}{name}".upper())

@@ -94,12 +94,20 @@ def test_autoscaling_never_exceeds_the_partition_count(docs):
             assert trig["metadata"]["topic"] == RAW and trig["metadata"]["consumerGroup"] == WorkerSettings().group
 
 
-def test_probes_hit_the_worker_endpoints(docs):
-    for d in docs:
-        if d["kind"] == "Deployment" and d["metadata"]["name"] == "prefstream-worker":
-            c = d["spec"]["template"]["spec"]["containers"][0]
-            assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-            assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+def test_probes_hit_the_services_endpoints(docs):
+    ready = {"prefstream-worker": "/readyz", "prefstream-controller": "/readyz", "prefstream-review": "/healthz"}
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == set(ready)
+    for name, d in deployments.items():
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert c["readinessProbe"]["httpGet"]["path"] == ready[name]
+
+
+def test_review_is_exposed_through_service_and_ingress(docs):
+    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "prefstream-review")
+    ing = next(d for d in docs if d["kind"] == "Ingress")
+    assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == svc["metadata"]["name"]
 
 
 def test_strimzi_topics_match_the_code_table():
@@ -130,6 +138,7 @@ def test_compose_parses_and_references_only_what_exists():
             assert dep in services, f"{name} depends on unknown service {dep}"
         if name not in ("kafka", "redis"):
             assert set(svc.get("environment", {})) <= allowed, set(svc["environment"]) - allowed
+    assert services["review"]["ports"] == ["8080:8080"]
     assert services["kafka"]["image"].startswith("apache/kafka")
     assert "--appendonly" in services["redis"]["command"]
     assert services["topics"]["command"] == ["topics", "create"]
