@@ -23,7 +23,6 @@ from pydantic import BaseModel, Field
 
 from schemas.wire import ValueCodec
 from streams import topics
-from streams.exceptions import DeliveryError
 from streams.kafka_config import producer_config
 from streams.review.auth import TokenBook
 from streams.review.queue import QueueError, ReviewQueue
@@ -149,5 +148,3 @@ def create_app(settings: Settings, rsettings: ReviewSettings, redis_client: Any 
     app.state.book = book
     return app
 
-
-__all__ = ["create_app", "preferred", "DeliveryError"]
