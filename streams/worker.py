@@ -165,6 +165,16 @@ class VersionWatcher:
         self.consumer.close()
 
 
+def commit_batch(producer: Producer, consumer: Consumer, outputs: list[tuple[str, bytes | None, bytes, list]]) -> None:
+    """One transaction: every output record and the consumer's input offsets, or nothing."""
+    producer.begin_transaction()
+    for topic, key, value, headers in outputs:
+        producer.produce(topic, value=value, key=key, headers=headers)
+    producer.send_offsets_to_transaction(consumer.position(consumer.assignment()),
+                                         consumer.consumer_group_metadata(), TXN_TIMEOUT_S)
+    producer.commit_transaction(TXN_TIMEOUT_S)
+
+
 def rewind(consumer: Consumer) -> None:
     """After an aborted transaction: go back to the last committed offsets and redo the batch."""
     assigned = consumer.assignment()
@@ -232,13 +242,9 @@ class Worker:
                     continue
                 try:
                     outputs = pipeline.process(msgs)
-                    producer.begin_transaction()
-                    for topic, key, value, headers in outputs:
-                        producer.produce(topic, value=value, key=key, headers=headers)
+                    commit_batch(producer, consumer, outputs)
+                    for topic, *_ in outputs:
                         metrics.RECORDS_OUT.labels(topic).inc()
-                    producer.send_offsets_to_transaction(consumer.position(consumer.assignment()),
-                                                         consumer.consumer_group_metadata(), TXN_TIMEOUT_S)
-                    producer.commit_transaction(TXN_TIMEOUT_S)
                 except KafkaException as exc:
                     err = exc.args[0]
                     if err.fatal():

@@ -169,7 +169,7 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64) -> Non
     from schemas.wire import ValueCodec
     from streams import topics
     from streams.kafka_config import consumer_config, producer_config
-    from streams.worker import TXN_TIMEOUT_MS, TXN_TIMEOUT_S, rewind
+    from streams.worker import TXN_TIMEOUT_MS, TXN_TIMEOUT_S, commit_batch, rewind
 
     agg = Aggregator(redis_client, settings.topic_prefix)
     codec = ValueCodec(settings.schema_registry_url)
@@ -192,15 +192,12 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64) -> Non
                         log.error("unreadable Annotation at offset %s: %s", m.offset(), exc)
                         continue
                     outputs.extend(agg.handle(ann))
-                producer.begin_transaction()
+                encoded = []
                 for name, schema, rec in outputs:
                     topic = settings.topic(name)
                     value, headers = codec.encode(schema, rec, topic)
-                    producer.produce(topic, key=rec.get("task_id", rec["pair"]["pair_id"]).encode(), value=value,
-                                     headers=headers)
-                producer.send_offsets_to_transaction(consumer.position(consumer.assignment()),
-                                                     consumer.consumer_group_metadata(), TXN_TIMEOUT_S)
-                producer.commit_transaction(TXN_TIMEOUT_S)
+                    encoded.append((topic, rec.get("task_id", rec["pair"]["pair_id"]).encode(), value, headers))
+                commit_batch(producer, consumer, encoded)
             except KafkaException as exc:
                 err = exc.args[0]
                 if err.fatal():
