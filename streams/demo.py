@@ -7,6 +7,7 @@ publish generated pairs, read them back, dedupe them in Redis, and stop what it 
 from __future__ import annotations
 
 import time
+import uuid
 
 import click
 import redis
@@ -53,9 +54,11 @@ def demo(n: int, keep: bool) -> None:
         with PreferenceProducer(settings) as producer:
             ids = [producer.send(p) for p in pairs]
         console.print(f"produced {len(ids)} pairs to {producer.topic} in {time.monotonic() - t0:.2f} s")
+        del producer  # its Kafka client would otherwise outlive the broker and log the shutdown
         r = redis.Redis.from_url(settings.redis_url)
         seen = set()
-        key = f"{settings.topic_prefix}demo:seen"
+        # One key per run: Redis keeps its data between runs (AOF), and a rerun must start clean.
+        key = f"{settings.topic_prefix}demo:seen:{uuid.uuid4().hex}"
         with TopicReader(settings.topic(topics.RAW), "PreferencePair", settings) as reader:
             for rec in reader.records(idle_timeout=5):
                 if rec["pair_id"] in ids and r.sadd(key, rec["pair_id"]):
@@ -69,5 +72,8 @@ def demo(n: int, keep: bool) -> None:
             raise StreamsError(f"{missing} pairs did not come back from {settings.topic(topics.RAW)}")
     finally:
         if not keep and not was_running:
+            import gc
+
+            gc.collect()  # close idle Kafka clients first, so they do not log the broker going away
             st.down()
             console.print("stack down")
