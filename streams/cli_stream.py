@@ -182,18 +182,25 @@ def review(host: str | None, port: int | None) -> None:
 @click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The review app.")
 @click.option("--max-tasks", type=int, default=None, help="Stop after this many verdicts.")
 @click.option("--idle", type=float, default=5.0, show_default=True, help="Stop after this many seconds without a task.")
-def annotate(n: int, accuracy: float, truth_file: Path, url: str, max_tasks: int | None, idle: float) -> None:
+@click.option("--experts", type=int, default=0, show_default=True,
+              help="Also run this many simulated experts (the annotators named in PREFSTREAM_REVIEW_EXPERTS).")
+def annotate(n: int, accuracy: float, truth_file: Path, url: str, max_tasks: int | None, idle: float, experts: int) -> None:
     """Simulated annotators answering review tasks through the HTTP API, like real users.
 
-    Uses the first N tokens of PREFSTREAM_REVIEW_TOKENS.
+    Uses the first N non-expert tokens of PREFSTREAM_REVIEW_TOKENS (and --experts expert tokens).
     """
     from streams.review.simulate import load_truths, simulate
     from streams.settings import ReviewSettings
 
-    tokens = [item.split(":", 1)[1] for item in ReviewSettings().tokens.get_secret_value().split(",") if ":" in item][:n]
-    if len(tokens) < n:
-        raise click.ClickException(f"PREFSTREAM_REVIEW_TOKENS has {len(tokens)} tokens; --simulate {n} needs {n}")
-    stats = simulate(url, tokens, accuracy, load_truths(truth_file), max_tasks, idle)
+    rs = ReviewSettings()
+    expert_names = {e.strip() for e in rs.experts.split(",") if e.strip()}
+    pairs = [item.split(":", 1) for item in rs.tokens.get_secret_value().split(",") if ":" in item]
+    tokens = [t for name, t in pairs if name not in expert_names][:n]
+    expert_tokens = [t for name, t in pairs if name in expert_names][:experts]
+    if len(tokens) < n or len(expert_tokens) < experts:
+        raise click.ClickException(f"PREFSTREAM_REVIEW_TOKENS has {len(tokens)} annotator and {len(expert_tokens)} expert "
+                                   f"tokens; --simulate {n} --experts {experts} needs more")
+    stats = simulate(url, tokens, accuracy, load_truths(truth_file), max_tasks, idle, expert_tokens=expert_tokens)
     click.echo(json.dumps({"answered": stats.answered, "scored": stats.scored, "correct": stats.correct,
                            "per_annotator": stats.per_annotator}))
 

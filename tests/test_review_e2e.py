@@ -78,6 +78,29 @@ def test_simulated_annotators_drain_the_queue_into_gold(settings, review_app, tm
     assert {v["decided_by"] for v in verified} == {"unanimous"} and {v["label"] for v in verified} == {"kept"}
     page = urllib.request.urlopen(url + "/stats").read().decode()
     assert ">1.0000<" in page  # rolling alpha on the stats page: perfect agreement
+    assert '<td id="throughput">36</td>' in page and page.count("<td>1.000</td>") == 3  # per-annotator agreement
+
+
+def test_noisy_annotators_and_an_expert_end_every_task_verified(settings, review_app, tmp_path):
+    url, env = review_app
+    tasks = [task(300 + i) for i in range(20)]
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text("\n".join(json.dumps(t["pair"]) for t in tasks))
+    publish_tasks(settings, tasks)
+    wait_pending(url, 20)
+    out = subprocess.run([sys.executable, "-m", "streams.cli", "annotate", "--simulate", "3", "--accuracy", "0.6",
+                          "--experts", "1", "--truth", str(truth), "--url", url, "--idle", "6"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    deadline = time.monotonic() + 60
+    while len(verified := read_topic(settings, topics.VERIFIED, "VerifiedPair", idle=1)) < 20:
+        assert time.monotonic() < deadline, f"only {len(verified)} of 20 tasks ended verified"
+    by = {v["pair"]["pair_id"]: v for v in verified}
+    assert set(by) == {t["task_id"] for t in tasks}
+    assert {v["decided_by"] for v in verified} <= {"unanimous", "majority", "expert"}
+    for v in verified:
+        if v["decided_by"] == "expert":
+            assert v["label"] == "kept"  # the simulated expert knows the truth
 
 
 @pytest.fixture

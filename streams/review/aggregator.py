@@ -113,6 +113,10 @@ class Aggregator:
         if not ann.get("expert"):
             self.window.append((task["pair"].get("task_category") or "unknown", votes))
             self._update_alpha()
+            if d.kind == "verified":  # per-annotator agreement with the decided label
+                for who, v in votes.items():
+                    self.r.hincrby(self.qp + "stats:agree", who, int(v == d.preferred))
+                    self.r.hincrby(self.qp + "stats:decided", who, 1)
         now = int(time.time() * 1000)
         if d.kind == "escalate":
             expert_task = dict(task, task_id=f"{pair_id}:expert", expert=True, reason="escalated", created_at=now)

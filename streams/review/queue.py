@@ -21,6 +21,7 @@ from typing import Any
 
 VOTES_NEEDED = 3
 DEFAULT_LEASE_S = 300
+THROUGHPUT_WINDOW_S = 3600
 
 _LEASE = """
 local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
@@ -104,6 +105,9 @@ class ReviewQueue:
         pipe.delete(self.k("lease", tid))
         pipe.incr(self.k("stats", "verdicts"))
         pipe.hincrby(self.k("stats", "per_annotator"), annotator, 1)
+        now = time.time()
+        pipe.zadd(self.k("stats", "recent"), {f"{tid}:{annotator}": now})
+        pipe.zremrangebyscore(self.k("stats", "recent"), 0, now - THROUGHPUT_WINDOW_S)
         pipe.hlen(self.k("verdicts", tid))
         votes = pipe.execute()[-1]
         if task.get("expert") or votes >= VOTES_NEEDED:
@@ -121,7 +125,12 @@ class ReviewQueue:
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
         per = {k.decode(): int(v) for k, v in self.r.hgetall(self.k("stats", "per_annotator")).items()}
+        agree = {k.decode(): int(v) for k, v in self.r.hgetall(self.k("stats", "agree")).items()}
+        decided = {k.decode(): int(v) for k, v in self.r.hgetall(self.k("stats", "decided")).items()}
+        now = time.time()
         return {"pending": self.r.zcard(self.k("pending")), "expert": self.r.zcard(self.k("expert")),
+                "verdicts_last_hour": self.r.zcount(self.k("stats", "recent"), now - THROUGHPUT_WINDOW_S, now),
+                "agreement_with_label": {a: agree.get(a, 0) / n for a, n in decided.items() if n},
                 "added": int(self.r.get(self.k("stats", "added")) or 0),
                 "verdicts": int(self.r.get(self.k("stats", "verdicts")) or 0), "per_annotator": per,
                 "time": time.time()}

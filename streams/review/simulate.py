@@ -42,20 +42,25 @@ def load_truths(path: Path) -> dict[str, str]:
 
 
 def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str, str], max_tasks: int | None = None,
-             idle_s: float = 5.0, seed: int = 0) -> SimStats:
-    """One thread per token, until no annotator got a task for ``idle_s`` seconds (or ``max_tasks``)."""
+             idle_s: float = 5.0, seed: int = 0, expert_tokens: list[str] | None = None) -> SimStats:
+    """One thread per token, until no annotator got a task for ``idle_s`` seconds (or ``max_tasks``).
+
+    ``expert_tokens`` sign in to the expert view and answer escalated tasks (always correctly: an
+    expert's verdict is final, and the simulation models a trusted expert).
+    """
     stats = SimStats()
     lock = threading.Lock()
     last_work = [time.monotonic()]
 
-    def annotator(i: int, token: str) -> None:
+    def annotator(i: int, token: str, expert: bool = False) -> None:
         rng = random.Random(seed * 1000 + i)
+        path = "/api/tasks/next?expert=true" if expert else "/api/tasks/next"
         with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
             while time.monotonic() - last_work[0] < idle_s:
                 with lock:
                     if max_tasks is not None and stats.answered >= max_tasks:
                         return
-                r = client.get("/api/tasks/next")
+                r = client.get(path)
                 if r.status_code == 204:
                     time.sleep(0.2)
                     continue
@@ -63,7 +68,7 @@ def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str
                 t = r.json()
                 better = truths.get(t["task_id"].split(":")[0])
                 right = "A" if better == t["A"] else "B" if better == t["B"] else rng.choice("AB")
-                verdict = right if rng.random() < accuracy else ("B" if right == "A" else "A")
+                verdict = right if expert or rng.random() < accuracy else ("B" if right == "A" else "A")
                 client.post(f"/api/tasks/{t['task_id']}/verdict", json={"verdict": verdict}).raise_for_status()
                 with lock:
                     stats.answered += 1
@@ -74,6 +79,8 @@ def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str
                     last_work[0] = time.monotonic()
 
     threads = [threading.Thread(target=annotator, args=(i, tok), daemon=True) for i, tok in enumerate(tokens)]
+    threads += [threading.Thread(target=annotator, args=(100 + i, tok, True), daemon=True)
+                for i, tok in enumerate(expert_tokens or [])]
     for th in threads:
         th.start()
     for th in threads:
