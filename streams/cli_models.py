@@ -63,7 +63,7 @@ def _train_command() -> click.Command:
         if limit:
             pairs = pairs[:limit]
         console.print(f"training on {len(pairs)} pairs from {', '.join(data)}")
-        result = train(cfg, pairs if not cfg.eval_files else pairs, None)
+        result = train(cfg, pairs)
         m = result.metrics
         console.print(f"[green]done[/]: {m['steps']} steps, {m['pairs_per_second']:.1f} pairs/s, loss "
                       f"{m['first_loss']:.4f} -> {m['final_loss']:.4f}, held-out accuracy {m['eval_accuracy']:.4f}")
