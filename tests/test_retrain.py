@@ -188,6 +188,21 @@ def test_kube_client_without_credentials_says_what_to_do(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- the whole loop
+def wait_until_served(settings, version: str, tag: str, failure: str, timeout: float = 120) -> None:
+    """Keep sending small batches until every pair of one batch is scored by ``version``."""
+    from tests.test_pipeline import produce
+
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = [{"pair_id": f"{tag}-{time.monotonic_ns()}-{i}", "prompt": f"What is {i} * 7?", "chosen": f"{i * 7}",
+                  "rejected": f"{i * 7 + 1}"} for i in range(5)]
+        ids = {p["pair_id"] for p in batch}
+        produce(settings, batch)
+        if {r["model_version"] for r in wait_for_scored(settings, ids) if r["pair"]["pair_id"] in ids} == {version}:
+            return
+        assert time.monotonic() < deadline, failure
+
+
 @pytest.mark.integration
 def test_controller_retrains_gates_publishes_and_scorers_swap_then_rollback(settings, tmp_path):
     seed = tmp_path / "seed.jsonl"
@@ -229,26 +244,10 @@ def test_controller_retrains_gates_publishes_and_scorers_swap_then_rollback(sett
         assert [d["decision"] for d in decisions if d["role"] == "current"][:2] == ["triggered", "published"]
         assert decisions[0]["reason"].startswith("threshold")
         # Without a restart the worker switches to v2, and nothing is lost.
-        deadline = time.monotonic() + 120
-        while True:
-            more = [{"pair_id": f"after-{time.monotonic_ns()}-{i}", "prompt": f"What is {i} * 7?", "chosen": f"{i * 7}",
-                     "rejected": f"{i * 7 + 1}"} for i in range(5)]
-            produce(settings, more)
-            recs = wait_for_scored(settings, {p["pair_id"] for p in more})
-            if {r["model_version"] for r in recs if r["pair"]["pair_id"] in {p["pair_id"] for p in more}} == {v2}:
-                break
-            assert time.monotonic() < deadline, "the worker never served the retrained version"
+        wait_until_served(settings, v2, "after", "the worker never served the retrained version")
         # Rollback: the previous version serves again.
         run_cli(["models", "rollback", "--role", "current"], settings)
-        deadline = time.monotonic() + 120
-        while True:
-            more = [{"pair_id": f"rb-{time.monotonic_ns()}-{i}", "prompt": f"What is {i} * 9?", "chosen": f"{i * 9}",
-                     "rejected": f"{i * 9 + 2}"} for i in range(5)]
-            produce(settings, more)
-            recs = wait_for_scored(settings, {p["pair_id"] for p in more})
-            if {r["model_version"] for r in recs if r["pair"]["pair_id"] in {p["pair_id"] for p in more}} == {v1}:
-                break
-            assert time.monotonic() < deadline, "the worker never swapped back after the rollback"
+        wait_until_served(settings, v1, "rb", "the worker never swapped back after the rollback")
         versions = json_lines(run_cli(["consume", "models.versions", "--timeout", "3"], settings).stdout)
         assert [(v["version"], v["action"]) for v in versions if v["role"] == "current"][-2:] == [(v2, "promote"), (v1, "rollback")]
     finally:
