@@ -227,9 +227,9 @@ def consume(topic: str, max_records: int | None, timeout: float, group: str | No
 
 def _register_optional_commands() -> None:
     """Commands that live in other modules (kept out of start-up time of `prefstream --help`)."""
-    from streams import cli_models, cli_stream, demo
+    from streams import cli_demo, cli_models, cli_stream
 
-    main.add_command(demo.demo)
+    cli_demo.register(main)
     cli_models.register(main)
     cli_stream.register(main)
 

@@ -223,3 +223,7 @@ class Controller:
                 log.exception("controller step failed")
             self.stop.wait(self.c.poll_s)
         self.monitor.stop.set()
+        for role, handle in self.running.items():
+            if hasattr(handle, "cancel"):  # local jobs die with the controller; cluster Jobs run on
+                handle.cancel()
+                self.record(role, "cancelled", "the controller stopped while the job ran", job=handle.name)

@@ -1,79 +1,419 @@
-"""`prefstream demo`: the embedded stack moving pairs through Kafka and Redis end to end.
+"""`prefstream demo` (behind `make demo`): the whole system doing its real job, with a report.
 
-Until the full pipeline lands this is the short smoke run behind `make demo`: start the stack,
-publish generated pairs, read them back, dedupe them in Redis, and stop what it started.
+1. Starts the stack (the embedded one unless the configured broker and Redis answer).
+2. Generates pairs whose truth is known (`prefstream generate`), 20% with flipped labels, plus the
+   shared HH-RLHF pairs when ``../shared/data`` is present; a clean seed set and a clean holdout.
+3. Stage 1: the first current and gold models from the seed set.
+4. Starts the workers, the review app and the controller; simulated annotators answer review tasks
+   through the review app's HTTP API; pairs stream in phases, and each phase waits (with a trickle
+   of traffic, so the hot-swap is observed under load) until the controller has retrained and the
+   workers serve the new version.
+5. Stops everything and writes ``demo-report/`` (report.md, report.html, report.json, PNGs) from
+   the records in the topics; prints a summary; exits non-zero if a stage failed.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import secrets
+import shutil
+import threading
 import time
 import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import click
-import redis
 from rich.console import Console
 
-from streams import topics
-from streams.embedded.stack import Stack
 from streams.exceptions import StreamsError
-from streams.sdk import PreferenceProducer, TopicReader
-from streams.settings import get_settings
+from streams.generate import GenerateConfig, as_clean, generate, write_jsonl
+from streams.services import Deployment
+from streams.settings import Settings, child_env, get_settings
 
 console = Console(stderr=True)
+log = logging.getLogger(__name__)
+REGRESSION_PAIRS = 100
+SHARED_HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 
-DEMO_PAIRS = 200
-DEDUPE_TTL_S = 3600
+
+class DemoError(StreamsError):
+    """A stage of the demo failed; the message says which and where its log is."""
 
 
-def _pairs(n: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        a, b = i % 17 + 2, i % 13 + 3
-        out.append({"prompt": f"What is {a} * {b}?", "chosen": f"{a} * {b} = {a * b}.",
-                    "rejected": f"{a} * {b} = {a * b + 1}.", "source": "demo", "label_source": "tool"})
-    return out
+@dataclass
+class DemoConfig:
+    out_dir: Path = Path("demo-report")
+    pairs: int = 1800
+    hh_pairs: int = 120
+    seed_pairs: int = 240
+    holdout_pairs: int = 300
+    flip_share: float = 0.2
+    style_trap_share: float = 0.15
+    retrains: int = 2
+    threshold: int = 0  # new curated pairs per retrain; 0 = derived from the phase size
+    seed_steps: int = 15
+    retrain_steps: int = 20
+    max_length: int = 128
+    rate: float = 10.0
+    max_in_flight: int = 16  # produced but not yet scored; the producer waits above it (backpressure)
+    trickle_rate: float = 1.0
+    annotators: int = 5
+    annotator_accuracy: float = 0.9
+    experts: int = 1
+    workers: int = 1
+    time_limit_s: float = 900.0
+    seed: int = 0
+    hh_file: Path | None = None
+
+
+@dataclass
+class DemoRun:
+    """What the orchestration observed, for the report (the rest comes from the topics)."""
+
+    cfg: DemoConfig
+    settings: Settings
+    started: float = field(default_factory=time.time)
+    sent_at: dict[str, float] = field(default_factory=dict)
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    annotator_stats: dict[str, Any] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _demo_settings(base: Settings, state: Path, run_id: str) -> Settings:
+    # Its own topic prefix and model store: a demo never mixes with earlier runs or a user's data.
+    return base.model_copy(update={"topic_prefix": f"{base.topic_prefix}demo-{run_id}.",
+                                   "models_dir": state / "models", "shards_dir": state / "shards"})
+
+
+def build_data(cfg: DemoConfig, state: Path) -> dict[str, list[dict]]:
+    gen = GenerateConfig(n=cfg.pairs, seed=cfg.seed * 10 + 1, flip_share=cfg.flip_share,
+                         style_trap_share=cfg.style_trap_share)
+    stream = list(generate(gen))
+    hh_file = cfg.hh_file or (SHARED_HH if SHARED_HH.exists() else None)
+    hh: list[dict] = []
+    if cfg.hh_pairs and hh_file is not None:
+        from schemas.exceptions import InvalidRecordError
+        from schemas.pairs import validate_pair
+        from streams.formats import read_pairs
+
+        for _, raw in read_pairs(hh_file, "hh-rlhf"):
+            try:
+                pair = validate_pair(raw) if isinstance(raw, dict) else None
+            except InvalidRecordError:
+                pair = None
+            if pair is None:
+                continue
+            hh.append(pair | {"metadata": pair["metadata"] | {"gen_category": "hh_rlhf"}})
+            if len(hh) >= cfg.hh_pairs:
+                break
+    # HH pairs are spread through the stream, as real traffic would be mixed.
+    if hh:
+        step = max(1, len(stream) // len(hh))
+        for i, pair in enumerate(hh):
+            stream.insert(min(len(stream), i * (step + 1)), pair)
+    seed = [as_clean(p) for p in generate(GenerateConfig(n=cfg.seed_pairs, seed=cfg.seed * 10 + 2, flip_share=0,
+                                                        style_trap_share=cfg.style_trap_share))]
+    holdout = [as_clean(p) for p in generate(GenerateConfig(n=cfg.holdout_pairs, seed=cfg.seed * 10 + 3, flip_share=0,
+                                                           style_trap_share=max(0.3, cfg.style_trap_share)))]
+    regression = seed[:REGRESSION_PAIRS]  # the gate's fixed set: enough to be stable, small enough to be quick
+    for name, pairs in (("stream", stream), ("seed", seed), ("holdout", holdout), ("regression", regression)):
+        write_jsonl(pairs, state / f"{name}.jsonl")
+    return {"stream": stream, "seed": seed, "holdout": holdout, "regression": regression}
+
+
+def _run_cli(args: list[str], settings: Settings, log_file: Path, timeout: float) -> None:
+    import subprocess
+    import sys
+
+    with log_file.open("ab") as fh:
+        proc = subprocess.run([sys.executable, "-m", "streams.cli", *args], env=child_env(settings), stdout=fh,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout)
+    if proc.returncode != 0:
+        tail = log_file.read_text(errors="replace")[-2500:]
+        raise DemoError(f"`prefstream {' '.join(args)}` exited {proc.returncode}; its log ({log_file}) ends:\n{tail}")
+
+
+def _published(settings: Settings) -> list[dict]:
+    path = Path(settings.models_dir) / "controller-decisions.jsonl"
+    if not path.exists():
+        return []
+    return [d for d in map(json.loads, path.read_text().splitlines()) if d["role"] == "current" and d["decision"] == "published"]
+
+
+def _controller_outcomes(settings: Settings) -> list[dict]:
+    path = Path(settings.models_dir) / "controller-decisions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _serving_everywhere(dep: Deployment, version: str) -> bool:
+    from streams.status import scrape
+
+    for url in dep.worker_metrics:
+        m = scrape(url)
+        if m is None or not any(labels.get("current") == version for labels, _ in m.get("prefstream_model_info", [])):
+            return False
+    return True
+
+
+class ScoredTail:
+    """Follows prefs.scored in a thread: which pairs are scored, so the producer can hold back."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.seen: set[str] = set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="scored-tail", daemon=True)
+
+    def _run(self) -> None:
+        from streams.sdk import TopicReader
+
+        with TopicReader(self.settings.topic("prefs.scored"), "ScoredPair", self.settings) as reader:
+            while not self.stop.is_set():
+                for msg in reader.messages(idle_timeout=0.5):
+                    self.seen.add(reader.codec.decode("ScoredPair", msg.value(), msg.headers())["pair"]["pair_id"])
+                    if self.stop.is_set():
+                        return
+
+    def __enter__(self) -> ScoredTail:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)  # its consumer must be closed before the stack goes down
+
+
+def stream_pairs(run: DemoRun, dep: Deployment, pairs: list[dict], deadline: float, tail: ScoredTail) -> None:
+    """Produce in retrains + 1 phases; between phases, trickle until the next version serves."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from streams.sdk import PreferenceProducer
+
+    cfg = run.cfg
+    phase_size = max(1, len(pairs) // (cfg.retrains + 1))
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True)
+    task = bar.add_task("streaming (phase 1)", total=len(pairs))
+    with PreferenceProducer(run.settings) as producer, bar:
+        phase = 0
+        phase_start = time.time()
+        for i, pair in enumerate(pairs):
+            bar.update(task, completed=i)
+            waiting = phase < cfg.retrains and i >= (phase + 1) * phase_size
+            if waiting:
+                published = _published(run.settings)
+                if len(published) > phase and _serving_everywhere(dep, published[phase]["version"]):
+                    run.phases.append({"phase": phase + 1, "started": phase_start, "ended": time.time(),
+                                       "version": published[phase]["version"], "first_index": phase * phase_size})
+                    phase, phase_start, waiting = phase + 1, time.time(), False
+                    if phase == cfg.retrains and dep.sup is not None:
+                        # The demo has the retrains it asked for: stop the controller so the last phase
+                        # measures the pipeline without a training job on the same cores.
+                        ctl = next((c for c in dep.sup.children if c.name == "controller"), None)
+                        if ctl is not None:
+                            dep.sup.stop(ctl)
+                            ctl.expected_exit = True
+                    bar.update(task, description=f"streaming (phase {phase + 1}, serving {published[phase - 1]['version']})")
+                else:
+                    bar.update(task, description=f"trickling until retrain {phase + 1} serves")
+                if waiting and time.time() > deadline:
+                    run.failures.append(f"time limit: only {len(published)} of {cfg.retrains} retrains were published "
+                                        f"and served before {cfg.time_limit_s:.0f} s")
+                    phase = cfg.retrains  # stream the rest at full rate and finish
+                    waiting = False
+            dep.check()
+            # Backpressure, as a well-behaved load generator: latency then measures processing, not a
+            # queue the producer built by outrunning the worker.
+            while len(run.sent_at) - len(tail.seen) >= cfg.max_in_flight and time.time() < deadline:
+                dep.check()
+                time.sleep(0.05)
+            producer.send(pair)
+            run.sent_at[pair["pair_id"]] = time.time()
+            time.sleep(1 / (cfg.trickle_rate if waiting else cfg.rate))
+        producer.flush()
+    run.phases.append({"phase": phase + 1, "started": phase_start, "ended": time.time(), "version": None,
+                       "first_index": phase * phase_size})
+
+
+def wait_drained(run: DemoRun, dep: Deployment, ids: set[str], deadline: float, tail: ScoredTail) -> None:
+    """Until every pair is scored and the review queue is empty."""
+    import redis
+
+    from streams.review.queue import ReviewQueue
+
+    while not ids <= tail.seen and time.time() < deadline:
+        dep.check()
+        time.sleep(0.5)
+    if not ids <= tail.seen:
+        run.failures.append(f"{len(ids - tail.seen)} pairs were not scored before the time limit")
+    # A retrain the last phase triggered is not waited for: stopping the controller cancels it (and
+    # the decision log says so); the versions the demo asked for were served before the last phase.
+    queue = ReviewQueue(redis.Redis.from_url(run.settings.redis_url), run.settings.topic_prefix)
+    while time.time() < deadline:
+        dep.check()
+        stats = queue.stats()
+        if not stats["pending"] and not stats["expert"]:
+            break
+        time.sleep(1)
+    time.sleep(3)  # the shard writer's last flush (max age 1 s) and the aggregator's last batch
+
+
+def _run_stages(run: DemoRun, dep: Deployment, data: dict[str, list[dict]], tokens: dict[str, str], names: list[str],
+                experts: list[str], stop_annotators: threading.Event, t_end: float, stage: Any) -> None:
+    """Stack, Stage 1, services, annotators, stream, drain; then the services stop (the stack stays for the report)."""
+    from streams.review.simulate import load_truths, simulate
+
+    cfg, settings = run.cfg, run.settings
+    state = Path(settings.models_dir).parent
+    sim: threading.Thread | None = None
+    try:
+        t0 = time.time()
+        dep.start_stack()
+        stage("stack up" + (" (embedded)" if dep.stack else f" (using {settings.bootstrap})"), t0)
+        t0 = time.time()
+        _run_cli(["retrain", "--seed-file", str(state / "seed.jsonl"), "--max-steps", str(cfg.seed_steps),
+                  "--max-length", str(cfg.max_length), "--tolerance", "1", "--no-quantize"], settings,
+                 state / "logs" / "seed.log", 900)
+        stage("stage 1: first gold and current models from the seed set", t0)
+        t0 = time.time()
+        dep.start_services()
+        stage(f"{cfg.workers} worker(s), review app ({dep.review_url}) and controller up", t0)
+        truths = load_truths(state / "stream.jsonl")
+        sim = threading.Thread(target=lambda: run.annotator_stats.update(asdict(simulate(
+            dep.review_url, [tokens[n] for n in names], cfg.annotator_accuracy, truths, idle_s=10**9,
+            seed=cfg.seed, expert_tokens=[tokens[n] for n in experts], stop=stop_annotators))), daemon=True)
+        sim.start()
+        with ScoredTail(settings) as tail:
+            t0 = time.time()
+            stream_pairs(run, dep, data["stream"], t_end, tail)
+            stage(f"streamed {len(data['stream'])} pairs in {len(run.phases)} phases", t0)
+            t0 = time.time()
+            wait_drained(run, dep, {p["pair_id"] for p in data["stream"]}, t_end + 120, tail)
+            stage("every pair scored, review queue drained", t0)
+    except KeyboardInterrupt:
+        run.failures.append("interrupted")
+    except StreamsError as exc:
+        run.failures.append(str(exc))
+    finally:
+        stop_annotators.set()
+        if sim is not None:
+            sim.join(40)  # their statistics go into the report
+        t0 = time.time()
+        codes = dep.stop_services()
+        if dep.left_running():
+            run.failures.append(f"still running after stop: {dep.left_running()}")
+        stage("services stopped (" + ", ".join(f"{k} {_exit(v)}" for k, v in codes.items()) + ")", t0)
+
+
+def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
+    from streams.report import write_report
+
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
+    root = Path(base.home) / "demo"
+    shutil.rmtree(root, ignore_errors=True)  # the previous run's state; its report stays in out_dir
+    state = root / run_id
+    state.mkdir(parents=True)
+    settings = _demo_settings(base, state, run_id)
+    run = DemoRun(cfg, settings)
+    t_end = run.started + cfg.time_limit_s
+
+    def stage(name: str, t0: float) -> None:
+        run.stage_seconds[name] = round(time.time() - t0, 1)
+        console.print(f"[green]✓[/] {name} ({run.stage_seconds[name]:.0f} s)")
+
+    t0 = time.time()
+    data = build_data(cfg, state)
+    stage(f"generated {len(data['stream'])} pairs to stream, {len(data['seed'])} seed, {len(data['holdout'])} holdout", t0)
+    names = [f"annotator{i}" for i in range(cfg.annotators)]
+    experts = [f"expert{i}" for i in range(cfg.experts)]
+    tokens = {n: secrets.token_urlsafe(12) for n in names + experts}
+    phase_size = len(data["stream"]) // (cfg.retrains + 1)
+    # A quarter of a phase: the retrain starts early in the phase and mostly overlaps its traffic.
+    threshold = cfg.threshold or max(20, int(phase_size * 0.25))
+    dep = Deployment(
+        settings, state / "logs", workers=cfg.workers, review_port=_free_port(),
+        review_tokens=",".join(f"{n}:{t}" for n, t in tokens.items()), review_experts=",".join(experts),
+        # On a small machine the worker and a retrain job share the cores: one thread for the worker keeps
+        # them from thrashing (measured: a retrain took > 4 min beside a worker on all cores).
+        worker_env={"PREFSTREAM_WORKER_SHARD_MAX_AGE_S": "1", "PREFSTREAM_WORKER_THREADS": "1"},
+        # ... and one thread for the retrain jobs (inherited from the controller), so that the two never
+        # ask for more cores than there are.
+        controller_env={"OMP_NUM_THREADS": "1", "PREFSTREAM_CONTROLLER_THRESHOLD_CURRENT": str(threshold),
+                        "PREFSTREAM_CONTROLLER_THRESHOLD_GOLD": str(10**9), "PREFSTREAM_CONTROLLER_POLL_S": "2",
+                        "PREFSTREAM_CONTROLLER_RETRAIN_ARGS": (
+                            f"--max-steps {cfg.retrain_steps} --max-length {cfg.max_length} --tolerance 0.01 "
+                            f"--min-pairs 20 --freeze-layers 3 --no-quantize --regression-file {state / 'regression.jsonl'}")})
+    stop_annotators = threading.Event()
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    try:
+        _run_stages(run, dep, data, tokens, names, experts, stop_annotators, t_end, stage)
+        if "interrupted" in run.failures:
+            raise KeyboardInterrupt  # no report for a run the user stopped; the finally still cleans up
+        published = _published(settings)
+        if len(published) < cfg.retrains and not any(f.startswith("time limit") for f in run.failures):
+            run.failures.append(f"{len(published)} of {cfg.retrains} retrains were published")
+        t0 = time.time()
+        report = write_report(run, data, _controller_outcomes(settings))  # reads the topics: the stack is still up
+        stage(f"report written to {cfg.out_dir}", t0)
+    finally:
+        dep.stop()  # services first (idempotent), then the stack if the demo started it
+    return report
+
+
+def _exit(code: int | None) -> str:
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so -15 is a clean stop too.
+    return "stopped cleanly" if code in (0, -15) else f"exit {code}"
+
+
+def _free_port() -> int:
+    from streams.embedded.process import free_port
+
+    return free_port()
 
 
 @click.command()
-@click.option("--pairs", "n", type=int, default=DEMO_PAIRS, show_default=True, help="How many pairs to stream.")
-@click.option("--keep/--no-keep", default=False, help="Leave the stack running afterwards.")
-def demo(n: int, keep: bool) -> None:
-    """Run a short end-to-end demo on the embedded stack.
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-report"),
+              show_default=True, help="Where report.md, report.html, report.json and the plots go.")
+@click.option("--pairs", type=int, default=DemoConfig.pairs, show_default=True, help="Generated pairs to stream.")
+@click.option("--hh-pairs", type=int, default=DemoConfig.hh_pairs, show_default=True,
+              help="Shared HH-RLHF pairs mixed in (when ../shared/data is present; 0 = none).")
+@click.option("--seed-pairs", type=int, default=DemoConfig.seed_pairs, show_default=True, help="Clean seed set (Stage 1).")
+@click.option("--holdout-pairs", type=int, default=DemoConfig.holdout_pairs, show_default=True, help="Clean holdout.")
+@click.option("--flip-share", type=float, default=DemoConfig.flip_share, show_default=True, help="Share of flipped labels.")
+@click.option("--retrains", type=int, default=DemoConfig.retrains, show_default=True, help="Retrains to wait for.")
+@click.option("--threshold", type=int, default=0, help="Curated pairs per retrain (default: a quarter of a phase).")
+@click.option("--seed-steps", type=int, default=DemoConfig.seed_steps, show_default=True)
+@click.option("--retrain-steps", type=int, default=DemoConfig.retrain_steps, show_default=True)
+@click.option("--max-length", type=int, default=DemoConfig.max_length, show_default=True)
+@click.option("--rate", type=float, default=DemoConfig.rate, show_default=True, help="Pairs per second produced.")
+@click.option("--max-in-flight", type=int, default=DemoConfig.max_in_flight, show_default=True,
+              help="Most pairs produced but not yet scored; the producer waits above it.")
+@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--time-limit", "time_limit_s", type=float, default=DemoConfig.time_limit_s, show_default=True,
+              help="Seconds before the demo stops waiting for retrains.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated data.")
+def demo(out_dir: Path, **kw: Any) -> None:
+    """Run the whole system on this machine and write a report (what `make demo` runs).
 
-    Starts the broker and Redis, streams pairs through Kafka, reads them back, dedupes them in
-    Redis, then stops what it started."""
-    settings = get_settings()
-    st = Stack(settings)
-    was_running = all(s.pid for s in st.status())
-    t0 = time.monotonic()
-    st.up()
-    console.print(f"stack up in {time.monotonic() - t0:.1f} s at {settings.bootstrap} / {settings.redis_url}")
+    Streams generated pairs with known truth (20% flipped labels) through the workers, simulated
+    annotators review through the web app's API, the controller retrains and hot-swaps the reward
+    model, then everything stops and demo-report/ gets report.md, report.html and plots.
+    """
+    logging.basicConfig(level=logging.WARNING)
+    cfg = DemoConfig(out_dir=out_dir, **kw)
     try:
-        pairs = _pairs(n)
-        t0 = time.monotonic()
-        with PreferenceProducer(settings) as producer:
-            ids = [producer.send(p) for p in pairs]
-        console.print(f"produced {len(ids)} pairs to {producer.topic} in {time.monotonic() - t0:.2f} s")
-        del producer  # its Kafka client would otherwise outlive the broker and log the shutdown
-        r = redis.Redis.from_url(settings.redis_url)
-        seen = set()
-        # One key per run: Redis keeps its data between runs (AOF), and a rerun must start clean.
-        key = f"{settings.topic_prefix}demo:seen:{uuid.uuid4().hex}"
-        with TopicReader(settings.topic(topics.RAW), "PreferencePair", settings) as reader:
-            for rec in reader.records(idle_timeout=5):
-                if rec["pair_id"] in ids and r.sadd(key, rec["pair_id"]):
-                    seen.add(rec["pair_id"])
-                if len(seen) == len(set(ids)):
-                    break
-        r.expire(key, DEDUPE_TTL_S)
-        missing = len(set(ids) - seen)
-        console.print(f"read back {len(seen)} distinct pairs through Kafka, deduplicated in Redis; missing {missing}")
-        if missing:
-            raise StreamsError(f"{missing} pairs did not come back from {settings.topic(topics.RAW)}")
-    finally:
-        if not keep and not was_running:
-            import gc
+        report = run_demo(cfg, get_settings())
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: every process the demo started was stopped; no report written")
+        raise SystemExit(130) from None
+    from streams.report import summary
 
-            gc.collect()  # close idle Kafka clients first, so they do not log the broker going away
-            st.down()
-            console.print("stack down")
+    console.print(summary(report))
+    if report["failures"]:
+        for f in report["failures"]:
+            console.print(f"[bold red]failed:[/] {f}")
+        raise SystemExit(1)

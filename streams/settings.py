@@ -54,6 +54,27 @@ def get_settings() -> Settings:
     return Settings()
 
 
+def child_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a child process (worker, review app, controller, job) that must see ``settings``."""
+    import os
+
+    env = dict(os.environ if base is None else base)
+    env.update({
+        "PREFSTREAM_BOOTSTRAP": settings.bootstrap,
+        "PREFSTREAM_REDIS_URL": settings.redis_url,
+        "PREFSTREAM_HOME": str(settings.home),
+        "PREFSTREAM_TOPIC_PREFIX": settings.topic_prefix,
+        "PREFSTREAM_MODELS_DIR": str(settings.models_dir),
+        "PREFSTREAM_SHARDS_DIR": str(settings.shards_dir),
+    })
+    if settings.schema_registry_url:
+        env["SCHEMA_REGISTRY_URL"] = settings.schema_registry_url
+    else:
+        env.pop("SCHEMA_REGISTRY_URL", None)
+        env.pop("PREFSTREAM_SCHEMA_REGISTRY_URL", None)
+    return env
+
+
 class WorkerSettings(BaseSettings):
     """Settings of `prefstream worker` (PREFSTREAM_WORKER_*)."""
 
@@ -70,6 +91,8 @@ class WorkerSettings(BaseSettings):
     tau: float = Field(0.8, description="p below this (and >= 0.5) is uncertain and goes to review.")
     gold_agree: float = Field(0.6, description="gold_p at or above this confirms a confident pair as silver.")
     flip_below: float = Field(0.1, description="p and gold_p both below this: the label is flipped and recycled.")
+    threads: int = Field(0, description="CPU threads for scoring and embedding; 0 = the libraries' default (all "
+                                        "cores). Set 1 when workers share a small machine with training jobs.")
     bootstrap_max_length: int = Field(256, description="Max tokens of the untrained bootstrap model.")
     dedupe_ttl_s: int = Field(7 * 24 * 3600, description="How long a pair_id is remembered for deduplication.")
     health_host: str = Field("0.0.0.0", description="Address of the /healthz, /readyz and /metrics server.")

@@ -34,7 +34,7 @@ from streams.processors.labeler import Labeler, LLMLabeler
 from streams.processors.retrieval import NeighbourIndex
 from streams.processors.router import RouterPolicy, route
 from streams.processors.scorer import ModelSlot, Scorer, load_announced
-from streams.processors.verifiers import verify
+from streams.processors.verifiers import verify_batch
 from streams.settings import Settings, WorkerSettings
 from trainers.model import RewardModel
 from trainers.registry import BOOTSTRAP_VERSION
@@ -94,8 +94,9 @@ class Pipeline:
         prompts = [prompt_text(p) for p in pairs]
         emb = self.embedder.embed(prompts)
         now = int(time.time() * 1000)
+        verdicts = verify_batch(pairs)
         for i, (pair, score) in enumerate(zip(pairs, scores, strict=True)):
-            decision = route(score["p"], score["gold_p"], verify(pair), self.policy)
+            decision = route(score["p"], score["gold_p"], verdicts[i], self.policy)
             metrics.ROUTES.labels(decision.kind, decision.reason.split(":")[0][:40]).inc()
             key = pair["pair_id"].encode()
             outputs.append(self._out(topics.SCORED, "ScoredPair", key,
@@ -185,7 +186,7 @@ def rewind(consumer: Consumer) -> None:
 
 
 def build_scorer(settings: Settings, wsettings: WorkerSettings) -> tuple[Scorer, dict[str, ModelSlot]]:
-    loader = lambda rec: load_announced(rec)  # noqa: E731
+    loader = lambda rec: load_announced(rec, threads=wsettings.threads or None)  # noqa: E731
     current, gold = ModelSlot("current", loader), ModelSlot("gold", loader)
     return Scorer(current, gold), {"current": current, "gold": gold}
 
@@ -209,6 +210,7 @@ class Worker:
 
             self.slots["current"].serving = Loaded(RewardModel.default(max_length=self.w.bootstrap_max_length),
                                                    BOOTSTRAP_VERSION)
+        self.scorer.export_versions()
         threading.Thread(target=self.watcher.run, name="versions", daemon=True).start()
 
     def run(self) -> None:
@@ -279,6 +281,10 @@ class Worker:
 def run_worker(settings: Settings, wsettings: WorkerSettings) -> None:
     from streams.health import serve
 
+    if wsettings.threads:
+        import torch
+
+        torch.set_num_threads(wsettings.threads)  # torch scoring and the embedder; ONNX sessions get it per model
     worker = Worker(settings, wsettings)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop.set())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.settings import Settings
+from streams.settings import Settings, child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -48,17 +48,7 @@ def hh_valid_pairs(n: int) -> list[dict]:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment for a subprocess that should see the same stack and topic prefix."""
-    env = dict(os.environ)
-    env.update({
-        "PREFSTREAM_BOOTSTRAP": settings.bootstrap,
-        "PREFSTREAM_REDIS_URL": settings.redis_url,
-        "PREFSTREAM_HOME": str(settings.home),
-        "PREFSTREAM_TOPIC_PREFIX": settings.topic_prefix,
-        "PREFSTREAM_MODELS_DIR": str(settings.models_dir),
-        "PREFSTREAM_SHARDS_DIR": str(settings.shards_dir),
-    })
-    env.pop("SCHEMA_REGISTRY_URL", None)
-    return env
+    return child_env(settings)
 
 
 def run_cli(args: list[str], settings: Settings, *, check: bool = True, timeout: float = 300,
@@ -205,3 +195,20 @@ def objective_pairs(n: int, seed: int = 0) -> list[dict]:
                     "chosen": wrong if flipped else right, "rejected": right if flipped else wrong,
                     "metadata": {"truth": "rejected" if flipped else "chosen"}})
     return out
+
+
+def processes_with_env(name: str, value: str) -> list[str]:
+    """Command lines of live processes whose environment has NAME=VALUE (what a test's services carry)."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                state = next((ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("State:")), "")
+                if "zombie" not in state:
+                    found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return found

@@ -64,6 +64,9 @@ def test_seed_then_a_worse_model_fails_the_gate(tmp_path):
     assert v1 and store.serving("gold") and [a["role"] for a in announced] == ["gold", "current"]
     assert store.get(v1).manifest["lineage"]["seed_pairs"] == 80
     assert (store.get(v1).path / "model.onnx").exists()
+    # Stage 1 trains once: current is the gold model's weights published again under its own version.
+    weights = [store.get(store.serving(r)).manifest["files"]["model.safetensors"]["sha256"] for r in ("gold", "current")]
+    assert weights[0] == weights[1] and store.serving("gold") != v1
 
     # The fixed regression set says chosen is right; the new shards teach the opposite: the candidate must fail.
     regression = tmp_path / "regression.jsonl"

@@ -71,6 +71,16 @@ class LocalHandle:
         logs = self.log.read_text(errors="replace")
         return JobOutcome(self.name, code == 0, parse_result(logs), f"exit code {code}; log {self.log}")
 
+    def cancel(self) -> None:
+        """Stop the job (the controller is stopping; a half-trained model is never published)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
 
 @dataclass
 class LocalRunner:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import random
 import tempfile
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ class RetrainResult:
     candidate: dict[str, Any] = field(default_factory=dict)
     serving: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # time per step: collect, train, evaluate, export, publish
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -155,6 +157,14 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
 
     if cfg.role not in ("current", "gold"):
         raise TrainerError(f"role {cfg.role!r} is not one of current, gold")
+    clock = {"t": time.perf_counter()}
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        seconds[name] = round(now - clock["t"], 1)
+        clock["t"] = now
+
     store = ModelStore(cfg.models_dir)
     if pairs is None:
         pairs, holdout, lineage = collect(cfg, store)
@@ -169,16 +179,20 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
         eval_set_name = "held-out slice of this job's data (no gold holdout yet)"
     serving_rm, serving_version = _serving_model(store, cfg.role, cfg.max_length)
     base = "default" if serving_version == "bootstrap" else str(store.get(serving_version).path)
+    lap("collect")
     with tempfile.TemporaryDirectory(prefix="prefstream-retrain-") as tmp:
         tcfg = TrainConfig(output_dir=str(Path(tmp) / "model"), base_model=base, max_steps=cfg.max_steps,
                            batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, max_length=cfg.max_length,
                            freeze_layers=cfg.freeze_layers, eval_every=0, seed=cfg.seed, progress=False)
         trained = train(tcfg, pairs, holdout[: min(len(holdout), 200)])
+        lap("train")
         cand = accuracy_report(RewardModel.load(trained.output_dir), holdout)
         serv = accuracy_report(serving_rm, holdout)
+        lap("evaluate")
         ok, why = gate(cand, serv, cfg)
         result = RetrainResult(cfg.role, "published" if ok else "gate_failed", f"{why} ({eval_set_name})",
-                               candidate=cand, serving=serv | {"version": serving_version}, lineage=lineage)
+                               candidate=cand, serving=serv | {"version": serving_version}, lineage=lineage,
+                               seconds=seconds)
         if not ok:
             return result
         try:
@@ -187,22 +201,38 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
             # INT8 disagreed with torch: serve the fp32 ONNX instead of a model that decides differently.
             result.reason += f"; INT8 export refused ({exc}); serving fp32 ONNX"
             export(trained.output_dir, holdout[:300] or pairs[:300], quantize=False)
+        lap("export")
         metrics = {"holdout_accuracy": cand["accuracy"], "serving_holdout_accuracy": serv["accuracy"],
                    "holdout_pairs": cand["n"], "train_pairs": len(pairs), "final_loss": trained.metrics["final_loss"]}
         info = store.publish(trained.output_dir, cfg.role, parent=None if serving_version == "bootstrap" else serving_version,
                              lineage=lineage, metrics=metrics, announce=announce, reason=result.reason)
+        lap("publish")
         result.version = info.version
         return result
 
 
 def run_seed(cfg: RetrainConfig, announce: Announcer | None = None) -> list[RetrainResult]:
-    """Stage 1: train the first current and gold versions from a verified seed file."""
+    """Stage 1: the first gold and current versions from a verified seed file.
+
+    Both roles would train on the same pairs with the same config and seed, so the model is
+    trained once (as gold) and the same weights are published again as current.
+    """
     seed_pairs = list(read_jsonl(Path(cfg.seed_file)))
     if not seed_pairs:
         raise TrainerError(f"the seed file {cfg.seed_file} holds no usable pairs")
     lineage = {"seed_file": str(cfg.seed_file), "seed_pairs": len(seed_pairs)}
-    out = []
-    for role in ("gold", "current"):
-        c = RetrainConfig(**(asdict(cfg) | {"role": role}))
-        out.append(run_retrain(c, announce, pairs=list(seed_pairs), holdout=[], lineage=lineage))
-    return out
+    gold = run_retrain(RetrainConfig(**(asdict(cfg) | {"role": "gold"})), announce, pairs=list(seed_pairs), holdout=[],
+                       lineage=lineage)
+    if gold.decision != "published":
+        return [gold, RetrainResult("current", gold.decision, f"not published: the gold model was not ({gold.reason})")]
+    store = ModelStore(cfg.models_dir)
+    if store.serving("current") is not None:
+        # Re-running Stage 1 with a current model in place would replace it unchecked: gate as usual.
+        return [gold, run_retrain(RetrainConfig(**(asdict(cfg) | {"role": "current"})), announce, pairs=list(seed_pairs),
+                                  holdout=[], lineage=lineage)]
+    src = store.get(gold.version)
+    info = store.publish(src.path, "current", parent=None, lineage=lineage, metrics=src.metrics, announce=announce,
+                         reason=gold.reason)
+    current = RetrainResult("current", "published", gold.reason, version=info.version, candidate=gold.candidate,
+                            serving=gold.serving, lineage=lineage)
+    return [gold, current]

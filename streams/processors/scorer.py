@@ -81,7 +81,8 @@ class ModelSlot:
         return True
 
 
-def load_announced(record: dict, backend: str = "auto", max_length: int | None = None) -> RewardModel:
+def load_announced(record: dict, backend: str = "auto", max_length: int | None = None,
+                   threads: int | None = None) -> RewardModel:
     """Verify a ModelVersion record against the store on disk, then load it."""
     path = Path(record["path"])
     manifest = path / "manifest.json"
@@ -91,7 +92,7 @@ def load_announced(record: dict, backend: str = "auto", max_length: int | None =
         raise ValueError(f"manifest of {record['version']} does not match the announced sha256")
     ModelStore(path.parent.parent).verify(record["version"])
     chosen = backend if backend != "auto" else ("onnx" if (path / ONNX_INT8).exists() else "torch")
-    rm = RewardModel.load(path, backend=chosen, max_length=max_length)
+    rm = RewardModel.load(path, backend=chosen, max_length=max_length, threads=threads)
     probe = [{"conversation": [{"role": "user", "content": "ping"}], "chosen": "pong", "rejected": "no"}]
     rc, rr = rm.score_pairs(probe)  # a model that cannot score one pair never serves
     if not (np.isfinite(rc).all() and np.isfinite(rr).all()):
@@ -106,7 +107,10 @@ class Scorer:
     def swap_if_ready(self) -> None:
         swapped = [self.current.swap_if_ready(), self.gold.swap_if_ready()]  # both, never short-circuit
         if any(swapped):
-            metrics.MODEL_VERSION.info({"current": self.versions()[0], "gold": self.versions()[1] or "none"})
+            self.export_versions()
+
+    def export_versions(self) -> None:
+        metrics.MODEL_VERSION.info({"current": self.versions()[0], "gold": self.versions()[1] or "none"})
 
     def versions(self) -> tuple[str, str | None]:
         return (self.current.serving.version if self.current.serving else BOOTSTRAP_VERSION,

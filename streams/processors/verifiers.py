@@ -20,6 +20,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from schemas.pairs import prompt_text
@@ -125,13 +126,22 @@ def verify_code(pair: dict) -> str | None:
     tests = (pair.get("metadata") or {}).get("tests")
     if not tests:
         return None
-    c = run_python(extract_code(pair["chosen"]), tests)
-    r = run_python(extract_code(pair["rejected"]), tests)
+    # Both sides at once: each run is mostly waiting on a child process, so threads overlap them.
+    c, r = _POOL.map(lambda side: run_python(extract_code(pair[side]), tests), ("chosen", "rejected"))
     return "chosen" if c and not r else "rejected" if r and not c else None
 
 
 VERIFIERS = {"math": verify_math, "code": verify_code}
+# Threads only wait on sandbox children; 4 pairs (8 children) at a time keeps 2 cores busy without
+# letting one batch of code pairs fork dozens of interpreters.
+_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="verify-side")
+_BATCH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verify")
 MATH_CATEGORIES = {"arithmetic", "math_word_problem", "algebra", "unit_conversion", "statistics_probability"}
+
+
+def verify_batch(pairs: list[dict[str, Any]]) -> list[tuple[str, str] | None]:
+    """``verify`` for a micro-batch; code pairs run concurrently (the sandbox children do the work)."""
+    return list(_BATCH_POOL.map(verify, pairs))
 
 
 def verify(pair: dict[str, Any]) -> tuple[str, str] | None:
@@ -140,7 +150,8 @@ def verify(pair: dict[str, Any]) -> tuple[str, str] | None:
     if meta.get("tests"):
         winner = verify_code(pair)
         return ("code", winner) if winner else None
-    if pair.get("objectivity") == "factual" and (pair.get("task_category") in MATH_CATEGORIES or "answer" in meta):
+    # A stated answer is checkable whatever the labeler thought of the prompt.
+    if "answer" in meta or (pair.get("objectivity") == "factual" and pair.get("task_category") in MATH_CATEGORIES):
         winner = verify_math(pair)
         return ("math", winner) if winner else None
     return None

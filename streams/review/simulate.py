@@ -42,12 +42,14 @@ def load_truths(path: Path) -> dict[str, str]:
 
 
 def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str, str], max_tasks: int | None = None,
-             idle_s: float = 5.0, seed: int = 0, expert_tokens: list[str] | None = None) -> SimStats:
+             idle_s: float = 5.0, seed: int = 0, expert_tokens: list[str] | None = None,
+             stop: threading.Event | None = None) -> SimStats:
     """One thread per token, until no annotator got a task for ``idle_s`` seconds (or ``max_tasks``).
 
     ``expert_tokens`` sign in to the expert view and answer escalated tasks (always correctly: an
-    expert's verdict is final, and the simulation models a trusted expert).
+    expert's verdict is final, and the simulation models a trusted expert). ``stop`` ends them early.
     """
+    stop = stop or threading.Event()
     stats = SimStats()
     lock = threading.Lock()
     last_work = [time.monotonic()]
@@ -56,7 +58,7 @@ def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str
         rng = random.Random(seed * 1000 + i)
         path = "/api/tasks/next?expert=true" if expert else "/api/tasks/next"
         with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
-            while time.monotonic() - last_work[0] < idle_s:
+            while time.monotonic() - last_work[0] < idle_s and not stop.is_set():
                 with lock:
                     if max_tasks is not None and stats.answered >= max_tasks:
                         return

@@ -1,0 +1,166 @@
+"""What a running deployment is doing, in one snapshot: for `prefstream up`'s live view and the demo.
+
+Sources: each worker's /metrics (records per topic, routes, DLQ, scored and mispredicted counts,
+serving versions), Redis (review queue depth, verdicts, annotator alpha), the model store (serving
+versions and their holdout accuracy) and the controller's decision log (retrains in progress).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+
+from streams.settings import Settings
+
+
+@dataclass
+class Snapshot:
+    time: float = field(default_factory=time.time)
+    workers_up: int = 0
+    workers: int = 0
+    records_in: Counter = field(default_factory=Counter)
+    records_out: Counter = field(default_factory=Counter)
+    routes: Counter = field(default_factory=Counter)
+    dlq: Counter = field(default_factory=Counter)
+    scored: float = 0.0
+    mispredicted: float = 0.0
+    serving: dict[str, str] = field(default_factory=dict)  # what the workers report they serve
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # the store: role -> version, accuracy
+    retrains: dict[str, str] = field(default_factory=dict)  # role -> "running since HH:MM:SS" / last outcome
+    review: dict[str, Any] = field(default_factory=dict)
+    alpha: float | None = None
+    review_url: str = ""
+
+
+def scrape(url: str, timeout: float = 2.0) -> dict[str, list[tuple[dict[str, str], float]]] | None:
+    """Samples by name from a Prometheus endpoint, or None when it does not answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def _add_worker(snap: Snapshot, m: dict[str, list[tuple[dict[str, str], float]]], prefix: str) -> None:
+    for labels, v in m.get("prefstream_records_in_total", []):
+        snap.records_in[labels["topic"].removeprefix(prefix)] += v
+    for labels, v in m.get("prefstream_records_out_total", []):
+        snap.records_out[labels["topic"].removeprefix(prefix)] += v
+    for labels, v in m.get("prefstream_routes_total", []):
+        snap.routes[labels["route"]] += v
+    for labels, v in m.get("prefstream_dlq_total", []):
+        snap.dlq[labels["reason"]] += v
+    snap.scored += sum(v for _, v in m.get("prefstream_scored_total", []))
+    snap.mispredicted += sum(v for _, v in m.get("prefstream_mispredicted_total", []))
+    for labels, _ in m.get("prefstream_model_info", []):
+        snap.serving.update({k: v for k, v in labels.items() if v})
+
+
+def retrain_state(decisions_file: Path) -> dict[str, str]:
+    """role -> 'running since ...' or the last outcome, from the controller's decision log."""
+    state: dict[str, str] = {}
+    if not decisions_file.exists():
+        return state
+    for line in decisions_file.read_text().splitlines():
+        d = json.loads(line)
+        when = time.strftime("%H:%M:%S", time.localtime(d["time"]))
+        if d["decision"] == "triggered":
+            state[d["role"]] = f"running since {when} ({d['reason'].split(':')[0]})"
+        elif d["decision"] in ("published", "gate_failed", "job_failed", "skipped", "rolled_back"):
+            state[d["role"]] = f"{d['decision']} {d.get('version') or ''} at {when}".replace("  ", " ")
+    return state
+
+
+def collect(settings: Settings, worker_metrics: list[str], review_url: str = "", redis_client: Any = None) -> Snapshot:
+    from trainers.registry import ModelStore
+
+    snap = Snapshot(workers=len(worker_metrics), review_url=review_url)
+    for url in worker_metrics:
+        m = scrape(url)
+        if m is not None:
+            snap.workers_up += 1
+            _add_worker(snap, m, settings.topic_prefix)
+    store = ModelStore(settings.models_dir)
+    for role in ("current", "gold"):
+        v = store.serving(role)
+        if v:
+            acc = store.get(v).manifest.get("metrics", {}).get("holdout_accuracy")
+            snap.models[role] = {"version": v, "holdout_accuracy": acc}
+    snap.retrains = retrain_state(Path(settings.models_dir) / "controller-decisions.jsonl")
+    if redis_client is not None:
+        from streams.review.queue import ReviewQueue
+
+        try:
+            snap.review = ReviewQueue(redis_client, settings.topic_prefix).stats()
+            raw = redis_client.get(f"{settings.topic_prefix}prefstream:review:alpha:overall")
+            snap.alpha = float(raw) if raw else None
+        except Exception:  # a Redis hiccup must not end the status view
+            snap.review = {}
+    return snap
+
+
+def rates(now: Snapshot, before: Snapshot | None) -> dict[str, float]:
+    """Records per second per topic since the previous snapshot."""
+    if before is None or now.time <= before.time:
+        return {}
+    dt = now.time - before.time
+    topics = set(now.records_in) | set(now.records_out)
+    return {t: ((now.records_in[t] + now.records_out[t]) - (before.records_in[t] + before.records_out[t])) / dt
+            for t in topics}
+
+
+def render(snap: Snapshot, before: Snapshot | None) -> Group:
+    r = rates(snap, before)
+    flow = Table(title="topics", expand=False)
+    flow.add_column("topic")
+    flow.add_column("records", justify="right")
+    flow.add_column("per s", justify="right")
+    for t in sorted(set(snap.records_in) | set(snap.records_out)):
+        flow.add_row(t, f"{snap.records_in[t] + snap.records_out[t]:.0f}", f"{r.get(t, 0.0):.1f}")
+    routes = Table(title="routes")
+    routes.add_column("route")
+    routes.add_column("pairs", justify="right")
+    for k, v in sorted(snap.routes.items()):
+        routes.add_row(k, f"{v:.0f}")
+    models = Table(title="models")
+    for col in ("role", "store", "holdout acc.", "workers serve", "retrain"):
+        models.add_column(col)
+    for role in ("current", "gold"):
+        m = snap.models.get(role, {})
+        acc = m.get("holdout_accuracy")
+        models.add_row(role, m.get("version", "-"), f"{acc:.3f}" if isinstance(acc, float) else "-",
+                       snap.serving.get(role, "-"), snap.retrains.get(role, "-"))
+    rv = snap.review
+    miss = snap.mispredicted / snap.scored if snap.scored else 0.0
+    head = (f"workers {snap.workers_up}/{snap.workers} up · scored {snap.scored:.0f} (mispredicted {miss:.1%}) · "
+            f"review queue {rv.get('pending', '-')} (+{rv.get('expert', '-')} expert) · verdicts {rv.get('verdicts', '-')}"
+            f" · alpha {snap.alpha if snap.alpha is not None else '-'} · DLQ {sum(snap.dlq.values()):.0f}")
+    grid = Table.grid(padding=(0, 2))
+    grid.add_row(flow, routes, models)
+    return Group(Panel(head + (f"\nreview app: {snap.review_url}" if snap.review_url else ""), title="prefstream up"),
+                 grid)
+
+
+def one_line(snap: Snapshot, before: Snapshot | None) -> str:
+    """The same status as one log line, for terminals that are not interactive."""
+    r = rates(snap, before)
+    routes = ",".join(f"{k}={v:.0f}" for k, v in sorted(snap.routes.items()))
+    models = ",".join(f"{k}={v['version']}" for k, v in snap.models.items())
+    return (f"status workers={snap.workers_up}/{snap.workers} scored={snap.scored:.0f} raw_per_s={r.get('prefs.raw', 0):.1f} "
+            f"routes[{routes}] review_pending={snap.review.get('pending', '-')} alpha={snap.alpha} models[{models}] "
+            f"serving[{','.join(f'{k}={v}' for k, v in snap.serving.items())}]")

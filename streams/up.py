@@ -1,0 +1,103 @@
+"""`prefstream up`: the whole system in the foreground with a live status, until Ctrl-C.
+
+Starts the embedded stack (or uses the configured broker and Redis when they answer), the workers,
+the review app and the controller. Ctrl-C (or SIGTERM) stops them in reverse order and leaves no
+process behind. The next `up` resumes where this one stopped: the model store, shards, controller
+state and review queue are on disk; committed offsets and topics too when the broker outlives `up`
+(an external one, or `prefstream stack up` run first: the embedded broker keeps messages in memory).
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+from pathlib import Path
+
+import click
+import redis
+from rich.console import Console
+from rich.live import Live
+
+from streams.services import Deployment
+from streams.settings import ReviewSettings, get_settings
+from streams.status import Snapshot, collect, one_line, render
+
+console = Console(stderr=True)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+@click.command("up")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes (they share the 6 partitions of prefs.raw).")
+@click.option("--review-port", type=int, default=None, help="Port of the review app (default PREFSTREAM_REVIEW_PORT, 8080).")
+@click.option("--no-controller", is_flag=True, help="Do not run the retrain controller.")
+@click.option("--refresh", type=float, default=1.0, show_default=True, help="Seconds between status updates.")
+@click.option("--plain", is_flag=True, help="One status line per update instead of the live view "
+                                            "(the default when the output is not a terminal).")
+def up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool) -> None:
+    """Run everything in the foreground with a live status; Ctrl-C stops it all cleanly.
+
+    Publish pairs meanwhile with `prefstream produce FILE` (or `prefstream generate | prefstream
+    produce -`), and review them at the URL shown. Annotator tokens come from
+    PREFSTREAM_REVIEW_TOKENS; when unset, one token is made up for this run and printed.
+    """
+    settings, rs = get_settings(), ReviewSettings()
+    tokens = rs.tokens.get_secret_value()
+    if not tokens:
+        token = secrets.token_urlsafe(16)
+        tokens = f"you:{token}"
+        console.print(f"annotator token for this run: [bold]{token}[/] (user 'you'; set PREFSTREAM_REVIEW_TOKENS "
+                      "to choose your own)")
+    dep = Deployment(settings, Path(settings.home) / "logs" / "up", workers=workers, review_host=rs.host,
+                     review_port=review_port or rs.port, review_tokens=tokens, review_experts=rs.experts,
+                     controller=not no_controller)
+    signal.signal(signal.SIGTERM, _interrupt)
+    interactive = console.is_terminal and not plain
+    try:
+        t0 = time.monotonic()
+        with console.status("starting the stack, workers, review app and controller ..."):
+            dep.start()
+        if dep.stack is not None:
+            console.print("started the embedded broker and Redis; they stop with `up`. The embedded broker keeps "
+                          "messages in memory, so topics start empty next time (models, shards and the review queue "
+                          "stay). Run `prefstream stack up` first to keep the broker between runs.")
+        else:
+            console.print(f"using the running broker at {settings.bootstrap} and Redis (left running at exit)")
+        console.print(f"up in {time.monotonic() - t0:.0f} s · review app {dep.review_url} · logs {dep.log_dir} · "
+                      "Ctrl-C stops everything")
+        _watch(dep, refresh, interactive)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
+        console.print("stopping ...")
+        codes = dep.stop()
+        console.print("stopped: " + ", ".join(f"{k} (exit {v})" for k, v in codes.items()) +
+                      ("; embedded stack stopped" if dep.stack is not None else ""))
+
+
+def _watch(dep: Deployment, refresh: float, interactive: bool) -> None:
+    r = redis.Redis.from_url(dep.settings.redis_url, socket_timeout=2)
+    before: Snapshot | None = None
+
+    def snap() -> Snapshot:
+        return collect(dep.settings, dep.worker_metrics, dep.review_url, r)
+
+    if interactive:
+        with Live(console=console, refresh_per_second=2, transient=False) as live:
+            while True:
+                dep.check()
+                now = snap()
+                live.update(render(now, before))
+                before = now
+                time.sleep(refresh)
+    while True:
+        dep.check()
+        now = snap()
+        click.echo(one_line(now, before), err=True)
+        before = now
+        time.sleep(refresh)

@@ -1,0 +1,70 @@
+"""A shortened `prefstream demo` against the session stack: every pair accounted for, a retrain
+published and hot-swapped, the report's numbers equal to what the topics hold, nothing left running."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from streams.generate import GenerateConfig, generate
+from tests.helpers import processes_with_env, read_topic, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def test_short_demo_reports_what_the_topics_hold(settings, tmp_path):
+    out = tmp_path / "report"
+    n = 240
+    proc = run_cli(["demo", "--out", str(out), "--pairs", str(n), "--hh-pairs", "0", "--seed-pairs", "60",
+                    "--holdout-pairs", "60", "--retrains", "1", "--seed-steps", "4", "--retrain-steps", "6",
+                    "--max-length", "64", "--rate", "20", "--time-limit", "600"], settings, check=False, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "demo summary" in proc.stderr
+    for name in ("report.md", "report.html", "report.json", "accuracy_by_version.png", "routes_over_time.png",
+                 "latency_histogram.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    demo = settings.model_copy(update={"topic_prefix": report["topic_prefix"]})
+    assert report["topic_prefix"].startswith(settings.topic_prefix + "demo-")
+
+    # Every pair accounted for: scored once (last record per pair_id) and routed somewhere.
+    stream = list(generate(GenerateConfig(n=n, seed=1, flip_share=0.2, style_trap_share=0.15)))
+    ids = {p["pair_id"] for p in stream}
+    scored = {r["pair"]["pair_id"]: r for r in read_topic(demo, "prefs.scored", "ScoredPair")}
+    assert ids <= set(scored)
+    assert report["pairs"] == {"streamed": n, "generated": n, "hh_rlhf": 0, "scored": n, "scored_records": len(
+        read_topic(demo, "prefs.scored", "ScoredPair")), "missing": 0, "dead_letters": 0}
+    routes = Counter(scored[i]["route"] for i in ids)
+    assert report["routes"] == dict(routes) and sum(routes.values()) == n
+    curated = {r["pair"]["pair_id"]: r for r in read_topic(demo, "prefs.curated", "CuratedPair")}
+    assert report["curated_by_split"] == dict(Counter(c["split"] for c in curated.values()))
+
+    # The noise numbers recomputed here from the topics and the generator's truth.
+    flipped = {p["pair_id"] for p in stream if p["metadata"]["flipped"] == "true"}
+    published = {p["pair_id"]: p for p in stream}
+    corrected = {i for i, c in curated.items() if i in ids and c["pair"]["chosen"] != published[i]["chosen"]}
+    nd = report["noise_detection"]
+    assert nd["flipped_in_stream"] == len(flipped) > 0
+    assert nd["corrected"]["flagged"] == len(corrected)
+    assert nd["corrected"]["true_positives"] == len(corrected & flipped)
+    assert nd["corrected"]["recall"] == pytest.approx(len(corrected & flipped) / len(flipped))
+    annotations = read_topic(demo, "prefs.annotations", "Annotation")
+    assert report["review"]["verdicts"] == len(annotations) > 0
+
+    # A retrain was published by the controller and then served (hot-swapped) without a restart.
+    published_versions = [d["version"] for d in report["controller"] if d["decision"] == "published"]
+    assert published_versions, report["controller"]
+    served = {r["model_version"] for r in scored.values()}
+    assert set(published_versions) & served, "no retrained version ever scored a pair"
+    assert any(s["first_scored_after_s"] is not None for s in report["hot_swaps"])
+    versions = [m["version"] for m in report["models"]]
+    assert versions[0] == "bootstrap" and set(published_versions) <= set(versions)
+    assert report["failures"] == []
+
+    # The markdown shows the same numbers, escaped HTML beside it, and no service outlived the demo.
+    md = (out / "report.md").read_text()
+    assert f"| {n} | {n} | 0 | {n} | 0 | 0 |" in md
+    assert "<table>" in (out / "report.html").read_text()
+    assert processes_with_env("PREFSTREAM_TOPIC_PREFIX", report["topic_prefix"]) == []

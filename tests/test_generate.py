@@ -1,0 +1,82 @@
+"""The demo data generator: known truth, recorded flips, style traps, determinism."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from schemas.pairs import validate_pair
+from streams.generate import CATEGORIES, GenerateConfig, as_clean, generate, truly_better
+from streams.processors.verifiers import verify_code, verify_math
+
+
+def test_same_seed_same_pairs_and_another_seed_differs():
+    a = list(generate(GenerateConfig(n=120, seed=7)))
+    assert a == list(generate(GenerateConfig(n=120, seed=7)))
+    assert a != list(generate(GenerateConfig(n=120, seed=8)))
+
+
+def test_at_least_ten_categories_every_pair_valid_and_truth_recorded():
+    pairs = list(generate(GenerateConfig(n=600, seed=1)))
+    cats = Counter(p["metadata"]["gen_category"] for p in pairs)
+    assert len(cats) >= 10 and min(cats.values()) >= 40
+    for p in pairs:
+        validate_pair(p)
+        m = p["metadata"]
+        assert m["truth"] == ("rejected" if m["flipped"] == "true" else "chosen")
+
+
+def test_flipped_share_is_configurable_and_flips_swap_the_better_answer():
+    for share in (0.0, 0.2, 0.5):
+        pairs = list(generate(GenerateConfig(n=1000, seed=2, flip_share=share)))
+        got = sum(p["metadata"]["flipped"] == "true" for p in pairs) / len(pairs)
+        assert abs(got - share) < 0.04, (share, got)
+    clean = {p["pair_id"]: p for p in generate(GenerateConfig(n=200, seed=3, flip_share=0.0))}
+    noisy = list(generate(GenerateConfig(n=200, seed=3, flip_share=0.2)))
+    flipped = [p for p in noisy if p["metadata"]["flipped"] == "true"]
+    assert flipped
+    for p in noisy:  # a flip changes only the published label, and as_clean undoes it
+        assert truly_better(p) == truly_better(as_clean(p))
+        assert as_clean(p)["chosen"] == truly_better(p)
+        assert {p["chosen"], p["rejected"]} == {as_clean(p)["chosen"], as_clean(p)["rejected"]}
+    assert len(clean) == 200
+
+
+def test_style_traps_make_the_worse_answer_longer_and_markdown():
+    pairs = [p for p in generate(GenerateConfig(n=600, seed=4, style_trap_share=0.3)) if p["metadata"]["style_trap"] == "true"]
+    assert len(pairs) > 100
+    for p in pairs:
+        good = truly_better(p)
+        bad = p["rejected"] if good == p["chosen"] else p["chosen"]
+        assert len(bad) > len(good) and bad.startswith("## ") and "**" in bad and "## " not in good
+
+
+def test_verifiers_agree_with_the_recorded_truth():
+    pairs = list(generate(GenerateConfig(n=480, seed=5)))
+    math = [p for p in pairs if "answer" in p["metadata"]]
+    code = [p for p in pairs if "tests" in p["metadata"]][:12]  # each runs two sandboxed interpreters
+    assert len(math) >= 150 and len(code) == 12
+    assert all(verify_math(p) == p["metadata"]["truth"] for p in math)
+    assert all(verify_code(p) == p["metadata"]["truth"] for p in code)
+
+
+def test_unknown_category_is_refused():
+    with pytest.raises(ValueError, match="unknown categories"):
+        list(generate(GenerateConfig(n=1, categories=("poetry",))))
+
+
+def test_cli_writes_the_same_pairs_and_refuses_bad_options(tmp_path, stack_settings):
+    from tests.helpers import run_cli
+
+    out = tmp_path / "pairs.jsonl"
+    run_cli(["generate", "-n", "30", "--seed", "9", "--category", "safety", "--category", "arithmetic", "-o", str(out)],
+            stack_settings)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert got == list(generate(GenerateConfig(n=30, seed=9, categories=("safety", "arithmetic"))))
+    bad = run_cli(["generate", "--category", "poetry"], stack_settings, check=False)
+    assert bad.returncode == 2 and "choose from" in bad.stderr and "arithmetic" in bad.stderr
+    bad = run_cli(["generate", "--flip-share", "1.5"], stack_settings, check=False)
+    assert bad.returncode == 2 and "flip-share" in bad.stderr
+    assert set(CATEGORIES) >= {"safety", "arithmetic"}

@@ -1,0 +1,55 @@
+"""The demo report's arithmetic on hand-made records (the demo test checks it against real topics)."""
+
+from __future__ import annotations
+
+from streams.generate import GenerateConfig, generate
+from streams.report import hot_swaps, noise_detection, to_html
+
+
+def _curated(pair: dict, split: str, swap: bool) -> dict:
+    p = dict(pair)
+    if swap:
+        p["chosen"], p["rejected"] = pair["rejected"], pair["chosen"]
+    return {"pair": p, "split": split}
+
+
+def test_noise_detection_precision_and_recall():
+    stream = list(generate(GenerateConfig(n=40, seed=1, flip_share=0.5)))
+    flipped = [p for p in stream if p["metadata"]["flipped"] == "true"]
+    clean = [p for p in stream if p["metadata"]["flipped"] == "false"]
+    assert len(flipped) >= 6 and len(clean) >= 6
+    curated = {}
+    for p in flipped[:4]:  # four flips found: corrected by humans
+        curated[p["pair_id"]] = _curated(p, "gold", swap=True)
+    curated[clean[0]["pair_id"]] = _curated(clean[0], "flipped", swap=True)  # one false alarm
+    for p in clean[1:5]:  # kept as published, rightly
+        curated[p["pair_id"]] = _curated(p, "silver", swap=False)
+    curated[flipped[4]["pair_id"]] = _curated(flipped[4], "silver", swap=False)  # a missed flip reaches training
+    scored = {flipped[5]["pair_id"]: {"route": "dropped", "route_reason": "gold model disagrees (gold_p=0.2)"}}
+    nd = noise_detection(stream, scored, curated)
+    assert nd["flipped_in_stream"] == len(flipped)
+    assert nd["corrected"] == {"flagged": 5, "true_positives": 4, "precision": 0.8, "recall": 4 / len(flipped)}
+    assert nd["corrected_by_split"] == {"gold": 4, "flipped": 1}
+    assert nd["corrected_or_filtered"]["true_positives"] == 5
+    # 10 curated pairs: 4 corrected flips + 4 kept clean pairs are right; the false alarm and the missed flip are not.
+    assert nd["curated_label_accuracy"] == 0.8
+
+
+def test_hot_swaps_only_count_published_versions_and_measure_to_first_use():
+    versions = [({"role": "current", "version": "v1", "action": "promote", "announced_at": 1_000}, 0),
+                ({"role": "current", "version": "v2", "action": "promote", "announced_at": 10_000}, 0),
+                ({"role": "current", "version": "v3", "action": "promote", "announced_at": 20_000}, 0),
+                ({"role": "gold", "version": "g1", "action": "promote", "announced_at": 500}, 0)]
+    scored = [({"model_version": "v1", "scored_at": 5_000}, 0), ({"model_version": "v2", "scored_at": 12_500}, 0),
+              ({"model_version": "v2", "scored_at": 11_500}, 0)]
+    decisions = [{"role": "current", "decision": "published", "version": v} for v in ("v2", "v3")]
+    got = hot_swaps(versions, scored, decisions)
+    assert [(s["version"], s["first_scored_after_s"]) for s in got] == [("v2", 1.5), ("v3", None)]
+
+
+def test_html_escapes_everything_it_renders():
+    page = to_html("# title <script>\n\n| a | <b>x</b> |\n|---|---|\n| 1 | <img src=x onerror=alert(1)> |\n\n"
+                   "- item & <i>\n\n![p.png\"onload=\"x](p.png\"onload=\"x)\n")
+    assert "<script>" not in page and "<b>x</b>" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;" in page and "&lt;b&gt;x&lt;/b&gt;" in page and "&amp; &lt;i&gt;" in page
+    assert 'src="p.png&quot;onload=&quot;x"' in page

@@ -1,0 +1,49 @@
+"""`prefstream up`'s status snapshot: rates, retrain state, and both renderings."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from rich.console import Console
+
+from streams.status import Snapshot, one_line, rates, render, retrain_state
+
+
+def _snap(t: float, scored: int, raw: int) -> Snapshot:
+    return Snapshot(time=t, workers=2, workers_up=2, records_in=Counter({"prefs.raw": raw}),
+                    records_out=Counter({"prefs.scored": scored}), routes=Counter({"review": 3, "silver": scored - 3}),
+                    scored=scored, mispredicted=3, serving={"current": "current-v2", "gold": "gold-v1"},
+                    models={"current": {"version": "current-v2", "holdout_accuracy": 0.8125}},
+                    retrains={"current": "running since 12:00:00 (threshold)"},
+                    review={"pending": 4, "expert": 1, "verdicts": 17}, alpha=0.71, review_url="http://127.0.0.1:8080")
+
+
+def test_rates_are_per_second_between_snapshots():
+    r = rates(_snap(12.0, 30, 40), _snap(10.0, 10, 20))
+    assert r == {"prefs.raw": 10.0, "prefs.scored": 10.0}
+    assert rates(_snap(12.0, 30, 40), None) == {}
+
+
+def test_retrain_state_follows_the_decision_log(tmp_path):
+    log = tmp_path / "controller-decisions.jsonl"
+    assert retrain_state(log) == {}
+    entries = [{"time": 0, "role": "current", "decision": "triggered", "reason": "threshold: 500 new"},
+               {"time": 0, "role": "gold", "decision": "triggered", "reason": "drift: up"},
+               {"time": 0, "role": "gold", "decision": "published", "reason": "ok", "version": "gold-v2"}]
+    log.write_text("\n".join(json.dumps(e) for e in entries))
+    state = retrain_state(log)
+    assert state["current"].startswith("running since") and "(threshold)" in state["current"]
+    assert state["gold"].startswith("published gold-v2 at ")
+
+
+def test_live_view_and_plain_line_show_the_same_facts():
+    now, before = _snap(12.0, 30, 40), _snap(10.0, 10, 20)
+    console = Console(record=True, width=200)
+    console.print(render(now, before))
+    text = console.export_text()
+    for fact in ("workers 2/2 up", "scored 30", "review queue 4 (+1 expert)", "alpha 0.71", "current-v2", "0.812",
+                 "running since 12:00:00", "http://127.0.0.1:8080", "prefs.raw", "10.0"):
+        assert fact in text, fact
+    line = one_line(now, before)
+    assert "scored=30" in line and "raw_per_s=10.0" in line and "serving[current=current-v2,gold=gold-v1]" in line
