@@ -32,8 +32,9 @@ from streams.exceptions import StreamsError
 from streams.generate import GenerateConfig, as_clean, generate, write_jsonl
 from streams.services import Deployment
 from streams.settings import Settings, child_env, get_settings
+from streams.supervisor import describe_exit
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # log lines stay whole when not on a terminal
 log = logging.getLogger(__name__)
 REGRESSION_PAIRS = 100
 SHARED_HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
@@ -306,7 +307,7 @@ def _run_stages(run: DemoRun, dep: Deployment, data: dict[str, list[dict]], toke
         codes = dep.stop_services()
         if dep.left_running():
             run.failures.append(f"still running after stop: {dep.left_running()}")
-        stage("services stopped (" + ", ".join(f"{k} {_exit(v)}" for k, v in codes.items()) + ")", t0)
+        stage("services stopped (" + ", ".join(f"{k} {describe_exit(v)}" for k, v in codes.items()) + ")", t0)
 
 
 def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
@@ -362,11 +363,6 @@ def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
     finally:
         dep.stop()  # services first (idempotent), then the stack if the demo started it
     return report
-
-
-def _exit(code: int | None) -> str:
-    # uvicorn re-raises SIGTERM after its graceful shutdown, so -15 is a clean stop too.
-    return "stopped cleanly" if code in (0, -15) else f"exit {code}"
 
 
 def _free_port() -> int:

@@ -105,6 +105,11 @@ class Supervisor:
         self.stop_all()
 
 
+def describe_exit(code: int | None) -> str:
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so -15 is a clean stop too.
+    return "stopped cleanly" if code in (0, -15) else f"exit {code}"
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)

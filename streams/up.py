@@ -22,8 +22,9 @@ from rich.live import Live
 from streams.services import Deployment
 from streams.settings import ReviewSettings, get_settings
 from streams.status import Snapshot, collect, one_line, render
+from streams.supervisor import describe_exit
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # log lines stay whole when not on a terminal
 
 
 def _interrupt(*_: object) -> None:
@@ -76,7 +77,7 @@ def up(workers: int, review_port: int | None, no_controller: bool, refresh: floa
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
         console.print("stopping ...")
         codes = dep.stop()
-        console.print("stopped: " + ", ".join(f"{k} (exit {v})" for k, v in codes.items()) +
+        console.print("stopped: " + ", ".join(f"{k} {describe_exit(v)}" for k, v in codes.items()) +
                       ("; embedded stack stopped" if dep.stack is not None else ""))
 
 

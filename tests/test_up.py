@@ -83,7 +83,7 @@ def test_up_runs_until_ctrl_c_leaves_nothing_behind_and_resumes(tmp_path):
         _run_once(settings, log, pairs[5:15], 10)
         assert "using the running broker" in log.read_text()
         left = processes_with_env("PREFSTREAM_HOME", str(home))
-        assert len(left) == 2 and all("tansu" in c or "redis-server" in c for c in left), left
+        assert left and all("tansu" in c or "redis-server" in c for c in left), left  # only the stack stays
         _run_once(settings, tmp_path / "up3.log", pairs[15:], 5)  # counters restart; only the new pairs are processed
         ids = [r["pair"]["pair_id"] for r in read_topic(settings, "prefs.scored", "ScoredPair")]
         assert sorted(ids) == sorted(p["pair_id"] for p in pairs[5:]), "a pair was lost or processed twice across restarts"
