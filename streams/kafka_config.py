@@ -7,9 +7,16 @@ for processors that poll often.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from streams.settings import Settings
+
+# librdkafka's own log lines go through Python logging (served on poll), not straight to stderr:
+# services that configure logging see them in their logs, and a client idling in a test or a CLI
+# no longer prints "Connect ... failed" when a broker it no longer needs goes away.
+KAFKA_LOG = logging.getLogger("prefstream.kafka")
+KAFKA_LOG.addHandler(logging.NullHandler())
 
 SESSION_TIMEOUT_MS = 6000
 MAX_POLL_INTERVAL_MS = 10000
@@ -24,6 +31,7 @@ def _common(settings: Settings) -> dict[str, Any]:
         "security.protocol": settings.security_protocol,
         # A broker closing idle connections is routine; do not print it as an error.
         "log.connection.close": False,
+        "logger": KAFKA_LOG,
     }
     if settings.sasl_mechanism:
         conf["sasl.mechanism"] = settings.sasl_mechanism

@@ -238,6 +238,7 @@ class Worker:
         try:
             while not self.stop.is_set():
                 self.scorer.swap_if_ready()  # between batches only
+                producer.poll(0)  # serve the producer's queue (librdkafka's log lines come through it)
                 msgs = consumer.consume(self.w.max_batch, self.w.max_wait_ms / 1000)
                 msgs = [m for m in msgs if not m.error()]
                 if not msgs:

@@ -184,6 +184,7 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64) -> Non
     consumer.subscribe([settings.topic(topics.ANNOTATIONS)])
     try:
         while not stop.is_set():
+            producer.poll(0)  # serve the producer's queue (librdkafka's log lines come through it)
             msgs = [m for m in consumer.consume(max_batch, 0.5) if not m.error()]
             if not msgs:
                 continue
