@@ -45,7 +45,7 @@ def run(model_dir: str, n_pairs: int, max_length: int) -> dict:
     t = time.perf_counter()
     nc, nr = naive_scores(model_dir, pairs, max_length)
     naive_s = time.perf_counter() - t
-    ours = RewardModel.load(model_dir, backend="onnx", max_length=max_length, batch_size=32)
+    ours = RewardModel.load(model_dir, backend="onnx", max_length=max_length)  # our default batching
     t = time.perf_counter()
     oc, orr = ours.score_pairs(pairs)
     ours_s = time.perf_counter() - t

@@ -17,7 +17,7 @@ from streams.embedded.process import free_port
 from streams.embedded.stack import Stack
 from streams.exceptions import ConfigError, StreamsError
 from streams.settings import Settings, child_env
-from streams.supervisor import Child, Supervisor, SupervisorError
+from streams.supervisor import Supervisor, SupervisorError
 
 
 def redis_answers(settings: Settings) -> bool:
@@ -55,7 +55,6 @@ class Deployment:
     controller: bool = True
     stack: Stack | None = None
     sup: Supervisor | None = None
-    worker_children: list[Child] = field(default_factory=list)
     worker_metrics: list[str] = field(default_factory=list)
 
     @property
@@ -78,7 +77,6 @@ class Deployment:
             env = {"PREFSTREAM_WORKER_WORKER_ID": f"up-w{i}"} | self.worker_env
             child = self.sup.start(f"worker-{i}", ["worker", "--health-port", str(port)], env=env,
                                    ready_url=f"http://127.0.0.1:{port}/readyz")
-            self.worker_children.append(child)
             self.worker_metrics.append(f"http://127.0.0.1:{port}/metrics")
             children.append(child)
         children.append(self.sup.start(

@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError as KafkaErrorCode
 
 from schemas.pairs import prompt_text
 from schemas.wire import ValueCodec
@@ -45,6 +46,7 @@ TXN_TIMEOUT_S = 30.0
 # that is not restarted with the same worker_id (a restart with it aborts the transaction at once).
 TXN_TIMEOUT_MS = 15000
 RETRY_BACKOFF_S = 1.0
+WORKER_MAX_POLL_INTERVAL_MS = 60000
 VERSIONS_DRAIN_S = 1.0
 
 
@@ -223,7 +225,10 @@ class Worker:
         except KafkaException as exc:
             raise KafkaError(f"cannot start a transactional producer at {self.s.bootstrap}: {exc.args[0].str()}") from exc
         # The topic prefix isolates deployments sharing a cluster; their groups must be isolated too.
-        consumer = Consumer(consumer_config(self.s, f"{self.s.topic_prefix}{self.w.group}"))
+        # A micro-batch on a busy CPU can take longer than the 10 s readers use; a worker that overruns
+        # max.poll.interval leaves its group, and on Tansu it was seen never to rejoin (bench, 2 workers).
+        consumer = Consumer(consumer_config(self.s, f"{self.s.topic_prefix}{self.w.group}",
+                                            **{"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS}))
         consumer.subscribe([self.s.topic(topics.RAW)])
         shard_thread = None
         if self.w.shard_writer:
@@ -240,6 +245,9 @@ class Worker:
                 self.scorer.swap_if_ready()  # between batches only
                 producer.poll(0)  # serve the producer's queue (librdkafka's log lines come through it)
                 msgs = consumer.consume(self.w.max_batch, self.w.max_wait_ms / 1000)
+                for m in msgs:
+                    if m.error() and m.error().code() != KafkaErrorCode._PARTITION_EOF:
+                        log.warning("consumer error: %s", m.error().str())
                 msgs = [m for m in msgs if not m.error()]
                 if not msgs:
                     continue

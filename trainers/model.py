@@ -24,7 +24,12 @@ from trainers.formatting import PAIR, Formatter, detect_input_format, length_sor
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PREFSTREAM_CONFIG = "prefstream.json"
 DEFAULT_MAX_LENGTH = 512
-DEFAULT_BATCH_SIZE = 32
+# Sequences per forward pass. Measured on 2 CPU cores (MiniLM, HH-RLHF pairs, micro-batches of 32
+# pairs): 8 scores 15.3 pairs/s with torch and 16.6 with ONNX fp32, against 9.4 and 10.0 with 32:
+# small length-sorted batches waste little padding and stay in cache. Accelerators want more.
+CPU_BATCH_SIZE = 8
+ACCELERATOR_BATCH_SIZE = 32
+DEFAULT_BATCH_SIZE = CPU_BATCH_SIZE
 ONNX_FP32 = "model.onnx"
 ONNX_INT8 = "model.int8.onnx"
 BACKENDS = ("torch", "onnx")
@@ -122,7 +127,7 @@ class RewardModel:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "torch", device: str = "cpu", dtype: str = "fp32",
-             onnx_file: str = ONNX_INT8, max_length: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+             onnx_file: str = ONNX_INT8, max_length: int | None = None, batch_size: int | None = None,
              threads: int | None = None, attn_implementation: str | None = None) -> RewardModel:
         from transformers import AutoConfig, AutoTokenizer
 
@@ -149,6 +154,7 @@ class RewardModel:
         else:
             runner = OnnxBackend(path / onnx_file, threads)
         uses_tt = input_format == PAIR and config.model_type in ("bert",) and getattr(config, "type_vocab_size", 1) > 1
+        batch_size = batch_size or (CPU_BATCH_SIZE if device == "cpu" else ACCELERATOR_BATCH_SIZE)
         return cls(tokenizer, runner, input_format, int(max_length), batch_size, torch_model, path, uses_tt)
 
     @staticmethod

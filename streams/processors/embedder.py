@@ -13,7 +13,7 @@ import numpy as np
 
 EMBED_MAX_LENGTH = 128
 CACHE_SIZE = 4096
-BATCH = 64
+BATCH = 8
 
 
 class Embedder:
@@ -34,16 +34,19 @@ class Embedder:
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         torch = self.torch
-        out = []
-        for i in range(0, len(texts), BATCH):
-            enc = self.tokenizer(texts[i: i + BATCH], padding=True, truncation=True, max_length=self.max_length,
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # Length-sorted small batches, as the scorer does: little padding (see trainers.model.CPU_BATCH_SIZE).
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for i in range(0, len(order), BATCH):
+            idx = order[i: i + BATCH]
+            enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
             with torch.inference_mode():
                 hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        return np.concatenate(out).astype(np.float32)
+            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return out
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
