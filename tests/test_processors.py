@@ -134,3 +134,53 @@ def test_llm_labeler_falls_back_on_failure(labeler):
     pair = {"conversation": [{"role": "user", "content": "What is 17 * 23?"}], "chosen": "a", "rejected": "b"}
     llm.label([pair])
     assert llm.failures == 1 and pair["task_category"] == "arithmetic"
+
+
+def test_llm_labeler_uses_a_json_schema_answer_and_falls_back_per_pair(labeler):
+    """The success path against a local OpenAI-compatible endpoint (as vLLM or Ollama would answer)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from streams.processors.labeler import LLMLabeler
+
+    seen: list[dict] = []
+
+    class FakeLLM(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            prompt = body["messages"][-1]["content"]
+            category = "poetry_slam" if "rhyme" in prompt else "creative_story"  # the first is not in the taxonomy
+            answer = {"task_category": category, "objectivity": "open-ended", "controversiality": "medium",
+                      "expected_attributes": ["vivid imagery"], "annotation_guideline": "Prefer the more original story."}
+            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": json.dumps(answer)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeLLM)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        llm = LLMLabeler(f"http://127.0.0.1:{server.server_port}/v1", "qwen3-8b", labeler, api_key="k3y")
+        story = {"conversation": [{"role": "user", "content": "Write a story about a lighthouse."}], "chosen": "a",
+                 "rejected": "b"}
+        rhyme = {"conversation": [{"role": "user", "content": "What is 17 * 23? Answer in rhyme."}], "chosen": "a",
+                 "rejected": "b"}
+        llm.label([story, rhyme])
+    finally:
+        server.shutdown()
+    assert [s["path"] for s in seen] == ["/v1/chat/completions"] * 2
+    assert seen[0]["auth"] == "Bearer k3y" and seen[0]["body"]["model"] == "qwen3-8b"
+    assert seen[0]["body"]["response_format"]["type"] == "json_schema"
+    assert (story["task_category"], story["objectivity"], story["controversiality"]) == \
+        ("creative_story", "open-ended", "medium")
+    assert story["expected_attributes"] == ["vivid imagery"]
+    assert story["annotation_guideline"] == "Prefer the more original story."
+    # An answer outside the schema (unknown category) is refused for that pair only; the default labels it.
+    assert llm.failures == 1 and rhyme["task_category"] == "arithmetic"
