@@ -211,7 +211,7 @@ def test_controller_retrains_gates_publishes_and_scorers_swap_then_rollback(sett
     seed = tmp_path / "seed.jsonl"
     seed.write_text("\n".join(json.dumps({k: v for k, v in p.items() if k != "extra"}) for p in toy_pairs(60)))
     run_cli(["retrain", "--seed-file", str(seed), "--max-steps", "8", "--max-length", "64", "--no-quantize",
-             "--tolerance", "1"], settings, timeout=600)
+             "--tolerance", "1", "--max-category-drop", "1"], settings, timeout=600)
     store = ModelStore(settings.models_dir)
     v1 = store.serving("current")
     assert v1
@@ -219,7 +219,9 @@ def test_controller_retrains_gates_publishes_and_scorers_swap_then_rollback(sett
     env = settings_env(settings) | {
         "PREFSTREAM_CONTROLLER_THRESHOLD_CURRENT": "40", "PREFSTREAM_CONTROLLER_THRESHOLD_GOLD": "100000",
         "PREFSTREAM_CONTROLLER_POLL_S": "1", "PREFSTREAM_CONTROLLER_HEALTH_PORT": "0",
-        "PREFSTREAM_CONTROLLER_RETRAIN_ARGS": "--max-steps 6 --max-length 64 --no-quantize --tolerance 1 --min-pairs 20"}
+        # The gate is proven by the worse-model test; here a 6-step model must pass it whatever its luck.
+        "PREFSTREAM_CONTROLLER_RETRAIN_ARGS": "--max-steps 6 --max-length 64 --no-quantize --tolerance 1 "
+                                              "--max-category-drop 1 --min-pairs 20"}
     log = tmp_path / "controller.log"
     ctl = subprocess.Popen([sys.executable, "-m", "streams.cli", "controller"], env=env, cwd=ROOT,
                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
