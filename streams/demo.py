@@ -28,6 +28,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from streams.embedded.process import free_port
 from streams.exceptions import StreamsError
 from streams.generate import GenerateConfig, as_clean, generate, write_jsonl
 from streams.services import Deployment
@@ -138,16 +139,13 @@ def _run_cli(args: list[str], settings: Settings, log_file: Path, timeout: float
         raise DemoError(f"`prefstream {' '.join(args)}` exited {proc.returncode}; its log ({log_file}) ends:\n{tail}")
 
 
-def _published(settings: Settings) -> list[dict]:
-    path = Path(settings.models_dir) / "controller-decisions.jsonl"
-    if not path.exists():
-        return []
-    return [d for d in map(json.loads, path.read_text().splitlines()) if d["role"] == "current" and d["decision"] == "published"]
-
-
 def _controller_outcomes(settings: Settings) -> list[dict]:
     path = Path(settings.models_dir) / "controller-decisions.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _published(settings: Settings) -> list[dict]:
+    return [d for d in _controller_outcomes(settings) if d["role"] == "current" and d["decision"] == "published"]
 
 
 def _serving_everywhere(dep: Deployment, version: str) -> bool:
@@ -336,7 +334,7 @@ def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
     # A quarter of a phase: the retrain starts early in the phase and mostly overlaps its traffic.
     threshold = cfg.threshold or max(20, int(phase_size * 0.25))
     dep = Deployment(
-        settings, state / "logs", workers=cfg.workers, review_port=_free_port(),
+        settings, state / "logs", workers=cfg.workers, review_port=free_port(),
         review_tokens=",".join(f"{n}:{t}" for n, t in tokens.items()), review_experts=",".join(experts),
         # On a small machine the worker and a retrain job share the cores: one thread for the worker keeps
         # them from thrashing (measured: a retrain took > 4 min beside a worker on all cores).
@@ -363,12 +361,6 @@ def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
     finally:
         dep.stop()  # services first (idempotent), then the stack if the demo started it
     return report
-
-
-def _free_port() -> int:
-    from streams.embedded.process import free_port
-
-    return free_port()
 
 
 @click.command()

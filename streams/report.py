@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from streams.generate import truly_better
 from streams.settings import Settings
 
 CORRECTING_SPLITS = ("gold", "flipped", "verified_by_tool")
@@ -60,19 +61,13 @@ def noise_detection(stream: list[dict], scored: dict[str, dict], curated: dict[s
             by[c["split"]] += 1
     filtered = corrected | {i for i, s in scored.items() if i in known and s.get("route") == "dropped"
                             and "gold" in (s.get("route_reason") or "")}
-    right = sum(1 for i, c in curated.items() if i in known and c["pair"]["chosen"] == _better(known[i]))
+    right = sum(1 for i, c in curated.items() if i in known and c["pair"]["chosen"] == truly_better(known[i]))
     n_cur = sum(1 for i in curated if i in known)
     return {"pairs_with_known_truth": len(known), "flipped_in_stream": len(flipped),
             "corrected": _prf(corrected, flipped), "corrected_by_split": dict(by),
             "corrected_or_filtered": _prf(filtered, flipped),
             "stream_label_accuracy": 1 - len(flipped) / len(known) if known else None,
             "curated_label_accuracy": right / n_cur if n_cur else None, "curated_pairs_with_known_truth": n_cur}
-
-
-def _better(pair: dict) -> str:
-    from streams.generate import truly_better
-
-    return truly_better(pair)
 
 
 def evaluate_versions(settings: Settings, holdout: list[dict], max_length: int) -> list[dict[str, Any]]:
@@ -214,6 +209,15 @@ def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[
 
 
 # ---------------------------------------------------------------------------- files
+def _save(fig: Any, path: Path, files: list[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    files.append(path.name)
+    plt.close(fig)
+
+
 def plots(report: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
@@ -231,10 +235,7 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
     ax.set_ylabel("accuracy")
     ax.set_title("reward model accuracy by version")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_by_version.png", dpi=110)
-    files.append("accuracy_by_version.png")
-    plt.close(fig)
+    _save(fig, out / "accuracy_by_version.png", files)
 
     series = report["_series"]["routes"]
     if series:
@@ -250,10 +251,7 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
         ax.set_ylabel("pairs per 10 s")
         ax.set_title("routes over time")
         ax.legend(fontsize=7, loc="upper right")
-        fig.tight_layout()
-        fig.savefig(out / "routes_over_time.png", dpi=110)
-        files.append("routes_over_time.png")
-        plt.close(fig)
+        _save(fig, out / "routes_over_time.png", files)
 
     lat = report["_series"]["latency"]
     if lat:
@@ -265,10 +263,7 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
         ax.set_ylabel("pairs")
         ax.set_title("latency")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "latency_histogram.png", dpi=110)
-        files.append("latency_histogram.png")
-        plt.close(fig)
+        _save(fig, out / "latency_histogram.png", files)
     return files
 
 
