@@ -1,8 +1,9 @@
 """End-to-end stream throughput vs the bare scorer, latency at half the maximum rate, 1 -> 2 workers.
 
 All on a private embedded stack. "Bare scorer" is the model alone (the same bootstrap MiniLM,
-batch 32) scoring the same pairs in this process; end to end adds Kafka, ingest, dedupe, labels
-(one more MiniLM pass over the prompt), routing, retrieval and the transactional commit.
+our default batching, all pairs in one call so it sorts them all by length) scoring the same pairs
+in this process; end to end adds Kafka, ingest, dedupe, labels (one more MiniLM pass over the last
+user turn), routing, retrieval and the transactional commit, in micro-batches as they arrive.
 """
 
 from __future__ import annotations

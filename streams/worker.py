@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -50,6 +51,15 @@ WORKER_MAX_POLL_INTERVAL_MS = 60000
 VERSIONS_DRAIN_S = 1.0
 
 
+@dataclass
+class Scored:
+    """A micro-batch after the first stage: dead-letter outputs, the valid pairs and their scores."""
+
+    outputs: list[tuple[str, bytes | None, bytes, list]]
+    pairs: list[dict]
+    scores: list[dict]
+
+
 class Pipeline:
     """The per-batch logic, free of Kafka plumbing (so it can be tested and benchmarked alone)."""
 
@@ -75,22 +85,32 @@ class Pipeline:
         return topic, key, value, headers
 
     def process(self, msgs: list[Any]) -> list[tuple[str, bytes | None, bytes, list]]:
+        """The whole batch in one call: what the worker's two stages do one after the other."""
+        return self.route_batch(self.score_batch(msgs))
+
+    def score_batch(self, msgs: list[Any]) -> Scored:
+        """First stage: decode, validate, deduplicate, score (the model runs here)."""
         results = [(m, self.ingestor.decode(m)) for m in msgs]
         self.ingestor.dedupe(results)
-        outputs = []
-        pairs = []
+        batch = Scored([], [], [])
         for m, r in results:
             metrics.RECORDS_IN.labels(m.topic()).inc()
             if r.dead_letter is not None:
                 metrics.DLQ.labels(r.dead_letter["reason"]).inc()
-                outputs.append(self._out(topics.DLQ, "DeadLetter", m.key(), r.dead_letter))
+                batch.outputs.append(self._out(topics.DLQ, "DeadLetter", m.key(), r.dead_letter))
             elif r.duplicate:
                 metrics.DUPLICATES.inc()
             else:
-                pairs.append(r.pair)
+                batch.pairs.append(r.pair)
+        if batch.pairs:
+            batch.scores = self.scorer.score(batch.pairs)
+        return batch
+
+    def route_batch(self, batch: Scored) -> list[tuple[str, bytes | None, bytes, list]]:
+        """Second stage: labels, verifiers, routing, similar pairs, encoded output records."""
+        outputs, pairs, scores = batch.outputs, batch.pairs, batch.scores
         if not pairs:
             return outputs
-        scores = self.scorer.score(pairs)
         disagreement = [abs(s["p"] - s["gold_p"]) if s["gold_p"] is not None else None for s in scores]
         self.labeler.label(pairs, disagreement)
         prompts = [prompt_text(p) for p in pairs]
@@ -168,13 +188,26 @@ class VersionWatcher:
         self.consumer.close()
 
 
-def commit_batch(producer: Producer, consumer: Consumer, outputs: list[tuple[str, bytes | None, bytes, list]]) -> None:
-    """One transaction: every output record and the consumer's input offsets, or nothing."""
+def next_offsets(msgs: list[Any]) -> list[TopicPartition]:
+    """The offsets to commit after ``msgs``: one past the last record of each partition in the batch."""
+    last: dict[tuple[str, int], int] = {}
+    for m in msgs:
+        key = (m.topic(), m.partition())
+        last[key] = max(last.get(key, -1), m.offset())
+    return [TopicPartition(t, p, off + 1) for (t, p), off in last.items()]
+
+
+def commit_batch(producer: Producer, consumer: Consumer, outputs: list[tuple[str, bytes | None, bytes, list]],
+                 offsets: list[TopicPartition]) -> None:
+    """One transaction: every output record and the batch's input offsets, or nothing.
+
+    The offsets are the batch's own rather than the consumer's position, so a commit can never
+    cover a record that was fetched but not processed.
+    """
     producer.begin_transaction()
     for topic, key, value, headers in outputs:
         producer.produce(topic, value=value, key=key, headers=headers)
-    producer.send_offsets_to_transaction(consumer.position(consumer.assignment()),
-                                         consumer.consumer_group_metadata(), TXN_TIMEOUT_S)
+    producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), TXN_TIMEOUT_S)
     producer.commit_transaction(TXN_TIMEOUT_S)
 
 
@@ -229,7 +262,6 @@ class Worker:
         # max.poll.interval leaves its group, and on Tansu it was seen never to rejoin (bench, 2 workers).
         consumer = Consumer(consumer_config(self.s, f"{self.s.topic_prefix}{self.w.group}",
                                             **{"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS}))
-        consumer.subscribe([self.s.topic(topics.RAW)])
         shard_thread = None
         if self.w.shard_writer:
             from streams.shard_writer import ShardWriter
@@ -237,6 +269,7 @@ class Worker:
             writer = ShardWriter(self.s, self.w, self.stop)
             shard_thread = threading.Thread(target=writer.run, name="shards", daemon=True)
             shard_thread.start()
+        consumer.subscribe([self.s.topic(topics.RAW)])
         self.ready = True
         metrics.READY.set(1)
         log.info("worker %s consuming %s", tid, self.s.topic(topics.RAW))
@@ -253,9 +286,7 @@ class Worker:
                     continue
                 try:
                     outputs = pipeline.process(msgs)
-                    commit_batch(producer, consumer, outputs)
-                    for topic, *_ in outputs:
-                        metrics.RECORDS_OUT.labels(topic).inc()
+                    commit_batch(producer, consumer, outputs, next_offsets(msgs))
                 except KafkaException as exc:
                     err = exc.args[0]
                     if err.fatal():
@@ -271,6 +302,8 @@ class Worker:
                     rewind(consumer)
                     time.sleep(RETRY_BACKOFF_S)
                     continue
+                for topic, *_ in outputs:
+                    metrics.RECORDS_OUT.labels(topic).inc()
                 now = time.time()
                 for m in msgs:
                     ts = m.timestamp()[1]

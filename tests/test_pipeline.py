@@ -58,10 +58,11 @@ def assert_exactly_once_in_shards(settings, expected_ids: set[str]) -> None:
 def test_end_to_end_every_pair_accounted_for(settings):
     worker = WorkerProcess(settings).start()
     try:
-        objective = objective_pairs(60)
-        pairs = hh_valid_pairs(140) + objective
+        # The issue's size: 2,000 pairs, half real HH-RLHF conversations, half objective pairs with known answers.
+        objective = objective_pairs(1000)
+        pairs = hh_valid_pairs(1000) + objective
         ids = produce(settings, pairs)
-        scored = last_per_pair(wait_for_scored(settings, ids))
+        scored = last_per_pair(wait_for_scored(settings, ids, timeout=900))
         assert set(scored) == ids
         policy = RouterPolicy()
         for pid, rec in scored.items():
@@ -84,8 +85,9 @@ def test_end_to_end_every_pair_accounted_for(settings):
             k = 8 if task["p"] < 0.5 else int(8 * (1 - task["p"]))
             assert len(task["similar"]) == min(k, len(task["similar"])) <= k
         assert any(len(t["similar"]) == 8 for t in review), "mispredicted pairs should come with 8 similar pairs"
+        by_id = {p["pair_id"]: p for p in objective}
         for c in curated:  # flipped verdicts are stored the right way round for training
-            truth = next(p for p in objective if p["pair_id"] == c["pair"]["pair_id"])
+            truth = by_id[c["pair"]["pair_id"]]
             assert c["pair"]["chosen"].endswith(f"= {eval(truth['prompt'][8:-1].replace(' ', ''))}.")
         assert_exactly_once_in_shards(settings, {c["pair"]["pair_id"] for c in curated})
         text = worker.metrics()
@@ -95,8 +97,12 @@ def test_end_to_end_every_pair_accounted_for(settings):
         assert worker.stop() == 0
 
 
-def bad_records(settings, n: int) -> list[tuple[bytes | None, bytes, list]]:
-    """Malformed and hostile records of every kind, with the expected DLQ reason (None: a duplicate)."""
+def bad_records(settings, n: int, huge: int = 10) -> list[tuple[bytes | None, bytes, list]]:
+    """Malformed and hostile records of every kind, with the expected DLQ reason (None: a duplicate).
+
+    Exactly ``huge`` of them are 5 MB texts: each is kept whole in prefs.raw and prefs.dlq (in the
+    memory-only broker), so their count is fixed rather than a random tenth of ``n``.
+    """
     codec = ValueCodec()
     good = validate_pair({"prompt": "dup?", "chosen": "yes", "rejected": "no", "pair_id": "dup-1"})
     avro_value, avro_headers = codec.encode("PreferencePair", good, "x")
@@ -107,7 +113,6 @@ def bad_records(settings, n: int) -> list[tuple[bytes | None, bytes, list]]:
         (b'{"prompt": "q", "chosen": ', [], "invalid_json"),
         (json.dumps({"prompt": "q", "chosen": 5, "rejected": "b"}).encode(), [], "wrong_type"),
         (json.dumps({"prompt": "q", "chosen": "a"}).encode(), [], "missing_field"),
-        (json.dumps({"prompt": "q", "chosen": "x" * (5 << 20), "rejected": "b"}).encode(), [], "too_large"),
         (b'{"prompt": "q", "chosen": "ok", "rejected": "\xff\xfe"}', [], "invalid_utf8"),
         (scored_value, scored_headers, "wrong_schema"),
         (b"\x00\x01\x02 binary without a header", [], "unknown_schema"),
@@ -115,8 +120,11 @@ def bad_records(settings, n: int) -> list[tuple[bytes | None, bytes, list]]:
         (json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}).encode(), [], "identical_responses"),
         (avro_value, avro_headers, None),
     ]
+    big = (json.dumps({"prompt": "q", "chosen": "x" * (5 << 20), "rejected": "b"}).encode(), [], "too_large")
     rng = random.Random(0)
-    return [rng.choice(kinds) for _ in range(n)]
+    records = [rng.choice(kinds) for _ in range(n - huge)] + [big] * huge
+    rng.shuffle(records)
+    return records
 
 
 def test_bad_input_goes_to_the_dlq_and_valid_pairs_still_flow(settings):
@@ -126,9 +134,9 @@ def test_bad_input_goes_to_the_dlq_and_valid_pairs_still_flow(settings):
 
     worker = WorkerProcess(settings).start()
     try:
-        bad = bad_records(settings, 300)
+        bad = bad_records(settings, 1000)
         good = [validate_pair({"prompt": f"Capital number {i}?", "chosen": f"Answer {i}.", "rejected": "No."})
-                for i in range(40)]
+                for i in range(150)]
         prod = Producer(producer_config(settings))
         raw = settings.topic(topics.RAW)
         expected = Counter()
@@ -145,7 +153,7 @@ def test_bad_input_goes_to_the_dlq_and_valid_pairs_still_flow(settings):
             v, h = codec.encode("PreferencePair", pair, raw)
             prod.produce(raw, value=v, headers=h, key=pair["pair_id"].encode())
         assert prod.flush(30) == 0
-        valid_ids = {f"Capital number {i}?" for i in range(40)}
+        valid_ids = {f"Capital number {i}?" for i in range(150)}
         deadline = time.monotonic() + 180
         while True:
             dlq = read_topic(settings, topics.DLQ, "DeadLetter", idle=2)

@@ -184,3 +184,25 @@ def test_llm_labeler_uses_a_json_schema_answer_and_falls_back_per_pair(labeler):
     assert story["annotation_guideline"] == "Prefer the more original story."
     # An answer outside the schema (unknown category) is refused for that pair only; the default labels it.
     assert llm.failures == 1 and rhyme["task_category"] == "arithmetic"
+
+
+def test_a_batch_commits_its_own_offsets_not_the_consumers_position():
+    """The route stage commits batch N while batch N+1 is already consumed: only N's offsets go in."""
+    from streams.worker import next_offsets
+
+    class Msg:
+        def __init__(self, topic: str, partition: int, offset: int) -> None:
+            self._t, self._p, self._o = topic, partition, offset
+
+        def topic(self) -> str:
+            return self._t
+
+        def partition(self) -> int:
+            return self._p
+
+        def offset(self) -> int:
+            return self._o
+
+    batch = [Msg("raw", 0, 7), Msg("raw", 1, 3), Msg("raw", 0, 9), Msg("raw", 0, 8)]
+    got = {(tp.topic, tp.partition): tp.offset for tp in next_offsets(batch)}
+    assert got == {("raw", 0): 10, ("raw", 1): 4}

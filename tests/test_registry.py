@@ -90,3 +90,22 @@ def test_cli_publish_and_rollback_announce_on_models_versions(settings, model_di
     assert [(r["version"], r["action"]) for r in records] == [(v1, "promote"), (v2, "promote"), (v1, "rollback")]
     shown = run_cli(["models", "show", v1], settings).stdout
     assert '"role": "current"' in shown
+
+
+def test_announced_version_serves_the_fastest_checked_artifact(tmp_path, model_dir):
+    """auto: the INT8 ONNX when its export check let it exist, else the fp32 ONNX, else torch."""
+    from streams.processors.scorer import load_announced
+    from tests.helpers import toy_pairs
+    from trainers.export import export
+    from trainers.model import OnnxBackend, TorchBackend
+
+    store = ModelStore(tmp_path / "store")
+    plain = store.publish(model_dir, "current")
+    export(model_dir, toy_pairs(20), quantize=False)
+    with_onnx = store.publish(model_dir, "current")
+    picked = {}
+    for info in (plain, with_onnx):
+        rm = load_announced(store.version_record(info.version, "current", "promote", "test"))
+        picked[info.version] = (type(rm.backend), getattr(rm.backend, "path", None))
+    assert picked[plain.version][0] is TorchBackend
+    assert picked[with_onnx.version][0] is OnnxBackend and picked[with_onnx.version][1].name == "model.onnx"

@@ -158,3 +158,16 @@ def test_missing_and_wrong_models_give_clear_errors(tmp_path):
         RewardModel.load(tmp_path, backend="tensorrt")
     with pytest.raises(ModelLoadError, match="prefstream export"):
         RewardModel.default(backend="onnx")
+
+
+def test_training_device_is_resolved_or_refused_with_the_fix():
+    from trainers.exceptions import TrainerError
+    from trainers.train import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(TrainerError, match="cpu, cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainerError, match="--device cpu"):
+            resolve_device("cuda:0")

@@ -9,7 +9,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_decoder(kind: str, out: Path, seed: int = 0) -> Path:
+def build_tiny_decoder(kind: str, out: Path, seed: int = 0, **sizes: int) -> Path:
+    """A random decoder reward model with the packaged tokenizer and a chat template.
+
+    ``sizes`` overrides the config (hidden_size, num_hidden_layers, ...): the GPU check in
+    bench/gpu.py builds a larger one the same way.
+    """
     import torch
     from transformers import (
         AutoTokenizer,
@@ -25,10 +30,11 @@ def build_tiny_decoder(kind: str, out: Path, seed: int = 0) -> Path:
     tok.chat_template = CHAT_TEMPLATE
     common = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, num_labels=1,
-                  pad_token_id=tok.pad_token_id, use_cache=False)
+                  pad_token_id=tok.pad_token_id, use_cache=False) | sizes
+    head_dim = common.pop("head_dim", 8)
     torch.manual_seed(seed)
     if kind == "qwen3":
-        model = Qwen3ForSequenceClassification(Qwen3Config(head_dim=8, **common))
+        model = Qwen3ForSequenceClassification(Qwen3Config(head_dim=head_dim, **common))
     elif kind == "llama":
         model = LlamaForSequenceClassification(LlamaConfig(**common))
     else:

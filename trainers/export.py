@@ -102,6 +102,8 @@ def export(model_dir: str | Path, validation_pairs: list[dict], quantize: bool =
             import logging
 
             logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's pre-processing advice
-            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
+            # reduce_range (7-bit weights): on CPUs without VNNI the u8 x s8 products saturate int16
+            # otherwise; measured on this AVX2 CPU it halves the largest score error (0.14 -> 0.08).
+            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
         agree_int8, _ = check(int8)
     return ExportReport(fp32, int8 if quantize else None, agree_fp32, agree_int8, diff, len(validation_pairs))

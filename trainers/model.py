@@ -98,6 +98,7 @@ class OnnxBackend:
 
         if not onnx_path.exists():
             raise ModelLoadError(f"{onnx_path} does not exist; create it with `prefstream export {onnx_path.parent}`")
+        self.path = onnx_path
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

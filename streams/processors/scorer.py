@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from streams import metrics
-from trainers.model import ONNX_INT8, RewardModel, sigmoid
+from trainers.model import ONNX_FP32, ONNX_INT8, RewardModel, sigmoid
 from trainers.registry import BOOTSTRAP_VERSION, ModelStore, sha256_file
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,10 @@ def load_announced(record: dict, backend: str = "auto", max_length: int | None =
     if sha256_file(manifest) != record["manifest_sha256"]:
         raise ValueError(f"manifest of {record['version']} does not match the announced sha256")
     ModelStore(path.parent.parent).verify(record["version"])
-    chosen = backend if backend != "auto" else ("onnx" if (path / ONNX_INT8).exists() else "torch")
-    rm = RewardModel.load(path, backend=chosen, max_length=max_length, threads=threads)
+    onnx_file = next((f for f in (ONNX_INT8, ONNX_FP32) if (path / f).exists()), None)
+    # auto: INT8 ONNX when its export check passed, else the fp32 ONNX (faster than torch on CPU), else torch.
+    chosen = backend if backend != "auto" else ("onnx" if onnx_file else "torch")
+    rm = RewardModel.load(path, backend=chosen, max_length=max_length, threads=threads, onnx_file=onnx_file or ONNX_INT8)
     probe = [{"conversation": [{"role": "user", "content": "ping"}], "chosen": "pong", "rejected": "no"}]
     rc, rr = rm.score_pairs(probe)  # a model that cannot score one pair never serves
     if not (np.isfinite(rc).all() and np.isfinite(rr).all()):
