@@ -18,7 +18,6 @@ import socket
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -51,15 +50,6 @@ WORKER_MAX_POLL_INTERVAL_MS = 60000
 VERSIONS_DRAIN_S = 1.0
 
 
-@dataclass
-class Scored:
-    """A micro-batch after the first stage: dead-letter outputs, the valid pairs and their scores."""
-
-    outputs: list[tuple[str, bytes | None, bytes, list]]
-    pairs: list[dict]
-    scores: list[dict]
-
-
 class Pipeline:
     """The per-batch logic, free of Kafka plumbing (so it can be tested and benchmarked alone)."""
 
@@ -85,32 +75,22 @@ class Pipeline:
         return topic, key, value, headers
 
     def process(self, msgs: list[Any]) -> list[tuple[str, bytes | None, bytes, list]]:
-        """The whole batch in one call: what the worker's two stages do one after the other."""
-        return self.route_batch(self.score_batch(msgs))
-
-    def score_batch(self, msgs: list[Any]) -> Scored:
-        """First stage: decode, validate, deduplicate, score (the model runs here)."""
         results = [(m, self.ingestor.decode(m)) for m in msgs]
         self.ingestor.dedupe(results)
-        batch = Scored([], [], [])
+        outputs = []
+        pairs = []
         for m, r in results:
             metrics.RECORDS_IN.labels(m.topic()).inc()
             if r.dead_letter is not None:
                 metrics.DLQ.labels(r.dead_letter["reason"]).inc()
-                batch.outputs.append(self._out(topics.DLQ, "DeadLetter", m.key(), r.dead_letter))
+                outputs.append(self._out(topics.DLQ, "DeadLetter", m.key(), r.dead_letter))
             elif r.duplicate:
                 metrics.DUPLICATES.inc()
             else:
-                batch.pairs.append(r.pair)
-        if batch.pairs:
-            batch.scores = self.scorer.score(batch.pairs)
-        return batch
-
-    def route_batch(self, batch: Scored) -> list[tuple[str, bytes | None, bytes, list]]:
-        """Second stage: labels, verifiers, routing, similar pairs, encoded output records."""
-        outputs, pairs, scores = batch.outputs, batch.pairs, batch.scores
+                pairs.append(r.pair)
         if not pairs:
             return outputs
+        scores = self.scorer.score(pairs)
         disagreement = [abs(s["p"] - s["gold_p"]) if s["gold_p"] is not None else None for s in scores]
         self.labeler.label(pairs, disagreement)
         prompts = [prompt_text(p) for p in pairs]
@@ -198,7 +178,7 @@ def next_offsets(msgs: list[Any]) -> list[TopicPartition]:
 
 
 def commit_batch(producer: Producer, consumer: Consumer, outputs: list[tuple[str, bytes | None, bytes, list]],
-                 offsets: list[TopicPartition]) -> None:
+                 msgs: list[Any]) -> None:
     """One transaction: every output record and the batch's input offsets, or nothing.
 
     The offsets are the batch's own rather than the consumer's position, so a commit can never
@@ -207,7 +187,7 @@ def commit_batch(producer: Producer, consumer: Consumer, outputs: list[tuple[str
     producer.begin_transaction()
     for topic, key, value, headers in outputs:
         producer.produce(topic, value=value, key=key, headers=headers)
-    producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), TXN_TIMEOUT_S)
+    producer.send_offsets_to_transaction(next_offsets(msgs), consumer.consumer_group_metadata(), TXN_TIMEOUT_S)
     producer.commit_transaction(TXN_TIMEOUT_S)
 
 
@@ -286,7 +266,7 @@ class Worker:
                     continue
                 try:
                     outputs = pipeline.process(msgs)
-                    commit_batch(producer, consumer, outputs, next_offsets(msgs))
+                    commit_batch(producer, consumer, outputs, msgs)
                 except KafkaException as exc:
                     err = exc.args[0]
                     if err.fatal():

@@ -173,7 +173,7 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64) -> Non
     from schemas.wire import ValueCodec
     from streams import topics
     from streams.kafka_config import consumer_config, producer_config
-    from streams.worker import TXN_TIMEOUT_MS, TXN_TIMEOUT_S, commit_batch, next_offsets, rewind
+    from streams.worker import TXN_TIMEOUT_MS, TXN_TIMEOUT_S, commit_batch, rewind
 
     agg = Aggregator(redis_client, settings.topic_prefix)
     codec = ValueCodec(settings.schema_registry_url)
@@ -202,7 +202,7 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64) -> Non
                     topic = settings.topic(name)
                     value, headers = codec.encode(schema, rec, topic)
                     encoded.append((topic, rec.get("task_id", rec["pair"]["pair_id"]).encode(), value, headers))
-                commit_batch(producer, consumer, encoded, next_offsets(msgs))
+                commit_batch(producer, consumer, encoded, msgs)
             except KafkaException as exc:
                 err = exc.args[0]
                 if err.fatal():
