@@ -1,8 +1,8 @@
 """End-to-end stream throughput vs the bare scorer, latency at half the maximum rate, 1 -> 2 workers.
 
-All on a private embedded stack. "Bare scorer" is the model alone (the same bootstrap MiniLM,
-our default batching, all pairs in one call so it sorts them all by length) scoring the same pairs
-in this process; end to end adds Kafka, ingest, dedupe, labels (one more MiniLM pass over the last
+All on a private embedded stack. "Bare scorer" is the model alone (the bootstrap MiniLM exactly as
+the worker serves it, on ONNX Runtime, our default batching, all pairs in one call so it sorts them
+all by length) scoring the same pairs in this process; end to end adds Kafka, ingest, dedupe, labels (one more MiniLM pass over the last
 user turn), routing, retrieval and the transactional commit, in micro-batches as they arrive.
 """
 
@@ -67,13 +67,16 @@ def _latency(settings, pairs, rate: float) -> dict:
         done.set()
 
     try:
-        # Warm up: the first records wait for the consumer group to form, which is start-up, not latency.
+        # Warm up: the first records wait for the consumer group to form and for the producer to
+        # connect and get its idempotent producer id, which is start-up, not latency. So the same
+        # producer sends the warm-up and the measured records.
         with PreferenceProducer(settings) as producer:
             warm = {producer.send(dict(p, metadata={"warmup": "1"}, chosen=p["chosen"] + " (warm-up)")) for p in pairs[:5]}
-        wait_for_scored(settings, warm, timeout=300)
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        with PreferenceProducer(settings) as producer:
+            producer.flush()
+            wait_for_scored(settings, warm, timeout=300)
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            time.sleep(2)  # the reader has its partitions before the first measured record
             t0 = time.perf_counter()
             for i, p in enumerate(pairs):
                 delay = t0 + i / rate - time.perf_counter()
@@ -94,11 +97,11 @@ def _latency(settings, pairs, rate: float) -> dict:
 def run(n: int, latency_s: float) -> dict:
     from streams.embedded.process import free_port
     from streams.embedded.stack import Stack
-    from streams.settings import Settings
-    from trainers.model import RewardModel
+    from streams.processors.scorer import bootstrap_model
+    from streams.settings import Settings, WorkerSettings
 
     pairs = [{k: p[k] for k in ("conversation", "chosen", "rejected")} for p in hh_pairs(n)]
-    rm = RewardModel.default(max_length=256)
+    rm = bootstrap_model(WorkerSettings().bootstrap_max_length)  # what the worker serves, on the same backend
     t = time.perf_counter()
     rm.score_pairs(pairs)
     bare_s = time.perf_counter() - t

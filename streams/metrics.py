@@ -8,6 +8,10 @@ RECORDS_IN = Counter("prefstream_records_in_total", "Records consumed", ["topic"
 RECORDS_OUT = Counter("prefstream_records_out_total", "Records produced", ["topic"])
 LATENCY = Histogram("prefstream_processing_seconds", "Time from a record's broker timestamp to its output being committed",
                     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+# Where a micro-batch's time goes (ingest, score, label, route, commit): the first thing to read
+# when the stream falls behind the model.
+STAGE_SECONDS = Histogram("prefstream_stage_seconds", "Seconds per micro-batch spent in each stage", ["stage"],
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 BATCH_SIZE = Histogram("prefstream_batch_size", "Records per scoring micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 MISPREDICTED = Counter("prefstream_mispredicted_total", "Scored pairs with p < 0.5")
 SCORED = Counter("prefstream_scored_total", "Scored pairs")

@@ -93,6 +93,8 @@ def test_end_to_end_every_pair_accounted_for(settings):
         text = worker.metrics()
         assert f'prefstream_records_in_total{{topic="{settings.topic(topics.RAW)}"}} {float(len(ids))}' in text
         assert "prefstream_routes_total" in text and "prefstream_processing_seconds_bucket" in text
+        for stage in ("ingest", "score", "label", "verify", "route", "commit"):
+            assert f'prefstream_stage_seconds_count{{stage="{stage}"}}' in text, stage
     finally:
         assert worker.stop() == 0
 

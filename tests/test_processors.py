@@ -104,6 +104,21 @@ def labeler():
     return Labeler(Embedder())
 
 
+def test_the_onnx_embedder_gives_the_torch_vectors(labeler):
+    """The worker embeds on ONNX Runtime (exported in memory); labels and neighbours must not move."""
+    from streams.processors.embedder import Embedder
+
+    texts = ["What is 17 * 23?", "Write a haiku about the autumn rain, please, in the style of Basho " * 6, "hi"]
+    onnx, ref = labeler.embedder, Embedder(backend="torch")
+    assert onnx.backend == "onnx" and ref.backend == "torch"
+    a, b = onnx.embed(texts), ref.embed(texts)
+    assert a.shape == (3, onnx.dim)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    assert np.min((a * b).sum(1)) > 0.9999
+    with pytest.raises(ValueError, match="not one of"):
+        Embedder(backend="tensorrt")
+
+
 @pytest.mark.parametrize(("prompt", "category"), [
     ("What is 17 * 23?", "arithmetic"),
     ("What is the capital of Peru?", "world_facts"),
@@ -186,23 +201,71 @@ def test_llm_labeler_uses_a_json_schema_answer_and_falls_back_per_pair(labeler):
     assert llm.failures == 1 and rhyme["task_category"] == "arithmetic"
 
 
+class _Msg:
+    """A consumed record as confluent-kafka hands it over (only what the worker's helpers read)."""
+
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self._t, self._p, self._o = topic, partition, offset
+
+    def topic(self) -> str:
+        return self._t
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def error(self) -> None:
+        return None
+
+
 def test_a_batch_commits_its_own_offsets_not_the_consumers_position():
-    """The route stage commits batch N while batch N+1 is already consumed: only N's offsets go in."""
+    """A commit covers exactly the batch's records, whatever the consumer has fetched beyond them."""
     from streams.worker import next_offsets
 
-    class Msg:
-        def __init__(self, topic: str, partition: int, offset: int) -> None:
-            self._t, self._p, self._o = topic, partition, offset
-
-        def topic(self) -> str:
-            return self._t
-
-        def partition(self) -> int:
-            return self._p
-
-        def offset(self) -> int:
-            return self._o
-
-    batch = [Msg("raw", 0, 7), Msg("raw", 1, 3), Msg("raw", 0, 9), Msg("raw", 0, 8)]
+    batch = [_Msg("raw", 0, 7), _Msg("raw", 1, 3), _Msg("raw", 0, 9), _Msg("raw", 0, 8)]
     got = {(tp.topic, tp.partition): tp.offset for tp in next_offsets(batch)}
     assert got == {("raw", 0): 10, ("raw", 1): 4}
+
+
+class _QueueConsumer:
+    """consume(n, timeout) over a local queue, recording how long each call was allowed to block."""
+
+    def __init__(self, ready: int) -> None:
+        self.queue = [_Msg("raw", 0, i) for i in range(ready)]
+        self.waits: list[float] = []
+
+    def consume(self, n: int, timeout: float) -> list[_Msg]:
+        if len(self.queue) < n:
+            self.waits.append(timeout)
+        out, self.queue = self.queue[:n], self.queue[n:]
+        return out
+
+
+@pytest.mark.parametrize(("ready", "max_wait", "size", "waits"), [
+    (3, 0.0, 3, [0]),          # records ready: score them now, no fill wait
+    (40, 0.05, 32, []),        # a full batch ready: never wait
+    (3, 0.05, 3, [0, 0.05]),   # a short batch waits max_wait for more only when configured to
+    (0, 0.0, 0, [0, 0.5]),     # idle: block for a first record (then check the stop flag)
+])
+def test_a_micro_batch_takes_what_is_ready_without_a_fixed_wait(ready, max_wait, size, waits):
+    from streams.worker import next_batch
+
+    consumer = _QueueConsumer(ready)
+    assert len(next_batch(consumer, 32, max_wait, idle_s=0.5)) == size
+    assert consumer.waits == waits
+
+
+def test_micro_batches_grow_for_a_fast_model_and_shrink_for_a_slow_one():
+    from streams.worker import BatchSizer
+
+    sizer = BatchSizer(max_batch=128, target_s=8.0)
+    assert sizer.limit == 8  # nothing measured yet
+    sizer.observe(8, 0.5)  # 16 pairs/s: 8 s of work is 128 pairs
+    assert sizer.limit == 128
+    for _ in range(6):  # a 7B model on CPU after a hot-swap: 0.5 pairs/s
+        sizer.observe(sizer.limit, sizer.limit / 0.5)
+    assert 4 <= sizer.limit <= 5
+    sizer.observe(0, 0.0)  # an all-duplicate batch says nothing
+    assert 4 <= sizer.limit <= 5

@@ -6,14 +6,16 @@ The check scores a validation set with torch and with each exported file and com
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from trainers.exceptions import ExportError
-from trainers.model import ONNX_FP32, ONNX_INT8, RewardModel
+from trainers.model import ONNX_FP32, ONNX_INT8, OnnxBackend, RewardModel
 
 MIN_AGREEMENT = 0.995
 OPSET = 17
@@ -29,13 +31,16 @@ class ExportReport:
     validation_pairs: int
 
 
-def _export_onnx(rm: RewardModel, out: Path) -> None:
+def _export_onnx(rm: RewardModel, out: Path | BinaryIO, model: Any = None) -> None:
+    """Trace ``model`` (default: reload ``rm``'s weights with eager attention) into ONNX at ``out``."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     # Eager attention: the SDPA path skips the mask when the traced sample has no padding, and
     # that decision would be frozen into the graph. The sample is padded for the same reason.
-    model = AutoModelForSequenceClassification.from_pretrained(rm.path, num_labels=1, attn_implementation="eager").eval()
+    if model is None:
+        model = AutoModelForSequenceClassification.from_pretrained(rm.path, num_labels=1, attn_implementation="eager")
+    model = model.eval()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = rm.torch_model.config.pad_token_id
     sample = rm.formatter.pad(rm.formatter.encode(
@@ -56,11 +61,36 @@ def _export_onnx(rm: RewardModel, out: Path) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(_Wrapper(model), tuple(torch.from_numpy(sample[n]) for n in names), str(out),
+            # .eval() on the wrapper: the export puts a module back in the mode it found it in, and a new
+            # module is in training mode, which would leave the wrapped model with dropout switched on.
+            torch.onnx.export(_Wrapper(model).eval(), tuple(torch.from_numpy(sample[n]) for n in names),
+                              out if isinstance(out, io.IOBase) else str(out),
                               input_names=names, output_names=["logits"], dynamic_axes=axes,
                               opset_version=OPSET, dynamo=False)
         except Exception as exc:  # torch raises many types here; all mean the same to the user
             raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {exc}") from exc
+
+
+def onnx_twin(rm: RewardModel, threads: int | None = None, probe: list[dict] | None = None) -> RewardModel:
+    """The same torch model served by ONNX Runtime, exported in memory (nothing written to disk).
+
+    For a model that has no ONNX file, such as the untrained bootstrap default, whose head exists
+    only in memory. ``rm`` must hold its torch model loaded with eager attention (see _export_onnx).
+    Refused with ExportError when the twin's rewards differ from torch's on the probe pairs.
+    """
+    if rm.torch_model is None or rm.torch_model.config._attn_implementation != "eager":
+        raise ExportError("onnx_twin needs a torch model loaded with attn_implementation='eager'")
+    buf = io.BytesIO()
+    _export_onnx(rm, buf, rm.torch_model)
+    twin = RewardModel(rm.tokenizer, OnnxBackend(buf.getvalue(), threads), rm.input_format, rm.max_length,
+                       rm.batch_size, None, rm.path, rm.formatter.use_token_type_ids)
+    probe = probe or [{"conversation": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": "4", "rejected": "5"},
+                      {"conversation": [{"role": "user", "content": "Say hello " * 40}], "chosen": "hello",
+                       "rejected": "no " * 30}]
+    want, got = np.stack(rm.score_pairs(probe)), np.stack(twin.score_pairs(probe))
+    if not np.allclose(want, got, atol=1e-3):
+        raise ExportError(f"the in-memory ONNX export differs from torch by {np.abs(want - got).max():.4f}")
+    return twin
 
 
 def _decisions(rc: np.ndarray, rr: np.ndarray) -> np.ndarray:

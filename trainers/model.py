@@ -93,16 +93,19 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    def __init__(self, onnx_path: Path, threads: int | None = None) -> None:
+    """An ONNX Runtime session over a graph file, or over graph bytes exported in memory (``path`` is then None)."""
+
+    def __init__(self, onnx: Path | bytes, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        if not onnx_path.exists():
-            raise ModelLoadError(f"{onnx_path} does not exist; create it with `prefstream export {onnx_path.parent}`")
-        self.path = onnx_path
+        if isinstance(onnx, Path) and not onnx.exists():
+            raise ModelLoadError(f"{onnx} does not exist; create it with `prefstream export {onnx.parent}`")
+        self.path = onnx if isinstance(onnx, Path) else None
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(onnx if isinstance(onnx, bytes) else str(onnx), opts,
+                                            providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:

@@ -2,50 +2,114 @@
 
 Used by the labeler (taxonomy matching) and the retrieval index. Embeddings are cached per text
 so a prompt is embedded once even when both processors ask for it.
+
+The encoder runs on ONNX Runtime by default: it is exported in memory when the embedder starts
+(about 2 s, no file written) and gives the same vectors as torch (cosine 1.000000 on 400 HH-RLHF
+prompts) at 1.4-1.8x the speed for batches and 2.5x for a single prompt, which is the worker's
+case at low rates (issue 4 note). Labeling is stream overhead on top of the model, so it must be
+cheap. If the export fails, the torch encoder serves and the reason is logged.
 """
 
 from __future__ import annotations
 
+import io
+import logging
+import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 EMBED_MAX_LENGTH = 128
 CACHE_SIZE = 4096
 BATCH = 8
+BACKENDS = ("onnx", "torch")
+
+
+def _torch_encoder(model: object) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    import torch
+
+    def run(enc: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return model(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state.numpy()
+
+    return run
+
+
+def _onnx_encoder(model: object, tokenizer: object, threads: int | None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    import onnxruntime as ort
+    import torch
+
+    sample = tokenizer(["hello there", "a somewhat longer sentence for the sample"], padding=True, return_tensors="pt")
+    names = list(sample.keys())
+
+    class _Wrapper(torch.nn.Module):
+        # Positional inputs in a fixed order; returns the token states only.
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            return self.inner(**dict(zip(names, args, strict=True))).last_hidden_state
+
+    buf = io.BytesIO()
+    axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "hidden"]}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # .eval() on the wrapper: the export puts a module back in the mode it found it in, and a new
+        # module is in training mode, which would leave the wrapped model with dropout switched on.
+        torch.onnx.export(_Wrapper(model).eval(), tuple(sample[n] for n in names), buf, input_names=names,
+                          output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    # Its calls are small and sit between the scorer's: idle threads spinning for more work would
+    # take a core from the scorer's next batch.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    return lambda enc: session.run(None, {n: enc[n] for n in names})[0]
 
 
 class Embedder:
-    def __init__(self, max_length: int = EMBED_MAX_LENGTH) -> None:
-        import torch
+    def __init__(self, max_length: int = EMBED_MAX_LENGTH, backend: str = "onnx", threads: int | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         from trainers.model import default_base_path, quiet_transformers
 
+        if backend not in BACKENDS:
+            raise ValueError(f"embedder backend {backend!r} is not one of {', '.join(BACKENDS)}")
         quiet_transformers()
         path = default_base_path()
-        self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
+        # Eager attention: the SDPA path skips the mask for an unpadded trace sample and the ONNX
+        # graph would keep that shortcut; eager is what the export needs and costs torch nothing here.
+        model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
         self.max_length = max_length
-        self.dim = self.model.config.hidden_size
+        self.dim = model.config.hidden_size
+        self.backend = backend
+        self._encode = _torch_encoder(model)
+        if backend == "onnx":
+            try:
+                self._encode = _onnx_encoder(model, self.tokenizer, threads)
+            except Exception as exc:  # torch.onnx raises many types; torch still embeds correctly
+                log.warning("embedder: ONNX export failed (%s); using torch", exc)
+                self.backend = "torch"
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        torch = self.torch
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         # Length-sorted small batches, as the scorer does: little padding (see trainers.model.CPU_BATCH_SIZE).
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for i in range(0, len(order), BATCH):
             idx = order[i: i + BATCH]
             enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
-            with torch.inference_mode():
-                hidden = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+                                 return_tensors="np")
+            hidden = self._encode(dict(enc))
+            mask = enc["attention_mask"][..., None].astype(np.float32)
+            pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+            out[idx] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return out
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

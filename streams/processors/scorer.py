@@ -102,6 +102,23 @@ def load_announced(record: dict, backend: str = "auto", max_length: int | None =
     return rm
 
 
+def bootstrap_model(max_length: int, threads: int | None = None) -> RewardModel:
+    """Stage 1, before any version exists: the untrained default (MiniLM, seeded head).
+
+    Served on ONNX Runtime like trained versions, through an in-memory export (~3 s at start):
+    measured 1.37x torch's pairs/s on batches and 71 vs 97 ms for a single pair (issue 4 note).
+    If the export fails, torch serves the same weights.
+    """
+    from trainers.exceptions import ExportError
+    from trainers.export import onnx_twin
+
+    try:
+        return onnx_twin(RewardModel.default(max_length=max_length, attn_implementation="eager"), threads)
+    except ExportError as exc:
+        log.warning("bootstrap model: %s; serving it with torch", exc)
+        return RewardModel.default(max_length=max_length)  # same seed, same weights; torch's faster attention
+
+
 class Scorer:
     def __init__(self, current: ModelSlot, gold: ModelSlot) -> None:
         self.current, self.gold = current, gold
