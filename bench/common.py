@@ -47,7 +47,11 @@ def write_result(name: str, result: dict[str, Any], command: str) -> Path:
 
 
 def _git_rev() -> str:
+    """HEAD, with "+dirty" when tracked code differs from it (the figures then belong to a later commit)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+                                 cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         return ""
+    return f"{rev}+dirty" if changed else rev

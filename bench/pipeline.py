@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tempfile
 import threading
 import time
@@ -25,7 +26,13 @@ def _settings(base, home: Path):
     return base.model_copy(update={"topic_prefix": f"b{uuid.uuid4().hex[:8]}.", "shards_dir": home / uuid.uuid4().hex})
 
 
-def _e2e(settings, pairs, workers: int) -> float:
+def _stage_seconds(metrics_text: str) -> dict[str, float]:
+    """The worker's prefstream_stage_seconds sums: where its batches spent their time."""
+    found = re.findall(r'prefstream_stage_seconds_sum\{stage="(\w+)"\} ([0-9.e+-]+)', metrics_text)
+    return {stage: round(float(v), 2) for stage, v in found}
+
+
+def _e2e(settings, pairs, workers: int, stages: dict | None = None) -> float:
     from streams.admin import ensure_topics
     from streams.sdk import PreferenceProducer
     from tests.helpers import WorkerProcess, wait_for_scored
@@ -40,7 +47,10 @@ def _e2e(settings, pairs, workers: int) -> float:
         with PreferenceProducer(settings) as producer:
             ids = {producer.send(p) for p in pairs}
         wait_for_scored(settings, ids, timeout=900)
-        return time.perf_counter() - t
+        elapsed = time.perf_counter() - t
+        if stages is not None:
+            stages.update(_stage_seconds(procs[0].metrics()))
+        return elapsed
     finally:
         for p in procs:
             p.stop()
@@ -111,7 +121,8 @@ def run(n: int, latency_s: float) -> dict:
     stack = Stack(base)
     stack.up()
     try:
-        one = _e2e(_settings(base, home), pairs, 1)
+        stages: dict[str, float] = {}
+        one = _e2e(_settings(base, home), pairs, 1, stages)
         two = _e2e(_settings(base, home), pairs, 2)
         rate = 0.5 * n / one
         lat = _latency(_settings(base, home), pairs[: max(20, int(rate * latency_s))], rate)
@@ -121,6 +132,8 @@ def run(n: int, latency_s: float) -> dict:
         "pairs": n, "bare_scorer_pairs_per_s": round(n / bare_s, 2), "e2e_1_worker_pairs_per_s": round(n / one, 2),
         "e2e_2_workers_pairs_per_s": round(n / two, 2), "e2e_vs_bare": round(bare_s / one, 3),
         "scaling_2_vs_1": round(one / two, 3), "latency_at_half_max_rate": lat,
+        # Seconds the one-worker run spent per stage (its wall time is pairs / e2e_1_worker_pairs_per_s).
+        "one_worker_stage_seconds": stages, "bare_scorer_seconds": round(bare_s, 2),
         "targets": {"e2e_vs_bare": ">= 0.9", "p99_ms": "< 500"},
     }
 

@@ -52,8 +52,13 @@ def table() -> str:
         r = json.loads(pl.read_text())
         lat = r["latency_at_half_max_rate"]
         rows.append(f"| stream end to end, pairs/s ({r['pairs']} HH-RLHF pairs, 1 worker) | {r['e2e_1_worker_pairs_per_s']} | "
-                    f"bare scorer {r['bare_scorer_pairs_per_s']} | {r['e2e_vs_bare']}x | >= 0.9x | 2 workers: "
+                    f"bare scorer (the served model alone) {r['bare_scorer_pairs_per_s']} | {r['e2e_vs_bare']}x | >= 0.9x | 2 workers: "
                     f"{r['e2e_2_workers_pairs_per_s']} pairs/s ({r['scaling_2_vs_1']}x of 1) |")
+        if st := r.get("one_worker_stage_seconds"):
+            wall = r["pairs"] / r["e2e_1_worker_pairs_per_s"]
+            rows.append(f"| where the 1-worker run's {wall:.1f} s went (`prefstream_stage_seconds`) | "
+                        + ", ".join(f"{k} {v} s" for k, v in st.items()) + f" | bare scorer {r['bare_scorer_seconds']} s "
+                        "| | | the rest is waiting for records |")
         rows.append(f"| produce -> prefs.scored latency at {lat['rate_pairs_per_s']} pairs/s (half max) | p50 {lat['p50_ms']} ms, "
                     f"p99 {lat['p99_ms']} ms | | | p99 < 500 ms | {lat['records']} records |")
     m = machine()

@@ -57,6 +57,9 @@ def up(workers: int, review_port: int | None, no_controller: bool, refresh: floa
                      review_port=review_port or rs.port, review_tokens=tokens, review_experts=rs.experts,
                      controller=not no_controller)
     signal.signal(signal.SIGTERM, _interrupt)
+    # Explicitly, because Python keeps SIGINT ignored when it starts with it ignored, as every
+    # command backgrounded by a non-interactive shell does (a test run under `make test &` did).
+    signal.signal(signal.SIGINT, _interrupt)
     interactive = console.is_terminal and not plain
     try:
         t0 = time.monotonic()

@@ -356,7 +356,7 @@ def run_worker(settings: Settings, wsettings: WorkerSettings) -> None:
     from streams.health import serve
 
     # The tokenizers' own thread pool would compete with the model's threads for the worker's cores
-    # on every small batch (measured: scoring 5-7% slower with it on 2 cores); the model parallelises.
+    # on every small batch (one run on 2 cores: the score stage took 7% longer with it); the model parallelises.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     if wsettings.threads:

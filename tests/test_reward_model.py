@@ -96,6 +96,23 @@ def test_dynamic_padding_gives_the_same_scores_as_one_by_one():
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
+def test_the_in_memory_onnx_twin_scores_like_torch_and_leaves_torch_intact():
+    """What a worker serves before any version exists: the bootstrap exported to ONNX in memory."""
+    from trainers.export import onnx_twin
+
+    pairs = toy_pairs(12)
+    pairs[5]["chosen"] = "a much longer answer " * 12
+    rm = RewardModel.default(max_length=96, attn_implementation="eager")
+    before = np.stack(rm.score_pairs(pairs))
+    twin = onnx_twin(rm, threads=1)
+    assert twin.backend.path is None and twin.torch_model is None
+    np.testing.assert_allclose(np.stack(twin.score_pairs(pairs)), before, atol=1e-4)
+    # The export must not leave the torch model in training mode (dropout on): same scores as before.
+    np.testing.assert_allclose(np.stack(rm.score_pairs(pairs)), before, atol=1e-6)
+    with pytest.raises(ExportError, match="eager"):
+        onnx_twin(RewardModel.default(max_length=32, attn_implementation="sdpa"))
+
+
 def test_bf16_backend_scores_close_to_fp32():
     pairs = toy_pairs(8)
     torch.manual_seed(0)
