@@ -12,12 +12,12 @@ import click
 from rich.console import Console
 
 from streams import topics
-from streams.settings import WorkerSettings, get_settings
+from streams.settings import ControllerSettings, ReviewSettings, WorkerSettings, get_settings, settings_help
 
 console = Console(stderr=True)
 
 
-@click.command("worker")
+@click.command("worker", epilog="Environment settings:\n\n" + settings_help(WorkerSettings))
 @click.option("--health-port", type=int, default=None, help="Port of /healthz, /readyz, /metrics (default 8081; 0 = off).")
 @click.option("--no-shard-writer", is_flag=True, help="Do not run the shard writer in this process.")
 @click.option("--log-level", default="INFO", show_default=True)
@@ -26,7 +26,7 @@ def worker(health_port: int | None, no_shard_writer: bool, log_level: str) -> No
 
     Reads prefs.raw, writes prefs.scored, prefs.review, prefs.curated, prefs.dlq in one Kafka
     transaction per micro-batch. Start several to share the partitions; Ctrl-C stops cleanly.
-    Settings: PREFSTREAM_WORKER_* (max batch, thresholds, health port, LLM labeler, ...).
+    Every setting is an environment variable, listed below.
     """
     from streams.worker import run_worker
 
@@ -112,7 +112,7 @@ def shards() -> None:
     click.echo(json.dumps({"totals": manifest["totals"], "files": len(manifest["shards"])}, indent=1))
 
 
-@click.command("controller")
+@click.command("controller", epilog="Environment settings:\n\n" + settings_help(ControllerSettings))
 @click.option("--log-level", default="INFO", show_default=True)
 def controller(log_level: str) -> None:
     """Watch the shards and the live scores; retrain, gate, publish and roll back on its own.
@@ -126,7 +126,6 @@ def controller(log_level: str) -> None:
     from streams.announce import Announcer
     from streams.controller import Controller
     from streams.health import serve
-    from streams.settings import ControllerSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings, csettings = get_settings(), ControllerSettings()
@@ -142,7 +141,7 @@ def controller(log_level: str) -> None:
             server.shutdown()
 
 
-@click.command("review")
+@click.command("review", epilog="Environment settings:\n\n" + settings_help(ReviewSettings))
 @click.option("--host", default=None, help="Address to listen on (default PREFSTREAM_REVIEW_HOST or 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default PREFSTREAM_REVIEW_PORT or 8080).")
 def review(host: str | None, port: int | None) -> None:
@@ -155,7 +154,6 @@ def review(host: str | None, port: int | None) -> None:
 
     from streams.review.app import create_app
     from streams.review.feeder import start
-    from streams.settings import ReviewSettings
 
     settings, rs = get_settings(), ReviewSettings()
     app = create_app(settings, rs)
@@ -190,7 +188,6 @@ def annotate(n: int, accuracy: float, truth_file: Path, url: str, max_tasks: int
     Uses the first N non-expert tokens of PREFSTREAM_REVIEW_TOKENS (and --experts expert tokens).
     """
     from streams.review.simulate import load_truths, simulate
-    from streams.settings import ReviewSettings
 
     rs = ReviewSettings()
     expert_names = {e.strip() for e in rs.experts.split(",") if e.strip()}

@@ -144,3 +144,13 @@ class ReviewSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the web app listens on.")
     port: int = Field(8080, description="Port of the web app.")
     lease_s: int = Field(300, description="Seconds an annotator holds a task before it returns to the queue.")
+
+
+def settings_help(cls: type[BaseSettings]) -> str:
+    """One line per setting of ``cls``: its environment variable, default and description (for --help)."""
+    prefix = cls.model_config.get("env_prefix", "")
+    lines = []
+    for name, field in cls.model_fields.items():
+        default = "computed" if field.default_factory is not None else repr(field.default)
+        lines.append(f"{prefix}{name.upper()} (default {default}): {field.description or ''}")
+    return "\n\n".join(lines)

@@ -269,3 +269,19 @@ def test_micro_batches_grow_for_a_fast_model_and_shrink_for_a_slow_one():
     assert 4 <= sizer.limit <= 5
     sizer.observe(0, 0.0)  # an all-duplicate batch says nothing
     assert 4 <= sizer.limit <= 5
+
+
+@pytest.mark.parametrize(("command", "variable"), [("worker", "PREFSTREAM_WORKER_BATCH_TARGET_S"),
+                                                   ("controller", "PREFSTREAM_CONTROLLER_"),
+                                                   ("review", "PREFSTREAM_REVIEW_TOKENS")])
+def test_service_help_lists_every_environment_setting(command, variable):
+    from click.testing import CliRunner
+
+    from streams import cli_stream
+    from streams.settings import ControllerSettings, ReviewSettings, WorkerSettings
+
+    cls = {"worker": WorkerSettings, "controller": ControllerSettings, "review": ReviewSettings}[command]
+    out = CliRunner().invoke(getattr(cli_stream, command), ["--help"], terminal_width=200).output
+    assert variable in out
+    prefix = cls.model_config["env_prefix"]
+    assert all(f"{prefix}{name.upper()} (default" in out for name in cls.model_fields), out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,6 +32,39 @@ class ExportReport:
     validation_pairs: int
 
 
+def trace_to_onnx(model: Any, sample: dict[str, Any], output: str, output_axes: dict[int, str],
+                  pick: Callable[[Any], Any], out: Path | BinaryIO) -> None:
+    """Trace ``pick(model(**inputs))`` into ONNX at ``out`` (a path or a buffer).
+
+    Every input gets dynamic batch and sequence axes; ``sample`` holds torch tensors in input order.
+    Also used by the stream's embedder, so the two exports cannot drift apart.
+    """
+    import torch
+
+    names = list(sample)
+
+    class _Wrapper(torch.nn.Module):
+        # Positional inputs in a fixed order; returns the one tensor ``pick`` selects.
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            return pick(self.inner(**dict(zip(names, args, strict=True))))
+
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {output: output_axes}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            # .eval() on the wrapper: the export puts a module back in the mode it found it in, and a new
+            # module is in training mode, which would leave the wrapped model with dropout switched on.
+            torch.onnx.export(_Wrapper(model).eval(), tuple(sample[n] for n in names),
+                              out if isinstance(out, io.IOBase) else str(out), input_names=names,
+                              output_names=[output], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        except Exception as exc:  # torch raises many types here; all mean the same to the user
+            raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {exc}") from exc
+
+
 def _export_onnx(rm: RewardModel, out: Path | BinaryIO, model: Any = None) -> None:
     """Trace ``model`` (default: reload ``rm``'s weights with eager attention) into ONNX at ``out``."""
     import torch
@@ -46,29 +80,8 @@ def _export_onnx(rm: RewardModel, out: Path | BinaryIO, model: Any = None) -> No
     sample = rm.formatter.pad(rm.formatter.encode(
         [[{"role": "user", "content": "hello there, how are you today?"}]] * 2,
         ["hi", "hello, I am fine and I hope you are well too"]))
-    names = list(sample)
-    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
-
-    class _Wrapper(torch.nn.Module):
-        # Positional inputs in a fixed order; returns the logits tensor only.
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args: torch.Tensor) -> torch.Tensor:
-            return self.inner(**dict(zip(names, args, strict=True))).logits
-
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            # .eval() on the wrapper: the export puts a module back in the mode it found it in, and a new
-            # module is in training mode, which would leave the wrapped model with dropout switched on.
-            torch.onnx.export(_Wrapper(model).eval(), tuple(torch.from_numpy(sample[n]) for n in names),
-                              out if isinstance(out, io.IOBase) else str(out),
-                              input_names=names, output_names=["logits"], dynamic_axes=axes,
-                              opset_version=OPSET, dynamo=False)
-        except Exception as exc:  # torch raises many types here; all mean the same to the user
-            raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {exc}") from exc
+    trace_to_onnx(model, {n: torch.from_numpy(v) for n, v in sample.items()}, "logits", {0: "batch"},
+                  lambda o: o.logits, out)
 
 
 def onnx_twin(rm: RewardModel, threads: int | None = None, probe: list[dict] | None = None) -> RewardModel:

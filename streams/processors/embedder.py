@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -40,28 +39,13 @@ def _torch_encoder(model: object) -> Callable[[dict[str, np.ndarray]], np.ndarra
 
 def _onnx_encoder(model: object, tokenizer: object, threads: int | None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     import onnxruntime as ort
-    import torch
+
+    from trainers.export import trace_to_onnx
 
     sample = tokenizer(["hello there", "a somewhat longer sentence for the sample"], padding=True, return_tensors="pt")
     names = list(sample.keys())
-
-    class _Wrapper(torch.nn.Module):
-        # Positional inputs in a fixed order; returns the token states only.
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args: torch.Tensor) -> torch.Tensor:
-            return self.inner(**dict(zip(names, args, strict=True))).last_hidden_state
-
     buf = io.BytesIO()
-    axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "hidden"]}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        # .eval() on the wrapper: the export puts a module back in the mode it found it in, and a new
-        # module is in training mode, which would leave the wrapped model with dropout switched on.
-        torch.onnx.export(_Wrapper(model).eval(), tuple(sample[n] for n in names), buf, input_names=names,
-                          output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    trace_to_onnx(model, dict(sample), "hidden", {0: "batch", 1: "sequence"}, lambda o: o.last_hidden_state, buf)
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
@@ -93,7 +77,7 @@ class Embedder:
         if backend == "onnx":
             try:
                 self._encode = _onnx_encoder(model, self.tokenizer, threads)
-            except Exception as exc:  # torch.onnx raises many types; torch still embeds correctly
+            except Exception as exc:  # ExportError, or onnxruntime refusing the graph; torch still embeds correctly
                 log.warning("embedder: ONNX export failed (%s); using torch", exc)
                 self.backend = "torch"
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
