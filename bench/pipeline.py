@@ -2,8 +2,9 @@
 
 All on a private embedded stack. "Bare scorer" is the model alone (the bootstrap MiniLM exactly as
 the worker serves it, on ONNX Runtime, our default batching, all pairs in one call so it sorts them
-all by length) scoring the same pairs in this process; end to end adds Kafka, ingest, dedupe, labels (one more MiniLM pass over the last
-user turn), routing, retrieval and the transactional commit, in micro-batches as they arrive.
+all by length) scoring the same pairs in this process; end to end adds Kafka, ingest, dedupe,
+labels (one more MiniLM pass over the last user turn), routing, retrieval and the transactional
+commit, in micro-batches as they arrive.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _stage_seconds(metrics_text: str) -> dict[str, float]:
     return {stage: round(float(v), 2) for stage, v in found}
 
 
-def _e2e(settings, pairs, workers: int, stages: dict | None = None) -> float:
+def _e2e(settings, pairs, workers: int) -> tuple[float, dict[str, float]]:
+    """Wall seconds from the first produce to the last pair scored, and the first worker's stage seconds."""
     from streams.admin import ensure_topics
     from streams.sdk import PreferenceProducer
     from tests.helpers import WorkerProcess, wait_for_scored
@@ -47,10 +49,7 @@ def _e2e(settings, pairs, workers: int, stages: dict | None = None) -> float:
         with PreferenceProducer(settings) as producer:
             ids = {producer.send(p) for p in pairs}
         wait_for_scored(settings, ids, timeout=900)
-        elapsed = time.perf_counter() - t
-        if stages is not None:
-            stages.update(_stage_seconds(procs[0].metrics()))
-        return elapsed
+        return time.perf_counter() - t, _stage_seconds(procs[0].metrics())
     finally:
         for p in procs:
             p.stop()
@@ -121,9 +120,8 @@ def run(n: int, latency_s: float) -> dict:
     stack = Stack(base)
     stack.up()
     try:
-        stages: dict[str, float] = {}
-        one = _e2e(_settings(base, home), pairs, 1, stages)
-        two = _e2e(_settings(base, home), pairs, 2)
+        one, stages = _e2e(_settings(base, home), pairs, 1)
+        two, _ = _e2e(_settings(base, home), pairs, 2)
         rate = 0.5 * n / one
         lat = _latency(_settings(base, home), pairs[: max(20, int(rate * latency_s))], rate)
     finally:

@@ -192,14 +192,18 @@ class BatchSizer:
     def __init__(self, max_batch: int, target_s: float) -> None:
         self.max_batch, self.target_s = max_batch, target_s
         self.rate: float | None = None
-        self.limit = min(self.START, max_batch)
+
+    @property
+    def limit(self) -> int:
+        if self.rate is None:
+            return min(self.START, self.max_batch)
+        return max(1, min(self.max_batch, int(self.rate * self.target_s)))
 
     def observe(self, records: int, seconds: float) -> None:
         if records <= 0 or seconds <= 0:
             return
         rate = records / seconds
         self.rate = rate if self.rate is None else 0.5 * self.rate + 0.5 * rate
-        self.limit = max(1, min(self.max_batch, int(self.rate * self.target_s)))
 
 
 def next_batch(consumer: Consumer, max_batch: int, max_wait_s: float, idle_s: float = IDLE_POLL_S) -> list[Any]:

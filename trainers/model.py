@@ -95,7 +95,7 @@ class TorchBackend:
 class OnnxBackend:
     """An ONNX Runtime session over a graph file, or over graph bytes exported in memory (``path`` is then None)."""
 
-    def __init__(self, onnx: Path | bytes, threads: int | None = None) -> None:
+    def __init__(self, onnx: Path | bytes, threads: int | None = None, spin: bool = True) -> None:
         import onnxruntime as ort
 
         if isinstance(onnx, Path) and not onnx.exists():
@@ -104,6 +104,8 @@ class OnnxBackend:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        if not spin:  # idle threads then sleep at once instead of spinning for more work
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(onnx if isinstance(onnx, bytes) else str(onnx), opts,
                                             providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}

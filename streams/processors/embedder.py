@@ -38,21 +38,16 @@ def _torch_encoder(model: object) -> Callable[[dict[str, np.ndarray]], np.ndarra
 
 
 def _onnx_encoder(model: object, tokenizer: object, threads: int | None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    import onnxruntime as ort
-
     from trainers.export import trace_to_onnx
+    from trainers.model import OnnxBackend
 
     sample = tokenizer(["hello there", "a somewhat longer sentence for the sample"], padding=True, return_tensors="pt")
     names = list(sample.keys())
     buf = io.BytesIO()
     trace_to_onnx(model, dict(sample), "hidden", {0: "batch", 1: "sequence"}, lambda o: o.last_hidden_state, buf)
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    # Its calls are small and sit between the scorer's: idle threads spinning for more work would
-    # take a core from the scorer's next batch.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    # No spinning: its calls are small and sit between the scorer's, and idle threads spinning for
+    # more work would take a core from the scorer's next batch.
+    session = OnnxBackend(buf.getvalue(), threads, spin=False).session
     return lambda enc: session.run(None, {n: enc[n] for n in names})[0]
 
 
@@ -68,7 +63,7 @@ class Embedder:
         path = default_base_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # Eager attention: the SDPA path skips the mask for an unpadded trace sample and the ONNX
-        # graph would keep that shortcut; eager is what the export needs and costs torch nothing here.
+        # graph would keep that shortcut (see trainers.export).
         model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
         self.max_length = max_length
         self.dim = model.config.hidden_size
