@@ -68,6 +68,40 @@ def test_freeze_layers_keeps_lower_layers_fixed(tmp_path):
     assert not torch.equal(new["bert.encoder.layer.5.attention.self.query.weight"], base["encoder.layer.5.attention.self.query.weight"])
 
 
+def test_freeze_embeddings_keeps_only_the_token_embeddings_fixed(tmp_path):
+    pairs = toy_pairs(16)
+    res = train(TrainConfig(output_dir=str(tmp_path / "e"), max_steps=2, batch_size=8, max_length=48,
+                            freeze_embeddings=True, eval_every=0, progress=False, plot=False), pairs, pairs[:4])
+    assert res.metrics["unchanged_parameters"] == []
+    from safetensors.torch import load_file
+
+    from trainers.model import default_base_path
+
+    base = load_file(str(default_base_path() / "model.safetensors"))
+    new = load_file(str(res.output_dir / "model.safetensors"))
+    assert torch.equal(new["bert.embeddings.word_embeddings.weight"], base["embeddings.word_embeddings.weight"])
+    assert not torch.equal(new["bert.embeddings.position_embeddings.weight"], base["embeddings.position_embeddings.weight"])
+    assert not torch.equal(new["bert.encoder.layer.0.attention.self.query.weight"], base["encoder.layer.0.attention.self.query.weight"])
+
+
+def test_dropout_is_off_in_training_by_default(tmp_path):
+    from trainers.train import disable_dropout
+
+    rm = RewardModel.default(max_length=48)
+    model = rm.torch_model.train()
+    batch = {k: torch.from_numpy(v) for k, v in rm.formatter.pad(rm.formatter.encode(
+        [[{"role": "user", "content": "What is two plus two?"}]] * 2, ["four", "five"])).items()}
+    with torch.no_grad():
+        assert not torch.equal(model(**batch).logits, model(**batch).logits)  # dropout masks differ per pass
+        disable_dropout(model)
+        assert torch.equal(model(**batch).logits, model(**batch).logits)
+    pairs = toy_pairs(8)
+    base = dict(max_steps=1, batch_size=8, max_length=48, eval_every=0, progress=False, plot=False, seed=5)
+    off = train(TrainConfig(output_dir=str(tmp_path / "off"), **base), pairs, pairs[:2]).history[0]["loss"]
+    on = train(TrainConfig(output_dir=str(tmp_path / "on"), disable_dropout=False, **base), pairs, pairs[:2]).history[0]["loss"]
+    assert off != on
+
+
 def test_warm_start_loads_the_trained_model(trained):
     rm = RewardModel.load(trained.output_dir)
     rc, rr = rm.score_pairs(toy_pairs(20, seed=99))

@@ -62,6 +62,7 @@ class RetrainConfig:
     learning_rate: float = _help("Peak learning rate.", default=5e-5)
     max_length: int = _help("Tokens per (conversation, response).", default=256)
     freeze_layers: int = _help("Freeze this many lower layers (CPU-friendly).", default=0)
+    freeze_embeddings: bool = _help("Freeze the token-embedding matrix (the training bench's CPU recipe).", default=True)
     quantize: bool = _help("Export model.int8.onnx when it agrees with torch.", default=True)
     seed: int = _help("Random seed.", default=0)
 
@@ -183,7 +184,8 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
     with tempfile.TemporaryDirectory(prefix="prefstream-retrain-") as tmp:
         tcfg = TrainConfig(output_dir=str(Path(tmp) / "model"), base_model=base, max_steps=cfg.max_steps,
                            batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, max_length=cfg.max_length,
-                           freeze_layers=cfg.freeze_layers, eval_every=0, seed=cfg.seed, progress=False)
+                           freeze_layers=cfg.freeze_layers,
+                           freeze_embeddings=cfg.freeze_embeddings, eval_every=0, seed=cfg.seed, progress=False)
         trained = train(tcfg, pairs, holdout[: min(len(holdout), 200)])
         lap("train")
         cand = accuracy_report(RewardModel.load(trained.output_dir), holdout)
