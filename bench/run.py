@@ -53,17 +53,15 @@ def table() -> str:
     if pl.exists():
         r = json.loads(pl.read_text())
         lat = r["latency_at_half_max_rate"]
-        each = r.get("e2e_vs_bare_each_run")
-        rows.append(f"| stream end to end, pairs/s ({r['pairs']} HH-RLHF pairs, 1 worker"
-                    + (f"; median of {len(each)} runs, each against the bare runs just before and after it" if each else "")
-                    + f") | {r['e2e_1_worker_pairs_per_s']} | bare scorer (the served model alone) {r['bare_scorer_pairs_per_s']} | "
-                    f"{r['e2e_vs_bare']}x | >= 0.9x | " + (f"each run: {', '.join(f'{x}x' for x in each)}; " if each else "")
-                    + f"2 workers: {r['e2e_2_workers_pairs_per_s']} pairs/s ({r['scaling_2_vs_1']}x of 1) |")
-        if st := r.get("one_worker_stage_seconds"):
-            wall = r["e2e_1_worker_seconds_each"][-1] if each else r["pairs"] / r["e2e_1_worker_pairs_per_s"]
-            rows.append(f"| where the last 1-worker run's {wall:.1f} s went (`prefstream_stage_seconds`) | "
-                        + ", ".join(f"{k} {v} s" for k, v in st.items()) + f" | bare scorer {r['bare_scorer_seconds']} s "
-                        "| | | the rest is waiting for records |")
+        each = r["e2e_vs_bare_each_run"]
+        rows.append(f"| stream end to end, pairs/s ({r['pairs']} HH-RLHF pairs, 1 worker; median of {len(each)} runs, each "
+                    f"against the bare runs just before and after it) | {r['e2e_1_worker_pairs_per_s']} | bare scorer (the "
+                    f"served model alone) {r['bare_scorer_pairs_per_s']} | {r['e2e_vs_bare']}x | >= 0.9x | each run: "
+                    f"{', '.join(f'{x}x' for x in each)}; 2 workers: {r['e2e_2_workers_pairs_per_s']} pairs/s "
+                    f"({r['scaling_2_vs_1']}x of 1) |")
+        rows.append(f"| where the last 1-worker run's {r['e2e_1_worker_seconds_each'][-1]:.1f} s went "
+                    "(`prefstream_stage_seconds`) | " + ", ".join(f"{k} {v} s" for k, v in r["one_worker_stage_seconds"].items())
+                    + f" | bare scorer {r['bare_scorer_seconds']} s | | | the rest is waiting for records |")
         rows.append(f"| produce -> prefs.scored latency at {lat['rate_pairs_per_s']} pairs/s (half max) | p50 {lat['p50_ms']} ms, "
                     f"p99 {lat['p99_ms']} ms | | | p99 < 500 ms | {lat['records']} records |")
     m = machine()
