@@ -17,10 +17,15 @@ from schemas.registry import Schema
 def encode(name: str, record: Mapping[str, Any]) -> bytes:
     """Schemaless Avro bytes of ``record`` with the current schema ``name``."""
     schema = registry.get(name)
-    try:
-        validate(record, schema.parsed, raise_errors=True)
-    except ValidationError as exc:
-        raise InvalidRecordError("", f"does not match the {name} schema: {exc}", "wrong_type") from None
+    # raise_errors=True builds (and JSON-dumps) an error for every union branch a valid value does not
+    # take ("null" first for an optional field): validating a ScoredPair took 0.089 ms that way and
+    # 0.021 ms without (400 HH pairs, one run). So check cheaply, and ask for the errors only when the
+    # record is invalid.
+    if not validate(record, schema.parsed, raise_errors=False):
+        try:
+            validate(record, schema.parsed, raise_errors=True)
+        except ValidationError as exc:
+            raise InvalidRecordError("", f"does not match the {name} schema: {exc}", "wrong_type") from None
     buf = io.BytesIO()
     schemaless_writer(buf, schema.parsed, record)
     return buf.getvalue()

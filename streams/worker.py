@@ -11,6 +11,7 @@ Several workers in the same group share the partitions of prefs.raw: scaling is 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from schemas.pairs import prompt_text
 from schemas.wire import ValueCodec
 from streams import metrics, topics
 from streams.exceptions import KafkaError
-from streams.kafka_config import consumer_config, producer_config
+from streams.kafka_config import BACKGROUND_FETCH_WAIT_MS, consumer_config, producer_config
 from streams.processors.embedder import Embedder
 from streams.processors.ingest import Ingestor
 from streams.processors.labeler import Labeler, LLMLabeler
@@ -144,7 +145,8 @@ class VersionWatcher:
         self.settings, self.slots = settings, slots
         self.topic = settings.topic(topics.MODEL_VERSIONS)
         self.codec = ValueCodec(settings.schema_registry_url)
-        self.consumer = Consumer(consumer_config(settings, f"prefstream-versions-{socket.gethostname()}-{os.getpid()}"))
+        self.consumer = Consumer(consumer_config(settings, f"prefstream-versions-{socket.gethostname()}-{os.getpid()}",
+                                                 **{"fetch.wait.max.ms": BACKGROUND_FETCH_WAIT_MS}))
         self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
         self.stop = threading.Event()
 
@@ -287,6 +289,10 @@ class Worker:
     def run(self) -> None:
         pipeline = Pipeline(self.s, self.w, self.redis, self.scorer)
         self._start_models()
+        # What start-up loaded (models, tokenizers, taxonomy) lives as long as the worker; frozen, it is
+        # no longer rescanned by every full collection of the objects each batch makes.
+        gc.collect()
+        gc.freeze()
         tid = f"prefstream-{self.s.topic_prefix}{self.w.group}-{self.w.worker_id}"
         producer = Producer(producer_config(self.s, **{"transactional.id": tid, "transaction.timeout.ms": TXN_TIMEOUT_MS}))
         try:

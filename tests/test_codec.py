@@ -48,6 +48,16 @@ def test_any_valid_pair_survives_json_avro_json(pair):
         assert back[key] == pair[key]
 
 
+def test_avro_encode_refuses_a_record_off_its_schema_and_names_the_field():
+    record = pair_from_json(json.dumps(BASE))
+    for bad in (record | {"task_category": 7}, record | {"created_at": "yesterday"}):
+        with pytest.raises(InvalidRecordError) as info:
+            codec.encode("PreferencePair", bad)
+        assert info.value.reason == "wrong_type"
+        assert "does not match the PreferencePair schema" in str(info.value)
+        assert next(k for k in bad if bad[k] != record.get(k)) in str(info.value)  # the offending field is named
+
+
 @settings(max_examples=100, deadline=None)
 @given(valid_pairs())
 def test_pair_id_is_stable_content_hash(pair):

@@ -102,6 +102,32 @@ def test_dropout_is_off_in_training_by_default(tmp_path):
     assert off != on
 
 
+def test_length_sorted_passes_give_the_whole_batch_rewards_and_gradients():
+    """Training runs a micro-batch's sequences in length-sorted passes; each pair's two rewards must
+    come back in place, with the gradient of one whole-batch pass."""
+    from trainers.train import _rewards, disable_dropout
+
+    rm = RewardModel.default(max_length=96)
+    model = rm.torch_model.train()
+    disable_dropout(model)
+    pairs = toy_pairs(6)
+    pairs[1]["chosen"] = "a much longer chosen answer " * 8  # pair 1's two sequences land in different passes
+    convs = [p["conversation"] for p in pairs]
+    seqs = rm.formatter.encode(convs, [p["chosen"] for p in pairs]) + rm.formatter.encode(convs, [p["rejected"] for p in pairs])
+    results = []
+    for per_pass in (0, 4):
+        model.zero_grad()
+        rc, rr = _rewards(model, rm.formatter, seqs, per_pass, "cpu")
+        (rc - 2 * rr).sum().backward()  # unequal weights: a chosen/rejected mix-up changes the gradient
+        grad = model.get_input_embeddings().weight.grad.clone()
+        results.append((rc.detach(), rr.detach(), grad))
+    for whole, passes in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(passes, whole, atol=1e-5, rtol=1e-4)
+    one_by_one = [rm.torch_model(**{k: torch.from_numpy(v) for k, v in rm.formatter.pad([s]).items()}).logits[0, 0].item()
+                  for s in seqs[:6]]
+    np.testing.assert_allclose(results[1][0].numpy(), one_by_one, atol=1e-5)
+
+
 def test_warm_start_loads_the_trained_model(trained):
     rm = RewardModel.load(trained.output_dir)
     rc, rr = rm.score_pairs(toy_pairs(20, seed=99))

@@ -44,9 +44,10 @@ class TrainConfig:
     max_steps: int = _help("Optimizer steps to run; 0 = derive from epochs.", default=0)
     batch_size: int = _help("Pairs per micro-batch.", default=16)
     grad_accum: int = _help("Micro-batches per optimizer step (effective batch = batch_size * grad_accum).", default=1)
-    chunk_pairs: int = _help("Pairs per forward/backward pass inside a batch (gradients add up to the same step); "
-                             "small passes are faster on CPU, and bound GPU memory for long inputs. "
-                             "0 = the whole batch at once; -1 = auto (4 on CPU, the whole batch on a GPU).", default=-1)
+    chunk_pairs: int = _help("Forward passes inside a micro-batch take 2 x chunk_pairs sequences, sorted by length "
+                             "(small passes pad less and are faster on CPU); their rewards join in one loss, so "
+                             "bound memory with batch_size and grad_accum. 0 = the whole micro-batch in one pass; "
+                             "-1 = auto (4 on CPU, the whole micro-batch on a GPU).", default=-1)
     learning_rate: float = _help("Peak AdamW learning rate.", default=3e-5)
     head_learning_rate: float = _help("Learning rate of the new scalar head (it starts from random).", default=1e-3)
     weight_decay: float = _help("AdamW weight decay.", default=0.01)
@@ -155,6 +156,28 @@ def pair_accuracy(rm: RewardModel, pairs: list[dict]) -> float:
         return float("nan")
     rc, rr = rm.score_pairs(pairs)
     return float(np.mean(rc > rr))
+
+
+def _rewards(model: Any, formatter: Any, seqs: list[dict], per_pass: int, device: str) -> tuple[Any, Any]:
+    """Rewards of a micro-batch's chosen (first half) and rejected (second half) sequences.
+
+    The sequences are sorted by their own length and run in passes of ``per_pass`` (0: all at once),
+    so a pass pads to its own longest member: chosen and rejected differ in length, and sorting them
+    separately instead of keeping each pair's two in one pass cuts the padded tokens from 6.6% to 4.0%
+    (bench pairs, passes of 8) and measured 1.04-1.05x the step rate side by side (issue 3 note).
+    The passes' graphs join in one loss and one backward.
+    """
+    import torch
+
+    order = sorted(range(len(seqs)), key=lambda j: len(seqs[j]["input_ids"]))
+    step = per_pass or len(order)
+    outs = []
+    for c0 in range(0, len(order), step):
+        batch = formatter.pad([seqs[j] for j in order[c0: c0 + step]])
+        outs.append(model(**{k: torch.from_numpy(v).to(device) for k, v in batch.items()}).logits[:, 0])
+    rewards = torch.cat(outs)[torch.from_numpy(np.argsort(order)).to(device)]
+    half = len(seqs) // 2
+    return rewards[:half], rewards[half:]
 
 
 def resolve_device(device: str) -> str:
@@ -275,21 +298,15 @@ def train(cfg: TrainConfig, train_pairs: list[dict] | None = None, eval_pairs: l
             for _ in range(cfg.grad_accum):
                 if not batches:
                     batches = length_grouped_batches(lengths, cfg.batch_size, rng)
-                idx = sorted(batches.pop(), key=lambda i: lengths[i])
+                idx = batches.pop()
                 n = len(idx)
-                # The batch's loss is a mean over pairs, so it splits into chunks whose gradients add up
-                # to the same step; small chunks pad less and stay in the CPU cache.
-                for c0 in range(0, n, chunk or n):
-                    part = idx[c0: c0 + (chunk or n)]
-                    batch = rm.formatter.pad([enc_c[i] for i in part] + [enc_r[i] for i in part])
-                    out = model(**{k: torch.from_numpy(v).to(device) for k, v in batch.items()}).logits[:, 0]
-                    rc, rr = out[: len(part)], out[len(part):]
-                    m = torch.from_numpy(margins[part]).to(device)
-                    loss = -F.logsigmoid(rc - rr - m).sum()
-                    if cfg.center_rewards_coefficient:
-                        loss = loss + cfg.center_rewards_coefficient * ((rc + rr) ** 2).sum()
-                    (loss / (n * cfg.grad_accum)).backward()
-                    step_loss += loss.item() / (n * cfg.grad_accum)
+                rc, rr = _rewards(model, rm.formatter, [enc_c[i] for i in idx] + [enc_r[i] for i in idx], chunk * 2, device)
+                m = torch.from_numpy(margins[idx]).to(device)
+                loss = -F.logsigmoid(rc - rr - m).sum()
+                if cfg.center_rewards_coefficient:
+                    loss = loss + cfg.center_rewards_coefficient * ((rc + rr) ** 2).sum()
+                (loss / (n * cfg.grad_accum)).backward()
+                step_loss += loss.item() / (n * cfg.grad_accum)
                 seen += n
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
