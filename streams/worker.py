@@ -290,7 +290,8 @@ class Worker:
         pipeline = Pipeline(self.s, self.w, self.redis, self.scorer)
         self._start_models()
         # What start-up loaded (models, tokenizers, taxonomy) lives as long as the worker; frozen, it is
-        # no longer rescanned by every full collection of the objects each batch makes.
+        # no longer rescanned by every full collection of the objects each batch makes (one 1,000-pair
+        # run: 1.30 s in the collector against 1.56 s, start-up included; issue 4 note).
         gc.collect()
         gc.freeze()
         tid = f"prefstream-{self.s.topic_prefix}{self.w.group}-{self.w.worker_id}"
