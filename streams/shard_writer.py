@@ -30,7 +30,7 @@ from fastavro import writer as avro_writer
 from schemas import registry
 from schemas.wire import ValueCodec
 from streams import metrics, topics
-from streams.kafka_config import BACKGROUND_FETCH_WAIT_MS, consumer_config
+from streams.kafka_config import consumer_config
 from streams.settings import Settings, WorkerSettings
 from trainers.registry import fsync_dir
 
@@ -143,8 +143,7 @@ class ShardWriter:
 
     def run(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.consumer = Consumer(consumer_config(self.s, f"{self.s.topic_prefix}{SHARD_GROUP}",
-                                                 **{"fetch.wait.max.ms": BACKGROUND_FETCH_WAIT_MS}))
+        self.consumer = Consumer(consumer_config(self.s, f"{self.s.topic_prefix}{SHARD_GROUP}", background=True))
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             while not self.stop.is_set():

@@ -30,7 +30,7 @@ from schemas.pairs import prompt_text
 from schemas.wire import ValueCodec
 from streams import metrics, topics
 from streams.exceptions import KafkaError
-from streams.kafka_config import BACKGROUND_FETCH_WAIT_MS, consumer_config, producer_config
+from streams.kafka_config import consumer_config, producer_config
 from streams.processors.embedder import Embedder
 from streams.processors.ingest import Ingestor
 from streams.processors.labeler import Labeler, LLMLabeler
@@ -146,7 +146,7 @@ class VersionWatcher:
         self.topic = settings.topic(topics.MODEL_VERSIONS)
         self.codec = ValueCodec(settings.schema_registry_url)
         self.consumer = Consumer(consumer_config(settings, f"prefstream-versions-{socket.gethostname()}-{os.getpid()}",
-                                                 **{"fetch.wait.max.ms": BACKGROUND_FETCH_WAIT_MS}))
+                                                 background=True))
         self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
         self.stop = threading.Event()
 
