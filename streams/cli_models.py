@@ -59,10 +59,13 @@ def _train_command() -> click.Command:
         kwargs["eval_files"] = list(kwargs.get("eval_files") or [])
         cfg = TrainConfig(train_files=list(data), **kwargs)
         cfg.validate()
-        pairs = read_pairs(cfg.train_files)
+        skipped: list[str] = []
+        pairs = read_pairs(cfg.train_files, skipped)
         if limit:
             pairs = pairs[:limit]
         console.print(f"training on {len(pairs)} pairs from {', '.join(data)}")
+        if skipped:
+            console.print(f"[yellow]skipped {len(skipped)} unusable records[/], the first: {skipped[0]}")
         result = train(cfg, pairs)
         m = result.metrics
         console.print(f"[green]done[/]: {m['steps']} steps, {m['pairs_per_second']:.1f} pairs/s, loss "

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import assert_trained, toy_pairs
+from tests.helpers import assert_trained, run_cli, toy_pairs
 from tests.tiny_models import build_tiny_decoder
-from trainers.exceptions import ExportError, ModelLoadError, PickleCheckpointError
+from trainers.data import read_pairs
+from trainers.exceptions import DataError, ExportError, ModelLoadError, PickleCheckpointError
 from trainers.export import export
 from trainers.formatting import CHAT, PAIR
 from trainers.model import RewardModel
@@ -126,6 +127,39 @@ def test_length_sorted_passes_give_the_whole_batch_rewards_and_gradients():
     one_by_one = [rm.torch_model(**{k: torch.from_numpy(v) for k, v in rm.formatter.pad([s]).items()}).logits[0, 0].item()
                   for s in seqs[:6]]
     np.testing.assert_allclose(results[1][0].numpy(), one_by_one, atol=1e-5)
+
+
+def test_training_data_reads_back_its_own_output_and_says_what_it_skipped(tmp_path):
+    pairs = toy_pairs(3)
+    pairs[1]["margin"] = 0.5
+    first = tmp_path / "a.jsonl"
+    first.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    read = read_pairs([first])
+    assert read[1]["extra"] == {"margin": 0.5}
+    again = tmp_path / "b.jsonl"  # read_pairs output, 'extra' included, written back as JSONL
+    tie = {"conversation": [{"role": "user", "content": "q"}], "chosen": "same", "rejected": "same"}
+    again.write_text("".join(json.dumps(p) + "\n" for p in read + [tie]))
+    skipped: list[str] = []
+    assert [p["extra"] for p in read_pairs([again], skipped)] == [{}, {"margin": 0.5}, {}]
+    assert len(skipped) == 1 and "b.jsonl:4" in skipped[0]
+    only_tie = tmp_path / "c.jsonl"
+    only_tie.write_text(json.dumps(tie) + "\n")
+    with pytest.raises(DataError, match="all 1 records were unusable, the first: .*c.jsonl:1"):
+        read_pairs([only_tie])
+
+
+@pytest.mark.integration
+def test_train_cli_reports_progress_lines_and_skips_in_a_log(settings, tmp_path):
+    """Run as a retrain job or under kubectl logs (no terminal): progress comes as plain lines on stderr."""
+    data = tmp_path / "d.jsonl"
+    tie = {"conversation": [{"role": "user", "content": "q"}], "chosen": "same", "rejected": "same"}
+    data.write_text("".join(json.dumps(p) + "\n" for p in toy_pairs(20) + [tie]))
+    out = run_cli(["train", "-d", str(data), "--output-dir", str(tmp_path / "m"), "--max-steps", "4", "--batch-size", "4",
+                   "--max-length", "32", "--eval-every", "2", "--no-plot"], settings)
+    assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "m")
+    steps = [line for line in out.stderr.splitlines() if line.startswith("training step")]
+    assert [line.split()[2] for line in steps] == ["1/4", "2/4", "3/4", "4/4"] and "acc" in steps[1]
+    assert "skipped 1 unusable records" in out.stderr and "d.jsonl:21" in out.stderr
 
 
 def test_warm_start_loads_the_trained_model(trained):

@@ -21,8 +21,15 @@ def _open(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
 
 
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Pairs from JSONL: our pair JSON, HH-RLHF or JudgeBench. Training-only keys go to 'extra'."""
+TRAINING_KEYS = ("margin", "split", "is_flipped", "style_trap")
+
+
+def read_jsonl(path: Path, skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Pairs from JSONL: our pair JSON, HH-RLHF or JudgeBench. Training-only keys go to 'extra'.
+
+    A line that parses but is not a usable pair (identical responses, a missing field) is skipped with
+    its reason appended to ``skipped``, so the caller can say how many were left out and why.
+    """
     with _open(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -34,11 +41,15 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: a line must be a JSON object")
             fmt = detect(obj)
-            extra = {k: obj.pop(k) for k in list(obj) if k in ("margin", "split", "is_flipped", "style_trap")}
+            # 'extra' is what read_pairs itself attaches, so its own output reads back.
+            extra = obj.pop("extra", None) if isinstance(obj.get("extra"), dict) else {}
+            extra |= {k: obj.pop(k) for k in list(obj) if k in TRAINING_KEYS}
             try:
                 pair = validate_pair(READERS[fmt](obj))
-            except InvalidRecordError:
-                continue  # e.g. identical responses: nothing to learn from; counted by the caller's total
+            except InvalidRecordError as exc:
+                if skipped is not None:
+                    skipped.append(f"{path}:{lineno}: {exc}")
+                continue
             pair["extra"] = extra
             yield pair
 
@@ -55,8 +66,13 @@ def read_shard(path: Path) -> Iterator[dict[str, Any]]:
         raise DataError(f"cannot read shard {path}: {exc}") from exc
 
 
-def read_pairs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Every pair in the given files or directories (*.avro, *.jsonl, *.jsonl.gz)."""
+def read_pairs(paths: Sequence[str | Path], skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every pair in the given files or directories (*.avro, *.jsonl, *.jsonl.gz).
+
+    Unusable JSONL lines are skipped and listed in ``skipped``; when nothing usable is left the error
+    names the first reason instead of saying the files were empty.
+    """
+    skipped = [] if skipped is None else skipped
     out: list[dict[str, Any]] = []
     for raw in paths:
         path = Path(raw)
@@ -67,9 +83,10 @@ def read_pairs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
             if f.suffix == ".avro":
                 out.extend(read_shard(f))
             elif f.name.endswith((".jsonl", ".jsonl.gz", ".json")):
-                out.extend(read_jsonl(f))
+                out.extend(read_jsonl(f, skipped))
     if not out:
-        raise DataError(f"no pairs found in {', '.join(map(str, paths))} (expected *.avro shards or *.jsonl)")
+        why = f"; all {len(skipped)} records were unusable, the first: {skipped[0]}" if skipped else ""
+        raise DataError(f"no pairs found in {', '.join(map(str, paths))} (expected *.avro shards or *.jsonl){why}")
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -203,19 +204,40 @@ def _load_base(cfg: TrainConfig, device: str) -> RewardModel:
 
 
 class _Progress:
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.bar = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """A rich bar on a terminal; elsewhere (retrain job logs, kubectl logs) a plain line every tenth of the run.
 
-            self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                TimeRemainingColumn())
-            self.bar.start()
-            self.task = self.bar.add_task("train", total=total, info="")
+    Both go to stderr: stdout carries the CLI's result (the output directory) for scripts.
+    """
+
+    LINES = 10
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        from rich.console import Console
+
+        self.bar, self.lines, self.total, self.done = None, False, total, 0
+        self.started = time.perf_counter()
+        if not enabled:
+            return
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            self.lines, self.every = True, max(1, total // self.LINES)
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                            TimeRemainingColumn(), console=console)
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=total, info="")
 
     def update(self, info: str) -> None:
+        self.done += 1
         if self.bar:
             self.bar.update(self.task, advance=1, info=info)
+        elif self.lines and (self.done % self.every == 0 or self.done == self.total):
+            secs = time.perf_counter() - self.started
+            left = secs / self.done * (self.total - self.done)
+            print(f"training step {self.done}/{self.total} {info} ({secs:.0f} s, ~{left:.0f} s left)",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar:
