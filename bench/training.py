@@ -2,11 +2,13 @@
 
 Same model (packaged MiniLM-L6 with a new head, same seed), same pairs, batch size, steps,
 learning rate and max length, 2 CPU threads, dropout off in both (TRL's default and ours). Ours
-runs twice: as a full fine-tune (the same work as TRL) and with our CPU recipe (the token-embedding
+runs as a full fine-tune (the same work as TRL) and with our CPU recipe (the token-embedding
 matrix frozen, plus ``--freeze-layers`` lowest layers, 0 by default), each with its held-out
-accuracy beside its speed. TRL drops pairs longer than max_length, so the pairs are pre-filtered
-to those that fit, and both trainers see exactly the same ones. Each model is scored on the
-held-out pairs with the input format it was trained with.
+accuracy beside its speed. TRL and the recipe run twice, in the order TRL, recipe, full, recipe,
+TRL, and each row uses the mean time of its runs, so a steady drift of the machine's speed cancels.
+TRL drops pairs longer than max_length, so the pairs are pre-filtered to those that fit, and both
+trainers see exactly the same ones. Each model is scored on the held-out pairs with the input
+format it was trained with.
 """
 
 from __future__ import annotations
@@ -93,6 +95,18 @@ def run_ours(train_pairs, eval_pairs, steps: int, batch: int, lr: float, max_len
             "heldout_accuracy": m["eval_accuracy"], "model_dir": str(res.output_dir)}
 
 
+def _merge(a: dict, b: dict, steps_x_batch: int) -> dict:
+    """Two runs of one trainer as one row: pairs/s over their mean time, and the mean accuracy.
+
+    Both trainers are seeded, so the accuracies should repeat; both are kept to show it.
+    """
+    secs = (a["seconds"] + b["seconds"]) / 2
+    accs = [a["heldout_accuracy"], b["heldout_accuracy"]]
+    return b | {"seconds": round(secs, 2), "seconds_each": [a["seconds"], b["seconds"]],
+                "pairs_per_s": round(steps_x_batch / secs, 3), "heldout_accuracy": float(np.mean(accs)),
+                "heldout_accuracy_each": accs}
+
+
 def run(n_train: int, n_eval: int, steps: int, batch: int, lr: float, max_length: int, seed: int,
         keep_model: Path | None, freeze_layers: int, freeze_embeddings: bool) -> dict:
     import torch
@@ -107,14 +121,29 @@ def run(n_train: int, n_eval: int, steps: int, batch: int, lr: float, max_length
         raise SystemExit(f"only {len(pairs)} shared pairs fit in {max_length} tokens; "
                          f"ask for fewer than {n_train} + {n_eval} or a longer --max-length")
     train_pairs, eval_pairs = pairs[:n_train], pairs[n_train: n_train + n_eval]
+    steps_x_batch = steps * batch
+
+    def trl_run() -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_trl(train_pairs, eval_pairs, steps, batch, lr, max_length, seed, Path(tmp) / "trl")
+
+    def recipe_run(out: Path) -> dict:
+        # Our CPU recipe: the token embeddings (and any --freeze-layers lowest layers) stay frozen, the
+        # rest trains as in the full fine-tune. Same model, data, batch size and steps; the retrain jobs run it.
+        return run_ours(train_pairs, eval_pairs, steps, batch, lr, max_length, seed, out,
+                        freeze_layers=freeze_layers, freeze_embeddings=freeze_embeddings)
+
+    # Palindromic order (TRL, recipe, full, recipe, TRL): this shared machine's speed drifts by 10-20%
+    # over minutes, and with every trainer's runs centred on the same moment a steady drift cancels
+    # out of the ratios instead of favouring whichever trainer ran while the machine was fast.
+    trl_a = trl_run()
     with tempfile.TemporaryDirectory() as tmp:
-        trl = run_trl(train_pairs, eval_pairs, steps, batch, lr, max_length, seed, Path(tmp) / "trl")
+        ours_a = recipe_run(Path(tmp) / "recipe")
     with tempfile.TemporaryDirectory() as tmp:
         full = run_ours(train_pairs, eval_pairs, steps, batch, lr, max_length, seed, Path(tmp) / "full")
-    # Our CPU recipe: the token embeddings (and any --freeze-layers lowest layers) stay frozen, the rest
-    # trains as above. Same model, data, batch size and steps; it is what the retrain jobs run.
-    ours = run_ours(train_pairs, eval_pairs, steps, batch, lr, max_length, seed, keep_model or Path(tempfile.mkdtemp()),
-                    freeze_layers=freeze_layers, freeze_embeddings=freeze_embeddings)
+    ours_b = recipe_run(keep_model or Path(tempfile.mkdtemp()))
+    trl_b = trl_run()
+    trl, ours = _merge(trl_a, trl_b, steps_x_batch), _merge(ours_a, ours_b, steps_x_batch)
     return {
         "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "steps": steps, "batch_size": batch,
         "learning_rate": lr, "max_length": max_length, "threads": 2, "freeze_layers": freeze_layers,

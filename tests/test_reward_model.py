@@ -244,6 +244,46 @@ def test_minilm_export_int8_agrees_on_a_trained_model(trained, tmp_path):
     assert (model / "model.int8.onnx").stat().st_size < (model / "model.onnx").stat().st_size / 2
 
 
+def test_smoothquant_keeps_fp32_results_and_cuts_int8_error(trained, tmp_path):
+    import logging
+    import shutil
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from trainers import smoothquant
+    from trainers.model import OnnxBackend
+
+    logging.getLogger().setLevel(logging.ERROR)
+    model = shutil.copytree(trained.output_dir, tmp_path / "m")
+    pairs = toy_pairs(40, seed=5)
+    export(model, pairs, quantize=False)
+    graph = onnx.load(str(model / "model.onnx"))
+    groups = smoothquant.matmul_groups(graph)
+    # MiniLM-L6: per layer one group of Q/K/V (same input), attention output, FFN in, FFN out.
+    assert (len(groups), sum(map(len, groups.values()))) == (24, 36)
+    rm = RewardModel.load(model, backend="onnx", onnx_file="model.onnx")
+
+    def calibrate(backend):
+        rm.backend = backend
+        rm.score_pairs(pairs)
+
+    smoothed = smoothquant.smooth(graph, smoothquant.channel_absmax(graph, calibrate, list(groups)))
+    assert sum(n.op_type == "Mul" and n.name.startswith("smoothquant_") for n in smoothed.graph.node) == 24
+    rewards = {}
+    for tag, g in (("plain", graph), ("smoothed", smoothed)):
+        onnx.save(g, str(tmp_path / f"{tag}.onnx"))
+        quantize_dynamic(str(tmp_path / f"{tag}.onnx"), str(tmp_path / f"{tag}8.onnx"), weight_type=QuantType.QInt8,
+                         per_channel=True, reduce_range=True)
+        for f in (f"{tag}.onnx", f"{tag}8.onnx"):
+            rm.backend = OnnxBackend(tmp_path / f)
+            rewards[f] = np.concatenate(rm.score_pairs(pairs))
+    ref = rewards["plain.onnx"]
+    np.testing.assert_allclose(rewards["smoothed.onnx"], ref, atol=1e-4)  # exact in fp32
+    plain_err, smoothed_err = (np.abs(rewards[f] - ref).mean() for f in ("plain8.onnx", "smoothed8.onnx"))
+    assert smoothed_err < 0.85 * plain_err, (smoothed_err, plain_err)
+
+
 def test_export_fails_loudly_and_leaves_no_file(trained, tmp_path):
     import shutil
 
