@@ -99,6 +99,7 @@ def test_retrain_cli_prints_a_result_line_the_runner_reads(tmp_path, stack_setti
     outcome = handle.outcome()
     assert outcome.succeeded, handle.log.read_text()[-2000:]
     assert [r["decision"] for r in outcome.result] == ["published", "published"]
+    assert "training step 4/4 loss" in handle.log.read_text()  # the job's log shows its progress
 
 
 # ---------------------------------------------------------------------------- Kubernetes

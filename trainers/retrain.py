@@ -185,7 +185,7 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
         tcfg = TrainConfig(output_dir=str(Path(tmp) / "model"), base_model=base, max_steps=cfg.max_steps,
                            batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, max_length=cfg.max_length,
                            freeze_layers=cfg.freeze_layers,
-                           freeze_embeddings=cfg.freeze_embeddings, eval_every=0, seed=cfg.seed, progress=False)
+                           freeze_embeddings=cfg.freeze_embeddings, eval_every=0, seed=cfg.seed, progress=True)
         trained = train(tcfg, pairs, holdout[: min(len(holdout), 200)])
         lap("train")
         cand = accuracy_report(RewardModel.load(trained.output_dir), holdout)
