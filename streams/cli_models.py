@@ -118,7 +118,8 @@ def eval_cmd(model: Path, files: tuple[Path, ...], fmt: str, backend: str, limit
 @click.option("--data", "-d", "files", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
               help="Validation pairs for the torch-vs-ONNX agreement check (JSONL, HH-RLHF or shards).")
 @click.option("--limit", type=int, default=500, show_default=True, help="Validation pairs to use.")
-@click.option("--quantize/--no-quantize", default=True, show_default=True, help="Also write model.int8.onnx: dynamic INT8 after SmoothQuant scaling calibrated on the "
+@click.option("--quantize/--no-quantize", default=True, show_default=True,
+              help="Also write model.int8.onnx: dynamic INT8 after SmoothQuant scaling calibrated on the "
                    "validation pairs. It is checked like model.onnx; below --min-agreement the export fails.")
 @click.option("--min-agreement", type=float, default=0.995, show_default=True,
               help="Fail if decisions agree with torch on fewer than this share of pairs.")
