@@ -64,6 +64,11 @@ def run_cli(args: list[str], settings: Settings, *, check: bool = True, timeout:
     return proc
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 

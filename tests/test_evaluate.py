@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, write_jsonl
 from trainers.evaluate import evaluate, is_style_trap, markdown_table, read_eval_items
 
 
@@ -19,11 +19,6 @@ class LookupScorer:
 
     def score(self, conversations, responses):
         return np.array([self.table.get(r, 0.0) for r in responses])
-
-
-def write_jsonl(path, rows):
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 def test_readers_parse_each_format(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import assert_trained, run_cli, toy_pairs
+from tests.helpers import assert_trained, run_cli, toy_pairs, write_jsonl
 from tests.tiny_models import build_tiny_decoder
 from trainers.data import read_pairs
 from trainers.exceptions import DataError, ExportError, ModelLoadError, PickleCheckpointError
@@ -132,18 +132,14 @@ def test_length_sorted_passes_give_the_whole_batch_rewards_and_gradients():
 def test_training_data_reads_back_its_own_output_and_says_what_it_skipped(tmp_path):
     pairs = toy_pairs(3)
     pairs[1]["margin"] = 0.5
-    first = tmp_path / "a.jsonl"
-    first.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    read = read_pairs([first])
+    read = read_pairs([write_jsonl(tmp_path / "a.jsonl", pairs)])
     assert read[1]["extra"] == {"margin": 0.5}
-    again = tmp_path / "b.jsonl"  # read_pairs output, 'extra' included, written back as JSONL
     tie = {"conversation": [{"role": "user", "content": "q"}], "chosen": "same", "rejected": "same"}
-    again.write_text("".join(json.dumps(p) + "\n" for p in read + [tie]))
+    again = write_jsonl(tmp_path / "b.jsonl", read + [tie])  # read_pairs output, 'extra' included
     skipped: list[str] = []
     assert [p["extra"] for p in read_pairs([again], skipped)] == [{}, {"margin": 0.5}, {}]
     assert len(skipped) == 1 and "b.jsonl:4" in skipped[0]
-    only_tie = tmp_path / "c.jsonl"
-    only_tie.write_text(json.dumps(tie) + "\n")
+    only_tie = write_jsonl(tmp_path / "c.jsonl", [tie])
     with pytest.raises(DataError, match="all 1 records were unusable, the first: .*c.jsonl:1"):
         read_pairs([only_tie])
 
@@ -151,9 +147,8 @@ def test_training_data_reads_back_its_own_output_and_says_what_it_skipped(tmp_pa
 @pytest.mark.integration
 def test_train_cli_reports_progress_lines_and_skips_in_a_log(settings, tmp_path):
     """Run as a retrain job or under kubectl logs (no terminal): progress comes as plain lines on stderr."""
-    data = tmp_path / "d.jsonl"
     tie = {"conversation": [{"role": "user", "content": "q"}], "chosen": "same", "rejected": "same"}
-    data.write_text("".join(json.dumps(p) + "\n" for p in toy_pairs(20) + [tie]))
+    data = write_jsonl(tmp_path / "d.jsonl", toy_pairs(20) + [tie])
     out = run_cli(["train", "-d", str(data), "--output-dir", str(tmp_path / "m"), "--max-steps", "4", "--batch-size", "4",
                    "--max-length", "32", "--eval-every", "2", "--no-plot"], settings)
     assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "m")

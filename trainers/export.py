@@ -110,8 +110,12 @@ def _decisions(rc: np.ndarray, rr: np.ndarray) -> np.ndarray:
     return np.sign(rc - rr)
 
 
-def _quantize(model_dir: Path, fp32: Path, int8: Path, calibration_pairs: list[dict]) -> None:
-    """Dynamic INT8 of ``fp32`` at ``int8``, SmoothQuant-scaled on the calibration pairs' activations first."""
+def _quantize(rm: RewardModel, fp32: Path, int8: Path, calibration_pairs: list[dict]) -> None:
+    """Dynamic INT8 of ``fp32`` at ``int8``, SmoothQuant-scaled on the calibration pairs' activations first.
+
+    ``rm`` is the checked model serving ``fp32``; its tokenizer and batching feed the calibration, and
+    its backend is replaced by the calibration probe (it is not used afterwards).
+    """
     import logging
 
     import onnx
@@ -120,7 +124,6 @@ def _quantize(model_dir: Path, fp32: Path, int8: Path, calibration_pairs: list[d
     from trainers import smoothquant
 
     graph = onnx.load(str(fp32))
-    rm = RewardModel.load(model_dir, backend="onnx", onnx_file=fp32.name)
 
     def calibrate(backend: Callable[[dict[str, np.ndarray]], np.ndarray]) -> None:
         rm.backend = backend
@@ -155,27 +158,29 @@ def export(model_dir: str | Path, validation_pairs: list[dict], quantize: bool =
     ref_c, ref_r = rm.score_pairs(validation_pairs)
     ref = _decisions(ref_c, ref_r)
 
-    def check(path: Path) -> tuple[float, float]:
+    def remove() -> None:
+        for f in (fp32, int8):
+            f.unlink(missing_ok=True)
+
+    def check(path: Path) -> tuple[float, float, RewardModel]:
         onnx_rm = RewardModel.load(model_dir, backend="onnx", onnx_file=path.name)
         c, r = onnx_rm.score_pairs(validation_pairs)
         agree = float(np.mean(_decisions(c, r) == ref))
         if agree < min_agreement:
-            for f in (fp32, int8):
-                f.unlink(missing_ok=True)
+            remove()
             raise ExportError(
                 f"{path.name} agrees with torch on only {agree:.2%} of {len(validation_pairs)} validation decisions "
                 f"(need {min_agreement:.1%}); the export was removed. Try without INT8 (--no-quantize)."
             )
-        return agree, float(max(np.abs(c - ref_c).max(), np.abs(r - ref_r).max()))
+        return agree, float(max(np.abs(c - ref_c).max(), np.abs(r - ref_r).max())), onnx_rm
 
-    agree_fp32, diff = check(fp32)
+    agree_fp32, diff, fp32_rm = check(fp32)
     agree_int8 = None
     if quantize:
         try:
-            _quantize(model_dir, fp32, int8, validation_pairs)
+            _quantize(fp32_rm, fp32, int8, validation_pairs)
         except Exception as exc:  # onnx / onnxruntime raise many types here; all mean the export failed
-            for f in (fp32, int8):
-                f.unlink(missing_ok=True)
+            remove()
             raise ExportError(f"INT8 quantisation of {fp32} failed: {exc}; export without INT8 (--no-quantize)") from exc
-        agree_int8, _ = check(int8)
+        agree_int8, _, _ = check(int8)
     return ExportReport(fp32, int8 if quantize else None, agree_fp32, agree_int8, diff, len(validation_pairs))

@@ -214,13 +214,13 @@ class _Progress:
     def __init__(self, enabled: bool, total: int) -> None:
         from rich.console import Console
 
-        self.bar, self.lines, self.total, self.done = None, False, total, 0
+        self.bar, self.every, self.total, self.done = None, 0, total, 0  # every: a line each N steps; 0 = none
         self.started = time.perf_counter()
         if not enabled:
             return
         console = Console(stderr=True)
         if not console.is_terminal:
-            self.lines, self.every = True, max(1, total // self.LINES)
+            self.every = max(1, total // self.LINES)
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -233,7 +233,7 @@ class _Progress:
         self.done += 1
         if self.bar:
             self.bar.update(self.task, advance=1, info=info)
-        elif self.lines and (self.done % self.every == 0 or self.done == self.total):
+        elif self.every and (self.done % self.every == 0 or self.done == self.total):
             secs = time.perf_counter() - self.started
             left = secs / self.done * (self.total - self.done)
             print(f"training step {self.done}/{self.total} {info} ({secs:.0f} s, ~{left:.0f} s left)",
