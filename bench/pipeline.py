@@ -6,6 +6,11 @@ all by length) scoring the same pairs in this process; end to end adds Kafka, in
 labels (one more MiniLM pass over the last user turn), routing, retrieval and the transactional
 commit, in micro-batches as they arrive. The bare scorer runs before and after each end-to-end run
 (this shared machine's speed drifts), and the reported ratio is the median over the runs.
+
+``--gold DIR`` runs the scorer as DESIGN describes it, with a gold reward model beside the current
+one (published to the bench's model store and announced, so the worker loads it as in production);
+the bare scorer then scores with both models too. Without a gold model the router can send nothing
+to silver or flipped, so only this mode exercises the whole curation path.
 """
 
 from __future__ import annotations
@@ -34,13 +39,15 @@ def _stage_seconds(metrics_text: str) -> dict[str, float]:
     return {stage: round(float(v), 2) for stage, v in found}
 
 
-def _e2e(settings, pairs, workers: int) -> tuple[float, dict[str, float]]:
+def _e2e(settings, pairs, workers: int, gold: str | None = None) -> tuple[float, dict[str, float]]:
     """Wall seconds from the first produce to the last pair scored, and the first worker's stage seconds."""
     from streams.admin import ensure_topics
     from streams.sdk import PreferenceProducer
     from tests.helpers import WorkerProcess, wait_for_scored
 
     ensure_topics(settings)
+    if gold:
+        _announce_gold(settings, gold)
     # Each worker gets its share of the cores: two workers with all cores each thrash (measured 0.56x of one).
     env = {"PREFSTREAM_WORKER_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
     procs = [WorkerProcess(settings, worker_id=f"bench{i}", extra_env=env).start() for i in range(workers)]
@@ -54,6 +61,14 @@ def _e2e(settings, pairs, workers: int) -> tuple[float, dict[str, float]]:
     finally:
         for p in procs:
             p.stop()
+
+
+def _announce_gold(settings, version: str) -> None:
+    """Announce the published gold version on this run's models.versions (each run has its own topics)."""
+    from streams.announce import Announcer
+    from trainers.registry import ModelStore
+
+    ModelStore(settings.models_dir).promote(version, "gold", announce=Announcer(settings), reason="bench")
 
 
 def _latency(settings, pairs, rate: float) -> dict:
@@ -104,23 +119,30 @@ def _latency(settings, pairs, rate: float) -> dict:
             "p99_ms": round(float(np.percentile(arr, 99)), 1)}
 
 
-def run(n: int, latency_s: float, repeats: int) -> dict:
+def run(n: int, latency_s: float, repeats: int, gold_dir: Path | None = None, scaling: bool = True) -> dict:
     from streams.embedded.process import free_port
     from streams.embedded.stack import Stack
-    from streams.processors.scorer import bootstrap_model
+    from streams.processors.scorer import bootstrap_model, load_announced
     from streams.settings import Settings, WorkerSettings
+    from trainers.registry import ModelStore
 
     pairs = [{k: p[k] for k in ("conversation", "chosen", "rejected")} for p in hh_pairs(n)]
-    rm = bootstrap_model(WorkerSettings().bootstrap_max_length)  # what the worker serves, on the same backend
-
-    def bare() -> float:
-        t = time.perf_counter()
-        rm.score_pairs(pairs)
-        return time.perf_counter() - t
-
     home = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     base = Settings(bootstrap=f"127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0", home=home,
                     models_dir=home / "models", shards_dir=home / "shards")
+    # What the worker serves, loaded the way it loads them, on the same backends.
+    models = [bootstrap_model(WorkerSettings().bootstrap_max_length)]
+    gold = None
+    if gold_dir is not None:
+        store = ModelStore(base.models_dir)
+        gold = store.publish(gold_dir, "gold").version
+        models.append(load_announced(store.version_record(gold, "gold", "promote", "bench")))
+
+    def bare() -> float:
+        t = time.perf_counter()
+        for rm in models:
+            rm.score_pairs(pairs)
+        return time.perf_counter() - t
     stack = Stack(base)
     stack.up()
     # This machine's speed drifts by 15% over minutes (other tenants), so the bare scorer runs before and
@@ -128,23 +150,24 @@ def run(n: int, latency_s: float, repeats: int) -> dict:
     bare_s, one_s, stages = [bare()], [], {}
     try:
         for _ in range(repeats):
-            secs, stages = _e2e(_settings(base, home), pairs, 1)
+            secs, stages = _e2e(_settings(base, home), pairs, 1, gold)
             one_s.append(secs)
             bare_s.append(bare())
-        two, _ = _e2e(_settings(base, home), pairs, 2)
         one = float(np.median(one_s))
+        two = _e2e(_settings(base, home), pairs, 2, gold)[0] if scaling else None
         rate = 0.5 * n / one
-        lat = _latency(_settings(base, home), pairs[: max(20, int(rate * latency_s))], rate)
+        lat = _latency(_settings(base, home), pairs[: max(20, int(rate * latency_s))], rate) if latency_s > 0 else None
     finally:
         stack.down()
     ratios = [(bare_s[i] + bare_s[i + 1]) / 2 / one_s[i] for i in range(repeats)]
     bare_mid = float(np.median(bare_s))
     return {
-        "pairs": n, "bare_scorer_pairs_per_s": round(n / bare_mid, 2), "e2e_1_worker_pairs_per_s": round(n / one, 2),
-        "e2e_2_workers_pairs_per_s": round(n / two, 2), "e2e_vs_bare": round(float(np.median(ratios)), 3),
+        "pairs": n, "models": ["bootstrap (current)"] + ([f"{gold_dir} (gold)"] if gold_dir else []),
+        "bare_scorer_pairs_per_s": round(n / bare_mid, 2), "e2e_1_worker_pairs_per_s": round(n / one, 2),
+        "e2e_2_workers_pairs_per_s": round(n / two, 2) if two else None, "e2e_vs_bare": round(float(np.median(ratios)), 3),
         "e2e_vs_bare_each_run": [round(r, 3) for r in ratios], "bare_scorer_seconds_each": [round(b, 2) for b in bare_s],
         "e2e_1_worker_seconds_each": [round(x, 2) for x in one_s],
-        "scaling_2_vs_1": round(one / two, 3), "latency_at_half_max_rate": lat,
+        "scaling_2_vs_1": round(one / two, 3) if two else None, "latency_at_half_max_rate": lat,
         # Seconds the last one-worker run spent per stage (its wall time is the last of e2e_1_worker_seconds_each).
         "one_worker_stage_seconds": stages, "bare_scorer_seconds": round(bare_mid, 2),
         "targets": {"e2e_vs_bare": ">= 0.9", "p99_ms": "< 500"},
@@ -155,10 +178,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pairs", type=int, default=1000, help="HH-RLHF pairs per run (1,000: two runs agreed within 0.3%%)")
     ap.add_argument("--latency-seconds", type=float, default=30)
-    ap.add_argument("--repeats", type=int, default=2, help="one-worker runs, each between two bare-scorer runs")
+    ap.add_argument("--repeats", type=int, default=3, help="one-worker runs, each between two bare-scorer runs")
+    ap.add_argument("--gold", type=Path, metavar="DIR",
+                    help="a reward model directory to serve as the gold model (its ONNX files are used as the worker "
+                         "would); the result goes to pipeline-gold.json, and the 2-worker and latency runs are skipped")
     args = ap.parse_args(argv)
-    result = run(args.pairs, args.latency_seconds, args.repeats)
-    write_result("pipeline", result, f"python -m bench.pipeline --pairs {args.pairs} --repeats {args.repeats}")
+    if args.gold is not None and not (args.gold / "config.json").exists():
+        ap.error(f"--gold {args.gold} is not a model directory (no config.json)")
+    gold = args.gold is not None
+    result = run(args.pairs, 0 if gold else args.latency_seconds, args.repeats, args.gold, scaling=not gold)
+    command = f"python -m bench.pipeline --pairs {args.pairs} --repeats {args.repeats}" + (f" --gold {args.gold}" if gold else "")
+    write_result("pipeline-gold" if gold else "pipeline", result, command)
     return result
 
 

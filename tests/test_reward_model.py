@@ -175,6 +175,32 @@ def test_truncation_keeps_the_response_and_cuts_old_context():
     assert len(long_resp) == 64
 
 
+@pytest.mark.parametrize("kind", ["minilm", "qwen3"])
+def test_large_calls_tokenise_on_threads_each_with_its_own_tokenizer_and_the_same_ids(kind, tmp_path, monkeypatch):
+    import os
+
+    rm = RewardModel.default(max_length=64) if kind == "minilm" else RewardModel.load(build_tiny_decoder(kind, tmp_path / kind))
+    pairs = toy_pairs(300)
+    for i, p in enumerate(pairs):  # some are cut on the conversation side, some on the response side
+        if i % 7 == 0:
+            p["conversation"] = [{"role": "user", "content": "old context " * 60 + p["conversation"][-1]["content"]}]
+        if i % 11 == 0:
+            p["chosen"] += " a long answer" * 60
+    convs, responses = [p["conversation"] for p in pairs], [p["chosen"] for p in pairs]
+    fmt = rm.formatter
+    want = fmt._encode(fmt.tokenizer, convs, responses)
+    used: list[tuple[int, int]] = []
+    inner = fmt._encode
+    monkeypatch.setattr(fmt, "_encode", lambda tok, c, r: used.append((id(tok), len(r))) or inner(tok, c, r))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))  # the threaded path even on one core
+    assert fmt.encode(convs, responses) == want
+    assert len(used) == 2 and len({tok for tok, _ in used}) == 2, used  # 300 inputs: two threads, two tokenizers
+    assert sum(n for _, n in used) == len(pairs)
+    used.clear()
+    fmt.encode(convs[:100], responses[:100])  # a small call stays on the calling thread
+    assert used == [(id(fmt.tokenizer), 100)]
+
+
 def test_dynamic_padding_gives_the_same_scores_as_one_by_one():
     rm = RewardModel.default(max_length=128, batch_size=4)
     pairs = toy_pairs(10)
