@@ -177,7 +177,7 @@ def test_truncation_keeps_the_response_and_cuts_old_context():
 
 @pytest.mark.parametrize("kind", ["minilm", "qwen3"])
 def test_large_calls_tokenise_on_threads_each_with_its_own_tokenizer_and_the_same_ids(kind, tmp_path, monkeypatch):
-    import os
+    from trainers import formatting
 
     rm = RewardModel.default(max_length=64) if kind == "minilm" else RewardModel.load(build_tiny_decoder(kind, tmp_path / kind))
     pairs = toy_pairs(300)
@@ -192,7 +192,7 @@ def test_large_calls_tokenise_on_threads_each_with_its_own_tokenizer_and_the_sam
     used: list[tuple[int, int]] = []
     inner = fmt._encode
     monkeypatch.setattr(fmt, "_encode", lambda tok, c, r: used.append((id(tok), len(r))) or inner(tok, c, r))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))  # the threaded path even on one core
+    monkeypatch.setattr(formatting, "_usable_cores", lambda: 4)  # the threaded path even on one core
     assert fmt.encode(convs, responses) == want
     assert len(used) == 2 and len({tok for tok, _ in used}) == 2, used  # 300 inputs: two threads, two tokenizers
     assert sum(n for _, n in used) == len(pairs)

@@ -70,7 +70,7 @@ class Formatter:
 
     def encode(self, conversations: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[dict[str, list[int]]]:
         """Token ids (unpadded) for each (conversation, response); large calls are split over threads."""
-        threads = min(MAX_TOKENIZE_THREADS, len(os.sched_getaffinity(0)), len(responses) // TOKENIZE_CHUNK)
+        threads = min(MAX_TOKENIZE_THREADS, _usable_cores(), len(responses) // TOKENIZE_CHUNK)
         if threads < 2:
             return self._encode(self.tokenizer, conversations, responses)
         while len(self._copies) < threads - 1:
@@ -107,6 +107,11 @@ class Formatter:
                 arr[i, : len(x[key])] = x[key]
             out[key] = arr
         return out
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (its affinity where the OS has one, e.g. a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
