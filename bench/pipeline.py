@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import hh_pairs, write_result
+from trainers.exceptions import RegistryError
 
 
 def _settings(base, home: Path):
@@ -39,15 +40,15 @@ def _stage_seconds(metrics_text: str) -> dict[str, float]:
     return {stage: round(float(v), 2) for stage, v in found}
 
 
-def _e2e(settings, pairs, workers: int, gold: str | None = None) -> tuple[float, dict[str, float]]:
+def _e2e(settings, pairs, workers: int, gold_version: str | None = None) -> tuple[float, dict[str, float]]:
     """Wall seconds from the first produce to the last pair scored, and the first worker's stage seconds."""
     from streams.admin import ensure_topics
     from streams.sdk import PreferenceProducer
     from tests.helpers import WorkerProcess, wait_for_scored
 
     ensure_topics(settings)
-    if gold:
-        _announce_gold(settings, gold)
+    if gold_version:
+        _announce_gold(settings, gold_version)
     # Each worker gets its share of the cores: two workers with all cores each thrash (measured 0.56x of one).
     env = {"PREFSTREAM_WORKER_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
     procs = [WorkerProcess(settings, worker_id=f"bench{i}", extra_env=env).start() for i in range(workers)]
@@ -130,13 +131,14 @@ def run(n: int, latency_s: float, repeats: int, gold_dir: Path | None = None, sc
     home = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     base = Settings(bootstrap=f"127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0", home=home,
                     models_dir=home / "models", shards_dir=home / "shards")
-    # What the worker serves, loaded the way it loads them, on the same backends.
-    models = [bootstrap_model(WorkerSettings().bootstrap_max_length)]
-    gold = None
+    # What the worker serves, loaded the way it loads them, on the same backends. The gold directory is
+    # published first: the store refuses one that is not a model directory before anything slow runs.
+    models, gold = [], None
     if gold_dir is not None:
         store = ModelStore(base.models_dir)
         gold = store.publish(gold_dir, "gold").version
         models.append(load_announced(store.version_record(gold, "gold", "promote", "bench")))
+    models.insert(0, bootstrap_model(WorkerSettings().bootstrap_max_length))
 
     def bare() -> float:
         t = time.perf_counter()
@@ -183,10 +185,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="a reward model directory to serve as the gold model (its ONNX files are used as the worker "
                          "would); the result goes to pipeline-gold.json, and the 2-worker and latency runs are skipped")
     args = ap.parse_args(argv)
-    if args.gold is not None and not (args.gold / "config.json").exists():
-        ap.error(f"--gold {args.gold} is not a model directory (no config.json)")
     gold = args.gold is not None
-    result = run(args.pairs, 0 if gold else args.latency_seconds, args.repeats, args.gold, scaling=not gold)
+    try:
+        result = run(args.pairs, 0 if gold else args.latency_seconds, args.repeats, args.gold, scaling=not gold)
+    except RegistryError as exc:  # --gold is not a model directory
+        ap.error(str(exc))
     command = f"python -m bench.pipeline --pairs {args.pairs} --repeats {args.repeats}" + (f" --gold {args.gold}" if gold else "")
     write_result("pipeline-gold" if gold else "pipeline", result, command)
     return result
