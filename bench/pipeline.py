@@ -11,6 +11,11 @@ commit, in micro-batches as they arrive. The bare scorer runs before and after e
 one (published to the bench's model store and announced, so the worker loads it as in production);
 the bare scorer then scores with both models too. Without a gold model the router can send nothing
 to silver or flipped, so only this mode exercises the whole curation path.
+
+``--current DIR`` serves DIR instead of the bootstrap, the same way. With the default MiniLM reward
+model the labeler's MiniLM pass alone costs ~9% of the scorer; ``bench.random_model`` makes a
+BERT-base-sized model (~7.5x MiniLM's time per pair) to measure the stream where the model is the
+bottleneck, as it is with real reward models.
 """
 
 from __future__ import annotations
@@ -40,15 +45,14 @@ def _stage_seconds(metrics_text: str) -> dict[str, float]:
     return {stage: round(float(v), 2) for stage, v in found}
 
 
-def _e2e(settings, pairs, workers: int, gold_version: str | None = None) -> tuple[float, dict[str, float]]:
+def _e2e(settings, pairs, workers: int, versions: dict[str, str]) -> tuple[float, dict[str, float]]:
     """Wall seconds from the first produce to the last pair scored, and the first worker's stage seconds."""
     from streams.admin import ensure_topics
     from streams.sdk import PreferenceProducer
     from tests.helpers import WorkerProcess, wait_for_scored
 
     ensure_topics(settings)
-    if gold_version:
-        _announce_gold(settings, gold_version)
+    _announce(settings, versions)
     # Each worker gets its share of the cores: two workers with all cores each thrash (measured 0.56x of one).
     env = {"PREFSTREAM_WORKER_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
     procs = [WorkerProcess(settings, worker_id=f"bench{i}", extra_env=env).start() for i in range(workers)]
@@ -64,12 +68,13 @@ def _e2e(settings, pairs, workers: int, gold_version: str | None = None) -> tupl
             p.stop()
 
 
-def _announce_gold(settings, version: str) -> None:
-    """Announce the published gold version on this run's models.versions (each run has its own topics)."""
+def _announce(settings, versions: dict[str, str]) -> None:
+    """Announce the published versions (role -> version) on this run's models.versions (each run has its own topics)."""
     from streams.announce import Announcer
     from trainers.registry import ModelStore
 
-    ModelStore(settings.models_dir).promote(version, "gold", announce=Announcer(settings), reason="bench")
+    for role, version in versions.items():
+        ModelStore(settings.models_dir).promote(version, role, announce=Announcer(settings), reason="bench")
 
 
 def _latency(settings, pairs, rate: float) -> dict:
@@ -120,7 +125,8 @@ def _latency(settings, pairs, rate: float) -> dict:
             "p99_ms": round(float(np.percentile(arr, 99)), 1)}
 
 
-def run(n: int, latency_s: float, repeats: int, gold_dir: Path | None = None, scaling: bool = True) -> dict:
+def run(n: int, latency_s: float, repeats: int, gold_dir: Path | None = None, scaling: bool = True,
+        current_dir: Path | None = None) -> dict:
     from streams.embedded.process import free_port
     from streams.embedded.stack import Stack
     from streams.processors.scorer import bootstrap_model, load_announced
@@ -131,14 +137,14 @@ def run(n: int, latency_s: float, repeats: int, gold_dir: Path | None = None, sc
     home = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     base = Settings(bootstrap=f"127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0", home=home,
                     models_dir=home / "models", shards_dir=home / "shards")
-    # What the worker serves, loaded the way it loads them, on the same backends. The gold directory is
+    # What the worker serves, loaded the way it loads them, on the same backends. Given directories are
     # published first: the store refuses one that is not a model directory before anything slow runs.
-    models, gold = [], None
-    if gold_dir is not None:
-        store = ModelStore(base.models_dir)
-        gold = store.publish(gold_dir, "gold").version
-        models.append(load_announced(store.version_record(gold, "gold", "promote", "bench")))
-    models.insert(0, bootstrap_model(WorkerSettings().bootstrap_max_length))
+    store = ModelStore(base.models_dir)
+    given = {role: d for role, d in (("current", current_dir), ("gold", gold_dir)) if d is not None}
+    versions = {role: store.publish(d, role).version for role, d in given.items()}
+    models = [load_announced(store.version_record(v, role, "promote", "bench")) for role, v in versions.items()]
+    if "current" not in versions:
+        models.insert(0, bootstrap_model(WorkerSettings().bootstrap_max_length))
 
     def bare() -> float:
         t = time.perf_counter()
@@ -152,11 +158,11 @@ def run(n: int, latency_s: float, repeats: int, gold_dir: Path | None = None, sc
     bare_s, one_s, stages = [bare()], [], {}
     try:
         for _ in range(repeats):
-            secs, stages = _e2e(_settings(base, home), pairs, 1, gold)
+            secs, stages = _e2e(_settings(base, home), pairs, 1, versions)
             one_s.append(secs)
             bare_s.append(bare())
         one = float(np.median(one_s))
-        two = _e2e(_settings(base, home), pairs, 2, gold)[0] if scaling else None
+        two = _e2e(_settings(base, home), pairs, 2, versions)[0] if scaling else None
         rate = 0.5 * n / one
         lat = _latency(_settings(base, home), pairs[: max(20, int(rate * latency_s))], rate) if latency_s > 0 else None
     finally:
@@ -164,7 +170,7 @@ def run(n: int, latency_s: float, repeats: int, gold_dir: Path | None = None, sc
     ratios = [(bare_s[i] + bare_s[i + 1]) / 2 / one_s[i] for i in range(repeats)]
     bare_mid = float(np.median(bare_s))
     return {
-        "pairs": n, "models": ["bootstrap (current)"] + ([f"{gold_dir} (gold)"] if gold_dir else []),
+        "pairs": n, "models": [f"{given.get('current', 'bootstrap')} (current)"] + ([f"{gold_dir} (gold)"] if gold_dir else []),
         "bare_scorer_pairs_per_s": round(n / bare_mid, 2), "e2e_1_worker_pairs_per_s": round(n / one, 2),
         "e2e_2_workers_pairs_per_s": round(n / two, 2) if two else None, "e2e_vs_bare": round(float(np.median(ratios)), 3),
         "e2e_vs_bare_each_run": [round(r, 3) for r in ratios], "bare_scorer_seconds_each": [round(b, 2) for b in bare_s],
@@ -183,15 +189,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="one-worker runs, each between two bare-scorer runs")
     ap.add_argument("--gold", type=Path, metavar="DIR",
                     help="a reward model directory to serve as the gold model (its ONNX files are used as the worker "
-                         "would); the result goes to pipeline-gold.json, and the 2-worker and latency runs are skipped")
+                         "would); the result goes to pipeline-gold.json")
+    ap.add_argument("--current", type=Path, metavar="DIR",
+                    help="a reward model directory to serve instead of the bootstrap (python -m bench.random_model makes "
+                         "a larger one); the result goes to pipeline-current.json")
     args = ap.parse_args(argv)
-    gold = args.gold is not None
+    given = {opt: d for opt, d in (("current", args.current), ("gold", args.gold)) if d is not None}
     try:
-        result = run(args.pairs, 0 if gold else args.latency_seconds, args.repeats, args.gold, scaling=not gold)
-    except RegistryError as exc:  # --gold is not a model directory
+        # With a given model the 2-worker and latency runs are skipped: they are the plain run's questions.
+        result = run(args.pairs, 0 if given else args.latency_seconds, args.repeats, args.gold, scaling=not given,
+                     current_dir=args.current)
+    except RegistryError as exc:  # a given directory is not a model directory
         ap.error(str(exc))
-    command = f"python -m bench.pipeline --pairs {args.pairs} --repeats {args.repeats}" + (f" --gold {args.gold}" if gold else "")
-    write_result("pipeline-gold" if gold else "pipeline", result, command)
+    command = f"python -m bench.pipeline --pairs {args.pairs} --repeats {args.repeats}" + "".join(
+        f" --{opt} {d}" for opt, d in given.items())
+    write_result("-".join(["pipeline", *given]), result, command)
     return result
 
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import pipeline, retrieval, scoring, training
+from bench import pipeline, random_model, retrieval, scoring, training
 from bench.common import HH, RESULTS, ROOT, machine
 from trainers.model import ONNX_INT8
 
@@ -55,7 +55,8 @@ def table() -> str:
         r = json.loads(rt.read_text())
         rows.append(f"| retrieval p99 at {r['indexed']:,} indexed prompts, k={r['k']} | {r['p99_ms']} ms (IVF) | full sort "
                     f"| recall@{r['k']} {r['recall_at_k']:.3f} | p99 < 20 ms, recall >= 0.95 | p50 {r['p50_ms']} ms |")
-    for name, models in (("pipeline", "the served model alone"), ("pipeline-gold", "current and gold models")):
+    for name, models in (("pipeline", "the served model alone"), ("pipeline-gold", "current and gold models"),
+                         ("pipeline-current", "the BERT-base-sized model alone")):
         pl = RESULTS / f"{name}.json"
         if pl.exists():
             rows += _pipeline_rows(json.loads(pl.read_text()), models)
@@ -69,9 +70,11 @@ def table() -> str:
 def _pipeline_rows(r: dict, models: str) -> list[str]:
     each = r["e2e_vs_bare_each_run"]
     gold = len(r.get("models", [])) > 1
+    larger = r["name"] == "pipeline-current"
     rest = (f"2 workers: {r['e2e_2_workers_pairs_per_s']} pairs/s ({r['scaling_2_vs_1']}x of 1)"
             if r.get("e2e_2_workers_pairs_per_s") else "")
-    rows = [f"| stream end to end, pairs/s ({r['pairs']} HH-RLHF pairs, 1 worker{', with a gold RM' if gold else ''}; "
+    what = ", with a gold RM" * gold + ", a random BERT-base-sized RM (`bench.random_model`)" * larger
+    rows = [f"| stream end to end, pairs/s ({r['pairs']} HH-RLHF pairs, 1 worker{what}; "
             f"median of {len(each)} runs, each against the bare runs just before and after it) | "
             f"{r['e2e_1_worker_pairs_per_s']} | bare scorer ({models}) {r['bare_scorer_pairs_per_s']} | {r['e2e_vs_bare']}x | "
             f">= 0.9x | each run: {', '.join(f'{x}x' for x in each)}{'; ' + rest if rest else ''} |",
@@ -124,6 +127,11 @@ def main() -> int:
     print(pipeline.main([]), flush=True)
     print("stream pipeline end to end with a gold model ...", flush=True)
     print(pipeline.main(["--gold", str(gold)]), flush=True)
+    # Where the model is the bottleneck, as with real reward models: ~7.5x MiniLM's time per pair, so
+    # 300 pairs take about as long as the 1,000 above (~25 min for the 3 runs and 4 bare calls).
+    print("stream pipeline end to end with a BERT-base-sized model ...", flush=True)
+    larger = random_model.build(Path(tempfile.mkdtemp(prefix="bench-base-")))
+    print(pipeline.main(["--current", str(larger), "--pairs", "300"]), flush=True)
     update_readme()
     print(table())
     return 0

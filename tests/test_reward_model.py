@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -13,8 +14,8 @@ from tests.tiny_models import build_tiny_decoder
 from trainers.data import read_pairs
 from trainers.exceptions import DataError, ExportError, ModelLoadError, PickleCheckpointError
 from trainers.export import export
-from trainers.formatting import CHAT, PAIR
-from trainers.model import RewardModel
+from trainers.formatting import CHAT, PAIR, length_sorted_batches
+from trainers.model import CPU_CALL_COST_TOKENS, RewardModel
 from trainers.train import TrainConfig, train
 
 
@@ -201,8 +202,42 @@ def test_large_calls_tokenise_on_threads_each_with_its_own_tokenizer_and_the_sam
     assert used == [(id(fmt.tokenizer), 100)]
 
 
-def test_dynamic_padding_gives_the_same_scores_as_one_by_one():
+def _padded_cost(lengths: list[int], batches: list[list[int]], call_cost: int) -> int:
+    return sum(len(b) * max(lengths[i] for i in b) + call_cost for b in batches)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_batches_cut_where_padding_costs_more_than_a_call(seed):
+    rng = np.random.default_rng(seed)
+    lengths = [int(x) for x in rng.integers(5, 300, size=11)]
+    full = length_sorted_batches(lengths, 4)
+    cut = length_sorted_batches(lengths, 4, call_cost=8)
+    for batches in (full, cut):
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # each input exactly once
+        flat = [lengths[i] for b in batches for i in b]
+        assert flat == sorted(flat, reverse=True) and all(len(b) <= 4 for b in batches)
+    assert [len(b) for b in full] == [4, 4, 3]
+    # Cut points of the sorted lengths, tried exhaustively: the cuts chosen cost the least.
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    every = []
+    for mask in itertools.product((0, 1), repeat=len(order) - 1):
+        bounds = [0] + [i + 1 for i, m in enumerate(mask) if m] + [len(order)]
+        parts = [order[a:b] for a, b in itertools.pairwise(bounds)]
+        if all(len(part) <= 4 for part in parts):
+            every.append(_padded_cost(lengths, parts, 8))
+    assert _padded_cost(lengths, cut, 8) == min(every) <= _padded_cost(lengths, full, 8)
+
+
+def test_a_long_input_does_not_pad_a_batch_of_short_ones():
+    lengths = [200, 12, 11, 10, 12, 9, 200, 11]
+    assert length_sorted_batches(lengths, 8, call_cost=8) == [[0, 6], [1, 4, 2, 7, 3, 5]]
+    assert length_sorted_batches(lengths, 8) == [[0, 6, 1, 4, 2, 7, 3, 5]]
+
+
+@pytest.mark.parametrize("call_cost", [None, CPU_CALL_COST_TOKENS], ids=["full-batches", "cut-batches"])
+def test_dynamic_padding_gives_the_same_scores_as_one_by_one(call_cost):
     rm = RewardModel.default(max_length=128, batch_size=4)
+    rm.call_cost = call_cost
     pairs = toy_pairs(10)
     pairs[3]["chosen"] = "a much longer answer " * 10
     convs = [p["conversation"] for p in pairs]

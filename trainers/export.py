@@ -96,7 +96,7 @@ def onnx_twin(rm: RewardModel, threads: int | None = None, probe: list[dict] | N
     buf = io.BytesIO()
     _export_onnx(rm, buf, rm.torch_model)
     twin = RewardModel(rm.tokenizer, OnnxBackend(buf.getvalue(), threads), rm.input_format, rm.max_length,
-                       rm.batch_size, None, rm.path, rm.formatter.use_token_type_ids)
+                       rm.batch_size, None, rm.path, rm.formatter.use_token_type_ids, rm.call_cost)
     probe = probe or [{"conversation": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": "4", "rejected": "5"},
                       {"conversation": [{"role": "user", "content": "Say hello " * 40}], "chosen": "hello",
                        "rejected": "no " * 30}]
@@ -131,15 +131,20 @@ def _quantize(rm: RewardModel, fp32: Path, int8: Path, calibration_pairs: list[d
 
     amax = smoothquant.channel_absmax(graph, calibrate, list(smoothquant.matmul_groups(graph)))
     smoothed = int8.with_name(int8.name + ".smoothed.tmp")
+    # onnxruntime logs its pre-processing advice with logging.warning() on the root logger, so only
+    # the root level silences it; the caller's level is put back afterwards.
+    root = logging.getLogger()
+    level = root.level
     try:
         onnx.save(smoothquant.smooth(graph, amax), str(smoothed))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's pre-processing advice
+            root.setLevel(logging.ERROR)
             # reduce_range (7-bit weights): on CPUs without VNNI the u8 x s8 products saturate int16
             # otherwise; measured on this AVX2 CPU it halves the largest score error (0.14 -> 0.08).
             quantize_dynamic(str(smoothed), str(int8), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
     finally:
+        root.setLevel(level)
         smoothed.unlink(missing_ok=True)
 
 

@@ -114,7 +114,27 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), so padding is minimal."""
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, call_cost: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of at most ``batch_size`` inputs of similar length, longest first.
+
+    Without ``call_cost`` every batch is full. With it (a forward call's fixed cost, in tokens' worth
+    of compute), a batch is cut short wherever the padding a full one would carry costs more than
+    another call: dynamic programming over the cut points of the length-sorted inputs minimises
+    (inputs x longest length) summed over batches, plus ``call_cost`` per batch. On CPU a forward
+    pass costs about the same per token at 1 to 16 sequences, so short batches are nearly free while
+    padding is not: a micro-batch of 57 HH-RLHF pairs carried 5.3% padding in full batches of 8.
+    """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    if call_cost is None:
+        return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    longest = [lengths[i] for i in order]
+    # best[j]: least cost of the first j inputs; start[j]: where the last batch of that solution begins.
+    best, start = [0] * (len(order) + 1), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        best[j], start[j] = min((best[i] + (j - i) * longest[i] + call_cost, i)
+                                for i in range(max(0, j - batch_size), j))
+    batches, j = [], len(order)
+    while j:
+        batches.append(order[start[j]: j])
+        j = start[j]
+    return batches[::-1]
