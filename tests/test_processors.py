@@ -119,6 +119,15 @@ def test_the_onnx_embedder_gives_the_torch_vectors(labeler):
         Embedder(backend="tensorrt")
 
 
+def test_embedding_in_padded_batches_gives_each_text_its_own_vector(labeler):
+    """Prompts are batched by token length with padding; the mask must keep every vector its own."""
+    emb = labeler.embedder
+    texts = [" ".join(["word"] * n + [f"about topic {n}"]) for n in range(1, 41)] + ["?", "x " * 300]
+    batched = emb._embed(texts)  # the uncached path, as a fresh micro-batch takes it
+    single = np.concatenate([emb._embed([t]) for t in texts])
+    assert np.min((batched * single).sum(1)) > 0.99999
+
+
 @pytest.mark.parametrize(("prompt", "category"), [
     ("What is 17 * 23?", "arithmetic"),
     ("What is the capital of Peru?", "world_facts"),

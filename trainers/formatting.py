@@ -97,16 +97,20 @@ class Formatter:
 
     def pad(self, items: Sequence[dict[str, list[int]]]) -> dict[str, np.ndarray]:
         """Pad a batch to its own longest member (dynamic padding), right side."""
-        width = max(len(x["input_ids"]) for x in items)
-        pad_id = self.tokenizer.pad_token_id or 0
-        out: dict[str, np.ndarray] = {}
-        for key in items[0]:
-            fill = pad_id if key == "input_ids" else 0
-            arr = np.full((len(items), width), fill, dtype=np.int64)
-            for i, x in enumerate(items):
-                arr[i, : len(x[key])] = x[key]
-            out[key] = arr
-        return out
+        return pad_batch(items, self.tokenizer.pad_token_id or 0)
+
+
+def pad_batch(items: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, np.ndarray]:
+    """Arrays of ``items`` (token lists by input name) padded on the right to the longest of them."""
+    width = max(len(x["input_ids"]) for x in items)
+    out: dict[str, np.ndarray] = {}
+    for key in items[0]:
+        fill = pad_id if key == "input_ids" else 0
+        arr = np.full((len(items), width), fill, dtype=np.int64)
+        for i, x in enumerate(items):
+            arr[i, : len(x[key])] = x[key]
+        out[key] = arr
+    return out
 
 
 def _usable_cores() -> int:
