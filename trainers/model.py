@@ -29,9 +29,10 @@ DEFAULT_MAX_LENGTH = 512
 # small length-sorted batches waste little padding and stay in cache. Accelerators want more.
 CPU_BATCH_SIZE = 8
 ACCELERATOR_BATCH_SIZE = 32
-# A CPU forward call's fixed cost in tokens' worth of compute: one sequence of 64 tokens cost 7-15%
-# more per token than batches of 2-16, which cost the same within noise (MiniLM and a BERT-base-sized
-# model, fp32 ONNX, 2 cores). Batches are then cut where padding would cost more (length_sorted_batches).
+# A CPU forward call's fixed cost in tokens' worth of compute: one sequence of 64 tokens cost 5-25%
+# more per token than batches of 2 to 16, which were within this machine's noise of each other
+# (MiniLM and a BERT-base-sized model, fp32 ONNX, 2 cores). Batches are then cut where padding would
+# cost more than another call (length_sorted_batches).
 # Accelerators keep full batches: their per-call cost was not measured here.
 CPU_CALL_COST_TOKENS = 8
 DEFAULT_BATCH_SIZE = CPU_BATCH_SIZE

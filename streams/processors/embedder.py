@@ -85,7 +85,7 @@ class Embedder:
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         items = [{k: enc[k][i] for k in enc} for i in range(len(texts))]
         # Batches of similar token length, cut where padding would cost more than a call, as the
-        # scorer's: HH prompts vary from 3 to 128 tokens, and the worker's micro-batches of 255 carried
+        # scorer's: HH prompts vary from 3 to 91 tokens, and the worker's micro-batches of 255 carried
         # 50% padding in character-sorted batches of 32 against 1.4% so (issue 4 note).
         lengths = [len(x["input_ids"]) for x in items]
         for idx in length_sorted_batches(lengths, BATCH, CPU_CALL_COST_TOKENS):
