@@ -74,8 +74,9 @@ def _announce(settings, versions: dict[str, str]) -> None:
     from streams.announce import Announcer
     from trainers.registry import ModelStore
 
+    store, announcer = ModelStore(settings.models_dir), Announcer(settings)
     for role, version in versions.items():
-        ModelStore(settings.models_dir).promote(version, role, announce=Announcer(settings), reason="bench")
+        store.promote(version, role, announce=announcer, reason="bench")
 
 
 def _latency(settings, pairs, rate: float) -> dict:
@@ -126,8 +127,8 @@ def _latency(settings, pairs, rate: float) -> dict:
             "p99_ms": round(float(np.percentile(arr, 99)), 1)}
 
 
-def run(n: int, latency_s: float, repeats: int, gold_dir: Path | None = None, scaling: bool = True,
-        current_dir: Path | None = None) -> dict:
+def run(n: int, latency_s: float, repeats: int, given: dict[str, Path] | None = None, scaling: bool = True) -> dict:
+    """``given``: model directories by role ("current", "gold") to serve instead of the bootstrap alone."""
     from streams.embedded.process import free_port
     from streams.embedded.stack import Stack
     from streams.processors.scorer import bootstrap_model, load_announced
@@ -141,7 +142,7 @@ def run(n: int, latency_s: float, repeats: int, gold_dir: Path | None = None, sc
     # What the worker serves, loaded the way it loads them, on the same backends. Given directories are
     # published first: the store refuses one that is not a model directory before anything slow runs.
     store = ModelStore(base.models_dir)
-    given = {role: d for role, d in (("current", current_dir), ("gold", gold_dir)) if d is not None}
+    given = given or {}
     versions = {role: store.publish(d, role).version for role, d in given.items()}
     models = [load_announced(store.version_record(v, role, "promote", "bench")) for role, v in versions.items()]
     if "current" not in versions:
@@ -171,7 +172,7 @@ def run(n: int, latency_s: float, repeats: int, gold_dir: Path | None = None, sc
     ratios = [(bare_s[i] + bare_s[i + 1]) / 2 / one_s[i] for i in range(repeats)]
     bare_mid = float(np.median(bare_s))
     return {
-        "pairs": n, "models": [f"{given.get('current', 'bootstrap')} (current)"] + ([f"{gold_dir} (gold)"] if gold_dir else []),
+        "pairs": n, "models": [f"{given.get('current', 'bootstrap')} (current)"] + ([f"{given['gold']} (gold)"] if "gold" in given else []),
         "bare_scorer_pairs_per_s": round(n / bare_mid, 2), "e2e_1_worker_pairs_per_s": round(n / one, 2),
         "e2e_2_workers_pairs_per_s": round(n / two, 2) if two else None, "e2e_vs_bare": round(float(np.median(ratios)), 3),
         "e2e_vs_bare_each_run": [round(r, 3) for r in ratios], "bare_scorer_seconds_each": [round(b, 2) for b in bare_s],
@@ -198,8 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     given = {opt: d for opt, d in (("current", args.current), ("gold", args.gold)) if d is not None}
     try:
         # With a given model the 2-worker and latency runs are skipped: they are the plain run's questions.
-        result = run(args.pairs, 0 if given else args.latency_seconds, args.repeats, args.gold, scaling=not given,
-                     current_dir=args.current)
+        result = run(args.pairs, 0 if given else args.latency_seconds, args.repeats, given, scaling=not given)
     except RegistryError as exc:  # a given directory is not a model directory
         ap.error(str(exc))
     command = f"python -m bench.pipeline --pairs {args.pairs} --repeats {args.repeats}" + "".join(

@@ -127,8 +127,8 @@ def main() -> int:
     print(pipeline.main([]), flush=True)
     print("stream pipeline end to end with a gold model ...", flush=True)
     print(pipeline.main(["--gold", str(gold)]), flush=True)
-    # Where the model is the bottleneck, as with real reward models: ~7.5x MiniLM's time per pair, so
-    # 300 pairs (3 runs and 4 bare calls took 11 min here, the plain run above 8).
+    # Where the model is the bottleneck, as with real reward models. At ~7.5x MiniLM's time per pair,
+    # 300 pairs are enough: 3 runs and 4 bare calls took 11 min here, the plain run above 8.
     print("stream pipeline end to end with a BERT-base-sized model ...", flush=True)
     larger = random_model.build(Path(tempfile.mkdtemp(prefix="bench-base-")))
     print(pipeline.main(["--current", str(larger), "--pairs", "300"]), flush=True)
