@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -104,6 +105,10 @@ class WorkerSettings(BaseSettings):
     threads: int = Field(0, description="CPU threads for scoring and embedding; 0 = the libraries' default (all "
                                         "cores). Set 1 when workers share a small machine with training jobs.")
     bootstrap_max_length: int = Field(256, description="Max tokens of the untrained bootstrap model.")
+    embedder_precision: Literal["int8", "fp32"] = Field("int8", description=(
+        "Precision of the MiniLM prompt encoder behind task categories and similar-pair retrieval. int8 is "
+        "2x faster (in fp32 the labeler took 5.5-7% of a worker's time with the MiniLM reward model) and gives "
+        "90% of fp32's categories, 98% where the best category is clear; fp32 gives fp32's labels exactly."))
     dedupe_ttl_s: int = Field(7 * 24 * 3600, description="How long a pair_id is remembered for deduplication.")
     health_host: str = Field("0.0.0.0", description="Address of the /healthz, /readyz and /metrics server.")
     health_port: int = Field(8081, description="Port of the health and metrics server; 0 disables it.")

@@ -60,7 +60,7 @@ class Pipeline:
         self.s, self.w = settings, wsettings
         self.codec = ValueCodec(settings.schema_registry_url)
         self.ingestor = Ingestor(self.codec, redis_client, wsettings.dedupe_ttl_s, key_prefix=settings.topic_prefix)
-        self.embedder = embedder or Embedder(threads=wsettings.threads or None)
+        self.embedder = embedder or Embedder(threads=wsettings.threads or None, precision=wsettings.embedder_precision)
         labeler = Labeler(self.embedder, redis=redis_client)
         self.labeler: Any = labeler
         if wsettings.llm_url:

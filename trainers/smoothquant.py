@@ -15,7 +15,10 @@ beat 0.75 on a second, longer-trained model.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,3 +95,30 @@ def smooth(model: Any, amax: dict[str, np.ndarray], alpha: float = ALPHA) -> Any
         first = min(i for i, n in enumerate(out.graph.node) if any(n is m for m in nodes))
         out.graph.node.insert(first, onnx.helper.make_node("Mul", [x, f"{name}_inv_scale"], [f"{name}_out"], name=name))
     return out
+
+
+def quantize(model: Any, run: Callable[[Callable[[dict[str, np.ndarray]], np.ndarray]], None], out: Path) -> None:
+    """Dynamic INT8 of ``model`` (an fp32 ModelProto) at ``out``, SmoothQuant-scaled on what ``run`` feeds first.
+
+    ``run`` is as for :func:`channel_absmax`. Used by the reward model export and the stream's embedder.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    amax = channel_absmax(model, run, list(matmul_groups(model)))
+    smoothed = out.with_name(out.name + ".smoothed.tmp")
+    # onnxruntime logs its pre-processing advice with logging.warning() on the root logger, so only
+    # the root level silences it; the caller's level is put back afterwards.
+    root = logging.getLogger()
+    level = root.level
+    try:
+        onnx.save(smooth(model, amax), str(smoothed))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            root.setLevel(logging.ERROR)
+            # reduce_range (7-bit weights): on CPUs without VNNI the u8 x s8 products saturate int16
+            # otherwise; measured on an AVX2 CPU it halves the largest score error (0.14 -> 0.08).
+            quantize_dynamic(str(smoothed), str(out), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+    finally:
+        root.setLevel(level)
+        smoothed.unlink(missing_ok=True)
