@@ -129,7 +129,7 @@ def test_the_onnx_embedder_gives_the_torch_vectors(fp32_labeler):
         Embedder(precision="int4")
 
 
-def test_the_int8_embedder_keeps_clear_categories_and_most_neighbours(labeler, fp32_labeler):
+def test_the_int8_embedder_keeps_clear_categories_and_close_vectors(labeler, fp32_labeler):
     """The worker's default INT8 encoder may move near-ties between categories, not clear cases."""
     from schemas.pairs import prompt_text
     from tests.helpers import hh_valid_pairs

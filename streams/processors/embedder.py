@@ -12,7 +12,7 @@ logged.
 Labeling is stream overhead on top of the model, so it must be cheap: with the MiniLM reward model
 the fp32 encoder alone took 5.5-7% of the worker's time. ``precision="int8"`` (the default) quantises
 the exported graph at start (2.3 s more: SmoothQuant scales calibrated on the packaged taxonomy
-texts, then dynamic INT8). Measured against fp32 (tenth session, /tmp/s10/embcheck.py): 2.0x faster
+texts, then dynamic INT8). Measured against fp32 (tenth session, issue 4 note): 2.0x faster
 (1,000 HH-RLHF prompts in 255-prompt micro-batches, 1.10-1.12 s against 2.20-2.25 s); on 2,257
 prompts median cosine 0.990, 90.2% of task categories the same, 98.4% where fp32's best category
 leads the next by at least 0.02 (72% of prompts; the changes are near-ties), 87.7% of the top-8
