@@ -53,18 +53,19 @@ def _torch_encoder(model: object) -> Callable[[dict[str, np.ndarray]], np.ndarra
     return run
 
 
-def _onnx_encoder(model: object, tokenizer: object, threads: int | None,
-                  calibrate: Callable[[Callable[[dict[str, np.ndarray]], object]], None] | None
-                  ) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """The encoder exported in memory; with ``calibrate`` (see ``smoothquant.channel_absmax``), as INT8."""
+def _export(model: object, tokenizer: object) -> tuple[bytes, list[str]]:
+    """The encoder as fp32 ONNX graph bytes (exported in memory) and its input names."""
     from trainers.export import trace_to_onnx
-    from trainers.model import OnnxBackend
 
     sample = tokenizer(["hello there", "a somewhat longer sentence for the sample"], padding=True, return_tensors="pt")
-    names = list(sample.keys())
     buf = io.BytesIO()
     trace_to_onnx(model, dict(sample), "hidden", {0: "batch", 1: "sequence"}, lambda o: o.last_hidden_state, buf)
-    graph = buf.getvalue() if calibrate is None else _int8(buf.getvalue(), calibrate)
+    return buf.getvalue(), list(sample.keys())
+
+
+def _onnx_encoder(graph: bytes, names: list[str], threads: int | None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    from trainers.model import OnnxBackend
+
     # No spinning: its calls are small and sit between the scorer's, and idle threads spinning for
     # more work would take a core from the scorer's next batch.
     session = OnnxBackend(graph, threads, spin=False).session
@@ -118,18 +119,19 @@ class Embedder:
 
     def _onnx(self, model: object, threads: int | None, precision: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
         """The ONNX encoder, INT8 if asked and possible; else fp32; else (export refused) torch's."""
-        if precision == "int8":
-            def calibrate(probe: Callable[[dict[str, np.ndarray]], object]) -> None:
-                for _, batch in self._batches(calibration_texts()):
-                    probe(batch)
-            try:
-                encode = _onnx_encoder(model, self.tokenizer, threads, calibrate)
-                self.precision = "int8"
-                return encode
-            except Exception as exc:  # quantisation is an optimisation: fp32 embeds correctly
-                log.warning("embedder: INT8 quantisation failed (%s); embedding in fp32", exc)
         try:
-            return _onnx_encoder(model, self.tokenizer, threads, None)
+            graph, names = _export(model, self.tokenizer)
+            if precision == "int8":
+                def calibrate(probe: Callable[[dict[str, np.ndarray]], object]) -> None:
+                    for _, batch in self._batches(calibration_texts()):
+                        probe(batch)
+                try:
+                    encode = _onnx_encoder(_int8(graph, calibrate), names, threads)
+                    self.precision = "int8"
+                    return encode
+                except Exception as exc:  # quantisation is an optimisation: fp32 embeds correctly
+                    log.warning("embedder: INT8 quantisation failed (%s); embedding in fp32", exc)
+            return _onnx_encoder(graph, names, threads)
         except Exception as exc:  # ExportError, or onnxruntime refusing the graph; torch still embeds correctly
             log.warning("embedder: ONNX export failed (%s); using torch", exc)
             self.backend = "torch"
