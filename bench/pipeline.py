@@ -49,7 +49,7 @@ def _stage_seconds(metrics_text: str) -> dict[str, float]:
 
 def _e2e(settings, pairs, workers: int, versions: dict[str, str]) -> tuple[float, dict[str, float]]:
     """Wall seconds from the first produce to the last pair scored, and the first worker's stage seconds."""
-    from streams.admin import ensure_topics
+    from streams.kafka.admin import ensure_topics
     from streams.sdk import PreferenceProducer
     from tests.helpers import WorkerProcess, wait_for_scored
 
@@ -75,7 +75,7 @@ def _e2e(settings, pairs, workers: int, versions: dict[str, str]) -> tuple[float
 
 def _announce(settings, versions: dict[str, str]) -> None:
     """Announce the published versions (role -> version) on this run's models.versions (each run has its own topics)."""
-    from streams.announce import Announcer
+    from streams.kafka.announce import Announcer
     from trainers.registry import ModelStore
 
     store, announcer = ModelStore(settings.models_dir), Announcer(settings)
@@ -84,7 +84,7 @@ def _announce(settings, versions: dict[str, str]) -> None:
 
 
 def _latency(settings, pairs, rate: float) -> dict:
-    from streams.admin import ensure_topics
+    from streams.kafka.admin import ensure_topics
     from streams.sdk import PreferenceProducer, TopicReader
     from tests.helpers import WorkerProcess, wait_for_scored
 
@@ -135,7 +135,7 @@ def run(n: int, latency_s: float, repeats: int, given: dict[str, Path] | None = 
     """``given``: model directories by role ("current", "gold") to serve instead of the bootstrap alone."""
     from streams.embedded.process import free_port
     from streams.embedded.stack import Stack
-    from streams.processors.scorer import bootstrap_model, load_announced
+    from streams.runtime.processors.scorer import bootstrap_model, load_announced
     from streams.settings import Settings, WorkerSettings
     from trainers.registry import ModelStore
 
@@ -152,7 +152,7 @@ def run(n: int, latency_s: float, repeats: int, given: dict[str, Path] | None = 
     if "current" not in versions:
         models.insert(0, bootstrap_model(WorkerSettings().bootstrap_max_length))
 
-    # As the worker does after start-up (streams.worker): what is loaded now is never rescanned by the
+    # As the worker does after start-up (streams.runtime.worker): what is loaded now is never rescanned by the
     # collector, so the anchor does not pay for this process's larger heap on every collection.
     gc.collect()
     gc.freeze()

@@ -1,9 +1,18 @@
-"""Errors of the schemas package. Everything raised here derives from SchemaError."""
+"""Errors of the schemas package, and the base of every prefstream error.
+
+``PrefstreamError`` lives here because schemas is the bottom layer: the root errors of
+``trainers`` (TrainerError) and ``streams`` (StreamsError) derive from it, so the CLI catches one
+class and prints its message, which says the fix.
+"""
 
 from __future__ import annotations
 
 
-class SchemaError(Exception):
+class PrefstreamError(Exception):
+    """Base of every error prefstream raises on purpose; the message says what to do about it."""
+
+
+class SchemaError(PrefstreamError):
     """Root of every error the schemas package raises."""
 
 

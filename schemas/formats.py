@@ -6,8 +6,14 @@ HH-RLHF transcripts (``{"chosen": transcript, "rejected": transcript}``, split o
 
 from __future__ import annotations
 
+import gzip
+import io
+import json
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from schemas.exceptions import InvalidRecordError
@@ -100,3 +106,63 @@ def detect(obj: Any) -> str:
     return "json"
 
 
+
+
+# ---------------------------------------------------------------------------- the one JSONL reader
+@dataclass(frozen=True)
+class JsonlLine:
+    """One non-blank line of a JSONL file: its number and the parsed object, or why it did not parse."""
+
+    lineno: int
+    obj: dict[str, Any] | FormatError
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """Open a JSONL file, gunzipping *.gz, ``-`` for standard input; bad bytes are kept
+    (surrogateescape) for the validation to report as invalid UTF-8 instead of failing the file."""
+    path = Path(path)
+    if str(path) == "-":
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape")
+    return path.open("r", encoding="utf-8", errors="surrogateescape")
+
+
+def jsonl_objects(path: str | Path) -> Iterator[JsonlLine]:
+    """Every non-blank line of a JSONL file parsed to a JSON object, or a FormatError saying why not."""
+    with open_text(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield JsonlLine(lineno, FormatError(f"line {lineno}: not valid JSON ({exc.msg})"))
+                continue
+            except RecursionError:
+                yield JsonlLine(lineno, FormatError(f"line {lineno}: JSON nested too deeply"))
+                continue
+            if not isinstance(obj, dict):
+                yield JsonlLine(lineno, FormatError(f"line {lineno}: a line must be a JSON object, got {type(obj).__name__}"))
+                continue
+            yield JsonlLine(lineno, obj)
+
+
+def read_jsonl(path: str | Path, fmt: str = "auto") -> Iterator[JsonlLine]:
+    """Pairs (not yet validated) from a JSONL file in one of FORMATS, or a FormatError per bad line.
+
+    With ``fmt="auto"`` the format is detected once, from the first line that parses, so one odd
+    line cannot switch the format in the middle of a file.
+    """
+    if fmt != "auto" and fmt not in READERS:
+        raise FormatError(f"unknown format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
+    chosen = None if fmt == "auto" else fmt
+    for line in jsonl_objects(path):
+        if isinstance(line.obj, FormatError):
+            yield line
+            continue
+        chosen = chosen or detect(line.obj)
+        try:
+            yield JsonlLine(line.lineno, READERS[chosen](line.obj))
+        except FormatError as exc:
+            yield JsonlLine(line.lineno, FormatError(f"line {line.lineno}: {exc}"))

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from streams.kafka.topics import TOPICS
 from streams.settings import ControllerSettings, ReviewSettings, Settings, WorkerSettings
-from streams.topics import TOPICS
 
 STRIMZI_TOPICS = Path(__file__).resolve().parent.parent / "k8s" / "overlays" / "strimzi" / "topics.yaml"
 STRIMZI_REPLICAS = 3

@@ -6,8 +6,10 @@ Errors from confluent-kafka, redis and subprocesses are translated at the bounda
 
 from __future__ import annotations
 
+from schemas.exceptions import PrefstreamError
 
-class StreamsError(Exception):
+
+class StreamsError(PrefstreamError):
     """Root of every error the streams package raises."""
 
 
@@ -27,13 +29,17 @@ class BinaryNotFoundError(StackError):
     """A server binary (tansu, redis-server) is not installed."""
 
 
-class KafkaError(StreamsError):
-    """A Kafka operation failed (delivery, admin, consume)."""
+class BrokerError(StreamsError):
+    """A Kafka operation failed (delivery, admin, consume). Named so as not to shadow confluent_kafka.KafkaError."""
 
 
-class DeliveryError(KafkaError):
+class DeliveryError(BrokerError):
     """A produced record was not acknowledged by the broker; it was not written."""
 
 
 class InputFormatError(StreamsError):
     """An input file whose lines are not in the format asked for."""
+
+
+class JobError(StreamsError):
+    """A retrain job could not be started or its outcome could not be read."""

@@ -11,22 +11,22 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka import KafkaError as _RdKafkaError
+from confluent_kafka import KafkaException, Producer
 
 from schemas.pairs import validate_pair
 from schemas.wire import ValueCodec
-from streams import topics
-from streams.exceptions import DeliveryError, KafkaError
-from streams.kafka_config import consumer_config, producer_config
+from streams.exceptions import BrokerError, DeliveryError
+from streams.kafka import topics
+from streams.kafka.config import producer_config
+from streams.kafka.reader import TopicReader
 from streams.settings import Settings, get_settings
 
+__all__ = ["PreferenceProducer", "ScoreConsumer", "TopicReader"]
+
 DEFAULT_FLUSH_TIMEOUT_S = 30.0
-POLL_S = 0.2
 
 
 class PreferenceProducer:
@@ -77,7 +77,7 @@ class PreferenceProducer:
             except BufferError:
                 self._producer.poll(0.1)  # local queue full: serve callbacks, then retry
             except KafkaException as exc:
-                raise KafkaError(f"cannot produce to {self.topic}: {exc.args[0].str()}") from exc
+                raise BrokerError(f"cannot produce to {self.topic}: {exc.args[0].str()}") from exc
         self._producer.poll(0)
         self.sent += 1
         return record["pair_id"]
@@ -98,78 +98,6 @@ class PreferenceProducer:
     def __exit__(self, *exc: Any) -> None:
         if exc[0] is None:
             self.flush()
-
-
-class TopicReader:
-    """Reads decoded records from one topic.
-
-    With a ``group`` it joins the consumer group and commits each record's offset once the caller
-    asks for the next one (so a record is committed only after it was processed). Without a group it
-    assigns every partition from the beginning and commits nothing.
-    """
-
-    def __init__(self, topic: str, schema: str, settings: Settings | None = None, group: str | None = None,
-                 from_beginning: bool = True) -> None:
-        self.settings = settings or get_settings()
-        self.topic, self.schema, self.group = topic, schema, group
-        self.codec = ValueCodec(self.settings.schema_registry_url)
-        self._consumer = Consumer(consumer_config(self.settings, group,
-                                                  **({} if from_beginning else {"auto.offset.reset": "latest"})))
-        if group:
-            self._consumer.subscribe([topic])
-        else:
-            try:
-                meta = self._consumer.list_topics(topic, timeout=10)
-            except KafkaException as exc:
-                raise KafkaError(f"cannot read topic {topic} at {self.settings.bootstrap}: {exc.args[0].str()}") from exc
-            parts = meta.topics[topic].partitions if topic in meta.topics else {}
-            if not parts or meta.topics[topic].error is not None:
-                self._consumer.close()
-                raise KafkaError(f"topic {topic} does not exist at {self.settings.bootstrap}; run `prefstream stack up`")
-            start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-            self._consumer.assign([TopicPartition(topic, p, start) for p in parts])
-        self._pending = None
-
-    def _commit_pending(self) -> None:
-        if self._pending is not None and self.group:
-            self._consumer.commit(message=self._pending, asynchronous=False)
-        self._pending = None
-
-    def messages(self, idle_timeout: float | None = None) -> Iterator[Any]:
-        """Raw messages; stops after ``idle_timeout`` seconds without a new one (None: never)."""
-        last = time.monotonic()
-        while True:
-            self._commit_pending()
-            msg = self._consumer.poll(POLL_S)
-            if msg is None:
-                if idle_timeout is not None and time.monotonic() - last > idle_timeout:
-                    return
-                continue
-            if msg.error():
-                if msg.error().code() == _RdKafkaError._PARTITION_EOF:
-                    continue
-                if msg.error().fatal() or msg.error().code() == _RdKafkaError.UNKNOWN_TOPIC_OR_PART:
-                    raise KafkaError(f"reading {self.topic}: {msg.error().str()}")
-                continue
-            last = time.monotonic()
-            self._pending = msg
-            yield msg
-
-    def records(self, idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        for msg in self.messages(idle_timeout):
-            yield self.codec.decode(self.schema, msg.value(), msg.headers(), self.topic)
-
-    def close(self) -> None:
-        try:
-            self._commit_pending()
-        finally:
-            self._consumer.close()  # leave the group cleanly: a dead member holds it until timeout
-
-    def __enter__(self) -> TopicReader:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 class ScoreConsumer(TopicReader):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from streams.admin import ensure_topics
 from streams.embedded.process import free_port
 from streams.embedded.stack import Stack
+from streams.kafka.admin import ensure_topics
 from streams.settings import Settings
 
 

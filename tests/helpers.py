@@ -157,26 +157,25 @@ class WorkerProcess:
 
 
 def read_topic(settings: Settings, name: str, schema: str, idle: float = 3.0) -> list[dict]:
-    """Every committed record of a logical topic (read_committed, from the beginning)."""
-    from streams.sdk import TopicReader
+    """Every record value of a logical topic (read_committed, from the beginning)."""
+    from streams.kafka.reader import read_topic as read_records
 
-    with TopicReader(settings.topic(name), schema, settings) as reader:
-        return list(reader.records(idle_timeout=idle))
+    return [r.value for r in read_records(settings, name, schema, idle_timeout=idle)]
 
 
 def wait_for_scored(settings: Settings, pair_ids: set[str], timeout: float = 300) -> list[dict]:
     """Read prefs.scored until every pair id has appeared (or fail with what is missing)."""
     import time
 
-    from streams.sdk import TopicReader
+    from streams.kafka.reader import TopicReader
 
     seen: list[dict] = []
     ids: set[str] = set()
     deadline = time.monotonic() + timeout
     with TopicReader(settings.topic("prefs.scored"), "ScoredPair", settings) as reader:
-        for msg in reader.messages(idle_timeout=timeout):
-            rec = reader.codec.decode("ScoredPair", msg.value(), msg.headers())
-            rec["_partition"], rec["_offset"] = msg.partition(), msg.offset()
+        for record in reader.decoded(idle_timeout=timeout, skip_undecodable=False):
+            rec = record.value
+            rec["_partition"], rec["_offset"] = record.partition, record.offset
             seen.append(rec)
             ids.add(rec["pair"]["pair_id"])
             if pair_ids <= ids or time.monotonic() > deadline:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import redis
 
-from streams import topics
+from streams.kafka import topics
 from streams.review.aggregator import Aggregator, alpha, decide, needs_reannotation
 from tests.helpers import read_topic
 from tests.test_review import task

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from streams.controller import Controller
+from streams.runtime.controller import Controller
+from streams.runtime.jobs import JobOutcome
 from streams.settings import ControllerSettings, Settings
 from tests.helpers import toy_pairs
 from tests.test_retrain import write_shard
-from trainers.jobs import JobOutcome
 from trainers.registry import ModelStore
 
 

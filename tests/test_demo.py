@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from streams.generate import GenerateConfig, generate
+from streams.local.generate import GenerateConfig, generate
 from tests.helpers import processes_with_env, read_topic, run_cli
 
 pytestmark = pytest.mark.integration

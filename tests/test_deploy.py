@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from streams.deploy import EXTERNAL_ENV, STRIMZI_TOPICS, settings_env_names, strimzi_topics_yaml
+from streams.kafka.topics import BY_NAME, RAW, TOPICS
 from streams.settings import WorkerSettings
-from streams.topics import BY_NAME, RAW, TOPICS
 from tests.helpers import ROOT
 
 OVERLAYS = ["dev", "prod", "external-kafka", "strimzi"]

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from schemas.pairs import validate_pair
-from streams.generate import CATEGORIES, GenerateConfig, as_clean, generate, truly_better
-from streams.processors.verifiers import verify_code, verify_math
+from streams.local.generate import CATEGORIES, GenerateConfig, as_clean, generate, truly_better
+from streams.runtime.processors.verifiers import verify_code, verify_math
 
 
 def test_same_seed_same_pairs_and_another_seed_differs():

@@ -12,10 +12,10 @@ import pytest
 
 from schemas.pairs import validate_pair
 from schemas.wire import ValueCodec
-from streams import topics
-from streams.processors.router import RouterPolicy, route
+from streams.kafka import topics
+from streams.runtime.processors.router import RouterPolicy, route
+from streams.runtime.shard_writer import scan
 from streams.sdk import PreferenceProducer
-from streams.shard_writer import scan
 from tests.helpers import WorkerProcess, hh_valid_pairs, objective_pairs, read_topic, wait_for_scored
 
 pytestmark = pytest.mark.integration
@@ -132,7 +132,7 @@ def bad_records(settings, n: int, huge: int = 10) -> list[tuple[bytes | None, by
 def test_bad_input_goes_to_the_dlq_and_valid_pairs_still_flow(settings):
     from confluent_kafka import Producer
 
-    from streams.kafka_config import producer_config
+    from streams.kafka.config import producer_config
 
     worker = WorkerProcess(settings).start()
     try:
@@ -212,7 +212,7 @@ def test_kill_9_three_times_loses_and_duplicates_nothing(settings):
 
 
 def test_hot_swap_under_load_and_corrupt_version_refused(settings):
-    from streams.announce import Announcer
+    from streams.kafka.announce import Announcer
     from trainers.model import RewardModel
     from trainers.registry import ModelStore
 
@@ -256,9 +256,9 @@ def test_hot_swap_under_load_and_corrupt_version_refused(settings):
 def test_dlq_list_and_replay_resend_the_original_bytes(settings):
     from confluent_kafka import Producer
 
-    from streams.kafka_config import producer_config
-    from streams.processors.ingest import dead_letter
-    from streams.sdk import TopicReader
+    from streams.kafka.config import producer_config
+    from streams.kafka.reader import TopicReader
+    from streams.runtime.processors.ingest import dead_letter
     from tests.helpers import run_cli
 
     class Msg:  # what the worker saw: the record as it came off prefs.raw

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streams.processors.retrieval import EXACT_LIMIT, NeighbourIndex
-from streams.processors.router import RouterPolicy, route, similar_k
-from streams.processors.verifiers import run_python, verify, verify_math
+from streams.runtime.processors.retrieval import EXACT_LIMIT, NeighbourIndex
+from streams.runtime.processors.router import RouterPolicy, route, similar_k
+from streams.runtime.processors.verifiers import run_python, verify, verify_math
 
 
 @pytest.mark.parametrize(("p", "gold_p", "kind", "k"), [
@@ -97,8 +97,8 @@ def test_retrieval_forgets_oldest_when_full():
 
 @pytest.fixture(scope="module")
 def labeler():
-    from streams.processors.embedder import Embedder
-    from streams.processors.labeler import Labeler, load_taxonomy
+    from streams.runtime.processors.embedder import Embedder
+    from streams.runtime.processors.labeler import Labeler, load_taxonomy
 
     assert len(load_taxonomy()) >= 50
     return Labeler(Embedder())
@@ -106,15 +106,15 @@ def labeler():
 
 @pytest.fixture(scope="module")
 def fp32_labeler():
-    from streams.processors.embedder import Embedder
-    from streams.processors.labeler import Labeler
+    from streams.runtime.processors.embedder import Embedder
+    from streams.runtime.processors.labeler import Labeler
 
     return Labeler(Embedder(precision="fp32"))
 
 
 def test_the_onnx_embedder_gives_the_torch_vectors(fp32_labeler):
     """The worker embeds on ONNX Runtime (exported in memory); labels and neighbours must not move."""
-    from streams.processors.embedder import Embedder
+    from streams.runtime.processors.embedder import Embedder
 
     texts = ["What is 17 * 23?", "Write a haiku about the autumn rain, please, in the style of Basho " * 6, "hi"]
     onnx, ref = fp32_labeler.embedder, Embedder(backend="torch")
@@ -185,7 +185,7 @@ def test_labeler_keeps_producer_attributes(labeler):
 
 
 def test_llm_labeler_falls_back_on_failure(labeler):
-    from streams.processors.labeler import LLMLabeler
+    from streams.runtime.processors.labeler import LLMLabeler
 
     llm = LLMLabeler("http://127.0.0.1:9", "none", labeler, timeout=0.5)
     pair = {"conversation": [{"role": "user", "content": "What is 17 * 23?"}], "chosen": "a", "rejected": "b"}
@@ -199,7 +199,7 @@ def test_llm_labeler_uses_a_json_schema_answer_and_falls_back_per_pair(labeler):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from streams.processors.labeler import LLMLabeler
+    from streams.runtime.processors.labeler import LLMLabeler
 
     seen: list[dict] = []
 
@@ -264,7 +264,7 @@ class _Msg:
 
 def test_a_batch_commits_its_own_offsets_not_the_consumers_position():
     """A commit covers exactly the batch's records, whatever the consumer has fetched beyond them."""
-    from streams.worker import next_offsets
+    from streams.runtime.worker import next_offsets
 
     batch = [_Msg("raw", 0, 7), _Msg("raw", 1, 3), _Msg("raw", 0, 9), _Msg("raw", 0, 8)]
     got = {(tp.topic, tp.partition): tp.offset for tp in next_offsets(batch)}
@@ -292,7 +292,7 @@ class _QueueConsumer:
     (0, 0.0, 0, [0, 0.5]),     # idle: block for a first record (then check the stop flag)
 ])
 def test_a_micro_batch_takes_what_is_ready_without_a_fixed_wait(ready, max_wait, size, waits):
-    from streams.worker import next_batch
+    from streams.runtime.worker import next_batch
 
     consumer = _QueueConsumer(ready)
     assert len(next_batch(consumer, 32, max_wait, idle_s=0.5)) == size
@@ -300,7 +300,7 @@ def test_a_micro_batch_takes_what_is_ready_without_a_fixed_wait(ready, max_wait,
 
 
 def test_micro_batches_grow_for_a_fast_model_and_shrink_for_a_slow_one():
-    from streams.worker import BatchSizer
+    from streams.runtime.worker import BatchSizer
 
     sizer = BatchSizer(max_batch=128, target_s=8.0)
     assert sizer.limit == 8  # nothing measured yet
@@ -319,11 +319,11 @@ def test_micro_batches_grow_for_a_fast_model_and_shrink_for_a_slow_one():
 def test_service_help_lists_every_environment_setting(command, variable):
     from click.testing import CliRunner
 
-    from streams import cli_stream
+    from streams.cli import services
     from streams.settings import ControllerSettings, ReviewSettings, WorkerSettings
 
     cls = {"worker": WorkerSettings, "controller": ControllerSettings, "review": ReviewSettings}[command]
-    out = CliRunner().invoke(getattr(cli_stream, command), ["--help"], terminal_width=200).output
+    out = CliRunner().invoke(getattr(services, command), ["--help"], terminal_width=200).output
     assert variable in out
     prefix = cls.model_config["env_prefix"]
     assert all(f"{prefix}{name.upper()} (default" in out for name in cls.model_fields), out

@@ -12,8 +12,8 @@ import pytest
 
 from schemas.pairs import validate_pair
 from schemas.wire import ValueCodec
-from streams import topics
 from streams.exceptions import DeliveryError
+from streams.kafka import topics
 from streams.sdk import PreferenceProducer, ScoreConsumer, TopicReader
 from streams.settings import Settings
 from tests.helpers import hh_valid_pairs, json_lines, require_hh_rlhf, run_cli
@@ -78,7 +78,7 @@ def test_score_consumer_commits_after_processing(settings):
     topic = settings.topic(topics.SCORED)
     from confluent_kafka import Producer
 
-    from streams.kafka_config import producer_config
+    from streams.kafka.config import producer_config
     prod = Producer(producer_config(settings))
     for i in range(5):
         pair = validate_pair({"prompt": f"q{i}", "chosen": "a", "rejected": "b"})

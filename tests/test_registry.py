@@ -94,7 +94,7 @@ def test_cli_publish_and_rollback_announce_on_models_versions(settings, model_di
 
 def test_announced_version_serves_the_fastest_checked_artifact(tmp_path, model_dir):
     """auto: the INT8 ONNX when its export check let it exist, else the fp32 ONNX, else torch."""
-    from streams.processors.scorer import load_announced
+    from streams.runtime.processors.scorer import load_announced
     from tests.helpers import toy_pairs
     from trainers.export import export
     from trainers.model import OnnxBackend, TorchBackend

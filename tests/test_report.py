@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from streams.generate import GenerateConfig, generate
-from streams.report import hot_swaps, noise_detection, to_html
+from streams.local.generate import GenerateConfig, generate
+from streams.local.report import hot_swaps, noise_detection, to_html
 
 
 def _curated(pair: dict, split: str, swap: bool) -> dict:

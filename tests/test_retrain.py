@@ -15,8 +15,8 @@ from fastavro import parse_schema, writer
 
 from schemas import registry
 from schemas.pairs import validate_pair
+from streams.runtime.jobs import JobTemplate, KubernetesRunner, LocalRunner, job_manifest, kube_client
 from tests.helpers import ROOT, WorkerProcess, json_lines, run_cli, settings_env, toy_pairs, wait_for_scored
-from trainers.jobs import JobTemplate, KubernetesRunner, LocalRunner, job_manifest, kube_client
 from trainers.registry import ModelStore
 from trainers.retrain import RetrainConfig, gate, run_retrain, run_seed
 
@@ -184,7 +184,7 @@ def test_kubernetes_runner_creates_watches_and_reads_the_outcome():
 
 
 def test_kube_client_without_credentials_says_what_to_do(tmp_path, monkeypatch):
-    from trainers.jobs import JobError
+    from streams.runtime.jobs import JobError
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(JobError, match="kubeconfig"):

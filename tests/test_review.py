@@ -9,7 +9,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from schemas.pairs import validate_pair
-from streams import topics
+from streams.kafka import topics
 from streams.review.app import create_app, preferred
 from streams.settings import ReviewSettings
 from tests.helpers import read_topic
@@ -122,7 +122,7 @@ def test_queue_survives_a_redis_restart_and_rebuilds_when_emptied(settings, tmp_
     from schemas.wire import ValueCodec
     from streams.embedded import binaries
     from streams.embedded.process import ServerProcess, free_port
-    from streams.kafka_config import producer_config
+    from streams.kafka.config import producer_config
     from streams.review.feeder import Feeder
     from streams.review.queue import ReviewQueue
 

@@ -13,9 +13,9 @@ import pytest
 from confluent_kafka import Producer
 
 from schemas.wire import ValueCodec
-from streams import topics
 from streams.embedded.process import free_port
-from streams.kafka_config import producer_config
+from streams.kafka import topics
+from streams.kafka.config import producer_config
 from tests.helpers import ROOT, read_topic, settings_env
 from tests.test_review import TOKENS, task
 

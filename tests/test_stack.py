@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from streams.admin import existing_topics
 from streams.embedded.process import free_port
 from streams.embedded.stack import Stack
 from streams.exceptions import BinaryNotFoundError, ConfigError, PortInUseError, StackError
+from streams.kafka.admin import existing_topics
+from streams.kafka.topics import TOPICS
 from streams.settings import Settings
-from streams.topics import TOPICS
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ from collections import Counter
 
 from rich.console import Console
 
-from streams.status import Snapshot, one_line, rates, render, retrain_state
+from streams.local.status import Snapshot, one_line, rates, render, retrain_state
 
 
 def _snap(t: float, scored: int, raw: int) -> Snapshot:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from streams.embedded.process import free_port
-from streams.generate import GenerateConfig, generate
+from streams.local.generate import GenerateConfig, generate
 from streams.settings import Settings, child_env
 from tests.helpers import ROOT, processes_with_env, read_topic, run_cli
 

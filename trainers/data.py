@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -12,14 +10,9 @@ from typing import Any
 from fastavro import reader as avro_reader
 
 from schemas.exceptions import InvalidRecordError
-from schemas.formats import READERS, detect
+from schemas.formats import READERS, FormatError, detect, jsonl_objects
 from schemas.pairs import validate_pair
 from trainers.exceptions import DataError
-
-
-def _open(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
-
 
 TRAINING_KEYS = ("margin", "split", "is_flipped", "style_trap")
 
@@ -30,28 +23,21 @@ def read_jsonl(path: Path, skipped: list[str] | None = None) -> Iterator[dict[st
     A line that parses but is not a usable pair (identical responses, a missing field) is skipped with
     its reason appended to ``skipped``, so the caller can say how many were left out and why.
     """
-    with _open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: a line must be a JSON object")
-            fmt = detect(obj)
-            # 'extra' is what read_pairs itself attaches, so its own output reads back.
-            extra = obj.pop("extra", None) if isinstance(obj.get("extra"), dict) else {}
-            extra |= {k: obj.pop(k) for k in list(obj) if k in TRAINING_KEYS}
-            try:
-                pair = validate_pair(READERS[fmt](obj))
-            except InvalidRecordError as exc:
-                if skipped is not None:
-                    skipped.append(f"{path}:{lineno}: {exc}")
-                continue
-            pair["extra"] = extra
-            yield pair
+    for line in jsonl_objects(path):
+        obj = line.obj
+        if isinstance(obj, FormatError):
+            raise DataError(f"{path}: {obj}")
+        # 'extra' is what read_pairs itself attaches, so its own output reads back.
+        extra = obj.pop("extra", None) if isinstance(obj.get("extra"), dict) else {}
+        extra |= {k: obj.pop(k) for k in list(obj) if k in TRAINING_KEYS}
+        try:
+            pair = validate_pair(READERS[detect(obj)](obj))
+        except InvalidRecordError as exc:
+            if skipped is not None:
+                skipped.append(f"{path}:{line.lineno}: {exc}")
+            continue
+        pair["extra"] = extra
+        yield pair
 
 
 def read_shard(path: Path) -> Iterator[dict[str, Any]]:

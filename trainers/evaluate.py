@@ -11,8 +11,6 @@ Accuracy is strict: a tie (equal rewards) counts as wrong.
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -22,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from schemas.exceptions import InvalidRecordError
-from schemas.formats import from_hh_rlhf, from_judgebench
+from schemas.formats import FormatError, from_hh_rlhf, from_judgebench, jsonl_objects
 from schemas.pairs import validate_pair
 from trainers.exceptions import DataError
 
@@ -31,14 +29,10 @@ _MARKDOWN = re.compile(r"(^#{1,6} |\*\*|^\s*[-*] |^\s*\d+\. |```)", re.M)
 
 
 def _lines(path: Path) -> Iterator[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    for line in jsonl_objects(path):
+        if isinstance(line.obj, FormatError):
+            raise DataError(f"{path}: {line.obj}")
+        yield line.obj
 
 
 def _prompt(text: str) -> list[dict]:

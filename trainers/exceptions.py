@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from schemas.exceptions import PrefstreamError
 
-class TrainerError(Exception):
+
+class TrainerError(PrefstreamError):
     """Root of every error the trainers package raises."""
 
 

@@ -9,10 +9,10 @@ from urllib.parse import urlparse
 
 import redis
 
-from streams.admin import TopicState, broker_answers, ensure_topics
 from streams.embedded import binaries
 from streams.embedded.process import ServerProcess
 from streams.exceptions import ConfigError
+from streams.kafka.admin import TopicState, broker_answers, ensure_topics
 from streams.settings import DEFAULT_KAFKA_PORT, DEFAULT_REDIS_PORT, Settings
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}

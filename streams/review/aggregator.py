@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from streams.processors.labeler import DISAGREEMENT_KEY
+from streams.runtime.processors.labeler import DISAGREEMENT_KEY
 
 log = logging.getLogger(__name__)
 ALPHA_TARGET = 0.85
@@ -146,7 +146,7 @@ class Aggregator:
         return out
 
     def _update_alpha(self) -> None:
-        from streams import metrics
+        from streams.runtime import metrics
 
         overall = alpha([v for _, v in self.window])
         if overall is None:
@@ -171,9 +171,9 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64) -> Non
     from confluent_kafka import Consumer, KafkaException, Producer
 
     from schemas.wire import ValueCodec
-    from streams import topics
-    from streams.kafka_config import consumer_config, producer_config
-    from streams.worker import TXN_TIMEOUT_MS, TXN_TIMEOUT_S, commit_batch, rewind
+    from streams.kafka import topics
+    from streams.kafka.config import consumer_config, producer_config
+    from streams.runtime.worker import TXN_TIMEOUT_MS, TXN_TIMEOUT_S, commit_batch, rewind
 
     agg = Aggregator(redis_client, settings.topic_prefix)
     codec = ValueCodec(settings.schema_registry_url)

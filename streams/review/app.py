@@ -22,8 +22,8 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
 from schemas.wire import ValueCodec
-from streams import topics
-from streams.kafka_config import producer_config
+from streams.kafka import topics
+from streams.kafka.config import producer_config
 from streams.review.auth import TokenBook
 from streams.review.queue import QueueError, ReviewQueue
 from streams.settings import ReviewSettings, Settings

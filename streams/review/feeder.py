@@ -12,59 +12,53 @@ import logging
 import threading
 from typing import Any
 
-from confluent_kafka import Consumer
-
-from schemas.wire import ValueCodec
-from streams import topics
-from streams.kafka_config import consumer_config
+from streams.kafka import topics
+from streams.kafka.reader import TopicReader
 from streams.review.queue import ReviewQueue
-from streams.sdk import TopicReader
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 REBUILD_IDLE_S = 2.0
+FEED_IDLE_S = 0.5  # how often the feed loop looks at its stop flag when no task arrives
 
 
 class Feeder:
     def __init__(self, settings: Settings, queue: ReviewQueue) -> None:
-        self.s, self.q = settings, queue
-        self.codec = ValueCodec(settings.schema_registry_url)
+        self.settings, self.queue = settings, queue
         self.stop = threading.Event()
         self.marker = queue.k("initialized")
 
     def rebuild_if_empty(self) -> int:
-        if self.q.r.exists(self.marker):
+        if self.queue.r.exists(self.marker):
             return 0
         n = 0
-        with TopicReader(self.s.topic(topics.REVIEW), "ReviewTask", self.s) as reader:
+        with TopicReader(self.settings.topic(topics.REVIEW), "ReviewTask", self.settings) as reader:
             for task in reader.records(idle_timeout=REBUILD_IDLE_S):
-                n += self.q.add(task)
-        with TopicReader(self.s.topic(topics.ANNOTATIONS), "Annotation", self.s) as reader:
+                n += self.queue.add(task)
+        with TopicReader(self.settings.topic(topics.ANNOTATIONS), "Annotation", self.settings) as reader:
             for ann in reader.records(idle_timeout=REBUILD_IDLE_S):
-                self.q.restore_verdict(ann["task_id"], ann["annotator"], ann)
-        self.q.r.set(self.marker, "1")
+                self.queue.restore_verdict(ann["task_id"], ann["annotator"], ann)
+        self.queue.r.set(self.marker, "1")
         if n:
             log.info("rebuilt the review queue from the topics: %d tasks", n)
         return n
 
     def run(self) -> None:
         self.rebuild_if_empty()
-        consumer = Consumer(consumer_config(self.s, f"{self.s.topic_prefix}prefstream-review-feeder"))
-        consumer.subscribe([self.s.topic(topics.REVIEW)])
-        try:
+        # In a group: the reader commits a task's offset once the next one is asked for, i.e. after
+        # the task is in Redis, so a feeder killed between the two re-adds it (add is idempotent).
+        with TopicReader(self.settings.topic(topics.REVIEW), "ReviewTask", self.settings,
+                         group=f"{self.settings.topic_prefix}prefstream-review-feeder") as reader:
             while not self.stop.is_set():
-                msg = consumer.poll(0.5)
-                if msg is None or msg.error():
-                    continue
-                try:
-                    self.q.add(self.codec.decode("ReviewTask", msg.value(), msg.headers()))
-                except Exception as exc:  # one bad task must not stop the feed; it is logged
-                    log.error("unreadable ReviewTask at offset %s: %s", msg.offset(), exc)
-                consumer.commit(message=msg, asynchronous=False)
-                if not self.q.r.exists(self.marker):  # Redis was wiped while running
-                    self.rebuild_if_empty()
-        finally:
-            consumer.close()
+                for msg in reader.messages(idle_timeout=FEED_IDLE_S):
+                    try:
+                        self.queue.add(reader.decode(msg).value)
+                    except Exception as exc:  # one bad task must not stop the feed; it is logged
+                        log.error("unusable ReviewTask at %d@%d: %s", msg.partition(), msg.offset(), exc)
+                    if not self.queue.r.exists(self.marker):  # Redis was wiped while running
+                        self.rebuild_if_empty()
+                    if self.stop.is_set():
+                        break
 
 
 def start(settings: Settings, queue: ReviewQueue) -> tuple[Feeder, Any]:

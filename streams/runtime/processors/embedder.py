@@ -85,7 +85,7 @@ def _int8(fp32: bytes, calibrate: Callable[[Callable[[dict[str, np.ndarray]], ob
 
 def calibration_texts() -> list[str]:
     """Prompt-like texts shipped with the package: each taxonomy category's description and examples."""
-    from streams.processors.labeler import load_taxonomy
+    from streams.runtime.processors.labeler import load_taxonomy
 
     return [t for c in load_taxonomy() for t in (c.description, *c.examples)]
 

@@ -17,21 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from streams.generate import truly_better
+from streams.kafka import topics
+from streams.kafka.reader import read_topic
+from streams.local.generate import truly_better
 from streams.settings import Settings
 
 CORRECTING_SPLITS = ("gold", "flipped", "verified_by_tool")
 
 
-def read_all(settings: Settings, topic: str, schema: str, idle: float = 3.0) -> list[tuple[dict, int]]:
-    """(record, broker timestamp ms) for every committed record of a logical topic."""
-    from streams.sdk import TopicReader
-
-    out = []
-    with TopicReader(settings.topic(topic), schema, settings) as reader:
-        for msg in reader.messages(idle_timeout=idle):
-            out.append((reader.codec.decode(schema, msg.value(), msg.headers()), msg.timestamp()[1]))
-    return out
+def _read(settings: Settings, topic: str, schema: str, idle: float = 3.0) -> list[tuple[dict, int]]:
+    """(record, broker timestamp ms) for every record of a logical topic."""
+    return [(r.value, r.timestamp_ms) for r in read_topic(settings, topic, schema, idle_timeout=idle)]
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -141,11 +137,11 @@ def annotator_agreement(annotations: list[tuple[dict, int]]) -> dict[str, Any]:
 
 def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[str, Any]:
     s, cfg = run.settings, run.cfg
-    scored_raw = read_all(s, "prefs.scored", "ScoredPair")
-    curated_raw = read_all(s, "prefs.curated", "CuratedPair")
-    annotations = read_all(s, "prefs.annotations", "Annotation")
-    versions = read_all(s, "models.versions", "ModelVersion")
-    dlq = read_all(s, "prefs.dlq", "DeadLetter", idle=1.0)
+    scored_raw = _read(s, topics.SCORED, "ScoredPair")
+    curated_raw = _read(s, topics.CURATED, "CuratedPair")
+    annotations = _read(s, topics.ANNOTATIONS, "Annotation")
+    versions = _read(s, topics.MODEL_VERSIONS, "ModelVersion")
+    dlq = _read(s, topics.DLQ, "DeadLetter", idle=1.0)
     stream = data["stream"]
     ids = {p["pair_id"] for p in stream}
     scored: dict[str, dict] = {}

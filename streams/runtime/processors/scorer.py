@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from streams import metrics
+from streams.runtime import metrics
 from trainers.model import ONNX_FP32, ONNX_INT8, RewardModel, sigmoid
 from trainers.registry import BOOTSTRAP_VERSION, ModelStore, sha256_file
 

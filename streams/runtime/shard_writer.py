@@ -29,8 +29,9 @@ from fastavro import writer as avro_writer
 
 from schemas import registry
 from schemas.wire import ValueCodec
-from streams import metrics, topics
-from streams.kafka_config import consumer_config
+from streams.kafka import topics
+from streams.kafka.config import consumer_config
+from streams.runtime import metrics
 from streams.settings import Settings, WorkerSettings
 from trainers.registry import fsync_dir
 

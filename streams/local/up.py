@@ -14,15 +14,14 @@ import signal
 import time
 from pathlib import Path
 
-import click
 import redis
 from rich.console import Console
 from rich.live import Live
 
-from streams.services import Deployment
+from streams.local.services import Deployment
+from streams.local.status import Snapshot, collect, one_line, render
+from streams.local.supervisor import describe_exit
 from streams.settings import ReviewSettings, get_settings
-from streams.status import Snapshot, collect, one_line, render
-from streams.supervisor import describe_exit
 
 console = Console(stderr=True, soft_wrap=True)  # log lines stay whole when not on a terminal
 
@@ -31,21 +30,8 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-@click.command("up")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Worker processes (they share the 6 partitions of prefs.raw).")
-@click.option("--review-port", type=int, default=None, help="Port of the review app (default PREFSTREAM_REVIEW_PORT, 8080).")
-@click.option("--no-controller", is_flag=True, help="Do not run the retrain controller.")
-@click.option("--refresh", type=float, default=1.0, show_default=True, help="Seconds between status updates.")
-@click.option("--plain", is_flag=True, help="One status line per update instead of the live view "
-                                            "(the default when the output is not a terminal).")
-def up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool) -> None:
-    """Run everything in the foreground with a live status; Ctrl-C stops it all cleanly.
-
-    Publish pairs meanwhile with `prefstream produce FILE` (or `prefstream generate | prefstream
-    produce -`), and review them at the URL shown. Annotator tokens come from
-    PREFSTREAM_REVIEW_TOKENS; when unset, one token is made up for this run and printed.
-    """
+def run_up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool) -> None:
+    """Run everything in the foreground with a live status until Ctrl-C or SIGTERM (`prefstream up`)."""
     settings, rs = get_settings(), ReviewSettings()
     tokens = rs.tokens.get_secret_value()
     if not tokens:
@@ -102,6 +88,6 @@ def _watch(dep: Deployment, refresh: float, interactive: bool) -> None:
     while True:
         dep.check()
         now = snap()
-        click.echo(one_line(now, before), err=True)
+        console.print(one_line(now, before), highlight=False, markup=False)
         before = now
         time.sleep(refresh)

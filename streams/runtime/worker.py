@@ -28,16 +28,17 @@ from confluent_kafka import KafkaError as KafkaErrorCode
 
 from schemas.pairs import prompt_text
 from schemas.wire import ValueCodec
-from streams import metrics, topics
-from streams.exceptions import KafkaError
-from streams.kafka_config import consumer_config, producer_config
-from streams.processors.embedder import Embedder
-from streams.processors.ingest import Ingestor
-from streams.processors.labeler import Labeler, LLMLabeler
-from streams.processors.retrieval import NeighbourIndex
-from streams.processors.router import RouterPolicy, route
-from streams.processors.scorer import Loaded, ModelSlot, Scorer, bootstrap_model, load_announced
-from streams.processors.verifiers import verify_batch
+from streams.exceptions import BrokerError
+from streams.kafka import topics
+from streams.kafka.config import consumer_config, producer_config
+from streams.runtime import metrics
+from streams.runtime.processors.embedder import Embedder
+from streams.runtime.processors.ingest import Ingestor
+from streams.runtime.processors.labeler import Labeler, LLMLabeler
+from streams.runtime.processors.retrieval import NeighbourIndex
+from streams.runtime.processors.router import RouterPolicy, route
+from streams.runtime.processors.scorer import Loaded, ModelSlot, Scorer, bootstrap_model, load_announced
+from streams.runtime.processors.verifiers import verify_batch
 from streams.settings import Settings, WorkerSettings
 from trainers.registry import BOOTSTRAP_VERSION
 
@@ -299,7 +300,7 @@ class Worker:
         try:
             producer.init_transactions(TXN_TIMEOUT_S)
         except KafkaException as exc:
-            raise KafkaError(f"cannot start a transactional producer at {self.s.bootstrap}: {exc.args[0].str()}") from exc
+            raise BrokerError(f"cannot start a transactional producer at {self.s.bootstrap}: {exc.args[0].str()}") from exc
         # The topic prefix isolates deployments sharing a cluster; their groups must be isolated too.
         # A micro-batch on a busy CPU can take longer than the 10 s readers use; a worker that overruns
         # max.poll.interval leaves its group, and on Tansu it was seen never to rejoin (bench, 2 workers).
@@ -307,7 +308,7 @@ class Worker:
                                             **{"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS}))
         shard_thread = None
         if self.w.shard_writer:
-            from streams.shard_writer import ShardWriter
+            from streams.runtime.shard_writer import ShardWriter
 
             writer = ShardWriter(self.s, self.w, self.stop)
             shard_thread = threading.Thread(target=writer.run, name="shards", daemon=True)
@@ -333,7 +334,7 @@ class Worker:
                 except KafkaException as exc:
                     err = exc.args[0]
                     if err.fatal():
-                        raise KafkaError(f"fatal Kafka error, restart the worker: {err.str()}") from exc
+                        raise BrokerError(f"fatal Kafka error, restart the worker: {err.str()}") from exc
                     log.warning("transaction failed (%s); aborting and retrying the batch", err.str())
                     if err.txn_requires_abort():
                         producer.abort_transaction(TXN_TIMEOUT_S)
@@ -364,7 +365,7 @@ class Worker:
 
 
 def run_worker(settings: Settings, wsettings: WorkerSettings) -> None:
-    from streams.health import serve
+    from streams.runtime.health import serve
 
     # The tokenizers' own thread pool would compete with the model's threads for the worker's cores
     # on every small batch (one run on 2 cores: the score stage took 7% longer with it); the model parallelises.

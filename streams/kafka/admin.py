@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.exceptions import KafkaError
-from streams.kafka_config import admin_config
+from streams.exceptions import BrokerError
+from streams.kafka.config import admin_config
+from streams.kafka.topics import TOPICS, TopicSpec
 from streams.settings import Settings
-from streams.topics import TOPICS, TopicSpec
 
 ADMIN_TIMEOUT_S = 15.0
 
@@ -39,7 +39,7 @@ def existing_topics(settings: Settings, timeout: float = ADMIN_TIMEOUT_S) -> dic
     try:
         meta = admin(settings).list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise KafkaError(
+        raise BrokerError(
             f"cannot reach Kafka at {settings.bootstrap} ({exc.args[0]}); start it with `prefstream stack up` "
             "or point PREFSTREAM_BOOTSTRAP at your cluster"
         ) from exc
@@ -66,6 +66,6 @@ def ensure_topics(settings: Settings, specs: tuple[TopicSpec, ...] = TOPICS) -> 
             except KafkaException as exc:
                 err = exc.args[0]
                 if err.code() != err.TOPIC_ALREADY_EXISTS:  # lost a race with another provisioner: fine
-                    raise KafkaError(f"could not create topic {name}: {err.str()}") from exc
+                    raise BrokerError(f"could not create topic {name}: {err.str()}") from exc
             states.append(TopicState(name, spec_.partitions, "created"))
     return states

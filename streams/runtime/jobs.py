@@ -16,13 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainers.exceptions import TrainerError
+from streams.exceptions import JobError
 
 RESULT_PREFIX = "RETRAIN_RESULT "
-
-
-class JobError(TrainerError):
-    """A retrain job could not be started or its outcome could not be read."""
 
 
 @dataclass

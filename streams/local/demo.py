@@ -25,20 +25,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 from rich.console import Console
 
 from streams.embedded.process import free_port
 from streams.exceptions import StreamsError
-from streams.generate import GenerateConfig, as_clean, generate, write_jsonl
-from streams.services import Deployment
+from streams.kafka import topics
+from streams.local.generate import GenerateConfig, as_clean, generate, write_jsonl
+from streams.local.services import Deployment
+from streams.local.supervisor import describe_exit
 from streams.settings import Settings, child_env, get_settings
-from streams.supervisor import describe_exit
 
 console = Console(stderr=True, soft_wrap=True)  # log lines stay whole when not on a terminal
 log = logging.getLogger(__name__)
 REGRESSION_PAIRS = 100
-SHARED_HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+SHARED_HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 
 
 class DemoError(StreamsError):
@@ -99,12 +99,12 @@ def build_data(cfg: DemoConfig, state: Path) -> dict[str, list[dict]]:
     hh: list[dict] = []
     if cfg.hh_pairs and hh_file is not None:
         from schemas.exceptions import InvalidRecordError
+        from schemas.formats import read_jsonl
         from schemas.pairs import validate_pair
-        from streams.formats import read_pairs
 
-        for _, raw in read_pairs(hh_file, "hh-rlhf"):
+        for line in read_jsonl(hh_file, "hh-rlhf"):
             try:
-                pair = validate_pair(raw) if isinstance(raw, dict) else None
+                pair = validate_pair(line.obj) if isinstance(line.obj, dict) else None
             except InvalidRecordError:
                 pair = None
             if pair is None:
@@ -149,7 +149,7 @@ def _published(settings: Settings) -> list[dict]:
 
 
 def _serving_everywhere(dep: Deployment, version: str) -> bool:
-    from streams.status import scrape
+    from streams.local.status import scrape
 
     for url in dep.worker_metrics:
         m = scrape(url)
@@ -168,12 +168,12 @@ class ScoredTail:
         self.thread = threading.Thread(target=self._run, name="scored-tail", daemon=True)
 
     def _run(self) -> None:
-        from streams.sdk import TopicReader
+        from streams.kafka.reader import TopicReader
 
-        with TopicReader(self.settings.topic("prefs.scored"), "ScoredPair", self.settings) as reader:
+        with TopicReader(self.settings.topic(topics.SCORED), "ScoredPair", self.settings) as reader:
             while not self.stop.is_set():
-                for msg in reader.messages(idle_timeout=0.5):
-                    self.seen.add(reader.codec.decode("ScoredPair", msg.value(), msg.headers())["pair"]["pair_id"])
+                for record in reader.decoded(idle_timeout=0.5):
+                    self.seen.add(record.value["pair"]["pair_id"])
                     if self.stop.is_set():
                         return
 
@@ -309,7 +309,7 @@ def _run_stages(run: DemoRun, dep: Deployment, data: dict[str, list[dict]], toke
 
 
 def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
-    from streams.report import write_report
+    from streams.local.report import write_report
 
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
     root = Path(base.home) / "demo"
@@ -363,42 +363,15 @@ def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
     return report
 
 
-@click.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-report"),
-              show_default=True, help="Where report.md, report.html, report.json and the plots go.")
-@click.option("--pairs", type=int, default=DemoConfig.pairs, show_default=True, help="Generated pairs to stream.")
-@click.option("--hh-pairs", type=int, default=DemoConfig.hh_pairs, show_default=True,
-              help="Shared HH-RLHF pairs mixed in (when ../shared/data is present; 0 = none).")
-@click.option("--seed-pairs", type=int, default=DemoConfig.seed_pairs, show_default=True, help="Clean seed set (Stage 1).")
-@click.option("--holdout-pairs", type=int, default=DemoConfig.holdout_pairs, show_default=True, help="Clean holdout.")
-@click.option("--flip-share", type=float, default=DemoConfig.flip_share, show_default=True, help="Share of flipped labels.")
-@click.option("--retrains", type=int, default=DemoConfig.retrains, show_default=True, help="Retrains to wait for.")
-@click.option("--threshold", type=int, default=0, help="Curated pairs per retrain (default: a quarter of a phase).")
-@click.option("--seed-steps", type=int, default=DemoConfig.seed_steps, show_default=True)
-@click.option("--retrain-steps", type=int, default=DemoConfig.retrain_steps, show_default=True)
-@click.option("--max-length", type=int, default=DemoConfig.max_length, show_default=True)
-@click.option("--rate", type=float, default=DemoConfig.rate, show_default=True, help="Pairs per second produced.")
-@click.option("--max-in-flight", type=int, default=DemoConfig.max_in_flight, show_default=True,
-              help="Most pairs produced but not yet scored; the producer waits above it.")
-@click.option("--workers", type=int, default=1, show_default=True)
-@click.option("--time-limit", "time_limit_s", type=float, default=DemoConfig.time_limit_s, show_default=True,
-              help="Seconds before the demo stops waiting for retrains.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated data.")
-def demo(out_dir: Path, **kw: Any) -> None:
-    """Run the whole system on this machine and write a report (what `make demo` runs).
-
-    Streams generated pairs with known truth (20% flipped labels) through the workers, simulated
-    annotators review through the web app's API, the controller retrains and hot-swaps the reward
-    model, then everything stops and demo-report/ gets report.md, report.html and plots.
-    """
+def demo_main(cfg: DemoConfig) -> None:
+    """Run the demo, print its summary and exit 1 if a stage failed (`prefstream demo`)."""
     logging.basicConfig(level=logging.WARNING)
-    cfg = DemoConfig(out_dir=out_dir, **kw)
     try:
         report = run_demo(cfg, get_settings())
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: every process the demo started was stopped; no report written")
         raise SystemExit(130) from None
-    from streams.report import summary
+    from streams.local.report import summary
 
     console.print(summary(report))
     if report["failures"]:

@@ -7,10 +7,10 @@ from typing import Any
 from confluent_kafka import Producer
 
 from schemas.wire import ValueCodec
-from streams import topics
-from streams.admin import broker_answers
 from streams.exceptions import DeliveryError
-from streams.kafka_config import producer_config
+from streams.kafka import topics
+from streams.kafka.admin import broker_answers
+from streams.kafka.config import producer_config
 from streams.settings import Settings
 
 ANNOUNCE_TIMEOUT_S = 15.0

@@ -23,10 +23,10 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from streams import topics
+from streams.kafka import topics
+from streams.runtime.jobs import JobOutcome, LocalRunner
+from streams.runtime.shard_writer import write_manifest
 from streams.settings import ControllerSettings, Settings
-from streams.shard_writer import write_manifest
-from trainers.jobs import JobOutcome, LocalRunner
 from trainers.registry import ModelStore
 from trainers.retrain import CURRENT_SPLITS, GOLD_SPLITS
 
@@ -64,16 +64,16 @@ class ScoredMonitor:
                 st.disagree.append((rec["p"] >= 0.5) != (rec["gold_p"] >= 0.5))
 
     def run(self) -> None:
-        from streams.sdk import TopicReader
+        from streams.kafka.reader import TopicReader
 
         with TopicReader(self.settings.topic(topics.SCORED), "ScoredPair", self.settings, from_beginning=False) as reader:
-            for msg in reader.messages(idle_timeout=None):
+            for record in reader.decoded(idle_timeout=None):  # an undecodable record is counted and skipped
                 if self.stop.is_set():
                     return
                 try:
-                    self.observe(reader.codec.decode("ScoredPair", msg.value(), msg.headers()))
-                except Exception as exc:  # one unreadable record must not blind the controller
-                    log.warning("unreadable ScoredPair: %s", exc)
+                    self.observe(record.value)
+                except Exception as exc:  # one odd record must not blind the controller
+                    log.warning("unusable ScoredPair at %d@%d: %s", record.partition, record.offset, exc)
 
 
 def _rate(values: deque, last: int) -> float | None:
@@ -99,7 +99,7 @@ class Controller:
 
     def _make_runner(self) -> Any:
         if self.c.runner == "kubernetes":
-            from trainers.jobs import JobTemplate, KubernetesRunner
+            from streams.runtime.jobs import JobTemplate, KubernetesRunner
 
             return KubernetesRunner(JobTemplate(namespace=self.c.k8s_namespace, image=self.c.k8s_image))
         return LocalRunner(Path(self.s.home) / "logs" / "retrain")

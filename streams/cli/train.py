@@ -1,4 +1,4 @@
-"""CLI commands for the model side: train, eval, export, models list|show|promote|rollback."""
+"""Model-side commands: `prefstream train`, `retrain`, `eval` and `export`."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
+from streams.cli.common import console
+from streams.cli.models import announcer
 from streams.settings import get_settings
-
-console = Console(stderr=True)
 
 
 def _dataclass_options(cls: type) -> Any:
@@ -136,88 +134,6 @@ def export_cmd(model: Path, files: tuple[Path, ...], limit: int, quantize: bool,
                                                      if rep.int8_path else "") + f" on {rep.validation_pairs} pairs")
 
 
-@click.group("models")
-@click.option("--store", type=click.Path(path_type=Path), default=None,
-              help="Model store directory (default: PREFSTREAM_MODELS_DIR).")
-@click.pass_context
-def models(ctx: click.Context, store: Path | None) -> None:
-    """List, inspect, publish, promote and roll back model versions in the model store."""
-    from trainers.registry import ModelStore
-
-    ctx.obj = ModelStore(store or get_settings().models_dir)
-
-
-def _announcer(enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from streams.announce import announcer_if_reachable
-
-    ann = announcer_if_reachable(get_settings())
-    if ann is None:
-        console.print("[yellow]no broker answers; the change is recorded in the store but not announced[/]")
-    return ann
-
-
-@models.command("list")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per version instead of a table.")
-@click.pass_obj
-def models_list(store: Any, as_json: bool) -> None:
-    """Every version with its role, parent and headline metrics; * marks the serving ones."""
-    serving = {store.serving(r): r for r in ("current", "gold")}
-    if as_json:
-        for v in store.list():
-            click.echo(json.dumps({"version": v.version, "role": v.role, "serving": v.version in serving,
-                                   "parent": v.manifest.get("parent"), "metrics": v.metrics}))
-        return
-    table = Table("", "version", "role", "parent", "eval_accuracy", "pairs")
-    for v in store.list():
-        table.add_row("*" if v.version in serving else "", v.version, v.role, v.manifest.get("parent") or "-",
-                      f"{v.metrics.get('eval_accuracy', float('nan')):.4f}", str(v.metrics.get("train_pairs", "-")))
-    Console(width=max(Console().width, 140)).print(table)
-
-
-@models.command("show")
-@click.argument("version")
-@click.pass_obj
-def models_show(store: Any, version: str) -> None:
-    """Print the manifest of VERSION after verifying every file's sha256."""
-    info = store.verify(version)
-    click.echo(json.dumps(info.manifest, indent=2))
-
-
-@models.command("publish")
-@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--role", type=click.Choice(["current", "gold"]), default="current", show_default=True)
-@click.option("--parent", default=None, help="Version it was trained from.")
-@click.option("--announce/--no-announce", default=True, show_default=True, help="Announce on models.versions.")
-@click.pass_obj
-def models_publish(store: Any, model: Path, role: str, parent: str | None, announce: bool) -> None:
-    """Copy MODEL into the store atomically as a new version and serve it for ROLE."""
-    info = store.publish(model, role, parent=parent, announce=_announcer(announce))
-    click.echo(info.version)
-
-
-@models.command("promote")
-@click.argument("version")
-@click.option("--role", type=click.Choice(["current", "gold"]), default=None, help="Default: the version's own role.")
-@click.option("--announce/--no-announce", default=True, show_default=True)
-@click.pass_obj
-def models_promote(store: Any, version: str, role: str | None, announce: bool) -> None:
-    """Serve VERSION for its role (verified first) and announce it."""
-    rec = store.promote(version, role or store.get(version).role, announce=_announcer(announce))
-    console.print(f"{rec['role']} now serves {rec['version']}")
-
-
-@models.command("rollback")
-@click.option("--role", type=click.Choice(["current", "gold"]), default="current", show_default=True)
-@click.option("--announce/--no-announce", default=True, show_default=True)
-@click.pass_obj
-def models_rollback(store: Any, role: str, announce: bool) -> None:
-    """Serve the previous version of ROLE again and announce it; scorers swap back."""
-    rec = store.rollback(role, announce=_announcer(announce))
-    console.print(f"{role} rolled back to {rec['version']}")
-
-
 def _retrain_command() -> click.Command:
     from trainers.retrain import RetrainConfig
 
@@ -233,7 +149,7 @@ def _retrain_command() -> click.Command:
         """
         from dataclasses import asdict
 
-        from trainers.jobs import RESULT_PREFIX
+        from streams.runtime.jobs import RESULT_PREFIX
         from trainers.retrain import run_retrain, run_seed
 
         settings = get_settings()
@@ -242,7 +158,7 @@ def _retrain_command() -> click.Command:
         if kwargs.get("models_dir") in (None, ".prefstream/models"):
             kwargs["models_dir"] = str(settings.models_dir)
         cfg = RetrainConfig(**kwargs)
-        ann = _announcer(announce)
+        ann = announcer(announce)
         results = run_seed(cfg, ann) if cfg.seed_file else [run_retrain(cfg, ann)]
         for r in results:
             colour = {"published": "green", "gate_failed": "yellow"}.get(r.decision, "white")
@@ -252,11 +168,5 @@ def _retrain_command() -> click.Command:
     return retrain_cmd
 
 
-def register(main: click.Group) -> None:
-    main.add_command(_train_command())
-    main.add_command(_retrain_command())
-    main.add_command(eval_cmd)
-    main.add_command(export_cmd)
-    main.add_command(models)
 
-
+COMMANDS = (_train_command(), _retrain_command(), eval_cmd, export_cmd)

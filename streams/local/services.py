@@ -12,12 +12,12 @@ from pathlib import Path
 
 import redis
 
-from streams.admin import broker_answers, ensure_topics
 from streams.embedded.process import free_port
 from streams.embedded.stack import Stack
 from streams.exceptions import ConfigError, StreamsError
+from streams.kafka.admin import broker_answers, ensure_topics
+from streams.local.supervisor import Supervisor, SupervisorError
 from streams.settings import Settings, child_env
-from streams.supervisor import Supervisor, SupervisorError
 
 
 def redis_answers(settings: Settings) -> bool:

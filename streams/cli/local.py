@@ -1,0 +1,113 @@
+"""Running the whole system on one machine: `prefstream generate`, `up` and `demo`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from streams.local.demo import DemoConfig
+
+
+@click.command("generate")
+@click.option("-n", "--pairs", "n", type=click.IntRange(min=1), default=1000, show_default=True, help="How many pairs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same pairs.")
+@click.option("--flip-share", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+              help="Share of pairs published with chosen and rejected swapped (recorded in metadata.flipped).")
+@click.option("--style-trap-share", type=click.FloatRange(0, 1), default=0.15, show_default=True,
+              help="Share of pairs whose worse answer is longer and in markdown.")
+@click.option("--category", "categories", multiple=True, help="Only these task types (repeatable; default all 12).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSONL file to write (default: standard output).")
+def generate_cmd(n: int, seed: int, flip_share: float, style_trap_share: float, categories: tuple[str, ...],
+                 out: Path | None) -> None:
+    """Write demo preference pairs whose truth is known, as JSONL.
+
+    Twelve task types: arithmetic, word problems, unit conversions, number comparison, letter
+    counting, Python functions with tests, capitals, chemical symbols, translations, weekdays,
+    safety requests and open-ended writing. metadata.truth says which side is really better,
+    metadata.flipped marks the deliberately swapped labels. Pipe it into `prefstream produce -`.
+    """
+    from streams.local.generate import CATEGORIES, GenerateConfig, generate
+
+    unknown = sorted(set(categories) - set(CATEGORIES))
+    if unknown:
+        raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(CATEGORIES)}", param_hint="--category")
+    cfg = GenerateConfig(n=n, seed=seed, flip_share=flip_share, style_trap_share=style_trap_share,
+                         categories=tuple(categories) or tuple(CATEGORIES))
+    import json
+
+    fh = out.open("w", encoding="utf-8") if out else sys.stdout
+    try:
+        for pair in generate(cfg):
+            fh.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    finally:
+        if out:
+            fh.close()
+    if out:
+        click.echo(f"wrote {n} pairs to {out}", err=True)
+
+
+@click.command("up")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes (they share the partitions of prefs.raw).")
+@click.option("--review-port", type=int, default=None, help="Port of the review app (default PREFSTREAM_REVIEW_PORT, 8080).")
+@click.option("--no-controller", is_flag=True, help="Do not run the retrain controller.")
+@click.option("--refresh", type=float, default=1.0, show_default=True, help="Seconds between status updates.")
+@click.option("--plain", is_flag=True, help="One status line per update instead of the live view "
+                                            "(the default when the output is not a terminal).")
+def up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool) -> None:
+    """Run everything in the foreground with a live status; Ctrl-C stops it all cleanly.
+
+    Publish pairs meanwhile with `prefstream produce FILE` (or `prefstream generate | prefstream
+    produce -`), and review them at the URL shown. Annotator tokens come from
+    PREFSTREAM_REVIEW_TOKENS; when unset, one token is made up for this run and printed.
+    """
+    from streams.local.up import run_up
+
+    run_up(workers, review_port, no_controller, refresh, plain)
+
+
+@click.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=DemoConfig.out_dir,
+              show_default=True, help="Where report.md, report.html, report.json and the plots go.")
+@click.option("--pairs", type=click.IntRange(min=3), default=DemoConfig.pairs, show_default=True,
+              help="Generated pairs to stream.")
+@click.option("--hh-pairs", type=click.IntRange(min=0), default=DemoConfig.hh_pairs, show_default=True,
+              help="Shared HH-RLHF pairs mixed in (when ../shared/data is present; 0 = none).")
+@click.option("--seed-pairs", type=click.IntRange(min=10), default=DemoConfig.seed_pairs, show_default=True,
+              help="Clean seed set (Stage 1).")
+@click.option("--holdout-pairs", type=click.IntRange(min=10), default=DemoConfig.holdout_pairs, show_default=True,
+              help="Clean holdout.")
+@click.option("--flip-share", type=click.FloatRange(0, 1), default=DemoConfig.flip_share, show_default=True,
+              help="Share of flipped labels.")
+@click.option("--retrains", type=click.IntRange(min=0), default=DemoConfig.retrains, show_default=True,
+              help="Retrains to wait for.")
+@click.option("--threshold", type=click.IntRange(min=0), default=DemoConfig.threshold,
+              help="Curated pairs per retrain (default: a quarter of a phase).")
+@click.option("--seed-steps", type=click.IntRange(min=1), default=DemoConfig.seed_steps, show_default=True)
+@click.option("--retrain-steps", type=click.IntRange(min=1), default=DemoConfig.retrain_steps, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=16), default=DemoConfig.max_length, show_default=True)
+@click.option("--rate", type=click.FloatRange(min=0.1), default=DemoConfig.rate, show_default=True,
+              help="Pairs per second produced.")
+@click.option("--max-in-flight", type=click.IntRange(min=1), default=DemoConfig.max_in_flight, show_default=True,
+              help="Most pairs produced but not yet scored; the producer waits above it.")
+@click.option("--workers", type=click.IntRange(1, 64), default=DemoConfig.workers, show_default=True)
+@click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=1), default=DemoConfig.time_limit_s,
+              show_default=True, help="Seconds before the demo stops waiting for retrains.")
+@click.option("--seed", type=int, default=DemoConfig.seed, show_default=True, help="Seed of the generated data.")
+def demo(out_dir: Path, **kw: Any) -> None:
+    """Run the whole system on this machine and write a report (what `make demo` runs).
+
+    Streams generated pairs with known truth (20% flipped labels) through the workers, simulated
+    annotators review through the web app's API, the controller retrains and hot-swaps the reward
+    model, then everything stops and demo-report/ gets report.md, report.html and plots.
+    """
+    from streams.local.demo import demo_main
+
+    demo_main(DemoConfig(out_dir=out_dir, **kw))
+
+
+COMMANDS = (generate_cmd, up, demo)

@@ -1,0 +1,1 @@
+"""Kafka plumbing: client configuration, admin and the topic table, model announcements, the topic reader."""

@@ -1,0 +1,1 @@
+"""Running the whole system on one machine: child-process services, supervisor, up, status, generate, demo, report."""
