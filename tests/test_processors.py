@@ -264,7 +264,7 @@ class _Msg:
 
 def test_a_batch_commits_its_own_offsets_not_the_consumers_position():
     """A commit covers exactly the batch's records, whatever the consumer has fetched beyond them."""
-    from streams.runtime.worker import next_offsets
+    from streams.kafka.transactions import next_offsets
 
     batch = [_Msg("raw", 0, 7), _Msg("raw", 1, 3), _Msg("raw", 0, 9), _Msg("raw", 0, 8)]
     got = {(tp.topic, tp.partition): tp.offset for tp in next_offsets(batch)}

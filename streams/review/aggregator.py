@@ -168,18 +168,17 @@ class Aggregator:
 
 def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64) -> None:
     """Consume prefs.annotations; each batch's outputs and offsets commit in one transaction."""
-    from confluent_kafka import Consumer, KafkaException, Producer
+    from confluent_kafka import Consumer, KafkaException
 
     from schemas.wire import ValueCodec
     from streams.kafka import topics
-    from streams.kafka.config import consumer_config, producer_config
-    from streams.runtime.worker import TXN_TIMEOUT_MS, TXN_TIMEOUT_S, commit_batch, rewind
+    from streams.kafka.config import consumer_config
+    from streams.kafka.transactions import TXN_CALL_TIMEOUT_S, commit_batch, rewind, transactional_producer
 
     agg = Aggregator(redis_client, settings.topic_prefix)
     codec = ValueCodec(settings.schema_registry_url)
     group = f"{settings.topic_prefix}prefstream-aggregator"
-    producer = Producer(producer_config(settings, **{"transactional.id": group, "transaction.timeout.ms": TXN_TIMEOUT_MS}))
-    producer.init_transactions(TXN_TIMEOUT_S)
+    producer = transactional_producer(settings, group)
     consumer = Consumer(consumer_config(settings, group))
     consumer.subscribe([settings.topic(topics.ANNOTATIONS)])
     try:
@@ -208,7 +207,7 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64) -> Non
                 if err.fatal():
                     raise
                 if err.txn_requires_abort():
-                    producer.abort_transaction(TXN_TIMEOUT_S)
+                    producer.abort_transaction(TXN_CALL_TIMEOUT_S)
                 rewind(consumer)
                 time.sleep(1)
     finally:

@@ -2,9 +2,8 @@
 
 Each micro-batch is one Kafka transaction: the outputs (prefs.scored, prefs.review, prefs.curated,
 prefs.dlq) and the input offsets commit together or not at all, so a worker killed at any moment
-and restarted leaves every pair exactly once in the outputs (read_committed). Faust was the first
-plan, but its exactly-once mode fails on Tansu (DESIGN 8) while confluent-kafka transactions
-work, and one loop is simpler to reason about than agents chained through topics.
+and restarted leaves every pair exactly once in the outputs (read_committed). Why confluent-kafka
+transactions and not Faust: docs/design.md, "Delivery and failure".
 
 Several workers in the same group share the partitions of prefs.raw: scaling is running more.
 """
@@ -30,7 +29,8 @@ from schemas.pairs import prompt_text
 from schemas.wire import ValueCodec
 from streams.exceptions import BrokerError
 from streams.kafka import topics
-from streams.kafka.config import consumer_config, producer_config
+from streams.kafka.config import consumer_config
+from streams.kafka.transactions import TXN_CALL_TIMEOUT_S, commit_batch, rewind, transactional_producer
 from streams.runtime import metrics
 from streams.runtime.processors.embedder import Embedder
 from streams.runtime.processors.ingest import Ingestor
@@ -43,14 +43,13 @@ from streams.settings import Settings, WorkerSettings
 from trainers.registry import BOOTSTRAP_VERSION
 
 log = logging.getLogger(__name__)
-TXN_TIMEOUT_S = 30.0
-# Bounds how long read_committed consumers wait behind a transaction left open by a killed worker
-# that is not restarted with the same worker_id (a restart with it aborts the transaction at once).
-TXN_TIMEOUT_MS = 15000
 RETRY_BACKOFF_S = 1.0
 WORKER_MAX_POLL_INTERVAL_MS = 60000
 VERSIONS_DRAIN_S = 1.0
 IDLE_POLL_S = 0.5  # how long an idle worker blocks for a record before checking its stop flag
+# Review priority is p plus the pair's age as a tie-break: created_at (epoch ms, ~1.7e12) divided by
+# this stays below 1e-3, so it never reorders pairs whose p differ by more than that.
+PRIORITY_AGE_SCALE = 1e16
 
 
 class Pipeline:
@@ -58,7 +57,7 @@ class Pipeline:
 
     def __init__(self, settings: Settings, wsettings: WorkerSettings, redis_client: Any, scorer: Scorer,
                  embedder: Embedder | None = None) -> None:
-        self.s, self.w = settings, wsettings
+        self.settings, self.wsettings = settings, wsettings
         self.codec = ValueCodec(settings.schema_registry_url)
         self.ingestor = Ingestor(self.codec, redis_client, wsettings.dedupe_ttl_s, key_prefix=settings.topic_prefix)
         self.embedder = embedder or Embedder(threads=wsettings.threads or None, precision=wsettings.embedder_precision)
@@ -70,10 +69,10 @@ class Pipeline:
         self.index = NeighbourIndex(self.embedder.dim)
         self.scorer = scorer
         self.policy = RouterPolicy(wsettings.tau, wsettings.gold_agree, wsettings.flip_below)
-        self.t = {name: settings.topic(name) for name in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ)}
+        self.out_topics = {name: settings.topic(name) for name in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ)}
 
     def _out(self, name: str, schema: str, key: bytes | None, record: dict) -> tuple[str, bytes | None, bytes, list]:
-        topic = self.t[name]
+        topic = self.out_topics[name]
         value, headers = self.codec.encode(schema, record, topic)
         return topic, key, value, headers
 
@@ -124,7 +123,7 @@ class Pipeline:
                 task = {"task_id": pair["pair_id"], "pair": pair, "p": score["p"],
                         "margin": score["reward_chosen"] - score["reward_rejected"], "model_version": score["model_version"],
                         # Severity first: lower p is served first; ties by age (created_at in ms, scaled down).
-                        "priority": score["p"] + pair["created_at"] / 1e16, "reason": decision.reason,
+                        "priority": score["p"] + pair["created_at"] / PRIORITY_AGE_SCALE, "reason": decision.reason,
                         "similar": similar, "expert": False, "created_at": now}
                 outputs.append(self._out(topics.REVIEW, "ReviewTask", key, task))
             elif decision.kind != "dropped":
@@ -229,38 +228,6 @@ def next_batch(consumer: Consumer, max_batch: int, max_wait_s: float, idle_s: fl
     return [m for m in msgs if not m.error()]
 
 
-def next_offsets(msgs: list[Any]) -> list[TopicPartition]:
-    """The offsets to commit after ``msgs``: one past the last record of each partition in the batch."""
-    last: dict[tuple[str, int], int] = {}
-    for m in msgs:
-        key = (m.topic(), m.partition())
-        last[key] = max(last.get(key, -1), m.offset())
-    return [TopicPartition(t, p, off + 1) for (t, p), off in last.items()]
-
-
-def commit_batch(producer: Producer, consumer: Consumer, outputs: list[tuple[str, bytes | None, bytes, list]],
-                 msgs: list[Any]) -> None:
-    """One transaction: every output record and the batch's input offsets, or nothing.
-
-    The offsets are the batch's own rather than the consumer's position, so a commit can never
-    cover a record that was fetched but not processed.
-    """
-    producer.begin_transaction()
-    for topic, key, value, headers in outputs:
-        producer.produce(topic, value=value, key=key, headers=headers)
-    producer.send_offsets_to_transaction(next_offsets(msgs), consumer.consumer_group_metadata(), TXN_TIMEOUT_S)
-    producer.commit_transaction(TXN_TIMEOUT_S)
-
-
-def rewind(consumer: Consumer) -> None:
-    """After an aborted transaction: go back to the last committed offsets and redo the batch."""
-    assigned = consumer.assignment()
-    if not assigned:
-        return
-    for tp in consumer.committed(assigned, timeout=10):
-        consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
-
-
 def build_scorer(settings: Settings, wsettings: WorkerSettings) -> tuple[Scorer, dict[str, ModelSlot]]:
     loader = lambda rec: load_announced(rec, threads=wsettings.threads or None)  # noqa: E731
     current, gold = ModelSlot("current", loader), ModelSlot("gold", loader)
@@ -269,92 +236,66 @@ def build_scorer(settings: Settings, wsettings: WorkerSettings) -> tuple[Scorer,
 
 class Worker:
     def __init__(self, settings: Settings, wsettings: WorkerSettings) -> None:
-        self.s, self.w = settings, wsettings
+        self.settings, self.wsettings = settings, wsettings
         self.stop = threading.Event()
         self.ready = False
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.scorer, self.slots = build_scorer(settings, wsettings)
         self.watcher = VersionWatcher(settings, self.slots)
         self.counts: Counter[str] = Counter()
+        self.transactional_id = f"prefstream-{settings.topic_prefix}{wsettings.group}-{wsettings.worker_id}"
 
     def _start_models(self) -> None:
         self.watcher.drain()
         self.scorer.swap_if_ready()
         if self.slots["current"].serving is None:
             # Stage 1: before any version exists the untrained default serves, stamped 'bootstrap'.
-            self.slots["current"].serving = Loaded(bootstrap_model(self.w.bootstrap_max_length, self.w.threads or None),
-                                                   BOOTSTRAP_VERSION)
+            self.slots["current"].serving = Loaded(
+                bootstrap_model(self.wsettings.bootstrap_max_length, self.wsettings.threads or None), BOOTSTRAP_VERSION)
         self.scorer.export_versions()
         threading.Thread(target=self.watcher.run, name="versions", daemon=True).start()
 
-    def run(self) -> None:
-        pipeline = Pipeline(self.s, self.w, self.redis, self.scorer)
-        self._start_models()
-        # What start-up loaded (models, tokenizers, taxonomy) lives as long as the worker; frozen, it is
-        # no longer rescanned by every full collection of the objects each batch makes (one 1,000-pair
-        # run: 1.30 s in the collector against 1.56 s, start-up included; issue 4 note).
-        gc.collect()
-        gc.freeze()
-        tid = f"prefstream-{self.s.topic_prefix}{self.w.group}-{self.w.worker_id}"
-        producer = Producer(producer_config(self.s, **{"transactional.id": tid, "transaction.timeout.ms": TXN_TIMEOUT_MS}))
-        try:
-            producer.init_transactions(TXN_TIMEOUT_S)
-        except KafkaException as exc:
-            raise BrokerError(f"cannot start a transactional producer at {self.s.bootstrap}: {exc.args[0].str()}") from exc
+    def _consumer(self) -> Consumer:
         # The topic prefix isolates deployments sharing a cluster; their groups must be isolated too.
         # A micro-batch on a busy CPU can take longer than the 10 s readers use; a worker that overruns
         # max.poll.interval leaves its group, and on Tansu it was seen never to rejoin (bench, 2 workers).
-        consumer = Consumer(consumer_config(self.s, f"{self.s.topic_prefix}{self.w.group}",
+        consumer = Consumer(consumer_config(self.settings, f"{self.settings.topic_prefix}{self.wsettings.group}",
                                             **{"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS}))
-        shard_thread = None
-        if self.w.shard_writer:
-            from streams.runtime.shard_writer import ShardWriter
+        consumer.subscribe([self.settings.topic(topics.RAW)])
+        return consumer
 
-            writer = ShardWriter(self.s, self.w, self.stop)
-            shard_thread = threading.Thread(target=writer.run, name="shards", daemon=True)
-            shard_thread.start()
-        sizer = BatchSizer(self.w.max_batch, self.w.batch_target_s)
-        consumer.subscribe([self.s.topic(topics.RAW)])
+    def _start_shard_writer(self) -> threading.Thread | None:
+        if not self.wsettings.shard_writer:
+            return None
+        from streams.runtime.shard_writer import ShardWriter
+
+        thread = threading.Thread(target=ShardWriter(self.settings, self.wsettings, self.stop).run, name="shards",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    def run(self) -> None:
+        pipeline = Pipeline(self.settings, self.wsettings, self.redis, self.scorer)
+        self._start_models()
+        # What start-up loaded (models, tokenizers, taxonomy) lives as long as the worker; frozen, it is
+        # no longer rescanned by every full collection of the objects each batch makes (a 1,000-pair
+        # run: 1.30 s in the collector against 1.56 s, start-up included).
+        gc.collect()
+        gc.freeze()
+        producer = transactional_producer(self.settings, self.transactional_id)
+        consumer = self._consumer()
+        shard_thread = self._start_shard_writer()
+        sizer = BatchSizer(self.wsettings.max_batch, self.wsettings.batch_target_s)
         self.ready = True
         metrics.READY.set(1)
-        log.info("worker %s consuming %s", tid, self.s.topic(topics.RAW))
+        log.info("worker %s consuming %s", self.transactional_id, self.settings.topic(topics.RAW))
         try:
             while not self.stop.is_set():
                 self.scorer.swap_if_ready()  # between batches only
                 producer.poll(0)  # serve the producer's queue (librdkafka's log lines come through it)
-                msgs = next_batch(consumer, sizer.limit, self.w.max_wait_ms / 1000)
-                if not msgs:
-                    continue
-                try:
-                    started = time.perf_counter()
-                    outputs = pipeline.process(msgs)
-                    sizer.observe(len(msgs), time.perf_counter() - started)
-                    with metrics.STAGE_SECONDS.labels("commit").time():
-                        commit_batch(producer, consumer, outputs, msgs)
-                except KafkaException as exc:
-                    err = exc.args[0]
-                    if err.fatal():
-                        raise BrokerError(f"fatal Kafka error, restart the worker: {err.str()}") from exc
-                    log.warning("transaction failed (%s); aborting and retrying the batch", err.str())
-                    if err.txn_requires_abort():
-                        producer.abort_transaction(TXN_TIMEOUT_S)
-                    rewind(consumer)
-                    time.sleep(RETRY_BACKOFF_S)
-                    continue
-                except (redis.RedisError, OSError) as exc:
-                    log.warning("batch failed (%s); retrying after %.0f s", exc, RETRY_BACKOFF_S)
-                    rewind(consumer)
-                    time.sleep(RETRY_BACKOFF_S)
-                    continue
-                for topic, *_ in outputs:
-                    metrics.RECORDS_OUT.labels(topic).inc()
-                now = time.time()
-                for m in msgs:
-                    ts = m.timestamp()[1]
-                    if ts > 0:
-                        metrics.LATENCY.observe(max(0.0, now - ts / 1000))
-                self.counts["batches"] += 1
-                self.counts["records"] += len(msgs)
+                msgs = next_batch(consumer, sizer.limit, self.wsettings.max_wait_ms / 1000)
+                if msgs and self._process_batch(pipeline, producer, consumer, msgs, sizer):
+                    self._count(msgs)
         finally:
             self.ready = False
             metrics.READY.set(0)
@@ -362,6 +303,43 @@ class Worker:
             consumer.close()  # leave the group now rather than after a session timeout
             if shard_thread is not None:
                 shard_thread.join(timeout=30)
+
+    def _process_batch(self, pipeline: Pipeline, producer: Producer, consumer: Consumer, msgs: list[Any],
+                       sizer: BatchSizer) -> bool:
+        """Process and commit one micro-batch; False when it was rolled back to be done again."""
+        try:
+            started = time.perf_counter()
+            outputs = pipeline.process(msgs)
+            sizer.observe(len(msgs), time.perf_counter() - started)
+            with metrics.STAGE_SECONDS.labels("commit").time():
+                commit_batch(producer, consumer, outputs, msgs)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.fatal():
+                raise BrokerError(f"fatal Kafka error, restart the worker: {err.str()}") from exc
+            log.warning("transaction failed (%s); aborting and retrying the batch", err.str())
+            if err.txn_requires_abort():
+                producer.abort_transaction(TXN_CALL_TIMEOUT_S)
+            rewind(consumer)
+            time.sleep(RETRY_BACKOFF_S)
+            return False
+        except (redis.RedisError, OSError) as exc:
+            log.warning("batch failed (%s); retrying after %.0f s", exc, RETRY_BACKOFF_S)
+            rewind(consumer)
+            time.sleep(RETRY_BACKOFF_S)
+            return False
+        for topic, *_ in outputs:
+            metrics.RECORDS_OUT.labels(topic).inc()
+        return True
+
+    def _count(self, msgs: list[Any]) -> None:
+        now = time.time()
+        for m in msgs:
+            ts = m.timestamp()[1]
+            if ts > 0:
+                metrics.LATENCY.observe(max(0.0, now - ts / 1000))
+        self.counts["batches"] += 1
+        self.counts["records"] += len(msgs)
 
 
 def run_worker(settings: Settings, wsettings: WorkerSettings) -> None:
