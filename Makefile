@@ -1,6 +1,6 @@
 # prefstream: every target creates .venv when missing and installs the project into it.
-# The install is one `pip install` of all extras at once: installing packages one by one breaks
-# faust-streaming's click pin silently (DESIGN 8).
+# The install is one `pip install` of all extras at once, so pip resolves the whole set together
+# (docs/design.md, Environment facts).
 
 PYTHON ?= python3
 VENV   := .venv

@@ -7,7 +7,7 @@ labels (one more MiniLM pass over the last user turn), routing, retrieval and th
 commit, in micro-batches as they arrive. The bare scorer runs before and after each end-to-end run
 (this shared machine's speed drifts), and the reported ratio is the median over the runs.
 
-``--gold DIR`` runs the scorer as DESIGN describes it, with a gold reward model beside the current
+``--gold DIR`` runs the scorer as docs/design.md describes it, with a gold reward model beside the current
 one (published to the bench's model store and announced, so the worker loads it as in production);
 the bare scorer then scores with both models too. Without a gold model the router can send nothing
 to silver or flipped, so only this mode exercises the whole curation path.

@@ -62,7 +62,7 @@ def run_trl(train_pairs, eval_pairs, steps: int, batch: int, lr: float, max_leng
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(default_base_path())
-    tok.eos_token = tok.sep_token  # TRL appends eos; BERT tokenizers have none (DESIGN 8)
+    tok.eos_token = tok.sep_token  # TRL appends eos; BERT tokenizers have none (docs/design.md, Environment facts)
     model = AutoModelForSequenceClassification.from_pretrained(default_base_path(), num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
     ds = Dataset.from_list([{"prompt": conversation_text(p["conversation"]) + "\n", "chosen": p["chosen"],

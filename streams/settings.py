@@ -136,7 +136,7 @@ class ControllerSettings(BaseSettings):
     drift_bound: float = Field(0.15, description="Retrain when the misprediction rate rises this much above its baseline.")
     rollback_bound: float = Field(0.15, description="Roll back when a new version disagrees with the gold model this much "
                                                     "more often than the previous one.")
-    runner: str = Field("local", description="local (a subprocess) or kubernetes (a batch/v1 Job).")
+    runner: Literal["local", "kubernetes"] = Field("local", description="local (a subprocess) or kubernetes (a batch/v1 Job).")
     retrain_args: str = Field("", description="Extra arguments for `prefstream retrain` (e.g. --max-steps 200).")
     k8s_namespace: str = Field("prefstream", description="Namespace of retrain Jobs.")
     k8s_image: str = Field("prefstream:latest", description="Image of retrain Jobs.")

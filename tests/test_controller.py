@@ -94,7 +94,7 @@ def _feed(ctl, version, n, disagree_share, mispredict_share=0.0):
 
 
 def test_live_rollback_when_the_new_version_disagrees_with_gold(ctl, tmp_path):
-    store = ModelStore(ctl.s.models_dir)
+    store = ModelStore(ctl.settings.models_dir)
     v1 = store.publish(_model(tmp_path), "current").version
     v2 = store.publish(_model(tmp_path), "current", parent=v1).version
     _feed(ctl, v1, 60, 0.1)
@@ -110,7 +110,7 @@ def test_live_rollback_when_the_new_version_disagrees_with_gold(ctl, tmp_path):
 
 
 def test_no_rollback_when_the_new_version_is_as_good(ctl, tmp_path):
-    store = ModelStore(ctl.s.models_dir)
+    store = ModelStore(ctl.settings.models_dir)
     v1 = store.publish(_model(tmp_path), "current").version
     v2 = store.publish(_model(tmp_path), "current", parent=v1).version
     _feed(ctl, v1, 60, 0.2)

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from schemas.pairs import validate_pair
+from streams.exceptions import ConfigError
 from streams.local.generate import CATEGORIES, GenerateConfig, as_clean, generate, truly_better
 from streams.runtime.processors.verifiers import verify_code, verify_math
 
@@ -63,7 +64,7 @@ def test_verifiers_agree_with_the_recorded_truth():
 
 
 def test_unknown_category_is_refused():
-    with pytest.raises(ValueError, match="unknown categories"):
+    with pytest.raises(ConfigError, match="unknown categories"):
         list(generate(GenerateConfig(n=1, categories=("poetry",))))
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from streams.local.generate import GenerateConfig, generate
-from streams.local.report import hot_swaps, noise_detection, to_html
+from streams.local.report import hot_swaps, noise_detection
+from streams.local.report_files import to_html
 
 
 def _curated(pair: dict, split: str, swap: bool) -> dict:

@@ -213,3 +213,43 @@ def markdown_table(report: dict[str, Any]) -> str:
         for k in ("easy", "normal", "hard"):
             rows.append(f"| RM-Bench {k} | {fmt(report['rmbench'][k])} | {report['rmbench']['items']} |")
     return "\n".join(rows) + "\n"
+
+
+# ---------------------------------------------------------------------------- model versions
+def holdout_accuracy(rm: Any, pairs: list[dict]) -> dict[str, Any]:
+    """Accuracy of ``rm`` on validated pairs: overall, on style traps (metadata.style_trap) and per
+    generated category (metadata.gen_category)."""
+    traps = np.array([(p.get("metadata") or {}).get("style_trap") == "true" for p in pairs])
+    categories = [(p.get("metadata") or {}).get("gen_category", "?") for p in pairs]
+    reward_chosen, reward_rejected = rm.score_pairs(pairs)
+    right = reward_chosen > reward_rejected
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for category, ok in zip(categories, right, strict=True):
+        by_category[category].append(bool(ok))
+    return {"holdout_accuracy": float(right.mean()),
+            "style_trap_accuracy": float(right[traps].mean()) if traps.any() else None,
+            "by_category": {c: float(np.mean(v)) for c, v in sorted(by_category.items())}, "holdout_pairs": len(pairs),
+            "style_trap_pairs": int(traps.sum())}
+
+
+def evaluate_versions(models_dir: str | Path, holdout: list[dict], max_length: int) -> list[dict[str, Any]]:
+    """Holdout accuracy of the untrained bootstrap and of every ``current`` version in the store."""
+    import torch
+
+    from trainers.model import ONNX_INT8, RewardModel
+    from trainers.registry import ModelStore
+
+    pairs = [validate_pair(p) for p in holdout]
+    torch.manual_seed(0)  # the bootstrap's random head, as the worker builds it
+    out = [{"version": "bootstrap", "role": "current", "parent": None, "published_at": None} |
+           holdout_accuracy(RewardModel.default(max_length=max_length), pairs)]
+    for info in ModelStore(models_dir).list():
+        if info.role != "current":
+            continue  # the gold model is Stage 1's weights again (see run_seed); the report follows current
+        backend = "onnx" if (info.path / ONNX_INT8).exists() else "torch"
+        rm = RewardModel.load(info.path, backend=backend, max_length=max_length)
+        out.append({"version": info.version, "role": info.role, "parent": info.manifest.get("parent"),
+                    "published_at": info.manifest.get("created_at"), "backend": backend,
+                    "lineage": {k: v for k, v in info.manifest.get("lineage", {}).items() if k != "shards"}}
+                   | holdout_accuracy(rm, pairs))
+    return out

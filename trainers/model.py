@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from trainers.exceptions import ModelLoadError, PickleCheckpointError
+from trainers.exceptions import DataError, ModelLoadError, PickleCheckpointError
 from trainers.formatting import PAIR, Formatter, detect_input_format, length_sorted_batches
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -197,7 +197,7 @@ class RewardModel:
     def score(self, conversations: Sequence[Sequence[dict]], responses: Sequence[str]) -> np.ndarray:
         """Reward of each response given its conversation, as float32, in input order."""
         if len(conversations) != len(responses):
-            raise ValueError(f"{len(conversations)} conversations but {len(responses)} responses")
+            raise DataError(f"{len(conversations)} conversations but {len(responses)} responses; pass one response per conversation")
         if not responses:
             return np.zeros(0, dtype=np.float32)
         encoded = self.formatter.encode(conversations, responses)

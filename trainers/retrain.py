@@ -45,8 +45,9 @@ def _help(text: str, **kw: Any) -> Any:
 @dataclass
 class RetrainConfig:
     role: str = _help("current (the served RM) or gold (the consistency-filter RM).", default="current")
-    shards_dir: str = _help("Root of the training shards (shards/<split>/*.avro).", default=".prefstream/shards")
-    models_dir: str = _help("Model store root.", default=".prefstream/models")
+    shards_dir: str | None = _help("Root of the training shards (shards/<split>/*.avro); the CLI's default is "
+                                   "PREFSTREAM_SHARDS_DIR.", default=None)
+    models_dir: str | None = _help("Model store root; the CLI's default is PREFSTREAM_MODELS_DIR.", default=None)
     seed_file: str | None = _help("JSONL of verified pairs: train the first current and gold versions from it.",
                                   default=None)
     regression_file: str | None = _help("Fixed regression set (JSONL) evaluated with the gold holdout.", default=None)
@@ -65,6 +66,14 @@ class RetrainConfig:
     freeze_embeddings: bool = _help("Freeze the token-embedding matrix (the training bench's CPU recipe).", default=True)
     quantize: bool = _help("Export model.int8.onnx when it agrees with torch.", default=True)
     seed: int = _help("Random seed.", default=0)
+
+    def validate(self) -> None:
+        if self.role not in ("current", "gold"):
+            raise TrainerError(f"role {self.role!r} is not one of current, gold")
+        for name in ("shards_dir", "models_dir"):
+            if not getattr(self, name):
+                raise TrainerError(f"{name} is not set: pass --{name.replace('_', '-')} (the CLI defaults to "
+                                   f"PREFSTREAM_{name.upper()})")
 
 
 @dataclass
@@ -156,8 +165,7 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
     from trainers.model import RewardModel
     from trainers.train import TrainConfig, train
 
-    if cfg.role not in ("current", "gold"):
-        raise TrainerError(f"role {cfg.role!r} is not one of current, gold")
+    cfg.validate()
     clock = {"t": time.perf_counter()}
     seconds: dict[str, float] = {}
 

@@ -42,9 +42,9 @@ def produce(file: Path, fmt: str, topic: str | None, limit: int | None) -> None:
             if limit is not None and producer.sent >= limit:
                 break
             try:
-                if isinstance(line.pair, FormatError):
-                    raise line.pair
-                producer.send(line.pair)
+                if isinstance(line.obj, FormatError):
+                    raise line.obj
+                producer.send(line.obj)
             except (InvalidRecordError, FormatError) as exc:
                 reason = getattr(exc, "reason", "bad_format")
                 reasons[reason] += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -9,14 +10,15 @@ from typing import Any
 import click
 
 from streams.local.demo import DemoConfig
+from streams.local.generate import GenerateConfig
 
 
 @click.command("generate")
-@click.option("-n", "--pairs", "n", type=click.IntRange(min=1), default=1000, show_default=True, help="How many pairs.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same pairs.")
-@click.option("--flip-share", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+@click.option("-n", "--pairs", "n", type=click.IntRange(min=1), default=GenerateConfig.n, show_default=True, help="How many pairs.")
+@click.option("--seed", type=int, default=GenerateConfig.seed, show_default=True, help="Same seed, same pairs.")
+@click.option("--flip-share", type=click.FloatRange(0, 1), default=GenerateConfig.flip_share, show_default=True,
               help="Share of pairs published with chosen and rejected swapped (recorded in metadata.flipped).")
-@click.option("--style-trap-share", type=click.FloatRange(0, 1), default=0.15, show_default=True,
+@click.option("--style-trap-share", type=click.FloatRange(0, 1), default=GenerateConfig.style_trap_share, show_default=True,
               help="Share of pairs whose worse answer is longer and in markdown.")
 @click.option("--category", "categories", multiple=True, help="Only these task types (repeatable; default all 12).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -30,15 +32,13 @@ def generate_cmd(n: int, seed: int, flip_share: float, style_trap_share: float, 
     safety requests and open-ended writing. metadata.truth says which side is really better,
     metadata.flipped marks the deliberately swapped labels. Pipe it into `prefstream produce -`.
     """
-    from streams.local.generate import CATEGORIES, GenerateConfig, generate
+    from streams.local.generate import CATEGORIES, generate
 
     unknown = sorted(set(categories) - set(CATEGORIES))
     if unknown:
         raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(CATEGORIES)}", param_hint="--category")
     cfg = GenerateConfig(n=n, seed=seed, flip_share=flip_share, style_trap_share=style_trap_share,
                          categories=tuple(categories) or tuple(CATEGORIES))
-    import json
-
     fh = out.open("w", encoding="utf-8") if out else sys.stdout
     try:
         for pair in generate(cfg):

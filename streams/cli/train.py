@@ -152,11 +152,9 @@ def _retrain_command() -> click.Command:
         from streams.runtime.jobs import RESULT_PREFIX
         from trainers.retrain import run_retrain, run_seed
 
-        settings = get_settings()
-        if kwargs.get("shards_dir") in (None, ".prefstream/shards"):
-            kwargs["shards_dir"] = str(settings.shards_dir)
-        if kwargs.get("models_dir") in (None, ".prefstream/models"):
-            kwargs["models_dir"] = str(settings.models_dir)
+        settings = get_settings()  # the store and shards the services use, unless given here
+        kwargs["shards_dir"] = kwargs.get("shards_dir") or str(settings.shards_dir)
+        kwargs["models_dir"] = kwargs.get("models_dir") or str(settings.models_dir)
         cfg = RetrainConfig(**kwargs)
         ann = announcer(announce)
         results = run_seed(cfg, ann) if cfg.seed_file else [run_retrain(cfg, ann)]

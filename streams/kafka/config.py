@@ -1,7 +1,7 @@
 """Every librdkafka setting prefstream uses, in one place.
 
 Tansu (the embedded broker) joins new consumer groups slowly with librdkafka's defaults (~23 s);
-short session and poll timeouts bring that to ~3 s (DESIGN 8). They are also sane on Apache Kafka
+short session and poll timeouts bring that to ~3 s (docs/design.md, The embedded broker). They are also sane on Apache Kafka
 for processors that poll often.
 """
 

@@ -309,7 +309,7 @@ def _run_stages(run: DemoRun, dep: Deployment, data: dict[str, list[dict]], toke
 
 
 def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
-    from streams.local.report import write_report
+    from streams.local.report_files import write_report
 
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
     root = Path(base.home) / "demo"
@@ -371,7 +371,7 @@ def demo_main(cfg: DemoConfig) -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: every process the demo started was stopped; no report written")
         raise SystemExit(130) from None
-    from streams.local.report import summary
+    from streams.local.report_files import summary
 
     console.print(summary(report))
     if report["failures"]:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from streams.exceptions import ConfigError
+
 Task = tuple[str, str, str, dict[str, str]]  # prompt, better answer, worse answer, extra metadata
 
 CAPITALS = {
@@ -218,9 +220,10 @@ def generate(cfg: GenerateConfig) -> Iterator[dict[str, Any]]:
     """``cfg.n`` pairs in the PreferencePair JSON shape, deterministic in ``cfg.seed``."""
     unknown = set(cfg.categories) - set(CATEGORIES)
     if unknown:
-        raise ValueError(f"unknown categories {sorted(unknown)}; choose from {sorted(CATEGORIES)}")
+        raise ConfigError(f"unknown categories {sorted(unknown)}; choose from {sorted(CATEGORIES)}")
     if not 0 <= cfg.flip_share <= 1 or not 0 <= cfg.style_trap_share <= 1:
-        raise ValueError("flip_share and style_trap_share are fractions between 0 and 1")
+        raise ConfigError(f"flip_share ({cfg.flip_share}) and style_trap_share ({cfg.style_trap_share}) must be "
+                          "fractions between 0 and 1")
     rng = random.Random(cfg.seed)
     for i in range(cfg.n):
         cat = cfg.categories[i % len(cfg.categories)]

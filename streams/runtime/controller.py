@@ -83,7 +83,7 @@ def _rate(values: deque, last: int) -> float | None:
 
 class Controller:
     def __init__(self, settings: Settings, csettings: ControllerSettings, runner: Any = None, announce: Any = None) -> None:
-        self.s, self.c = settings, csettings
+        self.settings, self.csettings = settings, csettings
         self.store = ModelStore(settings.models_dir)
         self.shards = Path(settings.shards_dir)
         self.state_file = Path(settings.models_dir) / "controller-state.json"
@@ -98,11 +98,11 @@ class Controller:
         self.rolled_back: set[str] = set()
 
     def _make_runner(self) -> Any:
-        if self.c.runner == "kubernetes":
+        if self.csettings.runner == "kubernetes":
             from streams.runtime.jobs import JobTemplate, KubernetesRunner
 
-            return KubernetesRunner(JobTemplate(namespace=self.c.k8s_namespace, image=self.c.k8s_image))
-        return LocalRunner(Path(self.s.home) / "logs" / "retrain")
+            return KubernetesRunner(JobTemplate(namespace=self.csettings.k8s_namespace, image=self.csettings.k8s_image))
+        return LocalRunner(Path(self.settings.home) / "logs" / "retrain")
 
     # ------------------------------------------------------------------ state and records
     def _load_state(self) -> dict[str, Any]:
@@ -133,11 +133,11 @@ class Controller:
     def why_retrain(self, role: str, totals: dict[str, int]) -> tuple[str | None, str]:
         available = sum(totals.get(s, 0) for s in SPLITS[role])
         new = available - self.state["trained_total"][role]
-        threshold = self.c.threshold_current if role == "current" else self.c.threshold_gold
+        threshold = self.csettings.threshold_current if role == "current" else self.csettings.threshold_gold
         if new >= threshold:
             return "threshold", f"{new} new pairs >= threshold {threshold}"
-        if self.c.interval_s and new > 0 and time.time() - self.state["last_run"][role] >= self.c.interval_s:
-            return "interval", f"{self.c.interval_s:.0f} s passed with {new} new pairs"
+        if self.csettings.interval_s and new > 0 and time.time() - self.state["last_run"][role] >= self.csettings.interval_s:
+            return "interval", f"{self.csettings.interval_s:.0f} s passed with {new} new pairs"
         if role == "current" and new > 0 and (drift := self.drift()) is not None:
             return "drift", drift
         return None, f"{new} new pairs < threshold {threshold}"
@@ -146,12 +146,12 @@ class Controller:
         serving = self.store.serving("current") or "bootstrap"
         with self.monitor.lock:
             st = self.monitor.stats.get(serving)
-            if st is None or len(st.mispredicted) < 2 * self.c.window:
+            if st is None or len(st.mispredicted) < 2 * self.csettings.window:
                 return None
-            base = sum(list(st.mispredicted)[: self.c.window]) / self.c.window
-            now = _rate(st.mispredicted, self.c.window)
-        if now is not None and now - base > self.c.drift_bound:
-            return f"misprediction rate {now:.3f} rose above its baseline {base:.3f} by more than {self.c.drift_bound}"
+            base = sum(list(st.mispredicted)[: self.csettings.window]) / self.csettings.window
+            now = _rate(st.mispredicted, self.csettings.window)
+        if now is not None and now - base > self.csettings.drift_bound:
+            return f"misprediction rate {now:.3f} rose above its baseline {base:.3f} by more than {self.csettings.drift_bound}"
         return None
 
     def check_rollback(self) -> None:
@@ -162,10 +162,10 @@ class Controller:
         new, old = hist[-1], hist[-2]
         with self.monitor.lock:
             sn, so = self.monitor.stats.get(new), self.monitor.stats.get(old)
-            if sn is None or so is None or len(sn.disagree) < self.c.window or len(so.disagree) < self.c.window:
+            if sn is None or so is None or len(sn.disagree) < self.csettings.window or len(so.disagree) < self.csettings.window:
                 return
-            rn, ro = _rate(sn.disagree, self.c.window), _rate(so.disagree, self.c.window)
-        if rn - ro > self.c.rollback_bound:
+            rn, ro = _rate(sn.disagree, self.csettings.window), _rate(so.disagree, self.csettings.window)
+        if rn - ro > self.csettings.rollback_bound:
             reason = (f"live rollback: {new} disagrees with the gold model on {rn:.3f} of gold-checked pairs vs "
                       f"{ro:.3f} for {old}")
             self.rolled_back.add(new)
@@ -207,7 +207,7 @@ class Controller:
                 self.last_reason[role] = why
                 continue
             labels = {"prefstream.io/data-pairs": str(available), "prefstream.io/trigger": kind}
-            handle = self.runner.submit(role, labels, shlex.split(self.c.retrain_args))
+            handle = self.runner.submit(role, labels, shlex.split(self.csettings.retrain_args))
             handle.available = available
             self.running[role] = handle
             RUNNING.labels(role).set(1)
@@ -221,7 +221,7 @@ class Controller:
                 self.step()
             except Exception:  # keep deciding; the error is logged with its traceback
                 log.exception("controller step failed")
-            self.stop.wait(self.c.poll_s)
+            self.stop.wait(self.csettings.poll_s)
         self.monitor.stop.set()
         for role, handle in self.running.items():
             if hasattr(handle, "cancel"):  # local jobs die with the controller; cluster Jobs run on

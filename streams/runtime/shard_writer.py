@@ -76,7 +76,7 @@ def write_manifest(root: Path) -> dict[str, Any]:
 
 class ShardWriter:
     def __init__(self, settings: Settings, wsettings: WorkerSettings, stop: threading.Event | None = None) -> None:
-        self.s, self.w = settings, wsettings
+        self.settings, self.wsettings = settings, wsettings
         self.root = Path(settings.shards_dir)
         self.tmp = self.root / ".tmp"
         self.topic = settings.topic(topics.CURATED)
@@ -139,12 +139,12 @@ class ShardWriter:
     def _flush_due(self, force: bool = False) -> None:
         now = time.monotonic()
         for part, rows in list(self.buffers.items()):
-            if rows and (force or len(rows) >= self.w.shard_max_records or now - self.started.get(part, now) >= self.w.shard_max_age_s):
+            if rows and (force or len(rows) >= self.wsettings.shard_max_records or now - self.started.get(part, now) >= self.wsettings.shard_max_age_s):
                 self._flush(part)
 
     def run(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.consumer = Consumer(consumer_config(self.s, f"{self.s.topic_prefix}{SHARD_GROUP}", background=True))
+        self.consumer = Consumer(consumer_config(self.settings, f"{self.settings.topic_prefix}{SHARD_GROUP}", background=True))
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             while not self.stop.is_set():

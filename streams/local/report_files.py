@@ -1,0 +1,201 @@
+"""The demo report's files: report.json, report.md, report.html and the PNG plots, and the summary
+printed at the end of `prefstream demo`. The numbers come from ``streams.local.report.build``."""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streams.local.report import build
+
+
+def _save(fig: Any, path: Path, files: list[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    files.append(path.name)
+    plt.close(fig)
+
+
+def plots(report: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    cur = [m for m in report["models"] if m["role"] == "current"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = np.arange(len(cur))
+    ax.bar(x - 0.2, [m["holdout_accuracy"] for m in cur], 0.4, label="clean holdout")
+    ax.bar(x + 0.2, [m["style_trap_accuracy"] or 0 for m in cur], 0.4, label="style traps")
+    ax.set_xticks(x, [m["version"] for m in cur], rotation=15, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("reward model accuracy by version")
+    ax.legend(loc="lower right")
+    _save(fig, out / "accuracy_by_version.png", files)
+
+    series = report["_series"]["routes"]
+    if series:
+        t0 = min(t for t, _ in series)
+        kinds = sorted({r for _, r in series})
+        bins = np.arange(0, max(t for t, _ in series) - t0 + 10, 10)
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        counts = [np.histogram([t - t0 for t, r in series if r == k], bins=bins)[0] for k in kinds]
+        ax.stackplot(bins[:-1], counts, labels=kinds)
+        for sw in report["hot_swaps"]:
+            ax.axvline(sw["announced_at"] - t0, color="k", ls="--", lw=0.8)
+        ax.set_xlabel("seconds (dashed: a new version announced)")
+        ax.set_ylabel("pairs per 10 s")
+        ax.set_title("routes over time")
+        ax.legend(fontsize=7, loc="upper right")
+        _save(fig, out / "routes_over_time.png", files)
+
+    lat = report["_series"]["latency"]
+    if lat:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.hist(lat, bins=40)
+        for q, style in (("p50", "-"), ("p99", "--")):
+            ax.axvline(report["latency_s"][q], color="k", ls=style, lw=0.8, label=f"{q} {report['latency_s'][q]:.2f} s")
+        ax.set_xlabel("seconds from produce to prefs.scored")
+        ax.set_ylabel("pairs")
+        ax.set_title("latency")
+        ax.legend()
+        _save(fig, out / "latency_histogram.png", files)
+    return files
+
+
+def _fmt(v: Any, fmt: str = ".3f") -> str:
+    """A number for a table cell: '-' for missing, floats to ``fmt``."""
+    return "-" if v is None else format(v, fmt) if isinstance(v, float) else str(v)
+
+
+def markdown(r: dict[str, Any], images: list[str]) -> str:
+    noise, p = r["noise_detection"], r["pairs"]
+    lines = ["# prefstream demo report", "", f"Generated {r['generated_at']}; topics `{r['topic_prefix']}*`.", ""]
+    if r["failures"]:
+        lines += ["**Failed stages:**", ""] + [f"- {f}" for f in r["failures"]] + [""]
+    lines += ["## Pairs", "", "| streamed | generated | HH-RLHF | scored | missing | dead letters |", "|---|---|---|---|---|---|",
+              f"| {p['streamed']} | {p['generated']} | {p['hh_rlhf']} | {p['scored']} | {p['missing']} | {p['dead_letters']} |",
+              "", "Routes: " + ", ".join(f"{k} {v}" for k, v in sorted(r["routes"].items())),
+              "", "Curated (training shards): " + ", ".join(f"{k} {v}" for k, v in sorted(r["curated_by_split"].items())), ""]
+    lines += ["## Model versions (clean holdout)", "", "| version | parent | backend | holdout acc. | style-trap acc. | note |",
+              "|---|---|---|---|---|---|"]
+    for m in r["models"]:
+        note = "rolled back live by the controller" if m.get("rolled_back") else ""
+        lines.append(f"| {m['version']} | {m.get('parent') or '-'} | {m.get('backend', 'torch')} | "
+                     f"{_fmt(m['holdout_accuracy'])} | {_fmt(m['style_trap_accuracy'])} | {note} |")
+    lines += ["", f"Holdout: {r['models'][0]['holdout_pairs']} clean generated pairs, {r['models'][0]['style_trap_pairs']} "
+              "of them style traps (the worse answer longer and in markdown). The latest retrained version that was not "
+              f"rolled back beats the initial one: **{'yes' if r['retrained_beats_initial'] else 'no'}**.", ""]
+    lines += ["## Flipped-label detection", "",
+              f"{noise['flipped_in_stream']} of {noise['pairs_with_known_truth']} generated pairs had their label flipped on purpose.", "",
+              "| detection | flagged | correct | precision | recall |", "|---|---|---|---|---|"]
+    for name, key in (("label corrected (human review, verifiers, recycling)", "corrected"),
+                      ("corrected or removed by the gold consistency filter", "corrected_or_filtered")):
+        d = noise[key]
+        lines.append(f"| {name} | {d['flagged']} | {d['true_positives']} | {_fmt(d['precision'])} | {_fmt(d['recall'])} |")
+    lines += ["", "Corrections by split: " + ", ".join(f"{k} {v}" for k, v in sorted(noise["corrected_by_split"].items())),
+              "", f"Label accuracy: {_fmt(noise['stream_label_accuracy'])} as published, {_fmt(noise['curated_label_accuracy'])} in "
+              f"the training shards ({noise['curated_pairs_with_known_truth']} pairs).", ""]
+    review = r["review"]
+    lines += ["## Human review", "", f"{review['verdicts']} verdicts on {review['tasks']} tasks ({review['expert_verdicts']} by experts); "
+              f"Krippendorff's alpha {_fmt(review['alpha'])} (simulated annotators, accuracy {r['config']['annotator_accuracy']}).", ""]
+    tput, lat = r["throughput"], r["latency_s"]
+    lines += ["## Throughput and latency", "", f"Scored {_fmt(tput['scored_per_s_overall'], '.1f')} pairs/s over the run "
+              f"(busiest 10 s: {_fmt(tput['scored_per_s_peak_10s'], '.1f')}/s; produced at up to {tput['produce_rate']}/s with at most {tput['max_in_flight']} pairs in flight). "
+              f"Produce to prefs.scored: p50 {_fmt(lat['p50'], '.3f')} s, p99 {_fmt(lat['p99'], '.3f')} s over {lat['n']} records.", ""]
+    lines += ["| phase | pairs | seconds | scored per s | p50 latency | p99 latency | retraining alongside |",
+              "|---|---|---|---|---|---|---|"]
+    for ph in r["phases"]:
+        lines.append(f"| {ph['phase']} | {ph['pairs']} | {ph['seconds']} | {_fmt(ph['pairs_per_s'], '.2f')} | "
+                     f"{_fmt(ph['p50_s'], '.2f')} s | {_fmt(ph['p99_s'], '.2f')} s | {'yes' if ph['training_alongside'] else 'no'} |")
+    lines += ["", "## Hot-swaps", "", "Versions the controller published, from the announcement on models.versions to the "
+              "first pair the workers scored with it (traffic never paused; the load happens in the background).", "",
+              "| version | first pair scored by it after |", "|---|---|"]
+    for sw in r["hot_swaps"]:
+        after = sw["first_scored_after_s"]
+        lines.append(f"| {sw['version']} | {f'{after:.2f} s' if after is not None else 'no traffic after it'} |")
+    lines += ["", "## Controller decisions", ""]
+    lines += [f"- {time.strftime('%H:%M:%S', time.localtime(d['time']))} {d['role']}: {d['decision']} — {d['reason']}"
+              for d in r["controller"]]
+    lines += ["", "## Stages", ""] + [f"- {k}: {v:.0f} s" for k, v in r["stage_seconds"].items()] + [""]
+    lines += [f"![{i}]({i})" for i in images]
+    return "\n".join(lines) + "\n"
+
+
+def to_html(md: str) -> str:
+    """A small, safe rendering of our own markdown (headings, tables, lists, images); all text escaped."""
+    out, in_table = [], False
+    for line in md.splitlines():
+        esc = html.escape(line)
+        if line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+                out.append("<tr>" + "".join(f"<th>{c}</th>" for c in cells) + "</tr>")
+                continue
+            out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        if line.startswith("# "):
+            out.append(f"<h1>{esc[2:]}</h1>")
+        elif line.startswith("## "):
+            out.append(f"<h2>{esc[3:]}</h2>")
+        elif line.startswith("- "):
+            out.append(f"<li>{esc[2:]}</li>")
+        elif line.startswith("![") and line.endswith(")"):
+            src = html.escape(line[line.index("(") + 1:-1], quote=True)
+            out.append(f'<p><img src="{src}" alt="{src}"></p>')
+        elif line.strip():
+            out.append(f"<p>{esc.replace('**', '')}</p>")
+    if in_table:
+        out.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>prefstream demo report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
+def write_report(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[str, Any]:
+    out = Path(run.cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    report = build(run, data, decisions)
+    images = plots(report, out)
+    series = report.pop("_series")
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "series.json").write_text(json.dumps(series))
+    md = markdown(report, images)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(to_html(md))
+    return report
+
+
+def summary(r: dict[str, Any]) -> str:
+    noise, p = r["noise_detection"], r["pairs"]
+    cur = [m for m in r["models"] if m["role"] == "current"]
+    accs = " → ".join(f"{m['version'].split('-')[-1] if m['version'] != 'bootstrap' else 'bootstrap'} "
+                      f"{m['holdout_accuracy']:.3f}" for m in cur)
+    c = noise["corrected_or_filtered"]
+    return (f"\n[bold]demo summary[/]: {p['scored']}/{p['streamed']} pairs scored, routes {dict(r['routes'])}\n"
+            f"  clean-holdout accuracy by version: {accs}\n"
+            f"  flipped labels found: precision {_fmt(c['precision'])}, recall {_fmt(c['recall'])} "
+            f"(training-label accuracy {_fmt(noise['stream_label_accuracy'])} → {_fmt(noise['curated_label_accuracy'])})\n"
+            f"  annotator alpha {_fmt(r['review']['alpha'])}; latency p50 {_fmt(r['latency_s']['p50'], '.2f')} s, "
+            f"p99 {_fmt(r['latency_s']['p99'], '.2f')} s; hot-swaps "
+            f"{[_fmt(s['first_scored_after_s'], '.1f') for s in r['hot_swaps']]} s\n"
+            f"  report: {r['config']['out_dir']}/report.md (and .html, .json, PNGs)")
