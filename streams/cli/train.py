@@ -11,6 +11,7 @@ import click
 
 from streams.cli.common import console
 from streams.cli.models import announcer
+from streams.exceptions import ConfigError
 from streams.settings import get_settings
 
 
@@ -73,6 +74,17 @@ def _train_command() -> click.Command:
     return train_cmd
 
 
+def best_onnx_file(model: Path) -> str:
+    """The fastest checked ONNX file of a model directory: INT8 when its export kept it, else fp32."""
+    from trainers.model import ONNX_FP32, ONNX_INT8
+
+    for name in (ONNX_INT8, ONNX_FP32):
+        if (model / name).exists():
+            return name
+    raise ConfigError(f"{model} has no {ONNX_INT8} or {ONNX_FP32}; run `prefstream export {model} -d PAIRS` first, "
+                      "or evaluate with --backend torch")
+
+
 @click.command("eval")
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--data", "-d", "files", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
@@ -80,7 +92,8 @@ def _train_command() -> click.Command:
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", "json", "hh-rlhf", "rewardbench", "rmbench", "judgebench", "best-of-n"]),
               help="File format; auto detects it per line.")
-@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="onnx scores with model.int8.onnx when the export kept it, else model.onnx.")
 @click.option("--limit", type=int, default=None, help="Evaluate at most this many items per file.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write report.json and report.md here.")
 def eval_cmd(model: Path, files: tuple[Path, ...], fmt: str, backend: str, limit: int | None, out: Path | None) -> None:
@@ -97,7 +110,7 @@ def eval_cmd(model: Path, files: tuple[Path, ...], fmt: str, backend: str, limit
         got, sk = read_eval_items(f, fmt, limit)
         items.extend(got)
         skipped += sk
-    rm = RewardModel.load(model, backend=backend)
+    rm = RewardModel.load(model, backend=backend, **({"onnx_file": best_onnx_file(model)} if backend == "onnx" else {}))
     with console.status(f"scoring {len(items)} items"):
         report = evaluate(rm, items)
     report["skipped_lines"] = skipped
