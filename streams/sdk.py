@@ -21,7 +21,7 @@ from schemas.wire import ValueCodec
 from streams.exceptions import BrokerError, DeliveryError
 from streams.kafka import topics
 from streams.kafka.config import producer_config
-from streams.kafka.reader import TopicReader
+from streams.kafka.reader import DEFAULT_DEDUPE_MAX, TopicReader
 from streams.settings import Settings, get_settings
 
 __all__ = ["PreferenceProducer", "ScoreConsumer", "TopicReader"]
@@ -101,11 +101,23 @@ class PreferenceProducer:
 
 
 class ScoreConsumer(TopicReader):
-    """Iterates ScoredPair records from ``prefs.scored``; commits each one after the loop body ran."""
+    """Iterates ScoredPair records from ``prefs.scored``; commits each one after the loop body ran.
 
-    def __init__(self, settings: Settings | None = None, group: str = "prefstream-scores", topic: str | None = None) -> None:
+    Each (pair_id, model_version) is yielded once per consumer instance, so an application does not
+    see a score twice when the worker aborted a transaction and redid the batch (the embedded broker
+    delivers the aborted copy to read_committed consumers too; Apache Kafka does not). The consumer
+    remembers the last ``max_seen`` identities (default 100,000, a bounded LRU set of about
+    30 MB; ``max_seen`` sets it): a copy that arrives more than ``max_seen`` distinct identities
+    after the first one is yielded again, and so is a second copy that a new instance reads after a
+    restart when the previous instance had yielded the first (the memory is per instance). A pair
+    scored again by another model version is a new score and is yielded. Skipped copies are
+    committed like any other record and counted in ``self.duplicates``.
+    """
+
+    def __init__(self, settings: Settings | None = None, group: str = "prefstream-scores", topic: str | None = None,
+                 max_seen: int = DEFAULT_DEDUPE_MAX) -> None:
         settings = settings or get_settings()
-        super().__init__(topic or settings.topic(topics.SCORED), "ScoredPair", settings, group=group)
+        super().__init__(topic or settings.topic(topics.SCORED), "ScoredPair", settings, group=group, dedupe=max_seen)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.records()

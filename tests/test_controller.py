@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 
@@ -86,11 +87,25 @@ def _model(tmp_path):
     return RewardModel.default(max_length=32).save(tmp_path / "src")
 
 
+_PAIR_IDS = itertools.count()
+
+
 def _feed(ctl, version, n, disagree_share, mispredict_share=0.0):
     for i in range(n):
         p = 0.3 if i < n * mispredict_share else 0.8
         gold_p = (1 - p) if i < n * disagree_share else p
-        ctl.monitor.observe({"model_version": version, "p": p, "gold_p": gold_p})
+        # A new pair each time: the monitor counts each (pair_id, model_version) once.
+        ctl.monitor.observe({"pair": {"pair_id": f"p{next(_PAIR_IDS)}"}, "model_version": version, "p": p, "gold_p": gold_p})
+
+
+def test_a_second_copy_of_a_scored_pair_is_not_counted_again(ctl):
+    rec = {"pair": {"pair_id": "p-dup"}, "model_version": "v1", "p": 0.3, "gold_p": 0.8}
+    for _ in range(3):  # e.g. an aborted transaction's copy and the redone one, both delivered
+        ctl.monitor.observe(dict(rec))
+    ctl.monitor.observe(rec | {"model_version": "v2"})  # another version's score of the pair counts for v2
+    st = ctl.monitor.stats
+    assert (len(st["v1"].mispredicted), len(st["v1"].disagree), len(st["v2"].mispredicted)) == (1, 1, 1)
+    assert ctl.monitor.duplicates == 2
 
 
 def test_live_rollback_when_the_new_version_disagrees_with_gold(ctl, tmp_path):

@@ -1,6 +1,12 @@
 """The one topic reader: every place that reads and decodes a topic (CLI, report, demo, controller,
 review feeder, SDK, tests, benchmarks) goes through ``TopicReader``.
 
+Record identity: on the embedded broker (Tansu 0.6) a ``read_committed`` consumer also receives the
+records of aborted transactions, so an output batch that a worker or the aggregator aborted and
+redid reaches readers twice. Readers that must not act twice dedupe on ``identity(schema, record)``
+(``TopicReader(dedupe=N)``, the shard writer, the controller, the report); on Apache Kafka
+read_committed already hides the aborted copy and the dedupe finds nothing to drop.
+
 The stream processors that consume, transform and produce in one transaction (worker, shard writer,
 aggregator) keep their own group consumers: they commit offsets inside their transactions.
 """
@@ -8,7 +14,8 @@ aggregator) keep their own group consumers: they commit offsets inside their tra
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +29,73 @@ from streams.kafka.config import consumer_config
 from streams.settings import Settings, get_settings
 
 POLL_S = 0.2
+# How many identities a deduplicating reader remembers: a bounded LRU set, about 300 bytes per
+# ScoredPair identity (31 MB for 100,000 measured with tracemalloc).
+DEFAULT_DEDUPE_MAX = 100_000
+
+
+def curated_identity(rec: dict[str, Any]) -> tuple[str, str]:
+    """(pair_id, 'gold' | 'routed'): what stays the same when a CuratedPair's batch is redone.
+
+    Not (pair_id, split, model_version): a worker that aborts a batch (or is killed mid-transaction)
+    may swap models before it redoes the batch, and the new model can route the pair to another
+    split. A pair gets one routed CuratedPair from the worker (silver, flipped, verified_by_tool) and,
+    when it went to review instead, one gold CuratedPair from the aggregator; the two never come
+    from the same scoring, and both are kept.
+    """
+    return rec["pair"]["pair_id"], "gold" if rec["split"] == "gold" else "routed"
+
+
+IDENTITIES: dict[str, Callable[[dict[str, Any]], Hashable]] = {
+    "ScoredPair": lambda r: (r["pair"]["pair_id"], r["model_version"]),
+    "CuratedPair": curated_identity,
+    "VerifiedPair": lambda r: r["pair"]["pair_id"],  # one human decision per pair (the aggregator's decided key)
+    "ReviewTask": lambda r: r["task_id"],
+    "Annotation": lambda r: r["annotation_id"],
+    "DeadLetter": lambda r: (r["source_topic"], r["source_partition"], r["source_offset"]),
+    "ModelVersion": lambda r: (r["role"], r["version"], r["action"], r["announced_at"]),
+}
+
+
+def identity(schema: str, rec: dict[str, Any]) -> Hashable:
+    """The identity of a decoded record of ``schema``: two records with the same one are the same
+    output written twice (an aborted and a redone transaction), not two facts."""
+    return IDENTITIES[schema](rec)
+
+
+def unique(schema: str, items: Iterable[Any], value: Callable[[Any], dict[str, Any]] = lambda x: x) -> list[Any]:
+    """``items`` with one per identity: the last one read (a redone batch comes after the aborted
+    one), in the order each identity was first seen. ``value`` gets the record out of an item."""
+    out: dict[Hashable, Any] = {}
+    for item in items:
+        out[identity(schema, value(item))] = item
+    return list(out.values())
+
+
+class SeenSet:
+    """The last ``max_size`` identities seen (least recently seen forgotten first)."""
+
+    def __init__(self, max_size: int = DEFAULT_DEDUPE_MAX) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be at least 1")
+        self.max_size = max_size
+        self._seen: OrderedDict[Hashable, None] = OrderedDict()
+
+    def add(self, key: Hashable) -> bool:
+        """True if ``key`` is new (and remember it), False if it was seen already."""
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return False
+        self._seen[key] = None
+        if len(self._seen) > self.max_size:
+            self._seen.popitem(last=False)
+        return True
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._seen
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 @dataclass(frozen=True)
@@ -41,12 +115,24 @@ class TopicReader:
     With a ``group`` it joins the consumer group and commits each record's offset once the caller
     asks for the next one (so a record is committed only after it was processed). Without a group it
     assigns every partition from the beginning and commits nothing.
+
+    ``from_beginning=False``: only records written from now on. Without a group the reader starts at
+    the end of each partition and also skips records whose timestamp is older than the reader: on
+    the embedded broker the "end" offset is roughly the start of the last stored batch, not the end,
+    so the start offset alone would deliver up to a batch of older records. (With a group the
+    committed offsets decide, and "latest" only applies to a group that has none.)
+
+    ``dedupe=N``: ``decoded()`` and ``records()`` skip a record whose ``identity`` is among the last N
+    seen by this reader (counted in ``self.duplicates``; its offset is still committed).
     """
 
     def __init__(self, topic: str, schema: str, settings: Settings | None = None, group: str | None = None,
-                 from_beginning: bool = True) -> None:
+                 from_beginning: bool = True, dedupe: int | None = None) -> None:
         self.settings = settings or get_settings()
         self.topic, self.schema, self.group = topic, schema, group
+        self.since_ms = None if from_beginning or group else int(time.time() * 1000)
+        self.seen = SeenSet(dedupe) if dedupe else None
+        self.duplicates = 0
         self.codec = ValueCodec(self.settings.schema_registry_url)
         self._consumer = Consumer(consumer_config(self.settings, group,
                                                   **({} if from_beginning else {"auto.offset.reset": "latest"})))
@@ -89,6 +175,8 @@ class TopicReader:
                 continue
             last = time.monotonic()
             self._pending = msg
+            if self.since_ms is not None and 0 < msg.timestamp()[1] < self.since_ms:
+                continue  # written before this reader started (see from_beginning)
             yield msg
 
     def decode(self, msg: Any) -> TopicRecord:
@@ -101,11 +189,16 @@ class TopicReader:
         (or raised, with ``skip_undecodable=False``)."""
         for msg in self.messages(idle_timeout):
             try:
-                yield self.decode(msg)
+                record = self.decode(msg)
             except SchemaError:
                 if not skip_undecodable:
                     raise
                 self.undecodable += 1
+                continue
+            if self.seen is not None and not self.seen.add(identity(self.schema, record.value)):
+                self.duplicates += 1
+                continue
+            yield record
 
     def records(self, idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Decoded values only (what the SDK's consumers iterate)."""

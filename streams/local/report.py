@@ -4,6 +4,11 @@ HTML and PNG plots.
 Every count here is recomputed from what the pipeline wrote (prefs.scored, prefs.curated,
 prefs.annotations, models.versions, prefs.dlq) joined with the generator's known truth, so the
 report cannot claim what the stream did not do.
+
+Every count is also deduplicated on the record's identity (streams.kafka.reader.identity): the
+embedded broker (Tansu) delivers the records of aborted transactions to read_committed readers, so
+a batch that the worker or the aggregator aborted and redid would otherwise be counted twice
+(scored records, throughput, latency, verdicts, dead letters). On Apache Kafka nothing is dropped.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from streams.kafka import topics
-from streams.kafka.reader import read_topic
+from streams.kafka.reader import read_topic, unique
 from streams.local.generate import truly_better
 from streams.settings import Settings
 from trainers.evaluate import evaluate_versions
@@ -26,8 +31,14 @@ PEAK_WINDOW_S = 10.0
 
 
 def _read(settings: Settings, topic: str, schema: str, idle: float = 3.0) -> list[tuple[dict, int]]:
-    """(record, broker timestamp ms) for every record of a logical topic."""
-    return [(r.value, r.timestamp_ms) for r in read_topic(settings, topic, schema, idle_timeout=idle)]
+    """(record, broker timestamp ms) for each identity of a logical topic (``dedupe``)."""
+    return dedupe(schema, [(r.value, r.timestamp_ms) for r in read_topic(settings, topic, schema, idle_timeout=idle)])
+
+
+def dedupe(schema: str, records: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
+    """One (record, timestamp) per identity, the last one read: a batch aborted and redone reaches a
+    read_committed reader twice on the embedded broker, and each copy would count again."""
+    return unique(schema, records, value=lambda item: item[0])
 
 
 def _pct(values: list[float], q: float) -> float | None:

@@ -24,6 +24,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from streams.kafka import topics
+from streams.kafka.reader import SeenSet, TopicReader, identity
 from streams.runtime.jobs import JobOutcome, LocalRunner
 from streams.runtime.shard_writer import write_manifest
 from streams.settings import ControllerSettings, Settings
@@ -44,7 +45,16 @@ class VersionStats:
 
 
 class ScoredMonitor:
-    """Follows prefs.scored (from its end) and keeps per-version rates for drift and rollback."""
+    """Follows prefs.scored (records written since it started) and keeps per-version rates for drift
+    and rollback.
+
+    Each ScoredPair identity (pair_id, model_version) counts once: on the embedded broker a
+    read_committed reader also gets the records of a transaction the worker aborted and redid, and
+    counting both copies would weigh those pairs twice in the windows. The last ``SEEN_MAX``
+    identities are remembered, far more than the windows hold.
+    """
+
+    SEEN_MAX = 100_000
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -52,10 +62,16 @@ class ScoredMonitor:
         self.order: list[str] = []
         self.stop = threading.Event()
         self.lock = threading.Lock()
+        self.seen = SeenSet(self.SEEN_MAX)
+        self.duplicates = 0
 
     def observe(self, rec: dict) -> None:
         v = rec["model_version"]
+        key = identity("ScoredPair", rec)
         with self.lock:
+            if not self.seen.add(key):
+                self.duplicates += 1
+                return
             if v not in self.stats:
                 self.order.append(v)
             st = self.stats[v]
@@ -64,8 +80,8 @@ class ScoredMonitor:
                 st.disagree.append((rec["p"] >= 0.5) != (rec["gold_p"] >= 0.5))
 
     def run(self) -> None:
-        from streams.kafka.reader import TopicReader
-
+        # from_beginning=False also skips records older than the reader: the embedded broker's "end"
+        # offset is the start of the last stored batch, not the end (streams.kafka.reader).
         with TopicReader(self.settings.topic(topics.SCORED), "ScoredPair", self.settings, from_beginning=False) as reader:
             for record in reader.decoded(idle_timeout=None):  # an undecodable record is counted and skipped
                 if self.stop.is_set():

@@ -9,6 +9,13 @@ offsets committed. On (re)assignment a partition resumes after the last *complet
 disk (all n files present), and stray members of an incomplete group are removed, so a crash at
 any point neither loses nor duplicates a row. Gold pairs reach prefs.curated from the aggregator
 (a gold CuratedPair beside each VerifiedPair), so this writer reads one topic.
+
+A pair is written once per identity (``streams.kafka.reader.curated_identity``: pair_id, gold or
+routed). The embedded broker delivers the records of aborted transactions to read_committed
+consumers, so a batch the worker aborted and redid arrives twice; the second copy is skipped. The
+identities already on disk are read from the partition's complete shard files once when the
+partition is assigned (another writer may have written it meanwhile), then kept in memory; each
+flush adds its own.
 """
 
 from __future__ import annotations
@@ -25,12 +32,14 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from fastavro import parse_schema
+from fastavro import reader as avro_reader
 from fastavro import writer as avro_writer
 
 from schemas import registry
 from schemas.wire import ValueCodec
 from streams.kafka import topics
 from streams.kafka.config import consumer_config
+from streams.kafka.reader import curated_identity
 from streams.runtime import metrics
 from streams.settings import Settings, WorkerSettings
 from trainers.registry import fsync_dir
@@ -62,6 +71,18 @@ def scan(root: Path) -> tuple[dict[tuple[str, int], int], list[dict[str, Any]], 
     return next_offset, sorted(shards, key=lambda s: s["file"]), incomplete
 
 
+def written_identities(root: Path, shards: list[dict[str, Any]], parts: set[tuple[str, int]]) -> dict[tuple[str, int], set]:
+    """The CuratedPair identities in the complete shard files (``shards`` from ``scan``) of ``parts``,
+    streamed file by file (only the identities stay in memory)."""
+    out: dict[tuple[str, int], set] = {tp: set() for tp in parts}
+    for s in shards:
+        tp = (s["topic"], s["partition"])
+        if tp in out:
+            with (root / s["file"]).open("rb") as fh:
+                out[tp].update(curated_identity(rec) for rec in avro_reader(fh))
+    return out
+
+
 def write_manifest(root: Path) -> dict[str, Any]:
     _, shards, _ = scan(root)
     totals: dict[str, int] = defaultdict(int)
@@ -87,13 +108,18 @@ class ShardWriter:
         self.buffers: dict[int, list[tuple[int, dict]]] = defaultdict(list)
         self.started: dict[int, float] = {}
         self.consumer: Consumer | None = None
+        self.written: dict[int, set] = {}  # partition -> identities on disk or in its buffer
+        self.consumed: dict[int, int] = {}  # partition -> last offset read (buffered or skipped)
+        self.duplicates = 0
 
     # -------------------------------------------------------------- assignment
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        next_offset, _, incomplete = scan(self.root)
+        next_offset, shards, incomplete = scan(self.root)
         for f in incomplete:  # a flush interrupted between renames: its offsets were never committed
             log.warning("removing %s (incomplete flush group; the records will be rewritten)", f)
             f.unlink(missing_ok=True)
+        on_disk = written_identities(self.root, shards, {(tp.topic, tp.partition) for tp in partitions})
+        self.written.update({part: ids for (_, part), ids in on_disk.items()})
         committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(partitions, timeout=10)}
         out = []
         for tp in partitions:
@@ -105,6 +131,8 @@ class ShardWriter:
         for tp in partitions:
             self._flush(tp.partition)
             self.buffers.pop(tp.partition, None)
+            self.written.pop(tp.partition, None)
+            self.consumed.pop(tp.partition, None)
 
     # -------------------------------------------------------------- writing
     def _flush(self, partition: int) -> None:
@@ -132,9 +160,26 @@ class ShardWriter:
             fsync_dir(final.parent)
             metrics.SHARD_ROWS.labels(split).inc(count)
         write_manifest(self.root)
-        self.consumer.commit(offsets=[TopicPartition(self.topic, partition, last + 1)], asynchronous=False)
+        # Past the records skipped since the buffer began too (second copies, unreadable ones).
+        upto = max(last, self.consumed.get(partition, last)) + 1
+        self.consumer.commit(offsets=[TopicPartition(self.topic, partition, upto)], asynchronous=False)
         self.buffers[partition] = []
         self.started.pop(partition, None)
+
+    def _is_new(self, partition: int, rec: dict) -> bool:
+        """Whether ``rec``'s identity is neither on disk nor buffered for its partition; remembers it.
+
+        Remembered when buffered: a buffer is always flushed before it is dropped, and a flush that
+        fails ends the writer (the next one rebuilds the set from disk).
+        """
+        ids = self.written.setdefault(partition, set())
+        key = curated_identity(rec)
+        if key in ids:
+            self.duplicates += 1
+            log.debug("skipping a second copy of %s on %s[%d]", key, self.topic, partition)
+            return False
+        ids.add(key)
+        return True
 
     def _flush_due(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -150,11 +195,14 @@ class ShardWriter:
             while not self.stop.is_set():
                 msg = self.consumer.poll(0.2)
                 if msg is not None and not msg.error():
+                    self.consumed[msg.partition()] = msg.offset()
                     try:
                         rec = self.codec.decode("CuratedPair", msg.value(), msg.headers(), self.topic)
                     except Exception as exc:  # written by our own worker; an unreadable one is logged and skipped
                         log.error("unreadable CuratedPair at %s[%s]@%s: %s", self.topic, msg.partition(), msg.offset(), exc)
                         rec = None
+                    if rec is not None and not self._is_new(msg.partition(), rec):
+                        rec = None  # a second copy (an aborted transaction, redone): already written or buffered
                     if rec is not None:
                         self.buffers[msg.partition()].append((msg.offset(), rec))
                         self.started.setdefault(msg.partition(), time.monotonic())
