@@ -75,8 +75,9 @@ def _export_onnx(rm: RewardModel, out: Path | BinaryIO, model: Any = None) -> No
     if model is None:
         model = AutoModelForSequenceClassification.from_pretrained(rm.path, num_labels=1, attn_implementation="eager")
     model = model.eval()
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = rm.torch_model.config.pad_token_id
+    # The graph bakes the pad id in (the classifier compares input_ids with it), so it must be the
+    # one the formatter pads with, whatever the file on disk says.
+    model.config.pad_token_id = rm.formatter.pad_id
     sample = rm.formatter.pad(rm.formatter.encode(
         [[{"role": "user", "content": "hello there, how are you today?"}]] * 2,
         ["hi", "hello, I am fine and I hope you are well too"]))
@@ -96,7 +97,8 @@ def onnx_twin(rm: RewardModel, threads: int | None = None, probe: list[dict] | N
     buf = io.BytesIO()
     _export_onnx(rm, buf, rm.torch_model)
     twin = RewardModel(rm.tokenizer, OnnxBackend(buf.getvalue(), threads), rm.input_format, rm.max_length,
-                       rm.batch_size, None, rm.path, rm.formatter.use_token_type_ids, rm.call_cost)
+                       rm.batch_size, None, rm.path, rm.formatter.use_token_type_ids, rm.call_cost,
+                       rm.formatter.pad_id)
     probe = probe or [{"conversation": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": "4", "rejected": "5"},
                       {"conversation": [{"role": "user", "content": "Say hello " * 40}], "chosen": "hello",
                        "rejected": "no " * 30}]

@@ -6,12 +6,20 @@
   assistant turn, which is how Skywork-Reward-V2 checkpoints are meant to be scored.
 
 Truncation removes the oldest conversation tokens first, so the response (what is judged) is kept.
-A response longer than the whole budget is cut at its end.
+A response longer than the whole budget is cut at its end. In the chat format the template's head
+(BOS and the system turn, see ``Formatter._head_tokens``) is kept too and the cut falls after it: a
+decoder never saw a sequence that starts mid-turn without its BOS, and the system prompt is the
+one piece of old context a reward model is trained to weigh.
+
+Padding uses the one pad id ``RewardModel.load`` decided (``Formatter.pad_id``): decoder
+classifiers read the reward at the last token that is not ``config.pad_token_id``, so padding with
+any other id would score every shorter sequence of a batch at a padding position.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +38,7 @@ TOKENIZE_CHUNK = 128
 MAX_TOKENIZE_THREADS = 4
 PAIR = "pair"
 CHAT = "chat"
+PADDING_SIDES = ("right", "left")
 
 
 def conversation_text(conversation: Sequence[dict]) -> str:
@@ -50,16 +59,22 @@ class Formatter:
     input_format: str
     max_length: int
     use_token_type_ids: bool
+    pad_id: int
+    # Right padding is what training and scoring use; left padding scores the same (decoders pool
+    # the rightmost non-pad token, encoders the first) and is kept for callers that batch for generation.
+    padding_side: str = "right"
     # One tokenizer per extra thread: a fast tokenizer sets its truncation state on the shared Rust
     # object on every call, so two threads must never call the same one.
     _copies: list[Any] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        from trainers.exceptions import ModelLoadError
+
         self.tokenizer.truncation_side = "left"
         if self.input_format == CHAT and getattr(self.tokenizer, "chat_template", None) is None:
-            from trainers.exceptions import ModelLoadError
-
             raise ModelLoadError("this decoder model's tokenizer has no chat_template; add one to tokenizer_config.json")
+        if self.padding_side not in PADDING_SIDES:
+            raise ModelLoadError(f"padding_side {self.padding_side!r} is not one of {', '.join(PADDING_SIDES)}")
 
     def _cut_responses(self, tok: Any, responses: Sequence[str], budget: int) -> list[str]:
         enc = tok(list(responses), add_special_tokens=False, return_offsets_mapping=True)
@@ -87,28 +102,69 @@ class Formatter:
             enc = tok([conversation_text(c) for c in conversations], list(responses),
                       truncation="only_first", max_length=self.max_length)
         else:
-            responses = self._cut_responses(tok, responses, self.max_length - MIN_CONTEXT_TOKENS)
-            texts = [tok.apply_chat_template(list(c) + [{"role": "assistant", "content": r}], tokenize=False)
-                     for c, r in zip(conversations, responses, strict=True)]
-            # The template already holds the special tokens (BOS etc.); do not add them twice.
-            enc = tok(texts, truncation=True, max_length=self.max_length, add_special_tokens=False)
+            return self._encode_chat(tok, conversations, responses)
         keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if self.use_token_type_ids else [])
         return [{k: enc[k][i] for k in keys if k in enc} for i in range(len(enc["input_ids"]))]
 
+    def _encode_chat(self, tok: Any, conversations: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[dict[str, list[int]]]:
+        """Chat-template ids, cut from the left after the template's head (BOS and system turn)."""
+        responses = self._cut_responses(tok, responses, self.max_length - MIN_CONTEXT_TOKENS)
+        convs = [list(c) + [{"role": "assistant", "content": r}] for c, r in zip(conversations, responses, strict=True)]
+        texts = [tok.apply_chat_template(c, tokenize=False) for c in convs]
+        # The template already holds the special tokens (BOS etc.); do not add them twice. Untruncated:
+        # the cut below needs the head's tokens, which the tokenizer's own left truncation would drop.
+        enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for conv, text, ids, offsets in zip(convs, texts, enc["input_ids"], enc["offset_mapping"], strict=True):
+            if len(ids) > self.max_length:
+                keep = self._head_tokens(tok, conv, text, offsets)
+                ids = ids[:keep] + ids[len(ids) - (self.max_length - keep):]
+            out.append({"input_ids": list(ids), "attention_mask": [1] * len(ids)})
+        return out
+
+    def _head_tokens(self, tok: Any, conversation: list[dict], text: str, offsets: Sequence[tuple[int, int]]) -> int:
+        """How many leading tokens of ``text`` left truncation keeps: BOS and the system turn.
+
+        The system turn is what the template renders for the conversation's leading system messages
+        (or for an empty system message, which is how Llama 3.1 renders its default date block); a
+        rendering that is not a prefix of ``text`` (Qwen's template writes no system turn unless given
+        one) is not used. The system turn is kept only where it takes at most half the budget and
+        leaves room for the whole response turn; else only the BOS token is kept.
+        """
+        system = list(itertools.takewhile(lambda t: t["role"] == "system", conversation))
+        heads = []
+        try:
+            heads.append(tok.apply_chat_template(system or [{"role": "system", "content": ""}], tokenize=False))
+        except Exception:  # a template may refuse a system-only conversation (jinja raises many types)
+            pass
+        heads.append(getattr(tok, "bos_token", None) or "")
+        # Tokens from the response's first character on: the judged turn, which must survive the cut.
+        response_at = text.rfind(conversation[-1]["content"].strip())
+        response_tokens = sum(1 for start, _ in offsets if start >= response_at) if response_at >= 0 else 0
+        for head in heads:
+            if head and text.startswith(head):
+                keep = sum(1 for _, end in offsets if end <= len(head))
+                if head is heads[-1] or (keep <= self.max_length // 2 and keep + response_tokens <= self.max_length):
+                    return keep
+        return 0
+
     def pad(self, items: Sequence[dict[str, list[int]]]) -> dict[str, np.ndarray]:
-        """Pad a batch to its own longest member (dynamic padding), right side."""
-        return pad_batch(items, self.tokenizer.pad_token_id or 0)
+        """Pad a batch to its own longest member (dynamic padding) with the model's pad id."""
+        return pad_batch(items, self.pad_id, self.padding_side)
 
 
-def pad_batch(items: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, np.ndarray]:
-    """Arrays of ``items`` (token lists by input name) padded on the right to the longest of them."""
+def pad_batch(items: Sequence[dict[str, list[int]]], pad_id: int, side: str = "right") -> dict[str, np.ndarray]:
+    """Arrays of ``items`` (token lists by input name) padded on ``side`` to the longest of them."""
     width = max(len(x["input_ids"]) for x in items)
     out: dict[str, np.ndarray] = {}
     for key in items[0]:
         fill = pad_id if key == "input_ids" else 0
         arr = np.full((len(items), width), fill, dtype=np.int64)
         for i, x in enumerate(items):
-            arr[i, : len(x[key])] = x[key]
+            if side == "left":
+                arr[i, width - len(x[key]):] = x[key]
+            else:
+                arr[i, : len(x[key])] = x[key]
         out[key] = arr
     return out
 

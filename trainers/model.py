@@ -6,6 +6,9 @@
 
 A model directory holds a Hugging Face config, tokenizer and ``model.safetensors`` (never pickle),
 optionally ``model.onnx`` / ``model.int8.onnx``, and ``prefstream.json`` (input format, max length).
+
+The pad id is decided once, in ``RewardModel.load`` (``resolve_pad_id``), and used for the model
+config, the tokenizer, padding and the ONNX export alike: see ``resolve_pad_id`` for why.
 """
 
 from __future__ import annotations
@@ -75,6 +78,37 @@ def check_safetensors(path: Path) -> None:
     raise ModelLoadError(f"{path} has no model.safetensors; it is not a model directory")
 
 
+def resolve_pad_id(config: Any, tokenizer: Any) -> int:
+    """The one pad id of a model: the config's, else the tokenizer's, else an int EOS, else 0.
+
+    Decoder classifiers (``Qwen3ForSequenceClassification``, ``LlamaForSequenceClassification``, ...)
+    read the reward at the rightmost token that is not ``config.pad_token_id``; padding with any other
+    id scores every shorter sequence of a batch at a padding position (measured 0.03-0.13 reward on
+    tiny Qwen3/Llama models, tests/test_decoder_rm.py). The config wins because the released weights
+    were trained and scored with it. With neither, EOS is what Llama/Qwen base models are padded with;
+    a list of EOS ids (Llama 3.1 Instruct) is not one id, so the tokenizer's EOS is tried next.
+    """
+    for candidate in (getattr(config, "pad_token_id", None), getattr(tokenizer, "pad_token_id", None),
+                      getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(candidate, int) and not isinstance(candidate, bool) and candidate >= 0:
+            return candidate
+    return 0
+
+
+def apply_pad_id(pad_id: int, config: Any, tokenizer: Any) -> None:
+    """Put ``pad_id`` on the config, and on the tokenizer when it has no pad token of its own.
+
+    The tokenizer gets the existing token of that id (nothing is added to the vocabulary, so the
+    embedding matrix still fits); an id the tokenizer does not know leaves it without one, which is
+    harmless: prefstream pads with ``Formatter.pad_id``, never with the tokenizer's.
+    """
+    config.pad_token_id = pad_id
+    if getattr(tokenizer, "pad_token", None) is None and pad_id < len(tokenizer):
+        token = tokenizer.convert_ids_to_tokens(pad_id)
+        if token is not None:
+            tokenizer.pad_token = token
+
+
 def read_prefstream_config(path: Path) -> dict[str, Any]:
     cfg = path / PREFSTREAM_CONFIG
     return json.loads(cfg.read_text()) if cfg.exists() else {}
@@ -126,7 +160,8 @@ class RewardModel:
 
     def __init__(self, tokenizer: Any, backend: Any, input_format: str, max_length: int,
                  batch_size: int = DEFAULT_BATCH_SIZE, torch_model: Any = None, path: Path | None = None,
-                 uses_token_type_ids: bool = False, call_cost: int | None = CPU_CALL_COST_TOKENS) -> None:
+                 uses_token_type_ids: bool = False, call_cost: int | None = CPU_CALL_COST_TOKENS,
+                 pad_id: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.backend = backend
         self.input_format = input_format
@@ -135,7 +170,9 @@ class RewardModel:
         self.call_cost = call_cost
         self.torch_model = torch_model
         self.path = path
-        self.formatter = Formatter(tokenizer, input_format, max_length, uses_token_type_ids)
+        # load() passes the decided id; a hand-built RewardModel falls back to the tokenizer's own.
+        pad_id = pad_id if pad_id is not None else (tokenizer.pad_token_id if isinstance(tokenizer.pad_token_id, int) else 0)
+        self.formatter = Formatter(tokenizer, input_format, max_length, uses_token_type_ids, pad_id)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -154,6 +191,12 @@ class RewardModel:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load config/tokenizer from {path}: {exc}") from exc
+        pad_id = resolve_pad_id(config, tokenizer)
+        vocab_size = getattr(config, "vocab_size", None)
+        if isinstance(vocab_size, int) and pad_id >= vocab_size:
+            raise ModelLoadError(f"{path}: pad id {pad_id} is outside the model's vocabulary of {vocab_size}; "
+                                 "set pad_token_id in config.json to an existing token id (e.g. the EOS id)")
+        apply_pad_id(pad_id, config, tokenizer)
         has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
         if has_head and getattr(config, "num_labels", 1) != 1:
             raise ModelLoadError(f"{path} has {config.num_labels} labels; a reward model has exactly one scalar output")
@@ -162,17 +205,18 @@ class RewardModel:
         max_length = max_length or pcfg.get("max_length") or min(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH), 16384)
         torch_model = None
         if backend == "torch":
-            torch_model = cls._load_torch(path, attn_implementation)
+            torch_model = cls._load_torch(path, attn_implementation, pad_id)
             runner: Any = TorchBackend(torch_model, device, dtype)
         else:
             runner = OnnxBackend(path / onnx_file, threads)
         uses_tt = input_format == PAIR and config.model_type in ("bert",) and getattr(config, "type_vocab_size", 1) > 1
         batch_size = batch_size or (CPU_BATCH_SIZE if device == "cpu" else ACCELERATOR_BATCH_SIZE)
         call_cost = CPU_CALL_COST_TOKENS if device == "cpu" else None
-        return cls(tokenizer, runner, input_format, int(max_length), batch_size, torch_model, path, uses_tt, call_cost)
+        return cls(tokenizer, runner, input_format, int(max_length), batch_size, torch_model, path, uses_tt, call_cost,
+                   pad_id)
 
     @staticmethod
-    def _load_torch(path: Path, attn_implementation: str | None = None) -> Any:
+    def _load_torch(path: Path, attn_implementation: str | None, pad_id: int) -> Any:
         from transformers import AutoModelForSequenceClassification
 
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -180,9 +224,7 @@ class RewardModel:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True, **extra)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the model weights from {path}: {exc}") from exc
-        if model.config.pad_token_id is None:
-            tokenizer_pad = getattr(model.config, "eos_token_id", None)
-            model.config.pad_token_id = tokenizer_pad if isinstance(tokenizer_pad, int) else 0
+        model.config.pad_token_id = pad_id
         return model
 
     @classmethod

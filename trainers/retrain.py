@@ -179,7 +179,11 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
         pairs, holdout, lineage = collect(cfg, store)
     holdout, lineage = holdout or [], lineage or {}
     if cfg.regression_file:
-        holdout = holdout + list(read_jsonl(Path(cfg.regression_file)))
+        from trainers.evaluate import read_regression_pairs
+
+        # Any layout `prefstream eval` reads (RewardBench, RM-Bench, RMB, JudgeBench, ours): a
+        # benchmark file is the natural regression set, and read_jsonl would drop its rows unseen.
+        holdout = holdout + read_regression_pairs(cfg.regression_file)
     if len(pairs) < cfg.min_pairs:
         return RetrainResult(cfg.role, "skipped", f"{len(pairs)} training pairs, fewer than min_pairs={cfg.min_pairs}")
     eval_set_name = "gold holdout"
