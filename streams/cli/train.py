@@ -13,6 +13,7 @@ from streams.cli.common import console
 from streams.cli.models import announcer
 from streams.exceptions import ConfigError
 from streams.settings import get_settings
+from trainers.benchmarks import EVAL_FORMATS
 
 
 def _dataclass_options(cls: type) -> Any:
@@ -88,10 +89,9 @@ def best_onnx_file(model: Path) -> str:
 @click.command("eval")
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--data", "-d", "files", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
-              help="Benchmark file(s), JSONL or .gz. Repeatable.")
-@click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "json", "hh-rlhf", "rewardbench", "rmbench", "judgebench", "best-of-n"]),
-              help="File format; auto detects it per line.")
+              help="Benchmark file(s): JSONL, a JSON array (RM-Bench, RMB), optionally .gz. Repeatable.")
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(["auto", *EVAL_FORMATS]),
+              help="File layout; auto detects it per record.")
 @click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="onnx scores with model.int8.onnx when the export kept it, else model.onnx.")
 @click.option("--limit", type=int, default=None, help="Evaluate at most this many items per file.")
