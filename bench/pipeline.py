@@ -13,9 +13,9 @@ the bare scorer then scores with both models too. Without a gold model the route
 to silver or flipped, so only this mode exercises the whole curation path.
 
 ``--current DIR`` serves DIR instead of the bootstrap, the same way. With the default MiniLM reward
-model the labeler's own MiniLM pass is a sizeable share of the work (2.4 s against a 39.6 s bare
-scorer in the ninth session's run); ``bench.random_model`` makes a BERT-base-sized model (~7.5x
-MiniLM's time per pair) to measure the stream where the model is the bottleneck, as it is with real
+model the labeler's own MiniLM pass is a sizeable share of the work (the ``label`` stage in the
+result's stage seconds); ``bench.random_model`` makes a BERT-base-sized model, several times
+MiniLM's cost per pair, to measure the stream where the model is the bottleneck, as it is with real
 reward models.
 """
 

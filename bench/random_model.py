@@ -38,7 +38,7 @@ def build(out: Path, size: str = "base", max_length: int = 256, seed: int = 0) -
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
     (out / PREFSTREAM_CONFIG).write_text(json.dumps({"input_format": PAIR, "max_length": max_length}))
     # The export and torch-agreement check a trained model gets; fp32 only, the backend the MiniLM
-    # bench serves too (its INT8 file is refused by that check, issue 3).
+    # bench serves too (its INT8 file is refused by that check).
     export(out, hh_pairs(VALIDATION.stop)[VALIDATION], quantize=False)
     return out
 
