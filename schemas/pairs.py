@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import time
 import unicodedata
 from collections.abc import Mapping
@@ -28,6 +30,15 @@ ROLES = ("system", "user", "assistant")
 MAX_TEXT_BYTES = 1 << 20
 MAX_PAIR_BYTES = 4 << 20
 MAX_TURNS = 256
+# created_at bounds: an Avro long holds it, and a date past year 9999 is a bug upstream (datetime
+# cannot even show it), so both ends are rejected with the field named rather than overflowing later.
+MAX_CREATED_AT_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+# pair_id: it is a Kafka key, a Redis key and a file name in shards; a short, plain charset keeps
+# every one of those safe. The aggregator and the review app derive task ids by appending these
+# suffixes to a pair_id, so a producer id ending in one could collide with a derived id.
+MAX_PAIR_ID_CHARS = 128
+PAIR_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+RESERVED_ID_SUFFIXES = (":expert", ":re")
 
 _OPTIONAL_STR = ("task_category", "annotation_guideline")
 _ALLOWED_KEYS = {
@@ -92,6 +103,12 @@ def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> str:
     return text
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value for an error message, truncated so a hostile record cannot flood a log or the DLQ."""
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} chars)"
+
+
 def _created_at(value: Any) -> int:
     if value is None:
         return now_ms()
@@ -99,12 +116,28 @@ def _created_at(value: Any) -> int:
         raise InvalidRecordError("created_at", f"must be epoch milliseconds or an ISO-8601 string, got {type(value).__name__}", "wrong_type")
     if isinstance(value, str):
         try:
-            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
-        except ValueError:
-            raise InvalidRecordError("created_at", f"{value!r} is not an ISO-8601 timestamp", "invalid_value") from None
-    if value < 0:
-        raise InvalidRecordError("created_at", f"must not be negative, got {value}", "invalid_value")
+            value = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000
+        except (ValueError, OverflowError, OSError):
+            raise InvalidRecordError("created_at", f"{_shown(value)} is not an ISO-8601 timestamp; "
+                                     "write e.g. 2026-01-31T12:00:00Z", "invalid_value") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRecordError("created_at", f"is {value}; give epoch milliseconds as a finite number", "invalid_value")
+    if not 0 <= value <= MAX_CREATED_AT_MS:
+        raise InvalidRecordError("created_at", f"is {_shown(value)}; give epoch milliseconds between 0 and "
+                                 f"{MAX_CREATED_AT_MS} (year 9999)", "invalid_value")
     return int(value)
+
+
+def _pair_id(value: Any) -> str:
+    text = _text("pair_id", value)
+    if not PAIR_ID_PATTERN.fullmatch(text):
+        raise InvalidRecordError("pair_id", f"is {_shown(text)}; use 1 to {MAX_PAIR_ID_CHARS} characters of "
+                                 "A-Z a-z 0-9 . _ : - (or leave it out for a content hash)", "invalid_pair_id")
+    if text.endswith(RESERVED_ID_SUFFIXES):
+        raise InvalidRecordError("pair_id", f"is {_shown(text)}; ids ending in {' or '.join(RESERVED_ID_SUFFIXES)} are "
+                                 "reserved for the ids prefstream derives (review tasks); choose another id",
+                                 "invalid_pair_id")
+    return text
 
 
 def _metadata(value: Any) -> dict[str, str]:
@@ -146,7 +179,7 @@ def validate_pair(obj: Any) -> dict[str, Any]:
     if total > MAX_PAIR_BYTES:
         raise InvalidRecordError("", f"the pair holds {total:,} bytes of text; the limit is {MAX_PAIR_BYTES:,}", "too_large")
     pair_id = obj.get("pair_id")
-    pair_id = content_id(conversation, chosen, rejected) if pair_id in (None, "") else _text("pair_id", pair_id)
+    pair_id = content_id(conversation, chosen, rejected) if pair_id in (None, "") else _pair_id(pair_id)
     expected = obj.get("expected_attributes")
     if expected is not None:
         if not isinstance(expected, list):
@@ -180,7 +213,11 @@ def pair_from_json(data: bytes | str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise InvalidRecordError("", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", "invalid_json") from None
     except RecursionError:
-        raise InvalidRecordError("", "JSON nested too deeply", "invalid_json") from None
+        raise InvalidRecordError("", "JSON nested too deeply; a pair needs a few levels at most", "invalid_json") from None
+    except ValueError as exc:
+        # Python refuses integers of more than 4,300 digits (int_max_str_digits): no field needs one.
+        raise InvalidRecordError("", f"not a usable JSON number: {str(exc)[:120]}; numbers must fit in 64 bits",
+                                 "invalid_number") from None
     return validate_pair(obj)
 
 

@@ -114,8 +114,12 @@ class DeadLetter(TypedDict):
     source_topic: str
     source_partition: int
     source_offset: int
-    processor: str
+    processor: str  # the stage that rejected it
     failed_at: int
+    error_type: str
+    original_size: int | None
+    original_sha256: str | None
+    original_truncated: bool
 
 
 class ModelVersion(TypedDict):

@@ -43,3 +43,30 @@ class InputFormatError(StreamsError):
 
 class JobError(StreamsError):
     """A retrain job could not be started or its outcome could not be read."""
+
+
+class ProcessingError(StreamsError):
+    """A record a processor could not handle; it goes to prefs.dlq with ``reason`` and ``stage``."""
+
+    def __init__(self, message: str, reason: str = "processing_error", stage: str = "") -> None:
+        self.reason, self.stage = reason, stage
+        super().__init__(message)
+
+
+class OutputTooLargeError(ProcessingError):
+    """An output record larger than its topic's max.message.bytes: the broker would refuse the whole batch."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "too_large", "encode")
+
+
+class StageFailedError(StreamsError):
+    """A batch stage failed for every record of a batch: the fault is the stage's (a broken model), not the data's."""
+
+
+class ModelRefusedError(StreamsError):
+    """An announced model version that the worker will not load (failed verification or outside the store)."""
+
+
+class UntrustedModelPathError(ModelRefusedError):
+    """A models.versions announcement naming a path outside the worker's models store, or a malformed version."""

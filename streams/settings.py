@@ -90,7 +90,7 @@ class WorkerSettings(BaseSettings):
     max_batch: int = Field(512, ge=1, description=(
         "Most records in one micro-batch. A busy worker scores what is waiting in large batches because the "
         "scorer sorts a batch by length: 400 HH-RLHF pairs in batches of 128 carry 5.3% more padded tokens than "
-        "in one batch (issue 4 note); batch_target_s keeps them short for slow models."))
+        "in one batch; batch_target_s keeps them short for slow models."))
     batch_target_s: float = Field(15.0, gt=0, description=(
         "Seconds of scoring one micro-batch should take: the batch is capped at what the serving models scored "
         "in that time on the previous batches, so a large model keeps transactions and poll intervals short "
@@ -105,7 +105,7 @@ class WorkerSettings(BaseSettings):
     threads: int = Field(0, description="CPU threads for scoring and embedding; 0 = the libraries' default (all "
                                         "cores, and ONNX Runtime then pins its threads to them: a worker scoring a "
                                         "BERT-base-sized model unpinned took 12% longer than a pinned bare scorer, "
-                                        "pinned 1%; issue 4 note). Set 1 when workers share a small machine with "
+                                        "pinned 1%). Set 1 when workers share a small machine with "
                                         "training jobs.")
     bootstrap_max_length: int = Field(256, description="Max tokens of the untrained bootstrap model.")
     embedder_precision: Literal["int8", "fp32"] = Field("int8", description=(
@@ -121,6 +121,14 @@ class WorkerSettings(BaseSettings):
     llm_url: str | None = Field(None, description="OpenAI-compatible endpoint for the optional LLM labeler.")
     llm_model: str = Field("default", description="Model name to ask the LLM endpoint for.")
     llm_api_key: SecretStr | None = Field(None, description="API key for the LLM endpoint.")
+    trusted_sources: str = Field("prefstream-generate", description=(
+        "Comma-separated pair sources whose metadata.answer and metadata.tests the verifiers honour. Those "
+        "fields decide a pair (and can flip its label) without a model or a human, so a producer may not vouch "
+        "for its own pairs unless listed here; the default is the demo generator's source. Empty trusts none."))
+
+    @property
+    def trusted_source_set(self) -> frozenset[str]:
+        return frozenset(s.strip() for s in self.trusted_sources.split(",") if s.strip())
 
 
 class ControllerSettings(BaseSettings):
@@ -154,6 +162,18 @@ class ReviewSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the web app listens on.")
     port: int = Field(8080, description="Port of the web app.")
     lease_s: int = Field(300, description="Seconds an annotator holds a task before it returns to the queue.")
+    max_leases: int = Field(2, ge=1, description=(
+        "Most tasks one annotator may hold leased at once; another request gets 409 until a verdict is submitted "
+        "or a lease lapses (so one token cannot hoard the head of the queue)."))
+    lease_scan: int = Field(500, ge=1, description=(
+        "How many of the queue's highest-priority tasks one lease looks through for one this annotator has not "
+        "seen; bounds the Redis script's work (an annotator who has seen all of them waits for others to vote)."))
+    max_body_bytes: int = Field(64 * 1024, ge=1, description="Largest request body accepted; larger ones get 413.")
+    rate_per_s: int = Field(10, ge=1, description=(
+        "Requests one annotator token may make per second (counted in Redis, so shared by every app replica); "
+        "more get 429 with Retry-After."))
+    retention_s: int = Field(7 * 24 * 3600, ge=1, description=(
+        "Seconds a decided task's keys (task, verdicts, seen, votes) stay in Redis before they expire."))
 
 
 def settings_help(cls: type[BaseSettings]) -> str:

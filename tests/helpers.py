@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,11 @@ from streams.settings import Settings, child_env
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-test.jsonl.gz"
+
+
+needs_bwrap = pytest.mark.skipif(
+    shutil.which("bwrap") is None,
+    reason="bubblewrap (bwrap) is not installed: `apt-get install bubblewrap` (.ci/run installs it)")
 
 
 def require_hh_rlhf() -> Path:
@@ -216,3 +222,114 @@ def processes_with_env(name: str, value: str) -> list[str]:
         except OSError:
             continue
     return found
+
+
+class FakeMessage:
+    """A consumed Kafka record as confluent-kafka hands it over, for driving the Pipeline without a broker."""
+
+    def __init__(self, value: bytes | None, key: bytes | None = None, headers: list | None = None,
+                 topic: str = "prefs.raw", partition: int = 0, offset: int = 0) -> None:
+        self._v, self._k, self._h, self._t, self._p, self._o = value, key, headers, topic, partition, offset
+
+    def value(self) -> bytes | None:
+        return self._v
+
+    def key(self) -> bytes | None:
+        return self._k
+
+    def headers(self) -> list | None:
+        return self._h
+
+    def topic(self) -> str:
+        return self._t
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def error(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)
+
+
+class FakeRedis:
+    """The few Redis calls the pipeline makes (SET NX + GET in a pipeline, HGETALL), in memory."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self._ops: list = []
+
+    def pipeline(self, transaction: bool = False) -> FakeRedis:
+        self._ops = []
+        return self
+
+    def set(self, key: str, value: str, nx: bool = False, ex: int | None = None) -> None:
+        self._ops.append(("set", key, value.encode(), nx))
+
+    def get(self, key: str) -> None:
+        self._ops.append(("get", key))
+
+    def execute(self) -> list:
+        out = []
+        for op in self._ops:
+            if op[0] == "set":
+                if not (op[3] and op[1] in self.data):
+                    self.data[op[1]] = op[2]
+                out.append(True)
+            else:
+                out.append(self.data.get(op[1]))
+        return out
+
+    def hgetall(self, key: str) -> dict:
+        return {}
+
+
+class FakeEmbedder:
+    """Deterministic unit vectors from a hash of the text: enough for the labeler and retrieval to run."""
+
+    dim = 16
+
+    def embed(self, texts):  # -> np.ndarray (numpy is imported lazily, as in the rest of this module)
+        import hashlib
+
+        import numpy as np
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(t.encode("utf-8", "backslashreplace")).digest()[:4], "little")
+            v = np.random.default_rng(seed).normal(size=self.dim)
+            out[i] = v / np.linalg.norm(v)
+        return out
+
+
+class FakeScorer:
+    """A Scorer stand-in: p from the response lengths; raises on any batch holding a pair whose chosen text is ``poison``."""
+
+    def __init__(self, poison: str | None = None) -> None:
+        self.poison, self.calls = poison, 0
+
+    def score(self, pairs: list[dict]) -> list[dict]:
+        import math
+
+        self.calls += 1
+        if self.poison is not None and any(p["chosen"] == self.poison for p in pairs):
+            raise RuntimeError("the tokenizer choked on this input")
+        out = []
+        for p in pairs:
+            rc, rr = len(p["chosen"]) / 10, len(p["rejected"]) / 10
+            out.append({"reward_chosen": rc, "reward_rejected": rr, "p": 1 / (1 + math.exp(rr - rc)),
+                        "model_version": "bootstrap", "gold_reward_chosen": None, "gold_reward_rejected": None,
+                        "gold_p": None, "gold_model_version": None, "scored_at": 0})
+        return out
+
+
+def fake_pipeline(scorer: FakeScorer | None = None, **worker_settings):
+    """A Pipeline with fake Redis, embedder and scorer (no broker, no model): the per-record logic alone."""
+    from streams.runtime.pipeline import Pipeline
+    from streams.settings import WorkerSettings
+
+    return Pipeline(Settings(), WorkerSettings(**worker_settings), FakeRedis(), scorer or FakeScorer(), FakeEmbedder())

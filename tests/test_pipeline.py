@@ -292,6 +292,13 @@ def test_dlq_list_and_replay_resend_the_original_bytes(settings):
     listing = run_cli(["dlq", "list", "--json"], settings)
     assert [json.loads(line)["reason"] for line in listing.stdout.splitlines()] == ["invalid_json", "missing_field"]
     run_cli(["dlq", "replay", "--reason", "missing_field"], settings)
+    # A dead letter that kept only a truncated original is listed but never replayed.
+    truncated = dead_letter(Msg(b'{"prompt": "cut'), "too_large", "test", "ingest") | {"original_truncated": True}
+    v, h = codec.encode("DeadLetter", truncated, settings.topic(topics.DLQ))
+    prod.produce(settings.topic(topics.DLQ), value=v, headers=h)
+    prod.flush(10)
+    skipped = run_cli(["dlq", "replay", "--reason", "too_large"], settings)
+    assert "replayed 0 dead letter(s)" in skipped.stderr and "not replayed" in skipped.stderr
     with TopicReader(settings.topic(topics.RAW), "PreferencePair", settings) as reader:
         msgs = list(reader.messages(idle_timeout=3))
     assert [(m.key(), m.value(), m.headers()) for m in msgs] == [(b"k1", originals[1], [("h", b"1")])]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from streams.exceptions import ConfigError
 from streams.runtime.processors.retrieval import EXACT_LIMIT, NeighbourIndex
 from streams.runtime.processors.router import RouterPolicy, route, similar_k
 from streams.runtime.processors.verifiers import run_python, verify, verify_math
+from tests.helpers import needs_bwrap
 
 
 @pytest.mark.parametrize(("p", "gold_p", "kind", "k"), [
@@ -50,6 +52,7 @@ def test_math_verifier_compares_final_numbers():
     assert verify(math_pair("How far?", "It is 1,500 km.", "It is 15 km.", metadata={"answer": "1500"})) == ("math", "chosen")
 
 
+@needs_bwrap
 def test_code_verifier_runs_tests_in_a_sandbox():
     tests = "assert add(2, 3) == 5"
     good = "```python\ndef add(a, b):\n    return a + b\n```"
@@ -123,9 +126,9 @@ def test_the_onnx_embedder_gives_the_torch_vectors(fp32_labeler):
     assert a.shape == (3, onnx.dim)
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
     assert np.min((a * b).sum(1)) > 0.9999
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(ConfigError, match="not one of"):  # the package's error, not a bare ValueError
         Embedder(backend="tensorrt")
-    with pytest.raises(ValueError, match="precision 'int4' is not one of int8, fp32"):
+    with pytest.raises(ConfigError, match="precision 'int4' is not one of int8, fp32"):
         Embedder(precision="int4")
 
 

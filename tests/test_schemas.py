@@ -83,3 +83,22 @@ def test_old_writer_fingerprints_resolve():
         name = path.stem.split(".")[0]
         fps = [s.fingerprint for s in registry.by_fingerprint().values() if s.name == name]
         assert fps, f"no fingerprint known for {name}"
+
+
+def test_a_dead_letter_written_before_the_hardening_fields_reads_with_their_defaults():
+    import io
+
+    from fastavro import parse_schema, schemaless_writer
+
+    from schemas import codec
+
+    v1 = json.loads((registry.RELEASED_DIR / "DeadLetter.v1.avsc").read_text())
+    old = {"original_key": None, "original_value": b"{", "original_headers": {}, "reason": "invalid_json",
+           "detail": "field '': not valid JSON", "source_topic": "prefs.raw", "source_partition": 0,
+           "source_offset": 7, "processor": "ingest", "failed_at": 1}
+    buf = io.BytesIO()
+    schemaless_writer(buf, parse_schema(v1), old)
+    writer = next(s for s in registry.by_fingerprint().values() if s.name == "DeadLetter" and s.version != "current")
+    new = codec.decode("DeadLetter", buf.getvalue(), writer)
+    assert new["error_type"] == "" and new["original_size"] is None and new["original_sha256"] is None
+    assert new["original_truncated"] is False and new["source_offset"] == 7

@@ -33,7 +33,7 @@ import numpy as np
 MIN_CONTEXT_TOKENS = 32
 # Inputs per tokenising thread. The Rust tokenizer releases the GIL, so a large call split over
 # threads runs in parallel even where its own pool is off (the worker turns it off: its spinning
-# threads took cores from the model). Measured on 2 cores, 2,000 HH-RLHF inputs: see issue 4 note.
+# threads took cores from the model). Measured on 2 cores, 2,000 HH-RLHF inputs.
 TOKENIZE_CHUNK = 128
 MAX_TOKENIZE_THREADS = 4
 PAIR = "pair"
@@ -183,7 +183,7 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, call_cost: in
     (inputs x longest length) summed over batches, plus ``call_cost`` per batch. On CPU a forward
     pass costs about the same per token at 2 to 16 sequences (one alone a little more: the call cost),
     so short batches are nearly free while padding is not: micro-batches of 57 HH-RLHF pairs carried
-    6.1% padding in full batches of 8, 0.9% cut (issue 4 note).
+    6.1% padding in full batches of 8, 0.9% cut.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     if call_cost is None:

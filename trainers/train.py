@@ -29,8 +29,8 @@ from trainers.recipe import (
     plot_curve,
 )
 
-# Passes of 2 x 4 sequences: measured 1.16-1.34x faster than whole batches of 16 on a 2-core CPU (issue 3
-# note, when a pass held whole pairs; sorting sequences on their own gained 1.04-1.05x more, see _rewards).
+# Passes of 2 x 4 sequences: measured 1.16-1.34x faster than whole batches of 16 on a 2-core CPU
+# when a pass held whole pairs; sorting sequences on their own gained 1.04-1.05x more (see _rewards).
 # Parameter-name prefixes of the scalar head (BERT-style "classifier", decoder "score").
 HEAD_PREFIXES = ("classifier", "score")
 CPU_CHUNK_PAIRS = 4
@@ -126,7 +126,7 @@ def _rewards(model: Any, formatter: Any, seqs: list[dict], per_pass: int, device
     The sequences are sorted by their own length and run in passes of ``per_pass`` (0: all at once),
     so a pass pads to its own longest member: chosen and rejected differ in length, and sorting them
     separately instead of keeping each pair's two in one pass cuts the padded tokens from 6.6% to 4.0%
-    (bench pairs, passes of 8) and measured 1.04-1.05x the step rate side by side (issue 3 note).
+    (bench pairs, passes of 8) and measured 1.04-1.05x the step rate side by side.
     The passes' graphs join in one loss and one backward.
     """
     import torch

@@ -47,15 +47,24 @@ def dlq_list(reason: str | None, as_json: bool, timeout: float) -> None:
 @click.option("--to", "target", default=None, help="Topic to replay into (default: each record's source topic).")
 @click.option("--timeout", type=float, default=3.0, show_default=True)
 def dlq_replay(reason: str | None, target: str | None, timeout: float) -> None:
-    """Re-publish dead letters' original bytes (key, value, headers), e.g. after fixing a bug."""
+    """Re-publish dead letters' original bytes (key, value, headers), e.g. after fixing a bug.
+
+    A dead letter whose original was too large to keep whole (original_truncated) is not replayed:
+    its prefix would only fail again. They are counted, with their sha256 for finding the original.
+    """
     from confluent_kafka import Producer
 
     from streams.kafka.config import producer_config
 
     producer = Producer(producer_config(get_settings()))
     n = 0
+    truncated: list[str] = []
     for record in _dead_letters(timeout, reason):
         dead = record.value
+        if dead.get("original_truncated"):
+            truncated.append(f"{dead['source_topic']}[{dead['source_partition']}]@{dead['source_offset']} "
+                             f"sha256 {dead.get('original_sha256')}")
+            continue
         producer.produce(target or dead["source_topic"], key=dead["original_key"], value=dead["original_value"],
                          headers=list(dead["original_headers"].items()))
         n += 1
@@ -63,7 +72,9 @@ def dlq_replay(reason: str | None, target: str | None, timeout: float) -> None:
     if left:
         raise DeliveryError(f"{left} replayed records were not acknowledged; is the broker up? (`prefstream stack status`)")
     console.print(f"replayed {n} dead letter(s)")
-
+    if truncated:
+        console.print(f"[yellow]not replayed[/]: {len(truncated)} dead letter(s) kept only a truncated original "
+                      f"(republish them from the producer), e.g. {truncated[0]}", highlight=False)
 
 
 COMMANDS = (dlq,)

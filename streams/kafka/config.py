@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from streams.kafka.topics import MAX_MESSAGE_BYTES
 from streams.settings import Settings
 
 # librdkafka's own log lines go through Python logging (served on poll), not straight to stderr:
@@ -23,15 +24,16 @@ MAX_POLL_INTERVAL_MS = 10000
 HEARTBEAT_INTERVAL_MS = 1500
 # How long the broker may hold a fetch that found no data. librdkafka's default is 500 ms; Tansu
 # does not answer a waiting fetch as soon as data arrives, so each hop (raw -> worker, scored ->
-# reader) cost p50 125 ms / p99 245 ms at 500 and 25 ms / 52 ms at 100 (measured at 7 records/s,
-# issue 4 note). Apache Kafka answers at once, so there a shorter wait only adds empty fetches.
+# reader) cost p50 125 ms / p99 245 ms at 500 and 25 ms / 52 ms at 100 (measured at 7 records/s).
+# Apache Kafka answers at once, so there a shorter wait only adds empty fetches.
 FETCH_WAIT_MAX_MS = 100
 # For consumers where a second of delay costs nothing (the shard writer, the model-version watcher).
 # Every empty fetch costs the broker CPU, and the embedded broker shares the worker's cores: an idle
-# worker's three consumers at 100 ms took Tansu 1.35 CPU-s per 20 s, at 1,000 ms 0.27 (issue 4 note).
+# worker's three consumers at 100 ms took Tansu 1.35 CPU-s per 20 s, at 1,000 ms 0.27.
 BACKGROUND_FETCH_WAIT_MS = 1000
-# Large pairs are limited to 4 MiB of text by the codec; leave headroom for the envelope.
-MAX_MESSAGE_BYTES = 8 << 20
+# MAX_MESSAGE_BYTES (8 MiB) lives in topics.py with the topics' own max.message.bytes, so a producer
+# never sends more than a topic takes. Large pairs are limited to 4 MiB of text by the codec.
+__all__ = ["MAX_MESSAGE_BYTES", "admin_config", "consumer_config", "producer_config"]
 
 
 def _common(settings: Settings) -> dict[str, Any]:

@@ -1,9 +1,19 @@
 """Kafka transactions as the worker and the aggregator use them: one transaction per micro-batch,
 holding its output records and its input offsets, so they commit together or not at all.
+
+Failures are handled the way librdkafka documents them for transactional producers: a retriable
+error retries the same call; an abortable one aborts the transaction and the batch is redone from
+the last committed offsets; a fatal one replaces the producer (a new one with the same
+transactional id fences the old) and the batch is redone. Nothing is skipped: the consumer is
+rewound before it reads on, however long the broker is away.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
@@ -11,6 +21,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer
 from streams.exceptions import BrokerError
 from streams.kafka.config import producer_config
 from streams.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # How long one transactional call (init, send offsets, commit, abort) may block in this process.
 TXN_CALL_TIMEOUT_S = 30.0
@@ -20,6 +32,9 @@ TXN_CALL_TIMEOUT_S = 30.0
 TXN_BROKER_TIMEOUT_MS = 15000
 
 Output = tuple[str, bytes | None, bytes, list]  # topic, key, value, headers
+# A retriable error retries its call this many times before the batch is aborted and redone.
+CALL_RETRIES = 3
+RETRY_BACKOFF_S = 1.0
 
 
 def transactional_producer(settings: Settings, transactional_id: str) -> Producer:
@@ -57,10 +72,118 @@ def commit_batch(producer: Producer, consumer: Consumer, outputs: list[Output],
     producer.commit_transaction(TXN_CALL_TIMEOUT_S)
 
 
-def rewind(consumer: Consumer) -> None:
-    """After an aborted transaction: go back to the last committed offsets and redo the batch."""
-    assigned = consumer.assignment()
-    if not assigned:
-        return
-    for tp in consumer.committed(assigned, timeout=10):
-        consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+def rewind(consumer: Consumer, stop: threading.Event | None = None) -> None:
+    """After an aborted transaction: go back to the last committed offsets and redo the batch.
+
+    Retried until it succeeds (or ``stop`` is set): reading on from the consumer's position after a
+    failed commit would skip the batch that was not committed.
+    """
+    while True:
+        try:
+            assigned = consumer.assignment()
+            if not assigned:
+                return
+            for tp in consumer.committed(assigned, timeout=10):
+                consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+            return
+        except KafkaException as exc:
+            if stop is not None and stop.is_set():
+                return
+            log.warning("cannot rewind to the committed offsets (%s); retrying in %.0f s", exc.args[0].str(),
+                        RETRY_BACKOFF_S)
+            time.sleep(RETRY_BACKOFF_S)
+
+
+class BatchTransactions:
+    """The transactional producer of a consume-transform-produce loop, and what to do when it fails.
+
+    ``commit`` returns False when the batch must be redone; ``failures`` counts the batches in a row
+    that did not commit and ``last_error`` says why (the worker's readiness reads both).
+    """
+
+    def __init__(self, settings: Settings, transactional_id: str,
+                 make_producer: Callable[[Settings, str], Producer] = transactional_producer,
+                 stop: threading.Event | None = None) -> None:
+        self.settings, self.transactional_id = settings, transactional_id
+        self._make_producer = make_producer
+        self.stop = stop or threading.Event()
+        self.producer: Producer | None = make_producer(settings, transactional_id)
+        self.failures = 0
+        self.last_error = ""
+        self.replaced = 0  # producers replaced after a fatal error
+
+    def poll(self) -> None:
+        """Serve the producer's queue (librdkafka's log lines come through it)."""
+        if self.producer is not None:
+            self.producer.poll(0)
+
+    def commit(self, consumer: Consumer, outputs: list[Output], msgs: list[Any]) -> bool:
+        """Commit ``outputs`` with the batch's offsets; on failure recover and rewind, and return False."""
+        try:
+            if self.producer is None:
+                self.producer = self._make_producer(self.settings, self.transactional_id)
+            self._commit(self.producer, consumer, outputs, msgs)
+        except (KafkaException, BrokerError) as exc:
+            self._recover(exc)
+            rewind(consumer, self.stop)
+            return False
+        self.failures, self.last_error = 0, ""
+        return True
+
+    def _commit(self, producer: Producer, consumer: Consumer, outputs: list[Output], msgs: list[Any]) -> None:
+        self._call(producer.begin_transaction)
+        for topic, key, value, headers in outputs:
+            while True:
+                try:
+                    producer.produce(topic, value=value, key=key, headers=headers)
+                    break
+                except BufferError:
+                    producer.poll(0.1)  # the local queue is full: let deliveries drain, then go on
+        offsets = next_offsets(msgs)
+        self._call(lambda: producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(),
+                                                                TXN_CALL_TIMEOUT_S))
+        self._call(lambda: producer.commit_transaction(TXN_CALL_TIMEOUT_S))
+
+    def _call(self, call: Callable[[], Any]) -> Any:
+        for attempt in range(CALL_RETRIES + 1):
+            try:
+                return call()
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.fatal() or err.txn_requires_abort() or not err.retriable() or attempt == CALL_RETRIES:
+                    raise
+                log.info("retriable Kafka error (%s); retrying the call", err.str())
+                time.sleep(RETRY_BACKOFF_S)
+        return None  # unreachable: the last attempt raises
+
+    def _recover(self, exc: Exception) -> None:
+        self.failures += 1
+        err = exc.args[0] if isinstance(exc, KafkaException) else None
+        self.last_error = err.str() if err is not None else str(exc)
+        if err is None or err.fatal():
+            log.error("transactional producer unusable (%s); replacing it (the new one fences the old) and "
+                      "redoing the batch", self.last_error)
+            self._replace_producer()
+            return
+        log.warning("transaction failed (%s); aborting it and redoing the batch", self.last_error)
+        self._abort()
+
+    def _abort(self) -> None:
+        if self.producer is None:
+            return
+        try:
+            self._call(lambda: self.producer.abort_transaction(TXN_CALL_TIMEOUT_S))
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.fatal():
+                self._replace_producer()
+            else:  # no transaction open (it failed before begin) or the broker is away: redo anyway
+                log.warning("abort did not complete (%s)", err.str())
+
+    def _replace_producer(self) -> None:
+        self.producer, self.replaced = None, self.replaced + 1
+        try:
+            self.producer = self._make_producer(self.settings, self.transactional_id)
+        except BrokerError as exc:  # the broker is away: the next commit tries again
+            log.warning("%s", exc)
+            time.sleep(RETRY_BACKOFF_S)

@@ -21,7 +21,14 @@ DUPLICATES = Counter("prefstream_duplicates_total", "Exact duplicates dropped by
 MODEL_VERSION = Info("prefstream_model", "Serving model versions")
 SWAPS = Counter("prefstream_model_swaps_total", "Hot-swaps done", ["role"])
 SWAP_FAILURES = Counter("prefstream_model_swap_failures_total", "Model versions refused (load or verify failed)", ["role"])
+# Announcements naming a path outside the worker's models store or a malformed version: never loaded.
+ANNOUNCEMENTS_REFUSED = Counter("prefstream_model_announcements_refused_total",
+                                "models.versions records refused because they name a path outside the models store",
+                                ["role"])
 SWAP_SECONDS = Histogram("prefstream_model_load_seconds", "Time to load and verify a new version in the background", ["role"])
 SHARD_ROWS = Counter("prefstream_shard_rows_total", "Rows written to shards", ["split"])
 READY = Gauge("prefstream_ready", "1 when the worker has its partitions and models")
 ALPHA = Gauge("prefstream_annotator_alpha", "Rolling Krippendorff's alpha of annotator verdicts", ["category"])
+QUEUE_TASKS = Gauge("prefstream_review_queue_tasks", "Review tasks in the Redis queue by state (pending, leased)", ["state"])
+# 0 when no sandbox (bwrap, user namespaces) works here: the code verifier is off and code pairs take the model route.
+CODE_SANDBOX = Gauge("prefstream_code_sandbox_available", "1 when the code verifier's bubblewrap sandbox works on this worker")

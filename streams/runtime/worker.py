@@ -20,122 +20,30 @@ import time
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import redis
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as KafkaErrorCode
 
-from schemas.pairs import prompt_text
 from schemas.wire import ValueCodec
-from streams.exceptions import BrokerError
+from streams.exceptions import StageFailedError
 from streams.kafka import topics
 from streams.kafka.config import consumer_config
-from streams.kafka.transactions import TXN_CALL_TIMEOUT_S, commit_batch, rewind, transactional_producer
+from streams.kafka.transactions import BatchTransactions, rewind
 from streams.runtime import metrics
-from streams.runtime.processors.embedder import Embedder
-from streams.runtime.processors.ingest import Ingestor
-from streams.runtime.processors.labeler import Labeler, LLMLabeler
-from streams.runtime.processors.retrieval import NeighbourIndex
-from streams.runtime.processors.router import RouterPolicy, route
+from streams.runtime.pipeline import Pipeline
+from streams.runtime.processors import sandbox
+from streams.runtime.processors.isolation import TRANSIENT
 from streams.runtime.processors.scorer import Loaded, ModelSlot, Scorer, bootstrap_model, load_announced
-from streams.runtime.processors.verifiers import verify_batch
 from streams.settings import Settings, WorkerSettings
 from trainers.registry import BOOTSTRAP_VERSION
 
 log = logging.getLogger(__name__)
 RETRY_BACKOFF_S = 1.0
+# Batches in a row that may fail to commit before /readyz turns false.
+NOT_READY_AFTER = 3
 WORKER_MAX_POLL_INTERVAL_MS = 60000
 VERSIONS_DRAIN_S = 1.0
 IDLE_POLL_S = 0.5  # how long an idle worker blocks for a record before checking its stop flag
-# Review priority is p plus the pair's age as a tie-break: created_at (epoch ms, ~1.7e12) divided by
-# this stays below 1e-3, so it never reorders pairs whose p differ by more than that.
-PRIORITY_AGE_SCALE = 1e16
-
-
-class Pipeline:
-    """The per-batch logic, free of Kafka plumbing (so it can be tested and benchmarked alone)."""
-
-    def __init__(self, settings: Settings, wsettings: WorkerSettings, redis_client: Any, scorer: Scorer,
-                 embedder: Embedder | None = None) -> None:
-        self.settings, self.wsettings = settings, wsettings
-        self.codec = ValueCodec(settings.schema_registry_url)
-        self.ingestor = Ingestor(self.codec, redis_client, wsettings.dedupe_ttl_s, key_prefix=settings.topic_prefix)
-        self.embedder = embedder or Embedder(threads=wsettings.threads or None, precision=wsettings.embedder_precision)
-        labeler = Labeler(self.embedder, redis=redis_client)
-        self.labeler: Any = labeler
-        if wsettings.llm_url:
-            key = wsettings.llm_api_key.get_secret_value() if wsettings.llm_api_key else None
-            self.labeler = LLMLabeler(wsettings.llm_url, wsettings.llm_model, labeler, key)
-        self.index = NeighbourIndex(self.embedder.dim)
-        self.scorer = scorer
-        self.policy = RouterPolicy(wsettings.tau, wsettings.gold_agree, wsettings.flip_below)
-        self.out_topics = {name: settings.topic(name) for name in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ)}
-
-    def _out(self, name: str, schema: str, key: bytes | None, record: dict) -> tuple[str, bytes | None, bytes, list]:
-        topic = self.out_topics[name]
-        value, headers = self.codec.encode(schema, record, topic)
-        return topic, key, value, headers
-
-    def process(self, msgs: list[Any]) -> list[tuple[str, bytes | None, bytes, list]]:
-        with metrics.STAGE_SECONDS.labels("ingest").time():
-            results = [(m, self.ingestor.decode(m)) for m in msgs]
-            self.ingestor.dedupe(results)
-        outputs = []
-        pairs = []
-        for m, r in results:
-            metrics.RECORDS_IN.labels(m.topic()).inc()
-            if r.dead_letter is not None:
-                metrics.DLQ.labels(r.dead_letter["reason"]).inc()
-                outputs.append(self._out(topics.DLQ, "DeadLetter", m.key(), r.dead_letter))
-            elif r.duplicate:
-                metrics.DUPLICATES.inc()
-            else:
-                pairs.append(r.pair)
-        if not pairs:
-            return outputs
-        with metrics.STAGE_SECONDS.labels("score").time():
-            scores = self.scorer.score(pairs)
-        with metrics.STAGE_SECONDS.labels("label").time():
-            disagreement = [abs(s["p"] - s["gold_p"]) if s["gold_p"] is not None else None for s in scores]
-            self.labeler.label(pairs, disagreement)
-            prompts = [prompt_text(p) for p in pairs]
-            emb = self.embedder.embed(prompts)
-        with metrics.STAGE_SECONDS.labels("verify").time():
-            verdicts = verify_batch(pairs)
-        with metrics.STAGE_SECONDS.labels("route").time():
-            self._route(pairs, scores, verdicts, prompts, emb, outputs)
-        return outputs
-
-    def _route(self, pairs: list[dict], scores: list[dict], verdicts: list, prompts: list[str], emb: np.ndarray,
-               outputs: list) -> None:
-        """Route each scored pair and append its output records; then index the batch for retrieval."""
-        now = int(time.time() * 1000)
-        for i, (pair, score) in enumerate(zip(pairs, scores, strict=True)):
-            decision = route(score["p"], score["gold_p"], verdicts[i], self.policy)
-            metrics.ROUTES.labels(decision.kind, decision.reason.split(":")[0][:40]).inc()
-            key = pair["pair_id"].encode()
-            outputs.append(self._out(topics.SCORED, "ScoredPair", key,
-                                     {"pair": pair, **score, "route": decision.kind, "route_reason": decision.reason}))
-            if decision.kind == "review":
-                similar = [{"pair_id": n.pair_id, "prompt": n.prompt, "chosen": n.chosen, "rejected": n.rejected,
-                            "label_source": n.label_source, "similarity": n.similarity}
-                           for n in self.index.search(emb[i], decision.k, exclude=pair["pair_id"])]
-                task = {"task_id": pair["pair_id"], "pair": pair, "p": score["p"],
-                        "margin": score["reward_chosen"] - score["reward_rejected"], "model_version": score["model_version"],
-                        # Severity first: lower p is served first; ties by age (created_at in ms, scaled down).
-                        "priority": score["p"] + pair["created_at"] / PRIORITY_AGE_SCALE, "reason": decision.reason,
-                        "similar": similar, "expert": False, "created_at": now}
-                outputs.append(self._out(topics.REVIEW, "ReviewTask", key, task))
-            elif decision.kind != "dropped":
-                trained = dict(pair)
-                if decision.flip:
-                    trained["chosen"], trained["rejected"] = pair["rejected"], pair["chosen"]
-                p_train = 1 - score["p"] if decision.flip else score["p"]
-                outputs.append(self._out(topics.CURATED, "CuratedPair", key, {
-                    "pair": trained, "split": decision.kind, "p": p_train, "model_version": score["model_version"],
-                    "reason": decision.reason, "curated_at": now}))
-        self.index.add(emb, [(p["pair_id"], prompts[i], p["chosen"], p["rejected"], p["label_source"])
-                             for i, p in enumerate(pairs)])
 
 
 class VersionWatcher:
@@ -229,7 +137,8 @@ def next_batch(consumer: Consumer, max_batch: int, max_wait_s: float, idle_s: fl
 
 
 def build_scorer(settings: Settings, wsettings: WorkerSettings) -> tuple[Scorer, dict[str, ModelSlot]]:
-    loader = lambda rec: load_announced(rec, threads=wsettings.threads or None)  # noqa: E731
+    # Only versions inside this worker's own models store are loaded (see trusted_version_dir).
+    loader = lambda rec: load_announced(rec, threads=wsettings.threads or None, models_dir=settings.models_dir)  # noqa: E731
     current, gold = ModelSlot("current", loader), ModelSlot("gold", loader)
     return Scorer(current, gold), {"current": current, "gold": gold}
 
@@ -238,7 +147,9 @@ class Worker:
     def __init__(self, settings: Settings, wsettings: WorkerSettings) -> None:
         self.settings, self.wsettings = settings, wsettings
         self.stop = threading.Event()
-        self.ready = False
+        self.ready = self.started = False
+        self.failed_batches = 0
+        self.last_error = ""
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.scorer, self.slots = build_scorer(settings, wsettings)
         self.watcher = VersionWatcher(settings, self.slots)
@@ -282,52 +193,77 @@ class Worker:
         # run: 1.30 s in the collector against 1.56 s, start-up included).
         gc.collect()
         gc.freeze()
-        producer = transactional_producer(self.settings, self.transactional_id)
+        # Probe the code sandbox now, so its state is logged at start and shown on /metrics; without
+        # one, code pairs take the model route (untrusted code never runs unsandboxed).
+        sandbox.available()
+        txn = BatchTransactions(self.settings, self.transactional_id, stop=self.stop)
         consumer = self._consumer()
         shard_thread = self._start_shard_writer()
         sizer = BatchSizer(self.wsettings.max_batch, self.wsettings.batch_target_s)
-        self.ready = True
-        metrics.READY.set(1)
+        self.started = True
+        self._set_ready()
         log.info("worker %s consuming %s", self.transactional_id, self.settings.topic(topics.RAW))
         try:
             while not self.stop.is_set():
                 self.scorer.swap_if_ready()  # between batches only
-                producer.poll(0)  # serve the producer's queue (librdkafka's log lines come through it)
+                txn.poll()
                 msgs = next_batch(consumer, sizer.limit, self.wsettings.max_wait_ms / 1000)
-                if msgs and self._process_batch(pipeline, producer, consumer, msgs, sizer):
+                if msgs and self._process_batch(pipeline, txn, consumer, msgs, sizer):
                     self._count(msgs)
         finally:
-            self.ready = False
-            metrics.READY.set(0)
+            self.started = False
+            self._set_ready()
             self.watcher.stop.set()
             consumer.close()  # leave the group now rather than after a session timeout
             if shard_thread is not None:
                 shard_thread.join(timeout=30)
 
-    def _process_batch(self, pipeline: Pipeline, producer: Producer, consumer: Consumer, msgs: list[Any],
+    def _set_ready(self, why: str = "") -> None:
+        """Ready while running and batches commit; after NOT_READY_AFTER failed batches in a row
+        /readyz says no (an orchestrator stops routing to it; the log says why)."""
+        ready = self.started and self.failed_batches < NOT_READY_AFTER
+        if self.ready and not ready and why:
+            log.error("not ready: %d batches in a row did not commit; the last because %s", self.failed_batches, why)
+        elif ready and not self.ready and self.started and self.failed_batches == 0 and self.counts["batches"]:
+            log.info("ready again: a batch committed")
+        self.ready = ready
+        metrics.READY.set(1 if ready else 0)
+
+    def _process_batch(self, pipeline: Pipeline, txn: BatchTransactions, consumer: Consumer, msgs: list[Any],
                        sizer: BatchSizer) -> bool:
         """Process and commit one micro-batch; False when it was rolled back to be done again."""
+        ok = self._try_batch(pipeline, txn, consumer, msgs, sizer)
+        self.failed_batches = 0 if ok else self.failed_batches + 1
+        self._set_ready(txn.last_error or self.last_error)
+        return ok
+
+    def _try_batch(self, pipeline: Pipeline, txn: BatchTransactions, consumer: Consumer, msgs: list[Any],
+                   sizer: BatchSizer) -> bool:
         try:
             started = time.perf_counter()
-            outputs = pipeline.process(msgs)
+            try:
+                outputs = pipeline.process(msgs)
+            except (*TRANSIENT, StageFailedError, OSError):
+                raise
+            except Exception:  # a bug met by some record: find it, never exit because of one
+                log.exception("a batch of %d failed outside the per-record stages; processing it record by record",
+                              len(msgs))
+                outputs = pipeline.process_each(msgs)
             sizer.observe(len(msgs), time.perf_counter() - started)
             with metrics.STAGE_SECONDS.labels("commit").time():
-                commit_batch(producer, consumer, outputs, msgs)
-        except KafkaException as exc:
-            err = exc.args[0]
-            if err.fatal():
-                raise BrokerError(f"fatal Kafka error, restart the worker: {err.str()}") from exc
-            log.warning("transaction failed (%s); aborting and retrying the batch", err.str())
-            if err.txn_requires_abort():
-                producer.abort_transaction(TXN_CALL_TIMEOUT_S)
-            rewind(consumer)
-            time.sleep(RETRY_BACKOFF_S)
-            return False
-        except (redis.RedisError, OSError) as exc:
+                committed = txn.commit(consumer, outputs, msgs)  # on failure: recovered and rewound
+            if not committed:
+                time.sleep(RETRY_BACKOFF_S)
+                return False
+        except (redis.RedisError, OSError, StageFailedError, KafkaException) as exc:
+            # Infrastructure, or a stage failing for every record (a broken model): the data is not at
+            # fault, so the batch is retried rather than dead-lettered.
+            self.last_error = str(exc)
             log.warning("batch failed (%s); retrying after %.0f s", exc, RETRY_BACKOFF_S)
-            rewind(consumer)
+            rewind(consumer, self.stop)
             time.sleep(RETRY_BACKOFF_S)
             return False
+        self.last_error = ""
         for topic, *_ in outputs:
             metrics.RECORDS_OUT.labels(topic).inc()
         return True

@@ -1,19 +1,21 @@
 """Ingest: decode, validate, normalise and deduplicate records from prefs.raw.
 
-Never raises on input: every record becomes a pair, a duplicate, or a dead letter with a typed
-reason. Deduplication keeps ``pair_id -> partition:offset`` in Redis with a TTL; a record that
+Never raises on input, a library's error on odd bytes included: every record becomes a pair, a
+duplicate, or a dead letter with a typed reason. Deduplication keeps ``pair_id -> partition:offset`` in Redis with a TTL; a record that
 meets its own claim again (a replay after a crash) is not a duplicate, so replays lose nothing.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from schemas.exceptions import SchemaError
 from schemas.pairs import normalize_text, validate_pair
 from schemas.wire import ValueCodec
+from streams.runtime.processors.deadletter import dead_letter, from_exception
+
+__all__ = ["DEFAULT_DEDUPE_TTL_S", "DEDUPE_PREFIX", "IngestResult", "Ingestor", "dead_letter", "normalize"]
 
 DEDUPE_PREFIX = "prefstream:dedupe:"
 DEFAULT_DEDUPE_TTL_S = 7 * 24 * 3600
@@ -24,15 +26,6 @@ class IngestResult:
     pair: dict[str, Any] | None = None
     dead_letter: dict[str, Any] | None = None
     duplicate: bool = False
-
-
-def dead_letter(msg: Any, reason: str, detail: str, processor: str) -> dict[str, Any]:
-    headers = {k: (v or b"") for k, v in (msg.headers() or [])}
-    return {
-        "original_key": msg.key(), "original_value": msg.value(), "original_headers": headers,
-        "reason": reason, "detail": detail[:2000], "source_topic": msg.topic(), "source_partition": msg.partition(),
-        "source_offset": msg.offset(), "processor": processor, "failed_at": int(time.time() * 1000),
-    }
 
 
 def normalize(pair: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +47,10 @@ class Ingestor:
         try:
             pair = normalize(self.codec.decode("PreferencePair", msg.value(), msg.headers(), msg.topic()))
         except SchemaError as exc:
-            return IngestResult(dead_letter=dead_letter(msg, getattr(exc, "reason", "invalid"), str(exc), "ingest"))
+            return IngestResult(dead_letter=dead_letter(msg, getattr(exc, "reason", "invalid"), str(exc), "ingest",
+                                                        type(exc).__name__))
+        except Exception as exc:  # a decoder bug met by one record must not stop the batch
+            return IngestResult(dead_letter=from_exception(msg, "ingest", exc))
         return IngestResult(pair=pair)
 
     def dedupe(self, results: list[tuple[Any, IngestResult]]) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from schemas.pairs import CONTROVERSIALITY, OBJECTIVITY, prompt_text
+from streams.exceptions import ConfigError, ProcessingError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def load_taxonomy(path: str | None = None) -> list[Category]:
     cats = [Category(**c) for c in json.loads(text)["categories"]]
     for c in cats:
         if c.objectivity not in OBJECTIVITY:
-            raise ValueError(f"taxonomy category {c.name}: objectivity {c.objectivity!r} is not one of {OBJECTIVITY}")
+            raise ConfigError(f"taxonomy category {c.name}: objectivity {c.objectivity!r} is not one of {OBJECTIVITY}; "
+                              "fix the taxonomy file")
     return cats
 
 
@@ -146,7 +148,7 @@ class LLMLabeler:
         out = json.loads(resp.json()["choices"][0]["message"]["content"])
         if out.get("task_category") not in self.fallback.by_name or out.get("objectivity") not in OBJECTIVITY \
                 or out.get("controversiality") not in CONTROVERSIALITY:
-            raise ValueError(f"LLM answer outside the schema: {out}")
+            raise ProcessingError(f"LLM answer outside the schema: {str(out)[:300]}", "llm_answer_invalid", "label")
         return out
 
     def label(self, pairs: list[dict], model_disagreement: Sequence[float | None] | None = None) -> list[dict]:

@@ -20,6 +20,14 @@ N_LISTS = 256
 N_PROBE = 24
 KMEANS_SAMPLE = 20_000
 KMEANS_ITERS = 6
+# Neighbours are context for a reviewer, not the pairs themselves: each text is kept to its start.
+# Bounds the index's memory (200,000 pairs of up to 4 MiB each would not fit any worker) and the
+# size of a review task's similar list (8 neighbours of whole pairs could pass max.message.bytes).
+NEIGHBOUR_TEXT_CHARS = 4000
+
+
+def clip(text: str, limit: int = NEIGHBOUR_TEXT_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + f" [... {len(text) - limit:,} more characters]"
 
 
 @dataclass
@@ -92,6 +100,7 @@ class NeighbourIndex:
         for vec, meta in zip(vectors, metas, strict=True):
             if meta[0] in self.ids:
                 continue
+            meta = (meta[0], clip(meta[1]), clip(meta[2]), clip(meta[3]), meta[4])
             if self.size < self.capacity:
                 if self.size == len(self.vectors):
                     grown = np.zeros((min(self.capacity, len(self.vectors) * 2), self.dim), dtype=np.float32)

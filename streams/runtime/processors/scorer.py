@@ -9,6 +9,8 @@ always scored by one fully loaded model, and a failed load leaves the old model 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -18,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from streams.exceptions import ModelRefusedError, UntrustedModelPathError
 from streams.runtime import metrics
 from trainers.model import ONNX_FP32, ONNX_INT8, RewardModel, sigmoid
-from trainers.registry import BOOTSTRAP_VERSION, ModelStore, sha256_file
+from trainers.registry import BOOTSTRAP_VERSION, ROLES, ModelStore, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +84,56 @@ class ModelSlot:
         return True
 
 
+# Version names as ModelStore.publish makes them: <role>-<YYYYmmdd>-<HHMMSS>-<6 hex>. Anything else in
+# an announcement is not a version this store made, so it is never joined into a path.
+VERSION_NAME = re.compile(rf"(?:{'|'.join(ROLES)})-\d{{8}}-\d{{6}}-[0-9a-f]{{6}}")
+
+
+def trusted_version_dir(record: dict, models_dir: str | os.PathLike) -> Path:
+    """The directory of the announced version inside the worker's own models store, or UntrustedModelPathError.
+
+    models.versions is a topic anyone with write access can append to; a worker that loaded whatever
+    path a record names would load whatever files sit there, from any directory on the host. So the
+    version name must be one the store makes, the announced path must be that version's directory in
+    ``models_dir``, and the directory must still be there after symlinks are resolved.
+    """
+    version, announced = str(record.get("version", "")), str(record.get("path", ""))
+    shown = f"version {version[:80]!r} at {announced[:200]!r}"
+    if not VERSION_NAME.fullmatch(version):
+        raise UntrustedModelPathError(f"{shown}: the version name is not one the model store makes "
+                                      "(<role>-<date>-<time>-<6 hex>); publish with `prefstream` tools")
+    root = Path(models_dir).resolve()
+    expected = root / "versions" / version
+    if not announced or Path(announced).resolve() != expected.resolve():
+        raise UntrustedModelPathError(f"{shown}: the path is not {expected}, the version's directory in this "
+                                      "worker's models store; mount the store at the same path (PREFSTREAM_MODELS_DIR)")
+    if not expected.resolve().is_relative_to(root):
+        raise UntrustedModelPathError(f"{shown}: {expected} is a link out of the models store {root}; "
+                                      "re-publish the version into the store")
+    return expected
+
+
 def load_announced(record: dict, backend: str = "auto", max_length: int | None = None,
-                   threads: int | None = None) -> RewardModel:
-    """Verify a ModelVersion record against the store on disk, then load it."""
-    path = Path(record["path"])
+                   threads: int | None = None, models_dir: str | os.PathLike | None = None) -> RewardModel:
+    """Verify a ModelVersion record against the store on disk, then load it.
+
+    With ``models_dir`` (the worker always gives it) only a version inside that store is loaded;
+    a refused announcement is counted in prefstream_model_announcements_refused_total.
+    """
+    if models_dir is not None:
+        try:
+            path = trusted_version_dir(record, models_dir)
+        except UntrustedModelPathError:
+            metrics.ANNOUNCEMENTS_REFUSED.labels(str(record.get("role", ""))[:20]).inc()
+            raise
+    else:
+        path = Path(record["path"])
     manifest = path / "manifest.json"
     if not manifest.exists():
-        raise FileNotFoundError(f"{manifest} does not exist (is the model store mounted at the same path?)")
+        raise ModelRefusedError(f"{manifest} does not exist (is the model store mounted at the same path?)")
     if sha256_file(manifest) != record["manifest_sha256"]:
-        raise ValueError(f"manifest of {record['version']} does not match the announced sha256")
+        raise ModelRefusedError(f"manifest of {record['version']} does not match the announced sha256; "
+                                "re-announce the version from the store")
     ModelStore(path.parent.parent).verify(record["version"])
     onnx_file = next((f for f in (ONNX_INT8, ONNX_FP32) if (path / f).exists()), None)
     # auto: INT8 ONNX when its export check passed, else the fp32 ONNX (faster than torch on CPU), else torch.
@@ -98,7 +142,7 @@ def load_announced(record: dict, backend: str = "auto", max_length: int | None =
     probe = [{"conversation": [{"role": "user", "content": "ping"}], "chosen": "pong", "rejected": "no"}]
     rc, rr = rm.score_pairs(probe)  # a model that cannot score one pair never serves
     if not (np.isfinite(rc).all() and np.isfinite(rr).all()):
-        raise ValueError(f"{record['version']} produced non-finite rewards")
+        raise ModelRefusedError(f"{record['version']} produced non-finite rewards; it is not served")
     return rm
 
 
@@ -106,7 +150,7 @@ def bootstrap_model(max_length: int, threads: int | None = None) -> RewardModel:
     """Stage 1, before any version exists: the untrained default (MiniLM, seeded head).
 
     Served on ONNX Runtime like trained versions, through an in-memory export (~3 s at start):
-    measured 1.37x torch's pairs/s on batches and 71 vs 97 ms for a single pair (issue 4 note).
+    measured 1.37x torch's pairs/s on batches and 71 vs 97 ms for a single pair.
     If the export fails, torch serves the same weights.
     """
     from trainers.exceptions import ExportError

@@ -3,8 +3,9 @@
 - math: the prompt has a checkable arithmetic expression or a stated answer in metadata
   (``metadata["answer"]``); each response's final number is compared numerically.
 - code: ``metadata["tests"]`` holds Python test code; each response's code block runs with the tests in
-  a subprocess with a time limit, a memory limit, no network (a namespace when available, and the
-  socket module disabled) and an empty environment.
+  a bubblewrap sandbox (``sandbox.py``: empty environment, no network, read-only system, private /tmp,
+  own PID namespace, limits on processes, memory, CPU, files, output and wall time). Where no sandbox
+  works the code verifier is off: it returns None and the code is never run.
 
 A verifier returns "chosen", "rejected" (the one that is right) or None (cannot decide).
 """
@@ -14,16 +15,12 @@ from __future__ import annotations
 import ast
 import math
 import operator
-import os
 import re
-import resource
-import subprocess
-import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from schemas.pairs import prompt_text
+from streams.runtime.processors import sandbox
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
@@ -34,44 +31,98 @@ _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, as
 _EXPR = re.compile(r"(?:what is|compute|calculate|evaluate)\s+([-+*/().\d\s^x×÷]+)\??", re.I)
 
 
+# Bounds checked before anything is parsed or evaluated, so a prompt cannot make the verifier
+# recurse (ast.parse and _eval are recursive: "1+1+...+1" with 5,000 terms was a RecursionError),
+# allocate giant integers ((10^100)^100...) or spend seconds: an arithmetic question a person asks
+# fits easily. Past a bound the verifier says "cannot decide" and the models and reviewers do.
+MAX_EXPR_CHARS = 200
+MAX_EXPR_DEPTH = 10  # nested parentheses
+MAX_EXPR_NODES = 100
+MAX_LITERAL_DIGITS = 30
+MAX_RESULT_BITS = 1024  # any intermediate integer; floats overflow to OverflowError on their own
+MAX_NUMBER_CHARS = 400  # a response's final number, and metadata.answer
+
+
+class _Unverifiable(Exception):
+    """The expression is outside what the math verifier checks; it cannot decide the pair."""
+
+
+def _too_big(value: float) -> bool:
+    return isinstance(value, int) and value.bit_length() > MAX_RESULT_BITS
+
+
 def _eval(node: ast.AST) -> float:
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
         left, right = _eval(node.left), _eval(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > 100:
-            raise ValueError("exponent too large")
-        return _OPS[type(node.op)](left, right)
+        if isinstance(node.op, ast.Pow):
+            if abs(right) > 100:
+                raise _Unverifiable("exponent too large")
+            # |left|^right has about bits(left) * right bits: refuse before computing it.
+            if isinstance(left, int) and isinstance(right, int) and abs(left).bit_length() * abs(right) > MAX_RESULT_BITS:
+                raise _Unverifiable("power too large")
+        result = _OPS[type(node.op)](left, right)
+        if _too_big(result) or isinstance(result, complex):
+            raise _Unverifiable("result too large")
+        return result
     if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
         return _OPS[type(node.op)](_eval(node.operand))
-    raise ValueError("not arithmetic")
+    raise _Unverifiable("not arithmetic")
+
+
+def _depth(expr: str) -> int:
+    depth = deepest = 0
+    for ch in expr:
+        depth += ch == "("
+        depth -= ch == ")"
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def evaluate(expr: str) -> float | None:
+    """The value of an arithmetic expression from a prompt, or None when it is not one this verifier checks."""
+    if len(expr) > MAX_EXPR_CHARS or _depth(expr) > MAX_EXPR_DEPTH:
+        return None
+    if any(len(d) > MAX_LITERAL_DIGITS for d in re.findall(r"\d+", expr)):
+        return None
+    try:
+        tree = ast.parse(expr, mode="eval")
+        if sum(1 for _ in ast.walk(tree)) > MAX_EXPR_NODES:
+            return None
+        value = float(_eval(tree.body))
+    except (_Unverifiable, ValueError, SyntaxError, ArithmeticError, TypeError, RecursionError, MemoryError):
+        return None  # ArithmeticError: ZeroDivisionError and OverflowError
+    return value if math.isfinite(value) else None
+
+
+def _number(text: str) -> float | None:
+    text = text.replace(",", "")
+    if len(text) > MAX_NUMBER_CHARS:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def expected_answer(pair: dict) -> float | None:
     meta = pair.get("metadata") or {}
     if "answer" in meta:
-        try:
-            return float(meta["answer"].replace(",", ""))
-        except ValueError:
-            return None
-    m = _EXPR.search(prompt_text(pair))
+        return _number(meta["answer"].strip())
+    m = _EXPR.search(prompt_text(pair)[:100_000])  # a question is asked near the start; bound the regex's work
     if not m:
         return None
     expr = m.group(1).replace("^", "**").replace("×", "*").replace("÷", "/").replace("x", "*").strip()
-    try:
-        return float(_eval(ast.parse(expr, mode="eval").body))
-    except (ValueError, SyntaxError, ZeroDivisionError, OverflowError):
-        return None
+    return evaluate(expr)
 
 
 def final_number(text: str) -> float | None:
-    found = NUMBER.findall(text)
-    if not found:
-        return None
-    try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:
-        return None
+    # The last number in the response's last 200,000 characters (a 1 MiB response costs one bounded scan); a
+    # number longer than MAX_NUMBER_CHARS (a 5,000-digit one) is no answer a verifier compares.
+    found = NUMBER.findall(text[-200_000:])
+    return _number(found[-1]) if found else None
 
 
 def _close(a: float | None, b: float) -> bool:
@@ -86,35 +137,10 @@ def verify_math(pair: dict) -> str | None:
     return "chosen" if c and not r else "rejected" if r and not c else None
 
 
-def _limits() -> None:  # runs in the child before exec
-    resource.setrlimit(resource.RLIMIT_AS, (CODE_MEMORY_BYTES, CODE_MEMORY_BYTES))
-    resource.setrlimit(resource.RLIMIT_CPU, (int(CODE_TIMEOUT_S) + 1, int(CODE_TIMEOUT_S) + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-    os.setsid()
-
-
-_NO_NETWORK = (
-    "import socket as _s\n"
-    "def _blocked(*a, **k):\n    raise OSError('network disabled in the verifier sandbox')\n"
-    "_s.socket = _blocked; _s.create_connection = _blocked; _s.getaddrinfo = _blocked\n"
-)
-
-
 def run_python(code: str, tests: str, timeout: float = CODE_TIMEOUT_S) -> bool:
-    """True if ``code`` followed by ``tests`` exits 0 within the limits."""
-    with tempfile.TemporaryDirectory(prefix="prefstream-verify-") as tmp:
-        path = os.path.join(tmp, "candidate.py")
-        with open(path, "w") as fh:
-            fh.write(_NO_NETWORK + code + "\n\n" + tests + "\n")
-        argv = [sys.executable, "-I", "-S", path]
-        if os.path.exists("/usr/bin/unshare") and os.geteuid() == 0:
-            argv = ["/usr/bin/unshare", "--net", "--", *argv]  # a network namespace with no interfaces
-        try:
-            proc = subprocess.run(argv, cwd=tmp, env={"PATH": "/usr/bin:/bin"}, capture_output=True, timeout=timeout,
-                                  preexec_fn=_limits, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            return False
-        return proc.returncode == 0
+    """True if ``code`` followed by ``tests`` exits 0 within the limits of the sandbox (False, never run, without one)."""
+    limits = sandbox.Limits(timeout_s=timeout, memory_bytes=CODE_MEMORY_BYTES, cpu_s=int(timeout) + 1)
+    return sandbox.run_python(code + "\n\n" + tests + "\n", limits).ok
 
 
 def extract_code(text: str) -> str:
@@ -124,8 +150,8 @@ def extract_code(text: str) -> str:
 
 def verify_code(pair: dict) -> str | None:
     tests = (pair.get("metadata") or {}).get("tests")
-    if not tests:
-        return None
+    if not tests or not sandbox.available():
+        return None  # no sandbox here: untrusted code never runs, the pair takes the model route
     # Both sides at once: each run is mostly waiting on a child process, so threads overlap them.
     c, r = _POOL.map(lambda side: run_python(extract_code(pair[side]), tests), ("chosen", "rejected"))
     return "chosen" if c and not r else "rejected" if r and not c else None

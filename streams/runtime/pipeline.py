@@ -1,0 +1,164 @@
+"""The per-batch logic of the worker, free of Kafka plumbing: ingest, score, label, verify and route
+a micro-batch, each record isolated so that one bad record goes to the dead-letter queue alone."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from schemas.pairs import prompt_text
+from schemas.wire import ValueCodec
+from streams.kafka import topics
+from streams.kafka.transactions import (
+    Output,
+)
+from streams.runtime import metrics
+from streams.runtime.processors.embedder import Embedder
+from streams.runtime.processors.ingest import Ingestor
+from streams.runtime.processors.isolation import TRANSIENT, Failed, Item, isolate, with_result
+from streams.runtime.processors.labeler import Labeler, LLMLabeler
+from streams.runtime.processors.outputs import (
+    Emitter,
+    check_score,
+    curated_record,
+    review_task,
+    scored_record,
+)
+from streams.runtime.processors.retrieval import NeighbourIndex
+from streams.runtime.processors.router import RouterPolicy, route
+from streams.runtime.processors.scorer import Scorer
+from streams.runtime.processors.trust import for_verifier
+from streams.runtime.processors.verifiers import verify_batch
+from streams.settings import Settings, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """The per-batch logic, free of Kafka plumbing (so it can be tested and benchmarked alone).
+
+    Every record is isolated: whatever a stage raises on one record (a validation error, a
+    RecursionError in a library, a model that chokes on one input) sends that record to prefs.dlq
+    with the stage, the error's type and message and the original bytes, and the rest of the batch
+    goes on. Stages that work on the whole batch (score, label, embed, verify) find the record that
+    broke them by bisection (processors/isolation.py).
+    """
+
+    def __init__(self, settings: Settings, wsettings: WorkerSettings, redis_client: Any, scorer: Scorer,
+                 embedder: Embedder | None = None) -> None:
+        self.settings, self.wsettings = settings, wsettings
+        self.codec = ValueCodec(settings.schema_registry_url)
+        self.ingestor = Ingestor(self.codec, redis_client, wsettings.dedupe_ttl_s, key_prefix=settings.topic_prefix)
+        self.embedder = embedder or Embedder(threads=wsettings.threads or None, precision=wsettings.embedder_precision)
+        labeler = Labeler(self.embedder, redis=redis_client)
+        self.labeler: Any = labeler
+        if wsettings.llm_url:
+            key = wsettings.llm_api_key.get_secret_value() if wsettings.llm_api_key else None
+            self.labeler = LLMLabeler(wsettings.llm_url, wsettings.llm_model, labeler, key)
+        self.index = NeighbourIndex(self.embedder.dim)
+        self.scorer = scorer
+        self.policy = RouterPolicy(wsettings.tau, wsettings.gold_agree, wsettings.flip_below)
+        self.trusted = wsettings.trusted_source_set
+        self.out_topics = {name: settings.topic(name) for name in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ)}
+        self.emit = Emitter(self.codec, self.out_topics)
+
+    def _fail(self, msg: Any, stage: str, exc: BaseException, outputs: list[Output]) -> None:
+        outputs.append(self.emit.fail(msg, stage, exc))
+
+    def _stage(self, stage: str, timer: str, fn: Callable[[list[Item]], Sequence[Any]], items: list[Item],
+               outputs: list[Output]) -> list[tuple[Item, Any]]:
+        """(item, result) for the items ``fn`` handled; the others are dead-lettered."""
+        with metrics.STAGE_SECONDS.labels(timer).time():
+            results = isolate(stage, fn, items)
+        kept = []
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, Failed):
+                self._fail(item.msg, stage, result.error, outputs)
+            else:
+                kept.append((item, result))
+        return kept
+
+    def process(self, msgs: list[Any]) -> list[Output]:
+        outputs: list[Output] = []
+        with metrics.STAGE_SECONDS.labels("ingest").time():
+            results = []
+            for m in msgs:
+                metrics.RECORDS_IN.labels(m.topic()).inc()
+                results.append((m, self.ingestor.decode(m)))  # never raises on a record
+            self.ingestor.dedupe(results)  # one Redis call; its errors retry the batch
+        items = []
+        for m, r in results:
+            if r.dead_letter is not None:
+                outputs.append(self.emit.dead(m, r.dead_letter))
+            elif r.duplicate:
+                metrics.DUPLICATES.inc()
+            else:
+                items.append(Item(m, r.pair))
+        # Each stage keeps the items it handled; a record it dead-lettered goes no further.
+        items = [with_result(it, "score", r) for it, r in self._stage(
+            "score", "score", lambda b: self.scorer.score([i.pair for i in b]), items, outputs)]
+        items = [it for it, _ in self._stage("label", "label", self._label, items, outputs)]
+        items = [with_result(it, "vec", r) for it, r in self._stage(
+            "embed", "label", lambda b: list(self.embedder.embed([prompt_text(i.pair) for i in b])), items, outputs)]
+        # Producers outside trusted_sources cannot vouch for their pairs (processors/trust.py).
+        items = [with_result(it, "verdict", r) for it, r in self._stage(
+            "verify", "verify", lambda b: verify_batch([for_verifier(i.pair, self.trusted) for i in b]), items, outputs)]
+        with metrics.STAGE_SECONDS.labels("route").time():
+            self._route(items, outputs)
+        return outputs
+
+    def process_each(self, msgs: list[Any]) -> list[Output]:
+        """``process`` one record at a time: the fallback when ``process`` raised on a batch (a bug, not data)."""
+        outputs: list[Output] = []
+        for m in msgs:
+            try:
+                outputs += self.process([m])
+            except TRANSIENT:
+                raise
+            except Exception as exc:  # whatever it is, it is this record's alone now
+                self._fail(m, "pipeline", exc, outputs)
+        return outputs
+
+    def _label(self, batch: list[Item]) -> list[dict]:
+        disagreement = [abs(i.score["p"] - i.score["gold_p"]) if i.score["gold_p"] is not None else None for i in batch]
+        return self.labeler.label([i.pair for i in batch], disagreement)
+
+    def _route(self, items: list[Item], outputs: list[Output]) -> None:
+        """Route each scored pair and append its output records; then index the batch for retrieval."""
+        now = int(time.time() * 1000)
+        indexed = []
+        for it in items:
+            try:
+                outputs.extend(self._route_one(it, now))
+                indexed.append(it)
+            except Exception as exc:  # one record's routing or encoding error is that record's
+                self._fail(it.msg, "route", exc, outputs)
+        if not indexed:
+            return
+        try:
+            self.index.add(np.stack([it.vec for it in indexed]),
+                           [(it.pair["pair_id"], prompt_text(it.pair), it.pair["chosen"], it.pair["rejected"],
+                             it.pair["label_source"]) for it in indexed])
+        except Exception:  # retrieval is context for reviewers: a batch missing from it is not worth a record
+            log.exception("could not index a batch of %d pairs for retrieval", len(indexed))
+
+    def _route_one(self, it: Item, now: int) -> list[Output]:
+        """The outputs of one pair, all encoded before any is kept, so a failure leaves none half-written."""
+        pair, score = it.pair, it.score
+        check_score(score)
+        decision = route(score["p"], score["gold_p"], it.verdict, self.policy)
+        key = pair["pair_id"].encode()
+        scored = self.emit.out(topics.SCORED, "ScoredPair", key, scored_record(pair, score, decision))
+        out = [scored]
+        if decision.kind == "review":
+            neighbours = self.index.search(it.vec, decision.k, exclude=pair["pair_id"])
+            out.append(self.emit.out(topics.REVIEW, "ReviewTask", key,
+                                     review_task(pair, score, decision, neighbours, now, len(scored[2]))))
+        elif decision.kind != "dropped":
+            out.append(self.emit.out(topics.CURATED, "CuratedPair", key, curated_record(pair, score, decision, now)))
+        metrics.ROUTES.labels(decision.kind, decision.reason.split(":")[0][:40]).inc()
+        return out
