@@ -71,7 +71,27 @@ def test_majority_gives_verified_and_gold_oriented_by_the_humans(agg):
     v, c = kinds["prefs.verified"], kinds["prefs.curated"]
     assert v["label"] == "flipped" and v["decided_by"] == "majority" and v["agreement"] == pytest.approx(2 / 3)
     assert v["pair"]["chosen"] == "bad answer 1" and c["split"] == "gold" and c["pair"]["label_source"] == "human"
+    assert a.handle(ann(t, "z", "rejected"), t) == [], "a replay in the same batch must not decide twice"
+    a.committed()
     assert a.handle(ann(t, "z", "rejected"), t) == [], "a replayed annotation must not decide twice"
+    assert r.hget(prefix + "prefstream:review:stats:decided", "x") == b"1"
+
+
+def test_a_decision_counts_only_once_its_batch_committed(agg):
+    """Votes are in Redis at once; the decided mark and the stats wait for the commit (a redone batch decides again)."""
+    a, r, prefix = agg
+    t = task(3)
+    a.handle(ann(t, "x", "chosen"), t)
+    a.handle(ann(t, "y", "chosen"), t)
+    first = a.handle(ann(t, "z", "chosen"), t)
+    assert [n for n, _, _ in first] == ["prefs.verified", "prefs.curated"]
+    assert not r.exists(prefix + "prefstream:agg:decided:pair-3")  # nothing committed yet
+    a.abandoned()  # the transaction aborted, or the process died: the batch is redone from the votes
+    again = a.handle(ann(t, "z", "chosen"), t)
+    assert [rec["pair"]["pair_id"] for _, _, rec in again] == ["pair-3", "pair-3"]
+    a.committed()
+    assert r.exists(prefix + "prefstream:agg:decided:pair-3") and r.ttl(prefix + "prefstream:agg:decided:pair-3") > 0
+    assert r.hget(prefix + "prefstream:review:stats:decided", "x") == b"1"  # counted once, not twice
 
 
 def test_split_escalates_and_the_expert_decides(agg):
@@ -96,6 +116,7 @@ def test_three_verdicts_through_the_app_reach_verified_and_curated(settings):
     from tests.test_review import TOKENS, auth
 
     app = create_app(settings, ReviewSettings(tokens=TOKENS, lease_s=30))
+    app.state.queue.r.set(app.state.queue.k("initialized"), "1")  # no feeder here: the queue counts as built
     stop = threading.Event()
     th = threading.Thread(target=aggregator.run, args=(settings, app.state.queue.r, stop), daemon=True)
     th.start()
@@ -115,3 +136,146 @@ def test_three_verdicts_through_the_app_reach_verified_and_curated(settings):
     finally:
         stop.set()
         th.join(10)
+
+
+class Crash(Exception):
+    """Stands in for the process dying at an injected point."""
+
+
+def publish(settings, schema: str, name: str, records: list[tuple[str, dict]]) -> None:
+    from confluent_kafka import Producer
+
+    from schemas.wire import ValueCodec
+    from streams.kafka.config import producer_config
+
+    codec, prod = ValueCodec(), Producer(producer_config(settings))
+    for key, rec in records:
+        v, h = codec.encode(schema, rec, settings.topic(name))
+        prod.produce(settings.topic(name), key=key.encode(), value=v, headers=h)
+    assert prod.flush(10) == 0
+
+
+@pytest.mark.integration
+def test_crashes_between_the_redis_write_and_the_commit_leave_one_verified_pair_per_task(settings):
+    """The aggregator dies after writing votes but before committing (twice), and after committing but
+    before marking the tasks decided (twice); restarted each time, every task ends with one VerifiedPair."""
+    from streams.review import aggregator
+    from streams.review.app import VerdictIn, annotation
+    from streams.review.queue import ReviewQueue
+
+    r = redis.Redis.from_url(settings.redis_url)
+    q = ReviewQueue(r, settings.topic_prefix)
+    r.set(q.k("initialized"), "1")
+    tasks = [task(40 + i) for i in range(6)]
+    for t in tasks:
+        q.add(t)
+    publish(settings, "Annotation", topics.ANNOTATIONS,
+            [(t["task_id"], annotation(t, who, VerdictIn(verdict="A"), "chosen_first"))
+             for t in tasks for who in ("x", "y", "z")])
+    plan = {("handled", 1), ("handled", 3), ("committed", 1), ("committed", 4)}  # which calls crash
+    seen: dict[str, int] = {}
+
+    def fault(point: str) -> None:
+        seen[point] = seen.get(point, 0) + 1
+        if (point, seen[point]) in plan:
+            raise Crash(point)
+
+    want = {t["task_id"] for t in tasks}
+    crashes, deadline = 0, time.monotonic() + 180
+    while True:
+        stop, box = threading.Event(), {}
+
+        def target(stop=stop, box=box):
+            try:  # max_batch=2: many small transactions, so crashes fall between decisions of several tasks
+                aggregator.run(settings, r, stop, max_batch=2, fault=fault)
+            except Crash as exc:
+                box["crash"] = exc
+
+        th = threading.Thread(target=target, daemon=True)
+        th.start()  # a restart: a new producer with the same transactional id fences the dead one
+        while th.is_alive() and time.monotonic() < deadline:
+            th.join(0.5)
+            if crashes == len(plan) and {v["pair"]["pair_id"] for v in
+                                         read_topic(settings, topics.VERIFIED, "VerifiedPair", idle=0.5)} >= want:
+                break
+        if "crash" in box:
+            crashes += 1
+            assert time.monotonic() < deadline, f"still crashing after {crashes}: {seen}"
+            continue
+        stop.set()
+        th.join(15)
+        break
+    assert crashes == len(plan), f"{crashes} crashes, planned {len(plan)}: {seen}"
+    verified = read_topic(settings, topics.VERIFIED, "VerifiedPair", idle=2)
+    # Every crash here happens outside an open transaction (before begin or after commit), so no
+    # aborted records exist and the raw count is exact. Where a transaction is aborted, the embedded
+    # broker (Tansu) still shows its records to read_committed readers: such a test, and every
+    # downstream consumer, must dedupe on task_id.
+    ids = sorted(v["pair"]["pair_id"] for v in verified)
+    assert ids == sorted(t["task_id"] for t in tasks), ids
+    assert {tuple(sorted(v["annotators"])) for v in verified} == {("x", "y", "z")}
+
+
+@pytest.mark.integration
+def test_wiping_redis_mid_review_keeps_the_partial_votes(settings):
+    """FLUSHDB while tasks have 1 and 2 verdicts: after the feeder's rebuild each needs only the rest."""
+    from fastapi.testclient import TestClient
+
+    from streams.review import aggregator
+    from streams.review.app import create_app
+    from streams.review.feeder import start
+    from streams.settings import ReviewSettings
+    from tests.test_review import TOKENS, auth
+
+    app = create_app(settings, ReviewSettings(tokens=TOKENS, lease_s=30, rate_per_s=1000))
+    q = app.state.queue
+    publish(settings, "ReviewTask", topics.REVIEW, [(t["task_id"], t) for t in (task(50), task(51))])
+    feeder, feeder_thread = start(settings, q)
+    agg_thread = threading.Thread(target=aggregator.run, args=(settings, q.r, feeder.stop), daemon=True)
+    agg_thread.start()
+
+    def vote(c, who: str, expect: str | None) -> None:
+        r = c.get("/api/tasks/next", headers=auth(who))
+        if expect is None:
+            assert r.status_code == 204, r.text
+            return
+        assert r.status_code == 200 and r.json()["task_id"] == expect, (who, r.status_code, r.text)
+        t = r.json()
+        v = "A" if t["A"].startswith("good") else "B"
+        assert c.post(f"/api/tasks/{expect}/verdict", json={"verdict": v}, headers=auth(who)).status_code == 200
+
+    def verified() -> list[dict]:
+        return read_topic(settings, topics.VERIFIED, "VerifiedPair", idle=1)
+
+    def wait(cond, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+    try:
+        with TestClient(app) as c:
+            wait(lambda: q.stats()["pending"] == 2, "the feeder did not queue the tasks")
+            vote(c, "alice", "pair-50")
+            vote(c, "alice", "pair-51")
+            vote(c, "bob", "pair-50")  # pair-50 has 2 verdicts, pair-51 has 1
+            # Shares the session's Redis: other tests' keys go too, which no later test relies on.
+            q.r.flushdb()
+            wait(lambda: q.r.exists(q.k("initialized")) and q.stats()["pending"] == 2, "the queue was not rebuilt")
+            vote(c, "alice", None)  # she has answered both: the rebuild restored who saw what
+            vote(c, "bob", "pair-51")
+            vote(c, "carol", "pair-50")  # its third verdict: pair-50 is done
+            vote(c, "carol", "pair-51")
+            vote(c, "dave", None)
+            assert q.stats()["pending"] == 0
+        deadline = time.monotonic() + 60
+        while len({v["pair"]["pair_id"] for v in verified()}) < 2:
+            assert time.monotonic() < deadline, f"only {verified()} verified"
+        got = verified()
+        # Deduped by task: see the Tansu note in the test above.
+        by_task = {v["pair"]["pair_id"]: sorted(v["annotators"]) for v in got}
+        assert by_task == {"pair-50": ["alice", "bob", "carol"], "pair-51": ["alice", "bob", "carol"]}
+    finally:
+        feeder.stop.set()
+        agg_thread.join(10)
+        feeder_thread.join(10)

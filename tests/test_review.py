@@ -15,13 +15,13 @@ from streams.settings import ReviewSettings
 from tests.helpers import read_topic
 
 pytestmark = pytest.mark.integration
-TOKENS = "alice:alice-token-1,bob:bob-token-22,carol:carol-token-3,dave:dave-token-44,erin:expert-token-5"
+SECRETS = {"alice": "alice-token-0001", "bob": "bob-token-000022", "carol": "carol-token-0003", "dave": "dave-token-000044",
+           "erin": "expert-token-0005"}  # 16+ characters, as TokenBook requires
+TOKENS = ",".join(f"{name}:{token}" for name, token in SECRETS.items())
 
 
 def auth(name: str) -> dict[str, str]:
-    token = {"alice": "alice-token-1", "bob": "bob-token-22", "carol": "carol-token-3", "dave": "dave-token-44",
-             "erin": "expert-token-5"}[name]
-    return {"Authorization": f"Bearer {token}"}
+    return {"Authorization": f"Bearer {SECRETS[name]}"}
 
 
 def task(i: int, p: float = 0.3, expert: bool = False, **pair_extra) -> dict:
@@ -31,12 +31,18 @@ def task(i: int, p: float = 0.3, expert: bool = False, **pair_extra) -> dict:
             "reason": "mispredicted", "similar": [], "expert": expert, "created_at": 0}
 
 
+def make_client(settings, **rs_fields):
+    # A high rate limit unless a test is about it: these tests fire requests back to back.
+    rs = ReviewSettings(**({"tokens": TOKENS, "experts": "erin", "lease_s": 2, "rate_per_s": 1000} | rs_fields))
+    app = create_app(settings, rs)
+    c = TestClient(app)
+    c.queue = app.state.queue
+    return c
+
+
 @pytest.fixture
 def client(settings):
-    rs = ReviewSettings(tokens=TOKENS, experts="erin", lease_s=2)
-    app = create_app(settings, rs)
-    with TestClient(app) as c:
-        c.queue = app.state.queue
+    with make_client(settings) as c:
         yield c
 
 
@@ -109,7 +115,7 @@ def test_pages_escape_user_text(client):
     client.queue.add(task(7))
     client.get("/api/tasks/next", headers=auth("alice"))
     client.post("/api/tasks/pair-7/verdict", json={"verdict": "A"}, headers=auth("alice"))
-    html = client.get("/stats").text
+    html = client.get("/stats", headers=auth("bob")).text
     assert "alice" in html and "<script>" not in html.split("</header>")[1].split("<script>")[0]
     page = client.get("/annotate").text
     assert "textContent" in page and "innerHTML" not in page
@@ -164,6 +170,110 @@ def _ping(port: int) -> bool:
         return bool(redis.Redis(port=port, socket_timeout=0.5).ping())
     except redis.RedisError:
         return False
+
+
+def test_short_or_malformed_tokens_are_refused_at_start_naming_the_annotator_not_the_token():
+    from streams.exceptions import ConfigError
+    from streams.review.auth import TokenBook
+
+    with pytest.raises(ConfigError) as err:
+        TokenBook("alice:alice-token-0001,bob:short-secret-1")
+    msg = str(err.value)
+    assert "'bob'" in msg and "short-secret-1" not in msg and "16" in msg and "openssl rand" in msg
+    with pytest.raises(ConfigError) as err:
+        TokenBook("a-bare-token-with-no-name-0001")
+    assert "a-bare-token" not in str(err.value) and "name:token" in str(err.value)
+    assert len(TokenBook(TOKENS)) == 5
+
+
+def test_lease_cap_per_annotator(settings):
+    with make_client(settings, max_leases=2) as c:
+        for i in range(20, 24):
+            c.queue.add(task(i))
+        held = [c.get("/api/tasks/next", headers=auth("alice")).json()["task_id"] for _ in range(2)]
+        third = c.get("/api/tasks/next", headers=auth("alice"))
+        assert third.status_code == 409 and "submit a verdict" in third.json()["detail"]
+        assert c.get("/api/tasks/next", headers=auth("bob")).status_code == 200  # the cap is per annotator
+        assert c.post(f"/api/tasks/{held[0]}/verdict", json={"verdict": "A"}, headers=auth("alice")).status_code == 200
+        assert c.get("/api/tasks/next", headers=auth("alice")).status_code == 200  # one answered: room for one more
+
+
+def test_request_bodies_over_the_limit_get_413(client):
+    client.queue.add(task(25))
+    client.get("/api/tasks/next", headers=auth("alice"))
+    big = {"verdict": "A", "rationale": "x" * (70 * 1024)}
+    r = client.post("/api/tasks/pair-25/verdict", json=big, headers=auth("alice"))
+    assert r.status_code == 413 and "shorter" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the middleware counts what arrives
+        yield b'{"verdict": "A", "rationale": "'
+        for _ in range(80):
+            yield b"y" * 1024
+        yield b'"}'
+
+    r = client.post("/api/tasks/pair-25/verdict", content=chunks(), headers=auth("alice") | {"Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
+    ok = client.post("/api/tasks/pair-25/verdict", json={"verdict": "A", "rationale": "short"}, headers=auth("alice"))
+    assert ok.status_code == 200
+
+
+def test_rate_limit_per_token_gets_429_with_retry_after(settings):
+    with make_client(settings, rate_per_s=3) as c:
+        codes = [c.get("/api/stats", headers=auth("alice")) for _ in range(10)]
+        limited = [r for r in codes if r.status_code == 429]
+        # 10 calls span at most two one-second windows, so at most 6 pass.
+        assert len(limited) >= 4 and limited[0].headers["Retry-After"] == "1"
+        assert "requests per second" in limited[0].json()["detail"]
+        assert c.get("/api/stats", headers=auth("bob")).status_code == 200  # per token, not global
+
+
+def test_stats_need_a_token(client):
+    assert client.get("/api/stats").status_code == 401
+    assert client.get("/stats").status_code == 401 and "/annotate" in client.get("/stats").text
+    assert client.get("/api/stats", headers=auth("dave")).json()["pending"] == 0
+    assert client.get("/stats", headers=auth("dave")).status_code == 200
+    client.cookies.set("prefstream-token", SECRETS["dave"])  # what the sign-in page sets for /stats
+    assert client.get("/stats").status_code == 200
+    client.cookies.set("prefstream-token", "not-a-known-token-at-all")
+    assert client.get("/stats").status_code == 401
+
+
+def test_lease_looks_at_a_bounded_window_of_the_queue(stack, stack_settings):
+    from streams.review.queue import ReviewQueue
+
+    r = redis.Redis.from_url(stack_settings.redis_url)
+    q = ReviewQueue(r, f"scan{time.monotonic_ns()}.", lease_s=30, lease_scan=60)
+    for i in range(100):
+        q.add(task(1000 + i, p=i / 1000))
+    for i in range(55):  # alice has seen the first 55: the lease pages past the first 50
+        r.sadd(q.k("seen", f"pair-{1000 + i}"), "alice")
+    assert q.lease("alice")["task_id"] == "pair-1055"
+    for i in range(55, 100):
+        r.sadd(q.k("seen", f"pair-{1000 + i}"), "bob")
+    for i in range(60):
+        r.sadd(q.k("seen", f"pair-{1000 + i}"), "bob")
+    assert q.lease("bob") is None  # the first 60 are all seen: the script stops there, not at the end
+
+
+def test_add_is_one_script_and_decided_keys_expire(stack, stack_settings):
+    from streams.review.queue import ReviewQueue
+
+    r = redis.Redis.from_url(stack_settings.redis_url)
+    q = ReviewQueue(r, f"ret{time.monotonic_ns()}.", lease_s=30, retention_s=120)
+    ReviewQueue(r, f"warm{time.monotonic_ns()}.").add(task(59))  # loads the script: the call below is steady state
+    calls = []
+    real = r.execute_command
+    r.execute_command = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+    assert q.add(task(60)) is True
+    assert calls == ["EVALSHA"]  # one atomic round trip: task, queue entry and counter together
+    del r.execute_command
+    assert q.add(task(60)) is False and q.stats()["added"] == 1
+    for who in ("a", "b", "c"):
+        assert q.lease(who)["task_id"] == "pair-60"
+        q.submit("pair-60", who, {"verdict": "A"})
+    for key in ("task", "verdicts", "seen"):
+        assert 0 < r.ttl(q.k(key, "pair-60")) <= 120, key
+    assert q.stats()["pending"] == 0
 
 
 def test_preferred_maps_display_order_back():

@@ -87,7 +87,8 @@ def review(host: str | None, port: int | None) -> None:
         console.print("[yellow]no annotator tokens configured (PREFSTREAM_REVIEW_TOKENS): every API call will get 401[/]")
 
     feeder, _ = start(settings, app.state.queue)
-    threading.Thread(target=aggregator.run, args=(settings, app.state.queue.r, feeder.stop), name="aggregator",
+    threading.Thread(target=aggregator.run, args=(settings, app.state.queue.r, feeder.stop),
+                     kwargs={"retention_s": rs.retention_s}, name="aggregator",
                      daemon=True).start()
     try:
         uvicorn.run(app, host=host or rs.host, port=port or rs.port, log_level="warning")

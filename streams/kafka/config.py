@@ -8,6 +8,8 @@ for processors that poll often.
 from __future__ import annotations
 
 import logging
+import re
+import time
 from typing import Any
 
 from streams.kafka.topics import MAX_MESSAGE_BYTES
@@ -18,6 +20,38 @@ from streams.settings import Settings
 # no longer prints "Connect ... failed" when a broker it no longer needs goes away.
 KAFKA_LOG = logging.getLogger("prefstream.kafka")
 KAFKA_LOG.addHandler(logging.NullHandler())
+# While a broker is away librdkafka logs every reconnect attempt of every client (several lines a
+# second per process); one line per kind of message and window says the same.
+REPEAT_WINDOW_S = 30.0
+
+
+class _RepeatFilter(logging.Filter):
+    """Lets a message through once per window; the next one that passes says how many were held back.
+    Messages count as the same when they differ only in numbers (ports, milliseconds)."""
+
+    MAX_KINDS = 1000
+
+    def __init__(self, window_s: float) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.seen: dict[str, list[float]] = {}  # kind -> [when it last passed, how many held back since]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = re.sub(r"\d+", "#", record.getMessage())
+        now = time.monotonic()
+        entry = self.seen.get(kind)
+        if entry is not None and now - entry[0] < self.window_s:
+            entry[1] += 1
+            return False
+        if entry is not None and entry[1]:
+            record.msg, record.args = f"{record.getMessage()} ({int(entry[1])} like it held back)", None
+        if len(self.seen) >= self.MAX_KINDS:
+            self.seen.clear()
+        self.seen[kind] = [now, 0]
+        return True
+
+
+KAFKA_LOG.addFilter(_RepeatFilter(REPEAT_WINDOW_S))
 
 SESSION_TIMEOUT_MS = 6000
 MAX_POLL_INTERVAL_MS = 10000

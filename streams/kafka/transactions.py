@@ -58,20 +58,6 @@ def next_offsets(msgs: list[Any]) -> list[TopicPartition]:
     return [TopicPartition(t, p, off + 1) for (t, p), off in last.items()]
 
 
-def commit_batch(producer: Producer, consumer: Consumer, outputs: list[Output],
-                 msgs: list[Any]) -> None:
-    """One transaction: every output record and the batch's input offsets, or nothing.
-
-    The offsets are the batch's own rather than the consumer's position, so a commit can never
-    cover a record that was fetched but not processed.
-    """
-    producer.begin_transaction()
-    for topic, key, value, headers in outputs:
-        producer.produce(topic, value=value, key=key, headers=headers)
-    producer.send_offsets_to_transaction(next_offsets(msgs), consumer.consumer_group_metadata(), TXN_CALL_TIMEOUT_S)
-    producer.commit_transaction(TXN_CALL_TIMEOUT_S)
-
-
 def rewind(consumer: Consumer, stop: threading.Event | None = None) -> None:
     """After an aborted transaction: go back to the last committed offsets and redo the batch.
 

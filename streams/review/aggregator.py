@@ -11,7 +11,14 @@
   category, from the `krippendorff` package; exported as a metric, written to Redis for the stats
   page and (as 1 - alpha) for the labeler's controversiality; a warning below 0.85.
 
-Each batch of annotations is one Kafka transaction with its input offsets, like the worker.
+Each batch of annotations is one Kafka transaction with its input offsets, like the worker. A task is
+marked decided in Redis only after that transaction has committed (``Aggregator.committed``): until
+then the decision exists only in memory, so a crash before the commit replays the batch and decides
+again from the votes (stored idempotently, one per annotator), and a crash after the commit never
+replays it (its offsets are committed). Either way each task gets one committed VerifiedPair; the
+price of a crash right after a commit is that batch's per-annotator agreement counts (never applied).
+Downstream consumers should still be idempotent on task_id: a read_committed consumer of the embedded
+broker (Tansu) also sees records of aborted transactions.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,14 +85,53 @@ def needs_reannotation(pair_id: str) -> bool:
     return int(hashlib.sha256(pair_id.encode()).hexdigest(), 16) % REANNOTATE_EVERY == 0
 
 
-class Aggregator:
-    """Per-annotation logic on Redis state; returns the records to produce."""
+def votes_key(queue_prefix: str, task_id: str) -> str:
+    return f"{queue_prefix}prefstream:agg:votes:{task_id}"
 
-    def __init__(self, redis: Any, queue_prefix: str) -> None:
+
+def restore_vote(redis: Any, queue_prefix: str, ann: dict[str, Any]) -> None:
+    """Rebuild path (feeder): a vote read back from prefs.annotations, so a task whose votes were in a
+    wiped Redis still decides when its remaining verdicts arrive."""
+    if not ann.get("reannotation"):
+        redis.hsetnx(votes_key(queue_prefix, ann["task_id"]), ann["annotator"], ann["preferred"])
+
+
+class Aggregator:
+    """Per-annotation logic on Redis state; returns the records to produce.
+
+    ``handle`` records votes (idempotent) and returns outputs; what follows from a decision (the
+    decided mark, per-annotator agreement, the alpha window) waits in ``_after_commit`` until the
+    caller's transaction commits (``committed``) or is dropped with the batch (``abandoned``).
+    """
+
+    def __init__(self, redis: Any, queue_prefix: str, retention_s: int = 7 * 24 * 3600) -> None:
         self.r = redis
+        self.queue_prefix = queue_prefix
         self.p = f"{queue_prefix}prefstream:agg:"
         self.qp = f"{queue_prefix}prefstream:review:"
+        self.retention_s = retention_s
         self.window: deque[tuple[str, dict[str, str]]] = deque(maxlen=ALPHA_WINDOW)
+        self._after_commit: dict[str, Callable[[Any], None]] = {}  # task id -> its Redis writes
+        self._window_pending: list[tuple[str, dict[str, str]]] = []
+
+    def committed(self) -> None:
+        """The batch's transaction committed: mark its tasks decided, in one MULTI with their stats."""
+        if self._after_commit:
+            pipe = self.r.pipeline(transaction=True)
+            for tid, effect in self._after_commit.items():
+                pipe.set(self.p + "decided:" + tid, "1", ex=self.retention_s)
+                pipe.expire(votes_key(self.queue_prefix, tid), self.retention_s)
+                effect(pipe)
+            pipe.execute()
+        if self._window_pending:
+            self.window.extend(self._window_pending)
+            self._update_alpha()
+        self.abandoned()
+
+    def abandoned(self) -> None:
+        """The batch will be redone (aborted transaction or crash): forget its decisions."""
+        self._after_commit.clear()
+        self._window_pending.clear()
 
     def _task(self, tid: str) -> dict | None:
         raw = self.r.get(f"{self.qp}task:{tid}")
@@ -102,27 +149,23 @@ class Aggregator:
             if final is not None:
                 self.r.hincrby(self.p + "consistency", "same" if final.decode() == ann["preferred"] else "different", 1)
             return []
-        key = self.p + "votes:" + ann["task_id"]
+        tid = ann["task_id"]
+        key = votes_key(self.queue_prefix, tid)
         self.r.hsetnx(key, ann["annotator"], ann["preferred"])
         votes = {k.decode(): v.decode() for k, v in self.r.hgetall(key).items()}
         if not ann.get("expert") and len(votes) < 3:
             return []
-        if not self.r.set(self.p + "decided:" + ann["task_id"], "1", nx=True):
-            return []  # already decided (a replayed annotation)
+        if tid in self._after_commit or self.r.exists(self.p + "decided:" + tid):
+            return []  # decided in this batch already, or committed before (a replayed annotation)
         d = decide([ann["preferred"]] if ann.get("expert") else list(votes.values()), expert=bool(ann.get("expert")))
+        self._after_commit[tid] = self._effects(d, ann, pair_id, votes)
         if not ann.get("expert"):
-            self.window.append((task["pair"].get("task_category") or "unknown", votes))
-            self._update_alpha()
-            if d.kind == "verified":  # per-annotator agreement with the decided label
-                for who, v in votes.items():
-                    self.r.hincrby(self.qp + "stats:agree", who, int(v == d.preferred))
-                    self.r.hincrby(self.qp + "stats:decided", who, 1)
+            self._window_pending.append((task["pair"].get("task_category") or "unknown", votes))
         now = int(time.time() * 1000)
         if d.kind == "escalate":
             expert_task = dict(task, task_id=f"{pair_id}:expert", expert=True, reason="escalated", created_at=now)
             return [("prefs.review", "ReviewTask", expert_task)]
         if d.kind == "discarded":
-            self.r.hincrby(self.p + "discarded", ann["preferred"], 1)
             return []
         pair = dict(task["pair"])
         label = "kept"
@@ -130,7 +173,6 @@ class Aggregator:
             pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
             label = "flipped"
         pair["label_source"] = "human"
-        self.r.hset(self.p + "final", pair_id, d.preferred)
         rationale = "; ".join(filter(None, [ann.get("rationale")]))
         out = [
             ("prefs.verified", "VerifiedPair", {"pair": pair, "label": label, "agreement": d.agreement,
@@ -144,6 +186,19 @@ class Aggregator:
             out.append(("prefs.review", "ReviewTask", dict(task, task_id=f"{pair_id}:re", reason="reannotation",
                                                             priority=1.0, created_at=now)))
         return out
+
+    def _effects(self, d: Decision, ann: dict[str, Any], pair_id: str, votes: dict[str, str]) -> Callable[[Any], None]:
+        """The Redis writes a decision implies, applied (on a MULTI pipeline) once its batch committed."""
+        def apply(pipe: Any) -> None:
+            if d.kind == "verified" and not ann.get("expert"):  # per-annotator agreement with the decided label
+                for who, v in votes.items():
+                    pipe.hincrby(self.qp + "stats:agree", who, int(v == d.preferred))
+                    pipe.hincrby(self.qp + "stats:decided", who, 1)
+            if d.kind == "verified":
+                pipe.hset(self.p + "final", pair_id, d.preferred)
+            if d.kind == "discarded":
+                pipe.hincrby(self.p + "discarded", ann["preferred"], 1)
+        return apply
 
     def _update_alpha(self) -> None:
         from streams.runtime import metrics
@@ -166,49 +221,61 @@ class Aggregator:
                         overall, ALPHA_TARGET, len(self.window))
 
 
-def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64) -> None:
-    """Consume prefs.annotations; each batch's outputs and offsets commit in one transaction."""
-    from confluent_kafka import Consumer, KafkaException
+def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64, retention_s: int = 7 * 24 * 3600,
+        fault: Callable[[str], None] | None = None) -> None:
+    """Consume prefs.annotations; each batch's outputs and offsets commit in one transaction.
+
+    ``fault`` (tests only) is called with "handled" (votes in Redis, nothing committed) and
+    "committed" (transaction committed, tasks not yet marked decided); raising there is a crash.
+    """
+    from confluent_kafka import Consumer
 
     from schemas.wire import ValueCodec
     from streams.kafka import topics
     from streams.kafka.config import consumer_config
-    from streams.kafka.transactions import TXN_CALL_TIMEOUT_S, commit_batch, rewind, transactional_producer
+    from streams.kafka.transactions import RETRY_BACKOFF_S, BatchTransactions, rewind
 
-    agg = Aggregator(redis_client, settings.topic_prefix)
+    agg = Aggregator(redis_client, settings.topic_prefix, retention_s)
+    marker = agg.qp + "initialized"  # set by the feeder once the queue is (re)built
     codec = ValueCodec(settings.schema_registry_url)
     group = f"{settings.topic_prefix}prefstream-aggregator"
-    producer = transactional_producer(settings, group)
+    txn = BatchTransactions(settings, group, stop=stop)
     consumer = Consumer(consumer_config(settings, group))
     consumer.subscribe([settings.topic(topics.ANNOTATIONS)])
     try:
         while not stop.is_set():
-            producer.poll(0)  # serve the producer's queue (librdkafka's log lines come through it)
+            txn.poll()
             msgs = [m for m in consumer.consume(max_batch, 0.5) if not m.error()]
             if not msgs:
                 continue
-            try:
-                outputs = []
-                for m in msgs:
-                    try:
-                        ann = codec.decode("Annotation", m.value(), m.headers())
-                    except Exception as exc:  # written by our own app; an unreadable one is logged, not fatal
-                        log.error("unreadable Annotation at offset %s: %s", m.offset(), exc)
-                        continue
-                    outputs.extend(agg.handle(ann))
-                encoded = []
-                for name, schema, rec in outputs:
-                    topic = settings.topic(name)
-                    value, headers = codec.encode(schema, rec, topic)
-                    encoded.append((topic, rec.get("task_id", rec["pair"]["pair_id"]).encode(), value, headers))
-                commit_batch(producer, consumer, encoded, msgs)
-            except KafkaException as exc:
-                err = exc.args[0]
-                if err.fatal():
-                    raise
-                if err.txn_requires_abort():
-                    producer.abort_transaction(TXN_CALL_TIMEOUT_S)
-                rewind(consumer)
+            if not redis_client.exists(marker):
+                # Redis is new or was wiped: the feeder is restoring tasks and votes from the topics;
+                # handling annotations now would find no task (or too few votes) and drop them.
+                log.info("waiting for the review queue to be rebuilt before aggregating")
+                rewind(consumer, stop)
                 time.sleep(1)
+                continue
+            outputs = []
+            for m in msgs:
+                try:
+                    ann = codec.decode("Annotation", m.value(), m.headers())
+                except Exception as exc:  # written by our own app; an unreadable one is logged, not fatal
+                    log.error("unreadable Annotation at offset %s: %s", m.offset(), exc)
+                    continue
+                outputs.extend(agg.handle(ann))
+            encoded = []
+            for name, schema, rec in outputs:
+                topic = settings.topic(name)
+                value, headers = codec.encode(schema, rec, topic)
+                encoded.append((topic, rec.get("task_id", rec["pair"]["pair_id"]).encode(), value, headers))
+            if fault:
+                fault("handled")
+            if not txn.commit(consumer, encoded, msgs):  # recovered and rewound: the batch comes again
+                agg.abandoned()
+                time.sleep(RETRY_BACKOFF_S)
+                continue
+            if fault:
+                fault("committed")
+            agg.committed()
     finally:
         consumer.close()

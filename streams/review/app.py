@@ -1,8 +1,13 @@
 """`prefstream review`: the annotator web app (FastAPI, server-rendered pages, a JSON API).
 
 Pages: /annotate (sign in with a token, then tasks with keyboard shortcuts), /expert (escalated
-tasks), /stats. API (Bearer token): GET /api/tasks/next, POST /api/tasks/{task_id}/verdict,
-GET /api/stats; documented at /docs. Verdicts go to prefs.annotations.
+tasks), /stats (signed in: a Bearer token, or the cookie the sign-in page sets for /stats). API
+(Bearer token): GET /api/tasks/next, POST /api/tasks/{task_id}/verdict, GET /api/stats; documented
+at /docs. Verdicts go to prefs.annotations.
+
+Guards: request bodies over ``max_body_bytes`` get 413, a token making more than ``rate_per_s``
+requests in one second gets 429 with Retry-After, and an annotator holding ``max_leases`` tasks gets
+409 until they answer one.
 """
 
 from __future__ import annotations
@@ -10,13 +15,14 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import redis
 from confluent_kafka import Producer
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
@@ -30,6 +36,9 @@ from streams.settings import ReviewSettings, Settings
 
 VERDICT_TO_PREFERRED = {"tie": "tie", "both_bad": "both_bad", "invalid": "invalid"}
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))  # autoescape is on for .html
+STATS_COOKIE = "prefstream-token"  # set by the sign-in page with path=/stats: a browser cannot send Bearer headers
+SIGN_IN_FIRST = ('<!doctype html><title>prefstream review</title><p>The stats need an annotator token: sign in at '
+                 '<a href="/annotate">/annotate</a> first, or send <code>Authorization: Bearer &lt;token&gt;</code>.')
 
 
 class VerdictIn(BaseModel):
@@ -45,106 +54,204 @@ def preferred(verdict: str, order: str) -> str:
     return "chosen" if (verdict == "A") == a_is_chosen else "rejected"
 
 
-def create_app(settings: Settings, rsettings: ReviewSettings, redis_client: Any = None, producer: Any = None) -> FastAPI:
-    book = TokenBook(rsettings.tokens.get_secret_value(), rsettings.experts)
-    r = redis_client or redis.Redis.from_url(settings.redis_url)
-    queue = ReviewQueue(r, settings.topic_prefix, rsettings.lease_s)
-    codec = ValueCodec(settings.schema_registry_url)
-    out_topic = settings.topic(topics.ANNOTATIONS)
-    prod = producer or Producer(producer_config(settings))
-    bearer = HTTPBearer(auto_error=False)
-    app = FastAPI(title="prefstream review", description="Annotator API: lease tasks, submit verdicts.")
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``limit`` bytes, by Content-Length or by counting a chunked one."""
 
-    def annotator(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
-        name = book.who(creds.credentials if creds else None)
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    def _too_large(self) -> JSONResponse:
+        return JSONResponse({"detail": f"request body over {self.limit} bytes; send a shorter one"}, status_code=413)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._too_large()(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # raised inside the route's body read; FastAPI answers it as is
+                raise HTTPException(413, f"request body over {self.limit} bytes; send a shorter one")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+@dataclass
+class Review:
+    """What the routes share: tokens, Redis, the queue, the Kafka producer of verdicts."""
+
+    rs: ReviewSettings
+    book: TokenBook
+    r: Any
+    queue: ReviewQueue
+    codec: ValueCodec
+    out_topic: str
+    producer: Any
+
+    def who(self, token: str | None) -> str:
+        """The annotator of ``token``, counted against their rate limit; 401 or 429 otherwise."""
+        name = self.book.who(token)
         if name is None:
             raise HTTPException(401, "a valid annotator token is required (Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})
+        # A fixed one-second window in Redis, shared by every replica of the app.
+        key = self.queue.k("rate", name, str(int(time.time())))
+        pipe = self.r.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 2)
+        if pipe.execute()[0] > self.rs.rate_per_s:
+            raise HTTPException(429, f"more than {self.rs.rate_per_s} requests per second from {name}; "
+                                     "slow down and retry after the second", headers={"Retry-After": "1"})
         return name
 
-    def order_for(tid: str, who: str) -> str:
-        key = queue.k("order", tid, who)
-        existing = r.get(key)
+    def order_for(self, tid: str, who: str) -> str:
+        key = self.queue.k("order", tid, who)
+        existing = self.r.get(key)
         if existing:
             return existing.decode()
         order = random.choice(["chosen_first", "rejected_first"])  # randomised A/B, recorded with the verdict
-        r.set(key, order, nx=True, ex=7 * 24 * 3600)
-        return r.get(key).decode()
+        self.r.set(key, order, nx=True, ex=7 * 24 * 3600)
+        return self.r.get(key).decode()
 
-    @app.get("/healthz", include_in_schema=False)
+    def stats(self) -> dict[str, Any]:
+        alpha = self.r.get(self.queue.k("alpha", "overall"))
+        return self.queue.stats() | {"alpha": float(alpha) if alpha else None}
+
+
+def page_routes() -> APIRouter:
+    """The annotator and expert pages (static; they sign in and call the API from the browser)."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    @app.get("/annotate", response_class=HTMLResponse, include_in_schema=False)
+    @router.get("/", response_class=HTMLResponse)
+    @router.get("/annotate", response_class=HTMLResponse)
     def annotate_page(request: Request) -> Any:
         return TEMPLATES.TemplateResponse(request, "annotate.html", {"expert": False})
 
-    @app.get("/expert", response_class=HTMLResponse, include_in_schema=False)
+    @router.get("/expert", response_class=HTMLResponse)
     def expert_page(request: Request) -> Any:
         return TEMPLATES.TemplateResponse(request, "annotate.html", {"expert": True})
 
-    @app.get("/stats", response_class=HTMLResponse, include_in_schema=False)
-    def stats_page(request: Request) -> Any:
-        alpha = r.get(queue.k("alpha", "overall"))
-        return TEMPLATES.TemplateResponse(request, "stats.html", {"s": queue.stats(),
-                                                                  "alpha": alpha.decode() if alpha else "n/a"})
+    return router
 
-    @app.get("/api/stats")
-    def api_stats() -> dict[str, Any]:
-        alpha = r.get(queue.k("alpha", "overall"))
-        return queue.stats() | {"alpha": float(alpha) if alpha else None}
 
-    @app.get("/api/tasks/next", responses={204: {"description": "no task for you right now"}})
+def stats_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
+    """/stats (page) and /api/stats (JSON): both for signed-in annotators only."""
+    router = APIRouter()
+
+    @router.get("/stats", response_class=HTMLResponse, include_in_schema=False)
+    def stats_page(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Any:
+        try:
+            ctx.who(creds.credentials if creds else request.cookies.get(STATS_COOKIE))
+        except HTTPException as exc:
+            if exc.status_code != 401:
+                raise
+            return HTMLResponse(SIGN_IN_FIRST, status_code=401)  # a page for people: say how to sign in
+        s = ctx.stats()
+        alpha = f"{s['alpha']:.4f}" if s["alpha"] is not None else "n/a"
+        return TEMPLATES.TemplateResponse(request, "stats.html", {"s": s, "alpha": alpha})
+
+    @router.get("/api/stats")
+    def api_stats(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict[str, Any]:
+        ctx.who(creds.credentials if creds else None)
+        return ctx.stats()
+
+    return router
+
+
+def api_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
+    """Lease the next task, submit a verdict."""
+    router = APIRouter(prefix="/api/tasks")
+
+    def annotator(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        return ctx.who(creds.credentials if creds else None)
+
+    @router.get("/next", responses={204: {"description": "no task for you right now"},
+                                    409: {"description": "you hold too many leased tasks"}})
     def next_task(expert: bool = False, who: str = Depends(annotator)) -> Any:
-        if expert and who not in book.experts:
-            raise HTTPException(403, f"{who} is not an expert annotator")
-        task = queue.lease(who, expert=expert)
+        if expert and who not in ctx.book.experts:
+            raise HTTPException(403, f"{who} is not an expert annotator; use /annotate")
+        try:
+            task = ctx.queue.lease(who, expert=expert)
+        except QueueError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
         if task is None:
             return Response(status_code=204)
-        pair = task["pair"]
-        order = order_for(task["task_id"], who)
-        a, b = (pair["chosen"], pair["rejected"]) if order == "chosen_first" else (pair["rejected"], pair["chosen"])
-        return {
-            "task_id": task["task_id"], "annotator": who, "A": a, "B": b, "conversation": pair["conversation"],
-            "task_category": pair.get("task_category"), "objectivity": pair.get("objectivity"),
-            "controversiality": pair.get("controversiality"), "expected_attributes": pair.get("expected_attributes"),
-            "annotation_guideline": pair.get("annotation_guideline"), "margin": task["margin"], "p": task["p"],
-            "similar": task.get("similar", []), "expert": bool(task.get("expert")), "lease_seconds": rsettings.lease_s,
-        }
+        return task_view(task, who, ctx.order_for(task["task_id"], who), ctx.rs.lease_s)
 
-    @app.post("/api/tasks/{task_id}/verdict")
+    @router.post("/{task_id}/verdict")
     def submit(task_id: str, body: VerdictIn, who: str = Depends(annotator)) -> dict[str, Any]:
-        prior = r.hget(queue.k("verdicts", task_id), who)
+        prior = ctx.r.hget(ctx.queue.k("verdicts", task_id), who)
         if prior is not None:  # idempotent: the same verdict again, nothing new produced
             return json.loads(prior) | {"duplicate": True}
-        task = queue.task(task_id)
+        task = ctx.queue.task(task_id)
         if task is None:
             raise HTTPException(404, f"no task {task_id}")
-        if queue.holder(task_id) != who:
+        if ctx.queue.holder(task_id) != who:
             raise HTTPException(403, f"task {task_id} is not leased to you; ask for the next task")
-        order = order_for(task_id, who)
-        pair = task["pair"]
-        ann = {
-            "annotation_id": f"{task_id}:{who}", "task_id": task_id, "pair_id": pair["pair_id"], "annotator": who,
-            "verdict": body.verdict, "order": order, "preferred": preferred(body.verdict, order),
-            "rationale": body.rationale, "expert": bool(task.get("expert")),
-            "reannotation": task.get("reason") == "reannotation", "task_category": pair.get("task_category"),
-            "created_at": int(time.time() * 1000),
-        }
-        value, headers = codec.encode("Annotation", ann, out_topic)
+        ann = annotation(task, who, body, ctx.order_for(task_id, who))
+        value, headers = ctx.codec.encode("Annotation", ann, ctx.out_topic)
         errors: list[str] = []
-        prod.produce(out_topic, key=pair["pair_id"].encode(), value=value, headers=headers,
-                     on_delivery=lambda err, _m: errors.append(err.str()) if err else None)
-        if prod.flush(10) or errors:
+        ctx.producer.produce(ctx.out_topic, key=ann["pair_id"].encode(), value=value, headers=headers,
+                             on_delivery=lambda err, _m: errors.append(err.str()) if err else None)
+        if ctx.producer.flush(10) or errors:
             raise HTTPException(503, f"the verdict could not be stored in Kafka ({errors or 'timeout'}); try again")
         try:
-            result = queue.submit(task_id, who, ann)
+            result = ctx.queue.submit(task_id, who, ann)
         except QueueError as exc:
             raise HTTPException(exc.status, str(exc)) from None
         return result.annotation | {"duplicate": result.duplicate, "votes": result.votes}
 
-    app.state.queue = queue
-    app.state.book = book
-    return app
+    return router
 
+
+def task_view(task: dict[str, Any], who: str, order: str, lease_s: int) -> dict[str, Any]:
+    """What the annotator sees: both responses as A and B in ``order``, and the pair's context."""
+    pair = task["pair"]
+    a, b = (pair["chosen"], pair["rejected"]) if order == "chosen_first" else (pair["rejected"], pair["chosen"])
+    return {
+        "task_id": task["task_id"], "annotator": who, "A": a, "B": b, "conversation": pair["conversation"],
+        "task_category": pair.get("task_category"), "objectivity": pair.get("objectivity"),
+        "controversiality": pair.get("controversiality"), "expected_attributes": pair.get("expected_attributes"),
+        "annotation_guideline": pair.get("annotation_guideline"), "margin": task["margin"], "p": task["p"],
+        "similar": task.get("similar", []), "expert": bool(task.get("expert")), "lease_seconds": lease_s,
+    }
+
+
+def annotation(task: dict[str, Any], who: str, body: VerdictIn, order: str) -> dict[str, Any]:
+    """The Annotation record of a verdict, mapped back to the pair."""
+    pair = task["pair"]
+    return {
+        "annotation_id": f"{task['task_id']}:{who}", "task_id": task["task_id"], "pair_id": pair["pair_id"],
+        "annotator": who, "verdict": body.verdict, "order": order, "preferred": preferred(body.verdict, order),
+        "rationale": body.rationale, "expert": bool(task.get("expert")),
+        "reannotation": task.get("reason") == "reannotation", "task_category": pair.get("task_category"),
+        "created_at": int(time.time() * 1000),
+    }
+
+
+def create_app(settings: Settings, rsettings: ReviewSettings, redis_client: Any = None, producer: Any = None) -> FastAPI:
+    r = redis_client or redis.Redis.from_url(settings.redis_url)
+    queue = ReviewQueue(r, settings.topic_prefix, rsettings.lease_s, rsettings.max_leases, rsettings.lease_scan,
+                        rsettings.retention_s)
+    ctx = Review(rsettings, TokenBook(rsettings.tokens.get_secret_value(), rsettings.experts), r, queue,
+                 ValueCodec(settings.schema_registry_url), settings.topic(topics.ANNOTATIONS),
+                 producer or Producer(producer_config(settings)))
+    bearer = HTTPBearer(auto_error=False)
+    app = FastAPI(title="prefstream review", description="Annotator API: lease tasks, submit verdicts.")
+    app.add_middleware(BodyLimit, limit=rsettings.max_body_bytes)
+    app.include_router(page_routes())
+    app.include_router(stats_routes(ctx, bearer))
+    app.include_router(api_routes(ctx, bearer))
+    app.state.queue = queue
+    app.state.book = ctx.book
+    return app

@@ -7,6 +7,8 @@ import hmac
 
 from streams.exceptions import ConfigError
 
+MIN_TOKEN_CHARS = 16  # a short token can be guessed over the API (rate limited, but not enough alone)
+
 
 def _h(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
@@ -17,8 +19,12 @@ class TokenBook:
         self._by_hash: dict[bytes, str] = {}
         for item in filter(None, (s.strip() for s in spec.split(","))):
             name, sep, token = item.partition(":")
-            if not sep or not name or len(token) < 8:
-                raise ConfigError("PREFSTREAM_REVIEW_TOKENS entries must be 'name:token' with tokens of 8+ characters")
+            if not sep or not name:  # the item may be a bare token: never echo it
+                raise ConfigError("PREFSTREAM_REVIEW_TOKENS entries must be 'name:token,name:token'; one entry has no "
+                                  "'name:' in front of its token")
+            if len(token) < MIN_TOKEN_CHARS:
+                raise ConfigError(f"PREFSTREAM_REVIEW_TOKENS: the token of annotator '{name}' is shorter than "
+                                  f"{MIN_TOKEN_CHARS} characters; give them a longer one (e.g. `openssl rand -hex 16`)")
             self._by_hash[_h(token)] = name
         self.experts = {e.strip() for e in experts.split(",") if e.strip()}
 

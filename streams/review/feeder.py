@@ -3,7 +3,9 @@
 Tasks are added idempotently (by task_id), so replaying the topic is harmless. A marker key tells
 whether this Redis has been filled before: when it is missing (a new or wiped Redis), the feeder
 first re-reads prefs.review and prefs.annotations from the beginning, restoring tasks and the
-verdicts already given, and only then follows the topic with its consumer group.
+verdicts already given (to the queue and to the aggregator's vote counts, so a task that had 1 or 2
+verdicts needs only the rest), and only then follows the topic with its consumer group. The marker is
+looked at between tasks and whenever the topic is idle, so a wipe is noticed within FEED_IDLE_S.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from streams.kafka import topics
 from streams.kafka.reader import TopicReader
+from streams.review.aggregator import restore_vote
 from streams.review.queue import ReviewQueue
 from streams.settings import Settings
 
@@ -38,6 +41,7 @@ class Feeder:
         with TopicReader(self.settings.topic(topics.ANNOTATIONS), "Annotation", self.settings) as reader:
             for ann in reader.records(idle_timeout=REBUILD_IDLE_S):
                 self.queue.restore_verdict(ann["task_id"], ann["annotator"], ann)
+                restore_vote(self.queue.r, self.settings.topic_prefix, ann)
         self.queue.r.set(self.marker, "1")
         if n:
             log.info("rebuilt the review queue from the topics: %d tasks", n)
@@ -50,6 +54,7 @@ class Feeder:
         with TopicReader(self.settings.topic(topics.REVIEW), "ReviewTask", self.settings,
                          group=f"{self.settings.topic_prefix}prefstream-review-feeder") as reader:
             while not self.stop.is_set():
+                self.rebuild_if_empty()  # a no-op unless Redis was wiped while the topic was idle
                 for msg in reader.messages(idle_timeout=FEED_IDLE_S):
                     try:
                         self.queue.add(reader.decode(msg).value)

@@ -5,7 +5,13 @@
   never gets a task twice). ``done:<id>``: annotators who submitted. ``lease:<id>``: who holds the
   task now, with an expiry; a lapsed lease returns the task to the others.
 - Leasing is one Lua script (find the first task this annotator has not seen and that nobody holds,
-  take the lease, mark it seen), so two annotators can never get the same lease.
+  take the lease, mark it seen), so two annotators can never get the same lease. It pages through
+  at most ``lease_scan`` tasks from the head of the queue, so one call's work is bounded however long
+  the queue grows. ``held:<annotator>`` (sorted set, scored by expiry) counts the leases one
+  annotator holds, capped at ``max_leases``.
+- Adding a task is one Lua script too: the task, its queue entry and the counter appear together.
+- Once a task has its verdicts, its keys expire after ``retention_s`` (the aggregator still reads the
+  task while it catches up; a day or a week is plenty).
 - ``expert`` (sorted set): escalated tasks; one expert verdict closes them.
 
 Everything lives in Redis, so the app can restart freely; if Redis itself was emptied the feeder
@@ -22,19 +28,44 @@ from typing import Any
 VOTES_NEEDED = 3
 DEFAULT_LEASE_S = 300
 THROUGHPUT_WINDOW_S = 3600
+DEFAULT_MAX_LEASES = 2
+DEFAULT_LEASE_SCAN = 500
+DEFAULT_RETENTION_S = 7 * 24 * 3600
 
+# KEYS: queue, held:<annotator>. ARGV: key prefix, annotator, lease seconds, now, max leases, scan bound.
+# Returns the task id, false when nothing is free for this annotator, or -1 when they hold too many.
 _LEASE = """
-local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
-for _, id in ipairs(ids) do
-  local seen = ARGV[1] .. 'seen:' .. id
-  if redis.call('SISMEMBER', seen, ARGV[2]) == 0 then
-    if redis.call('SET', ARGV[1] .. 'lease:' .. id, ARGV[2], 'NX', 'EX', tonumber(ARGV[3])) then
-      redis.call('SADD', seen, ARGV[2])
-      return id
+local held, now, lease_s = KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', held, '-inf', now)
+if redis.call('ZCARD', held) >= tonumber(ARGV[5]) then return -1 end
+local scan, page, start = tonumber(ARGV[6]), 50, 0
+while start < scan do
+  local ids = redis.call('ZRANGE', KEYS[1], start, math.min(start + page, scan) - 1)
+  for _, id in ipairs(ids) do
+    local seen = ARGV[1] .. 'seen:' .. id
+    if redis.call('SISMEMBER', seen, ARGV[2]) == 0 then
+      if redis.call('SET', ARGV[1] .. 'lease:' .. id, ARGV[2], 'NX', 'EX', lease_s) then
+        redis.call('SADD', seen, ARGV[2])
+        redis.call('ZADD', held, now + lease_s, id)
+        redis.call('EXPIRE', held, lease_s + 1)
+        return id
+      end
     end
   end
+  if #ids < page then break end
+  start = start + page
 end
 return false
+"""
+
+# KEYS: task:<id>, queue, stats:added. ARGV: task JSON, priority, task id. 1 when added, 0 when known.
+_ADD = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[3])
+  redis.call('INCR', KEYS[3])
+  return 1
+end
+return 0
 """
 
 
@@ -54,11 +85,13 @@ class Submitted:
 
 
 class ReviewQueue:
-    def __init__(self, redis: Any, prefix: str = "", lease_s: int = DEFAULT_LEASE_S) -> None:
+    def __init__(self, redis: Any, prefix: str = "", lease_s: int = DEFAULT_LEASE_S, max_leases: int = DEFAULT_MAX_LEASES,
+                 lease_scan: int = DEFAULT_LEASE_SCAN, retention_s: int = DEFAULT_RETENTION_S) -> None:
         self.r = redis
         self.p = f"{prefix}prefstream:review:"
-        self.lease_s = lease_s
+        self.lease_s, self.max_leases, self.lease_scan, self.retention_s = lease_s, max_leases, lease_scan, retention_s
         self._lease = self.r.register_script(_LEASE)
+        self._add = self.r.register_script(_ADD)
 
     def k(self, *parts: str) -> str:
         return self.p + ":".join(parts)
@@ -67,12 +100,9 @@ class ReviewQueue:
     def add(self, task: dict[str, Any]) -> bool:
         """Queue a ReviewTask (idempotent by task_id); expert tasks go to the expert queue."""
         tid = task["task_id"]
-        if not self.r.set(self.k("task", tid), json.dumps(task), nx=True):
-            return False
         queue = "expert" if task.get("expert") else "pending"
-        self.r.zadd(self.k(queue), {tid: float(task["priority"])}, nx=True)
-        self.r.incr(self.k("stats", "added"))
-        return True
+        keys = [self.k("task", tid), self.k(queue), self.k("stats", "added")]
+        return bool(self._add(keys=keys, args=[json.dumps(task), float(task["priority"]), tid]))
 
     def task(self, tid: str) -> dict[str, Any] | None:
         raw = self.r.get(self.k("task", tid))
@@ -80,7 +110,13 @@ class ReviewQueue:
 
     # ------------------------------------------------------------------ leasing
     def lease(self, annotator: str, expert: bool = False) -> dict[str, Any] | None:
-        tid = self._lease(keys=[self.k("expert" if expert else "pending")], args=[self.p, annotator, self.lease_s])
+        """The next task for ``annotator`` (now leased to them), or None when there is none for them."""
+        keys = [self.k("expert" if expert else "pending"), self.k("held", annotator)]
+        tid = self._lease(keys=keys, args=[self.p, annotator, self.lease_s, time.time(), self.max_leases,
+                                           self.lease_scan])
+        if tid == -1:
+            raise QueueError(409, f"{annotator} already holds {self.max_leases} leased task(s): submit a verdict for "
+                                  f"one, or wait up to {self.lease_s} s for a lease to lapse")
         if not tid:
             return None
         return self.task(tid.decode() if isinstance(tid, bytes) else tid)
@@ -103,6 +139,7 @@ class ReviewQueue:
         pipe = self.r.pipeline()
         pipe.hsetnx(self.k("verdicts", tid), annotator, json.dumps(annotation))
         pipe.delete(self.k("lease", tid))
+        pipe.zrem(self.k("held", annotator), tid)
         pipe.incr(self.k("stats", "verdicts"))
         pipe.hincrby(self.k("stats", "per_annotator"), annotator, 1)
         now = time.time()
@@ -110,17 +147,29 @@ class ReviewQueue:
         pipe.zremrangebyscore(self.k("stats", "recent"), 0, now - THROUGHPUT_WINDOW_S)
         pipe.hlen(self.k("verdicts", tid))
         votes = pipe.execute()[-1]
-        if task.get("expert") or votes >= VOTES_NEEDED:
-            self.r.zrem(self.k("expert" if task.get("expert") else "pending"), tid)
+        self._close_if_complete(tid, task, votes)
         return Submitted(annotation, False, votes)
 
     def restore_verdict(self, tid: str, annotator: str, annotation: dict[str, Any]) -> None:
-        """Rebuild path: a verdict read back from prefs.annotations."""
-        self.r.sadd(self.k("seen", tid), annotator)
-        self.r.hsetnx(self.k("verdicts", tid), annotator, json.dumps(annotation))
+        """Rebuild path: a verdict read back from prefs.annotations (the task then needs only the rest)."""
+        pipe = self.r.pipeline()
+        pipe.sadd(self.k("seen", tid), annotator)
+        pipe.hsetnx(self.k("verdicts", tid), annotator, json.dumps(annotation))
+        pipe.hlen(self.k("verdicts", tid))
+        votes = pipe.execute()[-1]
         task = self.task(tid)
-        if task and (task.get("expert") or self.r.hlen(self.k("verdicts", tid)) >= VOTES_NEEDED):
-            self.r.zrem(self.k("expert" if task.get("expert") else "pending"), tid)
+        if task:
+            self._close_if_complete(tid, task, votes)
+
+    def _close_if_complete(self, tid: str, task: dict[str, Any], votes: int) -> None:
+        """A task with all its verdicts leaves the queue; its keys expire after the retention period."""
+        if not (task.get("expert") or votes >= VOTES_NEEDED):
+            return
+        pipe = self.r.pipeline()
+        pipe.zrem(self.k("expert" if task.get("expert") else "pending"), tid)
+        for key in (self.k("task", tid), self.k("verdicts", tid), self.k("seen", tid)):
+            pipe.expire(key, self.retention_s)
+        pipe.execute()
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ else the other one. Tasks whose pair has no known truth get a coin flip and are 
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import httpx
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class SimStats:
@@ -23,6 +26,7 @@ class SimStats:
     scored: int = 0
     correct: int = 0
     per_annotator: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
 
 
 def load_truths(path: Path) -> dict[str, str]:
@@ -39,6 +43,15 @@ def load_truths(path: Path) -> dict[str, str]:
             flipped = (obj.get("metadata") or {}).get("truth") == "rejected"
             out[pair["pair_id"]] = pair["rejected"] if flipped else pair["chosen"]
     return out
+
+
+def call(client: httpx.Client, method: str, path: str, **kw: object) -> httpx.Response:
+    """One API call; waits out the app's per-token rate limit (429 + Retry-After) like a polite client."""
+    while True:
+        r = client.request(method, path, **kw)
+        if r.status_code != 429:
+            return r
+        time.sleep(float(r.headers.get("Retry-After", "1")))
 
 
 def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str, str], max_tasks: int | None = None,
@@ -62,7 +75,7 @@ def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str
                 with lock:
                     if max_tasks is not None and stats.answered >= max_tasks:
                         return
-                r = client.get(path)
+                r = call(client, "GET", path)
                 if r.status_code == 204:
                     time.sleep(0.2)
                     continue
@@ -71,7 +84,7 @@ def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str
                 better = truths.get(t["task_id"].split(":")[0])
                 right = "A" if better == t["A"] else "B" if better == t["B"] else rng.choice("AB")
                 verdict = right if expert or rng.random() < accuracy else ("B" if right == "A" else "A")
-                client.post(f"/api/tasks/{t['task_id']}/verdict", json={"verdict": verdict}).raise_for_status()
+                call(client, "POST", f"/api/tasks/{t['task_id']}/verdict", json={"verdict": verdict}).raise_for_status()
                 with lock:
                     stats.answered += 1
                     if better is not None:
@@ -80,8 +93,16 @@ def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str
                     stats.per_annotator[t["annotator"]] = stats.per_annotator.get(t["annotator"], 0) + 1
                     last_work[0] = time.monotonic()
 
-    threads = [threading.Thread(target=annotator, args=(i, tok), daemon=True) for i, tok in enumerate(tokens)]
-    threads += [threading.Thread(target=annotator, args=(100 + i, tok, True), daemon=True)
+    def guarded(i: int, token: str, expert: bool = False) -> None:
+        try:
+            annotator(i, token, expert)
+        except Exception as exc:  # a dead annotator thread would otherwise only show as missing verdicts
+            log.error("simulated annotator %d stopped: %r", i, exc)
+            with lock:
+                stats.errors.append(f"annotator {i}: {exc!r}")
+
+    threads = [threading.Thread(target=guarded, args=(i, tok), daemon=True) for i, tok in enumerate(tokens)]
+    threads += [threading.Thread(target=guarded, args=(100 + i, tok, True), daemon=True)
                 for i, tok in enumerate(expert_tokens or [])]
     for th in threads:
         th.start()

@@ -41,6 +41,14 @@ log = logging.getLogger(__name__)
 RETRY_BACKOFF_S = 1.0
 # Batches in a row that may fail to commit before /readyz turns false.
 NOT_READY_AFTER = 3
+# A batch still unfinished after this long (a commit waiting on an absent broker) also turns /readyz
+# false: the same bound after which the consumer would leave its group.
+STALLED_BATCH_S = 60.0
+# Consumer errors that mean the broker cannot be reached; after BROKER_AWAY_S of them /readyz turns
+# false until a metadata request (every BROKER_PROBE_S) answers again.
+BROKER_AWAY_CODES = {KafkaErrorCode._ALL_BROKERS_DOWN, KafkaErrorCode._TRANSPORT, KafkaErrorCode._RESOLVE}
+BROKER_AWAY_S = 10.0
+BROKER_PROBE_S = 5.0
 WORKER_MAX_POLL_INTERVAL_MS = 60000
 VERSIONS_DRAIN_S = 1.0
 IDLE_POLL_S = 0.5  # how long an idle worker blocks for a record before checking its stop flag
@@ -149,6 +157,9 @@ class Worker:
         self.stop = threading.Event()
         self.ready = self.started = False
         self.failed_batches = 0
+        self.batch_since: float | None = None  # when the batch in progress started
+        self.broker_away_since: float | None = None  # first consumer error saying the broker is away
+        self.last_probe = 0.0
         self.last_error = ""
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.scorer, self.slots = build_scorer(settings, wsettings)
@@ -170,8 +181,10 @@ class Worker:
         # The topic prefix isolates deployments sharing a cluster; their groups must be isolated too.
         # A micro-batch on a busy CPU can take longer than the 10 s readers use; a worker that overruns
         # max.poll.interval leaves its group, and on Tansu it was seen never to rejoin (bench, 2 workers).
+        # error_cb: librdkafka reports an unreachable broker as a global error, served on consume.
         consumer = Consumer(consumer_config(self.settings, f"{self.settings.topic_prefix}{self.wsettings.group}",
-                                            **{"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS}))
+                                            **{"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS,
+                                               "error_cb": self._consumer_error}))
         consumer.subscribe([self.settings.topic(topics.RAW)])
         return consumer
 
@@ -208,6 +221,7 @@ class Worker:
                 self.scorer.swap_if_ready()  # between batches only
                 txn.poll()
                 msgs = next_batch(consumer, sizer.limit, self.wsettings.max_wait_ms / 1000)
+                self._probe_broker(consumer)
                 if msgs and self._process_batch(pipeline, txn, consumer, msgs, sizer):
                     self._count(msgs)
         finally:
@@ -218,23 +232,63 @@ class Worker:
             if shard_thread is not None:
                 shard_thread.join(timeout=30)
 
-    def _set_ready(self, why: str = "") -> None:
-        """Ready while running and batches commit; after NOT_READY_AFTER failed batches in a row
-        /readyz says no (an orchestrator stops routing to it; the log says why)."""
-        ready = self.started and self.failed_batches < NOT_READY_AFTER
-        if self.ready and not ready and why:
-            log.error("not ready: %d batches in a row did not commit; the last because %s", self.failed_batches, why)
-        elif ready and not self.ready and self.started and self.failed_batches == 0 and self.counts["batches"]:
-            log.info("ready again: a batch committed")
-        self.ready = ready
+    def _consumer_error(self, err: Any) -> None:
+        if err.code() in BROKER_AWAY_CODES and self.broker_away_since is None:
+            self.broker_away_since = time.monotonic()
+
+    def _probe_broker(self, consumer: Consumer) -> None:
+        """While the broker seemed away, ask it for metadata now and then; an answer clears it."""
+        now = time.monotonic()
+        if self.broker_away_since is None or now - self.last_probe < BROKER_PROBE_S:
+            self._set_ready()
+            return
+        self.last_probe = now
+        try:
+            consumer.list_topics(self.settings.topic(topics.RAW), timeout=2)
+        except KafkaException:
+            self._set_ready()
+            return
+        self.broker_away_since = None
+        log.info("the broker at %s answers again", self.settings.bootstrap)
+        self._set_ready()
+
+    def is_ready(self) -> bool:
+        """What /readyz answers: running, fewer than NOT_READY_AFTER failed batches in a row, and no
+        batch stuck for STALLED_BATCH_S (an orchestrator then stops counting on it; the log says why)."""
+        now = time.monotonic()
+        stalled = self.batch_since is not None and now - self.batch_since > STALLED_BATCH_S
+        away = self.broker_away_since is not None and now - self.broker_away_since > BROKER_AWAY_S
+        ready = self.started and self.failed_batches < NOT_READY_AFTER and not stalled and not away
         metrics.READY.set(1 if ready else 0)
+        return ready
+
+    def _set_ready(self) -> None:
+        """Follow is_ready, logging each change with its reason."""
+        was, now = self.ready, self.is_ready()
+        if was and not now:
+            log.error("not ready: %s", self._not_ready_reason())
+        elif now and not was and self.counts["batches"]:
+            log.info("ready again")
+        self.ready = now
+
+    def _not_ready_reason(self) -> str:
+        if self.broker_away_since is not None:
+            return f"the broker at {self.settings.bootstrap} cannot be reached"
+        if self.batch_since is not None:
+            return f"a micro-batch has run for more than {STALLED_BATCH_S:.0f} s"
+        return f"{self.failed_batches} batches in a row did not commit; the last because {self.last_error}"
 
     def _process_batch(self, pipeline: Pipeline, txn: BatchTransactions, consumer: Consumer, msgs: list[Any],
                        sizer: BatchSizer) -> bool:
         """Process and commit one micro-batch; False when it was rolled back to be done again."""
-        ok = self._try_batch(pipeline, txn, consumer, msgs, sizer)
+        self.batch_since = time.monotonic()
+        try:
+            ok = self._try_batch(pipeline, txn, consumer, msgs, sizer)
+        finally:
+            self.batch_since = None
         self.failed_batches = 0 if ok else self.failed_batches + 1
-        self._set_ready(txn.last_error or self.last_error)
+        self.last_error = "" if ok else (txn.last_error or self.last_error)
+        self._set_ready()
         return ok
 
     def _try_batch(self, pipeline: Pipeline, txn: BatchTransactions, consumer: Consumer, msgs: list[Any],
@@ -263,7 +317,6 @@ class Worker:
             rewind(consumer, self.stop)
             time.sleep(RETRY_BACKOFF_S)
             return False
-        self.last_error = ""
         for topic, *_ in outputs:
             metrics.RECORDS_OUT.labels(topic).inc()
         return True
@@ -293,7 +346,7 @@ def run_worker(settings: Settings, wsettings: WorkerSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop.set())
     server = serve(wsettings.health_host, wsettings.health_port, alive=lambda: not worker.stop.is_set(),
-                   ready=lambda: worker.ready) if wsettings.health_port else None
+                   ready=worker.is_ready) if wsettings.health_port else None
     try:
         worker.run()
     finally:
