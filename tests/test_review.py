@@ -238,6 +238,15 @@ def test_stats_need_a_token(client):
     assert client.get("/stats").status_code == 401
 
 
+def test_metrics_show_the_queue_for_the_dashboard(client):
+    client.queue.add(task(1))
+    client.queue.add(task(2))
+    client.queue.add(task(3, expert=True))
+    text = client.get("/metrics").text
+    assert 'prefstream_review_queue_tasks{state="pending"} 2.0' in text
+    assert 'prefstream_review_queue_tasks{state="expert"} 1.0' in text
+
+
 def test_lease_looks_at_a_bounded_window_of_the_queue(stack, stack_settings):
     from streams.review.queue import ReviewQueue
 

@@ -25,6 +25,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Respons
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.templating import Jinja2Templates
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from schemas.wire import ValueCodec
@@ -32,6 +33,7 @@ from streams.kafka import topics
 from streams.kafka.config import producer_config
 from streams.review.auth import TokenBook
 from streams.review.queue import QueueError, ReviewQueue
+from streams.runtime import metrics
 from streams.settings import ReviewSettings, Settings
 
 VERDICT_TO_PREFERRED = {"tie": "tie", "both_bad": "both_bad", "invalid": "invalid"}
@@ -214,6 +216,21 @@ def api_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
     return router
 
 
+def metrics_routes(ctx: Review) -> APIRouter:
+    """/metrics for Prometheus: the queue's size and the aggregator's alpha (the NetworkPolicy admits
+    scrapes from the monitoring namespace only; no annotator data is in it)."""
+    router = APIRouter()
+
+    @router.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        counts = ctx.queue.stats()
+        for state in ("pending", "expert"):
+            metrics.QUEUE_TASKS.labels(state).set(counts[state])
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
 def task_view(task: dict[str, Any], who: str, order: str, lease_s: int) -> dict[str, Any]:
     """What the annotator sees: both responses as A and B in ``order``, and the pair's context."""
     pair = task["pair"]
@@ -252,6 +269,7 @@ def create_app(settings: Settings, rsettings: ReviewSettings, redis_client: Any 
     app.include_router(page_routes())
     app.include_router(stats_routes(ctx, bearer))
     app.include_router(api_routes(ctx, bearer))
+    app.include_router(metrics_routes(ctx))
     app.state.queue = queue
     app.state.book = ctx.book
     return app

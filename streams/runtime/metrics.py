@@ -29,6 +29,7 @@ SWAP_SECONDS = Histogram("prefstream_model_load_seconds", "Time to load and veri
 SHARD_ROWS = Counter("prefstream_shard_rows_total", "Rows written to shards", ["split"])
 READY = Gauge("prefstream_ready", "1 when the worker has its partitions and models")
 ALPHA = Gauge("prefstream_annotator_alpha", "Rolling Krippendorff's alpha of annotator verdicts", ["category"])
-QUEUE_TASKS = Gauge("prefstream_review_queue_tasks", "Review tasks in the Redis queue by state (pending, leased)", ["state"])
+# Set by the review app when /metrics is scraped, from the Redis queue (the dashboard and the backlog alert).
+QUEUE_TASKS = Gauge("prefstream_review_queue_tasks", "Review tasks waiting in the Redis queue, by queue (pending, expert)", ["state"])
 # 0 when no sandbox (bwrap, user namespaces) works here: the code verifier is off and code pairs take the model route.
 CODE_SANDBOX = Gauge("prefstream_code_sandbox_available", "1 when the code verifier's bubblewrap sandbox works on this worker")
