@@ -116,9 +116,9 @@ def test_three_verdicts_through_the_app_reach_verified_and_curated(settings):
     from tests.test_review import TOKENS, auth
 
     app = create_app(settings, ReviewSettings(tokens=TOKENS, lease_s=30))
-    app.state.queue.r.set(app.state.queue.k("initialized"), "1")  # no feeder here: the queue counts as built
+    app.state.queue.redis.set(app.state.queue.k("initialized"), "1")  # no feeder here: the queue counts as built
     stop = threading.Event()
-    th = threading.Thread(target=aggregator.run, args=(settings, app.state.queue.r, stop), daemon=True)
+    th = threading.Thread(target=aggregator.run, args=(settings, app.state.queue.redis, stop), daemon=True)
     th.start()
     try:
         with TestClient(app) as c:
@@ -231,7 +231,7 @@ def test_wiping_redis_mid_review_keeps_the_partial_votes(settings):
     q = app.state.queue
     publish(settings, "ReviewTask", topics.REVIEW, [(t["task_id"], t) for t in (task(50), task(51))])
     feeder, feeder_thread = start(settings, q)
-    agg_thread = threading.Thread(target=aggregator.run, args=(settings, q.r, feeder.stop), daemon=True)
+    agg_thread = threading.Thread(target=aggregator.run, args=(settings, q.redis, feeder.stop), daemon=True)
     agg_thread.start()
 
     def vote(c, who: str, expect: str | None) -> None:
@@ -260,8 +260,8 @@ def test_wiping_redis_mid_review_keeps_the_partial_votes(settings):
             vote(c, "alice", "pair-51")
             vote(c, "bob", "pair-50")  # pair-50 has 2 verdicts, pair-51 has 1
             # Shares the session's Redis: other tests' keys go too, which no later test relies on.
-            q.r.flushdb()
-            wait(lambda: q.r.exists(q.k("initialized")) and q.stats()["pending"] == 2, "the queue was not rebuilt")
+            q.redis.flushdb()
+            wait(lambda: q.redis.exists(q.k("initialized")) and q.stats()["pending"] == 2, "the queue was not rebuilt")
             vote(c, "alice", None)  # she has answered both: the rebuild restored who saw what
             vote(c, "bob", "pair-51")
             vote(c, "carol", "pair-50")  # its third verdict: pair-50 is done

@@ -16,6 +16,7 @@ from streams.kafka import topics
 from streams.runtime.processors.router import RouterPolicy, route
 from streams.runtime.shard_writer import scan
 from streams.sdk import PreferenceProducer
+from streams.settings import WorkerSettings
 from tests.helpers import WorkerProcess, hh_valid_pairs, objective_pairs, read_topic, wait_for_scored
 
 pytestmark = pytest.mark.integration
@@ -64,7 +65,7 @@ def test_end_to_end_every_pair_accounted_for(settings):
         ids = produce(settings, pairs)
         scored = last_per_pair(wait_for_scored(settings, ids, timeout=900))
         assert set(scored) == ids
-        policy = RouterPolicy()
+        policy = RouterPolicy.from_settings(WorkerSettings())
         for pid, rec in scored.items():
             assert rec["route"] in ROUTES and rec["route_reason"]
             assert rec["model_version"] == "bootstrap" and 0.0 <= rec["p"] <= 1.0

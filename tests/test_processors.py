@@ -9,7 +9,8 @@ from streams.exceptions import ConfigError
 from streams.runtime.processors.retrieval import EXACT_LIMIT, NeighbourIndex
 from streams.runtime.processors.router import RouterPolicy, route, similar_k
 from streams.runtime.processors.verifiers import run_python, verify, verify_math
-from tests.helpers import needs_bwrap
+from streams.settings import WorkerSettings
+from tests.helpers import FakeMessage, needs_bwrap
 
 
 @pytest.mark.parametrize(("p", "gold_p", "kind", "k"), [
@@ -24,7 +25,7 @@ from tests.helpers import needs_bwrap
     (0.9, None, "dropped", 0),
 ])
 def test_router_policy(p, gold_p, kind, k):
-    r = route(p, gold_p, None, RouterPolicy())
+    r = route(p, gold_p, None, RouterPolicy.from_settings(WorkerSettings()))
     assert (r.kind, r.k) == (kind, k)
     assert r.flip == (kind == "flipped")
 
@@ -34,9 +35,9 @@ def test_similar_k_formula():
 
 
 def test_verifier_decides_before_the_models():
-    r = route(0.01, 0.01, ("math", "chosen"), RouterPolicy())
+    r = route(0.01, 0.01, ("math", "chosen"), RouterPolicy.from_settings(WorkerSettings()))
     assert (r.kind, r.flip) == ("verified_by_tool", False)
-    assert route(0.99, 0.99, ("math", "rejected"), RouterPolicy()).flip
+    assert route(0.99, 0.99, ("math", "rejected"), RouterPolicy.from_settings(WorkerSettings())).flip
 
 
 def math_pair(prompt, chosen, rejected, **extra):
@@ -246,30 +247,11 @@ def test_llm_labeler_uses_a_json_schema_answer_and_falls_back_per_pair(labeler):
     assert llm.failures == 1 and rhyme["task_category"] == "arithmetic"
 
 
-class _Msg:
-    """A consumed record as confluent-kafka hands it over (only what the worker's helpers read)."""
-
-    def __init__(self, topic: str, partition: int, offset: int) -> None:
-        self._t, self._p, self._o = topic, partition, offset
-
-    def topic(self) -> str:
-        return self._t
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def error(self) -> None:
-        return None
-
-
 def test_a_batch_commits_its_own_offsets_not_the_consumers_position():
     """A commit covers exactly the batch's records, whatever the consumer has fetched beyond them."""
     from streams.kafka.transactions import next_offsets
 
-    batch = [_Msg("raw", 0, 7), _Msg("raw", 1, 3), _Msg("raw", 0, 9), _Msg("raw", 0, 8)]
+    batch = [FakeMessage(None, topic="raw", partition=part, offset=off) for part, off in ((0, 7), (1, 3), (0, 9), (0, 8))]
     got = {(tp.topic, tp.partition): tp.offset for tp in next_offsets(batch)}
     assert got == {("raw", 0): 10, ("raw", 1): 4}
 
@@ -278,10 +260,10 @@ class _QueueConsumer:
     """consume(n, timeout) over a local queue, recording how long each call was allowed to block."""
 
     def __init__(self, ready: int) -> None:
-        self.queue = [_Msg("raw", 0, i) for i in range(ready)]
+        self.queue = [FakeMessage(None, topic="raw", partition=0, offset=i) for i in range(ready)]
         self.waits: list[float] = []
 
-    def consume(self, n: int, timeout: float) -> list[_Msg]:
+    def consume(self, n: int, timeout: float) -> list[FakeMessage]:
         if len(self.queue) < n:
             self.waits.append(timeout)
         out, self.queue = self.queue[:n], self.queue[n:]

@@ -157,8 +157,8 @@ def test_queue_survives_a_redis_restart_and_rebuilds_when_emptied(settings, tmp_
         srv.stop()
         up()
         q2 = ReviewQueue(redis.Redis(port=port), settings.topic_prefix)
-        assert q2.stats()["pending"] == 5 and q2.r.hlen(q2.k("verdicts", leased["task_id"])) == 1
-        q2.r.flushall()
+        assert q2.stats()["pending"] == 5 and q2.redis.hlen(q2.k("verdicts", leased["task_id"])) == 1
+        q2.redis.flushall()
         assert Feeder(settings, q2).rebuild_if_empty() == 5  # annotations topic is empty here: all 5 pending again
         assert q2.stats()["pending"] == 5
     finally:

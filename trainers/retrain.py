@@ -37,6 +37,9 @@ CURRENT_SPLITS = ("gold", "silver", "flipped", "verified_by_tool")
 GOLD_SPLITS = ("gold",)
 HOLDOUT_BUCKETS = 10  # 1 in 10 gold pairs is held out
 
+# Pairs the export's torch-vs-ONNX agreement check runs on.
+EXPORT_CHECK_PAIRS = 300
+
 
 def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
@@ -159,9 +162,21 @@ def _serving_model(store: ModelStore, role: str, max_length: int) -> tuple[Any, 
     return RewardModel.load(store.get(version).path, max_length=max_length), version
 
 
+def _export_checked(model_dir: Path, pairs: list[dict], quantize: bool) -> str:
+    """Export ONNX checked against torch; what to add to the decision's reason ('' when all went as asked)."""
+    from trainers.export import export
+
+    try:
+        export(model_dir, pairs, quantize=quantize)
+    except ExportError as exc:
+        # INT8 disagreed with torch: serve the fp32 ONNX instead of a model that decides differently.
+        export(model_dir, pairs, quantize=False)
+        return f"; INT8 export refused ({exc}); serving fp32 ONNX"
+    return ""
+
+
 def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: list[dict] | None = None,
                 holdout: list[dict] | None = None, lineage: dict[str, Any] | None = None) -> RetrainResult:
-    from trainers.export import export
     from trainers.model import RewardModel
     from trainers.train import TrainConfig, train
 
@@ -209,12 +224,8 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
                                seconds=seconds)
         if not ok:
             return result
-        try:
-            export(trained.output_dir, holdout[:300] or pairs[:300], quantize=cfg.quantize)
-        except ExportError as exc:
-            # INT8 disagreed with torch: serve the fp32 ONNX instead of a model that decides differently.
-            result.reason += f"; INT8 export refused ({exc}); serving fp32 ONNX"
-            export(trained.output_dir, holdout[:300] or pairs[:300], quantize=False)
+        result.reason += _export_checked(trained.output_dir, holdout[:EXPORT_CHECK_PAIRS] or pairs[:EXPORT_CHECK_PAIRS],
+                                         cfg.quantize)
         lap("export")
         metrics = {"holdout_accuracy": cand["accuracy"], "serving_holdout_accuracy": serv["accuracy"],
                    "holdout_pairs": cand["n"], "train_pairs": len(pairs), "final_loss": trained.metrics["final_loss"]}

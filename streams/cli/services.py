@@ -87,7 +87,7 @@ def review(host: str | None, port: int | None) -> None:
         console.print("[yellow]no annotator tokens configured (PREFSTREAM_REVIEW_TOKENS): every API call will get 401[/]")
 
     feeder, _ = start(settings, app.state.queue)
-    threading.Thread(target=aggregator.run, args=(settings, app.state.queue.r, feeder.stop),
+    threading.Thread(target=aggregator.run, args=(settings, app.state.queue.redis, feeder.stop),
                      kwargs={"retention_s": rs.retention_s}, name="aggregator",
                      daemon=True).start()
     try:

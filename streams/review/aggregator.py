@@ -105,9 +105,9 @@ class Aggregator:
     """
 
     def __init__(self, redis: Any, queue_prefix: str, retention_s: int = 7 * 24 * 3600) -> None:
-        self.r = redis
+        self.redis = redis
         self.queue_prefix = queue_prefix
-        self.p = f"{queue_prefix}prefstream:agg:"
+        self.prefix = f"{queue_prefix}prefstream:agg:"
         self.qp = f"{queue_prefix}prefstream:review:"
         self.retention_s = retention_s
         self.window: deque[tuple[str, dict[str, str]]] = deque(maxlen=ALPHA_WINDOW)
@@ -117,9 +117,9 @@ class Aggregator:
     def committed(self) -> None:
         """The batch's transaction committed: mark its tasks decided, in one MULTI with their stats."""
         if self._after_commit:
-            pipe = self.r.pipeline(transaction=True)
+            pipe = self.redis.pipeline(transaction=True)
             for tid, effect in self._after_commit.items():
-                pipe.set(self.p + "decided:" + tid, "1", ex=self.retention_s)
+                pipe.set(self.prefix + "decided:" + tid, "1", ex=self.retention_s)
                 pipe.expire(votes_key(self.queue_prefix, tid), self.retention_s)
                 effect(pipe)
             pipe.execute()
@@ -134,7 +134,7 @@ class Aggregator:
         self._window_pending.clear()
 
     def _task(self, tid: str) -> dict | None:
-        raw = self.r.get(f"{self.qp}task:{tid}")
+        raw = self.redis.get(f"{self.qp}task:{tid}")
         return json.loads(raw) if raw else None
 
     def handle(self, ann: dict[str, Any], task: dict[str, Any] | None = None) -> list[tuple[str, str, dict]]:
@@ -145,17 +145,17 @@ class Aggregator:
             return []
         pair_id = task["pair"]["pair_id"]
         if ann.get("reannotation"):
-            final = self.r.hget(self.p + "final", pair_id)
+            final = self.redis.hget(self.prefix + "final", pair_id)
             if final is not None:
-                self.r.hincrby(self.p + "consistency", "same" if final.decode() == ann["preferred"] else "different", 1)
+                self.redis.hincrby(self.prefix + "consistency", "same" if final.decode() == ann["preferred"] else "different", 1)
             return []
         tid = ann["task_id"]
         key = votes_key(self.queue_prefix, tid)
-        self.r.hsetnx(key, ann["annotator"], ann["preferred"])
-        votes = {k.decode(): v.decode() for k, v in self.r.hgetall(key).items()}
+        self.redis.hsetnx(key, ann["annotator"], ann["preferred"])
+        votes = {k.decode(): v.decode() for k, v in self.redis.hgetall(key).items()}
         if not ann.get("expert") and len(votes) < 3:
             return []
-        if tid in self._after_commit or self.r.exists(self.p + "decided:" + tid):
+        if tid in self._after_commit or self.redis.exists(self.prefix + "decided:" + tid):
             return []  # decided in this batch already, or committed before (a replayed annotation)
         d = decide([ann["preferred"]] if ann.get("expert") else list(votes.values()), expert=bool(ann.get("expert")))
         self._after_commit[tid] = self._effects(d, ann, pair_id, votes)
@@ -195,9 +195,9 @@ class Aggregator:
                     pipe.hincrby(self.qp + "stats:agree", who, int(v == d.preferred))
                     pipe.hincrby(self.qp + "stats:decided", who, 1)
             if d.kind == "verified":
-                pipe.hset(self.p + "final", pair_id, d.preferred)
+                pipe.hset(self.prefix + "final", pair_id, d.preferred)
             if d.kind == "discarded":
-                pipe.hincrby(self.p + "discarded", ann["preferred"], 1)
+                pipe.hincrby(self.prefix + "discarded", ann["preferred"], 1)
         return apply
 
     def _update_alpha(self) -> None:
@@ -206,7 +206,7 @@ class Aggregator:
         overall = alpha([v for _, v in self.window])
         if overall is None:
             return
-        self.r.set(self.qp + "alpha:overall", f"{overall:.4f}")
+        self.redis.set(self.qp + "alpha:overall", f"{overall:.4f}")
         metrics.ALPHA.labels("overall").set(overall)
         by_cat: dict[str, list[dict[str, str]]] = {}
         for cat, v in self.window:
@@ -215,7 +215,7 @@ class Aggregator:
             a = alpha(units)
             if a is not None:
                 metrics.ALPHA.labels(cat).set(a)
-                self.r.hset(DISAGREEMENT_KEY, cat, f"{max(0.0, min(1.0, 1 - a)):.4f}")
+                self.redis.hset(DISAGREEMENT_KEY, cat, f"{max(0.0, min(1.0, 1 - a)):.4f}")
         if overall < ALPHA_TARGET:
             log.warning("annotator agreement is low: Krippendorff's alpha %.3f < %.2f over %d tasks",
                         overall, ALPHA_TARGET, len(self.window))

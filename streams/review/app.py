@@ -90,7 +90,7 @@ class Review:
 
     rs: ReviewSettings
     book: TokenBook
-    r: Any
+    redis: Any
     queue: ReviewQueue
     codec: ValueCodec
     out_topic: str
@@ -104,7 +104,7 @@ class Review:
                                 headers={"WWW-Authenticate": "Bearer"})
         # A fixed one-second window in Redis, shared by every replica of the app.
         key = self.queue.k("rate", name, str(int(time.time())))
-        pipe = self.r.pipeline()
+        pipe = self.redis.pipeline()
         pipe.incr(key)
         pipe.expire(key, 2)
         if pipe.execute()[0] > self.rs.rate_per_s:
@@ -114,15 +114,15 @@ class Review:
 
     def order_for(self, tid: str, who: str) -> str:
         key = self.queue.k("order", tid, who)
-        existing = self.r.get(key)
+        existing = self.redis.get(key)
         if existing:
             return existing.decode()
         order = random.choice(["chosen_first", "rejected_first"])  # randomised A/B, recorded with the verdict
-        self.r.set(key, order, nx=True, ex=7 * 24 * 3600)
-        return self.r.get(key).decode()
+        self.redis.set(key, order, nx=True, ex=self.rs.retention_s)  # kept as long as the task's keys
+        return self.redis.get(key).decode()
 
     def stats(self) -> dict[str, Any]:
-        alpha = self.r.get(self.queue.k("alpha", "overall"))
+        alpha = self.redis.get(self.queue.k("alpha", "overall"))
         return self.queue.stats() | {"alpha": float(alpha) if alpha else None}
 
 
@@ -192,7 +192,7 @@ def api_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
 
     @router.post("/{task_id}/verdict")
     def submit(task_id: str, body: VerdictIn, who: str = Depends(annotator)) -> dict[str, Any]:
-        prior = ctx.r.hget(ctx.queue.k("verdicts", task_id), who)
+        prior = ctx.redis.hget(ctx.queue.k("verdicts", task_id), who)
         if prior is not None:  # idempotent: the same verdict again, nothing new produced
             return json.loads(prior) | {"duplicate": True}
         task = ctx.queue.task(task_id)

@@ -32,7 +32,7 @@ class Feeder:
         self.marker = queue.k("initialized")
 
     def rebuild_if_empty(self) -> int:
-        if self.queue.r.exists(self.marker):
+        if self.queue.redis.exists(self.marker):
             return 0
         n = 0
         with TopicReader(self.settings.topic(topics.REVIEW), "ReviewTask", self.settings) as reader:
@@ -41,8 +41,8 @@ class Feeder:
         with TopicReader(self.settings.topic(topics.ANNOTATIONS), "Annotation", self.settings) as reader:
             for ann in reader.records(idle_timeout=REBUILD_IDLE_S):
                 self.queue.restore_verdict(ann["task_id"], ann["annotator"], ann)
-                restore_vote(self.queue.r, self.settings.topic_prefix, ann)
-        self.queue.r.set(self.marker, "1")
+                restore_vote(self.queue.redis, self.settings.topic_prefix, ann)
+        self.queue.redis.set(self.marker, "1")
         if n:
             log.info("rebuilt the review queue from the topics: %d tasks", n)
         return n
@@ -60,7 +60,7 @@ class Feeder:
                         self.queue.add(reader.decode(msg).value)
                     except Exception as exc:  # one bad task must not stop the feed; it is logged
                         log.error("unusable ReviewTask at %d@%d: %s", msg.partition(), msg.offset(), exc)
-                    if not self.queue.r.exists(self.marker):  # Redis was wiped while running
+                    if not self.queue.redis.exists(self.marker):  # Redis was wiped while running
                         self.rebuild_if_empty()
                     if self.stop.is_set():
                         break

@@ -87,14 +87,14 @@ class Submitted:
 class ReviewQueue:
     def __init__(self, redis: Any, prefix: str = "", lease_s: int = DEFAULT_LEASE_S, max_leases: int = DEFAULT_MAX_LEASES,
                  lease_scan: int = DEFAULT_LEASE_SCAN, retention_s: int = DEFAULT_RETENTION_S) -> None:
-        self.r = redis
-        self.p = f"{prefix}prefstream:review:"
+        self.redis = redis
+        self.prefix = f"{prefix}prefstream:review:"
         self.lease_s, self.max_leases, self.lease_scan, self.retention_s = lease_s, max_leases, lease_scan, retention_s
-        self._lease = self.r.register_script(_LEASE)
-        self._add = self.r.register_script(_ADD)
+        self._lease = self.redis.register_script(_LEASE)
+        self._add = self.redis.register_script(_ADD)
 
     def k(self, *parts: str) -> str:
-        return self.p + ":".join(parts)
+        return self.prefix + ":".join(parts)
 
     # ------------------------------------------------------------------ filling
     def add(self, task: dict[str, Any]) -> bool:
@@ -105,14 +105,14 @@ class ReviewQueue:
         return bool(self._add(keys=keys, args=[json.dumps(task), float(task["priority"]), tid]))
 
     def task(self, tid: str) -> dict[str, Any] | None:
-        raw = self.r.get(self.k("task", tid))
+        raw = self.redis.get(self.k("task", tid))
         return json.loads(raw) if raw else None
 
     # ------------------------------------------------------------------ leasing
     def lease(self, annotator: str, expert: bool = False) -> dict[str, Any] | None:
         """The next task for ``annotator`` (now leased to them), or None when there is none for them."""
         keys = [self.k("expert" if expert else "pending"), self.k("held", annotator)]
-        tid = self._lease(keys=keys, args=[self.p, annotator, self.lease_s, time.time(), self.max_leases,
+        tid = self._lease(keys=keys, args=[self.prefix, annotator, self.lease_s, time.time(), self.max_leases,
                                            self.lease_scan])
         if tid == -1:
             raise QueueError(409, f"{annotator} already holds {self.max_leases} leased task(s): submit a verdict for "
@@ -122,21 +122,21 @@ class ReviewQueue:
         return self.task(tid.decode() if isinstance(tid, bytes) else tid)
 
     def holder(self, tid: str) -> str | None:
-        v = self.r.get(self.k("lease", tid))
+        v = self.redis.get(self.k("lease", tid))
         return v.decode() if v else None
 
     # ------------------------------------------------------------------ verdicts
     def submit(self, tid: str, annotator: str, annotation: dict[str, Any]) -> Submitted:
         """Record a verdict; only the lease holder may submit, and a second submit returns the first."""
-        prior = self.r.hget(self.k("verdicts", tid), annotator)
+        prior = self.redis.hget(self.k("verdicts", tid), annotator)
         if prior is not None:
-            return Submitted(json.loads(prior), True, self.r.hlen(self.k("verdicts", tid)))
+            return Submitted(json.loads(prior), True, self.redis.hlen(self.k("verdicts", tid)))
         task = self.task(tid)
         if task is None:
             raise QueueError(404, f"no task {tid}")
         if self.holder(tid) != annotator:
             raise QueueError(403, f"task {tid} is not leased to {annotator} (the lease may have expired; ask for the next task)")
-        pipe = self.r.pipeline()
+        pipe = self.redis.pipeline()
         pipe.hsetnx(self.k("verdicts", tid), annotator, json.dumps(annotation))
         pipe.delete(self.k("lease", tid))
         pipe.zrem(self.k("held", annotator), tid)
@@ -152,7 +152,7 @@ class ReviewQueue:
 
     def restore_verdict(self, tid: str, annotator: str, annotation: dict[str, Any]) -> None:
         """Rebuild path: a verdict read back from prefs.annotations (the task then needs only the rest)."""
-        pipe = self.r.pipeline()
+        pipe = self.redis.pipeline()
         pipe.sadd(self.k("seen", tid), annotator)
         pipe.hsetnx(self.k("verdicts", tid), annotator, json.dumps(annotation))
         pipe.hlen(self.k("verdicts", tid))
@@ -165,7 +165,7 @@ class ReviewQueue:
         """A task with all its verdicts leaves the queue; its keys expire after the retention period."""
         if not (task.get("expert") or votes >= VOTES_NEEDED):
             return
-        pipe = self.r.pipeline()
+        pipe = self.redis.pipeline()
         pipe.zrem(self.k("expert" if task.get("expert") else "pending"), tid)
         for key in (self.k("task", tid), self.k("verdicts", tid), self.k("seen", tid)):
             pipe.expire(key, self.retention_s)
@@ -173,13 +173,13 @@ class ReviewQueue:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
-        per = {k.decode(): int(v) for k, v in self.r.hgetall(self.k("stats", "per_annotator")).items()}
-        agree = {k.decode(): int(v) for k, v in self.r.hgetall(self.k("stats", "agree")).items()}
-        decided = {k.decode(): int(v) for k, v in self.r.hgetall(self.k("stats", "decided")).items()}
+        per = {k.decode(): int(v) for k, v in self.redis.hgetall(self.k("stats", "per_annotator")).items()}
+        agree = {k.decode(): int(v) for k, v in self.redis.hgetall(self.k("stats", "agree")).items()}
+        decided = {k.decode(): int(v) for k, v in self.redis.hgetall(self.k("stats", "decided")).items()}
         now = time.time()
-        return {"pending": self.r.zcard(self.k("pending")), "expert": self.r.zcard(self.k("expert")),
-                "verdicts_last_hour": self.r.zcount(self.k("stats", "recent"), now - THROUGHPUT_WINDOW_S, now),
+        return {"pending": self.redis.zcard(self.k("pending")), "expert": self.redis.zcard(self.k("expert")),
+                "verdicts_last_hour": self.redis.zcount(self.k("stats", "recent"), now - THROUGHPUT_WINDOW_S, now),
                 "agreement_with_label": {a: agree.get(a, 0) / n for a, n in decided.items() if n},
-                "added": int(self.r.get(self.k("stats", "added")) or 0),
-                "verdicts": int(self.r.get(self.k("stats", "verdicts")) or 0), "per_annotator": per,
+                "added": int(self.redis.get(self.k("stats", "added")) or 0),
+                "verdicts": int(self.redis.get(self.k("stats", "verdicts")) or 0), "per_annotator": per,
                 "time": time.time()}

@@ -104,8 +104,8 @@ def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str
     threads = [threading.Thread(target=guarded, args=(i, tok), daemon=True) for i, tok in enumerate(tokens)]
     threads += [threading.Thread(target=guarded, args=(100 + i, tok, True), daemon=True)
                 for i, tok in enumerate(expert_tokens or [])]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return stats

@@ -61,7 +61,7 @@ class Pipeline:
             self.labeler = LLMLabeler(wsettings.llm_url, wsettings.llm_model, labeler, key)
         self.index = NeighbourIndex(self.embedder.dim)
         self.scorer = scorer
-        self.policy = RouterPolicy(wsettings.tau, wsettings.gold_agree, wsettings.flip_below)
+        self.policy = RouterPolicy.from_settings(wsettings)
         self.trusted = wsettings.trusted_source_set
         self.out_topics = {name: settings.topic(name) for name in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ)}
         self.emit = Emitter(self.codec, self.out_topics)

@@ -15,10 +15,9 @@ from schemas.pairs import normalize_text, validate_pair
 from schemas.wire import ValueCodec
 from streams.runtime.processors.deadletter import dead_letter, from_exception
 
-__all__ = ["DEFAULT_DEDUPE_TTL_S", "DEDUPE_PREFIX", "IngestResult", "Ingestor", "dead_letter", "normalize"]
+__all__ = ["DEDUPE_PREFIX", "IngestResult", "Ingestor", "dead_letter", "normalize"]
 
 DEDUPE_PREFIX = "prefstream:dedupe:"
-DEFAULT_DEDUPE_TTL_S = 7 * 24 * 3600
 
 
 @dataclass
@@ -37,7 +36,7 @@ def normalize(pair: dict[str, Any]) -> dict[str, Any]:
 
 
 class Ingestor:
-    def __init__(self, codec: ValueCodec, redis: Any, dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S, key_prefix: str = "") -> None:
+    def __init__(self, codec: ValueCodec, redis: Any, dedupe_ttl_s: int, key_prefix: str = "") -> None:
         self.codec = codec
         self.redis = redis
         self.ttl = dedupe_ttl_s

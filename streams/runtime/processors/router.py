@@ -13,15 +13,22 @@ Order of the rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 MAX_SIMILAR = 8
 
 
 @dataclass(frozen=True)
 class RouterPolicy:
-    tau: float = 0.8
-    gold_agree: float = 0.6
-    flip_below: float = 0.1
+    """The thresholds; their defaults and meaning live in WorkerSettings (tau, gold_agree, flip_below)."""
+
+    tau: float
+    gold_agree: float
+    flip_below: float
+
+    @classmethod
+    def from_settings(cls, wsettings: Any) -> RouterPolicy:
+        return cls(wsettings.tau, wsettings.gold_agree, wsettings.flip_below)
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ def similar_k(p: float) -> int:
     return MAX_SIMILAR if p < 0.5 else int(MAX_SIMILAR * (1 - p))
 
 
-def route(p: float, gold_p: float | None, verdict: tuple[str, str] | None, policy: RouterPolicy = RouterPolicy()) -> Route:
+def route(p: float, gold_p: float | None, verdict: tuple[str, str] | None, policy: RouterPolicy) -> Route:
     if verdict is not None:
         tool, winner = verdict
         return Route("verified_by_tool", f"{tool} verifier: {winner} is correct", flip=winner == "rejected")

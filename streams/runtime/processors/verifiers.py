@@ -157,7 +157,6 @@ def verify_code(pair: dict) -> str | None:
     return "chosen" if c and not r else "rejected" if r and not c else None
 
 
-VERIFIERS = {"math": verify_math, "code": verify_code}
 # Threads only wait on sandbox children; 4 pairs (8 children) at a time keeps 2 cores busy without
 # letting one batch of code pairs fork dozens of interpreters.
 _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="verify-side")
