@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from schemas import codec, registry
 from schemas.exceptions import DecodeError, InvalidRecordError
-from schemas.pairs import MAX_TEXT_BYTES, content_id, pair_from_json, pair_to_json, validate_pair
+from schemas.pairs import MAX_CREATED_AT_MS, MAX_TEXT_BYTES, content_id, pair_from_json, pair_to_json, validate_pair
 from schemas.wire import SCHEMA_HEADER, ValueCodec
 
 text = st.text(min_size=0, max_size=200)
@@ -25,7 +25,7 @@ def valid_pairs(draw):
     pair = {"conversation": draw(st.lists(turn, min_size=1, max_size=5)), "chosen": chosen, "rejected": rejected}
     optional = {
         "source": text, "label_source": st.sampled_from(["human", "llm", "implicit", "tool"]),
-        "created_at": st.integers(min_value=0, max_value=2**52),
+        "created_at": st.integers(min_value=0, max_value=MAX_CREATED_AT_MS),
         "metadata": st.dictionaries(text, text, max_size=3),
         "task_category": nonblank, "objectivity": st.sampled_from(["factual", "opinion", "open-ended"]),
         "controversiality": st.sampled_from(["low", "medium", "high"]),
