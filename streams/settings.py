@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     topic_prefix: str = Field(
         "", description="Prefix for every topic name, to share one cluster between deployments or tests."
     )
+    partitions: int = Field(6, ge=1, description=(
+        "Partitions of the data topics (prefs.*, not prefs.dlq or models.versions): the most workers that "
+        "share the load. To grow an existing deployment, raise it and run `prefstream topics create --grow`; "
+        "Kafka cannot shrink a topic."))
     home: Path = Field(Path(".prefstream"), description="State directory: pids, logs, embedded data.")
     models_dir: Path = Field(Path(".prefstream/models"), description="Model store (a PVC in Kubernetes).")
     shards_dir: Path = Field(Path(".prefstream/shards"), description="Training shards written by the stream.")
@@ -67,6 +71,7 @@ def child_env(settings: Settings, base: dict[str, str] | None = None) -> dict[st
         "PREFSTREAM_TOPIC_PREFIX": settings.topic_prefix,
         "PREFSTREAM_MODELS_DIR": str(settings.models_dir),
         "PREFSTREAM_SHARDS_DIR": str(settings.shards_dir),
+        "PREFSTREAM_PARTITIONS": str(settings.partitions),
     })
     if settings.schema_registry_url:
         env["SCHEMA_REGISTRY_URL"] = settings.schema_registry_url

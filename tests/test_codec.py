@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from schemas import codec, registry
 from schemas.exceptions import DecodeError, InvalidRecordError
-from schemas.pairs import MAX_CREATED_AT_MS, MAX_TEXT_BYTES, content_id, pair_from_json, pair_to_json, validate_pair
+from schemas.pairs import (
+    MAX_CREATED_AT_MS,
+    MAX_TEXT_BYTES,
+    content_id,
+    pair_from_json,
+    pair_to_json,
+    validate_pair,
+)
 from schemas.wire import SCHEMA_HEADER, ValueCodec
 
 text = st.text(min_size=0, max_size=200)

@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.table import Table
 
 from streams.cli.common import console
-from streams.kafka import topics
 from streams.settings import get_settings
 
 
@@ -32,10 +31,9 @@ def stack_up() -> None:
         states = Stack(settings).up()
     created = sum(state.action == "created" for state in states)
     for state in states:
-        if state.action == "mismatch":
-            expected = topics.spec(state.name.removeprefix(settings.topic_prefix)).partitions
+        if state.action in ("more", "fewer"):
             console.print(f"[yellow]warning:[/] topic {state.name} has {state.partitions} partitions, "
-                          f"the table says {expected}")
+                          f"PREFSTREAM_PARTITIONS asks for {state.wanted} (`prefstream topics create` says what to do)")
     console.print(f"[green]stack up[/]: {len(states)} topics ({created} created)")
     click.echo(f"PREFSTREAM_BOOTSTRAP={settings.bootstrap}")
     click.echo(f"PREFSTREAM_REDIS_URL={settings.redis_url}")

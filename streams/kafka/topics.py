@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from streams.settings import Settings
+
 RAW = "prefs.raw"
 SCORED = "prefs.scored"
 REVIEW = "prefs.review"
@@ -13,8 +15,9 @@ CURATED = "prefs.curated"
 DLQ = "prefs.dlq"
 MODEL_VERSIONS = "models.versions"
 
-# Partitions bound how many workers share the load: a worker beyond this count idles.
-DEFAULT_PARTITIONS = 6
+# Partitions bound how many workers share the load: a worker beyond this count idles. The count is
+# the setting PREFSTREAM_PARTITIONS; the table (and the manifests generated from it) use its default.
+DEFAULT_PARTITIONS = Settings.model_fields["partitions"].default
 WEEK_MS = 7 * 24 * 3600 * 1000
 # The largest record any topic takes, and what producers may send (message.max.bytes in
 # config.py reads it from here). Set on every topic explicitly: a broker default smaller than the
@@ -32,15 +35,19 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
     value_schema: str = ""
     doc: str = ""
+    scales: bool = False  # its partition count is PREFSTREAM_PARTITIONS (the data topics)
+
+    def partitions_in(self, settings: Settings) -> int:
+        return settings.partitions if self.scales else self.partitions
 
 
 TOPICS: tuple[TopicSpec, ...] = (
-    TopicSpec(RAW, DEFAULT_PARTITIONS, _LIMIT | {"retention.ms": str(WEEK_MS)}, "PreferencePair", "what applications write (JSON or Avro)"),
-    TopicSpec(SCORED, DEFAULT_PARTITIONS, _LIMIT | {"retention.ms": str(WEEK_MS)}, "ScoredPair", "labels and both RM scores; what downstream reads"),
-    TopicSpec(REVIEW, DEFAULT_PARTITIONS, _LIMIT, "ReviewTask", "pairs for human review, with similar pairs"),
-    TopicSpec(ANNOTATIONS, DEFAULT_PARTITIONS, _LIMIT, "Annotation", "one record per annotator verdict"),
-    TopicSpec(VERIFIED, DEFAULT_PARTITIONS, _LIMIT, "VerifiedPair", "human-verified gold pairs"),
-    TopicSpec(CURATED, DEFAULT_PARTITIONS, _LIMIT, "CuratedPair", "pairs for training; the shard writer's input"),
+    TopicSpec(RAW, DEFAULT_PARTITIONS, _LIMIT | {"retention.ms": str(WEEK_MS)}, "PreferencePair", "what applications write (JSON or Avro)", scales=True),
+    TopicSpec(SCORED, DEFAULT_PARTITIONS, _LIMIT | {"retention.ms": str(WEEK_MS)}, "ScoredPair", "labels and both RM scores; what downstream reads", scales=True),
+    TopicSpec(REVIEW, DEFAULT_PARTITIONS, _LIMIT, "ReviewTask", "pairs for human review, with similar pairs", scales=True),
+    TopicSpec(ANNOTATIONS, DEFAULT_PARTITIONS, _LIMIT, "Annotation", "one record per annotator verdict", scales=True),
+    TopicSpec(VERIFIED, DEFAULT_PARTITIONS, _LIMIT, "VerifiedPair", "human-verified gold pairs", scales=True),
+    TopicSpec(CURATED, DEFAULT_PARTITIONS, _LIMIT, "CuratedPair", "pairs for training; the shard writer's input", scales=True),
     TopicSpec(DLQ, 1, _LIMIT | {"retention.ms": str(4 * WEEK_MS)}, "DeadLetter", "bad records with a reason; replayable"),
     # Compacted: the latest record per role is the source of truth for which model serves.
     TopicSpec(MODEL_VERSIONS, 1, _LIMIT | {"cleanup.policy": "compact"}, "ModelVersion", "serving model per role"),
