@@ -5,6 +5,9 @@ No Docker engine or Kubernetes API server runs here: these checks are what stand
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 import subprocess
 
@@ -14,13 +17,14 @@ import yaml
 from streams.deploy import EXTERNAL_ENV, STRIMZI_TOPICS, settings_env_names, strimzi_topics_yaml
 from streams.kafka.topics import BY_NAME, RAW, TOPICS
 from streams.settings import WorkerSettings
+from streams.runtime.jobs import JobTemplate, job_manifest
 from tests.helpers import ROOT
 
 OVERLAYS = ["dev", "prod", "external-kafka", "strimzi"]
 CRD_KINDS = {"Kafka", "KafkaTopic", "KafkaNodePool", "ScaledObject", "PrometheusRule"}
 
 
-def render(path: str) -> list[dict]:
+def render(path: str | os.PathLike) -> list[dict]:
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl (with its built-in kustomize) is not installed; manifests not rendered")
     out = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / path)], capture_output=True, text=True, check=True)
@@ -148,3 +152,302 @@ def test_compose_parses_and_references_only_what_exists():
 def test_dockerfile_runs_prefstream_as_non_root():
     text = (ROOT / "Dockerfile").read_text()
     assert "USER 10001" in text and 'ENTRYPOINT ["prefstream"]' in text and "torch==2.13.0" in text
+
+
+# ---------------------------------------------------------------------------- hardening
+# One Secret per component, named prefstream-<component>, and read key by key (env secretKeyRef, never
+# envFrom), so that the keys each pod can see are the ones listed in its manifest.
+KAFKA_CREDENTIALS = {"PREFSTREAM_SASL_USERNAME", "PREFSTREAM_SASL_PASSWORD"}
+SECRET_KEYS = {
+    "worker": KAFKA_CREDENTIALS,
+    "review": {"PREFSTREAM_REVIEW_TOKENS", "PREFSTREAM_REDIS_URL"} | KAFKA_CREDENTIALS,
+    "controller": KAFKA_CREDENTIALS,
+    "retrain": KAFKA_CREDENTIALS,
+    "topics": KAFKA_CREDENTIALS,
+}
+
+
+def pod_templates(docs):
+    """(object, pod template) of every workload, including the retrain Job the controller creates."""
+    for d in docs:
+        if d["kind"] in ("Deployment", "Job"):
+            yield d, d["spec"]["template"]
+        elif d["kind"] == "CronJob":
+            yield d, d["spec"]["jobTemplate"]["spec"]["template"]
+
+
+def retrain_job() -> dict:
+    return job_manifest("prefstream-retrain-current-1", "current", {}, JobTemplate())
+
+
+def all_containers(pod: dict) -> list[dict]:
+    return pod["containers"] + pod.get("initContainers", []) + pod.get("ephemeralContainers", [])
+
+
+def secret_refs(pod: dict) -> dict[str, set[str]]:
+    """Secret name -> keys read, over every way a pod can reference a Secret (None: the whole Secret)."""
+    refs: dict[str, set] = {}
+    for c in all_containers(pod):
+        for src in c.get("envFrom", []):
+            if "secretRef" in src:
+                refs.setdefault(src["secretRef"]["name"], set()).add(None)
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["key"] == e["name"], "a Secret key is the variable it sets"
+                refs.setdefault(ref["name"], set()).add(ref["key"])
+    for v in pod.get("volumes", []):
+        if "secret" in v:
+            refs.setdefault(v["secret"]["secretName"], set()).add(None)
+        for src in v.get("projected", {}).get("sources", []):
+            if "secret" in src:
+                refs.setdefault(src["secret"]["name"], set()).add(None)
+    return refs
+
+
+def test_each_pod_reads_only_its_own_secret_and_only_the_keys_it_needs(docs):
+    assert not [d for d in docs if d["kind"] == "Secret"], "Secret values are never in the repo"
+    assert "prefstream-secrets" not in yaml.safe_dump_all(docs), "the shared Secret is gone"
+    templates = list(pod_templates(docs)) + [(retrain_job(), retrain_job()["spec"]["template"])]
+    seen = set()
+    for d, tpl in templates:
+        component = tpl["metadata"]["labels"]["app.kubernetes.io/component"]
+        refs = secret_refs(tpl["spec"])
+        assert set(refs) <= {f"prefstream-{component}"}, (d["metadata"]["name"], set(refs))
+        for name, keys in refs.items():
+            assert None not in keys, f"{d['metadata']['name']} reads all of {name}: list its keys instead"
+            assert keys <= SECRET_KEYS[component], (d["metadata"]["name"], keys - SECRET_KEYS[component])
+            seen.add(component)
+    # The worker's Secret holds Kafka credentials only; every component that talks to Kafka gets them.
+    assert SECRET_KEYS["worker"] == KAFKA_CREDENTIALS
+    for d, tpl in templates:
+        component = tpl["metadata"]["labels"]["app.kubernetes.io/component"]
+        keys = set().union(*secret_refs(tpl["spec"]).values()) if secret_refs(tpl["spec"]) else set()
+        assert KAFKA_CREDENTIALS <= keys, f"{d['metadata']['name']} lacks its Kafka credentials"
+        if component == "worker":
+            assert keys == KAFKA_CREDENTIALS
+    assert "review" in seen and "worker" in seen and "controller" in seen
+
+
+def test_retrain_jobs_of_cronjob_and_controller_read_the_same_secret(docs):
+    cron = next((d for d in docs if d["kind"] == "CronJob"), None)
+    assert cron is not None
+    cron_pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    job_pod = retrain_job()["spec"]["template"]["spec"]
+    assert secret_refs(cron_pod) == secret_refs(job_pod) == {"prefstream-retrain": KAFKA_CREDENTIALS}
+    assert cron_pod["serviceAccountName"] == job_pod["serviceAccountName"] == JobTemplate().service_account
+    assert cron_pod["containers"][0]["envFrom"] == job_pod["containers"][0]["envFrom"]
+
+
+def test_the_runbook_creates_each_secret_with_only_the_keys_its_pods_read():
+    text = (ROOT / "docs" / "operations.md").read_text()
+    start = text.index("## Deployment: Kubernetes")
+    k8s = text[start:text.index("\n## ", start + 1)]
+    assert "prefstream-secrets" not in k8s
+    created: dict[str, set[str]] = {}
+    for m in re.finditer(r"create secret generic (prefstream-[a-z]+)((?:[^\n]*\\\n)*[^\n]*)", k8s):
+        created.setdefault(m.group(1), set()).update(re.findall(r"--from-literal=([A-Z_]+)=", m.group(2)))
+    assert set(created) == {f"prefstream-{c}" for c in SECRET_KEYS}, set(created)
+    for component, allowed in SECRET_KEYS.items():
+        assert created[f"prefstream-{component}"] <= allowed, (component, created[f"prefstream-{component}"])
+    assert created["prefstream-worker"] == KAFKA_CREDENTIALS
+
+
+def test_only_the_controller_gets_a_service_account_token(docs):
+    templates = list(pod_templates(docs)) + [(retrain_job(), retrain_job()["spec"]["template"])]
+    for d, tpl in templates:
+        automount = tpl["spec"].get("automountServiceAccountToken")
+        if tpl["metadata"]["labels"]["app.kubernetes.io/component"] == "controller":
+            assert automount is not False, "the controller creates Jobs through the Kubernetes API"
+        else:
+            assert automount is False, d["metadata"]["name"]
+
+
+# Pod Security Standards (https://kubernetes.io/docs/concepts/security/pod-security-standards/), the
+# checks that apply to Linux pods, as Pod Security Admission runs them at "latest".
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                "net.ipv4.tcp_keepalive_probes"}
+BASELINE_CAPS = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
+                 "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+
+
+def pss_violations(template: dict, level: str) -> set[tuple[str, str]]:
+    """(container or 'pod', control) pairs that Pod Security Admission at `level` would refuse."""
+    pod, meta = template["spec"], template.get("metadata", {})
+    psc = pod.get("securityContext", {})
+    out: set[tuple[str, str]] = set()
+    # baseline
+    for f in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(f):
+            out.add(("pod", f))
+    if psc.get("windowsOptions", {}).get("hostProcess"):
+        out.add(("pod", "hostProcess"))
+    if psc.get("seccompProfile", {}).get("type") == "Unconfined":
+        out.add(("pod", "seccomp"))
+    if psc.get("appArmorProfile", {}).get("type") == "Unconfined":
+        out.add(("pod", "apparmor"))
+    if set(psc.get("seLinuxOptions", {})) - {"type", "level"}:
+        out.add(("pod", "selinux"))
+    if {s["name"] for s in psc.get("sysctls", [])} - SAFE_SYSCTLS:
+        out.add(("pod", "sysctls"))
+    for k, v in meta.get("annotations", {}).items():
+        if k.startswith("container.apparmor.security.beta.kubernetes.io/") and v == "unconfined":
+            out.add((k.rsplit("/", 1)[1], "apparmor"))
+    for v in pod.get("volumes", []):
+        types = set(v) - {"name"}
+        if "hostPath" in types:
+            out.add(("pod", "hostPath"))
+        if level == "restricted" and not types <= RESTRICTED_VOLUMES:
+            out.add(("pod", f"volume {v['name']}"))
+    for c in all_containers(pod):
+        sc, name = c.get("securityContext", {}), c["name"]
+        if sc.get("privileged"):
+            out.add((name, "privileged"))
+        if sc.get("windowsOptions", {}).get("hostProcess"):
+            out.add((name, "hostProcess"))
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            out.add((name, "hostPort"))
+        if sc.get("procMount", "Default") != "Default":
+            out.add((name, "procMount"))
+        if sc.get("seccompProfile", {}).get("type") == "Unconfined":
+            out.add((name, "seccomp"))
+        if sc.get("appArmorProfile", {}).get("type") == "Unconfined":
+            out.add((name, "apparmor"))
+        if set(sc.get("seLinuxOptions", {})) - {"type", "level"}:
+            out.add((name, "selinux"))
+        caps = sc.get("capabilities", {})
+        if set(caps.get("add", [])) - BASELINE_CAPS:
+            out.add((name, "capabilities"))
+        if level != "restricted":
+            continue
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.add((name, "allowPrivilegeEscalation"))
+        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+            out.add((name, "runAsNonRoot"))
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            out.add((name, "runAsUser"))
+        if sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type") not in ("RuntimeDefault", "Localhost"):
+            out.add((name, "seccomp"))
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.add((name, "capabilities"))
+    return out
+
+
+def test_the_namespace_enforces_pod_security_restricted(docs):
+    ns = next(d for d in docs if d["kind"] == "Namespace")
+    labels = ns["metadata"]["labels"]
+    for mode in ("enforce", "audit", "warn"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted", mode
+
+
+def test_every_pod_meets_pod_security_restricted(docs):
+    templates = list(pod_templates(docs)) + [(retrain_job(), retrain_job()["spec"]["template"])]
+    assert len(templates) >= 5
+    for d, tpl in templates:
+        assert pss_violations(tpl, "restricted") == set(), d["metadata"]["name"]
+
+
+def test_pss_check_catches_what_restricted_refuses():
+    tpl = json.loads(json.dumps(retrain_job()["spec"]["template"]))
+    assert pss_violations(tpl, "restricted") == set()
+    del tpl["spec"]["securityContext"]["seccompProfile"]
+    tpl["spec"]["containers"][0]["securityContext"]["capabilities"] = {"add": ["NET_RAW"]}
+    tpl["spec"]["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    assert pss_violations(tpl, "restricted") == {("retrain", "seccomp"), ("retrain", "capabilities"),
+                                                 ("pod", "hostPath"), ("pod", "volume host")}
+
+
+def test_code_verifier_component_relaxes_only_what_its_sidecar_needs(tmp_path):
+    """The sandbox sidecar needs Unconfined seccomp/AppArmor: refused by restricted *and* baseline, so
+    the component sets enforce=privileged and keeps audit/warn at restricted; the worker itself and
+    every other pod stay restricted."""
+    rel = lambda p: os.path.relpath(ROOT / "k8s" / p, tmp_path)  # noqa: E731
+    (tmp_path / "kustomization.yaml").write_text(
+        f"resources: [{rel('base')}]\ncomponents: [{rel('components/code-verifier')}]\n")
+    docs = render(tmp_path)
+    kv = pytest.importorskip("kubernetes_validate")
+    for d in docs:
+        kv.validate(d, "1.30.0", strict=True)
+    labels = next(d for d in docs if d["kind"] == "Namespace")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert labels["pod-security.kubernetes.io/audit"] == labels["pod-security.kubernetes.io/warn"] == "restricted"
+    sidecar_only = {("code-verifier", "seccomp"), ("code-verifier", "apparmor")}
+    for d, tpl in pod_templates(docs):
+        if d["metadata"]["name"] == "prefstream-worker":
+            assert pss_violations(tpl, "restricted") == pss_violations(tpl, "baseline") == sidecar_only
+            sidecar = tpl["spec"]["initContainers"][0]
+            assert not sidecar.get("env") and not sidecar.get("envFrom"), "the sandbox gets no credentials"
+        else:
+            assert pss_violations(tpl, "restricted") == set(), d["metadata"]["name"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        present = e["key"] in labels
+        ok = {"In": lambda: present and labels[e["key"]] in e["values"],
+              "NotIn": lambda: not present or labels[e["key"]] not in e["values"],
+              "Exists": lambda: present, "DoesNotExist": lambda: not present}[e["operator"]]()
+        if not ok:
+            return False
+    return True
+
+
+def test_every_egress_rule_names_its_destination(docs, request):
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert policies
+    for np in policies:
+        for rule in np["spec"].get("egress", []):
+            assert rule.get("to"), f"{np['metadata']['name']}: an egress rule without `to` allows any destination"
+            assert rule.get("ports"), np["metadata"]["name"]
+            for peer in rule["to"]:
+                assert peer, "an empty peer matches every pod"
+                if "ipBlock" in peer:
+                    assert not peer["ipBlock"]["cidr"].endswith("/0"), np["metadata"]["name"]
+                for sel in ("podSelector", "namespaceSelector"):
+                    if sel in peer:
+                        assert peer[sel].get("matchLabels") or peer[sel].get("matchExpressions"), (np, sel)
+
+    def egress_for(labels: dict) -> list[tuple[dict, dict]]:
+        return [(peer, rule) for np in policies if selects(np["spec"]["podSelector"], labels)
+                for rule in np["spec"].get("egress", []) for peer in rule["to"]]
+
+    def has(labels: dict, port: int, match) -> bool:
+        return any(match(peer) and any(p["port"] == port for p in rule["ports"]) for peer, rule in egress_for(labels))
+
+    dns = lambda p: (p.get("namespaceSelector", {}).get("matchLabels") == {"kubernetes.io/metadata.name": "kube-system"}  # noqa: E731
+                     and p.get("podSelector", {}).get("matchLabels") == {"k8s-app": "kube-dns"})
+    redis = lambda p: p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") == "redis"  # noqa: E731
+    api = lambda p: "ipBlock" in p  # noqa: E731
+    in_cluster = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "kafka"}}}
+    strimzi = {"podSelector": {"matchLabels": {"strimzi.io/cluster": "prefstream-kafka", "strimzi.io/broker-role": "true"}}}
+    kafka_peer, kafka_port = {  # where each rendering's Kafka is
+        "base": (in_cluster, 9092), "overlays/dev": (in_cluster, 9092), "overlays/prod": (in_cluster, 9092),
+        "overlays/strimzi": (strimzi, 9092), "overlays/external-kafka": (None, 9093),
+    }[request.node.callspec.params["docs"]]
+    kafka = (lambda p: p == kafka_peer) if kafka_peer else (lambda p: set(p) == {"ipBlock"})  # noqa: E731
+    templates = list(pod_templates(docs)) + [(retrain_job(), retrain_job()["spec"]["template"])]
+    for d, tpl in templates:
+        labels = tpl["metadata"]["labels"]
+        component, name = labels["app.kubernetes.io/component"], d["metadata"]["name"]
+        assert {(p["protocol"], p["port"]) for peer, rule in egress_for(labels) if dns(peer) for p in rule["ports"]} \
+            >= {("UDP", 53), ("TCP", 53)}, name
+        assert has(labels, kafka_port, kafka), name
+        assert has(labels, 6379, redis) == (component in ("worker", "review")), name
+        assert has(labels, 6443, api) == (component == "controller"), name
+
+
+def test_external_kafka_cidr_is_a_variable_of_the_overlay():
+    vars_doc = yaml.safe_load((ROOT / "k8s/overlays/external-kafka/network-vars.yaml").read_text())
+    assert vars_doc["metadata"]["annotations"]["config.kubernetes.io/local-config"] == "true"
+    docs = render("overlays/external-kafka")
+    assert not [d for d in docs if d["metadata"]["name"] == vars_doc["metadata"]["name"]], "local-config leaked"
+    np = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "prefstream-egress-kafka")
+    assert np["spec"]["egress"][0]["to"] == [{"ipBlock": {"cidr": vars_doc["data"]["KAFKA_CIDR"]}}]
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "prefstream-config")
+    assert not set(cm["data"]) & KAFKA_CREDENTIALS, "SASL credentials are per component, in Secrets"

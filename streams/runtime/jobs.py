@@ -113,6 +113,11 @@ class JobTemplate:
     ttl_seconds_after_finished: int = 3600
     active_deadline_seconds: int = 6 * 3600
     env_from_configmap: str = "prefstream-config"
+    # The retrain Job's own Secret (the same one the retrain CronJob reads): its Kafka credentials, so
+    # that the announce step (models.versions) works under SASL. Only these keys are read from it, each
+    # optional (absent under PLAINTEXT); security.protocol and sasl.mechanism come from the ConfigMap.
+    secret: str = "prefstream-retrain"
+    secret_keys: tuple[str, ...] = ("PREFSTREAM_SASL_USERNAME", "PREFSTREAM_SASL_PASSWORD")
 
 
 def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate, extra_args: list[str] | None = None) -> dict:
@@ -131,13 +136,19 @@ def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate,
                 "spec": {
                     "restartPolicy": "Never",
                     "serviceAccountName": tpl.service_account,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+                    "automountServiceAccountToken": False,  # the Job never calls the Kubernetes API
+                    # Pod Security `restricted` (the namespace enforces it).
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [{
                         "name": "retrain", "image": tpl.image,
                         "args": retrain_args(role, extra_args),
                         "envFrom": [{"configMapRef": {"name": tpl.env_from_configmap}}],
                         "env": [{"name": "PREFSTREAM_SHARDS_DIR", "value": "/data/shards"},
-                                {"name": "PREFSTREAM_MODELS_DIR", "value": "/data/models"}],
+                                {"name": "PREFSTREAM_MODELS_DIR", "value": "/data/models"}]
+                               + [{"name": key, "valueFrom": {"secretKeyRef": {"name": tpl.secret, "key": key,
+                                                                              "optional": True}}}
+                                  for key in tpl.secret_keys],
                         "resources": {"requests": {"cpu": tpl.cpu_request, "memory": tpl.memory_request},
                                       "limits": {"cpu": tpl.cpu_limit, "memory": tpl.memory_limit}},
                         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
