@@ -16,8 +16,8 @@ import yaml
 
 from streams.deploy import EXTERNAL_ENV, STRIMZI_TOPICS, settings_env_names, strimzi_topics_yaml
 from streams.kafka.topics import BY_NAME, RAW, TOPICS
-from streams.settings import WorkerSettings
 from streams.runtime.jobs import JobTemplate, job_manifest
+from streams.settings import WorkerSettings
 from tests.helpers import ROOT
 
 OVERLAYS = ["dev", "prod", "external-kafka", "strimzi"]
@@ -388,11 +388,12 @@ def test_code_verifier_component_relaxes_only_what_its_sidecar_needs(tmp_path):
 def selects(selector: dict, labels: dict) -> bool:
     if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
         return False
-    for e in selector.get("matchExpressions", []):
-        present = e["key"] in labels
-        ok = {"In": lambda: present and labels[e["key"]] in e["values"],
-              "NotIn": lambda: not present or labels[e["key"]] not in e["values"],
-              "Exists": lambda: present, "DoesNotExist": lambda: not present}[e["operator"]]()
+    for expr in selector.get("matchExpressions", []):
+        value = labels.get(expr["key"])
+        present = expr["key"] in labels
+        ok = {"In": present and value in expr.get("values", []),
+              "NotIn": not present or value not in expr.get("values", []),
+              "Exists": present, "DoesNotExist": not present}[expr["operator"]]
         if not ok:
             return False
     return True
