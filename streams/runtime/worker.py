@@ -49,7 +49,6 @@ STALLED_BATCH_S = 60.0
 BROKER_AWAY_CODES = {KafkaErrorCode._ALL_BROKERS_DOWN, KafkaErrorCode._TRANSPORT, KafkaErrorCode._RESOLVE}
 BROKER_AWAY_S = 10.0
 BROKER_PROBE_S = 5.0
-REJOIN_AFTER_S = 30.0
 WORKER_MAX_POLL_INTERVAL_MS = 60000
 VERSIONS_DRAIN_S = 1.0
 IDLE_POLL_S = 0.5  # how long an idle worker blocks for a record before checking its stop flag
@@ -160,7 +159,6 @@ class Worker:
         self.failed_batches = 0
         self.batch_since: float | None = None  # when the batch in progress started
         self.broker_away_since: float | None = None  # first consumer error saying the broker is away
-        self.check_assignment_at: float | None = None  # when to check the group gave partitions back
         self.last_probe = 0.0
         self.last_error = ""
         self.redis = redis.Redis.from_url(settings.redis_url)
@@ -224,10 +222,6 @@ class Worker:
                 txn.poll()
                 msgs = next_batch(consumer, sizer.limit, self.wsettings.max_wait_ms / 1000)
                 self._probe_broker(consumer)
-                if not msgs and self._lost_partitions(consumer):
-                    consumer.close()
-                    consumer = self._consumer()
-                    continue
                 if msgs and self._process_batch(pipeline, txn, consumer, msgs, sizer):
                     self._count(msgs)
         finally:
@@ -255,22 +249,8 @@ class Worker:
             self._set_ready()
             return
         self.broker_away_since = None
-        self.check_assignment_at = now + REJOIN_AFTER_S
         log.info("the broker at %s answers again", self.settings.bootstrap)
         self._set_ready()
-
-    def _lost_partitions(self, consumer: Consumer) -> bool:
-        """Once, REJOIN_AFTER_S after the broker came back: True when the group gave this worker no
-        partition back (the embedded broker was seen not to after a long outage); the caller then
-        joins again with a new consumer."""
-        if self.check_assignment_at is None or time.monotonic() < self.check_assignment_at:
-            return False
-        self.check_assignment_at = None
-        if consumer.assignment():
-            return False
-        log.warning("no partitions assigned %.0f s after the broker came back; joining the group again",
-                    REJOIN_AFTER_S)
-        return True
 
     def is_ready(self) -> bool:
         """What /readyz answers: running, fewer than NOT_READY_AFTER failed batches in a row, and no
