@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo test chaos bench lint install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The long fault suite (tests marked slow; `make test` runs its small variants): hostile input, killed
+# workers and review app, restarted Redis. Prints the table and writes bench/results/chaos.{md,json}.
+chaos: $(STAMP)
+	$(PY) -m tests.chaos $(PYTEST_ARGS)
 
 bench:
 	$(MAKE) EXTRAS=embedded,test,bench install

@@ -234,6 +234,7 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64, retent
     from streams.kafka import topics
     from streams.kafka.config import consumer_config
     from streams.kafka.transactions import RETRY_BACKOFF_S, BatchTransactions, rewind
+    from streams.review.queue import until_redis_answers
 
     agg = Aggregator(redis_client, settings.topic_prefix, retention_s)
     marker = agg.qp + "initialized"  # set by the feeder once the queue is (re)built
@@ -248,7 +249,7 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64, retent
             msgs = [m for m in consumer.consume(max_batch, 0.5) if not m.error()]
             if not msgs:
                 continue
-            if not redis_client.exists(marker):
+            if not until_redis_answers(lambda: redis_client.exists(marker), stop, "aggregating verdicts"):
                 # Redis is new or was wiped: the feeder is restoring tasks and votes from the topics;
                 # handling annotations now would find no task (or too few votes) and drop them.
                 log.info("waiting for the review queue to be rebuilt before aggregating")
@@ -262,7 +263,10 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64, retent
                 except Exception as exc:  # written by our own app; an unreadable one is logged, not fatal
                     log.error("unreadable Annotation at offset %s: %s", m.offset(), exc)
                     continue
-                outputs.extend(agg.handle(ann))
+                handled = until_redis_answers(lambda ann=ann: agg.handle(ann), stop, "aggregating verdicts")
+                outputs.extend(handled or [])
+            if stop.is_set():  # stopped while Redis was away: some verdicts were not handled, so no commit
+                break
             encoded = []
             for name, schema, rec in outputs:
                 topic = settings.topic(name)
@@ -276,6 +280,6 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64, retent
                 continue
             if fault:
                 fault("committed")
-            agg.committed()
+            until_redis_answers(agg.committed, stop, "marking decided tasks")
     finally:
         consumer.close()

@@ -14,10 +14,11 @@ import logging
 import threading
 from typing import Any
 
+from schemas.exceptions import SchemaError
 from streams.kafka import topics
 from streams.kafka.reader import TopicReader
 from streams.review.aggregator import restore_vote
-from streams.review.queue import ReviewQueue
+from streams.review.queue import ReviewQueue, until_redis_answers
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,23 +49,25 @@ class Feeder:
         return n
 
     def run(self) -> None:
-        self.rebuild_if_empty()
+        until_redis_answers(self.rebuild_if_empty, self.stop, "rebuilding the review queue")
         # In a group: the reader commits a task's offset once the next one is asked for, i.e. after
         # the task is in Redis, so a feeder killed between the two re-adds it (add is idempotent).
         with TopicReader(self.settings.topic(topics.REVIEW), "ReviewTask", self.settings,
                          group=f"{self.settings.topic_prefix}prefstream-review-feeder") as reader:
             while not self.stop.is_set():
-                self.rebuild_if_empty()  # a no-op unless Redis was wiped while the topic was idle
+                # A no-op unless Redis was wiped (or restarted empty) while the topic was idle.
+                until_redis_answers(self.rebuild_if_empty, self.stop, "rebuilding the review queue")
                 for msg in reader.messages(idle_timeout=FEED_IDLE_S):
                     try:
-                        self.queue.add(reader.decode(msg).value)
-                    except Exception as exc:  # one bad task must not stop the feed; it is logged
+                        task = reader.decode(msg).value
+                    except SchemaError as exc:  # one bad task must not stop the feed; it is logged
                         log.error("unusable ReviewTask at %d@%d: %s", msg.partition(), msg.offset(), exc)
-                    if not self.queue.redis.exists(self.marker):  # Redis was wiped while running
-                        self.rebuild_if_empty()
+                        continue
+                    # Waits out a Redis outage here: the offset is committed only after the add.
+                    until_redis_answers(lambda task=task: self.queue.add(task), self.stop, "queueing review tasks")
+                    until_redis_answers(self.rebuild_if_empty, self.stop, "rebuilding the review queue")
                     if self.stop.is_set():
                         break
-
 
 def start(settings: Settings, queue: ReviewQueue) -> tuple[Feeder, Any]:
     feeder = Feeder(settings, queue)

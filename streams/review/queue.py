@@ -21,9 +21,39 @@ rebuilds the queue from prefs.review and prefs.annotations (see feeder.py).
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+import redis
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# How long the review threads wait between tries while Redis does not answer.
+REDIS_RETRY_S = 1.0
+
+
+def until_redis_answers(call: Callable[[], T], stop: threading.Event, what: str) -> T | None:
+    """Run ``call``; while Redis cannot be reached, wait and try again (logged once per outage) until it
+    answers, or return None once ``stop`` is set. The feeder and the aggregator run their Redis work
+    through it, so a Redis restart pauses them instead of ending their threads."""
+    failing = False
+    while not stop.is_set():
+        try:
+            result = call()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # BusyLoadingError (AOF replay) included
+            if not failing:
+                log.warning("Redis does not answer (%s) while %s; retrying every %.0f s", exc, what, REDIS_RETRY_S)
+                failing = True
+            time.sleep(REDIS_RETRY_S)
+            continue
+        if failing:
+            log.info("Redis answers again; %s goes on", what)
+        return result
+    return None
 
 VOTES_NEEDED = 3
 DEFAULT_LEASE_S = 300

@@ -1,0 +1,755 @@
+"""The fault suite: hostile input, killed workers, a killed review app and a restarted Redis, at once.
+
+- Good pairs interleaved with a generated corpus of hostile records (tests/hostile_corpus.py),
+  published by kcat (half) and by the SDK / a raw confluent-kafka producer (the rest): every good
+  pair is scored exactly once (by identity), every hostile record is dead-lettered with its reason,
+  scored (a legal pair with a hostile prompt) or deduplicated, and no worker exits on its own.
+- Three workers in one group; one is killed with SIGKILL (and restarted with the same worker id)
+  while simulated annotators answer review tasks through a `prefstream review` subprocess, which is
+  itself killed and restarted: nothing lost or duplicated in prefs.scored, the Avro shards and
+  prefs.verified.
+- Redis killed and restarted mid-review, once keeping its append-only file and once empty: every
+  review task still ends with one VerifiedPair.
+
+"Once" is by identity (streams/kafka/reader.py): the embedded broker shows records of aborted
+transactions to read_committed readers, so a batch redone after a kill is read twice; such copies
+are counted (``extra copies``) but are not duplicates.
+
+The default run has small variants; the long ones are marked ``slow`` and run by `make chaos`
+(tests/chaos.py), which prints the table and writes it to bench/results/chaos.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from streams.embedded.process import free_port
+from streams.kafka import topics
+from tests.helpers import ROOT, FakeMessage, WorkerProcess, fake_pipeline, settings_env
+from tests.hostile_corpus import Hostile, corpus, good_pairs
+
+RESULTS_ENV = "PREFSTREAM_CHAOS_RESULTS"  # a directory: where each run writes chaos-<name>.json (tests/chaos.py)
+ANNOTATORS = {"alice": "alice-token-0001", "bob": "bob-token-000022", "carol": "carol-token-0003",
+              "dave": "dave-token-000044", "frank": "frank-token-00066", "gina": "gina-token-000077"}
+EXPERT = ("erin", "expert-token-0005")
+TOKENS = ",".join(f"{n}:{t}" for n, t in {**ANNOTATORS, EXPERT[0]: EXPERT[1]}.items())
+
+
+# ---------------------------------------------------------------------------------------------- corpus, no broker
+def test_every_hostile_record_meets_its_expected_fate_in_the_pipeline():
+    """The corpus itself, through the real per-record logic with fakes: the expected reasons hold."""
+    from schemas.pairs import validate_pair
+    from schemas.wire import ValueCodec
+
+    good = good_pairs(40, "unit")
+    hostile = corpus(230, good, seed=3, five_mb=1)
+    codec = ValueCodec()
+    msgs = []
+    for i, p in enumerate(good):  # the originals first, as the integration run sends them
+        v, h = codec.encode("PreferencePair", validate_pair(p), "prefs.raw")
+        msgs.append(FakeMessage(v, key=p["pair_id"].encode(), headers=h, offset=i))
+    for i, h in enumerate(hostile):
+        msgs.append(FakeMessage(h.value, key=h.key, headers=list(h.headers) or None, offset=1000 + i))
+    out = fake_pipeline().process(msgs)
+    schemas = {"prefs.scored": "ScoredPair", "prefs.review": "ReviewTask", "prefs.curated": "CuratedPair",
+               "prefs.dlq": "DeadLetter"}
+    by_topic: dict[str, list[dict]] = defaultdict(list)
+    for topic, _key, value, headers in out:
+        by_topic[topic].append(codec.decode(schemas[topic], value, headers, topic))
+    dead = {d["source_offset"]: d for d in by_topic["prefs.dlq"]}
+    scored = Counter(s["pair"]["pair_id"] for s in by_topic["prefs.scored"])
+    chosen = {s["pair"]["pair_id"]: s["pair"]["chosen"] for s in by_topic["prefs.scored"]}
+    wrong = []
+    for i, h in enumerate(hostile):
+        d = dead.get(1000 + i)
+        if h.expect == "dlq":
+            if d is None or d["reason"] not in h.reasons:
+                wrong.append((h.cls, d and (d["reason"], d["detail"][:200]), sorted(h.reasons)))
+        elif d is not None:
+            wrong.append((h.cls, (d["reason"], d["detail"][:200]), h.expect))
+        elif scored[h.pair_id] != 1:
+            wrong.append((h.cls, f"{h.pair_id} scored {scored[h.pair_id]} times", h.expect))
+    assert not wrong, f"{len(wrong)} hostile records did not meet their fate, e.g. {wrong[:8]}"
+    assert all(scored[p["pair_id"]] == 1 for p in good)
+    assert all(chosen[p["pair_id"]] == p["chosen"] for p in good), "a duplicate id replaced a good pair's text"
+    assert all(d["detail"] and d["processor"] for d in by_topic["prefs.dlq"])
+
+
+# ---------------------------------------------------------------------------------------------- processes
+class ReviewProcess:
+    """`prefstream review` in a subprocess on a fixed port (a restart comes back at the same URL)."""
+
+    def __init__(self, settings, log_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # A short lease: a task leased when the app was killed returns to the others within seconds.
+        self.env = settings_env(settings) | {"PREFSTREAM_REVIEW_TOKENS": TOKENS, "PREFSTREAM_REVIEW_EXPERTS": EXPERT[0],
+                                             "PREFSTREAM_REVIEW_RATE_PER_S": "1000", "PREFSTREAM_REVIEW_LEASE_S": "5"}
+        self.log = log_dir / "review.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, wait: float = 120) -> ReviewProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "review", "--port", str(self.port)],
+                                     env=self.env, cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        self.starts += 1
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/healthz", timeout=1)
+                return self
+            except OSError:
+                assert self.proc.poll() is None, f"review app exited {self.proc.returncode}:\n{self.tail()}"
+                assert time.monotonic() < deadline, f"review app not up after {wait} s:\n{self.tail()}"
+                time.sleep(0.3)
+
+    def tail(self, n: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode if self.proc else None
+
+
+class Annotators:
+    """Simulated annotators (streams.review.simulate, what `prefstream annotate --simulate` runs) in a loop:
+    when the app goes away their threads stop; the loop signs them in again until told to stop."""
+
+    def __init__(self, url: str, truths: dict[str, str], accuracy: float = 0.9) -> None:
+        self.url, self.truths, self.accuracy = url, truths, accuracy
+        self.stop = threading.Event()
+        self.answered = self.rounds = 0
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._loop, name="annotators", daemon=True)
+
+    def start(self) -> Annotators:
+        self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        from streams.review.simulate import simulate
+
+        while not self.stop.is_set():
+            try:
+                st = simulate(self.url, list(ANNOTATORS.values()), self.accuracy, self.truths, idle_s=2.0,
+                              seed=self.rounds, expert_tokens=[EXPERT[1]], stop=self.stop)
+                self.answered += st.answered
+                self.errors += st.errors[:5]
+                worked = st.answered
+            except Exception as exc:  # noqa: BLE001 - the app being away is what this tests
+                self.errors.append(repr(exc)[:300])
+                worked = 0
+            self.rounds += 1
+            if not worked:
+                time.sleep(0.3)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(60)
+
+
+class Follower:
+    """Follows one topic from the beginning (no group), keeping what ``keep`` makes of each record."""
+
+    def __init__(self, settings, name: str, schema: str, keep=lambda rec: rec) -> None:
+        from streams.kafka.reader import TopicReader
+
+        self.reader = TopicReader(settings.topic(name), schema, settings)
+        self.keep, self.records = keep, []
+
+    def poll(self, idle: float = 0.5, cap: float = 20.0) -> list:
+        started = time.monotonic()
+        for rec in self.reader.decoded(idle_timeout=idle):
+            self.records.append(self.keep(rec.value))
+            if time.monotonic() - started > cap:
+                break
+        return self.records
+
+    @property
+    def undecodable(self) -> int:
+        return self.reader.undecodable
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def kcat_tool(tmp: Path) -> dict | None:
+    """Debian's kcat with the librdkafka confluent-kafka ships (see tests/test_produce_consume.py), or None."""
+    path = shutil.which("kcat")
+    if path is None:
+        return None
+    import confluent_kafka
+
+    libs = sorted((Path(confluent_kafka.__file__).parent.parent / "confluent_kafka.libs").glob("librdkafka*.so*"))
+    env = dict(os.environ)
+    if libs:
+        libdir = tmp / "rdkafka"
+        libdir.mkdir(exist_ok=True)
+        if not (libdir / "librdkafka.so.1").exists():
+            (libdir / "librdkafka.so.1").symlink_to(libs[0])
+        env["LD_LIBRARY_PATH"] = str(libdir)
+    return {"bin": path, "env": env}
+
+
+def kcat_send(kcat: dict, settings, values: list[bytes], tmp: Path, headers: tuple = ()) -> None:
+    """One message per file (kcat -P FILE...), so values may hold newlines and any bytes."""
+    from streams.kafka.topics import MAX_MESSAGE_BYTES
+
+    if not values:
+        return
+    d = tmp / f"kcat-{uuid.uuid4().hex[:8]}"
+    d.mkdir(parents=True)
+    files = []
+    for i, v in enumerate(values):
+        f = d / f"{i:06d}.msg"
+        f.write_bytes(v)
+        files.append(str(f))
+    cmd = [kcat["bin"], "-P", "-b", settings.bootstrap, "-t", settings.topic(topics.RAW),
+           "-X", f"message.max.bytes={MAX_MESSAGE_BYTES}"]
+    for k, v in headers:
+        cmd += ["-H", f"{k}={v.decode()}"]
+    for start in range(0, len(files), 200):
+        out = subprocess.run(cmd + files[start:start + 200], env=kcat["env"], capture_output=True, timeout=120)
+        assert out.returncode == 0 and b"ERROR" not in out.stderr, out.stderr.decode(errors="replace")[-2000:]
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def start_all(workers: list[WorkerProcess]) -> None:
+    with ThreadPoolExecutor(len(workers)) as ex:
+        list(ex.map(lambda w: w.start(wait_ready=300), workers))
+
+
+def chunks(items: list, k: int) -> list[list]:
+    return [items[j * len(items) // k:(j + 1) * len(items) // k] for j in range(k)]
+
+
+# ---------------------------------------------------------------------------------------------- the run
+@dataclass
+class Config:
+    name: str
+    good: int
+    hostile: int
+    workers: int = 3
+    worker_kills: int = 1
+    review_kills: int = 1
+    five_mb: int | None = None
+    timeout: float = 300.0
+
+
+SMALL = Config("small", good=100, hostile=100, worker_kills=1, review_kills=1, five_mb=2, timeout=300)
+LONG = Config("long", good=1000, hostile=1000, worker_kills=3, review_kills=2, five_mb=10, timeout=1200)
+
+
+def _slim_dead(rec: dict) -> dict:
+    """A DeadLetter without its original bytes (5 MB ones add up); the pair id when the original is a pair."""
+    pid = None
+    if rec["original_value"] is not None and not rec["original_truncated"]:
+        try:
+            from schemas.wire import ValueCodec
+
+            pid = ValueCodec().decode("PreferencePair", rec["original_value"],
+                                      list(rec["original_headers"].items()))["pair_id"]
+        except Exception:  # noqa: BLE001 - a hostile original is expected not to decode
+            pid = None
+    return {"sha": rec["original_sha256"], "reason": rec["reason"], "processor": rec["processor"],
+            "detail": rec["detail"][:300], "id": (rec["source_topic"], rec["source_partition"], rec["source_offset"]),
+            "pair_id": pid}
+
+
+def run_faults(settings, tmp: Path, cfg: Config) -> dict:
+    """Run one fault scenario and return its measurements (asserted by the caller after they are saved)."""
+    from confluent_kafka import Producer
+
+    from streams.kafka.config import producer_config
+    from streams.kafka.reader import curated_identity, identity
+    from streams.runtime.shard_writer import scan
+    from streams.sdk import PreferenceProducer
+
+    t0 = time.monotonic()
+    rng = random.Random(f"faults-{cfg.name}")
+    tag = f"f{uuid.uuid4().hex[:6]}"
+    kcat = kcat_tool(tmp)
+    notes = [] if kcat else ["kcat is not installed: the kcat half was sent by the raw producer instead "
+                             "(apt-get install kcat; .ci/run installs it)"]
+    good = good_pairs(cfg.good, tag, seed=1)
+    sdk_good, kcat_good = (good[0::2], good[1::2]) if kcat else (good, [])
+    hostile = corpus(cfg.hostile, sdk_good, seed=2, five_mb=cfg.five_mb)
+    dups = [h for h in hostile if h.expect == "dedup"]
+    rest = [h for h in hostile if h.expect != "dedup"]
+    via_kcat = {id(h) for n, h in enumerate(rest)  # kcat -H takes text: binary header values go by the raw producer
+                if kcat and h.kcat and n % 2 == 0 and all(v.isascii() and b"\0" not in v for _, v in h.headers)}
+    channel = {id(h): ("kcat" if id(h) in via_kcat else "raw") for h in hostile}
+    truths = {p["pair_id"]: p["chosen"] for p in good}
+
+    n_chunks = cfg.worker_kills + 1
+    sdk_parts, kgood_parts = chunks(sdk_good, n_chunks), chunks(kcat_good, n_chunks)
+    raw_parts = chunks([h for h in rest if id(h) not in via_kcat], n_chunks)
+    khost_parts = chunks([h for h in rest if id(h) in via_kcat], n_chunks)
+
+    env = {"PREFSTREAM_WORKER_THREADS": "1"}
+    workers = [WorkerProcess(settings, worker_id=f"{tag}-w{i}", extra_env=env) for i in range(cfg.workers)]
+    victim = workers[0]
+    review = ReviewProcess(settings, tmp)
+    sdk, raw = PreferenceProducer(settings), Producer(producer_config(settings))
+    raw_topic = settings.topic(topics.RAW)
+    unplanned: list[str] = []
+    planned_kills = 0
+    review_kill_log: list[dict] = []
+
+    def check_alive(skip=None) -> None:
+        for w in workers:
+            if w is not skip and w.proc is not None and w.proc.poll() is not None:
+                unplanned.append(f"{w.worker_id} exited {w.proc.returncode}: {w.log.read_text(errors='replace')[-1500:]}")
+                w.start(wait_ready=300)  # keep the run going; the exit is reported
+
+    def publish(j: int) -> None:
+        good_j, bad_j = sdk_parts[j], raw_parts[j]
+        for n in range(max(len(good_j), len(bad_j))):  # good and hostile interleaved
+            if n < len(good_j):
+                sdk.send(good_j[n])
+            if n < len(bad_j):
+                raw.produce(raw_topic, value=bad_j[n].value, key=bad_j[n].key, headers=list(bad_j[n].headers) or None)
+                raw.poll(0)
+        sdk.flush(120)
+        assert raw.flush(120) == 0
+        if kcat:
+            plain = [h for h in khost_parts[j] if not h.headers]
+            mixed: list[bytes] = []
+            for n in range(max(len(kgood_parts[j]), len(plain))):  # interleaved in one kcat run
+                if n < len(kgood_parts[j]):
+                    mixed.append(json.dumps(kgood_parts[j][n]).encode())
+                if n < len(plain):
+                    mixed.append(plain[n].value)
+            kcat_send(kcat, settings, mixed, tmp)
+            by_header: dict[tuple, list[bytes]] = defaultdict(list)
+            for h in khost_parts[j]:
+                if h.headers:
+                    by_header[h.headers].append(h.value)
+            for headers, values in by_header.items():
+                kcat_send(kcat, settings, values, tmp, headers)
+
+    followers = {
+        "scored": Follower(settings, topics.SCORED, "ScoredPair",
+                           lambda r: (identity("ScoredPair", r), r["pair"]["chosen"], r["route"])),
+        "dlq": Follower(settings, topics.DLQ, "DeadLetter", _slim_dead),
+        "review": Follower(settings, topics.REVIEW, "ReviewTask",
+                           lambda r: (r["task_id"], r["pair"]["pair_id"], bool(r.get("expert")), r.get("reason"))),
+        "verified": Follower(settings, topics.VERIFIED, "VerifiedPair",
+                             lambda r: (r["pair"]["pair_id"], r["label"], r["decided_by"], tuple(sorted(r["annotators"])))),
+        "curated": Follower(settings, topics.CURATED, "CuratedPair", lambda r: curated_identity(r)),
+    }
+    annotators = Annotators(review.url, truths)
+    review_chaos_done = threading.Event()
+
+    def review_chaos() -> None:
+        """Kill the review app while verdicts flow (at least 15 more since the last kill, or after 90 s)."""
+        verdicts = Follower(settings, topics.ANNOTATIONS, "Annotation", lambda r: r["annotation_id"])
+        try:
+            for _ in range(cfg.review_kills):
+                base, deadline = len(set(verdicts.poll(0.1, 0.3))), time.monotonic() + 90
+                while len(set(verdicts.poll(0.1, 0.3))) < base + 15 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                time.sleep(rng.uniform(0.2, 1.5))
+                at = len(set(verdicts.poll(0.1, 0.3)))
+                review.kill9()
+                time.sleep(rng.uniform(0.5, 2.0))
+                review.start()
+                review_kill_log.append({"verdicts_before": at, "t": round(time.monotonic() - t0, 1)})
+        finally:
+            verdicts.close()
+            review_chaos_done.set()
+
+    timings: dict[str, float] = {}
+    try:
+        start_all(workers)
+        review.start()
+        annotators.start()
+        threading.Thread(target=review_chaos, name="review-chaos", daemon=True).start()
+        timings["started"] = time.monotonic() - t0
+        publish(0)
+        for j in range(1, n_chunks):
+            time.sleep(rng.uniform(2, 5))
+            check_alive()
+            victim.kill9()
+            planned_kills += 1
+            publish(j)  # while the victim is dead: its partitions move to the others
+            victim.start(wait_ready=300)
+        # Duplicate ids last: after their originals (same key, so the same partition, later offsets).
+        for h in dups:
+            raw.produce(raw_topic, value=h.value, key=h.key, headers=list(h.headers) or None)
+        assert raw.flush(120) == 0
+        timings["published"] = time.monotonic() - t0
+
+        must_score = {p["pair_id"] for p in good} | {h.pair_id for h in hostile if h.expect == "scored"}
+        must_dead = {h.sha256 for h in hostile if h.expect == "dlq" and h.value is not None}
+        n_tombstones = sum(1 for h in hostile if h.expect == "dlq" and h.value is None)
+        deadline = time.monotonic() + cfg.timeout
+        while time.monotonic() < deadline:
+            check_alive()
+            scored_ids = {i[0][0] for i in followers["scored"].poll()}
+            dead = followers["dlq"].poll()
+            dead_shas = {d["sha"] for d in dead}
+            tombs = len({d["id"] for d in dead if d["sha"] is None})
+            if must_score <= scored_ids and must_dead <= dead_shas and tombs >= n_tombstones:
+                break
+            time.sleep(1)
+        timings["scored_and_dead_lettered"] = time.monotonic() - t0
+
+        # Review: every routed task (not an expert or re-annotation task) ends with one VerifiedPair.
+        while time.monotonic() < deadline:
+            check_alive()
+            tasks = {t[0] for t in followers["review"].poll() if not t[2] and t[3] != "reannotation"}
+            verified = {v[0] for v in followers["verified"].poll()}
+            if review_chaos_done.is_set() and tasks <= verified:
+                break
+            time.sleep(1)
+        timings["reviewed"] = time.monotonic() - t0
+
+        # Shards: every curated identity (routed and gold) in the complete shard files, once.
+        def shard_rows() -> tuple[Counter, int]:
+            from fastavro import reader as avro_reader
+
+            rows: Counter = Counter()
+            _, shards, incomplete = scan(Path(settings.shards_dir))
+            for s in shards:
+                with (Path(settings.shards_dir) / s["file"]).open("rb") as fh:
+                    for rec in avro_reader(fh):
+                        rows[(rec["pair"]["pair_id"], "gold" if s["split"] == "gold" else "routed")] += 1
+            return rows, len(incomplete)
+
+        expect_shards = set(followers["curated"].poll())
+        shard_deadline = min(deadline, time.monotonic() + 120)
+        while True:
+            rows, incomplete = shard_rows()
+            expect_shards = set(followers["curated"].poll())
+            if expect_shards <= set(rows) or time.monotonic() > shard_deadline:
+                break
+            time.sleep(1)
+        time.sleep(2)  # a late second copy, if one were written, would be flushed by now
+        rows, incomplete = shard_rows()
+        timings["sharded"] = time.monotonic() - t0
+        check_alive()
+    finally:
+        annotators.close()
+        review_rc = review.stop()
+        worker_rcs = {w.worker_id: w.stop() for w in workers}
+        for f in followers.values():
+            f.close()
+
+    return analyse(cfg, tag, good, sdk_good, kcat_good, hostile, channel, followers, rows, incomplete, {
+        "notes": notes, "planned_worker_kills": planned_kills, "unplanned_worker_exits": unplanned,
+        "review_kills": review_kill_log, "review_starts": review.starts, "review_rc": review_rc,
+        "worker_rcs": worker_rcs, "answered": annotators.answered, "annotator_rounds": annotators.rounds,
+        "annotator_errors": annotators.errors[:10], "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "kcat": bool(kcat), "review_log_tracebacks": review.tail(200_000).count("Traceback"),
+        "worker_log_tracebacks": {w.worker_id: w.log.read_text(errors="replace").count("Traceback") for w in workers},
+    })
+
+
+def analyse(cfg, tag, good, sdk_good, kcat_good, hostile, channel, followers, rows, incomplete, extra) -> dict:
+    scored = followers["scored"].records
+    ids_by_pair: dict[str, set] = defaultdict(set)
+    copies = Counter()
+    chosen: dict[str, set] = defaultdict(set)
+    for ident, text, _route in scored:
+        ids_by_pair[ident[0]].add(ident)
+        copies[ident] += 1
+        chosen[ident[0]].add(text)
+    dead = followers["dlq"].records
+    dead_by_sha: dict[str | None, set] = defaultdict(set)
+    reasons_by_sha: dict[str | None, set] = defaultdict(set)
+    dead_copies = Counter(d["id"] for d in dead)
+    dead_pair_ids = Counter()
+    hostile_shas = {h.sha256 for h in hostile}
+    for d in dead:
+        dead_by_sha[d["sha"]].add(d["id"])
+        reasons_by_sha[d["sha"]].add(d["reason"])
+        if d["pair_id"] and d["sha"] not in hostile_shas:
+            dead_pair_ids[d["pair_id"]] += 1
+    table = []
+
+    def row(name, sent, dlq=0, scored_n=0, dedup=0, lost=0, dup=0, wrong=0, extra_copies=0, examples=()):
+        table.append({"class": name, "sent": sent, "dead_lettered": dlq, "scored": scored_n, "deduplicated": dedup,
+                      "lost": lost, "duplicated": dup, "wrong_reason": wrong, "extra_copies": extra_copies,
+                      "examples": list(examples)[:3]})
+
+    for name, pairs in (("good pair (SDK)", sdk_good), ("good pair (kcat, JSON)", kcat_good)):
+        if not pairs:
+            continue
+        ids = [p["pair_id"] for p in pairs]
+        ok = [i for i in ids if len(ids_by_pair[i]) >= 1]
+        dup = [i for i in ids if len(ids_by_pair[i]) > 1]
+        lost = [i for i in ids if not ids_by_pair[i]]
+        row(name, len(ids), dlq=sum(1 for i in ids if dead_pair_ids[i]), scored_n=len(ok), lost=len(lost), dup=len(dup),
+            extra_copies=sum(copies[x] - 1 for i in ids for x in ids_by_pair[i]), examples=lost[:3] + dup[:3])
+    text_of = {p["pair_id"]: p["chosen"] for p in good}
+    by_class: dict[str, list[Hostile]] = defaultdict(list)
+    for h in hostile:
+        by_class[h.cls].append(h)
+    n_tombs_dead = len(dead_by_sha.get(None, set()))
+    for cls, hs in sorted(by_class.items()):
+        dlq = wrong = lost = dup = sc = dd = extra_c = 0
+        examples = []
+        for h in hs:
+            if h.expect == "dlq":
+                if h.value is None:  # tombstones have no hash: counted together
+                    got = 1 if n_tombs_dead > 0 else 0
+                    n_tombs_dead -= got
+                    dlq += got
+                    lost += 1 - got
+                    continue
+                ids = dead_by_sha.get(h.sha256, set())
+                if ids:
+                    dlq += 1
+                    if not reasons_by_sha[h.sha256] <= h.reasons:
+                        wrong += 1
+                        examples.append(f"{sorted(reasons_by_sha[h.sha256])} not in {sorted(h.reasons)}")
+                    dup += len(ids) > 1
+                    extra_c += sum(dead_copies[i] - 1 for i in ids)
+                else:
+                    lost += 1
+                    examples.append(f"never dead-lettered: {h.value[:80]!r}")
+            elif h.expect == "scored":
+                n = len(ids_by_pair[h.pair_id])
+                sc += n >= 1
+                lost += n == 0
+                dup += n > 1
+                if h.sha256 in dead_by_sha:
+                    wrong += 1
+                    examples.append(f"{h.pair_id} dead-lettered: {sorted(reasons_by_sha[h.sha256])}")
+            else:  # dedup: the good pair is scored once, with its own text; the copy is not dead-lettered
+                n = len(ids_by_pair[h.pair_id])
+                dd += n == 1 and chosen[h.pair_id] == {text_of[h.pair_id]}
+                dup += n > 1
+                lost += n == 0
+                if chosen[h.pair_id] - {text_of[h.pair_id]}:
+                    wrong += 1
+                    examples.append(f"{h.pair_id} scored with the copy's text")
+                if h.sha256 in dead_by_sha:
+                    wrong += 1
+                    examples.append(f"duplicate {h.pair_id} dead-lettered: {sorted(reasons_by_sha[h.sha256])}")
+        kc = sum(channel[id(h)] == "kcat" for h in hs)
+        row(f"{cls}" + (f" ({kc} via kcat)" if kc else ""), len(hs), dlq, sc, dd, lost, dup, wrong, extra_c, examples)
+
+    expected_ids = {p["pair_id"] for p in good} | {h.pair_id for h in hostile if h.expect == "scored"}
+    unexpected_scored = sorted(set(ids_by_pair) - expected_ids)
+    known_shas = hostile_shas | {None}
+    unexplained_dead = [d for d in dead if d["sha"] not in known_shas]
+
+    tasks = {t[0] for t in followers["review"].records if not t[2] and t[3] != "reannotation"}
+    verified = followers["verified"].records
+    v_labels: dict[str, set] = defaultdict(set)
+    for pid, label, _by, _ann in verified:
+        v_labels[pid].add(label)
+    expect_shards = set(followers["curated"].records)
+    review_summary = {
+        "tasks": len(tasks), "verified": len(set(v_labels) & tasks), "lost": sorted(tasks - set(v_labels))[:20],
+        "n_lost": len(tasks - set(v_labels)), "unexpected": sorted(set(v_labels) - tasks)[:20],
+        "conflicting_labels": sorted(p for p, ls in v_labels.items() if len(ls) > 1)[:20],
+        "extra_copies": len(verified) - len(v_labels),
+        "by": dict(Counter(v[2] for v in {v[0]: v for v in verified}.values())),
+    }
+    shard_summary = {
+        "expected": len(expect_shards), "rows": sum(rows.values()), "lost": len(expect_shards - set(rows)),
+        "duplicated_rows": sum(n - 1 for n in rows.values() if n > 1), "unexpected": len(set(rows) - expect_shards),
+        "incomplete_files": incomplete, "gold": sum(1 for k in rows if k[1] == "gold"),
+        "examples_lost": [list(k) for k in sorted(expect_shards - set(rows))[:5]],
+        "examples_dup": [list(k) for k, n in rows.items() if n > 1][:5],
+    }
+    routes = Counter(r for (_i, _t, r) in {x[0]: x for x in scored}.values())
+    return {"name": cfg.name, "tag": tag, "config": cfg.__dict__, "table": table,
+            "scored": {"identities": len({x[0] for x in scored}), "records_read": len(scored),
+                       "unexpected": unexpected_scored[:20], "n_unexpected": len(unexpected_scored),
+                       "routes": dict(routes), "undecodable": followers["scored"].undecodable},
+            "dlq": {"records_read": len(dead), "distinct": len({d["id"] for d in dead}),
+                    "unexplained": unexplained_dead[:5], "n_unexplained": len(unexplained_dead)},
+            "review": review_summary, "shards": shard_summary, **extra}
+
+
+def save(result: dict, tmp: Path) -> Path:
+    from tests.chaos import render
+
+    out_dir = Path(os.environ.get(RESULTS_ENV) or tmp)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"chaos-{result['name']}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print("\n" + render([result]))
+    return path
+
+
+def check(result: dict) -> None:
+    from tests.chaos import render
+
+    table = render([result])
+    problems = []
+    for r in result["table"]:
+        if r["lost"] or r["duplicated"] or r["wrong_reason"]:
+            problems.append(f"{r['class']}: lost {r['lost']}, duplicated {r['duplicated']}, wrong {r['wrong_reason']} "
+                            f"{r['examples']}")
+    if result["scored"]["n_unexpected"]:
+        problems.append(f"unexpected scored pair ids: {result['scored']['unexpected']}")
+    if result["dlq"]["n_unexplained"]:
+        problems.append(f"dead letters that are not of a hostile record (a good pair?): {result['dlq']['unexplained']}")
+    rv, sh = result["review"], result["shards"]
+    if rv["n_lost"] or rv["unexpected"] or rv["conflicting_labels"]:
+        problems.append(f"review: lost {rv['lost']}, unexpected {rv['unexpected']}, conflicting {rv['conflicting_labels']}")
+    if sh["lost"] or sh["duplicated_rows"] or sh["unexpected"]:
+        problems.append(f"shards: {sh}")
+    if result["unplanned_worker_exits"]:
+        problems.append(f"workers exited on their own: {result['unplanned_worker_exits']}")
+    assert not problems, "\n".join(problems) + "\n\n" + table
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("cfg", [pytest.param(SMALL, id="small"), pytest.param(LONG, id="long", marks=pytest.mark.slow)])
+def test_hostile_input_killed_workers_and_a_killed_review_app_lose_and_duplicate_nothing(settings, tmp_path, cfg):
+    result = run_faults(settings, tmp_path, cfg)
+    save(result, tmp_path)
+    check(result)
+    assert result["review"]["tasks"] > 0, "no pair went to review: the annotators had nothing to do"
+    assert result["answered"] > 0 and len(result["review_kills"]) == cfg.review_kills
+
+
+# ---------------------------------------------------------------------------------------------- Redis restarted
+class PrivateRedis:
+    """A Redis of this test's own (the session Redis is shared), started as `prefstream stack up` starts it."""
+
+    def __init__(self, home: Path) -> None:
+        from streams.embedded.process import ServerProcess
+
+        self.home, self.port = home, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.server = ServerProcess("redis", home, "127.0.0.1", self.port, marker="redis-server")
+        self.data = home / "redis"
+
+    def _answers(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> None:
+        from streams.embedded import binaries
+
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.server.start([str(binaries.redis_server()), "--port", str(self.port), "--bind", "127.0.0.1",
+                           "--dir", str(self.data), "--appendonly", "yes", "--save", "", "--daemonize", "no",
+                           "--protected-mode", "no"], ready=self._answers)
+
+    def kill9(self) -> None:
+        pid = self.server.pid()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self.server.pid() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("n_tasks", [pytest.param(200, id="small"), pytest.param(1000, id="long", marks=pytest.mark.slow)])
+def test_redis_restarted_mid_review_loses_no_task(settings, tmp_path, n_tasks):
+    """Redis is killed twice while annotators work: restarted from its append-only file, then restarted
+    empty (its files gone, as a Redis without persistence comes back). Every task ends verified once."""
+    from confluent_kafka import Producer
+
+    from schemas.wire import ValueCodec
+    from streams.kafka.config import producer_config
+    from tests.test_review import task
+
+    t0 = time.monotonic()
+    red = PrivateRedis(tmp_path / "home")
+    red.start()
+    s = settings.model_copy(update={"redis_url": red.url})
+    tasks = [task(1000 + i) for i in range(n_tasks)]
+    codec, prod = ValueCodec(), Producer(producer_config(s))
+    for t in tasks:
+        v, h = codec.encode("ReviewTask", t, s.topic(topics.REVIEW))
+        prod.produce(s.topic(topics.REVIEW), key=t["task_id"].encode(), value=v, headers=h)
+    assert prod.flush(10) == 0
+    review = ReviewProcess(s, tmp_path)
+    annotators = Annotators(review.url, {t["task_id"]: t["pair"]["chosen"] for t in tasks})
+    verified = Follower(s, topics.VERIFIED, "VerifiedPair", lambda r: (r["pair"]["pair_id"], r["label"]))
+    verdicts = Follower(s, topics.ANNOTATIONS, "Annotation", lambda r: r["annotation_id"])
+    verdicts.poll(0.1, 0.3)  # assigned before the first verdict
+    restarts = []
+    want = {t["task_id"] for t in tasks}
+    try:
+        review.start()
+        annotators.start()
+        for wipe, share in ((False, 1 / 4), (True, 1 / 2)):  # of the verdicts, read back with some lag
+            deadline = time.monotonic() + 120
+            while len(set(verdicts.poll(0.1, 0.3))) < share * 3 * n_tasks and time.monotonic() < deadline:
+                time.sleep(0.05)
+            at = len(set(verdicts.records))
+            red.kill9()
+            if wipe:
+                shutil.rmtree(red.data)
+            time.sleep(0.5)
+            red.start()
+            restarts.append({"wiped": wipe, "verdicts_before": at, "t": round(time.monotonic() - t0, 1)})
+        deadline, last, seen = time.monotonic() + 180, time.monotonic(), (0, 0)
+        while time.monotonic() < deadline and time.monotonic() - last < 20:  # give up after 20 s without progress
+            got = {v[0] for v in verified.poll()}
+            if want <= got:
+                break
+            now = (len(verified.records), len(verdicts.poll(0.1, 0.3)))
+            if now != seen:
+                last, seen = time.monotonic(), now
+            time.sleep(1)
+    finally:
+        annotators.close()
+        review.stop()
+        verified.close()
+        verdicts.close()
+        red.stop()
+    labels: dict[str, set] = defaultdict(set)
+    for pid, label in verified.records:
+        labels[pid].add(label)
+    lost = sorted(want - set(labels))
+    verdicts_per_task = Counter(a.rsplit(":", 1)[0] for a in set(verdicts.records))
+    result = {"name": f"redis-{n_tasks}", "tasks": n_tasks, "verified": len(want & set(labels)), "lost": lost,
+              "unexpected": sorted(set(labels) - want), "conflicting": sorted(p for p, ls in labels.items() if len(ls) > 1),
+              "extra_copies": len(verified.records) - len(labels), "restarts": restarts, "answered": annotators.answered,
+              "annotation_records": len(verdicts.records), "distinct_annotations": len(set(verdicts.records)),
+              "annotation_ids_twice": sorted(a for a, n in Counter(verdicts.records).items() if n > 1)[:10],
+              "tasks_over_3_verdicts": sorted(t for t, n in verdicts_per_task.items() if n > 3 and ":" not in t)[:10],
+              "annotator_errors": annotators.errors[:10], "seconds": round(time.monotonic() - t0, 1),
+              "review_log_tracebacks": review.tail(200_000).count("Traceback")}
+    out_dir = Path(os.environ.get(RESULTS_ENV) or tmp_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"chaos-redis-{'long' if n_tasks > 200 else 'small'}.json").write_text(json.dumps(result, indent=1))
+    print("\n" + json.dumps(result))
+    assert not lost and not result["unexpected"] and not result["conflicting"], (
+        f"{len(lost)} of {n_tasks} tasks never verified after Redis restarts {restarts}: {lost[:10]}\n"
+        f"annotator errors: {annotators.errors[:5]}\nreview log:\n{review.tail(4000)}")
