@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from fastavro import reader as avro_reader
 
 from schemas.pairs import validate_pair
@@ -237,3 +237,35 @@ def test_shard_writer_writes_each_pair_once_across_restarts(settings, redone):
     assert second.duplicates == N
     assert len(_shard_rows(root)) == N
     assert json.loads(manifest.read_text())["totals"] == {"silver": N}
+
+
+class _FlakyShardWriter(ShardWriter):
+    """A shard writer whose first flushes fail as a lost broker (commit) and a full disk would."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.faults = [KafkaException(KafkaError(KafkaError._TRANSPORT, "broker away")), OSError(28, "No space left")]
+
+    def _flush(self, partition: int) -> None:
+        if self.faults and self.buffers.get(partition):
+            raise self.faults.pop(0)
+        super()._flush(partition)
+
+
+@pytest.mark.integration
+def test_shard_writer_survives_failed_commits_and_flushes(settings):
+    pairs = _pairs(N)
+    write_batch(settings, pairs)
+    stop = threading.Event()
+    writer = _FlakyShardWriter(settings, WorkerSettings(shard_max_age_s=0.5), stop)
+    thread = threading.Thread(target=writer.run, name="shards", daemon=True)
+    thread.start()
+    root = Path(settings.shards_dir)
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and len(_shard_rows(root)) < N:
+        assert thread.is_alive(), "a failed flush must not end the shard writer"
+        time.sleep(0.2)
+    stop.set()
+    thread.join(30)
+    assert writer.failures == 2 and not writer.faults
+    assert sorted(r["pair"]["pair_id"] for r in _shard_rows(root)) == sorted(_ids(pairs))

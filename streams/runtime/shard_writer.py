@@ -30,7 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from fastavro import parse_schema
 from fastavro import reader as avro_reader
 from fastavro import writer as avro_writer
@@ -95,6 +95,9 @@ def write_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
+# Wait between tries after a failed flush or commit (broker or disk away).
+RETRY_S = 1.0
+
 class ShardWriter:
     def __init__(self, settings: Settings, wsettings: WorkerSettings, stop: threading.Event | None = None) -> None:
         self.settings, self.wsettings = settings, wsettings
@@ -108,6 +111,7 @@ class ShardWriter:
         self.buffers: dict[int, list[tuple[int, dict]]] = defaultdict(list)
         self.started: dict[int, float] = {}
         self.consumer: Consumer | None = None
+        self.failures = 0  # flushes or commits that failed and were retried
         self.written: dict[int, set] = {}  # partition -> identities on disk or in its buffer
         self.consumed: dict[int, int] = {}  # partition -> last offset read (buffered or skipped)
         self.duplicates = 0
@@ -193,22 +197,35 @@ class ShardWriter:
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             while not self.stop.is_set():
-                msg = self.consumer.poll(0.2)
-                if msg is not None and not msg.error():
-                    self.consumed[msg.partition()] = msg.offset()
-                    try:
-                        rec = self.codec.decode("CuratedPair", msg.value(), msg.headers(), self.topic)
-                    except Exception as exc:  # written by our own worker; an unreadable one is logged and skipped
-                        log.error("unreadable CuratedPair at %s[%s]@%s: %s", self.topic, msg.partition(), msg.offset(), exc)
-                        rec = None
-                    if rec is not None and not self._is_new(msg.partition(), rec):
-                        rec = None  # a second copy (an aborted transaction, redone): already written or buffered
-                    if rec is not None:
-                        self.buffers[msg.partition()].append((msg.offset(), rec))
-                        self.started.setdefault(msg.partition(), time.monotonic())
-                    elif not self.buffers[msg.partition()]:
-                        self.consumer.commit(message=msg, asynchronous=False)
-                self._flush_due()
+                try:
+                    self._step()
+                except (KafkaException, OSError) as exc:
+                    # The broker or the disk failed a commit or a flush: the buffers are kept and the
+                    # flush is redone (same file names, renamed over atomically); a commit that never
+                    # lands is covered by the resume scan of the files. The thread must not die: the
+                    # worker would go on curating into nothing.
+                    self.failures += 1
+                    log.warning("shard writer: %s; retrying in %.0f s", exc, RETRY_S)
+                    time.sleep(RETRY_S)
             self._flush_due(force=True)
         finally:
             self.consumer.close()
+
+    def _step(self) -> None:
+        """One poll and whatever flushes are due."""
+        msg = self.consumer.poll(0.2)
+        if msg is not None and not msg.error():
+            self.consumed[msg.partition()] = msg.offset()
+            try:
+                rec = self.codec.decode("CuratedPair", msg.value(), msg.headers(), self.topic)
+            except Exception as exc:  # written by our own worker; an unreadable one is logged and skipped
+                log.error("unreadable CuratedPair at %s[%s]@%s: %s", self.topic, msg.partition(), msg.offset(), exc)
+                rec = None
+            if rec is not None and not self._is_new(msg.partition(), rec):
+                rec = None  # a second copy (an aborted transaction, redone): already written or buffered
+            if rec is not None:
+                self.buffers[msg.partition()].append((msg.offset(), rec))
+                self.started.setdefault(msg.partition(), time.monotonic())
+            elif not self.buffers[msg.partition()]:
+                self.consumer.commit(message=msg, asynchronous=False)
+        self._flush_due()
