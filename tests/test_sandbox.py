@@ -352,7 +352,9 @@ def test_code_verifier_component_renders_and_validates(tmp_path):
     assert socket_dir in {m["mountPath"] for m in worker["volumeMounts"]}
     # Only the sidecar may create user namespaces, and it sees none of the worker's configuration or secrets.
     assert sidecar["securityContext"]["seccompProfile"] == {"type": "Unconfined"}
-    assert "seccompProfile" not in worker["securityContext"] and "seccompProfile" not in pod.get("securityContext", {})
+    unconfined = {"type": "Unconfined"}
+    assert worker["securityContext"].get("seccompProfile") != unconfined
+    assert pod.get("securityContext", {}).get("seccompProfile", {}).get("type", "RuntimeDefault") == "RuntimeDefault"
     assert "env" not in sidecar and "envFrom" not in sidecar
     csc = sidecar["securityContext"]
     assert csc["allowPrivilegeEscalation"] is False and csc["readOnlyRootFilesystem"] is True
