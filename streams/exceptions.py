@@ -26,7 +26,11 @@ class PortInUseError(StackError):
 
 
 class BinaryNotFoundError(StackError):
-    """A server binary (tansu, redis-server) is not installed."""
+    """A server binary (tansu, redis-server, weed) is not installed."""
+
+
+class ObjectStoreError(StackError):
+    """The embedded object store (SeaweedFS) refused a request, or its credentials file is unusable."""
 
 
 class BrokerError(StreamsError):

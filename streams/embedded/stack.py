@@ -47,8 +47,10 @@ class Stack:
         self.home = Path(settings.home).resolve()
         bhost, bport = _host_port(settings.bootstrap, DEFAULT_KAFKA_PORT, "broker", "PREFSTREAM_BOOTSTRAP")
         rhost, rport = _host_port(settings.redis_url, DEFAULT_REDIS_PORT, "Redis", "PREFSTREAM_REDIS_URL")
-        self.broker = ServerProcess("broker", self.home, bhost, bport, marker="tansu")
-        self.redis = ServerProcess("redis", self.home, rhost, rport, marker="redis-server")
+        self.broker = ServerProcess("broker", self.home, bhost, bport, marker="tansu",
+                                    port_setting="PREFSTREAM_BOOTSTRAP")
+        self.redis = ServerProcess("redis", self.home, rhost, rport, marker="redis-server",
+                                   port_setting="PREFSTREAM_REDIS_URL")
 
     def _redis_answers(self) -> bool:
         try:
