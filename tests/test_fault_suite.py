@@ -289,8 +289,8 @@ def run_faults(settings, tmp: Path, cfg: Config) -> dict:
 
     from streams.kafka.config import producer_config
     from streams.kafka.reader import curated_identity, identity
-    from streams.runtime.shard_writer import scan
     from streams.sdk import PreferenceProducer
+    from trainers.shards import iter_records, leftovers
 
     t0 = time.monotonic()
     rng = random.Random(f"faults-{cfg.name}")
@@ -432,17 +432,12 @@ def run_faults(settings, tmp: Path, cfg: Config) -> dict:
             time.sleep(1)
         timings["reviewed"] = time.monotonic() - t0
 
-        # Shards: every curated identity (routed and gold) in the complete shard files, once.
+        # Shards: every curated identity (routed and gold) in the committed shard records, once.
         def shard_rows() -> tuple[Counter, int]:
-            from fastavro import reader as avro_reader
-
             rows: Counter = Counter()
-            _, shards, incomplete = scan(Path(settings.shards_dir))
-            for s in shards:
-                with (Path(settings.shards_dir) / s["file"]).open("rb") as fh:
-                    for rec in avro_reader(fh):
-                        rows[(rec["pair"]["pair_id"], "gold" if s["split"] == "gold" else "routed")] += 1
-            return rows, len(incomplete)
+            for _, rec in iter_records(Path(settings.shards_dir)):  # the committed records, as a retrain reads them
+                rows[(rec["pair"]["pair_id"], "gold" if rec["split"] == "gold" else "routed")] += 1
+            return rows, len(leftovers(Path(settings.shards_dir)))
 
         expect_shards = set(followers["curated"].poll())
         shard_deadline = min(deadline, time.monotonic() + 120)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from fastavro import reader as avro_reader
 
 from schemas.pairs import validate_pair
 from schemas.wire import ValueCodec
@@ -28,9 +27,10 @@ from streams.kafka.reader import SeenSet, TopicReader, curated_identity, identit
 from streams.kafka.transactions import TXN_CALL_TIMEOUT_S, transactional_producer
 from streams.local import report
 from streams.runtime.controller import ScoredMonitor
-from streams.runtime.shard_writer import MANIFEST, ShardWriter, scan
+from streams.runtime.shard_writer import MANIFEST, ShardWriter
 from streams.sdk import ScoreConsumer
 from streams.settings import Settings, WorkerSettings
+from trainers.shards import iter_records
 
 N = 20
 
@@ -199,11 +199,8 @@ def test_controller_monitor_follows_only_new_records_once(settings):
 
 
 def _shard_rows(root: Path) -> list[dict]:
-    rows = []
-    for s in scan(root)[1]:
-        with (root / s["file"]).open("rb") as fh:
-            rows.extend(avro_reader(fh))
-    return rows
+    """The committed shard records, as a retrain reads them."""
+    return [rec for _, rec in iter_records(root)]
 
 
 def _run_writer(settings: Settings, until: Callable[[ShardWriter], bool], timeout: float = 40) -> ShardWriter:

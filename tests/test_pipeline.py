@@ -14,10 +14,10 @@ from schemas.pairs import validate_pair
 from schemas.wire import ValueCodec
 from streams.kafka import topics
 from streams.runtime.processors.router import RouterPolicy, route
-from streams.runtime.shard_writer import scan
 from streams.sdk import PreferenceProducer
 from streams.settings import WorkerSettings
 from tests.helpers import WorkerProcess, hh_valid_pairs, objective_pairs, read_topic, wait_for_scored
+from trainers.shards import iter_records, load_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -37,23 +37,18 @@ def last_per_pair(records: list[dict]) -> dict[str, dict]:
 
 
 def assert_exactly_once_in_shards(settings, expected_ids: set[str]) -> None:
-    """Every curated pair is in the shards exactly once (waits for the writer's time-based flush)."""
-    from fastavro import reader
-
+    """Every curated pair is in the committed shard records exactly once (waits for the writer's
+    time-based append)."""
     deadline = time.monotonic() + 60
     while True:
-        ids: Counter[str] = Counter()
-        for path in settings.shards_dir.glob("*/*.avro"):
-            with path.open("rb") as fh:
-                ids.update(rec["pair"]["pair_id"] for rec in reader(fh))
+        ids: Counter[str] = Counter(rec["pair"]["pair_id"] for _, rec in iter_records(settings.shards_dir))
         if set(ids) >= expected_ids or time.monotonic() > deadline:
             break
         time.sleep(1)
     dupes = {k: v for k, v in ids.items() if v > 1}
     assert not dupes, f"duplicated shard rows: {list(dupes.items())[:5]}"
     assert set(ids) == expected_ids, f"missing {len(expected_ids - set(ids))}, unexpected {len(set(ids) - expected_ids)}"
-    _, shards, incomplete = scan(settings.shards_dir)
-    assert not incomplete and sum(s["count"] for s in shards) == len(expected_ids)
+    assert sum(load_manifest(settings.shards_dir).totals().values()) == len(expected_ids)
 
 
 def test_end_to_end_every_pair_accounted_for(settings):

@@ -11,28 +11,28 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from fastavro import parse_schema, writer
 
-from schemas import registry
 from schemas.pairs import validate_pair
 from streams.runtime.jobs import JobTemplate, KubernetesRunner, LocalRunner, job_manifest, kube_client
 from tests.helpers import ROOT, WorkerProcess, json_lines, run_cli, settings_env, toy_pairs, wait_for_scored
 from trainers.registry import ModelStore
 from trainers.retrain import RetrainConfig, gate, run_retrain, run_seed
+from trainers.shards import PartitionLog
 
 FAST = dict(max_steps=12, batch_size=8, max_length=64, learning_rate=1e-4, quantize=False)
 
 
-def write_shard(root: Path, split: str, pairs: list[dict], first: int = 0) -> Path:
-    """A shard file exactly as the shard writer names and encodes it."""
-    schema = parse_schema(json.loads(registry.get("CuratedPair").expanded_json))
-    recs = [{"pair": validate_pair({k: v for k, v in p.items() if k != "extra"}), "split": split, "p": None,
-             "model_version": None, "reason": "test", "curated_at": 0} for p in pairs]
-    path = root / split / f"t.prefs.curated.p0.{first:012d}-{first + len(recs) - 1:012d}.1of1.n{len(recs)}.avro"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as fh:
-        writer(fh, schema, recs)
-    return path
+def write_shard(root: Path, split: str, pairs: list[dict], first: int | None = None, partition: int = 0) -> Path:
+    """Commit ``pairs`` to the shards as the shard writer does (``PartitionLog.append``), at offsets
+    from ``first`` (default: the partition's next offset). Returns the file they went to."""
+    log = PartitionLog(root, "t.prefs.curated", partition)
+    first = log.load()["next_offset"] if first is None else first
+    rows = [(first + i, {"pair": validate_pair({k: v for k, v in p.items() if k != "extra"}), "split": split,
+                         "p": None, "model_version": None, "reason": "test", "curated_at": 0})
+            for i, p in enumerate(pairs)]
+    log.append(rows, first + len(rows))
+    entry = next(e for e in log.load()["files"] if e["split"] == split and e["last_offset"] == first + len(rows) - 1)
+    return root / entry["file"]
 
 
 def swapped(pairs: list[dict]) -> list[dict]:

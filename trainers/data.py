@@ -1,4 +1,8 @@
-"""Reading preference pairs for training: JSONL (ours or HH-RLHF) and Avro shard files of CuratedPair."""
+"""Reading preference pairs for training: JSONL (ours or HH-RLHF) and Avro shard files of CuratedPair.
+
+A shards root (or one split directory in it) is read through its manifest (``trainers.shards``):
+only committed records, file by file.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from schemas.exceptions import InvalidRecordError
 from schemas.formats import READERS, FormatError, detect, jsonl_objects
 from schemas.pairs import validate_pair
 from trainers.exceptions import DataError
+from trainers.shards import MANIFEST, MANIFEST_DIR, iter_records
 
 TRAINING_KEYS = ("margin", "split", "is_flipped", "style_trap")
 
@@ -40,16 +45,32 @@ def read_jsonl(path: Path, skipped: list[str] | None = None) -> Iterator[dict[st
         yield pair
 
 
+def shard_pair(rec: dict[str, Any]) -> dict[str, Any]:
+    """The training pair of a CuratedPair shard record; its split goes to 'extra'."""
+    pair = dict(rec["pair"])
+    pair["extra"] = {"split": rec.get("split")}
+    return pair
+
+
 def read_shard(path: Path) -> Iterator[dict[str, Any]]:
-    """Pairs from an Avro container file of CuratedPair (what the shard writer produces)."""
+    """Pairs from one Avro container file of CuratedPair, the whole file (a file handed over on its
+    own; the committed part of a live shards root is read with ``read_shards``)."""
     try:
         with path.open("rb") as fh:
             for rec in avro_reader(fh):
-                pair = dict(rec["pair"])
-                pair["extra"] = {"split": rec.get("split")}
-                yield pair
+                yield shard_pair(rec)
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"cannot read shard {path}: {exc}") from exc
+
+
+def is_shards_root(path: Path) -> bool:
+    return path.is_dir() and ((path / MANIFEST_DIR).is_dir() or (path / MANIFEST).is_file())
+
+
+def read_shards(root: Path, splits: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+    """The committed pairs of a shards root, lazily, in manifest order."""
+    for _, rec in iter_records(root, splits=splits):
+        yield shard_pair(rec)
 
 
 def read_pairs(paths: Sequence[str | Path], skipped: list[str] | None = None) -> list[dict[str, Any]]:
@@ -62,9 +83,15 @@ def read_pairs(paths: Sequence[str | Path], skipped: list[str] | None = None) ->
     out: list[dict[str, Any]] = []
     for raw in paths:
         path = Path(raw)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         if not path.exists():
             raise DataError(f"{path} does not exist")
+        if is_shards_root(path):
+            out.extend(read_shards(path))
+            continue
+        if is_shards_root(path.parent) and path.is_dir():  # one split of a shards root
+            out.extend(read_shards(path.parent, [path.name]))
+            continue
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
             if f.suffix == ".avro":
                 out.extend(read_shard(f))

@@ -22,6 +22,7 @@ import json
 import random
 import tempfile
 import time
+from array import array
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from trainers.data import read_jsonl, read_shard, split_holdout
+from trainers.data import read_jsonl, shard_pair, split_holdout
 from trainers.exceptions import ExportError, TrainerError
 from trainers.registry import Announcer, ModelStore
+from trainers.shards import iter_records, load_manifest, tp_key
 
 CURRENT_SPLITS = ("gold", "silver", "flipped", "verified_by_tool")
 GOLD_SPLITS = ("gold",)
@@ -98,30 +100,60 @@ def in_gold_holdout(pair_id: str) -> bool:
     return int(hashlib.sha256(pair_id.encode()).hexdigest(), 16) % HOLDOUT_BUCKETS == 0
 
 
-def shard_files(root: Path, splits: tuple[str, ...]) -> list[Path]:
-    return sorted(p for s in splits for p in (root / s).glob("*.avro"))
+def _seen_test(lineage: dict[str, Any]) -> Any:
+    """Whether a shard record was in the data of the version with this lineage: below its manifest
+    positions, or (a lineage from before positions were kept) in one of its files."""
+    positions, files = lineage.get("positions"), set(lineage.get("shards", []))
+    if positions is not None:
+        def by_position(entry: dict[str, Any], offset: int) -> bool:
+            return offset < positions.get(tp_key(entry["topic"], entry["partition"]), 0)
+        return by_position
+    return lambda entry, offset: entry["file"] in files
 
 
 def collect(cfg: RetrainConfig, store: ModelStore) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """(training pairs, gold holdout, lineage) for the role."""
+    """(training pairs, gold holdout, lineage) for the role, read from the shard manifest.
+
+    Records are read lazily, file by file, up to what each file has committed (an open file
+    included). Files entirely below the serving version's positions are not read unless they hold
+    gold pairs (the holdout) or a record drawn for replay; old records are kept as references and
+    only the replay sample is read back. The lineage is the manifest's position per partition.
+    """
     root = Path(cfg.shards_dir)
     serving = store.serving(cfg.role)
-    seen = set(store.get(serving).manifest.get("lineage", {}).get("shards", [])) if serving else set()
-    holdout, new, old = [], [], []
-    files = shard_files(root, CURRENT_SPLITS if cfg.role == "current" else GOLD_SPLITS)
-    for f in files:
-        rows = list(read_shard(f))
-        if f.parent.name == "gold":
-            holdout.extend(r for r in rows if in_gold_holdout(r["pair_id"]))
-            rows = [r for r in rows if not in_gold_holdout(r["pair_id"])]
-        (old if str(f.relative_to(root)) in seen else new).extend(rows)
+    seen = _seen_test(store.get(serving).manifest.get("lineage", {}) if serving else {})
+    manifest = load_manifest(root)
+    entries = manifest.entries(CURRENT_SPLITS if cfg.role == "current" else GOLD_SPLITS)
+    holdout, new = [], []
+    old_entry, old_index = array("q"), array("q")  # where each old record is: entry, record number in it
+    for i, entry in enumerate(entries):
+        if entry["split"] != "gold" and seen(entry, entry["last_offset"]):
+            old_entry.extend([i] * entry["count"])
+            old_index.extend(range(entry["count"]))
+            continue
+        for n, (_, rec) in enumerate(iter_records(root, entries=[entry])):
+            pair = shard_pair(rec)
+            if entry["split"] == "gold" and in_gold_holdout(pair["pair_id"]):
+                holdout.append(pair)
+            elif seen(entry, rec["source_offset"]):
+                old_entry.append(i)
+                old_index.append(n)
+            else:
+                new.append(pair)
     rng = random.Random(cfg.seed)
-    replay = rng.sample(old, min(len(old), int(len(new) * cfg.replay_fraction / max(1e-9, 1 - cfg.replay_fraction))))
+    k = min(len(old_entry), int(len(new) * cfg.replay_fraction / max(1e-9, 1 - cfg.replay_fraction)))
+    wanted: dict[int, set[int]] = defaultdict(set)
+    for j in rng.sample(range(len(old_entry)), k):
+        wanted[old_entry[j]].add(old_index[j])
+    replay = []
+    for i in sorted(wanted):
+        replay.extend(shard_pair(rec) for n, (_, rec) in enumerate(iter_records(root, entries=[entries[i]]))
+                      if n in wanted[i])
     counts: dict[str, int] = defaultdict(int)
     for r in new + replay:
         counts[(r.get("extra") or {}).get("split") or "?"] += 1
-    lineage = {"shards": [str(f.relative_to(root)) for f in files], "new_pairs": len(new), "replayed_pairs": len(replay),
-               "pairs_by_split": dict(counts), "gold_holdout_pairs": len(holdout)}
+    lineage = {"positions": manifest.positions(), "files": len(entries), "new_pairs": len(new),
+               "replayed_pairs": len(replay), "pairs_by_split": dict(counts), "gold_holdout_pairs": len(holdout)}
     return new + replay, holdout, lineage
 
 

@@ -101,16 +101,85 @@ def consume(topic: str, max_records: int | None, timeout: float, group: str | No
     console.print(f"{count} record(s) from {physical}" + (f", {bad} undecodable" if bad else ""))
 
 
-@click.command("shards")
-def shards() -> None:
-    """Show the shard manifest: rows per split and the shard files."""
-    from streams.runtime.shard_writer import write_manifest
-
+def _shards_root() -> Path:
     root = Path(get_settings().shards_dir)
     if not root.exists():
         raise StreamsError(f"no shards yet at {root}; the worker's shard writer creates them (PREFSTREAM_SHARDS_DIR)")
-    manifest = write_manifest(root)
-    click.echo(json.dumps({"totals": manifest["totals"], "files": len(manifest["shards"])}, indent=1))
+    return root
+
+
+@click.group("shards", invoke_without_command=True)
+@click.pass_context
+def shards(ctx: click.Context) -> None:
+    """The training shards (PREFSTREAM_SHARDS_DIR). Alone: the committed rows per split and the file count.
+
+    The shard writer appends each partition's curated pairs to one open Avro file per split and
+    closes it at PREFSTREAM_WORKER_SHARD_ROLL_RECORDS records or SHARD_ROLL_AGE_S seconds; each
+    partition's manifest records the committed records of every file, and readers read only those.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from streams.runtime.shard_writer import write_manifest
+
+    manifest = write_manifest(_shards_root())
+    click.echo(json.dumps({"totals": manifest["totals"], "files": len(manifest["shards"]),
+                           "open_files": sum(1 for s in manifest["shards"] if s["open"]),
+                           "positions": manifest["positions"]}, indent=1))
+
+
+@shards.command("export")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", show_default=True,
+              help="parquet (pyarrow) or JSON lines.")
+@click.option("--split", "splits", multiple=True, metavar="SPLIT",
+              help="Export only this split; repeatable. The shards' splits (gold, silver, flipped, "
+                   "verified_by_tool) or the derived train (what a current retrain trains on: all but the gold "
+                   "holdout) and holdout (the gold holdout). Default: every split the shards hold.")
+def export(out: Path, fmt: str, splits: tuple[str, ...]) -> None:
+    """Write the committed shard records to OUT, one <split>.parquet or <split>.jsonl per split.
+
+    Rows are in the conversational format of TRL's RewardTrainer: `chosen` and `rejected` are the
+    conversation followed by the assistant's response, as lists of {"role", "content"} messages;
+    pair_id, split, source, label_source, task_category, objectivity, controversiality, p,
+    model_version, reason, created_at, curated_at, partition and offset follow. OUT/README.md maps
+    the files to splits, so `datasets.load_dataset("OUT")` works, as does
+    `load_dataset("parquet", data_files={"gold": "OUT/gold.parquet", ...})`. An earlier export in OUT
+    is replaced; a directory holding anything else is refused.
+    """
+    from trainers.export_shards import export_shards
+
+    root = _shards_root()
+    with progress() as bar:
+        task = bar.add_task(f"exporting {root}", total=None)
+        result = export_shards(root, out, fmt, list(splits) or None,
+                               on_start=lambda total: bar.update(task, total=total),
+                               advance=lambda n: bar.advance(task, n))
+    for split, rows in result.rows.items():
+        console.print(f"{split}: {rows} rows -> {out / result.files[split]}", highlight=False)
+
+
+@shards.command("compact")
+@click.option("--target-records", type=click.IntRange(min=2), default=None,
+              help="Most records in a merged file (default: PREFSTREAM_WORKER_SHARD_ROLL_RECORDS).")
+@click.option("--min-files", type=click.IntRange(min=2), default=2, show_default=True,
+              help="Merge only runs of at least this many small closed files.")
+def compact(target_records: int | None, min_files: int) -> None:
+    """Merge runs of small closed shard files of each partition and split into larger ones.
+
+    Safe while the workers run and at any crash: the merged file is written and fsynced, the
+    partition's manifest is replaced under its lock, and only then are the small files removed.
+    Open files are left alone. The writer also compacts on its own (PREFSTREAM_WORKER_SHARD_COMPACT_MIN_FILES).
+    """
+    from streams.runtime.shard_writer import write_manifest
+    from streams.settings import WorkerSettings
+    from trainers.shards import compact as compact_shards
+
+    root = _shards_root()
+    done = compact_shards(root, target_records or WorkerSettings().shard_roll_records, min_files)
+    write_manifest(root)
+    for c in done:
+        console.print(f"{c.sources} files -> {c.file} ({c.records} records)", highlight=False)
+    console.print(f"compacted {sum(c.sources for c in done)} files into {len(done)}")
 
 
 COMMANDS = (produce, consume, shards)

@@ -1,29 +1,27 @@
-"""The shard writer: prefs.curated -> Avro container files under shards/<split>/.
+"""The shard writer: prefs.curated -> rolling Avro files under shards/<split>/ (``trainers.shards``).
 
-One flush covers an offset range of one partition and writes one file per split present, named
-
-    shards/<split>/<topic>.p<partition>.<first>-<last>.<i>of<n>.n<count>.avro
-
-Files are written to shards/.tmp, fsynced, renamed, the directory fsynced, and only then are the
-offsets committed. On (re)assignment a partition resumes after the last *complete* flush group on
-disk (all n files present), and stray members of an incomplete group are removed, so a crash at
-any point neither loses nor duplicates a row. Gold pairs reach prefs.curated from the aggregator
+Records are buffered per partition and appended after ``shard_max_records`` records or
+``shard_max_age_s`` seconds: each append goes to the partition's open file of each split, is
+fsynced, and is committed to the partition's manifest (its record count, byte length and the next
+offset) before the consumer offsets are committed. A file rolls at ``shard_roll_records`` records
+or ``shard_roll_age_s`` seconds, so files hold many micro-batches, and runs of small closed files
+are compacted (``shard_compact_min_files``). On (re)assignment a partition's open files are
+truncated back to their committed length, files no manifest names are removed, and consumption
+resumes at the later of the committed offset and the manifest's next offset, so a crash at any
+point neither loses nor duplicates a row. Gold pairs reach prefs.curated from the aggregator
 (a gold CuratedPair beside each VerifiedPair), so this writer reads one topic.
 
 A pair is written once per identity (``streams.kafka.reader.curated_identity``: pair_id, gold or
 routed). The embedded broker delivers the records of aborted transactions to read_committed
 consumers, so a batch the worker aborted and redid arrives twice; the second copy is skipped. The
-identities already on disk are read from the partition's complete shard files once when the
-partition is assigned (another writer may have written it meanwhile), then kept in memory; each
-flush adds its own.
+identities already committed are read from the partition's files once when the partition is
+assigned (another writer may have written it meanwhile), then kept in memory; each append adds its
+own.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
 import threading
 import time
 from collections import defaultdict
@@ -31,68 +29,25 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-from fastavro import parse_schema
-from fastavro import reader as avro_reader
-from fastavro import writer as avro_writer
 
-from schemas import registry
 from schemas.wire import ValueCodec
 from streams.kafka import topics
 from streams.kafka.config import consumer_config
 from streams.kafka.reader import curated_identity
 from streams.runtime import metrics
 from streams.settings import Settings, WorkerSettings
-from trainers.registry import fsync_dir
+from trainers.exceptions import DataError
+from trainers.shards import MANIFEST, PartitionLog, compact_partition, write_summary
+
+__all__ = ["MANIFEST", "SHARD_GROUP", "ShardWriter", "write_manifest"]
 
 log = logging.getLogger(__name__)
 SHARD_GROUP = "prefstream-shards"
-NAME = re.compile(r"^(?P<topic>.+)\.p(?P<part>\d+)\.(?P<first>\d+)-(?P<last>\d+)\.(?P<i>\d+)of(?P<n>\d+)\.n(?P<count>\d+)\.avro$")
-MANIFEST = "manifest.json"
-
-
-def scan(root: Path) -> tuple[dict[tuple[str, int], int], list[dict[str, Any]], list[Path]]:
-    """(next offset per (topic, partition) from complete groups, shard list, members of incomplete groups)."""
-    groups: dict[tuple, list[tuple[Path, dict]]] = defaultdict(list)
-    for f in root.glob("*/*.avro"):
-        m = NAME.match(f.name)
-        if m and f.parent.name != ".tmp":
-            g = m.groupdict()
-            groups[(g["topic"], int(g["part"]), int(g["first"]), int(g["last"]), int(g["n"]))].append((f, g))
-    next_offset: dict[tuple[str, int], int] = {}
-    shards, incomplete = [], []
-    for (topic, part, first, last, n), members in groups.items():
-        if len(members) != n:
-            incomplete.extend(f for f, _ in members)
-            continue
-        next_offset[(topic, part)] = max(next_offset.get((topic, part), 0), last + 1)
-        for f, g in members:
-            shards.append({"file": str(f.relative_to(root)), "split": f.parent.name, "topic": topic, "partition": part,
-                           "first_offset": first, "last_offset": last, "count": int(g["count"])})
-    return next_offset, sorted(shards, key=lambda s: s["file"]), incomplete
-
-
-def written_identities(root: Path, shards: list[dict[str, Any]], parts: set[tuple[str, int]]) -> dict[tuple[str, int], set]:
-    """The CuratedPair identities in the complete shard files (``shards`` from ``scan``) of ``parts``,
-    streamed file by file (only the identities stay in memory)."""
-    out: dict[tuple[str, int], set] = {tp: set() for tp in parts}
-    for s in shards:
-        tp = (s["topic"], s["partition"])
-        if tp in out:
-            with (root / s["file"]).open("rb") as fh:
-                out[tp].update(curated_identity(rec) for rec in avro_reader(fh))
-    return out
 
 
 def write_manifest(root: Path) -> dict[str, Any]:
-    _, shards, _ = scan(root)
-    totals: dict[str, int] = defaultdict(int)
-    for s in shards:
-        totals[s["split"]] += s["count"]
-    manifest = {"updated_at": time.time(), "totals": dict(totals), "shards": shards}
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, root / MANIFEST)
-    return manifest
+    """Rewrite and return shards/manifest.json, the summary of every partition's manifest."""
+    return write_summary(root)
 
 
 # Wait between tries after a failed flush or commit (broker or disk away).
@@ -102,79 +57,87 @@ class ShardWriter:
     def __init__(self, settings: Settings, wsettings: WorkerSettings, stop: threading.Event | None = None) -> None:
         self.settings, self.wsettings = settings, wsettings
         self.root = Path(settings.shards_dir)
-        self.tmp = self.root / ".tmp"
         self.topic = settings.topic(topics.CURATED)
         self.codec = ValueCodec(settings.schema_registry_url)
-        # The expanded schema: a shard file's header must be readable without our named-type table.
-        self.schema = parse_schema(json.loads(registry.get("CuratedPair").expanded_json))
         self.stop = stop or threading.Event()
         self.buffers: dict[int, list[tuple[int, dict]]] = defaultdict(list)
         self.started: dict[int, float] = {}
         self.consumer: Consumer | None = None
-        self.failures = 0  # flushes or commits that failed and were retried
-        self.written: dict[int, set] = {}  # partition -> identities on disk or in its buffer
+        self.failures = 0  # appends or commits that failed and were retried
+        self.logs: dict[int, PartitionLog] = {}
+        self.pending: dict[int, int] = {}  # partition -> offset to commit, its records already in the manifest
+        self.written: dict[int, set] = {}  # partition -> identities committed or in its buffer
         self.consumed: dict[int, int] = {}  # partition -> last offset read (buffered or skipped)
         self.duplicates = 0
+        self.compacted = 0  # files merged away by automatic compaction
+
+    def _log(self, partition: int) -> PartitionLog:
+        if partition not in self.logs:
+            self.logs[partition] = PartitionLog(self.root, self.topic, partition, self.wsettings.shard_roll_records,
+                                                self.wsettings.shard_roll_age_s)
+        return self.logs[partition]
 
     # -------------------------------------------------------------- assignment
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        next_offset, shards, incomplete = scan(self.root)
-        for f in incomplete:  # a flush interrupted between renames: its offsets were never committed
-            log.warning("removing %s (incomplete flush group; the records will be rewritten)", f)
-            f.unlink(missing_ok=True)
-        on_disk = written_identities(self.root, shards, {(tp.topic, tp.partition) for tp in partitions})
-        self.written.update({part: ids for (_, part), ids in on_disk.items()})
-        committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(partitions, timeout=10)}
+        next_offset: dict[int, int] = {}
+        for tp in partitions:
+            plog = self._log(tp.partition)
+            next_offset[tp.partition] = plog.recover()["next_offset"]
+            self.written[tp.partition] = plog.identities(curated_identity)
+        write_summary(self.root)
+        committed = {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10)}
         out = []
         for tp in partitions:
-            resume = max(committed.get((tp.topic, tp.partition), -1), next_offset.get((tp.topic, tp.partition), -1))
-            out.append(TopicPartition(tp.topic, tp.partition, resume if resume >= 0 else OFFSET_BEGINNING))
+            resume = max(committed.get(tp.partition, -1), next_offset.get(tp.partition, -1))
+            out.append(TopicPartition(tp.topic, tp.partition, resume if resume > 0 else OFFSET_BEGINNING))
         consumer.assign(out)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._flush(tp.partition)
-            self.buffers.pop(tp.partition, None)
-            self.written.pop(tp.partition, None)
-            self.consumed.pop(tp.partition, None)
+            for table in (self.buffers, self.written, self.consumed, self.logs, self.pending):
+                table.pop(tp.partition, None)
 
     # -------------------------------------------------------------- writing
     def _flush(self, partition: int) -> None:
-        rows = self.buffers.get(partition)
-        if not rows or self.consumer is None:
+        """Append the partition's buffer to its files, commit it to the manifest, then the offsets."""
+        if self.consumer is None:
             return
-        first, last = rows[0][0], rows[-1][0]
-        by_split: dict[str, list[dict]] = defaultdict(list)
-        for _, rec in rows:
-            by_split[rec["split"]].append(rec)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        n = len(by_split)
-        staged = []
-        for i, (split, recs) in enumerate(sorted(by_split.items()), 1):
-            name = f"{self.topic}.p{partition}.{first:012d}-{last:012d}.{i}of{n}.n{len(recs)}.avro"
-            tmp = self.tmp / name
-            with tmp.open("wb") as fh:
-                avro_writer(fh, self.schema, recs, codec="deflate")
-                fh.flush()
-                os.fsync(fh.fileno())
-            staged.append((tmp, self.root / split / name, split, len(recs)))
-        for tmp, final, split, count in staged:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(tmp, final)
-            fsync_dir(final.parent)
-            metrics.SHARD_ROWS.labels(split).inc(count)
-        write_manifest(self.root)
-        # Past the records skipped since the buffer began too (second copies, unreadable ones).
-        upto = max(last, self.consumed.get(partition, last)) + 1
-        self.consumer.commit(offsets=[TopicPartition(self.topic, partition, upto)], asynchronous=False)
-        self.buffers[partition] = []
-        self.started.pop(partition, None)
+        rows = self.buffers.get(partition)
+        if rows:
+            # Past the records skipped since the buffer began too (second copies, unreadable ones).
+            upto = max(rows[-1][0], self.consumed.get(partition, rows[-1][0])) + 1
+            plog = self._log(partition)
+            written = plog.append(rows, upto)
+            # The records are in the manifest: a failed offset commit below is retried without them.
+            self.buffers[partition] = []
+            self.started.pop(partition, None)
+            self.pending[partition] = upto
+            for split, count in written.items():
+                metrics.SHARD_ROWS.labels(split).inc(count)
+            self._compact(plog)
+            write_summary(self.root)
+        if partition in self.pending:
+            self.consumer.commit(offsets=[TopicPartition(self.topic, partition, self.pending[partition])],
+                                 asynchronous=False)
+            self.pending.pop(partition)
+
+    def _compact(self, plog: PartitionLog) -> None:
+        if self.wsettings.shard_compact_min_files < 2:
+            return
+        try:
+            done = compact_partition(self.root, plog.topic, plog.partition, self.wsettings.shard_roll_records,
+                                     self.wsettings.shard_compact_min_files)
+        except DataError as exc:  # the small files stay as they are and are still read; never stop writing
+            log.error("compacting %s[%d] failed: %s", plog.topic, plog.partition, exc)
+            return
+        self.compacted += sum(c.sources for c in done)
 
     def _is_new(self, partition: int, rec: dict) -> bool:
-        """Whether ``rec``'s identity is neither on disk nor buffered for its partition; remembers it.
+        """Whether ``rec``'s identity is neither committed nor buffered for its partition; remembers it.
 
-        Remembered when buffered: a buffer is always flushed before it is dropped, and a flush that
-        fails ends the writer (the next one rebuilds the set from disk).
+        Remembered when buffered: a buffer is always appended before it is dropped, and a failed
+        append is retried with the buffer kept.
         """
         ids = self.written.setdefault(partition, set())
         key = curated_identity(rec)
@@ -187,9 +150,16 @@ class ShardWriter:
 
     def _flush_due(self, force: bool = False) -> None:
         now = time.monotonic()
+        for part in list(self.pending):
+            if not self.buffers.get(part):
+                self._flush(part)  # an offset commit that failed after its append
         for part, rows in list(self.buffers.items()):
             if rows and (force or len(rows) >= self.wsettings.shard_max_records or now - self.started.get(part, now) >= self.wsettings.shard_max_age_s):
                 self._flush(part)
+        for plog in list(self.logs.values()):
+            if plog.close_aged():  # no record came to roll it
+                self._compact(plog)
+                write_summary(self.root)
 
     def run(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -200,9 +170,10 @@ class ShardWriter:
                 try:
                     self._step()
                 except (KafkaException, OSError) as exc:
-                    # The broker or the disk failed a commit or a flush: the buffers are kept and the
-                    # flush is redone (same file names, renamed over atomically); a commit that never
-                    # lands is covered by the resume scan of the files. The thread must not die: the
+                    # The broker or the disk failed a commit or an append: the buffers are kept and the
+                    # append is redone (the files are truncated back to the manifest's lengths first, and
+                    # records the manifest already holds are skipped); a commit that never lands is
+                    # covered by the manifest's next offset on assignment. The thread must not die: the
                     # worker would go on curating into nothing.
                     self.failures += 1
                     log.warning("shard writer: %s; retrying in %.0f s", exc, RETRY_S)
@@ -210,7 +181,6 @@ class ShardWriter:
             self._flush_due(force=True)
         finally:
             self.consumer.close()
-
     def _step(self) -> None:
         """One poll and whatever flushes are due."""
         msg = self.consumer.poll(0.2)
@@ -228,4 +198,5 @@ class ShardWriter:
                 self.started.setdefault(msg.partition(), time.monotonic())
             elif not self.buffers[msg.partition()]:
                 self.consumer.commit(message=msg, asynchronous=False)
+                self.pending.pop(msg.partition(), None)  # committed past it
         self._flush_due()
