@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from trainers.devices import DEFAULT_TOKEN_BUDGET
+
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_REDIS_PORT = 6379
 
@@ -121,6 +123,16 @@ class WorkerSettings(BaseSettings):
                                         "BERT-base-sized model unpinned took 12% longer than a pinned bare scorer, "
                                         "pinned 1%). Set 1 when workers share a small machine with "
                                         "training jobs.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "Where the reward models score: cuda (torch on the GPU; the worker refuses to start without one), cpu "
+        "(ONNX Runtime when the version has an ONNX file, else torch), or auto (cuda when torch sees a GPU, else "
+        "cpu). The prompt encoder of the labeler stays on the CPU."))
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description=(
+        "Precision of the reward models on a GPU: auto is bf16 where the GPU supports it, else fp16. On the CPU "
+        "only auto or fp32 (bf16 and fp16 are refused there: slower than fp32 on most CPUs, and ONNX serves)."))
+    token_budget: int = Field(DEFAULT_TOKEN_BUDGET, ge=1, description=(
+        "On a GPU, the most padded tokens in one forward pass (sequences x longest length, sorted by length): "
+        "many short sequences per call, few long ones, in bounded memory."))
     bootstrap_max_length: int = Field(256, description="Max tokens of the untrained bootstrap model.")
     embedder_precision: Literal["int8", "fp32"] = Field("int8", description=(
         "Precision of the MiniLM prompt encoder behind task categories and similar-pair retrieval. int8 is "
@@ -175,6 +187,10 @@ class ControllerSettings(BaseSettings):
     retrain_args: str = Field("", description="Extra arguments for `prefstream retrain` (e.g. --max-steps 200).")
     k8s_namespace: str = Field("prefstream", description="Namespace of retrain Jobs.")
     k8s_image: str = Field("prefstream:latest", description="Image of retrain Jobs.")
+    job_gpus: int = Field(0, ge=0, description=(
+        "GPUs per retrain job. 0 trains on the CPU. 1 or more: the Kubernetes Job requests nvidia.com/gpu and "
+        "the retrain runs with --device cuda; more than 1 runs it under torchrun, one rank per GPU, rank 0 "
+        "publishing (the image needs a CUDA build of torch)."))
     health_host: str = Field("0.0.0.0", description="Address of the controller's /healthz and /metrics.")
     health_port: int = Field(8082, description="Port of /healthz and /metrics; 0 disables it.")
 

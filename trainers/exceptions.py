@@ -31,3 +31,15 @@ class RegistryError(TrainerError):
 
 class CorruptArtifactError(RegistryError):
     """A model version whose files do not match the sha256 in its manifest."""
+
+
+class UnknownVersionError(RegistryError):
+    """A version name the model store does not hold (no manifest: never published, or still uploading)."""
+
+
+class StoreAccessError(RegistryError):
+    """Object storage refused or did not answer (credentials, bucket, endpoint); the message says which."""
+
+
+class DeviceError(TrainerError):
+    """A device or dtype that cannot be used here (CUDA asked for without a GPU, an unknown dtype)."""

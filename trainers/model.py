@@ -2,7 +2,12 @@
 
     rm = RewardModel.load("path/to/version")                   # torch fp32 on CPU
     rm = RewardModel.load(path, backend="onnx")                # model.int8.onnx
+    rm = RewardModel.load(path, device="auto", dtype="auto")   # bf16 on a GPU when there is one
     r_chosen, r_rejected = rm.score_pairs(pairs)
+
+On an accelerator a batch holds up to ``token_budget`` padded tokens, and scoring overlaps the host
+and the device (``trainers/overlap.py``): the next batch is tokenised and padded into page-locked
+memory on a CPU thread while the device runs the current one.
 
 A model directory holds a Hugging Face config, tokenizer and ``model.safetensors`` (never pickle),
 optionally ``model.onnx`` / ``model.int8.onnx``, and ``prefstream.json`` (input format, max length).
@@ -21,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from trainers.devices import DEFAULT_TOKEN_BUDGET, DTYPES, resolve_device, resolve_dtype
 from trainers.exceptions import DataError, ModelLoadError, PickleCheckpointError
 from trainers.formatting import PAIR, Formatter, detect_input_format, length_sorted_batches
 
@@ -31,7 +37,8 @@ DEFAULT_MAX_LENGTH = 512
 # pairs): 8 scores 15.3 pairs/s with torch and 16.6 with ONNX fp32, against 9.4 and 10.0 with 32:
 # small length-sorted batches waste little padding and stay in cache. Accelerators want more.
 CPU_BATCH_SIZE = 8
-ACCELERATOR_BATCH_SIZE = 32
+# On an accelerator the token budget sizes a batch; this only caps the count of very short sequences.
+ACCELERATOR_BATCH_SIZE = 256
 # A CPU forward call's fixed cost in tokens' worth of compute: one sequence of 64 tokens cost 5-25%
 # more per token than batches of 2 to 16, which were within this machine's noise of each other
 # (MiniLM and a BERT-base-sized model, fp32 ONNX, 2 cores). Batches are then cut where padding would
@@ -42,7 +49,7 @@ DEFAULT_BATCH_SIZE = CPU_BATCH_SIZE
 ONNX_FP32 = "model.onnx"
 ONNX_INT8 = "model.int8.onnx"
 BACKENDS = ("torch", "onnx")
-DTYPES = ("fp32", "bf16", "fp16")
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def quiet_transformers() -> None:
@@ -115,21 +122,44 @@ def read_prefstream_config(path: Path) -> dict[str, Any]:
 
 
 class TorchBackend:
+    """A torch model on a device, scoring padded batches in three steps the overlap pipeline splits:
+    ``host`` (CPU tensors, page-locked on CUDA), ``launch`` (copy and forward pass, queued on the
+    device without waiting) and ``collect`` (one wait for all launched batches)."""
+
     def __init__(self, model: Any, device: str = "cpu", dtype: str = "fp32") -> None:
         import torch
 
         if dtype not in DTYPES:
             raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         self.torch = torch
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        self.device = device
-        self.model = model.to(device=device, dtype=self.dtype).eval()
+        self.dtype = getattr(torch, TORCH_DTYPES[dtype])
+        self.device = torch.device(device)
+        # Page-locked host memory lets the copy to the GPU run asynchronously (non_blocking) while the
+        # host prepares the next batch; on the CPU there is no copy to overlap.
+        self.pinned = self.device.type == "cuda"
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def host(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """A padded batch as CPU tensors (page-locked when a GPU will read them)."""
+        tensors = {k: self.torch.from_numpy(v) for k, v in batch.items()}
+        return {k: t.pin_memory() for k, t in tensors.items()} if self.pinned else tensors
+
+    def launch(self, host: dict[str, Any]) -> Any:
+        """Queue the copy and forward pass of one batch; its rewards stay on the device until ``collect``."""
         torch = self.torch
         with torch.inference_mode():
-            inputs = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
-            return self.model(**inputs).logits[:, 0].float().cpu().numpy()
+            inputs = {k: t.to(self.device, non_blocking=self.pinned) for k, t in host.items()}
+            return self.model(**inputs).logits[:, 0].float()
+
+    def collect(self, launched: list[Any]) -> np.ndarray:
+        """Rewards of launched batches, concatenated in launch order (waits for the device once)."""
+        if not launched:
+            return np.zeros(0, dtype=np.float32)
+        with self.torch.inference_mode():
+            return self.torch.cat(launched).cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self.collect([self.launch(self.host(batch))])
 
 
 class OnnxBackend:
@@ -161,13 +191,16 @@ class RewardModel:
     def __init__(self, tokenizer: Any, backend: Any, input_format: str, max_length: int,
                  batch_size: int = DEFAULT_BATCH_SIZE, torch_model: Any = None, path: Path | None = None,
                  uses_token_type_ids: bool = False, call_cost: int | None = CPU_CALL_COST_TOKENS,
-                 pad_id: int | None = None) -> None:
+                 pad_id: int | None = None, token_budget: int | None = None, overlap: bool = False) -> None:
         self.tokenizer = tokenizer
         self.backend = backend
         self.input_format = input_format
         self.max_length = max_length
         self.batch_size = batch_size
         self.call_cost = call_cost
+        self.token_budget = token_budget
+        # Tokenise and pad on a CPU thread while the device runs (trainers/overlap.py); torch only.
+        self.overlap = overlap
         self.torch_model = torch_model
         self.path = path
         # load() passes the decided id; a hand-built RewardModel falls back to the tokenizer's own.
@@ -178,13 +211,26 @@ class RewardModel:
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "torch", device: str = "cpu", dtype: str = "fp32",
              onnx_file: str = ONNX_INT8, max_length: int | None = None, batch_size: int | None = None,
-             threads: int | None = None, attn_implementation: str | None = None) -> RewardModel:
+             threads: int | None = None, attn_implementation: str | None = None, token_budget: int | None = None,
+             overlap: bool | None = None) -> RewardModel:
+        """Load a model directory.
+
+        ``device`` auto | cpu | cuda[:N] and ``dtype`` auto | fp32 | bf16 | fp16 (trainers/devices.py).
+        On an accelerator batches hold up to ``token_budget`` padded tokens (DEFAULT_TOKEN_BUDGET) and
+        ``overlap`` (on by default there) tokenises on a CPU thread while the device runs; on the CPU
+        batches follow the call-cost model and scoring is sequential unless ``overlap`` is asked for.
+        """
         from transformers import AutoConfig, AutoTokenizer
 
         quiet_transformers()
         path = Path(path)
         if backend not in BACKENDS:
             raise ModelLoadError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        on_cpu = device == "cpu"
+        if backend == "onnx" and not on_cpu:
+            raise ModelLoadError(f"the ONNX backend runs on the CPU, not {device}; use backend torch on a GPU")
         check_safetensors(path)
         try:
             config = AutoConfig.from_pretrained(path)
@@ -205,23 +251,28 @@ class RewardModel:
         max_length = max_length or pcfg.get("max_length") or min(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH), 16384)
         torch_model = None
         if backend == "torch":
-            torch_model = cls._load_torch(path, attn_implementation, pad_id)
+            torch_model = cls._load_torch(path, attn_implementation, pad_id, dtype)
             runner: Any = TorchBackend(torch_model, device, dtype)
         else:
             runner = OnnxBackend(path / onnx_file, threads)
         uses_tt = input_format == PAIR and config.model_type in ("bert",) and getattr(config, "type_vocab_size", 1) > 1
-        batch_size = batch_size or (CPU_BATCH_SIZE if device == "cpu" else ACCELERATOR_BATCH_SIZE)
-        call_cost = CPU_CALL_COST_TOKENS if device == "cpu" else None
+        batch_size = batch_size or (CPU_BATCH_SIZE if on_cpu else ACCELERATOR_BATCH_SIZE)
+        call_cost = CPU_CALL_COST_TOKENS if on_cpu else None
+        token_budget = token_budget or (None if on_cpu else DEFAULT_TOKEN_BUDGET)
+        overlap = (not on_cpu) if overlap is None else overlap
         return cls(tokenizer, runner, input_format, int(max_length), batch_size, torch_model, path, uses_tt, call_cost,
-                   pad_id)
+                   pad_id, token_budget, overlap and backend == "torch")
 
     @staticmethod
-    def _load_torch(path: Path, attn_implementation: str | None, pad_id: int) -> Any:
+    def _load_torch(path: Path, attn_implementation: str | None, pad_id: int, dtype: str = "fp32") -> Any:
+        import torch
         from transformers import AutoModelForSequenceClassification
 
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True, **extra)
+            # Read in the serving dtype: an 8B model in bf16 needs 16 GB of host memory on the way, not 32.
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, use_safetensors=True, dtype=getattr(torch, TORCH_DTYPES[dtype]), **extra)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the model weights from {path}: {exc}") from exc
         model.config.pad_token_id = pad_id
@@ -242,11 +293,19 @@ class RewardModel:
             raise DataError(f"{len(conversations)} conversations but {len(responses)} responses; pass one response per conversation")
         if not responses:
             return np.zeros(0, dtype=np.float32)
+        if self.overlap:
+            from trainers.overlap import score_overlapped
+
+            return score_overlapped(self, conversations, responses)
         encoded = self.formatter.encode(conversations, responses)
         out = np.zeros(len(encoded), dtype=np.float32)
-        for batch in length_sorted_batches([len(e["input_ids"]) for e in encoded], self.batch_size, self.call_cost):
+        for batch in self.batches([len(e["input_ids"]) for e in encoded]):
             out[batch] = self.backend(self.formatter.pad([encoded[i] for i in batch]))
         return out
+
+    def batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Indices of sequences of these lengths grouped into forward passes (length-sorted, budgeted)."""
+        return length_sorted_batches(lengths, self.batch_size, self.call_cost, self.token_budget)
 
     def score_pairs(self, pairs: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
         """(r_chosen, r_rejected) for PreferencePair-like dicts (conversation, chosen, rejected)."""

@@ -31,6 +31,9 @@ def _dataclass_options(cls: type) -> Any:
                                   help=help_text)(fn)
             elif f.type in ("list[str]",):
                 fn = click.option(name, f.name, multiple=True, help=help_text)(fn)
+            elif "choices" in f.metadata:
+                fn = click.option(name, f.name, type=click.Choice(list(f.metadata["choices"])), default=default,
+                                  show_default=True, help=help_text)(fn)
             else:
                 typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
                 fn = click.option(name, f.name, type=typ, default=default, show_default=True, help=help_text)(fn)
@@ -52,8 +55,14 @@ def _train_command() -> click.Command:
 
         Writes the model (safetensors), metrics.json and curve.png to --output-dir. Start from the
         packaged MiniLM (--base-model default) or warm-start from any model directory.
+
+        Large models: --precision bf16, --gradient-checkpointing, --lora-r 16 (the adapters are merged
+        into the saved model), --tokens-per-step, --checkpoint-every N and --resume-from latest. On
+        several GPUs run it under `torchrun --standalone --nproc_per_node=N -m streams.cli train ...`:
+        each rank trains on its share of every step and rank 0 writes the output.
         """
         from trainers.data import read_pairs
+        from trainers.distributed import ranks
         from trainers.train import train
 
         kwargs["eval_files"] = list(kwargs.get("eval_files") or [])
@@ -63,10 +72,14 @@ def _train_command() -> click.Command:
         pairs = read_pairs(cfg.train_files, skipped)
         if limit:
             pairs = pairs[:limit]
-        console.print(f"training on {len(pairs)} pairs from {', '.join(data)}")
-        if skipped:
+        main = ranks().is_main  # under torchrun rank 0 alone reports
+        if main:
+            console.print(f"training on {len(pairs)} pairs from {', '.join(data)}")
+        if skipped and main:
             console.print(f"[yellow]skipped {len(skipped)} unusable records[/], the first: {skipped[0]}")
         result = train(cfg, pairs)
+        if not main:
+            return
         m = result.metrics
         console.print(f"[green]done[/]: {m['steps']} steps, {m['pairs_per_second']:.1f} pairs/s, loss "
                       f"{m['first_loss']:.4f} -> {m['final_loss']:.4f}, held-out accuracy {m['eval_accuracy']:.4f}")
@@ -94,9 +107,14 @@ def best_onnx_file(model: Path) -> str:
               help="File layout; auto detects it per record.")
 @click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="onnx scores with model.int8.onnx when the export kept it, else model.onnx.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where torch scores: auto (cuda when torch sees a GPU), cpu, cuda or cuda:N. ONNX runs on the CPU.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Precision on the GPU: auto is bf16 where supported, else fp16. The CPU takes auto or fp32 only.")
 @click.option("--limit", type=int, default=None, help="Evaluate at most this many items per file.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write report.json and report.md here.")
-def eval_cmd(model: Path, files: tuple[Path, ...], fmt: str, backend: str, limit: int | None, out: Path | None) -> None:
+def eval_cmd(model: Path, files: tuple[Path, ...], fmt: str, backend: str, device: str, dtype: str, limit: int | None,
+             out: Path | None) -> None:
     """Evaluate a reward model: pairwise accuracy, per category, Best-of-N, style bias, RM-Bench.
 
     Prints a markdown table; --out also writes report.json and report.md.
@@ -110,7 +128,13 @@ def eval_cmd(model: Path, files: tuple[Path, ...], fmt: str, backend: str, limit
         got, sk = read_eval_items(f, fmt, limit)
         items.extend(got)
         skipped += sk
-    rm = RewardModel.load(model, backend=backend, **({"onnx_file": best_onnx_file(model)} if backend == "onnx" else {}))
+    from trainers.devices import cpu_dtype_refusal, resolve_device
+
+    device = resolve_device("cpu" if backend == "onnx" and device == "auto" else device)
+    if refusal := cpu_dtype_refusal(dtype, device, "--dtype"):
+        raise ConfigError(refusal)
+    rm = RewardModel.load(model, backend=backend, device=device, dtype=dtype,
+                          **({"onnx_file": best_onnx_file(model)} if backend == "onnx" else {}))
     with console.status(f"scoring {len(items)} items"):
         report = evaluate(rm, items)
     report["skipped_lines"] = skipped
@@ -158,11 +182,14 @@ def _retrain_command() -> click.Command:
         """Retrain a role from the shards, gate it against the serving model, export, publish, announce.
 
         With --seed-file, train the first current and gold versions from a verified seed set.
-        The last line printed is RETRAIN_RESULT {json}: what the job runners read.
+        The last line printed is RETRAIN_RESULT {json}: what the job runners read. Under torchrun
+        (`torchrun --standalone --nproc_per_node=N -m streams.cli retrain ...`, what a Job with
+        several GPUs runs) every rank trains and rank 0 alone evaluates, publishes and prints.
         """
         from dataclasses import asdict
 
         from streams.runtime.jobs import RESULT_PREFIX
+        from trainers.distributed import ranks
         from trainers.retrain import run_retrain, run_seed
 
         settings = get_settings()  # the store and shards the services use, unless given here
@@ -171,6 +198,8 @@ def _retrain_command() -> click.Command:
         cfg = RetrainConfig(**kwargs)
         ann = announcer(announce)
         results = run_seed(cfg, ann) if cfg.seed_file else [run_retrain(cfg, ann)]
+        if not ranks().is_main:
+            return
         for r in results:
             colour = {"published": "green", "gate_failed": "yellow"}.get(r.decision, "white")
             console.print(f"[{colour}]{r.role}: {r.decision}[/] {r.version or ''} - {r.reason}", highlight=False)

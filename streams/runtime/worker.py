@@ -33,7 +33,15 @@ from streams.runtime import metrics
 from streams.runtime.pipeline import Pipeline
 from streams.runtime.processors import sandbox
 from streams.runtime.processors.isolation import TRANSIENT
-from streams.runtime.processors.scorer import Loaded, ModelSlot, Scorer, bootstrap_model, load_announced
+from streams.runtime.processors.scorer import (
+    Loaded,
+    ModelSlot,
+    Placement,
+    Scorer,
+    bootstrap_model,
+    load_announced,
+    placement,
+)
 from streams.settings import Settings, WorkerSettings
 from trainers.registry import BOOTSTRAP_VERSION
 
@@ -61,8 +69,9 @@ class VersionWatcher:
         self.settings, self.slots = settings, slots
         self.topic = settings.topic(topics.MODEL_VERSIONS)
         self.codec = ValueCodec(settings.schema_registry_url)
-        self.consumer = Consumer(consumer_config(settings, f"prefstream-versions-{socket.gethostname()}-{os.getpid()}",
-                                                 background=True))
+        # Not a background consumer: its fetch wait is part of every hot-swap's delay (announcement to
+        # first pair scored by the new version), and a fetch every 100 ms of one partition costs nothing.
+        self.consumer = Consumer(consumer_config(settings, f"prefstream-versions-{socket.gethostname()}-{os.getpid()}"))
         self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
         self.stop = threading.Event()
 
@@ -144,9 +153,11 @@ def next_batch(consumer: Consumer, max_batch: int, max_wait_s: float, idle_s: fl
     return [m for m in msgs if not m.error()]
 
 
-def build_scorer(settings: Settings, wsettings: WorkerSettings) -> tuple[Scorer, dict[str, ModelSlot]]:
+def build_scorer(settings: Settings, wsettings: WorkerSettings, where: Placement) -> tuple[Scorer, dict[str, ModelSlot]]:
+    """The scorer's two slots, loading new versions on ``where``'s device."""
     # Only versions inside this worker's own models store are loaded (see trusted_version_dir).
-    loader = lambda rec: load_announced(rec, threads=wsettings.threads or None, models_dir=settings.models_dir)  # noqa: E731
+    loader = lambda rec: load_announced(rec, threads=wsettings.threads or None, models_dir=settings.models_dir,  # noqa: E731
+                                        where=where)
     current, gold = ModelSlot("current", loader), ModelSlot("gold", loader)
     return Scorer(current, gold), {"current": current, "gold": gold}
 
@@ -154,6 +165,9 @@ def build_scorer(settings: Settings, wsettings: WorkerSettings) -> tuple[Scorer,
 class Worker:
     def __init__(self, settings: Settings, wsettings: WorkerSettings) -> None:
         self.settings, self.wsettings = settings, wsettings
+        # The device and dtype are checked first: CUDA asked for without a GPU stops the worker here.
+        self.where = placement(wsettings.device, wsettings.dtype, wsettings.token_budget)
+        log.info("reward models on %s in %s", self.where.device, self.where.dtype)
         self.stop = threading.Event()
         self.ready = self.started = False
         self.failed_batches = 0
@@ -162,7 +176,7 @@ class Worker:
         self.last_probe = 0.0
         self.last_error = ""
         self.redis = redis.Redis.from_url(settings.redis_url)
-        self.scorer, self.slots = build_scorer(settings, wsettings)
+        self.scorer, self.slots = build_scorer(settings, wsettings, self.where)
         self.watcher = VersionWatcher(settings, self.slots)
         self.counts: Counter[str] = Counter()
         self.transactional_id = f"prefstream-{settings.topic_prefix}{wsettings.group}-{wsettings.worker_id}"
@@ -173,7 +187,8 @@ class Worker:
         if self.slots["current"].serving is None:
             # Stage 1: before any version exists the untrained default serves, stamped 'bootstrap'.
             self.slots["current"].serving = Loaded(
-                bootstrap_model(self.wsettings.bootstrap_max_length, self.wsettings.threads or None), BOOTSTRAP_VERSION)
+                bootstrap_model(self.wsettings.bootstrap_max_length, self.wsettings.threads or None, self.where),
+                BOOTSTRAP_VERSION)
         self.scorer.export_versions()
         threading.Thread(target=self.watcher.run, name="versions", daemon=True).start()
 
@@ -218,9 +233,11 @@ class Worker:
         log.info("worker %s consuming %s", self.transactional_id, self.settings.topic(topics.RAW))
         try:
             while not self.stop.is_set():
-                self.scorer.swap_if_ready()  # between batches only
                 txn.poll()
                 msgs = next_batch(consumer, sizer.limit, self.wsettings.max_wait_ms / 1000)
+                # Between batches, and after the wait for records: a version parked while this worker
+                # waited scores the batch that ended the wait.
+                self.scorer.swap_if_ready()
                 self._probe_broker(consumer)
                 if msgs and self._process_batch(pipeline, txn, consumer, msgs, sizer):
                     self._count(msgs)

@@ -1,9 +1,11 @@
 """The scorer: current and gold reward models, micro-batched, with hot-swap from models.versions.
 
 A ``ModelSlot`` serves one role. A watcher thread follows the compacted ``models.versions``
-topic; a new version is verified (manifest sha256 and every file) and loaded *in that thread*,
-then parked as ``pending``. The worker calls ``swap_if_ready()`` between batches, so a batch is
-always scored by one fully loaded model, and a failed load leaves the old model serving.
+topic; a new version is verified (manifest sha256 and every file), loaded and warmed up *in that
+thread* (a batch of the pairs the role scored last goes through the whole scoring path, so the
+first-call costs of ONNX Runtime or CUDA are paid there), then parked as ``pending``. The worker
+calls ``swap_if_ready()`` between batches, a pointer switch, so a batch is always scored by one
+fully loaded model, and a failed load leaves the old model serving.
 """
 
 from __future__ import annotations
@@ -20,18 +22,30 @@ from typing import Any
 
 import numpy as np
 
-from streams.exceptions import ModelRefusedError, UntrustedModelPathError
+from streams.exceptions import ConfigError, ModelRefusedError, UntrustedModelPathError
 from streams.runtime import metrics
+from trainers.devices import cpu_dtype_refusal, resolve_device, resolve_dtype
+from trainers.exceptions import DeviceError
 from trainers.model import ONNX_FP32, ONNX_INT8, RewardModel, sigmoid
 from trainers.registry import BOOTSTRAP_VERSION, ROLES, ModelStore, sha256_file
 
 log = logging.getLogger(__name__)
+
+# Pairs a new version scores before it is parked: the last ones its role scored (so the warm-up sees
+# real lengths), or WARM_UP_PAIRS before any were scored.
+WARM_UP_SIZE = 8
+WARM_UP_PAIRS = [{"conversation": [{"role": "user", "content": f"Question {i}: how do I keep a reward model fresh?"}],
+                  "chosen": "Retrain it on curated preference pairs and swap it in between batches. " * (1 + i % 3),
+                  "rejected": "Never change it."} for i in range(WARM_UP_SIZE)]
 
 
 @dataclass
 class Loaded:
     model: Any
     version: str
+    load_seconds: float = 0.0
+    warm_up_seconds: float = 0.0
+    warmed_up_with: int = 0  # pairs the model scored before it was parked (0: never warmed, e.g. the bootstrap)
 
 
 @dataclass
@@ -40,6 +54,7 @@ class SwapEvent:
     version: str
     load_seconds: float
     swapped_at: float
+    warm_up_seconds: float = 0.0
 
 
 @dataclass
@@ -50,11 +65,16 @@ class ModelSlot:
     pending: Loaded | None = None
     failures: list[str] = field(default_factory=list)
     swaps: list[SwapEvent] = field(default_factory=list)
+    warm_up_pairs: list[dict] = field(default_factory=lambda: list(WARM_UP_PAIRS))
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _pending_load_s: float = 0.0
+
+    def remember(self, pairs: list[dict]) -> None:
+        """Keep the last pairs scored (the worker's thread) as the next version's warm-up batch."""
+        if pairs:
+            self.warm_up_pairs = pairs[-WARM_UP_SIZE:]
 
     def offer(self, record: dict) -> None:
-        """Load and verify the announced version (call from the watcher thread)."""
+        """Load, verify and warm up the announced version, then park it (call from the watcher thread)."""
         version = record["version"]
         with self._lock:
             if (self.serving and self.serving.version == version) or (self.pending and self.pending.version == version):
@@ -62,23 +82,30 @@ class ModelSlot:
         t0 = time.perf_counter()
         try:
             model = self.loader(record)
+            t1 = time.perf_counter()
+            warm = self.warm_up_pairs
+            model.score_pairs(warm)  # first-call costs (ORT arena, CUDA kernels and allocator) paid here
         except Exception as exc:  # any failure keeps the old model serving
             msg = f"{self.role} version {version} refused: {exc}"
             log.error(msg)
             self.failures.append(msg)
             metrics.SWAP_FAILURES.labels(self.role).inc()
             return
-        secs = time.perf_counter() - t0
-        metrics.SWAP_SECONDS.labels(self.role).observe(secs)
+        t2 = time.perf_counter()
+        metrics.SWAP_SECONDS.labels(self.role).observe(t2 - t0)
+        log.info("%s version %s loaded and verified in %.2f s, warmed up on %d pairs in %.2f s", self.role, version,
+                 t1 - t0, len(warm), t2 - t1)
         with self._lock:
-            self.pending, self._pending_load_s = Loaded(model, version), secs
+            self.pending = Loaded(model, version, t1 - t0, t2 - t1, len(warm))
 
     def swap_if_ready(self) -> bool:
+        """Serve the pending version, if one is parked: a pointer switch, between batches only."""
         with self._lock:
             if self.pending is None:
                 return False
             self.serving, self.pending = self.pending, None
-            self.swaps.append(SwapEvent(self.role, self.serving.version, self._pending_load_s, time.time()))
+            self.swaps.append(SwapEvent(self.role, self.serving.version, self.serving.load_seconds, time.time(),
+                                        self.serving.warm_up_seconds))
         metrics.SWAPS.labels(self.role).inc()
         log.info("%s model now %s", self.role, self.serving.version)
         return True
@@ -113,12 +140,38 @@ def trusted_version_dir(record: dict, models_dir: str | os.PathLike) -> Path:
     return expected
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where and how the worker's reward models run (from PREFSTREAM_WORKER_DEVICE, _DTYPE, _TOKEN_BUDGET)."""
+
+    device: str = "cpu"
+    dtype: str = "fp32"
+    token_budget: int | None = None
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def placement(device: str, dtype: str, token_budget: int | None = None) -> Placement:
+    """The resolved device and dtype of the settings, or ConfigError saying what to change (at start)."""
+    try:
+        resolved = resolve_device(device)
+        if refusal := cpu_dtype_refusal(dtype, resolved, "PREFSTREAM_WORKER_DTYPE"):
+            raise ConfigError(refusal + (" (PREFSTREAM_WORKER_DEVICE=auto found no GPU)" if device == "auto" else ""))
+        return Placement(resolved, resolve_dtype(dtype, resolved), token_budget)
+    except DeviceError as exc:
+        raise ConfigError(f"PREFSTREAM_WORKER_DEVICE / PREFSTREAM_WORKER_DTYPE: {exc}") from exc
+
+
 def load_announced(record: dict, backend: str = "auto", max_length: int | None = None,
-                   threads: int | None = None, models_dir: str | os.PathLike | None = None) -> RewardModel:
+                   threads: int | None = None, models_dir: str | os.PathLike | None = None,
+                   where: Placement = Placement()) -> RewardModel:
     """Verify a ModelVersion record against the store on disk, then load it.
 
     With ``models_dir`` (the worker always gives it) only a version inside that store is loaded;
     a refused announcement is counted in prefstream_model_announcements_refused_total.
+    On a GPU (``where``) the version serves with torch in ``where.dtype``; on the CPU as below.
     """
     if models_dir is not None:
         try:
@@ -136,9 +189,11 @@ def load_announced(record: dict, backend: str = "auto", max_length: int | None =
                                 "re-announce the version from the store")
     ModelStore(path.parent.parent).verify(record["version"])
     onnx_file = next((f for f in (ONNX_INT8, ONNX_FP32) if (path / f).exists()), None)
-    # auto: INT8 ONNX when its export check passed, else the fp32 ONNX (faster than torch on CPU), else torch.
-    chosen = backend if backend != "auto" else ("onnx" if onnx_file else "torch")
-    rm = RewardModel.load(path, backend=chosen, max_length=max_length, threads=threads, onnx_file=onnx_file or ONNX_INT8)
+    # auto on the CPU: INT8 ONNX when its export check passed, else the fp32 ONNX (faster than torch on
+    # CPU), else torch. On a GPU: torch (the ONNX sessions here run on the CPU only).
+    chosen = backend if backend != "auto" else ("torch" if where.on_gpu or not onnx_file else "onnx")
+    rm = RewardModel.load(path, backend=chosen, max_length=max_length, threads=threads, onnx_file=onnx_file or ONNX_INT8,
+                          device=where.device, dtype=where.dtype, token_budget=where.token_budget)
     probe = [{"conversation": [{"role": "user", "content": "ping"}], "chosen": "pong", "rejected": "no"}]
     rc, rr = rm.score_pairs(probe)  # a model that cannot score one pair never serves
     if not (np.isfinite(rc).all() and np.isfinite(rr).all()):
@@ -146,16 +201,19 @@ def load_announced(record: dict, backend: str = "auto", max_length: int | None =
     return rm
 
 
-def bootstrap_model(max_length: int, threads: int | None = None) -> RewardModel:
+def bootstrap_model(max_length: int, threads: int | None = None, where: Placement = Placement()) -> RewardModel:
     """Stage 1, before any version exists: the untrained default (MiniLM, seeded head).
 
-    Served on ONNX Runtime like trained versions, through an in-memory export (~3 s at start):
-    measured 1.37x torch's pairs/s on batches and 71 vs 97 ms for a single pair.
-    If the export fails, torch serves the same weights.
+    On the CPU it is served on ONNX Runtime like trained versions, through an in-memory export (~3 s
+    at start): measured 1.37x torch's pairs/s on batches and 71 vs 97 ms for a single pair.
+    If the export fails, torch serves the same weights. On a GPU torch serves it there.
     """
     from trainers.exceptions import ExportError
     from trainers.export import onnx_twin
 
+    if where.on_gpu:
+        return RewardModel.default(max_length=max_length, device=where.device, dtype=where.dtype,
+                                   token_budget=where.token_budget)
     try:
         return onnx_twin(RewardModel.default(max_length=max_length, attn_implementation="eager"), threads)
     except ExportError as exc:
@@ -187,6 +245,9 @@ class Scorer:
         if gold is not None:
             gc, gr = gold.model.score_pairs(pairs)
             gp = sigmoid(gc - gr)
+        # Pairs both models scored: the next version's warm-up (a pair that broke a model never is).
+        self.current.remember(pairs)
+        self.gold.remember(pairs)
         out = []
         now = int(time.time() * 1000)
         for i in range(len(pairs)):
