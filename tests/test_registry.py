@@ -65,7 +65,7 @@ def test_half_written_version_is_never_visible(tmp_path, model_dir, monkeypatch)
         store.publish(model_dir, "current")
     monkeypatch.setattr(os, "rename", real_rename)
     assert store.list() == [] and store.serving("current") is None
-    assert any(store.tmp_dir.iterdir()), "the staging copy should be left in .tmp, out of sight"
+    assert any(store.backend.tmp_dir.iterdir()), "the staging copy should be left in .tmp, out of sight"
     store.publish(model_dir, "current")
     assert len(store.list()) == 1
 

@@ -1,13 +1,16 @@
-"""The model store: one directory a version, published atomically, verified by sha256 on load.
+"""The model store: one version a directory (or key prefix), published atomically, verified by sha256 on load.
 
-Layout under the store root (a local directory, or a PVC mounted in Kubernetes):
+Layout under the store's root, a directory (``PREFSTREAM_MODELS_DIR``) or an S3 prefix
+(``PREFSTREAM_MODELS_URL=s3://bucket/prefix``); trainers/storage.py and trainers/s3store.py keep
+the bytes:
 
     versions/<version>/      config, tokenizer, model.safetensors, *.onnx, metrics.json, manifest.json
-    roles/<role>.json        {"history": [oldest, ..., serving]} for role current or gold
-    .tmp/                    versions being written; never listed
+    roles/<role>.json        {"history": [oldest, ..., serving], "generation": n, "op": id} for current or gold
 
-Publishing copies into .tmp/, fsyncs every file and the directory, then renames into versions/:
-a crash leaves a stray temporary directory, never a half-written version.
+A version exists once its manifest does, and the manifest is written after every other file.
+Role histories change only through the backend's ``update`` (a file lock, or conditional PUTs), so
+two controllers promoting at once both land. Loading goes through ``checkout``: the version's files
+on this machine (in place, or downloaded into a cache), each checked against the manifest.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -23,47 +25,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainers.exceptions import CorruptArtifactError, RegistryError
+from trainers.exceptions import CorruptArtifactError, RegistryError, UnknownVersionError
+from trainers.storage import (
+    MANIFEST,
+    LocalBackend,
+    StoreBackend,
+    atomic_write,
+    fsync_dir,
+    open_backend,
+    sha256_file,
+    verify_dir,
+)
 
-MANIFEST = "manifest.json"
+__all__ = ["BOOTSTRAP_VERSION", "MANIFEST", "ROLES", "Announcer", "ModelStore", "VersionInfo", "atomic_write",
+           "fsync_dir", "open_store", "sha256_file"]
+
 ROLES = ("current", "gold")
 BOOTSTRAP_VERSION = "bootstrap"
-CHUNK = 1 << 20
 
 Announcer = Callable[[dict[str, Any]], None]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
 class VersionInfo:
     version: str
-    path: Path
+    path: Path  # in the store (directory store) or in this machine's cache (S3); files exist after checkout
     manifest: dict[str, Any]
 
     @property
@@ -75,12 +61,17 @@ class VersionInfo:
         return self.manifest.get("metrics", {})
 
 
+def open_store(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+               endpoint_url: str | None = None) -> ModelStore:
+    """The model store at ``location``: a directory, or ``s3://bucket/prefix`` with a local ``cache_dir``."""
+    return ModelStore(open_backend(location, cache_dir, endpoint_url))
+
+
 class ModelStore:
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        self.versions_dir = self.root / "versions"
-        self.roles_dir = self.root / "roles"
-        self.tmp_dir = self.root / ".tmp"
+    def __init__(self, root: str | os.PathLike | StoreBackend) -> None:
+        """A store on ``root``: a directory, or a backend (``open_store`` makes one from a URL)."""
+        self.backend: StoreBackend = LocalBackend(root) if isinstance(root, (str, os.PathLike)) else root
+        self.location = self.backend.location
 
     # ------------------------------------------------------------------ publish
     def publish(self, src: str | os.PathLike, role: str, parent: str | None = None,
@@ -91,67 +82,74 @@ class ModelStore:
         src = Path(src)
         if not (src / "config.json").exists():
             raise RegistryError(f"{src} is not a model directory (no config.json)")
-        for d in (self.versions_dir, self.roles_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True)
         version = f"{role}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        staging = self.tmp_dir / version
-        shutil.copytree(src, staging, ignore=shutil.ignore_patterns(MANIFEST, ".*"))
-        files = {}
-        for f in sorted(p for p in staging.rglob("*") if p.is_file()):
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-            files[str(f.relative_to(staging))] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-        if metrics is None and (staging / "metrics.json").exists():
-            metrics = json.loads((staging / "metrics.json").read_text())
-        manifest = {
-            "version": version, "role": role, "parent": parent, "created_at": time.time(),
-            "files": files, "lineage": lineage or {}, "metrics": _headline(metrics or {}),
-        }
-        _atomic_write(staging / MANIFEST, json.dumps(manifest, indent=2))
-        fsync_dir(staging)
-        os.rename(staging, self.versions_dir / version)  # atomic: the version appears whole or not at all
-        fsync_dir(self.versions_dir)
-        info = VersionInfo(version, self.versions_dir / version, manifest)
+        if metrics is None and (src / "metrics.json").exists():
+            metrics = json.loads((src / "metrics.json").read_text())
+        made: dict[str, Any] = {}
+
+        def make_manifest(directory: Path, files: list[str]) -> bytes:
+            made.update({
+                "version": version, "role": role, "parent": parent, "created_at": time.time(),
+                "files": {rel: {"sha256": sha256_file(directory / rel), "bytes": (directory / rel).stat().st_size}
+                          for rel in files},
+                "lineage": lineage or {}, "metrics": _headline(metrics or {}),
+            })
+            return json.dumps(made, indent=2).encode()
+
+        self.backend.publish_version(version, src, make_manifest)
+        info = VersionInfo(version, self._path(version), made)
         if promote:
             self.promote(version, role, announce=announce, reason=reason or "published")
         return info
 
     # ------------------------------------------------------------------ read
     def list(self) -> list[VersionInfo]:
-        if not self.versions_dir.exists():
-            return []
-        out = []
-        for d in sorted(self.versions_dir.iterdir()):
-            mf = d / MANIFEST
-            if d.is_dir() and mf.exists():
-                out.append(VersionInfo(d.name, d, json.loads(mf.read_text())))
+        out = [self.get(name) for name in self.backend.version_names()]
         return sorted(out, key=lambda v: v.manifest.get("created_at", 0))
 
+    def _manifest_bytes(self, version: str) -> bytes:
+        data = self.backend.read(f"versions/{version}/{MANIFEST}") if _plain_name(version) else None
+        if data is None:
+            known = ", ".join(self.backend.version_names()) or "none"
+            raise UnknownVersionError(f"no model version {version!r} in {self.location} (known: {known})")
+        return data
+
     def get(self, version: str) -> VersionInfo:
-        mf = self.versions_dir / version / MANIFEST
-        if not mf.exists():
-            known = ", ".join(v.version for v in self.list()) or "none"
-            raise RegistryError(f"no model version {version!r} in {self.root} (known: {known})")
-        return VersionInfo(version, mf.parent, json.loads(mf.read_text()))
+        return VersionInfo(version, self._path(version), json.loads(self._manifest_bytes(version)))
+
+    def checkout(self, version: str, manifest_sha256: str | None = None) -> Path:
+        """A directory on this machine with the version's files, every one checked against the manifest.
+
+        With ``manifest_sha256`` (an announcement's) the manifest must match it before anything is
+        fetched. A local copy that no longer verifies is dropped and fetched once more.
+        """
+        manifest = self._manifest_bytes(version)
+        if manifest_sha256 is not None and hashlib.sha256(manifest).hexdigest() != manifest_sha256:
+            raise CorruptArtifactError(f"the manifest of {version} in {self.location} does not match the announced "
+                                       "sha256; re-announce the version from the store")
+        files = json.loads(manifest)["files"]
+        while True:
+            path, fresh = self.backend.local_dir(version, manifest)
+            try:
+                verify_dir(path, version, files)
+                return path
+            except CorruptArtifactError:
+                self.backend.discard(version)
+                if fresh:
+                    raise
 
     def verify(self, version: str) -> VersionInfo:
         """Check every file against the manifest; raise CorruptArtifactError on any difference."""
-        info = self.get(version)
-        for rel, meta in info.manifest["files"].items():
-            f = info.path / rel
-            if not f.exists():
-                raise CorruptArtifactError(f"{version}: {rel} is missing; re-publish the version")
-            if sha256_file(f) != meta["sha256"]:
-                raise CorruptArtifactError(f"{version}: {rel} does not match its sha256 in the manifest; the file is corrupt")
-        return info
+        self.checkout(version)
+        return self.get(version)
 
     def manifest_sha256(self, version: str) -> str:
-        return sha256_file(self.get(version).path / MANIFEST)
+        return hashlib.sha256(self._manifest_bytes(version)).hexdigest()
 
     def history(self, role: str) -> list[str]:
         self._check_role(role)
-        f = self.roles_dir / f"{role}.json"
-        return json.loads(f.read_text())["history"] if f.exists() else []
+        data = self.backend.read(_role_key(role))
+        return json.loads(data)["history"] if data else []
 
     def serving(self, role: str) -> str | None:
         hist = self.history(role)
@@ -161,26 +159,54 @@ class ModelStore:
     def promote(self, version: str, role: str, announce: Announcer | None = None, reason: str = "promoted") -> dict[str, Any]:
         self._check_role(role)
         self.verify(version)
-        self.roles_dir.mkdir(parents=True, exist_ok=True)
-        hist = [v for v in self.history(role) if v != version] + [version]
-        _atomic_write(self.roles_dir / f"{role}.json", json.dumps({"history": hist}))
+        self._change_history(role, lambda hist: [v for v in hist if v != version] + [version])
         return self._announce(version, role, "promote", reason, announce)
 
     def rollback(self, role: str, announce: Announcer | None = None, reason: str = "rollback") -> dict[str, Any]:
         """Serve the previous version of ``role`` again (the bad one is dropped from the history)."""
+        self._check_role(role)
         hist = self.history(role)
-        if len(hist) < 2:
-            raise RegistryError(f"role {role!r} has {len(hist)} version(s) in its history; nothing to roll back to")
-        previous = hist[-2]
-        self.verify(previous)
-        _atomic_write(self.roles_dir / f"{role}.json", json.dumps({"history": hist[:-1]}))
+        if len(hist) >= 2:
+            self.verify(hist[-2])  # before the change: a corrupt predecessor must not become the serving one
+
+        def drop_last(current: list[str]) -> list[str]:
+            if len(current) < 2:
+                raise RegistryError(f"role {role!r} has {len(current)} version(s) in its history; nothing to roll "
+                                    "back to")
+            return current[:-1]
+
+        previous = self._change_history(role, drop_last)[-1]
+        if previous != (hist[-2] if len(hist) >= 2 else None):
+            self.verify(previous)  # another writer changed the history meanwhile
         return self._announce(previous, role, "rollback", reason, announce)
 
+    def _change_history(self, role: str, change: Callable[[list[str]], list[str]]) -> list[str]:
+        """Apply ``change`` to the role's history without losing a concurrent writer's change; the new history.
+
+        Each change carries an id: when a conditional write whose answer was lost is retried, the
+        change that already landed is recognised instead of being applied twice (a rollback would
+        otherwise drop two versions).
+        """
+        op = uuid.uuid4().hex
+
+        def apply(current: bytes | None) -> bytes:
+            state = json.loads(current) if current else {"history": [], "generation": 0}
+            if state.get("op") == op:
+                return current  # our own write landed already
+            return json.dumps({"history": change(list(state["history"])),
+                               "generation": state.get("generation", 0) + 1, "op": op}).encode()
+
+        return json.loads(self.backend.update(_role_key(role), apply))["history"]
+
     def version_record(self, version: str, role: str, action: str, reason: str) -> dict[str, Any]:
-        """The ModelVersion record (schemas/avsc/ModelVersion.avsc) announcing ``version``."""
+        """The ModelVersion record (schemas/avsc/ModelVersion.avsc) announcing ``version``.
+
+        ``path`` says where the version is for people reading the topic; workers resolve the version
+        name in their own store and never use it.
+        """
         info = self.get(version)
         return {
-            "role": role, "version": version, "path": str(info.path.resolve()), "parent": info.manifest.get("parent"),
+            "role": role, "version": version, "path": self.backend.url(version), "parent": info.manifest.get("parent"),
             "manifest_sha256": self.manifest_sha256(version),
             "metrics": {k: float(v) for k, v in info.metrics.items() if isinstance(v, (int, float))},
             "action": action, "reason": reason, "announced_at": int(time.time() * 1000),
@@ -192,10 +218,22 @@ class ModelStore:
             announce(record)
         return record
 
+    def _path(self, version: str) -> Path:
+        return self.backend.local_path(version)
+
     @staticmethod
     def _check_role(role: str) -> None:
         if role not in ROLES:
             raise RegistryError(f"role {role!r} is not one of {', '.join(ROLES)}")
+
+
+def _role_key(role: str) -> str:
+    return f"roles/{role}.json"
+
+
+def _plain_name(version: str) -> bool:
+    """A name that stays one path segment (never joined into a key or path otherwise)."""
+    return bool(version) and "/" not in version and "\\" not in version and version not in (".", "..")
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ fully loaded model, and a failed load leaves the old model serving.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -25,9 +26,10 @@ import numpy as np
 from streams.exceptions import ConfigError, ModelRefusedError, UntrustedModelPathError
 from streams.runtime import metrics
 from trainers.devices import cpu_dtype_refusal, resolve_device, resolve_dtype
-from trainers.exceptions import DeviceError
+from trainers.exceptions import CorruptArtifactError, DeviceError, UnknownVersionError
 from trainers.model import ONNX_FP32, ONNX_INT8, RewardModel, sigmoid
 from trainers.registry import BOOTSTRAP_VERSION, ROLES, ModelStore, sha256_file
+from trainers.storage import LocalBackend, verify_dir
 
 log = logging.getLogger(__name__)
 
@@ -116,28 +118,49 @@ class ModelSlot:
 VERSION_NAME = re.compile(rf"(?:{'|'.join(ROLES)})-\d{{8}}-\d{{6}}-[0-9a-f]{{6}}")
 
 
-def trusted_version_dir(record: dict, models_dir: str | os.PathLike) -> Path:
-    """The directory of the announced version inside the worker's own models store, or UntrustedModelPathError.
+def announced_version(record: dict) -> str:
+    """The announced version name, or UntrustedModelPathError when it is not a name the store makes.
 
-    models.versions is a topic anyone with write access can append to; a worker that loaded whatever
-    path a record names would load whatever files sit there, from any directory on the host. So the
-    version name must be one the store makes, the announced path must be that version's directory in
-    ``models_dir``, and the directory must still be there after symlinks are resolved.
+    models.versions is a topic anyone with write access can append to: only the version name of a
+    record is used, resolved in the worker's own store; the record's path is never opened.
     """
-    version, announced = str(record.get("version", "")), str(record.get("path", ""))
-    shown = f"version {version[:80]!r} at {announced[:200]!r}"
+    version = str(record.get("version", ""))
     if not VERSION_NAME.fullmatch(version):
-        raise UntrustedModelPathError(f"{shown}: the version name is not one the model store makes "
+        raise UntrustedModelPathError(f"version {version[:80]!r}: the version name is not one the model store makes "
                                       "(<role>-<date>-<time>-<6 hex>); publish with `prefstream` tools")
-    root = Path(models_dir).resolve()
-    expected = root / "versions" / version
-    if not announced or Path(announced).resolve() != expected.resolve():
-        raise UntrustedModelPathError(f"{shown}: the path is not {expected}, the version's directory in this "
-                                      "worker's models store; mount the store at the same path (PREFSTREAM_MODELS_DIR)")
-    if not expected.resolve().is_relative_to(root):
-        raise UntrustedModelPathError(f"{shown}: {expected} is a link out of the models store {root}; "
-                                      "re-publish the version into the store")
-    return expected
+    return version
+
+
+def trusted_version_dir(record: dict, models_dir: str | os.PathLike) -> Path:
+    """The announced version's directory inside the directory store ``models_dir``, or UntrustedModelPathError.
+
+    The announced path is ignored: the version name is looked up in ``models_dir``, and its directory
+    must be there, and still inside the store after symlinks are resolved.
+    """
+    version = announced_version(record)
+    try:
+        return LocalBackend(models_dir).version_path(version)
+    except UnknownVersionError as exc:
+        raise UntrustedModelPathError(f"{exc}; publish the version into this worker's store "
+                                      "(PREFSTREAM_MODELS_DIR)") from exc
+
+
+def resolve_announced(record: dict, store: ModelStore) -> Path:
+    """The announced version, from the worker's own ``store``, on this machine and verified.
+
+    The manifest must match the announced sha256 and every file the manifest (a download into the
+    worker's cache for an S3 store). A name the store does not hold raises UntrustedModelPathError;
+    a mismatch ModelRefusedError.
+    """
+    version = announced_version(record)
+    try:
+        return store.checkout(version, manifest_sha256=str(record.get("manifest_sha256", "")))
+    except UnknownVersionError as exc:
+        raise UntrustedModelPathError(f"{exc}; the announcement names a version this worker's store does not hold: "
+                                      "publish into the store the workers read (PREFSTREAM_MODELS_URL or "
+                                      "PREFSTREAM_MODELS_DIR)") from exc
+    except CorruptArtifactError as exc:
+        raise ModelRefusedError(f"{exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -166,28 +189,32 @@ def placement(device: str, dtype: str, token_budget: int | None = None) -> Place
 
 def load_announced(record: dict, backend: str = "auto", max_length: int | None = None,
                    threads: int | None = None, models_dir: str | os.PathLike | None = None,
-                   where: Placement = Placement()) -> RewardModel:
-    """Verify a ModelVersion record against the store on disk, then load it.
+                   where: Placement = Placement(), store: ModelStore | None = None) -> RewardModel:
+    """Verify a ModelVersion record against the model store, then load it.
 
-    With ``models_dir`` (the worker always gives it) only a version inside that store is loaded;
-    a refused announcement is counted in prefstream_model_announcements_refused_total.
+    With ``store`` (the worker always gives it), or a directory store ``models_dir``, only the
+    announced version name is used, resolved and verified in that store (resolve_announced); a
+    refused announcement is counted in prefstream_model_announcements_refused_total. Without
+    either, the record's path is trusted (tools loading what they published themselves).
     On a GPU (``where``) the version serves with torch in ``where.dtype``; on the CPU as below.
     """
-    if models_dir is not None:
+    if store is None and models_dir is not None:
+        store = ModelStore(models_dir)
+    if store is not None:
         try:
-            path = trusted_version_dir(record, models_dir)
+            path = resolve_announced(record, store)
         except UntrustedModelPathError:
             metrics.ANNOUNCEMENTS_REFUSED.labels(str(record.get("role", ""))[:20]).inc()
             raise
     else:
         path = Path(record["path"])
-    manifest = path / "manifest.json"
-    if not manifest.exists():
-        raise ModelRefusedError(f"{manifest} does not exist (is the model store mounted at the same path?)")
-    if sha256_file(manifest) != record["manifest_sha256"]:
-        raise ModelRefusedError(f"manifest of {record['version']} does not match the announced sha256; "
-                                "re-announce the version from the store")
-    ModelStore(path.parent.parent).verify(record["version"])
+        manifest = path / "manifest.json"
+        if not manifest.exists():
+            raise ModelRefusedError(f"{manifest} does not exist; load versions through the model store")
+        if sha256_file(manifest) != record["manifest_sha256"]:
+            raise ModelRefusedError(f"manifest of {record['version']} does not match the announced sha256; "
+                                    "re-announce the version from the store")
+        verify_dir(path, record["version"], json.loads(manifest.read_text())["files"])
     onnx_file = next((f for f in (ONNX_INT8, ONNX_FP32) if (path / f).exists()), None)
     # auto on the CPU: INT8 ONNX when its export check passed, else the fp32 ONNX (faster than torch on
     # CPU), else torch. On a GPU: torch (the ONNX sessions here run on the CPU only).
