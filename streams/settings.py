@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trainers.devices import DEFAULT_TOKEN_BUDGET
+
+if TYPE_CHECKING:
+    from trainers.registry import ModelStore
 
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_REDIS_PORT = 6379
@@ -51,7 +54,19 @@ class Settings(BaseSettings):
     object_store_port: int = Field(8333, ge=1, le=55532, description=(
         "S3 port of the embedded object store (durable stack); it also uses the three ports after it and each "
         "of the four + 10000."))
-    models_dir: Path = Field(Path(".prefstream/models"), description="Model store (a PVC in Kubernetes).")
+    models_dir: Path = Field(Path(".prefstream/models"), description=(
+        "Model store directory (a ReadWriteMany volume in Kubernetes), unless PREFSTREAM_MODELS_URL is set; the "
+        "controller keeps its state and decision log here either way."))
+    models_url: str | None = Field(None, description=(
+        "Model store in object storage, s3://bucket/prefix, instead of PREFSTREAM_MODELS_DIR: retrain jobs upload "
+        "versions there and each worker downloads the announced version into PREFSTREAM_MODELS_CACHE_DIR. "
+        "Credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the endpoint from PREFSTREAM_S3_ENDPOINT "
+        "or AWS_ENDPOINT_URL."))
+    models_cache_dir: Path | None = Field(None, description=(
+        "Where versions from PREFSTREAM_MODELS_URL are downloaded and verified; default PREFSTREAM_HOME/model-cache."))
+    s3_endpoint: str | None = Field(None, description=(
+        "S3 endpoint of an S3-compatible store (SeaweedFS, MinIO, Ceph), e.g. http://seaweedfs:8333; unset: "
+        "AWS_ENDPOINT_URL, else AWS S3."))
     shards_dir: Path = Field(Path(".prefstream/shards"), description="Training shards written by the stream.")
     security_protocol: str = Field("PLAINTEXT", description="Kafka security.protocol (PLAINTEXT, SASL_SSL, ...).")
     sasl_mechanism: str | None = Field(None, description="Kafka sasl.mechanism, e.g. SCRAM-SHA-512.")
@@ -61,6 +76,13 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         """The physical topic name for a logical one (e.g. 'prefs.raw')."""
         return f"{self.topic_prefix}{name}"
+
+    def model_store(self) -> ModelStore:
+        """The model store these settings name: PREFSTREAM_MODELS_URL when set, else PREFSTREAM_MODELS_DIR."""
+        from trainers.registry import open_store
+
+        return open_store(self.models_url or self.models_dir, self.models_cache_dir or self.home / "model-cache",
+                          self.s3_endpoint)
 
 
 @lru_cache(maxsize=1)
@@ -84,6 +106,12 @@ def child_env(settings: Settings, base: dict[str, str] | None = None) -> dict[st
         "PREFSTREAM_DURABLE": str(settings.durable).lower(),
         "PREFSTREAM_OBJECT_STORE_PORT": str(settings.object_store_port),
     })
+    for name, value in (("PREFSTREAM_MODELS_URL", settings.models_url), ("PREFSTREAM_S3_ENDPOINT", settings.s3_endpoint),
+                        ("PREFSTREAM_MODELS_CACHE_DIR", settings.models_cache_dir)):
+        if value:
+            env[name] = str(value)
+        else:
+            env.pop(name, None)
     if settings.schema_registry_url:
         env["SCHEMA_REGISTRY_URL"] = settings.schema_registry_url
     else:

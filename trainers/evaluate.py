@@ -178,11 +178,13 @@ def evaluate_versions(models_dir: str | Path, holdout: list[dict], max_length: i
     torch.manual_seed(0)  # the bootstrap's random head, as the worker builds it
     out = [{"version": "bootstrap", "role": "current", "parent": None, "published_at": None} |
            holdout_accuracy(RewardModel.default(max_length=max_length), pairs)]
-    for info in ModelStore(models_dir).list():
+    store = ModelStore(models_dir)
+    for info in store.list():
         if info.role != "current":
             continue  # the gold model is Stage 1's weights again (see run_seed); the report follows current
-        backend = "onnx" if (info.path / ONNX_INT8).exists() else "torch"
-        rm = RewardModel.load(info.path, backend=backend, max_length=max_length)
+        path = store.checkout(info.version)
+        backend = "onnx" if (path / ONNX_INT8).exists() else "torch"
+        rm = RewardModel.load(path, backend=backend, max_length=max_length)
         out.append({"version": info.version, "role": info.role, "parent": info.manifest.get("parent"),
                     "published_at": info.manifest.get("created_at"), "backend": backend,
                     "lineage": {k: v for k, v in info.manifest.get("lineage", {}).items() if k != "shards"}}

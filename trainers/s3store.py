@@ -140,7 +140,17 @@ class S3Backend:
     # ------------------------------------------------------------------ StoreBackend
     def check(self) -> None:
         """Fail now, with the fix, when the bucket cannot be reached (a service calls it at start)."""
-        self._call(f"reaching {self.location}", lambda: self.client.head_bucket(Bucket=self.bucket))
+        from botocore.exceptions import ClientError
+
+        def head() -> None:
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if self._status(exc) == 404:  # HEAD answers have no body: name the code the message needs
+                    exc.response.setdefault("Error", {})["Code"] = "NoSuchBucket"
+                raise
+
+        self._call(f"reaching {self.location}", head)
 
     def read(self, key: str) -> bytes | None:
         got = self._get(key)

@@ -15,14 +15,17 @@ from streams.settings import get_settings
 
 
 @click.group("models")
-@click.option("--store", type=click.Path(path_type=Path), default=None,
-              help="Model store directory (default: PREFSTREAM_MODELS_DIR).")
+@click.option("--store", default=None,
+              help="Model store: a directory or s3://bucket/prefix (default: PREFSTREAM_MODELS_URL, else "
+                   "PREFSTREAM_MODELS_DIR).")
 @click.pass_context
-def models(ctx: click.Context, store: Path | None) -> None:
+def models(ctx: click.Context, store: str | None) -> None:
     """List, inspect, publish, promote and roll back model versions in the model store."""
-    from trainers.registry import ModelStore
+    from trainers.registry import open_store
 
-    ctx.obj = ModelStore(store or get_settings().models_dir)
+    settings = get_settings()
+    ctx.obj = (open_store(store, settings.models_cache_dir or settings.home / "model-cache", settings.s3_endpoint)
+               if store else settings.model_store())
 
 
 def announcer(enabled: bool) -> Any:

@@ -87,15 +87,13 @@ def retrain_state(decisions_file: Path) -> dict[str, str]:
 
 
 def collect(settings: Settings, worker_metrics: list[str], review_url: str = "", redis_client: Any = None) -> Snapshot:
-    from trainers.registry import ModelStore
-
     snap = Snapshot(workers=len(worker_metrics), review_url=review_url)
     for url in worker_metrics:
         m = scrape(url)
         if m is not None:
             snap.workers_up += 1
             _add_worker(snap, m, settings.topic_prefix)
-    store = ModelStore(settings.models_dir)
+    store = settings.model_store()
     for role in ("current", "gold"):
         v = store.serving(role)
         if v:

@@ -100,7 +100,7 @@ def _rate(values: deque, last: int) -> float | None:
 class Controller:
     def __init__(self, settings: Settings, csettings: ControllerSettings, runner: Any = None, announce: Any = None) -> None:
         self.settings, self.csettings = settings, csettings
-        self.store = ModelStore(settings.models_dir)
+        self.store: ModelStore = settings.model_store()
         self.shards = Path(settings.shards_dir)
         self.state_file = Path(settings.models_dir) / "controller-state.json"
         self.decisions_file = Path(settings.models_dir) / "controller-decisions.jsonl"

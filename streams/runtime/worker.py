@@ -155,9 +155,10 @@ def next_batch(consumer: Consumer, max_batch: int, max_wait_s: float, idle_s: fl
 
 def build_scorer(settings: Settings, wsettings: WorkerSettings, where: Placement) -> tuple[Scorer, dict[str, ModelSlot]]:
     """The scorer's two slots, loading new versions on ``where``'s device."""
-    # Only versions inside this worker's own models store are loaded (see trusted_version_dir).
-    loader = lambda rec: load_announced(rec, threads=wsettings.threads or None, models_dir=settings.models_dir,  # noqa: E731
-                                        where=where)
+    # An announced version is resolved by name in this worker's own model store (see resolve_announced).
+    store = settings.model_store()
+    store.check()  # an unreachable bucket or refused credentials stop the worker at start, with the fix
+    loader = lambda rec: load_announced(rec, threads=wsettings.threads or None, store=store, where=where)  # noqa: E731
     current, gold = ModelSlot("current", loader), ModelSlot("gold", loader)
     return Scorer(current, gold), {"current": current, "gold": gold}
 
