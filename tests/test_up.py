@@ -19,11 +19,11 @@ pytestmark = pytest.mark.integration
 
 
 class Up:
-    def __init__(self, settings: Settings, review_port: int, log) -> None:
+    def __init__(self, settings: Settings, review_port: int, log, *args: str) -> None:
         env = child_env(settings) | {"PREFSTREAM_WORKER_SHARD_MAX_AGE_S": "1"}
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "up", "--plain", "--refresh", "1",
-                                      "--review-port", str(review_port)], env=env, cwd=ROOT,
+                                      "--review-port", str(review_port), *args], env=env, cwd=ROOT,
                                      stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
     def wait_for(self, pattern: str, timeout: float = 240) -> re.Match:
@@ -49,8 +49,9 @@ def _produce(settings: Settings, pairs: list[dict]) -> None:
             producer.send(p)
 
 
-def _run_once(settings: Settings, log, pairs: list[dict], expect_scored: int) -> Up:
-    up = Up(settings, free_port(), log)
+def _run_once(settings: Settings, log, pairs: list[dict], expect_scored: int, *args: str) -> Up:
+    """One `up ARGS` until it has scored ``expect_scored`` pairs, then Ctrl-C."""
+    up = Up(settings, free_port(), log, *args)
     try:
         up.wait_for(r"up in \d+ s · review app http://127\.0\.0\.1:\d+")
         up.wait_for(r"status workers=1/1 ")

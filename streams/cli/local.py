@@ -50,6 +50,11 @@ def generate_cmd(n: int, seed: int, flip_share: float, style_trap_share: float, 
         click.echo(f"wrote {n} pairs to {out}", err=True)
 
 
+DURABLE_HELP = (
+    "Keep the embedded broker's topics, records and committed offsets in an embedded S3 object store (as "
+    "`prefstream stack up --durable`; PREFSTREAM_DURABLE=true). A home started durable stays durable.")
+
+
 @click.command("up")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Worker processes (they share the partitions of prefs.raw).")
@@ -58,7 +63,8 @@ def generate_cmd(n: int, seed: int, flip_share: float, style_trap_share: float, 
 @click.option("--refresh", type=float, default=1.0, show_default=True, help="Seconds between status updates.")
 @click.option("--plain", is_flag=True, help="One status line per update instead of the live view "
                                             "(the default when the output is not a terminal).")
-def up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool) -> None:
+@click.option("--durable", is_flag=True, help=DURABLE_HELP + " The next `up` resumes where this one stopped.")
+def up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool, durable: bool) -> None:
     """Run everything in the foreground with a live status; Ctrl-C stops it all cleanly.
 
     Publish pairs meanwhile with `prefstream produce FILE` (or `prefstream generate | prefstream
@@ -67,7 +73,7 @@ def up(workers: int, review_port: int | None, no_controller: bool, refresh: floa
     """
     from streams.local.up import run_up
 
-    run_up(workers, review_port, no_controller, refresh, plain)
+    run_up(workers, review_port, no_controller, refresh, plain, durable)
 
 
 @click.command()
@@ -98,6 +104,7 @@ def up(workers: int, review_port: int | None, no_controller: bool, refresh: floa
 @click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=1), default=DemoConfig.time_limit_s,
               show_default=True, help="Seconds before the demo stops waiting for retrains.")
 @click.option("--seed", type=int, default=DemoConfig.seed, show_default=True, help="Seed of the generated data.")
+@click.option("--durable", is_flag=True, help=DURABLE_HELP)
 def demo(out_dir: Path, **kw: Any) -> None:
     """Run the whole system on this machine and write a report (what `make demo` runs).
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streams.embedded import binaries
-from streams.embedded.process import ServerProcess, free_port, port_is_free
+from streams.embedded.process import ServerProcess, free_port, port_frees
 from streams.embedded.s3 import S3Client, S3Credentials
 from streams.exceptions import ObjectStoreError, PortInUseError
 
@@ -198,7 +198,7 @@ class ObjectStore:
         endpoint = self.endpoint()
         if self.process.pid() is None:
             taken = [f"{name} {port}" for name, port in self.ports.all().items()
-                     if name != "s3" and not port_is_free(self.host, port)]
+                     if name != "s3" and not port_frees(self.host, port)]
             if taken:
                 raise PortInUseError(
                     f"objectstore: port(s) {', '.join(taken)} on {self.host} are in use by another process. The "

@@ -23,6 +23,9 @@ from streams.exceptions import PortInUseError, StackError
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 15
+# A killed multi-threaded server (Tansu, weed) shows as gone (a zombie) while its other threads still
+# hold its sockets for a moment; a restart waits this long for its ports before calling them taken.
+PORT_RELEASE_S = 5.0
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -32,6 +35,16 @@ def port_is_free(host: str, port: int) -> bool:
             sock.bind((host, port))
         except OSError:
             return False
+    return True
+
+
+def port_frees(host: str, port: int, within_s: float = PORT_RELEASE_S) -> bool:
+    """Whether ``port`` is free now or becomes free within ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
+    while not port_is_free(host, port):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
     return True
 
 
@@ -90,6 +103,11 @@ class ServerProcess:
             return None
         return pid
 
+    def command_line(self) -> str:
+        """The running server's command line ('' when it does not run)."""
+        pid = self.pid()
+        return _cmdline(pid) if pid is not None else ""
+
     def log_tail(self) -> str:
         try:
             lines = self.log_file.read_text(errors="replace").splitlines()
@@ -101,7 +119,7 @@ class ServerProcess:
         """Start the server unless ours already runs; wait until ``ready()``. Returns the pid."""
         if (pid := self.pid()) is not None:
             return pid
-        if not port_is_free(self.host, self.port):
+        if not port_frees(self.host, self.port):
             raise PortInUseError(
                 f"{self.name}: port {self.port} on {self.host} is in use by another process. Stop that "
                 f"process (`ss -ltnp 'sport = :{self.port}'` shows it) or choose another port with "

@@ -69,6 +69,7 @@ class DemoConfig:
     time_limit_s: float = 900.0
     seed: int = 0
     hh_file: Path | None = None
+    durable: bool = False  # the embedded broker on the object store (Settings.durable)
 
 
 @dataclass
@@ -316,7 +317,7 @@ def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
     shutil.rmtree(root, ignore_errors=True)  # the previous run's state; its report stays in out_dir
     state = root / run_id
     state.mkdir(parents=True)
-    settings = _demo_settings(base, state, run_id)
+    settings = _demo_settings(base.model_copy(update={"durable": True}) if cfg.durable else base, state, run_id)
     run = DemoRun(cfg, settings)
     t_end = run.started + cfg.time_limit_s
 

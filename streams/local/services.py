@@ -6,6 +6,7 @@ they do around it differs (a live status view; a scripted run with a report).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ def redis_answers(settings: Settings) -> bool:
 def ensure_stack(settings: Settings) -> Stack | None:
     """Use the broker and Redis when both answer; else start the embedded ones (returned, to stop later)."""
     if broker_answers(settings) and redis_answers(settings):
+        if settings.durable:
+            with contextlib.suppress(ConfigError):  # a broker elsewhere is not ours to judge
+                Stack(settings).refuse_memory_broker()
         ensure_topics(settings)
         return None
     try:

@@ -3,8 +3,9 @@
 Starts the embedded stack (or uses the configured broker and Redis when they answer), the workers,
 the review app and the controller. Ctrl-C (or SIGTERM) stops them in reverse order and leaves no
 process behind. The next `up` resumes where this one stopped: the model store, shards, controller
-state and review queue are on disk; committed offsets and topics too when the broker outlives `up`
-(an external one, or `prefstream stack up` run first: the embedded broker keeps messages in memory).
+state and review queue are on disk; committed offsets and topics too when the embedded broker is
+durable (`up --durable`: its data is in the embedded object store) or outlives `up` (an external
+one, or `prefstream stack up` run first: without --durable the embedded broker keeps messages in memory).
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool) -> None:
+def run_up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool,
+           durable: bool = False) -> None:
     """Run everything in the foreground with a live status until Ctrl-C or SIGTERM (`prefstream up`)."""
     settings, rs = get_settings(), ReviewSettings()
+    if durable:
+        settings = settings.model_copy(update={"durable": True})
     tokens = rs.tokens.get_secret_value()
     if not tokens:
         token = secrets.token_urlsafe(16)
@@ -51,10 +55,14 @@ def run_up(workers: int, review_port: int | None, no_controller: bool, refresh: 
         t0 = time.monotonic()
         with console.status("starting the stack, workers, review app and controller ..."):
             dep.start()
-        if dep.stack is not None:
+        if dep.stack is not None and dep.stack.durable:
+            console.print("started the embedded broker, its object store and Redis; they stop with `up`. The broker "
+                          f"is durable (data in {dep.stack.object_store.data_dir}): the next `up` resumes where this "
+                          "one stopped.")
+        elif dep.stack is not None:
             console.print("started the embedded broker and Redis; they stop with `up`. The embedded broker keeps "
                           "messages in memory, so topics start empty next time (models, shards and the review queue "
-                          "stay). Run `prefstream stack up` first to keep the broker between runs.")
+                          "stay). Use `up --durable`, or run `prefstream stack up` first, to keep them between runs.")
         else:
             console.print(f"using the running broker at {settings.bootstrap} and Redis (left running at exit)")
         console.print(f"up in {time.monotonic() - t0:.0f} s · review app {dep.review_url} · logs {dep.log_dir} · "
