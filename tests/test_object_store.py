@@ -239,3 +239,39 @@ def test_racing_writers_never_lose_a_role_update(backend, request, tmp_path):
         t.join()
     assert not errors, errors
     assert stores[1].history("gold") == history[: len(history) - WRITERS * (ROUNDS // 5)]
+
+
+@pytest.mark.integration
+def test_a_worker_on_the_s3_store_scores_with_the_version_a_controller_published(settings, s3_env, bucket, tmp_path):
+    """Worker and publisher share no directory: the worker has only PREFSTREAM_MODELS_URL and its own cache."""
+    import time
+
+    from streams.kafka.announce import Announcer
+    from streams.sdk import PreferenceProducer
+    from tests.helpers import WorkerProcess, wait_for_scored
+    from trainers.model import RewardModel
+
+    url = f"s3://{bucket}/prefstream/models"
+    worker_settings = settings.model_copy(update={"models_url": url, "s3_endpoint": s3_env.endpoint_url,
+                                                  "models_dir": tmp_path / "worker-models",
+                                                  "models_cache_dir": tmp_path / "worker-cache"})
+    controller = open_store(url, tmp_path / "controller-cache", s3_env.endpoint_url)
+    model_dir = RewardModel.default(max_length=64, seed=5).save(tmp_path / "candidate")
+    worker = WorkerProcess(worker_settings, extra_env=s3_env.aws_env()).start()
+    try:
+        v1 = controller.publish(model_dir, "current", announce=Announcer(settings))
+        deadline = time.monotonic() + 180
+        while 'prefstream_model_swaps_total{role="current"} 1.0' not in worker.metrics():
+            assert time.monotonic() < deadline, f"the worker never swapped to {v1.version}:\n{worker.log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        pairs = [{"pair_id": f"s3-{i}", "prompt": f"Name a colour {i}.", "chosen": "Blue.", "rejected": "No."}
+                 for i in range(20)]
+        with PreferenceProducer(settings) as producer:
+            for p in pairs:
+                producer.send(p)
+        records = wait_for_scored(settings, {p["pair_id"] for p in pairs}, timeout=180)
+        assert {r["model_version"] for r in records if r["pair"]["pair_id"].startswith("s3-")} == {v1.version}
+        assert (tmp_path / "worker-cache" / v1.version / "model.safetensors").is_file()
+        assert not (tmp_path / "worker-models" / "versions").exists(), "the worker read no model directory"
+    finally:
+        assert worker.stop() == 0
