@@ -32,7 +32,7 @@ import numpy as np
 
 from trainers.data import read_jsonl, shard_pair, split_holdout
 from trainers.exceptions import ExportError, TrainerError
-from trainers.registry import Announcer, ModelStore
+from trainers.registry import Announcer, ModelStore, open_store
 from trainers.shards import iter_records, load_manifest, tp_key
 
 CURRENT_SPLITS = ("gold", "silver", "flipped", "verified_by_tool")
@@ -52,7 +52,13 @@ class RetrainConfig:
     role: str = _help("current (the served RM) or gold (the consistency-filter RM).", default="current")
     shards_dir: str | None = _help("Root of the training shards (shards/<split>/*.avro); the CLI's default is "
                                    "PREFSTREAM_SHARDS_DIR.", default=None)
-    models_dir: str | None = _help("Model store root; the CLI's default is PREFSTREAM_MODELS_DIR.", default=None)
+    models_dir: str | None = _help("Model store: a directory or s3://bucket/prefix; the CLI's default is "
+                                   "PREFSTREAM_MODELS_URL, else PREFSTREAM_MODELS_DIR.", default=None)
+    models_cache_dir: str | None = _help("Where versions of an s3:// model store are downloaded and verified; the "
+                                         "CLI's default is PREFSTREAM_MODELS_CACHE_DIR or PREFSTREAM_HOME/model-cache.",
+                                         default=None)
+    s3_endpoint: str | None = _help("S3 endpoint of an S3-compatible store; the CLI's default is "
+                                    "PREFSTREAM_S3_ENDPOINT, else AWS_ENDPOINT_URL.", default=None)
     seed_file: str | None = _help("JSONL of verified pairs: train the first current and gold versions from it.",
                                   default=None)
     regression_file: str | None = _help("Fixed regression set (JSONL) evaluated with the gold holdout.", default=None)
@@ -190,8 +196,7 @@ def _serving_model(store: ModelStore, role: str, max_length: int) -> tuple[Any, 
 
         torch.manual_seed(0)
         return RewardModel.default(max_length=max_length), "bootstrap"
-    store.verify(version)
-    return RewardModel.load(store.get(version).path, max_length=max_length), version
+    return RewardModel.load(store.checkout(version), max_length=max_length), version
 
 
 def _export_checked(model_dir: Path, pairs: list[dict], quantize: bool) -> str:
@@ -221,7 +226,7 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
         seconds[name] = round(now - clock["t"], 1)
         clock["t"] = now
 
-    store = ModelStore(cfg.models_dir)
+    store = open_store(cfg.models_dir, cfg.models_cache_dir, cfg.s3_endpoint)
     if pairs is None:
         pairs, holdout, lineage = collect(cfg, store)
     holdout, lineage = holdout or [], lineage or {}
@@ -238,7 +243,7 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
         pairs, holdout = split_holdout(pairs, cfg.eval_fraction, cfg.seed)
         eval_set_name = "held-out slice of this job's data (no gold holdout yet)"
     serving_rm, serving_version = _serving_model(store, cfg.role, cfg.max_length)
-    base = "default" if serving_version == "bootstrap" else str(store.get(serving_version).path)
+    base = "default" if serving_version == "bootstrap" else str(store.checkout(serving_version))
     lap("collect")
     with tempfile.TemporaryDirectory(prefix="prefstream-retrain-") as tmp:
         tcfg = TrainConfig(output_dir=str(Path(tmp) / "model"), base_model=base, max_steps=cfg.max_steps,
@@ -282,13 +287,13 @@ def run_seed(cfg: RetrainConfig, announce: Announcer | None = None) -> list[Retr
                        lineage=lineage)
     if gold.decision != "published":
         return [gold, RetrainResult("current", gold.decision, f"not published: the gold model was not ({gold.reason})")]
-    store = ModelStore(cfg.models_dir)
+    store = open_store(cfg.models_dir, cfg.models_cache_dir, cfg.s3_endpoint)
     if store.serving("current") is not None:
         # Re-running Stage 1 with a current model in place would replace it unchecked: gate as usual.
         return [gold, run_retrain(RetrainConfig(**(asdict(cfg) | {"role": "current"})), announce, pairs=list(seed_pairs),
                                   holdout=[], lineage=lineage)]
     src = store.get(gold.version)
-    info = store.publish(src.path, "current", parent=None, lineage=lineage, metrics=src.metrics, announce=announce,
+    info = store.publish(store.checkout(gold.version), "current", parent=None, lineage=lineage, metrics=src.metrics, announce=announce,
                          reason=gold.reason)
     current = RetrainResult("current", "published", gold.reason, version=info.version, candidate=gold.candidate,
                             serving=gold.serving, lineage=lineage)

@@ -194,7 +194,10 @@ def _retrain_command() -> click.Command:
 
         settings = get_settings()  # the store and shards the services use, unless given here
         kwargs["shards_dir"] = kwargs.get("shards_dir") or str(settings.shards_dir)
-        kwargs["models_dir"] = kwargs.get("models_dir") or str(settings.models_dir)
+        kwargs["models_dir"] = kwargs.get("models_dir") or settings.models_url or str(settings.models_dir)
+        kwargs["models_cache_dir"] = kwargs.get("models_cache_dir") or str(settings.models_cache_dir
+                                                                           or settings.home / "model-cache")
+        kwargs["s3_endpoint"] = kwargs.get("s3_endpoint") or settings.s3_endpoint
         cfg = RetrainConfig(**kwargs)
         ann = announcer(announce)
         results = run_seed(cfg, ann) if cfg.seed_file else [run_retrain(cfg, ann)]
