@@ -288,3 +288,77 @@ def test_add_is_one_script_and_decided_keys_expire(stack, stack_settings):
 def test_preferred_maps_display_order_back():
     assert preferred("A", "chosen_first") == "chosen" and preferred("A", "rejected_first") == "rejected"
     assert preferred("B", "chosen_first") == "rejected" and preferred("tie", "rejected_first") == "tie"
+
+
+def test_a_rebuilt_queue_never_offers_a_task_before_its_earlier_verdicts_are_back(client, settings):
+    """After a wipe, a task must not be leasable while its verdicts are still missing, or annotators
+    repeat work (and one could be asked twice for the same task); a task with all its verdicts stays closed."""
+    from confluent_kafka import Producer
+
+    from schemas.wire import ValueCodec
+    from streams.kafka.config import producer_config
+    from streams.review.feeder import Feeder
+
+    open_task, done_task = task(8), task(9, p=0.1)  # pair-9 is served first
+    codec, prod = ValueCodec(), Producer(producer_config(settings))
+    for t in (open_task, done_task):
+        value, headers = codec.encode("ReviewTask", t, settings.topic(topics.REVIEW))
+        prod.produce(settings.topic(topics.REVIEW), key=t["task_id"].encode(), value=value, headers=headers)
+        client.queue.add(t)
+    assert prod.flush(10) == 0
+    for who, tid in (("alice", "pair-9"), ("alice", "pair-8"), ("bob", "pair-9"), ("carol", "pair-9")):
+        assert client.get("/api/tasks/next", headers=auth(who)).json()["task_id"] == tid
+        assert client.post(f"/api/tasks/{tid}/verdict", json={"verdict": "A"}, headers=auth(who)).status_code == 200
+    q = client.queue
+    q.redis.delete(*q.redis.keys(q.prefix + "*"))  # this test's keys only: the Redis is shared
+    offered_right_after_add = []
+    add = q.add
+
+    def add_then_lease(t):
+        queued = add(t)
+        offered_right_after_add.append((q.lease("alice") or {}).get("task_id"))
+        return queued
+
+    q.add = add_then_lease
+    assert Feeder(settings, q).rebuild_if_empty() == 2
+    assert offered_right_after_add == [None, None]  # alice answered both before the wipe
+    assert q.stats()["pending"] == 1  # pair-9 had its three verdicts: not queued again
+    assert client.get("/api/tasks/next", headers=auth("bob")).json()["task_id"] == "pair-8"
+    assert client.get("/api/tasks/next", headers=auth("dave")).status_code == 204  # pair-8 leased to bob, pair-9 closed
+
+
+def test_a_verdict_restored_while_its_annotator_held_the_lease_frees_the_task_for_others(client):
+    """A rebuild can restore an annotator's verdict from the topic while they still hold the lease
+    (their POST wrote Kafka before Redis); their submit is then a duplicate and must give the lease back."""
+    client.queue.add(task(10))
+    assert client.get("/api/tasks/next", headers=auth("alice")).json()["task_id"] == "pair-10"
+    client.queue.restore_verdict("pair-10", "alice", {"verdict": "A", "preferred": "chosen"})
+    r = client.post("/api/tasks/pair-10/verdict", json={"verdict": "A"}, headers=auth("alice"))
+    assert r.status_code == 200 and r.json()["duplicate"]
+    assert client.get("/api/tasks/next", headers=auth("bob")).json()["task_id"] == "pair-10"
+
+
+def test_a_rebuild_that_redis_loses_halfway_starts_over_instead_of_marking_a_half_queue_done(client, settings):
+    from confluent_kafka import Producer
+
+    from schemas.wire import ValueCodec
+    from streams.kafka.config import producer_config
+    from streams.review.feeder import Feeder
+
+    codec, prod = ValueCodec(), Producer(producer_config(settings))
+    for i in (11, 12):
+        value, headers = codec.encode("ReviewTask", task(i), settings.topic(topics.REVIEW))
+        prod.produce(settings.topic(topics.REVIEW), key=f"pair-{i}".encode(), value=value, headers=headers)
+    assert prod.flush(10) == 0
+    q = client.queue
+    add, wiped = q.add, []
+
+    def add_then_wipe_once(t):
+        queued = add(t)
+        if not wiped:  # Redis restarted empty right after the first task was restored
+            wiped.append(q.redis.delete(*q.redis.keys(q.prefix + "*")))
+        return queued
+
+    q.add = add_then_wipe_once
+    Feeder(settings, q).rebuild_if_empty()
+    assert wiped and q.redis.exists(q.k("initialized")) and q.stats()["pending"] == 2 and q.task("pair-11") and q.task("pair-12")

@@ -194,6 +194,7 @@ def api_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
     def submit(task_id: str, body: VerdictIn, who: str = Depends(annotator)) -> dict[str, Any]:
         prior = ctx.redis.hget(ctx.queue.k("verdicts", task_id), who)
         if prior is not None:  # idempotent: the same verdict again, nothing new produced
+            ctx.queue.release(task_id, who)
             return json.loads(prior) | {"duplicate": True}
         task = ctx.queue.task(task_id)
         if task is None:

@@ -2,9 +2,9 @@
 
 Tasks are added idempotently (by task_id), so replaying the topic is harmless. A marker key tells
 whether this Redis has been filled before: when it is missing (a new or wiped Redis), the feeder
-first re-reads prefs.review and prefs.annotations from the beginning, restoring tasks and the
-verdicts already given (to the queue and to the aggregator's vote counts, so a task that had 1 or 2
-verdicts needs only the rest), and only then follows the topic with its consumer group. The marker is
+first re-reads prefs.annotations and prefs.review from the beginning, restoring the verdicts already
+given (to the queue and to the aggregator's vote counts, so a task that had 1 or 2 verdicts needs
+only the rest) and then the tasks, and only then follows the topic with its consumer group. The marker is
 looked at between tasks and whenever the topic is idle, so a wipe is noticed within FEED_IDLE_S.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from typing import Any
 
 from schemas.exceptions import SchemaError
@@ -26,26 +27,52 @@ REBUILD_IDLE_S = 2.0
 FEED_IDLE_S = 0.5  # how often the feed loop looks at its stop flag when no task arrives
 
 
+# KEYS: rebuild token, marker. ARGV: this rebuild's token. Sets the marker only if the token survived.
+_FINISH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], '1')
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
 class Feeder:
     def __init__(self, settings: Settings, queue: ReviewQueue) -> None:
         self.settings, self.queue = settings, queue
         self.stop = threading.Event()
         self.marker = queue.k("initialized")
+        self.rebuild_token = queue.k("rebuilding")
+        self._finish = queue.redis.register_script(_FINISH)
 
     def rebuild_if_empty(self) -> int:
-        if self.queue.redis.exists(self.marker):
-            return 0
-        n = 0
-        with TopicReader(self.settings.topic(topics.REVIEW), "ReviewTask", self.settings) as reader:
-            for task in reader.records(idle_timeout=REBUILD_IDLE_S):
-                n += self.queue.add(task)
+        """Restore a new or wiped Redis from the topics; the number of tasks restored (0 when it was filled)."""
+        while not self.queue.redis.exists(self.marker):
+            # A token written first and checked when done: Redis emptied again mid-rebuild (restarted
+            # without its data) takes the token with it, and the marker must then not be set over a
+            # half-restored queue; the rebuild starts over instead.
+            token = uuid.uuid4().hex
+            self.queue.redis.set(self.rebuild_token, token)
+            n = self._restore()
+            if self._finish(keys=[self.rebuild_token, self.marker], args=[token]):
+                if n:
+                    log.info("rebuilt the review queue from the topics: %d tasks", n)
+                return n
+            log.warning("Redis was emptied while the review queue was being rebuilt; rebuilding again")
+        return 0
+
+    def _restore(self) -> int:
+        # Verdicts first: a task is leasable from the moment it is added, so its earlier verdicts (and who
+        # gave them) must already be there, or annotators are asked again for work that was done.
         with TopicReader(self.settings.topic(topics.ANNOTATIONS), "Annotation", self.settings) as reader:
             for ann in reader.records(idle_timeout=REBUILD_IDLE_S):
                 self.queue.restore_verdict(ann["task_id"], ann["annotator"], ann)
                 restore_vote(self.queue.redis, self.settings.topic_prefix, ann)
-        self.queue.redis.set(self.marker, "1")
-        if n:
-            log.info("rebuilt the review queue from the topics: %d tasks", n)
+        n = 0
+        with TopicReader(self.settings.topic(topics.REVIEW), "ReviewTask", self.settings) as reader:
+            for task in reader.records(idle_timeout=REBUILD_IDLE_S):
+                n += self.queue.add(task)
         return n
 
     def run(self) -> None:

@@ -88,15 +88,29 @@ end
 return false
 """
 
-# KEYS: task:<id>, queue, stats:added. ARGV: task JSON, priority, task id. 1 when added, 0 when known.
+# KEYS: task:<id>, queue, stats:added, verdicts:<id>. ARGV: task JSON, priority, task id, verdicts needed.
+# 1 when queued, 2 when new but already answered (a rebuild restored its verdicts first), 0 when known.
 _ADD = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
-  redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[3])
   redis.call('INCR', KEYS[3])
+  if redis.call('HLEN', KEYS[4]) >= tonumber(ARGV[4]) then return 2 end
+  redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[3])
   return 1
 end
 return 0
 """
+
+# KEYS: lease:<id>, held:<annotator>. ARGV: annotator, task id. Drops the lease only if it is theirs.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+def _needed(task: dict[str, Any]) -> int:
+    """Verdicts that close a task: one from an expert, else VOTES_NEEDED."""
+    return 1 if task.get("expert") else VOTES_NEEDED
 
 
 class QueueError(Exception):
@@ -122,6 +136,7 @@ class ReviewQueue:
         self.lease_s, self.max_leases, self.lease_scan, self.retention_s = lease_s, max_leases, lease_scan, retention_s
         self._lease = self.redis.register_script(_LEASE)
         self._add = self.redis.register_script(_ADD)
+        self._release = self.redis.register_script(_RELEASE)
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -131,8 +146,11 @@ class ReviewQueue:
         """Queue a ReviewTask (idempotent by task_id); expert tasks go to the expert queue."""
         tid = task["task_id"]
         queue = "expert" if task.get("expert") else "pending"
-        keys = [self.k("task", tid), self.k(queue), self.k("stats", "added")]
-        return bool(self._add(keys=keys, args=[json.dumps(task), float(task["priority"]), tid]))
+        keys = [self.k("task", tid), self.k(queue), self.k("stats", "added"), self.k("verdicts", tid)]
+        added = self._add(keys=keys, args=[json.dumps(task), float(task["priority"]), tid, _needed(task)])
+        if added == 2:  # every verdict it needs was restored before it: never offered again
+            self._expire_decided(tid)
+        return bool(added)
 
     def task(self, tid: str) -> dict[str, Any] | None:
         raw = self.redis.get(self.k("task", tid))
@@ -160,6 +178,7 @@ class ReviewQueue:
         """Record a verdict; only the lease holder may submit, and a second submit returns the first."""
         prior = self.redis.hget(self.k("verdicts", tid), annotator)
         if prior is not None:
+            self.release(tid, annotator)
             return Submitted(json.loads(prior), True, self.redis.hlen(self.k("verdicts", tid)))
         task = self.task(tid)
         if task is None:
@@ -180,8 +199,16 @@ class ReviewQueue:
         self._close_if_complete(tid, task, votes)
         return Submitted(annotation, False, votes)
 
+    def release(self, tid: str, annotator: str) -> None:
+        """Give back ``annotator``'s lease on a task they have answered already, so it does not sit held
+        (and out of everyone else's reach) until the lease lapses."""
+        self._release(keys=[self.k("lease", tid), self.k("held", annotator)], args=[annotator, tid])
+
     def restore_verdict(self, tid: str, annotator: str, annotation: dict[str, Any]) -> None:
-        """Rebuild path: a verdict read back from prefs.annotations (the task then needs only the rest)."""
+        """Rebuild path: a verdict read back from prefs.annotations (the task then needs only the rest).
+
+        The rebuild restores verdicts before it re-adds tasks, so a task is never leasable while its
+        earlier verdicts are still missing (annotators would answer it again)."""
         pipe = self.redis.pipeline()
         pipe.sadd(self.k("seen", tid), annotator)
         pipe.hsetnx(self.k("verdicts", tid), annotator, json.dumps(annotation))
@@ -193,10 +220,13 @@ class ReviewQueue:
 
     def _close_if_complete(self, tid: str, task: dict[str, Any], votes: int) -> None:
         """A task with all its verdicts leaves the queue; its keys expire after the retention period."""
-        if not (task.get("expert") or votes >= VOTES_NEEDED):
+        if votes < _needed(task):
             return
+        self.redis.zrem(self.k("expert" if task.get("expert") else "pending"), tid)
+        self._expire_decided(tid)
+
+    def _expire_decided(self, tid: str) -> None:
         pipe = self.redis.pipeline()
-        pipe.zrem(self.k("expert" if task.get("expert") else "pending"), tid)
         for key in (self.k("task", tid), self.k("verdicts", tid), self.k("seen", tid)):
             pipe.expire(key, self.retention_s)
         pipe.execute()
