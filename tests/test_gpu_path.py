@@ -96,6 +96,26 @@ def test_worker_settings_read_device_dtype_and_token_budget(monkeypatch):
     assert placement(ws.device, ws.dtype, ws.token_budget) == Placement("cpu", "fp32", 4096)
 
 
+def test_eval_takes_device_and_dtype_and_says_why_it_refuses_them(decoders, tmp_path):
+    from click.testing import CliRunner
+
+    from streams.cli import main
+    from tests.helpers import write_jsonl
+
+    data = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}.",
+                                                 "rejected": f"{2 * i + 1}."} for i in range(6)])
+    base = ["eval", str(decoders["qwen3"]), "-d", str(data)]
+    auto = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "auto")])
+    fp32 = CliRunner().invoke(main, [*base, "--device", "cpu", "--dtype", "fp32", "--out", str(tmp_path / "cpu")])
+    assert auto.exit_code == 0 and fp32.exit_code == 0, auto.output + fp32.output
+    assert (tmp_path / "auto" / "report.json").read_text() != "" and "pairwise accuracy" in fp32.output
+    refused = CliRunner().invoke(main, [*base, "--device", "cpu", "--dtype", "bf16"])
+    assert refused.exit_code == 1 and "--dtype=bf16 on the CPU" in refused.output
+    if not CUDA:
+        no_gpu = CliRunner().invoke(main, [*base, "--device", "cuda"])
+        assert no_gpu.exit_code == 1 and "torch sees no CUDA GPU" in no_gpu.output
+
+
 # ---------------------------------------------------------------------------- token-budget batching
 def test_token_budget_batches_hold_at_most_the_budget_in_padded_tokens():
     rng = np.random.default_rng(0)

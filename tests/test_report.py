@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 from streams.local.generate import GenerateConfig, generate
-from streams.local.report import hot_swaps, noise_detection
+from streams.local.report import HOT_SWAP_TARGET_S, hot_swaps, noise_detection
 from streams.local.report_files import to_html
+from tests.helpers import ROOT
 
 
 def _curated(pair: dict, split: str, swap: bool) -> dict:
@@ -46,6 +49,21 @@ def test_hot_swaps_only_count_published_versions_and_measure_to_first_use():
     decisions = [{"role": "current", "decision": "published", "version": v} for v in ("v2", "v3")]
     got = hot_swaps(versions, scored, decisions)
     assert [(s["version"], s["first_scored_after_s"]) for s in got] == [("v2", 1.5), ("v3", None)]
+    assert [s["within_target"] for s in got] == [True, None] and got[0]["target_s"] == HOT_SWAP_TARGET_S
+    slow = hot_swaps(versions, [({"model_version": "v2", "scored_at": 10_000 + 2_500}, 0)], decisions)
+    assert slow[0]["within_target"] is False
+
+
+def test_the_report_shows_each_hot_swap_against_the_target():
+    from streams.local.report_files import markdown
+
+    report = json.loads((ROOT / "demo-report" / "report.json").read_text())  # a real report's shape
+    report["hot_swaps"] = [{"version": "v2", "announced_at": 1.0, "first_scored_after_s": 1.23, "target_s": 2.0,
+                            "within_target": True},
+                           {"version": "v3", "announced_at": 9.0, "first_scored_after_s": 2.5, "target_s": 2.0,
+                            "within_target": False}]
+    md = markdown(report, [])
+    assert "| v2 | 1.23 s | < 2 s met |" in md and "| v3 | 2.50 s | < 2 s missed |" in md
 
 
 def test_html_escapes_everything_it_renders():

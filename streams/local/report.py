@@ -28,6 +28,9 @@ from trainers.evaluate import evaluate_versions
 
 CORRECTING_SPLITS = ("gold", "flipped", "verified_by_tool")
 PEAK_WINDOW_S = 10.0
+# Announcement on models.versions to the first pair scored by the new version: the load, verification
+# and warm-up happen in the worker's background before it, the swap itself between two batches.
+HOT_SWAP_TARGET_S = 2.0
 
 
 def _read(settings: Settings, topic: str, schema: str, idle: float = 3.0) -> list[tuple[dict, int]]:
@@ -89,8 +92,10 @@ def hot_swaps(versions: list[tuple[dict, int]], scored: list[tuple[dict, int]], 
         if rec["role"] != "current" or rec["version"] not in published or rec["action"] != "promote":
             continue
         seen = first.get(rec["version"])
+        after = (seen - rec["announced_at"]) / 1000 if seen else None
         out.append({"version": rec["version"], "announced_at": rec["announced_at"] / 1000,
-                    "first_scored_after_s": (seen - rec["announced_at"]) / 1000 if seen else None})
+                    "first_scored_after_s": after, "target_s": HOT_SWAP_TARGET_S,
+                    "within_target": after < HOT_SWAP_TARGET_S if after is not None else None})
     return out
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from streams.local.report import build
+from streams.local.report import HOT_SWAP_TARGET_S, build
 
 
 def _save(fig: Any, path: Path, files: list[str]) -> None:
@@ -118,11 +118,14 @@ def markdown(r: dict[str, Any], images: list[str]) -> str:
         lines.append(f"| {ph['phase']} | {ph['pairs']} | {ph['seconds']} | {_fmt(ph['pairs_per_s'], '.2f')} | "
                      f"{_fmt(ph['p50_s'], '.2f')} s | {_fmt(ph['p99_s'], '.2f')} s | {'yes' if ph['training_alongside'] else 'no'} |")
     lines += ["", "## Hot-swaps", "", "Versions the controller published, from the announcement on models.versions to the "
-              "first pair the workers scored with it (traffic never paused; the load happens in the background).", "",
-              "| version | first pair scored by it after |", "|---|---|"]
+              "first pair the workers scored with it (traffic never paused; the load, verification and a warm-up batch "
+              "happen in the background, the swap between two batches).", "",
+              "| version | first pair scored by it after | target |", "|---|---|---|"]
     for sw in r["hot_swaps"]:
-        after = sw["first_scored_after_s"]
-        lines.append(f"| {sw['version']} | {f'{after:.2f} s' if after is not None else 'no traffic after it'} |")
+        after, target = sw["first_scored_after_s"], sw.get("target_s")
+        met = "" if sw.get("within_target") is None else ("met" if sw["within_target"] else "missed")
+        lines.append(f"| {sw['version']} | {f'{after:.2f} s' if after is not None else 'no traffic after it'} | "
+                     f"{f'< {target:g} s {met}'.strip() if target else '-'} |")
     lines += ["", "## Controller decisions", ""]
     lines += [f"- {time.strftime('%H:%M:%S', time.localtime(d['time']))} {d['role']}: {d['decision']} — {d['reason']}"
               for d in r["controller"]]
@@ -197,5 +200,5 @@ def summary(r: dict[str, Any]) -> str:
             f"(training-label accuracy {_fmt(noise['stream_label_accuracy'])} → {_fmt(noise['curated_label_accuracy'])})\n"
             f"  annotator alpha {_fmt(r['review']['alpha'])}; latency p50 {_fmt(r['latency_s']['p50'], '.2f')} s, "
             f"p99 {_fmt(r['latency_s']['p99'], '.2f')} s; hot-swaps "
-            f"{[_fmt(s['first_scored_after_s'], '.1f') for s in r['hot_swaps']]} s\n"
+            f"{[_fmt(s['first_scored_after_s'], '.2f') for s in r['hot_swaps']]} s (target < {HOT_SWAP_TARGET_S:g} s)\n"
             f"  report: {r['config']['out_dir']}/report.md (and .html, .json, PNGs)")
