@@ -1,11 +1,12 @@
-"""Parts of the training recipe that stand on their own: length-grouped batches, freezing layers,
-dropout off, the progress display and the loss curve."""
+"""Parts of the training recipe that stand on their own: length-grouped batches, the micro-batches
+of one optimizer step, freezing layers, dropout off, the progress display and the loss curve."""
 
 from __future__ import annotations
 
 import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,26 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
         batches.extend(chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+def step_batches(pending: list[list[int]], refill: Callable[[], list[list[int]]], tokens: Sequence[int],
+                 grad_accum: int, tokens_per_step: int = 0) -> list[list[int]]:
+    """The micro-batches of one optimizer step, popped from ``pending`` (refilled by ``refill`` when empty).
+
+    Without a token budget, ``grad_accum`` of them. With one, as many as it takes for their real
+    (unpadded) tokens, ``tokens[i]`` per pair, to reach ``tokens_per_step``: a step then carries a
+    steady amount of text whether the pairs are short or long.
+    """
+    out: list[list[int]] = []
+    got = 0
+    while True:
+        if not pending:
+            pending.extend(refill())
+        idx = pending.pop()
+        out.append(idx)
+        got += sum(tokens[i] for i in idx)
+        if (got >= tokens_per_step) if tokens_per_step else len(out) == grad_accum:
+            return out
 
 
 def disable_dropout(model: Any) -> None:
@@ -65,10 +86,11 @@ class TrainingProgress:
 
     LINES = 10
 
-    def __init__(self, enabled: bool, total: int) -> None:
+    def __init__(self, enabled: bool, total: int, done: int = 0) -> None:
         from rich.console import Console
 
-        self.bar, self.every, self.total, self.done = None, 0, total, 0  # every: a line each N steps; 0 = none
+        # every: a line each N steps (0 = none); done > 0 when a resumed run starts part-way.
+        self.bar, self.every, self.total, self.done, self.start = None, 0, total, done, done
         self.started = time.perf_counter()
         if not enabled:
             return
@@ -81,7 +103,7 @@ class TrainingProgress:
         self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                             TimeRemainingColumn(), console=console)
         self.bar.start()
-        self.task = self.bar.add_task("train", total=total, info="")
+        self.task = self.bar.add_task("train", total=total, completed=done, info="")
 
     def update(self, info: str) -> None:
         self.done += 1
@@ -89,7 +111,7 @@ class TrainingProgress:
             self.bar.update(self.task, advance=1, info=info)
         elif self.every and (self.done % self.every == 0 or self.done == self.total):
             secs = time.perf_counter() - self.started
-            left = secs / self.done * (self.total - self.done)
+            left = secs / (self.done - self.start) * (self.total - self.done)
             print(f"training step {self.done}/{self.total} {info} ({secs:.0f} s, ~{left:.0f} s left)",
                   file=sys.stderr, flush=True)
 

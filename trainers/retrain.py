@@ -12,6 +12,9 @@
    old model and says why.
 5. Export ONNX (INT8 only when its decisions agree with torch), publish atomically, announce.
 
+Under torchrun (a Job with several GPUs) every rank collects the same data and trains its share;
+rank 0 alone evaluates, gates, exports and publishes, then hands its result to the other ranks.
+
 ``--seed FILE`` is Stage 1: the first current and gold versions from a small verified seed set.
 """
 
@@ -30,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from trainers import distributed
 from trainers.data import read_jsonl, shard_pair, split_holdout
 from trainers.exceptions import ExportError, TrainerError
+from trainers.precision import PRECISIONS
 from trainers.registry import Announcer, ModelStore, open_store
 from trainers.shards import iter_records, load_manifest, tp_key
 
@@ -43,8 +48,14 @@ HOLDOUT_BUCKETS = 10  # 1 in 10 gold pairs is held out
 EXPORT_CHECK_PAIRS = 300
 
 
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    return field(metadata={"help": text} | ({"choices": choices} if choices else {}), **kw)
+
+
+# RetrainConfig fields handed to the training run unchanged.
+TRAIN_FIELDS = ("max_steps", "batch_size", "learning_rate", "max_length", "freeze_layers", "freeze_embeddings",
+                "grad_accum", "tokens_per_step", "device", "precision", "gradient_checkpointing", "lora_r",
+                "lora_alpha", "lora_dropout", "lora_targets", "seed")
 
 
 @dataclass
@@ -75,6 +86,20 @@ class RetrainConfig:
     max_length: int = _help("Tokens per (conversation, response).", default=256)
     freeze_layers: int = _help("Freeze this many lower layers (CPU-friendly).", default=0)
     freeze_embeddings: bool = _help("Freeze the token-embedding matrix (the training bench's CPU recipe).", default=True)
+    grad_accum: int = _help("Micro-batches per optimizer step.", default=1)
+    tokens_per_step: int = _help("Token budget per optimizer step instead of --grad-accum (see `prefstream train "
+                                 "--help`); 0 = off.", default=0)
+    device: str = _help("Where to train and evaluate: cpu, cuda, cuda:N or auto (cuda when a GPU is visible). "
+                        "Under torchrun give cuda or auto: each rank takes the GPU of its LOCAL_RANK.", default="auto")
+    precision: str = _help("fp32, bf16 or fp16 autocast over fp32 master weights (fp16 on CUDA only).",
+                           default="fp32", choices=PRECISIONS)
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory).", default=False)
+    lora_r: int = _help("LoRA rank (needs the 'lora' extra); 0 = train all weights. The published model has the "
+                        "adapters merged in.", default=0)
+    lora_alpha: float = _help("LoRA scaling numerator (update scaled by lora_alpha / lora_r).", default=16.0)
+    lora_dropout: float = _help("Dropout on the LoRA adapters' input.", default=0.0)
+    lora_targets: str = _help("Layers that get adapters: auto, all-linear, or comma-separated module names.",
+                              default="auto")
     quantize: bool = _help("Export model.int8.onnx when it agrees with torch.", default=True)
     seed: int = _help("Random seed.", default=0)
 
@@ -187,16 +212,23 @@ def gate(cand: dict[str, Any], serv: dict[str, Any], cfg: RetrainConfig) -> tupl
     return True, f"holdout accuracy {cand['accuracy']:.4f} vs serving {serv['accuracy']:.4f} on {cand['n']} pairs"
 
 
-def _serving_model(store: ModelStore, role: str, max_length: int) -> tuple[Any, str]:
+def _serving_model(store: ModelStore, version: str, max_length: int, device: str) -> Any:
     from trainers.model import RewardModel
 
-    version = store.serving(role)
-    if version is None:
+    if version == "bootstrap":
         import torch
 
         torch.manual_seed(0)
-        return RewardModel.default(max_length=max_length), "bootstrap"
-    return RewardModel.load(store.checkout(version), max_length=max_length), version
+        return RewardModel.default(max_length=max_length, device=device)
+    return RewardModel.load(store.checkout(version), max_length=max_length, device=device)
+
+
+def train_config(cfg: RetrainConfig, output_dir: str, base_model: str) -> Any:
+    """The TrainConfig of a retrain: the shared fields as given, evaluation only at the end."""
+    from trainers.train import TrainConfig
+
+    return TrainConfig(output_dir=output_dir, base_model=base_model, eval_every=0, progress=True,
+                       **{name: getattr(cfg, name) for name in TRAIN_FIELDS})
 
 
 def _export_checked(model_dir: Path, pairs: list[dict], quantize: bool) -> str:
@@ -214,8 +246,7 @@ def _export_checked(model_dir: Path, pairs: list[dict], quantize: bool) -> str:
 
 def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: list[dict] | None = None,
                 holdout: list[dict] | None = None, lineage: dict[str, Any] | None = None) -> RetrainResult:
-    from trainers.model import RewardModel
-    from trainers.train import TrainConfig, train
+    from trainers.train import train
 
     cfg.validate()
     clock = {"t": time.perf_counter()}
@@ -242,35 +273,46 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
     if not holdout:
         pairs, holdout = split_holdout(pairs, cfg.eval_fraction, cfg.seed)
         eval_set_name = "held-out slice of this job's data (no gold holdout yet)"
-    serving_rm, serving_version = _serving_model(store, cfg.role, cfg.max_length)
+    serving_version = store.serving(cfg.role) or "bootstrap"
     base = "default" if serving_version == "bootstrap" else str(store.checkout(serving_version))
     lap("collect")
+    ranks = distributed.ranks()
     with tempfile.TemporaryDirectory(prefix="prefstream-retrain-") as tmp:
-        tcfg = TrainConfig(output_dir=str(Path(tmp) / "model"), base_model=base, max_steps=cfg.max_steps,
-                           batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, max_length=cfg.max_length,
-                           freeze_layers=cfg.freeze_layers,
-                           freeze_embeddings=cfg.freeze_embeddings, eval_every=0, seed=cfg.seed, progress=True)
-        trained = train(tcfg, pairs, holdout[: min(len(holdout), 200)])
+        trained = train(train_config(cfg, str(Path(tmp) / "model"), base), pairs, holdout[: min(len(holdout), 200)])
         lap("train")
-        cand = accuracy_report(RewardModel.load(trained.output_dir), holdout)
-        serv = accuracy_report(serving_rm, holdout)
-        lap("evaluate")
-        ok, why = gate(cand, serv, cfg)
-        result = RetrainResult(cfg.role, "published" if ok else "gate_failed", f"{why} ({eval_set_name})",
-                               candidate=cand, serving=serv | {"version": serving_version}, lineage=lineage,
-                               seconds=seconds)
-        if not ok:
-            return result
-        result.reason += _export_checked(trained.output_dir, holdout[:EXPORT_CHECK_PAIRS] or pairs[:EXPORT_CHECK_PAIRS],
-                                         cfg.quantize)
-        lap("export")
-        metrics = {"holdout_accuracy": cand["accuracy"], "serving_holdout_accuracy": serv["accuracy"],
-                   "holdout_pairs": cand["n"], "train_pairs": len(pairs), "final_loss": trained.metrics["final_loss"]}
-        info = store.publish(trained.output_dir, cfg.role, parent=None if serving_version == "bootstrap" else serving_version,
-                             lineage=lineage, metrics=metrics, announce=announce, reason=result.reason)
-        lap("publish")
-        result.version = info.version
+        result = None
+        if ranks.is_main:
+            result = _gate_and_publish(cfg, store, trained, pairs, holdout, serving_version,
+                                       {"eval_set": eval_set_name, "lineage": lineage, "seconds": seconds, "lap": lap},
+                                       announce)
+        # Every rank returns rank 0's result, so that all take the same path through run_seed.
+        return RetrainResult(**distributed.broadcast_json(asdict(result) if result else None, trained.device, ranks))
+
+
+def _gate_and_publish(cfg: RetrainConfig, store: ModelStore, trained: Any, pairs: list[dict], holdout: list[dict],
+                      serving_version: str, run: dict[str, Any], announce: Announcer | None) -> RetrainResult:
+    """Evaluate candidate and serving model, gate, export and publish: rank 0's part of a retrain."""
+    from trainers.model import RewardModel
+
+    cand = accuracy_report(RewardModel.load(trained.output_dir, device=trained.device), holdout)
+    serv = accuracy_report(_serving_model(store, serving_version, cfg.max_length, trained.device), holdout)
+    run["lap"]("evaluate")
+    ok, why = gate(cand, serv, cfg)
+    result = RetrainResult(cfg.role, "published" if ok else "gate_failed", f"{why} ({run['eval_set']})",
+                           candidate=cand, serving=serv | {"version": serving_version}, lineage=run["lineage"],
+                           seconds=run["seconds"])
+    if not ok:
         return result
+    result.reason += _export_checked(trained.output_dir, holdout[:EXPORT_CHECK_PAIRS] or pairs[:EXPORT_CHECK_PAIRS],
+                                     cfg.quantize)
+    run["lap"]("export")
+    metrics = {"holdout_accuracy": cand["accuracy"], "serving_holdout_accuracy": serv["accuracy"],
+               "holdout_pairs": cand["n"], "train_pairs": len(pairs), "final_loss": trained.metrics["final_loss"]}
+    info = store.publish(trained.output_dir, cfg.role, parent=None if serving_version == "bootstrap" else serving_version,
+                         lineage=run["lineage"], metrics=metrics, announce=announce, reason=result.reason)
+    run["lap"]("publish")
+    result.version = info.version
+    return result
 
 
 def run_seed(cfg: RetrainConfig, announce: Announcer | None = None) -> list[RetrainResult]:
@@ -288,10 +330,12 @@ def run_seed(cfg: RetrainConfig, announce: Announcer | None = None) -> list[Retr
     if gold.decision != "published":
         return [gold, RetrainResult("current", gold.decision, f"not published: the gold model was not ({gold.reason})")]
     store = open_store(cfg.models_dir, cfg.models_cache_dir, cfg.s3_endpoint)
-    if store.serving("current") is not None:
+    if store.serving("current") is not None:  # every rank reads it after rank 0 published gold
         # Re-running Stage 1 with a current model in place would replace it unchecked: gate as usual.
         return [gold, run_retrain(RetrainConfig(**(asdict(cfg) | {"role": "current"})), announce, pairs=list(seed_pairs),
                                   holdout=[], lineage=lineage)]
+    if not distributed.ranks().is_main:  # rank 0 publishes; its result is the one printed
+        return [gold, RetrainResult("current", "published", gold.reason, candidate=gold.candidate, lineage=lineage)]
     src = store.get(gold.version)
     info = store.publish(store.checkout(gold.version), "current", parent=None, lineage=lineage, metrics=src.metrics, announce=announce,
                          reason=gold.reason)

@@ -4,10 +4,17 @@ Loss per pair: ``-log sigmoid(r_chosen - r_rejected - margin)``, plus the option
 term ``coef * mean((r_chosen + r_rejected)^2)`` (TRL's ``center_rewards_coefficient``).
 Chosen and rejected go through the model in one forward pass, in length-grouped batches padded
 only to their own longest member: on a CPU, padding is most of the cost of a naive loop.
+
+At the scale of large decoder reward models: bf16/fp16 autocast over fp32 master weights
+(trainers/precision.py), gradient checkpointing, LoRA adapters merged before saving
+(trainers/lora.py), gradient accumulation to a token budget, checkpoints to resume from
+(trainers/checkpoint.py) and data-parallel ranks under torchrun (trainers/distributed.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import random
@@ -18,15 +25,20 @@ from typing import Any
 
 import numpy as np
 
+from trainers import checkpoint, distributed
 from trainers.data import read_pairs, split_holdout
+from trainers.distributed import Ranks
 from trainers.exceptions import TrainerError
+from trainers.lora import ALL_LINEAR, AUTO_TARGETS, apply_lora, merge_lora
 from trainers.model import DEFAULT_MAX_LENGTH, RewardModel, default_base_path
+from trainers.precision import PRECISIONS, autocast, check_precision, grad_scaler
 from trainers.recipe import (
     TrainingProgress,
     disable_dropout,
     freeze_lower_layers,
     length_grouped_batches,
     plot_curve,
+    step_batches,
 )
 
 # Passes of 2 x 4 sequences: measured 1.16-1.34x faster than whole batches of 16 on a 2-core CPU
@@ -36,8 +48,11 @@ HEAD_PREFIXES = ("classifier", "score")
 CPU_CHUNK_PAIRS = 4
 
 
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    meta: dict[str, Any] = {"help": text}
+    if choices:
+        meta["choices"] = choices  # the CLI offers these as click.Choice
+    return field(metadata=meta, **kw)
 
 
 @dataclass
@@ -55,6 +70,10 @@ class TrainConfig:
     max_steps: int = _help("Optimizer steps to run; 0 = derive from epochs.", default=0)
     batch_size: int = _help("Pairs per micro-batch.", default=16)
     grad_accum: int = _help("Micro-batches per optimizer step (effective batch = batch_size * grad_accum).", default=1)
+    tokens_per_step: int = _help("Token budget per optimizer step instead of --grad-accum: micro-batches of "
+                                 "batch_size pairs are accumulated until their real (unpadded) tokens reach it, and "
+                                 "each pair's loss is weighted so the gradient equals that of one batch of all of "
+                                 "them. 0 = off.", default=0)
     chunk_pairs: int = _help("Forward passes inside a micro-batch take 2 x chunk_pairs sequences, sorted by length "
                              "(small passes pad less and are faster on CPU); their rewards join in one loss, so "
                              "bound memory with batch_size and grad_accum. 0 = the whole micro-batch in one pass; "
@@ -79,7 +98,29 @@ class TrainConfig:
     seed: int = _help("Seed for shuffling, the new head and dropout: equal seeds give equal runs.", default=0)
     threads: int = _help("torch CPU threads; 0 = torch's default.", default=0)
     device: str = _help("Where to train: 'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when a GPU is visible). "
-                        "Training runs in fp32 either way.", default="auto")
+                        "Under torchrun give cuda or auto: each rank takes the GPU of its LOCAL_RANK.", default="auto")
+    precision: str = _help("fp32, bf16 or fp16. bf16 and fp16 run the forward passes under autocast over fp32 "
+                           "master weights (fp16 with a loss scaler, CUDA only); the saved model is fp32.",
+                           default="fp32", choices=PRECISIONS)
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass instead of keeping them "
+                                         "(less memory; each layer's forward runs twice); same gradients.",
+                                         default=False)
+    lora_r: int = _help("Rank of LoRA adapters (needs the 'lora' extra, peft); 0 = train all weights. The head "
+                        "trains in full; the adapters are merged into the saved model, which loads like any other. "
+                        "LoRA is commonly trained at a higher --learning-rate (1e-4 to 2e-4).", default=0)
+    lora_alpha: float = _help("LoRA scaling numerator: the adapter update is scaled by lora_alpha / lora_r.",
+                              default=16.0)
+    lora_dropout: float = _help("Dropout on the LoRA adapters' input (kept even with --disable-dropout).",
+                                default=0.0)
+    lora_targets: str = _help(f"Layers that get adapters: '{AUTO_TARGETS}' (peft's default for the architecture: "
+                              f"the attention query and value projections), '{ALL_LINEAR}', or comma-separated "
+                              "module names such as q_proj,k_proj,v_proj,o_proj.", default=AUTO_TARGETS)
+    checkpoint_every: int = _help("Write a checkpoint to OUTPUT_DIR/checkpoints/step-N every N optimizer steps "
+                                  "(safetensors and JSON, no pickle); 0 = none.", default=0)
+    keep_checkpoints: int = _help("Checkpoints kept (the newest); 0 keeps all.", default=2)
+    resume_from: str | None = _help("Continue a run from a checkpoint directory, or 'latest' (the newest under "
+                                    "OUTPUT_DIR/checkpoints). Give the same data and options as the run.",
+                                    default=None)
     max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
     plot: bool = _help("Write curve.png (loss and held-out accuracy).", default=True)
     progress: bool = _help("Show a progress bar.", default=True)
@@ -87,6 +128,10 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.train_files:
             raise TrainerError("no training data: give shard directories or JSONL files (--data)")
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Everything but the data files (a retrain job passes its pairs directly)."""
         for name in ("batch_size", "grad_accum", "max_length"):
             if getattr(self, name) <= 0:
                 raise TrainerError(f"{name} must be positive, got {getattr(self, name)}")
@@ -94,6 +139,18 @@ class TrainConfig:
             raise TrainerError(f"chunk_pairs must be -1 (auto), 0 (whole batch) or positive, got {self.chunk_pairs}")
         if not 0 <= self.eval_fraction < 1:
             raise TrainerError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        for name in ("tokens_per_step", "lora_r", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise TrainerError(f"{name} must be 0 or positive, got {getattr(self, name)}")
+        if self.tokens_per_step and self.grad_accum != 1:
+            raise TrainerError(f"give --tokens-per-step ({self.tokens_per_step}) or --grad-accum ({self.grad_accum}), "
+                               "not both: the token budget decides how many micro-batches a step takes")
+        if self.precision not in PRECISIONS:
+            raise TrainerError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise TrainerError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_r and self.lora_alpha <= 0:
+            raise TrainerError(f"lora_alpha must be positive, got {self.lora_alpha}")
 
 
 @dataclass
@@ -101,6 +158,8 @@ class TrainResult:
     output_dir: Path
     metrics: dict[str, Any]
     history: list[dict[str, float]]
+    device: str = "cpu"  # where this process trained (cuda:LOCAL_RANK under torchrun on GPUs)
+    reward_model: Any = None  # the trained model in memory, adapters merged (on every rank)
 
 
 def _seed_everything(seed: int) -> None:
@@ -178,19 +237,36 @@ def _pairs_for(cfg: TrainConfig, train_pairs: list[dict] | None,
     return train_pairs, eval_pairs
 
 
-def _prepare_trainable(model: Any, cfg: TrainConfig) -> None:
-    """Freezing, dropout and the head bias, as the config asks."""
+def _freeze_head_bias(model: Any) -> None:
+    """The head's bias cancels in r_chosen - r_rejected: it gets no gradient from the BT loss."""
+    for name, param in model.named_parameters():
+        if name.startswith(HEAD_PREFIXES) and name.endswith("bias"):
+            param.requires_grad = False
+
+
+def _prepare_trainable(model: Any, cfg: TrainConfig) -> Any:
+    """Dropout, checkpointing, LoRA and freezing, as the config asks; the PeftModel when LoRA is on, else None.
+
+    Dropout goes off before the adapters go in, so that --lora-dropout is kept; freezing comes after
+    them, so that --freeze-layers also freezes the adapters of those layers.
+    """
     model.train()
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise TrainerError(f"{type(model).__name__} does not support gradient checkpointing; "
+                               "train without --gradient-checkpointing")
+        # Non-reentrant checkpointing gives the head and every trainable weight its gradient even when
+        # the embeddings are frozen (the reentrant kind needs inputs that require grad).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    wrapped = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if cfg.lora_r else None
     freeze_lower_layers(model, cfg.freeze_layers)
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad = False
-    if cfg.disable_dropout:
-        disable_dropout(model)
     if not cfg.center_rewards_coefficient:
-        # The head's bias cancels in r_chosen - r_rejected: it gets no gradient from the BT loss.
-        for name, param in model.named_parameters():
-            if name.startswith(HEAD_PREFIXES) and name.endswith("bias"):
-                param.requires_grad = False
+        _freeze_head_bias(model)
+    return wrapped
 
 
 def _optimizer(model: Any, cfg: TrainConfig, total_steps: int) -> tuple[Any, Any]:
@@ -220,12 +296,20 @@ def _optimizer(model: Any, cfg: TrainConfig, total_steps: int) -> tuple[Any, Any
 
 @dataclass
 class _Encoded:
-    """The training pairs tokenised once: chosen and rejected sequences, margins and lengths."""
+    """The training pairs tokenised once: chosen and rejected sequences, margins, lengths and real tokens."""
 
     chosen: list[dict]
     rejected: list[dict]
     margins: np.ndarray
-    lengths: list[int]
+    lengths: list[int]  # the longer of each pair's two sequences (length grouping)
+    tokens: list[int]  # each pair's two sequences together, unpadded (the token budget)
+
+    def fingerprint(self) -> str:
+        """sha256 of the token ids and margins: a resumed run must train on the same data."""
+        h = hashlib.sha256(self.margins.tobytes())
+        for seq in self.chosen + self.rejected:
+            h.update(np.asarray(seq["input_ids"], dtype=np.int64).tobytes())
+        return h.hexdigest()
 
 
 def _encode(rm: Any, pairs: list[dict], use_margin: bool) -> _Encoded:
@@ -235,64 +319,178 @@ def _encode(rm: Any, pairs: list[dict], use_margin: bool) -> _Encoded:
     margins = np.array([float((p.get("extra") or {}).get("margin") or 0.0) if use_margin else 0.0 for p in pairs],
                        dtype=np.float32)
     lengths = [max(len(a["input_ids"]), len(b["input_ids"])) for a, b in zip(chosen, rejected, strict=True)]
-    return _Encoded(chosen, rejected, margins, lengths)
+    tokens = [len(a["input_ids"]) + len(b["input_ids"]) for a, b in zip(chosen, rejected, strict=True)]
+    return _Encoded(chosen, rejected, margins, lengths, tokens)
+
+
+def _pair_losses(reward_chosen: Any, reward_rejected: Any, margin: Any, center_coef: float) -> Any:
+    """Each pair's loss: Bradley-Terry, plus the reward-centering term when its coefficient is set."""
+    from torch.nn import functional as F
+
+    loss = -F.logsigmoid(reward_chosen - reward_rejected - margin)
+    if center_coef:
+        loss = loss + center_coef * (reward_chosen + reward_rejected) ** 2
+    return loss
+
+
+@dataclass
+class StepRunner:
+    """The forward and backward passes of one optimizer step.
+
+    Each pair's loss is weighted by 1 / (pairs in the step), so the gradient accumulated over the
+    step's micro-batches is that of one batch of all its pairs, whatever their sizes. Across ranks
+    each takes its share of the step's pairs and the weight grows by the number of ranks, because
+    DistributedDataParallel averages the ranks' gradients.
+    """
+
+    model: Any  # what the passes run through: the model, or its DistributedDataParallel wrapper
+    formatter: Any
+    data: _Encoded
+    cfg: TrainConfig
+    device: str
+    per_pass: int  # sequences per forward pass; 0 = a whole micro-batch
+    ranks: Ranks = field(default_factory=Ranks)
+
+    def _mine(self, micro_batches: list[list[int]]) -> list[list[int]]:
+        if not self.ranks.distributed:
+            return micro_batches
+        flat = self.ranks.shard([i for b in micro_batches for i in b])  # length order kept: each rank pads little
+        return [flat[k: k + self.cfg.batch_size] for k in range(0, len(flat), self.cfg.batch_size)]
+
+    def backward(self, micro_batches: list[list[int]], scaler: Any) -> float:
+        """Accumulate the step's gradients into .grad; returns the step's mean loss (over all ranks)."""
+        import torch
+
+        data, cfg = self.data, self.cfg
+        weight = self.ranks.world_size / sum(len(b) for b in micro_batches)
+        mine = self._mine(micro_batches)
+        if not mine:
+            # Fewer pairs in the step than ranks: this rank still joins the gradient all-reduce, with a
+            # pass whose loss counts zero.
+            mine, weight = [micro_batches[0][:1]], 0.0
+        loss_sum = 0.0
+        for k, idx in enumerate(mine):
+            last = k == len(mine) - 1
+            # Gradients are all-reduced once per step, in the last backward pass.
+            sync = contextlib.nullcontext() if last or not self.ranks.distributed else self.model.no_sync()
+            with sync:
+                with autocast(cfg.precision, self.device):
+                    reward_chosen, reward_rejected = _rewards(
+                        self.model, self.formatter, [data.chosen[i] for i in idx] + [data.rejected[i] for i in idx],
+                        self.per_pass, self.device)
+                margin = torch.from_numpy(data.margins[idx]).to(self.device)
+                loss = _pair_losses(reward_chosen.float(), reward_rejected.float(), margin,
+                                    cfg.center_rewards_coefficient).sum() * weight
+                scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        return distributed.sum_across(loss_sum, self.device, self.ranks) / self.ranks.world_size
 
 
 @dataclass
 class _Run:
-    """What the training loop measured."""
+    """What the training loop measured, and where it stands (all of it goes into a checkpoint)."""
 
-    history: list[dict[str, float]]
-    running_loss: list[float]
-    steps: int
-    pairs_seen: int
-    busy_s: float  # seconds spent in training steps (evaluation excluded)
+    history: list[dict[str, float]] = field(default_factory=list)
+    running_loss: list[float] = field(default_factory=list)
+    steps: int = 0
+    pairs_seen: int = 0
+    tokens_seen: int = 0
+    busy_s: float = 0.0  # seconds spent in training steps (evaluation excluded)
+    batches: list[list[int]] = field(default_factory=list)  # this epoch's batches still to come
+    resumed_from: str | None = None
+
+    def to_state(self, rng: random.Random) -> dict[str, Any]:
+        return {"history": self.history, "running_loss": self.running_loss[-20:], "steps": self.steps,
+                "pairs_seen": self.pairs_seen, "tokens_seen": self.tokens_seen, "busy_s": self.busy_s,
+                "batches": self.batches, "batch_rng": checkpoint._py_state(rng.getstate())}
+
+    @classmethod
+    def from_state(cls, doc: dict[str, Any], rng: random.Random, path: str) -> _Run:
+        rng.setstate(checkpoint.py_state_from(doc["batch_rng"]))
+        return cls(doc["history"], doc["running_loss"], doc["steps"], doc["pairs_seen"], doc["tokens_seen"],
+                   doc["busy_s"], doc["batches"], path)
 
 
-def _training_loop(rm: Any, cfg: TrainConfig, data: _Encoded, eval_pairs: list[dict], total_steps: int,
-                   device: str) -> _Run:
+@dataclass
+class _Setup:
+    """What the loop runs with besides the data."""
+
+    rm: Any
+    cfg: TrainConfig
+    device: str
+    ranks: Ranks
+    total_steps: int
+
+
+def _resume(path: Path, setup: _Setup, data: _Encoded, fingerprint: str, parts: dict[str, Any],
+            rng: random.Random) -> _Run:
+    doc = checkpoint.load(path, model=setup.rm.torch_model, device=setup.device, **parts)
+    expect = {"total_steps": setup.total_steps, "data_sha256": fingerprint, "base_model": setup.cfg.base_model,
+              "tokens_per_step": setup.cfg.tokens_per_step, "grad_accum": setup.cfg.grad_accum,
+              "batch_size": setup.cfg.batch_size, "seed": setup.cfg.seed}
+    differ = {k: (doc.get(k), v) for k, v in expect.items() if doc.get(k) != v}
+    if differ:
+        what = ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items())
+        raise TrainerError(f"checkpoint {path} belongs to another run ({what}); resume with the run's data, "
+                           "base model, steps and batching options")
+    return _Run.from_state(doc, rng, str(path))
+
+
+def _training_loop(setup: _Setup, data: _Encoded, eval_pairs: list[dict]) -> _Run:
+    rm, cfg, device, ranks, total_steps = setup.rm, setup.cfg, setup.device, setup.ranks, setup.total_steps
     import torch
-    from torch.nn import functional as F
 
     model = rm.torch_model
     chunk = cfg.chunk_pairs if cfg.chunk_pairs >= 0 else (CPU_CHUNK_PAIRS if device == "cpu" else 0)
     optimizer, scheduler = _optimizer(model, cfg, total_steps)
+    scaler = grad_scaler(cfg.precision, device)
+    parts = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     params = [p for p in model.parameters() if p.requires_grad]
     rng = random.Random(cfg.seed)
-    run = _Run([], [], 0, 0, 0.0)
-    batches: list[list[int]] = []
-    progress = TrainingProgress(cfg.progress, total_steps)
+    fingerprint = data.fingerprint() if cfg.checkpoint_every or cfg.resume_from else ""
+    run = _Run()
+    if cfg.resume_from:
+        run = _resume(checkpoint.resolve(cfg.resume_from, cfg.output_dir), setup, data, fingerprint, parts, rng)
+    runner = StepRunner(distributed.wrap(model, device, ranks), rm.formatter, data, cfg, device, chunk * 2, ranks)
+    # Held-out scoring on a GPU runs in the training precision; on a CPU bf16 matmuls are slower than fp32.
+    eval_ctx = (lambda: autocast(cfg.precision, device)) if device.startswith("cuda") else contextlib.nullcontext
+
+    def refill() -> list[list[int]]:
+        return length_grouped_batches(data.lengths, cfg.batch_size, rng)
+
+    progress = TrainingProgress(cfg.progress and ranks.is_main, total_steps, run.steps)
     try:
         while run.steps < total_steps:
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for _ in range(cfg.grad_accum):
-                if not batches:
-                    batches = length_grouped_batches(data.lengths, cfg.batch_size, rng)
-                idx = batches.pop()
-                n = len(idx)
-                reward_chosen, reward_rejected = _rewards(
-                    model, rm.formatter, [data.chosen[i] for i in idx] + [data.rejected[i] for i in idx], chunk * 2, device)
-                margin = torch.from_numpy(data.margins[idx]).to(device)
-                loss = -F.logsigmoid(reward_chosen - reward_rejected - margin).sum()
-                if cfg.center_rewards_coefficient:
-                    loss = loss + cfg.center_rewards_coefficient * ((reward_chosen + reward_rejected) ** 2).sum()
-                (loss / (n * cfg.grad_accum)).backward()
-                step_loss += loss.item() / (n * cfg.grad_accum)
-                run.pairs_seen += n
+            micro = step_batches(run.batches, refill, data.tokens, cfg.grad_accum, cfg.tokens_per_step)
+            step_loss = runner.backward(micro, scaler)
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             run.steps += 1
+            run.pairs_seen += sum(len(b) for b in micro)
+            run.tokens_seen += sum(data.tokens[i] for b in micro for i in b)
             run.busy_s += time.perf_counter() - started
             run.running_loss.append(step_loss)
             row: dict[str, float] = {"step": run.steps, "loss": step_loss, "lr": scheduler.get_last_lr()[0]}
-            if eval_pairs and ((cfg.eval_every and run.steps % cfg.eval_every == 0) or run.steps == total_steps):
+            if ranks.is_main and eval_pairs and ((cfg.eval_every and run.steps % cfg.eval_every == 0)
+                                                 or run.steps == total_steps):
                 model.eval()
-                row["eval_accuracy"] = pair_accuracy(rm, eval_pairs)
+                with eval_ctx():
+                    row["eval_accuracy"] = pair_accuracy(rm, eval_pairs)
                 model.train()
             run.history.append(row)
+            if ranks.is_main and cfg.checkpoint_every and run.steps % cfg.checkpoint_every == 0 \
+                    and run.steps < total_steps:
+                state = run.to_state(rng) | {"total_steps": total_steps, "data_sha256": fingerprint,
+                                             "base_model": cfg.base_model, "tokens_per_step": cfg.tokens_per_step,
+                                             "grad_accum": cfg.grad_accum, "batch_size": cfg.batch_size,
+                                             "seed": cfg.seed}
+                checkpoint.save(cfg.output_dir, run.steps, model=model, state=state, keep=cfg.keep_checkpoints,
+                                **parts)
             progress.update(f"loss {np.mean(run.running_loss[-20:]):.4f}"
                             + (f" acc {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else ""))
     finally:
@@ -300,37 +498,74 @@ def _training_loop(rm: Any, cfg: TrainConfig, data: _Encoded, eval_pairs: list[d
     return run
 
 
-def train(cfg: TrainConfig, train_pairs: list[dict] | None = None, eval_pairs: list[dict] | None = None) -> TrainResult:
-    """Train a reward model. Pairs may be given directly (tests, retrain jobs) or read from cfg's files."""
+def _total_steps(cfg: TrainConfig, data: _Encoded) -> int:
+    if cfg.tokens_per_step:
+        total_tokens = sum(data.tokens)
+        if cfg.tokens_per_step > total_tokens:
+            raise TrainerError(f"tokens_per_step {cfg.tokens_per_step} is more than the {total_tokens} tokens of all "
+                               "the training pairs; lower --tokens-per-step or add data")
+        steps_per_epoch = math.ceil(total_tokens / cfg.tokens_per_step)  # about: a step may overshoot its budget
+    else:
+        steps_per_epoch = math.ceil(len(data.tokens) / (cfg.batch_size * cfg.grad_accum))
+    return cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+
+
+def _fingerprints(model: Any) -> dict[str, tuple[float, float]]:
+    """Sum and sum of squares (float64) of each trainable tensor: tells which changed without a second
+    copy of the weights (a full copy of a large model would double its memory)."""
     import torch
 
+    with torch.no_grad():
+        return {n: (p.detach().double().sum().item(), p.detach().double().square().sum().item())
+                for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train(cfg: TrainConfig, train_pairs: list[dict] | None = None, eval_pairs: list[dict] | None = None) -> TrainResult:
+    """Train a reward model. Pairs may be given directly (tests, retrain jobs) or read from cfg's files.
+
+    Under torchrun every rank calls this with the same pairs; rank 0 alone evaluates and writes the
+    output, and all ranks return once it is written.
+    """
+    import torch
+
+    cfg.check_options()
     train_pairs, eval_pairs = _pairs_for(cfg, train_pairs, eval_pairs)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    ranks = distributed.ranks()
+    device = distributed.rank_device(resolve_device(cfg.device), ranks)
+    check_precision(cfg.precision, device)
+    distributed.init(device, ranks)
     rm = _load_base(cfg, device)
     model = rm.torch_model
-    _prepare_trainable(model, cfg)
+    wrapped = _prepare_trainable(model, cfg)
     data = _encode(rm, train_pairs, cfg.use_margin)
-    steps_per_epoch = math.ceil(len(train_pairs) / (cfg.batch_size * cfg.grad_accum))
-    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    run = _training_loop(rm, cfg, data, eval_pairs, total_steps, device)
+    total_steps = _total_steps(cfg, data)
+    before = _fingerprints(model)
+    trainable_weights = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run = _training_loop(_Setup(rm, cfg, device, ranks, total_steps), data, eval_pairs)
     model.eval()
-    unchanged = [n for n, p in model.named_parameters() if n in before and torch.equal(before[n], p.detach())]
-    out_dir = rm.save(cfg.output_dir)  # save_pretrained writes CPU tensors whatever the device
+    after = _fingerprints(model)
+    unchanged = [n for n in before if before[n] == after[n]]
+    if wrapped is not None:
+        rm.torch_model = rm.backend.model = merge_lora(wrapped)
     final_eval = next((h["eval_accuracy"] for h in reversed(run.history) if "eval_accuracy" in h), float("nan"))
     metrics = {
-        "steps": run.steps, "pairs_seen": run.pairs_seen, "train_pairs": len(train_pairs),
-        "eval_pairs": len(eval_pairs or []), "train_seconds": round(run.busy_s, 3),
+        "steps": run.steps, "pairs_seen": run.pairs_seen, "tokens_seen": run.tokens_seen,
+        "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs or []), "train_seconds": round(run.busy_s, 3),
         "pairs_per_second": round(run.pairs_seen / run.busy_s, 3) if run.busy_s else 0.0,
         "first_loss": run.history[0]["loss"], "final_loss": float(np.mean(run.running_loss[-10:])),
         "eval_accuracy": final_eval, "trainable_parameters_changed": len(before) - len(unchanged),
-        "unchanged_parameters": unchanged, "trainable_parameters": len(before), "config": asdict(cfg),
+        "unchanged_parameters": unchanged, "trainable_parameters": len(before), "trainable_weights": trainable_weights,
+        "world_size": ranks.world_size, "resumed_from": run.resumed_from, "config": asdict(cfg),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    (out_dir / "history.json").write_text(json.dumps(run.history))
-    if cfg.plot:
-        plot_curve(run.history, out_dir / "curve.png")
-    return TrainResult(out_dir, metrics, run.history)
+    out_dir = Path(cfg.output_dir)
+    if ranks.is_main:
+        out_dir = rm.save(cfg.output_dir)  # save_pretrained writes CPU tensors whatever the device
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        (out_dir / "history.json").write_text(json.dumps(run.history))
+        if cfg.plot:
+            plot_curve(run.history, out_dir / "curve.png")
+    distributed.barrier(ranks)
+    return TrainResult(out_dir, metrics, run.history, device, rm)

@@ -117,8 +117,9 @@ class Controller:
         if self.csettings.runner == "kubernetes":
             from streams.runtime.jobs import JobTemplate, KubernetesRunner
 
-            return KubernetesRunner(JobTemplate(namespace=self.csettings.k8s_namespace, image=self.csettings.k8s_image))
-        return LocalRunner(Path(self.settings.home) / "logs" / "retrain")
+            return KubernetesRunner(JobTemplate(namespace=self.csettings.k8s_namespace, image=self.csettings.k8s_image,
+                                                gpus=self.csettings.job_gpus))
+        return LocalRunner(Path(self.settings.home) / "logs" / "retrain", gpus=self.csettings.job_gpus)
 
     # ------------------------------------------------------------------ state and records
     def _load_state(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Job runners for the retrain job: LocalRunner (a subprocess, the embedded default) and
 KubernetesRunner (a batch/v1 Job through the official `kubernetes` client).
 
-Both run the same command (`prefstream retrain --role R ... --result-json`) and read the same
-outcome: the RetrainResult JSON the job prints as its last stdout line.
+Both run the same command (`prefstream retrain --role R ...`) and read the same outcome: the
+RetrainResult JSON the job prints as its last stdout line. Given more than one GPU, both start it
+under torchrun (one rank per GPU; rank 0 alone prints the result) and ask it for --device cuda.
 """
 
 from __future__ import annotations
@@ -36,8 +37,15 @@ def parse_result(logs: str) -> dict[str, Any] | None:
     return None
 
 
-def retrain_args(role: str, extra: list[str] | None = None) -> list[str]:
-    return ["retrain", "--role", role, *(extra or [])]
+def retrain_args(role: str, extra: list[str] | None = None, gpus: int = 0) -> list[str]:
+    """The arguments of `prefstream retrain`; with GPUs, --device cuda so that a Job whose GPU is not
+    visible fails with that error instead of training on its CPU (a later --device in extra wins)."""
+    return ["retrain", "--role", role, *(["--device", "cuda"] if gpus > 0 else []), *(extra or [])]
+
+
+def torchrun_prefix(gpus: int) -> list[str]:
+    """What runs `python -m streams.cli` once per GPU: torchrun on this node only (--standalone)."""
+    return ["torchrun", "--standalone", f"--nproc_per_node={gpus}"]
 
 
 class Handle(Protocol):
@@ -80,16 +88,26 @@ class LocalHandle:
 
 @dataclass
 class LocalRunner:
-    """Runs `python -m streams.cli retrain ...` as a child process with the caller's environment."""
+    """Runs `python -m streams.cli retrain ...` as a child process with the caller's environment;
+    with ``gpus`` > 1 under torchrun (``python -m torch.distributed.run``), one rank per GPU.
+
+    ``processes`` overrides the rank count without asking for CUDA (gloo on the CPU: tests)."""
 
     log_dir: Path
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    gpus: int = 0
+    processes: int | None = None
+
+    def argv(self, role: str, extra_args: list[str] | None = None) -> list[str]:
+        ranks = self.processes or self.gpus
+        launcher = ["-m", "torch.distributed.run", *torchrun_prefix(ranks)[1:]] if ranks > 1 else []
+        return [sys.executable, *launcher, "-m", "streams.cli", *retrain_args(role, extra_args, self.gpus)]
 
     def submit(self, role: str, labels: dict[str, str], extra_args: list[str] | None = None) -> LocalHandle:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         name = f"retrain-{role}-{time.strftime('%Y%m%d-%H%M%S')}"
         log = self.log_dir / f"{name}.log"
-        argv = [sys.executable, "-m", "streams.cli", *retrain_args(role, extra_args)]
+        argv = self.argv(role, extra_args)
         proc = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=self.env,
                                 stdin=subprocess.DEVNULL)
         return LocalHandle(name, proc, log)
@@ -118,12 +136,34 @@ class JobTemplate:
     # optional (absent under PLAINTEXT); security.protocol and sasl.mechanism come from the ConfigMap.
     secret: str = "prefstream-retrain"
     secret_keys: tuple[str, ...] = ("PREFSTREAM_SASL_USERNAME", "PREFSTREAM_SASL_PASSWORD")
+    # GPUs per Job (nvidia.com/gpu): 0 = CPU only; more than 1 runs the retrain under torchrun.
+    gpus: int = 0
+    # /dev/shm of a multi-GPU Job: NCCL passes data between the ranks through shared memory, and a
+    # container's default 64 MiB is too little.
+    shm_size: str = "8Gi"
+
+
+def _gpu_parts(tpl: JobTemplate) -> dict[str, Any]:
+    """What GPUs add to the Job's pod: the resource, a toleration of GPU nodes' usual taint, torchrun
+    and a memory-backed /dev/shm for more than one GPU."""
+    if tpl.gpus <= 0:
+        return {"resources": {}, "pod": {}, "command": {}, "mounts": [], "volumes": []}
+    multi = tpl.gpus > 1
+    return {
+        # An extended resource may be given under limits only; requests then default to the same.
+        "resources": {"nvidia.com/gpu": str(tpl.gpus)},
+        "pod": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+        "command": {"command": [*torchrun_prefix(tpl.gpus), "-m", "streams.cli"]} if multi else {},
+        "mounts": [{"name": "dshm", "mountPath": "/dev/shm"}] if multi else [],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": tpl.shm_size}}] if multi else [],
+    }
 
 
 def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate, extra_args: list[str] | None = None) -> dict:
     """The batch/v1 Job for one retrain, as a plain dict (validated against the Kubernetes schema in tests)."""
     all_labels = {"app.kubernetes.io/name": "prefstream", "app.kubernetes.io/component": "retrain",
                   "prefstream.io/role": role} | labels
+    gpu = _gpu_parts(tpl)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name, "namespace": tpl.namespace, "labels": all_labels},
@@ -140,9 +180,11 @@ def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate,
                     # Pod Security `restricted` (the namespace enforces it).
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
+                    **gpu["pod"],
                     "containers": [{
                         "name": "retrain", "image": tpl.image,
-                        "args": retrain_args(role, extra_args),
+                        **gpu["command"],  # torchrun in place of the image's prefstream entrypoint
+                        "args": retrain_args(role, extra_args, tpl.gpus),
                         "envFrom": [{"configMapRef": {"name": tpl.env_from_configmap}}],
                         "env": [{"name": "PREFSTREAM_SHARDS_DIR", "value": "/data/shards"},
                                 {"name": "PREFSTREAM_MODELS_DIR", "value": "/data/models"}]
@@ -150,16 +192,17 @@ def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate,
                                                                               "optional": True}}}
                                   for key in tpl.secret_keys],
                         "resources": {"requests": {"cpu": tpl.cpu_request, "memory": tpl.memory_request},
-                                      "limits": {"cpu": tpl.cpu_limit, "memory": tpl.memory_limit}},
+                                      "limits": {"cpu": tpl.cpu_limit, "memory": tpl.memory_limit}
+                                      | gpu["resources"]},
                         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                             "capabilities": {"drop": ["ALL"]}},
                         "volumeMounts": [{"name": "shards", "mountPath": "/data/shards", "readOnly": True},
                                          {"name": "models", "mountPath": "/data/models"},
-                                         {"name": "tmp", "mountPath": "/tmp"}],
+                                         {"name": "tmp", "mountPath": "/tmp"}] + gpu["mounts"],
                     }],
                     "volumes": [{"name": "shards", "persistentVolumeClaim": {"claimName": tpl.shards_pvc}},
                                 {"name": "models", "persistentVolumeClaim": {"claimName": tpl.models_pvc}},
-                                {"name": "tmp", "emptyDir": {}}],
+                                {"name": "tmp", "emptyDir": {}}] + gpu["volumes"],
                 },
             },
         },
