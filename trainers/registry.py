@@ -73,6 +73,10 @@ class ModelStore:
         self.backend: StoreBackend = LocalBackend(root) if isinstance(root, (str, os.PathLike)) else root
         self.location = self.backend.location
 
+    def check(self) -> None:
+        """Raise StoreAccessError, saying the fix, when the store cannot be reached."""
+        self.backend.check()
+
     # ------------------------------------------------------------------ publish
     def publish(self, src: str | os.PathLike, role: str, parent: str | None = None,
                 lineage: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
