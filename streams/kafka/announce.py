@@ -23,10 +23,14 @@ class Announcer:
         self.settings = settings
         self.topic = settings.topic(topics.MODEL_VERSIONS)
         self.codec = ValueCodec(settings.schema_registry_url)
+        # Made now, not per record: a new idempotent producer connects and acquires its producer id first
+        # (0.5-1 s on the embedded broker), and that would fall between a record's announced_at and the
+        # workers seeing it. Made ahead (a retrain job makes its announcer before training), it is ready.
+        self.producer = Producer(producer_config(settings))
 
     def __call__(self, record: dict[str, Any]) -> None:
         value, headers = self.codec.encode("ModelVersion", record, self.topic)
-        producer = Producer(producer_config(self.settings))
+        producer = self.producer
         errors: list[str] = []
         producer.produce(self.topic, key=record["role"].encode(), value=value, headers=headers,
                          on_delivery=lambda err, _msg: errors.append(err.str()) if err else None)

@@ -25,7 +25,7 @@ SWAP_FAILURES = Counter("prefstream_model_swap_failures_total", "Model versions 
 ANNOUNCEMENTS_REFUSED = Counter("prefstream_model_announcements_refused_total",
                                 "models.versions records refused because they name a path outside the models store",
                                 ["role"])
-SWAP_SECONDS = Histogram("prefstream_model_load_seconds", "Time to load and verify a new version in the background", ["role"])
+SWAP_SECONDS = Histogram("prefstream_model_load_seconds", "Time to load, verify and warm up a new version in the background", ["role"])
 SHARD_ROWS = Counter("prefstream_shard_rows_total", "Rows written to shards", ["split"])
 READY = Gauge("prefstream_ready", "1 when the worker has its partitions and models")
 ALPHA = Gauge("prefstream_annotator_alpha", "Rolling Krippendorff's alpha of annotator verdicts", ["category"])

@@ -82,6 +82,8 @@ class ModelSlot:
             if (self.serving and self.serving.version == version) or (self.pending and self.pending.version == version):
                 return
         t0 = time.perf_counter()
+        announced = record.get("announced_at")
+        seen_after = f"{time.time() - announced / 1000:.2f} s" if isinstance(announced, (int, float)) else "?"
         try:
             model = self.loader(record)
             t1 = time.perf_counter()
@@ -95,8 +97,8 @@ class ModelSlot:
             return
         t2 = time.perf_counter()
         metrics.SWAP_SECONDS.labels(self.role).observe(t2 - t0)
-        log.info("%s version %s loaded and verified in %.2f s, warmed up on %d pairs in %.2f s", self.role, version,
-                 t1 - t0, len(warm), t2 - t1)
+        log.info("%s version %s seen %s after its announcement, loaded and verified in %.2f s, warmed up on %d pairs "
+                 "in %.2f s", self.role, version, seen_after, t1 - t0, len(warm), t2 - t1)
         with self._lock:
             self.pending = Loaded(model, version, t1 - t0, t2 - t1, len(warm))
 
