@@ -47,6 +47,7 @@ from fastavro import writer as avro_writer
 
 from schemas import registry
 from trainers.exceptions import DataError
+from trainers.storage import fsync_dir
 
 MANIFEST = "manifest.json"
 MANIFEST_DIR = "manifest"
@@ -72,15 +73,6 @@ def shard_schema() -> dict[str, Any]:
 
 def tp_key(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a create, rename or unlink inside it survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:

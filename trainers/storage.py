@@ -78,7 +78,7 @@ def sha256_file(path: Path) -> str:
 
 
 def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a crash."""
+    """fsync a directory so a create, rename or unlink inside it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
