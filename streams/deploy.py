@@ -13,8 +13,9 @@ from streams.settings import ControllerSettings, ReviewSettings, Settings, Worke
 
 STRIMZI_TOPICS = Path(__file__).resolve().parent.parent / "k8s" / "overlays" / "strimzi" / "topics.yaml"
 STRIMZI_REPLICAS = 3
-# Variables a manifest may set that are not prefstream settings: the libraries' own offline switches.
-EXTERNAL_ENV = {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME"}
+# Variables a manifest may set that are not prefstream settings: the libraries' own offline switches
+# and the S3 keys of the model store (boto3 reads them from the environment).
+EXTERNAL_ENV = {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 
 def strimzi_topics_yaml() -> str:

@@ -15,12 +15,13 @@ import pytest
 import yaml
 
 from streams.deploy import EXTERNAL_ENV, STRIMZI_TOPICS, settings_env_names, strimzi_topics_yaml
+from streams.exceptions import JobError
 from streams.kafka.topics import BY_NAME, RAW, TOPICS
 from streams.runtime.jobs import JobTemplate, job_manifest
 from streams.settings import WorkerSettings
 from tests.helpers import ROOT
 
-OVERLAYS = ["dev", "prod", "external-kafka", "strimzi", "gpu"]
+OVERLAYS = ["dev", "prod", "external-kafka", "strimzi", "gpu", "s3-models"]
 CRD_KINDS = {"Kafka", "KafkaTopic", "KafkaNodePool", "ScaledObject", "PrometheusRule"}
 
 
@@ -158,11 +159,14 @@ def test_dockerfile_runs_prefstream_as_non_root():
 # One Secret per component, named prefstream-<component>, and read key by key (env secretKeyRef, never
 # envFrom), so that the keys each pod can see are the ones listed in its manifest.
 KAFKA_CREDENTIALS = {"PREFSTREAM_SASL_USERNAME", "PREFSTREAM_SASL_PASSWORD"}
+# The model store's S3 keys (the s3-models overlay): only the components that use the store.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+S3_COMPONENTS = {"worker", "controller", "retrain"}
 SECRET_KEYS = {
-    "worker": KAFKA_CREDENTIALS,
+    "worker": KAFKA_CREDENTIALS | S3_CREDENTIALS,
     "review": {"PREFSTREAM_REVIEW_TOKENS", "PREFSTREAM_REDIS_URL"} | KAFKA_CREDENTIALS,
-    "controller": KAFKA_CREDENTIALS,
-    "retrain": KAFKA_CREDENTIALS,
+    "controller": KAFKA_CREDENTIALS | S3_CREDENTIALS,
+    "retrain": KAFKA_CREDENTIALS | S3_CREDENTIALS,
     "topics": KAFKA_CREDENTIALS,
 }
 
@@ -176,8 +180,12 @@ def pod_templates(docs):
             yield d, d["spec"]["jobTemplate"]["spec"]["template"]
 
 
-def retrain_job() -> dict:
-    return job_manifest("prefstream-retrain-current-1", "current", {}, JobTemplate())
+def retrain_job(docs: list[dict] | None = None) -> dict:
+    """The Job the controller creates, with the model store the rendering's ConfigMap gives it."""
+    data = next((d["data"] for d in docs or [] if d["kind"] == "ConfigMap"
+                 and d["metadata"]["name"] == "prefstream-config"), {})
+    tpl = JobTemplate(models_url=data.get("PREFSTREAM_MODELS_URL"), s3_endpoint=data.get("PREFSTREAM_S3_ENDPOINT"))
+    return job_manifest("prefstream-retrain-current-1", "current", {}, tpl)
 
 
 def all_containers(pod: dict) -> list[dict]:
@@ -208,7 +216,7 @@ def secret_refs(pod: dict) -> dict[str, set[str]]:
 def test_each_pod_reads_only_its_own_secret_and_only_the_keys_it_needs(docs):
     assert not [d for d in docs if d["kind"] == "Secret"], "Secret values are never in the repo"
     assert "prefstream-secrets" not in yaml.safe_dump_all(docs), "the shared Secret is gone"
-    templates = list(pod_templates(docs)) + [(retrain_job(), retrain_job()["spec"]["template"])]
+    templates = list(pod_templates(docs)) + [(retrain_job(docs), retrain_job(docs)["spec"]["template"])]
     seen = set()
     for d, tpl in templates:
         component = tpl["metadata"]["labels"]["app.kubernetes.io/component"]
@@ -218,14 +226,15 @@ def test_each_pod_reads_only_its_own_secret_and_only_the_keys_it_needs(docs):
             assert None not in keys, f"{d['metadata']['name']} reads all of {name}: list its keys instead"
             assert keys <= SECRET_KEYS[component], (d["metadata"]["name"], keys - SECRET_KEYS[component])
             seen.add(component)
-    # The worker's Secret holds Kafka credentials only; every component that talks to Kafka gets them.
-    assert SECRET_KEYS["worker"] == KAFKA_CREDENTIALS
+    # The worker's Secret holds Kafka credentials and the store's S3 keys only; every component that
+    # talks to Kafka gets them.
+    assert SECRET_KEYS["worker"] == KAFKA_CREDENTIALS | S3_CREDENTIALS
     for d, tpl in templates:
         component = tpl["metadata"]["labels"]["app.kubernetes.io/component"]
         keys = set().union(*secret_refs(tpl["spec"]).values()) if secret_refs(tpl["spec"]) else set()
         assert KAFKA_CREDENTIALS <= keys, f"{d['metadata']['name']} lacks its Kafka credentials"
         if component == "worker":
-            assert keys == KAFKA_CREDENTIALS
+            assert keys in (KAFKA_CREDENTIALS, KAFKA_CREDENTIALS | S3_CREDENTIALS)
     assert "review" in seen and "worker" in seen and "controller" in seen
 
 
@@ -233,8 +242,10 @@ def test_retrain_jobs_of_cronjob_and_controller_read_the_same_secret(docs):
     cron = next((d for d in docs if d["kind"] == "CronJob"), None)
     assert cron is not None
     cron_pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    job_pod = retrain_job()["spec"]["template"]["spec"]
-    assert secret_refs(cron_pod) == secret_refs(job_pod) == {"prefstream-retrain": KAFKA_CREDENTIALS}
+    job_pod = retrain_job(docs)["spec"]["template"]["spec"]
+    s3 = any(d["kind"] == "ConfigMap" and "PREFSTREAM_MODELS_URL" in d["data"] for d in docs)
+    assert secret_refs(cron_pod) == secret_refs(job_pod) == \
+        {"prefstream-retrain": KAFKA_CREDENTIALS | (S3_CREDENTIALS if s3 else set())}
     assert cron_pod["serviceAccountName"] == job_pod["serviceAccountName"] == JobTemplate().service_account
     assert cron_pod["containers"][0]["envFrom"] == job_pod["containers"][0]["envFrom"]
 
@@ -254,7 +265,7 @@ def test_the_runbook_creates_each_secret_with_only_the_keys_its_pods_read():
 
 
 def test_only_the_controller_gets_a_service_account_token(docs):
-    templates = list(pod_templates(docs)) + [(retrain_job(), retrain_job()["spec"]["template"])]
+    templates = list(pod_templates(docs)) + [(retrain_job(docs), retrain_job(docs)["spec"]["template"])]
     for d, tpl in templates:
         automount = tpl["spec"].get("automountServiceAccountToken")
         if tpl["metadata"]["labels"]["app.kubernetes.io/component"] == "controller":
@@ -345,7 +356,7 @@ def test_the_namespace_enforces_pod_security_restricted(docs):
 
 
 def test_every_pod_meets_pod_security_restricted(docs):
-    templates = list(pod_templates(docs)) + [(retrain_job(), retrain_job()["spec"]["template"])]
+    templates = list(pod_templates(docs)) + [(retrain_job(docs), retrain_job(docs)["spec"]["template"])]
     assert len(templates) >= 5
     for d, tpl in templates:
         assert pss_violations(tpl, "restricted") == set(), d["metadata"]["name"]
@@ -430,9 +441,10 @@ def test_every_egress_rule_names_its_destination(docs, request):
     kafka_peer, kafka_port = {  # where each rendering's Kafka is
         "base": (in_cluster, 9092), "overlays/dev": (in_cluster, 9092), "overlays/prod": (in_cluster, 9092),
         "overlays/strimzi": (strimzi, 9092), "overlays/external-kafka": (None, 9093), "overlays/gpu": (in_cluster, 9092),
+        "overlays/s3-models": (in_cluster, 9092),
     }[request.node.callspec.params["docs"]]
     kafka = (lambda p: p == kafka_peer) if kafka_peer else (lambda p: set(p) == {"ipBlock"})  # noqa: E731
-    templates = list(pod_templates(docs)) + [(retrain_job(), retrain_job()["spec"]["template"])]
+    templates = list(pod_templates(docs)) + [(retrain_job(docs), retrain_job(docs)["spec"]["template"])]
     for d, tpl in templates:
         labels = tpl["metadata"]["labels"]
         component, name = labels["app.kubernetes.io/component"], d["metadata"]["name"]
@@ -474,3 +486,100 @@ def test_external_kafka_cidr_is_a_variable_of_the_overlay():
     assert np["spec"]["egress"][0]["to"] == [{"ipBlock": {"cidr": vars_doc["data"]["KAFKA_CIDR"]}}]
     cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "prefstream-config")
     assert not set(cm["data"]) & KAFKA_CREDENTIALS, "SASL credentials are per component, in Secrets"
+
+
+# ---------------------------------------------------------------------------- model store on S3
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_the_s3_models_overlay_shares_no_models_volume_and_reads_s3_keys_from_secrets():
+    docs = render("overlays/s3-models")
+    vars_doc = yaml.safe_load((ROOT / "k8s/overlays/s3-models/network-vars.yaml").read_text())
+    assert not [d for d in docs if d["metadata"]["name"] == vars_doc["metadata"]["name"]], "local-config leaked"
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "prefstream-config")
+    assert cm["data"]["PREFSTREAM_MODELS_URL"].startswith("s3://") and cm["data"]["PREFSTREAM_S3_ENDPOINT"]
+    assert "PREFSTREAM_MODELS_DIR" not in cm["data"], "only the controller has a models directory, for its state"
+    assert not set(cm["data"]) & S3_CREDENTIALS, "S3 keys are per component, in Secrets"
+    # The models volume is gone; the one ReadWriteMany claim left is the shards' (written by every
+    # worker, read by retrains); the controller's state is on a ReadWriteOnce claim.
+    claims = {d["metadata"]["name"]: d["spec"]["accessModes"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    assert "prefstream-models" not in claims
+    assert [n for n, modes in claims.items() if "ReadWriteMany" in modes] == ["prefstream-shards"]
+    assert claims["prefstream-controller-state"] == ["ReadWriteOnce"]
+    templates = list(pod_templates(docs)) + [(retrain_job(docs), retrain_job(docs)["spec"]["template"])]
+    components = set()
+    for d, tpl in templates:
+        pod, name = tpl["spec"], d["metadata"]["name"]
+        component = tpl["metadata"]["labels"]["app.kubernetes.io/component"]
+        components.add(component)
+        claimed = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
+                   if "persistentVolumeClaim" in v}
+        assert "prefstream-models" not in claimed.values() and "models" not in claimed, name
+        for c in all_containers(pod):
+            assert not [m for m in c.get("volumeMounts", []) if m["name"] == "models"
+                        or m["mountPath"] == "/data/models"], (name, c["name"])
+            env = env_of(c)
+            if component not in S3_COMPONENTS:
+                assert not set(env) & S3_CREDENTIALS, name
+                continue
+            for key in S3_CREDENTIALS:
+                assert "value" not in env[key], f"{name}: {key} is a literal"
+                assert env[key]["valueFrom"]["secretKeyRef"] == {"name": f"prefstream-{component}", "key": key}, name
+        if component == "controller":  # its state directory is the ReadWriteOnce claim
+            c = pod["containers"][0]
+            state = next(m for m in c["volumeMounts"] if m["mountPath"] == env_of(c)["PREFSTREAM_MODELS_DIR"]["value"])
+            assert claimed[state["name"]] == "prefstream-controller-state"
+    assert components >= S3_COMPONENTS | {"review", "topics"}
+    # Egress to the S3 endpoint's range (the overlay's variable) from exactly the components using the store.
+    s3 = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "prefstream-egress-s3")
+    assert s3["spec"]["egress"] == [{"to": [{"ipBlock": {"cidr": vars_doc["data"]["S3_CIDR"]}}],
+                                     "ports": [{"protocol": "TCP", "port": 443}]}]
+    for _, tpl in templates:
+        labels = tpl["metadata"]["labels"]
+        assert selects(s3["spec"]["podSelector"], labels) == (labels["app.kubernetes.io/component"] in S3_COMPONENTS)
+
+
+def test_retrain_job_with_an_s3_store_has_no_models_volume_and_reads_its_keys_from_its_secret():
+    kv = pytest.importorskip("kubernetes_validate")
+    tpl = JobTemplate(models_url="s3://bucket/models", s3_endpoint="http://seaweedfs:8333", gpus=2)
+    job = job_manifest("prefstream-retrain-current-1", "current", {}, tpl)
+    kv.validate(job, "1.30.0", strict=True)
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert "models" not in {v["name"] for v in pod["volumes"]}
+    assert {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v} == \
+        {"prefstream-shards"}
+    assert "/data/models" not in {m["mountPath"] for m in c["volumeMounts"]}
+    env = env_of(c)
+    assert "PREFSTREAM_MODELS_DIR" not in env
+    assert env["PREFSTREAM_MODELS_URL"]["value"] == "s3://bucket/models"
+    assert env["PREFSTREAM_S3_ENDPOINT"]["value"] == "http://seaweedfs:8333"
+    for key in S3_CREDENTIALS:  # required: a retrain that cannot reach its store must not start
+        assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "prefstream-retrain", "key": key}}}
+    assert secret_refs(pod) == {"prefstream-retrain": KAFKA_CREDENTIALS | S3_CREDENTIALS}
+    assert pss_violations(job["spec"]["template"], "restricted") == set()
+    # The directory store keeps its volume and no S3 keys; without either store there is no Job.
+    local = job_manifest("j", "current", {}, JobTemplate())["spec"]["template"]["spec"]
+    assert "PREFSTREAM_MODELS_URL" not in env_of(local["containers"][0])
+    assert secret_refs(local) == {"prefstream-retrain": KAFKA_CREDENTIALS}
+    with pytest.raises(JobError, match="PREFSTREAM_MODELS_URL"):
+        job_manifest("j", "current", {}, JobTemplate(models_pvc=""))
+
+
+def test_the_controller_gives_its_jobs_its_own_s3_store(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from kubernetes import client
+
+    from streams.runtime import jobs
+    from streams.runtime.controller import Controller
+    from streams.settings import ControllerSettings, Settings
+
+    monkeypatch.setattr(jobs, "kube_client", lambda: client.ApiClient())  # no cluster: the runner is only built
+    settings = Settings(home=tmp_path, models_url="s3://bucket/models", s3_endpoint="http://seaweedfs:8333")
+    runner = Controller._make_runner(SimpleNamespace(settings=settings, csettings=ControllerSettings(runner="kubernetes")))
+    assert (runner.template.models_url, runner.template.s3_endpoint) == ("s3://bucket/models", "http://seaweedfs:8333")
+    local = Controller._make_runner(SimpleNamespace(settings=Settings(home=tmp_path),
+                                                    csettings=ControllerSettings(runner="kubernetes")))
+    assert local.template.models_url is None and local.template.models_pvc == "prefstream-models"

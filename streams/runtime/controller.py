@@ -117,8 +117,10 @@ class Controller:
         if self.csettings.runner == "kubernetes":
             from streams.runtime.jobs import JobTemplate, KubernetesRunner
 
+            # The Jobs use the controller's model store: its S3 URL and endpoint, else the models volume.
             return KubernetesRunner(JobTemplate(namespace=self.csettings.k8s_namespace, image=self.csettings.k8s_image,
-                                                gpus=self.csettings.job_gpus))
+                                                gpus=self.csettings.job_gpus, models_url=self.settings.models_url,
+                                                s3_endpoint=self.settings.s3_endpoint))
         return LocalRunner(Path(self.settings.home) / "logs" / "retrain", gpus=self.csettings.job_gpus)
 
     # ------------------------------------------------------------------ state and records

@@ -127,6 +127,11 @@ class JobTemplate:
     memory_limit: str = "8Gi"
     shards_pvc: str = "prefstream-shards"
     models_pvc: str = "prefstream-models"
+    # The model store in object storage (PREFSTREAM_MODELS_URL, s3://bucket/prefix): set, the Job gets
+    # no models volume (models_pvc is ignored) and reads its S3 keys from its own Secret, required.
+    models_url: str | None = None
+    s3_endpoint: str | None = None
+    s3_secret_keys: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     backoff_limit: int = 1
     ttl_seconds_after_finished: int = 3600
     active_deadline_seconds: int = 6 * 3600
@@ -141,6 +146,22 @@ class JobTemplate:
     # /dev/shm of a multi-GPU Job: NCCL passes data between the ranks through shared memory, and a
     # container's default 64 MiB is too little.
     shm_size: str = "8Gi"
+
+
+def _store_parts(tpl: JobTemplate) -> dict[str, list[dict[str, Any]]]:
+    """What the model store adds to the Job's pod: the models volume, or the S3 URL, endpoint and keys."""
+    if tpl.models_url:
+        env = [{"name": "PREFSTREAM_MODELS_URL", "value": tpl.models_url}]
+        env += [{"name": "PREFSTREAM_S3_ENDPOINT", "value": tpl.s3_endpoint}] if tpl.s3_endpoint else []
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": tpl.secret, "key": key}}}
+                for key in tpl.s3_secret_keys]
+        return {"env": env, "mounts": [], "volumes": []}
+    if not tpl.models_pvc:
+        raise JobError("a retrain Job needs a model store: set PREFSTREAM_MODELS_URL (s3://bucket/prefix) or "
+                       "give the JobTemplate the models PersistentVolumeClaim (models_pvc)")
+    return {"env": [{"name": "PREFSTREAM_MODELS_DIR", "value": "/data/models"}],
+            "mounts": [{"name": "models", "mountPath": "/data/models"}],
+            "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": tpl.models_pvc}}]}
 
 
 def _gpu_parts(tpl: JobTemplate) -> dict[str, Any]:
@@ -164,6 +185,7 @@ def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate,
     all_labels = {"app.kubernetes.io/name": "prefstream", "app.kubernetes.io/component": "retrain",
                   "prefstream.io/role": role} | labels
     gpu = _gpu_parts(tpl)
+    store = _store_parts(tpl)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name, "namespace": tpl.namespace, "labels": all_labels},
@@ -186,8 +208,7 @@ def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate,
                         **gpu["command"],  # torchrun in place of the image's prefstream entrypoint
                         "args": retrain_args(role, extra_args, tpl.gpus),
                         "envFrom": [{"configMapRef": {"name": tpl.env_from_configmap}}],
-                        "env": [{"name": "PREFSTREAM_SHARDS_DIR", "value": "/data/shards"},
-                                {"name": "PREFSTREAM_MODELS_DIR", "value": "/data/models"}]
+                        "env": [{"name": "PREFSTREAM_SHARDS_DIR", "value": "/data/shards"}] + store["env"]
                                + [{"name": key, "valueFrom": {"secretKeyRef": {"name": tpl.secret, "key": key,
                                                                               "optional": True}}}
                                   for key in tpl.secret_keys],
@@ -197,11 +218,11 @@ def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate,
                         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                             "capabilities": {"drop": ["ALL"]}},
                         "volumeMounts": [{"name": "shards", "mountPath": "/data/shards", "readOnly": True},
-                                         {"name": "models", "mountPath": "/data/models"},
+                                         *store["mounts"],
                                          {"name": "tmp", "mountPath": "/tmp"}] + gpu["mounts"],
                     }],
                     "volumes": [{"name": "shards", "persistentVolumeClaim": {"claimName": tpl.shards_pvc}},
-                                {"name": "models", "persistentVolumeClaim": {"claimName": tpl.models_pvc}},
+                                *store["volumes"],
                                 {"name": "tmp", "emptyDir": {}}] + gpu["volumes"],
                 },
             },
