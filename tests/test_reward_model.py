@@ -376,5 +376,5 @@ def test_training_device_is_resolved_or_refused_with_the_fix():
     with pytest.raises(TrainerError, match="cpu, cuda"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(TrainerError, match="--device cpu"):
+        with pytest.raises(TrainerError, match="use device cpu"):
             resolve_device("cuda:0")

@@ -317,7 +317,7 @@ def test_the_retrain_job_asks_for_gpus_and_runs_torchrun_for_more_than_one(gpus)
         assert "command" not in c and "nvidia.com/gpu" not in limits and "tolerations" not in pod
         assert job == job_manifest("prefstream-retrain-current-1", "current", {}, JobTemplate(), ["--max-steps", "5"])
         return
-    assert limits["nvidia.com/gpu"] == str(gpus)
+    assert limits["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
     assert c["args"] == ["retrain", "--role", "current", "--device", "cuda", "--max-steps", "5"]
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if gpus == 1:
@@ -339,3 +339,24 @@ def test_the_controller_hands_its_gpu_count_to_either_runner(tmp_path):
                                   "-m", "streams.cli", "retrain", "--role", "gold", "--device", "cuda"]
     assert LocalRunner(tmp_path).argv("gold", ["--max-steps", "3"]) == [
         sys.executable, "-m", "streams.cli", "retrain", "--role", "gold", "--max-steps", "3"]
+
+
+def test_a_two_rank_retrain_job_publishes_once_and_prints_one_result(tmp_path):
+    """The controller's local runner under torchrun (gloo ranks on the CPU): both ranks train, rank 0
+    evaluates, publishes and prints the one RETRAIN_RESULT line the runner reads."""
+    from streams.settings import Settings, child_env
+    from trainers.registry import ModelStore
+
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text("\n".join(json.dumps({k: v for k, v in p.items() if k != "extra"}) for p in toy_pairs(40)))
+    env = child_env(Settings(home=tmp_path, models_dir=tmp_path / "models", shards_dir=tmp_path / "shards"))
+    handle = LocalRunner(tmp_path / "logs", env=env | {"OMP_NUM_THREADS": "1"}, processes=2).submit(
+        "current", {}, ["--seed-file", str(seed), "--max-steps", "4", "--max-length", "48", "--no-quantize",
+                        "--no-announce", "--tolerance", "1"])
+    handle.proc.wait(600)
+    outcome = handle.outcome()
+    log = handle.log.read_text()
+    assert outcome.succeeded, log[-3000:]
+    assert log.count("RETRAIN_RESULT") == 1 and [r["decision"] for r in outcome.result] == ["published", "published"]
+    store = ModelStore(tmp_path / "models")
+    assert sorted(v.version for v in store.list()) == sorted(r["version"] for r in outcome.result)  # no doubles

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from trainers.devices import DTYPES
 from trainers.exceptions import TrainerError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = DTYPES  # fp32, bf16, fp16: the names scoring uses for its dtypes
 
 
 def check_precision(precision: str, device: str) -> None:

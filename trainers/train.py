@@ -27,6 +27,7 @@ import numpy as np
 
 from trainers import checkpoint, distributed
 from trainers.data import read_pairs, split_holdout
+from trainers.devices import resolve_device
 from trainers.distributed import Ranks
 from trainers.exceptions import TrainerError
 from trainers.lora import ALL_LINEAR, AUTO_TARGETS, apply_lora, merge_lora
@@ -199,18 +200,6 @@ def _rewards(model: Any, formatter: Any, seqs: list[dict], per_pass: int, device
     rewards = torch.cat(outs)[torch.from_numpy(np.argsort(order)).to(device)]
     half = len(seqs) // 2
     return rewards[:half], rewards[half:]
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainerError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise TrainerError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
-    return device
 
 
 def _load_base(cfg: TrainConfig, device: str) -> RewardModel:

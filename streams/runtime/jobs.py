@@ -171,7 +171,7 @@ def _gpu_parts(tpl: JobTemplate) -> dict[str, Any]:
         return {"resources": {}, "pod": {}, "command": {}, "mounts": [], "volumes": []}
     multi = tpl.gpus > 1
     return {
-        # An extended resource may be given under limits only; requests then default to the same.
+        # Requests and limits of an extended resource must be equal.
         "resources": {"nvidia.com/gpu": str(tpl.gpus)},
         "pod": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
         "command": {"command": [*torchrun_prefix(tpl.gpus), "-m", "streams.cli"]} if multi else {},
@@ -212,7 +212,8 @@ def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate,
                                + [{"name": key, "valueFrom": {"secretKeyRef": {"name": tpl.secret, "key": key,
                                                                               "optional": True}}}
                                   for key in tpl.secret_keys],
-                        "resources": {"requests": {"cpu": tpl.cpu_request, "memory": tpl.memory_request},
+                        "resources": {"requests": {"cpu": tpl.cpu_request, "memory": tpl.memory_request}
+                                      | gpu["resources"],
                                       "limits": {"cpu": tpl.cpu_limit, "memory": tpl.memory_limit}
                                       | gpu["resources"]},
                         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
