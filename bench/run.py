@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import pipeline, random_model, retrieval, scoring, training
+from bench import labeler, pipeline, random_model, retrieval, scoring, training
 from bench.common import HH, RESULTS, ROOT, machine
 from trainers.model import ONNX_INT8
 
@@ -56,6 +56,9 @@ def table() -> str:
         r = json.loads(rt.read_text())
         rows.append(f"| retrieval p99 at {r['indexed']:,} indexed prompts, k={r['k']} | {r['p99_ms']} ms (IVF) | full sort "
                     f"| recall@{r['k']} {r['recall_at_k']:.3f} | p99 < 20 ms, recall >= 0.95 | p50 {r['p50_ms']} ms |")
+    lb = RESULTS / "labeler.json"
+    if lb.exists():
+        rows += labeler.rows(json.loads(lb.read_text()))
     for name, models in (("pipeline", "the served model alone"), ("pipeline-gold", "current and gold models"),
                          ("pipeline-current", "the BERT-base-sized model alone")):
         pl = RESULTS / f"{name}.json"
@@ -65,6 +68,8 @@ def table() -> str:
     rows.append("")
     rows.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}. "
                 "Command: `make bench` (results in `bench/results/*.json`).")
+    if lb.exists():  # the labeler's misses per category, as its table row says
+        rows += ["", *labeler.confusion_table(json.loads(lb.read_text()))]
     return "\n".join(rows)
 
 
@@ -124,6 +129,8 @@ def main() -> int:
     print(scoring.main(["--model", str(model)]), flush=True)
     print("retrieval at 100k ...", flush=True)
     print(retrieval.main([]), flush=True)
+    print("labeler: top-1 on the labelled set, time against the two-example labeler ...", flush=True)
+    labeler.main([])
     print("stream pipeline end to end ...", flush=True)
     print(pipeline.main([]), flush=True)
     print("stream pipeline end to end with a gold model ...", flush=True)

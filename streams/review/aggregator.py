@@ -9,7 +9,12 @@
   compared with the verified label to measure consistency.
 - Rolling Krippendorff's alpha (nominal) over the last decided tasks, overall and per task
   category, from the `krippendorff` package; exported as a metric, written to Redis for the stats
-  page and (as 1 - alpha) for the labeler's controversiality; a warning below 0.85.
+  page; a warning below 0.85.
+- Per task category, Gwet's AC1 over the same window, written to Redis (as 1 - AC1) for the
+  labeler's controversiality. Alpha falls towards 0 when nearly every verdict is the same side,
+  however often annotators agree (its chance term grows with prevalence: annotators 84-89% right
+  on a run of mostly "chosen" labels get alpha 0.1-0.2, even near 0); AC1 keeps reading their
+  agreement (0.7-0.75 there), and reads low agreement as low (tests/test_labeler.py).
 
 Each batch of annotations is one Kafka transaction with its input offsets, like the worker. A task is
 marked decided in Redis only after that transaction has committed (``Aggregator.committed``): until
@@ -41,6 +46,7 @@ ALPHA_TARGET = 0.85
 ALPHA_WINDOW = 500
 REANNOTATE_EVERY = 20  # 5%
 SIDES = ("chosen", "rejected")
+VERDICTS = (*SIDES, "tie", "both_bad", "invalid")  # Annotation.preferred: the scale AC1's chance term counts
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,24 @@ def alpha(units: list[dict[str, str]]) -> float | None:
         for a, v in u.items():
             data[raters.index(a), j] = code[v]
     return float(krippendorff.alpha(reliability_data=data, level_of_measurement="nominal"))
+
+
+def ac1(units: list[dict[str, str]], scale: tuple[str, ...] = VERDICTS) -> float | None:
+    """Gwet's AC1 over units (each a mapping annotator -> preferred), any number of raters per unit.
+
+    Observed agreement: the share of agreeing rater pairs within a unit, averaged over units with
+    two or more ratings. Chance agreement: sum of pi_k (1 - pi_k) / (Q - 1), with pi_k the mean
+    share of ratings in category k and Q the categories of ``scale``; it shrinks as one category
+    dominates, so agreement on a skewed run is not read as chance (Gwet 2008).
+    """
+    rated = [Counter(u.values()) for u in units if len(u) >= 2]
+    if len(rated) < 2:
+        return None
+    observed = float(np.mean([sum(r * (r - 1) for r in c.values()) / (n * (n - 1))
+                              for c in rated for n in [sum(c.values())]]))
+    pi = {k: float(np.mean([c[k] / sum(c.values()) for c in rated])) for k in scale}
+    chance = sum(p * (1 - p) for p in pi.values()) / (len(scale) - 1)
+    return (observed - chance) / (1 - chance)
 
 
 def needs_reannotation(pair_id: str) -> bool:
@@ -215,7 +239,9 @@ class Aggregator:
             a = alpha(units)
             if a is not None:
                 metrics.ALPHA.labels(cat).set(a)
-                self.redis.hset(DISAGREEMENT_KEY, cat, f"{max(0.0, min(1.0, 1 - a)):.4f}")
+            agreement = ac1(units)
+            if agreement is not None:
+                self.redis.hset(DISAGREEMENT_KEY, cat, f"{max(0.0, min(1.0, 1 - agreement)):.4f}")
         if overall < ALPHA_TARGET:
             log.warning("annotator agreement is low: Krippendorff's alpha %.3f < %.2f over %d tasks",
                         overall, ALPHA_TARGET, len(self.window))

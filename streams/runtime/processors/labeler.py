@@ -1,10 +1,13 @@
 """The labeler: the seed's five attributes for each pair.
 
-- task_category: nearest taxonomy entry by prompt embedding (MiniLM) against each category's
-  description and examples (``streams/data/taxonomy.json``, 50+ task types).
+- task_category: the taxonomy entry (``streams/data/taxonomy.json``, 54 task types) whose centroid
+  (mean MiniLM embedding of its description and about ten examples) is nearest to the
+  conversation: the last user turn, mixed with the earlier user turns for multi-turn pairs.
+  Top-1 accuracy on the labelled set ``bench/data/labeler_eval.jsonl`` is measured by
+  ``python -m bench.labeler`` (docs/benchmarks.md).
 - objectivity: the category's default, overridden by cues in the prompt ("in your opinion", ...).
 - controversiality: from the two models' disagreement on the pair (|p - gold_p|) and the
-  category's annotator-disagreement history (1 - alpha, kept in Redis by the aggregator).
+  category's annotator disagreement (1 - Gwet's AC1, kept in Redis by the aggregator).
 - expected_attributes and annotation_guideline: the category's templates.
 
 An optional LLM labeler (OpenAI-compatible endpoint, JSON-schema output) is used only when
@@ -30,6 +33,13 @@ log = logging.getLogger(__name__)
 
 _OPINION_CUES = re.compile(r"\b(in your opinion|what do you think|do you believe|should i|is it (?:right|wrong|ethical)|better)\b", re.I)
 DISAGREEMENT_KEY = "prefstream:category:disagreement"
+# A follow-up turn ("now make it shorter") says little on its own; the earlier user turns carry the
+# task. The last turn keeps the larger share so that a change of subject in it still decides.
+LAST_TURN_WEIGHT = 0.6
+# The earlier turns are embedded as one text, most recent first, cut to about 50 tokens: labeling
+# HH-RLHF pairs (70% multi-turn) then takes about twice the time of the last turn alone
+# (bench/labeler.py); the whole 128 tokens would cost more for little (the latest turns lead).
+CONTEXT_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,12 @@ def load_taxonomy(path: str | None = None) -> list[Category]:
     return cats
 
 
+def earlier_turns(record: dict) -> str:
+    """The user turns before the last one, most recent first, cut to CONTEXT_CHARS ("" for one turn)."""
+    users = [t["content"] for t in record["conversation"] if t["role"] == "user"]
+    return "\n".join(reversed(users[:-1]))[:CONTEXT_CHARS]
+
+
 def controversiality(model_disagreement: float | None, category_disagreement: float) -> str:
     """low / medium / high from the larger of the two disagreement signals (both in [0, 1])."""
     score = max(model_disagreement or 0.0, category_disagreement)
@@ -64,7 +80,9 @@ class Labeler:
         self.taxonomy = taxonomy or load_taxonomy()
         self.by_name = {c.name: c for c in self.taxonomy}
         self.redis = redis
-        # One centroid per category: mean of the description and examples, unit length.
+        # One centroid per category: mean of the description and examples, unit length. With about
+        # ten varied examples per category the mean beats the nearest single example and the mean of
+        # the top three (bench/labeler.py measures them on the labelled set).
         vecs = []
         for c in self.taxonomy:
             e = embedder.embed([c.description, *c.examples])
@@ -81,14 +99,22 @@ class Labeler:
             return {}
         return {k.decode(): float(v) for k, v in raw.items()}
 
-    def categorize(self, prompts: Sequence[str]) -> list[str]:
-        sims = self.embedder.embed(list(prompts)) @ self.centroids.T
+    def categorize(self, prompts: Sequence[str], contexts: Sequence[str] | None = None) -> list[str]:
+        """Nearest category per prompt; a non-empty context (``earlier_turns``) takes 1 - LAST_TURN_WEIGHT."""
+        multi = [i for i, c in enumerate(contexts or ()) if c]
+        # One call for both, so the embedder batches them together by length.
+        vecs = self.embedder.embed([*prompts, *(contexts[i] for i in multi)]) if contexts else self.embedder.embed(list(prompts))
+        sims = vecs[:len(prompts)] @ self.centroids.T
+        if multi:
+            sims[multi] = LAST_TURN_WEIGHT * sims[multi] + (1 - LAST_TURN_WEIGHT) * (vecs[len(prompts):] @ self.centroids.T)
         return [self.taxonomy[i].name for i in sims.argmax(axis=1)]
 
     def label(self, pairs: list[dict], model_disagreement: Sequence[float | None] | None = None) -> list[dict]:
         """Fill the five attributes in place where the producer did not set them; returns the pairs."""
         prompts = [prompt_text(p) for p in pairs]
-        cats = self.categorize(prompts)
+        # Where the producer set the category, the prompt's own category only picks templates for an
+        # unknown name: the earlier turns' extra pass is skipped.
+        cats = self.categorize(prompts, ["" if p.get("task_category") else earlier_turns(p) for p in pairs])
         history = self.category_disagreement()
         for i, (p, name) in enumerate(zip(pairs, cats, strict=True)):
             cat = self.by_name.get(p.get("task_category") or name) or self.by_name[name]
