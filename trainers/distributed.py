@@ -8,6 +8,7 @@ that all ranks take the same path through a job (no pickle: the result travels a
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from dataclasses import dataclass
@@ -80,6 +81,9 @@ def init(device: str, r: Ranks) -> None:
         return
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    # A job may train twice in one process (Stage 1 with a current model in place): the group lives
+    # until the process ends, and is then left cleanly (NCCL warns about a group never destroyed).
+    atexit.register(dist.destroy_process_group)
 
 
 def wrap(model: Any, device: str, r: Ranks) -> Any:
