@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 from streams.local.generate import GenerateConfig, generate
 from streams.local.report import HOT_SWAP_TARGET_S, hot_swaps, noise_detection
-from streams.local.report_files import to_html
-from tests.helpers import ROOT
+from streams.local.report_files import hot_swap_rows, to_html
 
 
 def _curated(pair: dict, split: str, swap: bool) -> dict:
@@ -55,15 +52,13 @@ def test_hot_swaps_only_count_published_versions_and_measure_to_first_use():
 
 
 def test_the_report_shows_each_hot_swap_against_the_target():
-    from streams.local.report_files import markdown
-
-    report = json.loads((ROOT / "demo-report" / "report.json").read_text())  # a real report's shape
-    report["hot_swaps"] = [{"version": "v2", "announced_at": 1.0, "first_scored_after_s": 1.23, "target_s": 2.0,
-                            "within_target": True},
-                           {"version": "v3", "announced_at": 9.0, "first_scored_after_s": 2.5, "target_s": 2.0,
-                            "within_target": False}]
-    md = markdown(report, [])
-    assert "| v2 | 1.23 s | < 2 s met |" in md and "| v3 | 2.50 s | < 2 s missed |" in md
+    rows = hot_swap_rows([{"version": "v2", "announced_at": 1.0, "first_scored_after_s": 1.23, "target_s": 2.0,
+                           "within_target": True},
+                          {"version": "v3", "announced_at": 9.0, "first_scored_after_s": 2.5, "target_s": 2.0,
+                           "within_target": False},
+                          {"version": "v4", "announced_at": 20.0, "first_scored_after_s": None, "target_s": 2.0,
+                           "within_target": None}])
+    assert rows == ["| v2 | 1.23 s | < 2 s met |", "| v3 | 2.50 s | < 2 s missed |", "| v4 | no traffic after it | < 2 s |"]
 
 
 def test_html_escapes_everything_it_renders():

@@ -324,6 +324,27 @@ def test_legacy_flush_files_are_read_and_adopted(tmp_path):
 
 
 # ------------------------------------------------------------------------------- the real writer
+@pytest.mark.integration
+def test_a_disk_that_fails_while_a_partition_is_assigned_loses_no_record(settings, monkeypatch):
+    """Recovery runs in the assignment callback: an error there must not leave the partition unassigned."""
+    pairs = _pairs(12)
+    write_batch(settings, pairs)
+    real_save, fails = shards.save_partition, []
+
+    def flaky(root, state):
+        if not fails:  # the first manifest write is recovery's, at assignment
+            fails.append(state["partition"])
+            raise OSError(28, "No space left on device")
+        real_save(root, state)
+
+    monkeypatch.setattr(shards, "save_partition", flaky)
+    root = Path(settings.shards_dir)
+    writer = ShardWriter(settings, WorkerSettings(shard_max_age_s=0.2, shard_compact_min_files=0), threading.Event())
+    _run(writer, lambda: sum(load_manifest(root).totals().values()) >= 12)
+    assert fails and writer.failures == 1
+    assert sorted(ids(root)) == sorted(p["pair_id"] for p in pairs)
+
+
 def _run(writer: ShardWriter, until, timeout: float = 60) -> None:
     thread = threading.Thread(target=writer.run, name="shards", daemon=True)
     thread.start()
@@ -366,7 +387,7 @@ def test_the_writer_retries_an_append_whose_commit_failed(settings, monkeypatch)
     real_save, fails = shards.save_partition, []
 
     def flaky(root, state):
-        if not fails:  # the disk fills once, after the records were appended to a file
+        if not fails and state["files"]:  # the disk fills once, after the records were appended to a file
             fails.append(state["partition"])
             raise OSError(28, "No space left on device")
         real_save(root, state)

@@ -77,6 +77,17 @@ def _fmt(v: Any, fmt: str = ".3f") -> str:
     return "-" if v is None else format(v, fmt) if isinstance(v, float) else str(v)
 
 
+def hot_swap_rows(swaps: list[dict[str, Any]]) -> list[str]:
+    """One table row per hot-swap: the time to the first pair scored by the version, against its target."""
+    rows = []
+    for sw in swaps:
+        after, target = sw["first_scored_after_s"], sw.get("target_s")
+        met = "" if sw.get("within_target") is None else ("met" if sw["within_target"] else "missed")
+        rows.append(f"| {sw['version']} | {f'{after:.2f} s' if after is not None else 'no traffic after it'} | "
+                    f"{f'< {target:g} s {met}'.strip() if target else '-'} |")
+    return rows
+
+
 def markdown(r: dict[str, Any], images: list[str]) -> str:
     noise, p = r["noise_detection"], r["pairs"]
     lines = ["# prefstream demo report", "", f"Generated {r['generated_at']}; topics `{r['topic_prefix']}*`.", ""]
@@ -121,11 +132,7 @@ def markdown(r: dict[str, Any], images: list[str]) -> str:
               "first pair the workers scored with it (traffic never paused; the load, verification and a warm-up batch "
               "happen in the background, the swap between two batches).", "",
               "| version | first pair scored by it after | target |", "|---|---|---|"]
-    for sw in r["hot_swaps"]:
-        after, target = sw["first_scored_after_s"], sw.get("target_s")
-        met = "" if sw.get("within_target") is None else ("met" if sw["within_target"] else "missed")
-        lines.append(f"| {sw['version']} | {f'{after:.2f} s' if after is not None else 'no traffic after it'} | "
-                     f"{f'< {target:g} s {met}'.strip() if target else '-'} |")
+    lines += hot_swap_rows(r["hot_swaps"])
     lines += ["", "## Controller decisions", ""]
     lines += [f"- {time.strftime('%H:%M:%S', time.localtime(d['time']))} {d['role']}: {d['decision']} — {d['reason']}"
               for d in r["controller"]]

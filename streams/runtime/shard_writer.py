@@ -81,16 +81,39 @@ class ShardWriter:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         next_offset: dict[int, int] = {}
         for tp in partitions:
-            plog = self._log(tp.partition)
-            next_offset[tp.partition] = plog.recover()["next_offset"]
-            self.written[tp.partition] = plog.identities(curated_identity)
-        write_summary(self.root)
+            recovered = self._recover(tp.partition)
+            if recovered is None:  # stopping
+                return
+            next_offset[tp.partition] = recovered
+        try:
+            write_summary(self.root)
+        except OSError as exc:  # only the summary for readers; the next flush writes it again
+            log.warning("shard writer: cannot write the shard summary: %s", exc)
         committed = {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10)}
         out = []
         for tp in partitions:
             resume = max(committed.get(tp.partition, -1), next_offset.get(tp.partition, -1))
             out.append(TopicPartition(tp.topic, tp.partition, resume if resume > 0 else OFFSET_BEGINNING))
         consumer.assign(out)
+
+    def _recover(self, partition: int) -> int | None:
+        """The partition's committed position after recovery, retried while the disk fails.
+
+        An exception out of this assignment callback would leave the partition unassigned for good
+        (assign() is never reached), so its records would never be written; waiting is the only safe way.
+        """
+        while not self.stop.is_set():
+            try:
+                plog = self._log(partition)
+                next_offset = plog.recover()["next_offset"]
+                self.written[partition] = plog.identities(curated_identity)
+                return next_offset
+            except (OSError, DataError) as exc:
+                self.failures += 1
+                log.warning("shard writer: recovering %s[%d] failed: %s; retrying in %.0f s", self.topic, partition,
+                            exc, RETRY_S)
+                time.sleep(RETRY_S)
+        return None
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
