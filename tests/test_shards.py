@@ -324,15 +324,15 @@ def test_legacy_flush_files_are_read_and_adopted(tmp_path):
 
 
 # ------------------------------------------------------------------------------- the real writer
-@pytest.mark.integration
-def test_a_disk_that_fails_while_a_partition_is_assigned_loses_no_record(settings, monkeypatch):
-    """Recovery runs in the assignment callback: an error there must not leave the partition unassigned."""
+def _writes_every_pair_after_one_failed_save(settings, monkeypatch, fails_when) -> Path:
+    """The disk fills once, on the first manifest write ``fails_when(state)`` picks; the writer must retry
+    and end with every pair in the shards."""
     pairs = _pairs(12)
     write_batch(settings, pairs)
     real_save, fails = shards.save_partition, []
 
     def flaky(root, state):
-        if not fails:  # the first manifest write is recovery's, at assignment
+        if not fails and fails_when(state):
             fails.append(state["partition"])
             raise OSError(28, "No space left on device")
         real_save(root, state)
@@ -343,6 +343,13 @@ def test_a_disk_that_fails_while_a_partition_is_assigned_loses_no_record(setting
     _run(writer, lambda: sum(load_manifest(root).totals().values()) >= 12)
     assert fails and writer.failures == 1
     assert sorted(ids(root)) == sorted(p["pair_id"] for p in pairs)
+    return root
+
+
+@pytest.mark.integration
+def test_a_disk_that_fails_while_a_partition_is_assigned_loses_no_record(settings, monkeypatch):
+    """Recovery runs in the assignment callback: an error there must not leave the partition unassigned."""
+    _writes_every_pair_after_one_failed_save(settings, monkeypatch, lambda state: True)  # recovery's write comes first
 
 
 def _run(writer: ShardWriter, until, timeout: float = 60) -> None:
@@ -382,21 +389,7 @@ def test_the_writer_rolls_files_across_micro_batches(settings):
 
 @pytest.mark.integration
 def test_the_writer_retries_an_append_whose_commit_failed(settings, monkeypatch):
-    pairs = _pairs(12)
-    write_batch(settings, pairs)
-    real_save, fails = shards.save_partition, []
-
-    def flaky(root, state):
-        if not fails and state["files"]:  # the disk fills once, after the records were appended to a file
-            fails.append(state["partition"])
-            raise OSError(28, "No space left on device")
-        real_save(root, state)
-
-    monkeypatch.setattr(shards, "save_partition", flaky)
-    root = Path(settings.shards_dir)
-    writer = ShardWriter(settings, WorkerSettings(shard_max_age_s=0.2, shard_compact_min_files=0), threading.Event())
-    _run(writer, lambda: sum(load_manifest(root).totals().values()) >= 12)
-    assert fails and writer.failures == 1
-    assert sorted(ids(root)) == sorted(p["pair_id"] for p in pairs)
+    # After the records were appended to a file: recovery's writes hold no files yet.
+    root = _writes_every_pair_after_one_failed_save(settings, monkeypatch, lambda state: bool(state["files"]))
     for e in load_manifest(root).entries():
         assert (root / e["file"]).stat().st_size == e["bytes"]
