@@ -188,6 +188,15 @@ def _tiny_versions(store: ModelStore, tmp_path: Path, n: int) -> list[str]:
     return out
 
 
+def _together(target) -> None:
+    """``target(w)`` for every writer w, each in its own thread, all joined."""
+    threads = [threading.Thread(target=target, args=(w,)) for w in range(WRITERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 @pytest.mark.parametrize("backend", ["directory", "s3"])
 def test_racing_writers_never_lose_a_role_update(backend, request, tmp_path):
     """Two controllers promote their own versions to one role at once: every promotion lands, in each
@@ -210,11 +219,7 @@ def test_racing_writers_never_lose_a_role_update(backend, request, tmp_path):
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(WRITERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _together(writer)
     assert not errors, errors
     history = stores[0].history("gold")
     assert sorted(history) == sorted(versions), f"lost {len(versions) - len(history)} of {len(versions)} updates"
@@ -232,11 +237,7 @@ def test_racing_writers_never_lose_a_role_update(backend, request, tmp_path):
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=roller, args=(w,)) for w in range(WRITERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _together(roller)
     assert not errors, errors
     assert stores[1].history("gold") == history[: len(history) - WRITERS * (ROUNDS // 5)]
 
