@@ -212,15 +212,16 @@ def gate(cand: dict[str, Any], serv: dict[str, Any], cfg: RetrainConfig) -> tupl
     return True, f"holdout accuracy {cand['accuracy']:.4f} vs serving {serv['accuracy']:.4f} on {cand['n']} pairs"
 
 
-def _serving_model(store: ModelStore, version: str, max_length: int, device: str) -> Any:
+def _serving_model(base: str, max_length: int, device: str) -> Any:
+    """The serving model from its verified checkout, or the bootstrap model when ``base`` is "default"."""
     from trainers.model import RewardModel
 
-    if version == "bootstrap":
+    if base == "default":
         import torch
 
         torch.manual_seed(0)
         return RewardModel.default(max_length=max_length, device=device)
-    return RewardModel.load(store.checkout(version), max_length=max_length, device=device)
+    return RewardModel.load(base, max_length=max_length, device=device)
 
 
 def train_config(cfg: RetrainConfig, output_dir: str, base_model: str) -> Any:
@@ -282,7 +283,7 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
         lap("train")
         result = None
         if ranks.is_main:
-            result = _gate_and_publish(cfg, store, trained, pairs, holdout, serving_version,
+            result = _gate_and_publish(cfg, store, trained, pairs, holdout, serving_version, base,
                                        {"eval_set": eval_set_name, "lineage": lineage, "seconds": seconds, "lap": lap},
                                        announce)
         # Every rank returns rank 0's result, so that all take the same path through run_seed.
@@ -290,12 +291,12 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
 
 
 def _gate_and_publish(cfg: RetrainConfig, store: ModelStore, trained: Any, pairs: list[dict], holdout: list[dict],
-                      serving_version: str, run: dict[str, Any], announce: Announcer | None) -> RetrainResult:
+                      serving_version: str, base: str, run: dict[str, Any], announce: Announcer | None) -> RetrainResult:
     """Evaluate candidate and serving model, gate, export and publish: rank 0's part of a retrain."""
     from trainers.model import RewardModel
 
     cand = accuracy_report(RewardModel.load(trained.output_dir, device=trained.device), holdout)
-    serv = accuracy_report(_serving_model(store, serving_version, cfg.max_length, trained.device), holdout)
+    serv = accuracy_report(_serving_model(base, cfg.max_length, trained.device), holdout)
     run["lap"]("evaluate")
     ok, why = gate(cand, serv, cfg)
     result = RetrainResult(cfg.role, "published" if ok else "gate_failed", f"{why} ({run['eval_set']})",

@@ -27,7 +27,6 @@ no manifest names, seen under the lock, is left over from a crash and can be rem
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import os
@@ -35,7 +34,6 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -47,7 +45,7 @@ from fastavro import writer as avro_writer
 
 from schemas import registry
 from trainers.exceptions import DataError
-from trainers.storage import fsync_dir
+from trainers.storage import atomic_write, file_lock, fsync_dir
 
 MANIFEST = "manifest.json"
 MANIFEST_DIR = "manifest"
@@ -76,14 +74,7 @@ def tp_key(topic: str, partition: int) -> str:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    # A name of our own: several processes replace the summary manifest.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(obj)}.tmp")
-    with tmp.open("w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write(path, json.dumps(obj, indent=1).encode())
 
 
 # ---------------------------------------------------------------------------------------- manifests
@@ -91,17 +82,9 @@ def manifest_path(root: Path, topic: str, partition: int) -> Path:
     return Path(root) / MANIFEST_DIR / f"{topic}.p{partition}.json"
 
 
-@contextmanager
-def partition_lock(root: Path, topic: str, partition: int) -> Iterator[None]:
+def partition_lock(root: Path, topic: str, partition: int) -> Any:
     """Exclusive lock on a partition's manifest and files (across threads and processes)."""
-    path = manifest_path(root, topic, partition).with_suffix(".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return file_lock(manifest_path(root, topic, partition).with_suffix(".lock"))
 
 
 def load_partition(root: Path, topic: str, partition: int) -> dict[str, Any]:
@@ -327,6 +310,20 @@ class PartitionLog:
         self.root, self.topic, self.partition = Path(root), topic, partition
         self.roll_records, self.roll_age_s = max(1, roll_records), roll_age_s
         self.clock = clock  # wall clock: a file's age must survive a restart
+        # When this partition's oldest open file reaches the age threshold, from the last manifest this
+        # writer committed (it alone appends to the partition); -inf until one was read. Saves a manifest
+        # read per poll in close_aged.
+        self._close_due_at = float("-inf")
+        self.closed = 0  # files this log closed; a caller compacts only after it changed
+
+    def _committed(self, state: dict[str, Any]) -> None:
+        """Save the partition's manifest and note when its oldest open file is due to close."""
+        save_partition(self.root, state)
+        self._note_due(state)
+
+    def _note_due(self, state: dict[str, Any]) -> None:
+        opened = [e["created_at"] for e in state["files"] if e["open"]]
+        self._close_due_at = min(opened) + self.roll_age_s if opened else float("inf")
 
     def lock(self) -> Any:
         return partition_lock(self.root, self.topic, self.partition)
@@ -355,7 +352,7 @@ class PartitionLog:
                 if e["open"] and path.stat().st_size > e["bytes"]:
                     os.truncate(path, e["bytes"])  # an append that crashed before its manifest was replaced
             _sweep(self.root, state)
-            save_partition(self.root, state)
+            self._committed(state)
             return state
 
     def _due(self, entry: dict[str, Any], now: float) -> bool:
@@ -379,6 +376,7 @@ class PartitionLog:
                     entry = next((e for e in state["files"] if e["split"] == split and e["open"]), None)
                     if entry is not None and self._due(entry, now):
                         entry["open"], entry = False, None
+                        self.closed += 1
                     if entry is None:
                         name = f"{self.topic}.p{self.partition}.{recs[0][0]:012d}.avro"
                         entry = {"file": f"{split}/{name}", "split": split, "first_offset": recs[0][0],
@@ -391,10 +389,11 @@ class PartitionLog:
                     written[split] += len(take)
                     if entry["count"] >= self.roll_records:
                         entry["open"] = False
+                        self.closed += 1
             for d in new_dirs:
                 fsync_dir(d)
             state["next_offset"] = max(state["next_offset"], next_offset)
-            save_partition(self.root, state)
+            self._committed(state)
         return dict(written)
 
     def _write(self, entry: dict[str, Any], rows: list[tuple[int, dict[str, Any]]]) -> None:
@@ -415,16 +414,18 @@ class PartitionLog:
     def close_aged(self) -> int:
         """Close the open files past the age threshold (no record arrived to roll them). Returns how many."""
         now = self.clock()
-        state = self.load()  # a cheap look first: most polls have nothing to close
-        if not any(e["open"] and now - e["created_at"] >= self.roll_age_s for e in state["files"]):
+        if now < self._close_due_at:  # most polls: nothing open is old enough
             return 0
         with self.lock():
             state = self.load()
             aged = [e for e in state["files"] if e["open"] and now - e["created_at"] >= self.roll_age_s]
             for e in aged:
                 e["open"] = False
+            self.closed += len(aged)
             if aged:
-                save_partition(self.root, state)
+                self._committed(state)
+            else:
+                self._note_due(state)
             return len(aged)
 
     def identities(self, key: Any) -> set:

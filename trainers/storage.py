@@ -21,7 +21,8 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -95,6 +96,18 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created if missing), across threads and processes of one host."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def version_files(src: Path) -> list[str]:
@@ -188,15 +201,10 @@ class LocalBackend:
         # so locking it would lock an inode that the next writer no longer opens). flock holds between
         # processes on one host; on a network volume it holds only where the file system supports it.
         path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with (path.parent / f".{path.name}.lock").open("a") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                new = change(path.read_bytes() if path.exists() else None)
-                atomic_write(path, new)
-                return new
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        with file_lock(path.parent / f".{path.name}.lock"):
+            new = change(path.read_bytes() if path.exists() else None)
+            atomic_write(path, new)
+            return new
 
     def url(self, version: str) -> str:
         return str((self.versions_dir / version).resolve())

@@ -119,9 +119,9 @@ def shards(ctx: click.Context) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from streams.runtime.shard_writer import write_manifest
+    from trainers.shards import write_summary
 
-    manifest = write_manifest(_shards_root())
+    manifest = write_summary(_shards_root())
     click.echo(json.dumps({"totals": manifest["totals"], "files": len(manifest["shards"]),
                            "open_files": sum(1 for s in manifest["shards"] if s["open"]),
                            "positions": manifest["positions"]}, indent=1))
@@ -170,13 +170,13 @@ def compact(target_records: int | None, min_files: int) -> None:
     partition's manifest is replaced under its lock, and only then are the small files removed.
     Open files are left alone. The writer also compacts on its own (PREFSTREAM_WORKER_SHARD_COMPACT_MIN_FILES).
     """
-    from streams.runtime.shard_writer import write_manifest
     from streams.settings import WorkerSettings
     from trainers.shards import compact as compact_shards
+    from trainers.shards import write_summary
 
     root = _shards_root()
     done = compact_shards(root, target_records or WorkerSettings().shard_roll_records, min_files)
-    write_manifest(root)
+    write_summary(root)
     for c in done:
         console.print(f"{c.sources} files -> {c.file} ({c.records} records)", highlight=False)
     console.print(f"compacted {sum(c.sources for c in done)} files into {len(done)}")

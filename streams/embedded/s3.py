@@ -1,8 +1,8 @@
 """A minimal S3 client: AWS Signature Version 4 over httpx, path-style requests.
 
-Enough for the embedded object store (buckets, small objects). It is plain signed HTTP rather than
-boto3 because botocore requires python-dateutil<3 while the kubernetes client requires >=3
-(docs/design.md, Environment facts).
+Enough for the embedded object store (buckets, small objects): creating the broker's bucket and
+checking that the store answers. The model store (trainers/s3store.py) uses boto3, a core
+dependency; this client could be replaced by it.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ requests in one second gets 429 with Retry-After, and an annotator holding ``max
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -192,10 +191,9 @@ def api_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
 
     @router.post("/{task_id}/verdict")
     def submit(task_id: str, body: VerdictIn, who: str = Depends(annotator)) -> dict[str, Any]:
-        prior = ctx.redis.hget(ctx.queue.k("verdicts", task_id), who)
+        prior = ctx.queue.answered(task_id, who)
         if prior is not None:  # idempotent: the same verdict again, nothing new produced
-            ctx.queue.release(task_id, who)
-            return json.loads(prior) | {"duplicate": True}
+            return prior | {"duplicate": True}
         task = ctx.queue.task(task_id)
         if task is None:
             raise HTTPException(404, f"no task {task_id}")

@@ -176,10 +176,9 @@ class ReviewQueue:
     # ------------------------------------------------------------------ verdicts
     def submit(self, tid: str, annotator: str, annotation: dict[str, Any]) -> Submitted:
         """Record a verdict; only the lease holder may submit, and a second submit returns the first."""
-        prior = self.redis.hget(self.k("verdicts", tid), annotator)
+        prior = self.answered(tid, annotator)
         if prior is not None:
-            self.release(tid, annotator)
-            return Submitted(json.loads(prior), True, self.redis.hlen(self.k("verdicts", tid)))
+            return Submitted(prior, True, self.redis.hlen(self.k("verdicts", tid)))
         task = self.task(tid)
         if task is None:
             raise QueueError(404, f"no task {tid}")
@@ -198,6 +197,14 @@ class ReviewQueue:
         votes = pipe.execute()[-1]
         self._close_if_complete(tid, task, votes)
         return Submitted(annotation, False, votes)
+
+    def answered(self, tid: str, annotator: str) -> dict[str, Any] | None:
+        """``annotator``'s verdict on the task if they gave one (their lease, if any, is given back), else None."""
+        prior = self.redis.hget(self.k("verdicts", tid), annotator)
+        if prior is None:
+            return None
+        self.release(tid, annotator)
+        return json.loads(prior)
 
     def release(self, tid: str, annotator: str) -> None:
         """Give back ``annotator``'s lease on a task they have answered already, so it does not sit held

@@ -26,10 +26,10 @@ from prometheus_client import Counter, Gauge
 from streams.kafka import topics
 from streams.kafka.reader import SeenSet, TopicReader, identity
 from streams.runtime.jobs import JobOutcome, LocalRunner
-from streams.runtime.shard_writer import write_manifest
 from streams.settings import ControllerSettings, Settings
 from trainers.registry import ModelStore
 from trainers.retrain import CURRENT_SPLITS, GOLD_SPLITS
+from trainers.shards import load_manifest
 
 log = logging.getLogger(__name__)
 DECISIONS = Counter("prefstream_controller_decisions_total", "Controller decisions", ["role", "decision", "reason"])
@@ -147,7 +147,7 @@ class Controller:
     def totals(self) -> dict[str, int]:
         if not self.shards.exists():
             return {}
-        return write_manifest(self.shards)["totals"]
+        return load_manifest(self.shards).totals()
 
     def why_retrain(self, role: str, totals: dict[str, int]) -> tuple[str | None, str]:
         available = sum(totals.get(s, 0) for s in SPLITS[role])

@@ -26,7 +26,6 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
@@ -39,16 +38,10 @@ from streams.settings import Settings, WorkerSettings
 from trainers.exceptions import DataError
 from trainers.shards import MANIFEST, PartitionLog, compact_partition, write_summary
 
-__all__ = ["MANIFEST", "SHARD_GROUP", "ShardWriter", "write_manifest"]
+__all__ = ["MANIFEST", "SHARD_GROUP", "ShardWriter"]
 
 log = logging.getLogger(__name__)
 SHARD_GROUP = "prefstream-shards"
-
-
-def write_manifest(root: Path) -> dict[str, Any]:
-    """Rewrite and return shards/manifest.json, the summary of every partition's manifest."""
-    return write_summary(root)
-
 
 # Wait between tries after a failed flush or commit (broker or disk away).
 RETRY_S = 1.0
@@ -70,6 +63,8 @@ class ShardWriter:
         self.consumed: dict[int, int] = {}  # partition -> last offset read (buffered or skipped)
         self.duplicates = 0
         self.compacted = 0  # files merged away by automatic compaction
+        self._compact_seen: dict[int, int] = {}  # partition -> its log's closed count at the last compaction
+        self._summary_stale = False  # manifest.json lags the partitions' manifests
 
     def _log(self, partition: int) -> PartitionLog:
         if partition not in self.logs:
@@ -118,8 +113,9 @@ class ShardWriter:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._flush(tp.partition)
-            for table in (self.buffers, self.written, self.consumed, self.logs, self.pending):
+            for table in (self.buffers, self.written, self.consumed, self.logs, self.pending, self._compact_seen):
                 table.pop(tp.partition, None)
+        self._write_summary_if_stale()
 
     # -------------------------------------------------------------- writing
     def _flush(self, partition: int) -> None:
@@ -139,14 +135,15 @@ class ShardWriter:
             for split, count in written.items():
                 metrics.SHARD_ROWS.labels(split).inc(count)
             self._compact(plog)
-            write_summary(self.root)
+            self._summary_stale = True
         if partition in self.pending:
             self.consumer.commit(offsets=[TopicPartition(self.topic, partition, self.pending[partition])],
                                  asynchronous=False)
             self.pending.pop(partition)
 
     def _compact(self, plog: PartitionLog) -> None:
-        if self.wsettings.shard_compact_min_files < 2:
+        # Compaction merges closed files only: look again only after this log closed one (and once at first).
+        if self.wsettings.shard_compact_min_files < 2 or self._compact_seen.get(plog.partition) == plog.closed:
             return
         try:
             done = compact_partition(self.root, plog.topic, plog.partition, self.wsettings.shard_roll_records,
@@ -154,6 +151,7 @@ class ShardWriter:
         except DataError as exc:  # the small files stay as they are and are still read; never stop writing
             log.error("compacting %s[%d] failed: %s", plog.topic, plog.partition, exc)
             return
+        self._compact_seen[plog.partition] = plog.closed
         self.compacted += sum(c.sources for c in done)
 
     def _is_new(self, partition: int, rec: dict) -> bool:
@@ -182,7 +180,14 @@ class ShardWriter:
         for plog in list(self.logs.values()):
             if plog.close_aged():  # no record came to roll it
                 self._compact(plog)
-                write_summary(self.root)
+                self._summary_stale = True
+        self._write_summary_if_stale()
+
+    def _write_summary_if_stale(self) -> None:
+        # Once per pass, not per partition flush: it reads every partition's manifest.
+        if self._summary_stale:
+            write_summary(self.root)
+            self._summary_stale = False
 
     def run(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
