@@ -279,3 +279,43 @@ def test_wiping_redis_mid_review_keeps_the_partial_votes(settings):
         feeder.stop.set()
         agg_thread.join(10)
         feeder_thread.join(10)
+
+
+@pytest.mark.integration
+def test_a_batch_handled_while_redis_was_emptied_is_redone_after_the_rebuild(settings):
+    """Redis is emptied between the aggregator's check that the queue is built and its handling of a
+    batch, and rebuilt by the feeder only later: the verdicts handled against the empty Redis (no task,
+    no earlier votes) are redone once the queue is back, so the task still ends verified."""
+    from streams.review import aggregator
+    from streams.review.app import VerdictIn, annotation
+    from streams.review.feeder import Feeder
+    from streams.review.queue import ReviewQueue
+
+    r = redis.Redis.from_url(settings.redis_url)
+    q = ReviewQueue(r, settings.topic_prefix)
+    t = task(60)
+    publish(settings, "ReviewTask", topics.REVIEW, [(t["task_id"], t)])
+    Feeder(settings, q).rebuild_if_empty()  # the queue as the feeder builds it
+    assert q.task("pair-60")
+    publish(settings, "Annotation", topics.ANNOTATIONS,
+            [(t["task_id"], annotation(t, who, VerdictIn(verdict="A"), "chosen_first")) for who in ("x", "y", "z")])
+    wiped: list[bool] = []
+
+    def fault(point: str) -> None:
+        if point == "batch" and not wiped:
+            wiped.append(True)
+            r.flushdb()  # shares the session's Redis: other tests' keys go too, which no later test relies on
+            threading.Timer(3.0, Feeder(settings, q).rebuild_if_empty).start()
+
+    stop = threading.Event()
+    th = threading.Thread(target=aggregator.run, args=(settings, r, stop), kwargs={"fault": fault}, daemon=True)
+    th.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not [v for v in read_topic(settings, topics.VERIFIED, "VerifiedPair", idle=0.5)
+                   if v["pair"]["pair_id"] == "pair-60"]:
+            assert time.monotonic() < deadline, "pair-60 was never verified: its verdicts were dropped"
+    finally:
+        stop.set()
+        th.join(15)
+    assert wiped

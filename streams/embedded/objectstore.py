@@ -14,6 +14,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 from streams.embedded import binaries
 from streams.embedded.process import ServerProcess, free_port, port_frees
 from streams.embedded.s3 import S3Client, S3Credentials
@@ -169,14 +171,20 @@ class ObjectStore:
         return ObjectStoreEndpoint(self.endpoint_url, access, secret, self.region)
 
     def answers(self) -> bool:
-        """True when the S3 gateway answers a signed request with these credentials."""
+        """True when the S3 gateway answers a signed request with these credentials and the volume server
+        has joined the master. The gateway answers about 2 s before that after a restart, and reading
+        an object stored earlier fails with HTTP 500 until the master knows where its volume is."""
         if not self.config.exists():
             return False
         try:
             with S3Client(self.endpoint_url, self.endpoint().credentials, timeout=1.0) as client:
-                return client.request("GET").is_success
-        except ObjectStoreError:
+                if not client.request("GET").is_success:
+                    return False
+            status = httpx.get(f"http://{self.host}:{self.ports.master}/dir/status", timeout=1.0).json()
+        except (ObjectStoreError, httpx.HTTPError, ValueError):
             return False
+        centers = (status.get("Topology") or {}).get("DataCenters") or []
+        return any(rack.get("DataNodes") for dc in centers for rack in dc.get("Racks") or [])
 
     def _argv(self) -> list[str]:
         p = self.ports

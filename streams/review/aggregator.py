@@ -251,8 +251,9 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64, retent
         fault: Callable[[str], None] | None = None) -> None:
     """Consume prefs.annotations; each batch's outputs and offsets commit in one transaction.
 
-    ``fault`` (tests only) is called with "handled" (votes in Redis, nothing committed) and
-    "committed" (transaction committed, tasks not yet marked decided); raising there is a crash.
+    ``fault`` (tests only) is called with "batch" (a batch read, the queue found built, nothing handled),
+    "handled" (votes in Redis, nothing committed) and "committed" (transaction committed, tasks not yet
+    marked decided); raising there is a crash.
     """
     from confluent_kafka import Consumer
 
@@ -275,13 +276,18 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64, retent
             msgs = [m for m in consumer.consume(max_batch, 0.5) if not m.error()]
             if not msgs:
                 continue
-            if not until_redis_answers(lambda: redis_client.exists(marker), stop, "aggregating verdicts"):
-                # Redis is new or was wiped: the feeder is restoring tasks and votes from the topics;
-                # handling annotations now would find no task (or too few votes) and drop them.
+            # The marker holds the token of the rebuild that filled this Redis. Read before and after the
+            # batch: a Redis wiped (and perhaps rebuilt) in between may have answered some handles with no
+            # task or too few votes, which would drop those verdicts, so the batch is redone instead.
+            built = until_redis_answers(lambda: redis_client.get(marker), stop, "aggregating verdicts")
+            if not built:
+                # Redis is new or was wiped: the feeder is restoring tasks and votes from the topics.
                 log.info("waiting for the review queue to be rebuilt before aggregating")
                 rewind(consumer, stop)
                 time.sleep(1)
                 continue
+            if fault:
+                fault("batch")
             outputs = []
             for m in msgs:
                 try:
@@ -293,6 +299,11 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64, retent
                 outputs.extend(handled or [])
             if stop.is_set():  # stopped while Redis was away: some verdicts were not handled, so no commit
                 break
+            if until_redis_answers(lambda: redis_client.get(marker), stop, "aggregating verdicts") != built:
+                log.warning("Redis was emptied while a batch of verdicts was aggregated; redoing the batch")
+                agg.abandoned()
+                rewind(consumer, stop)
+                continue
             encoded = []
             for name, schema, rec in outputs:
                 topic = settings.topic(name)

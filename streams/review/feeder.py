@@ -27,10 +27,11 @@ REBUILD_IDLE_S = 2.0
 FEED_IDLE_S = 0.5  # how often the feed loop looks at its stop flag when no task arrives
 
 
-# KEYS: rebuild token, marker. ARGV: this rebuild's token. Sets the marker only if the token survived.
+# KEYS: rebuild token, marker. ARGV: this rebuild's token. Sets the marker (to the token, so the aggregator
+# can tell one rebuild from the next) only if the token survived.
 _FINISH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[2], '1')
+  redis.call('SET', KEYS[2], ARGV[1])
   redis.call('DEL', KEYS[1])
   return 1
 end
