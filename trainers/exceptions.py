@@ -43,3 +43,7 @@ class StoreAccessError(RegistryError):
 
 class DeviceError(TrainerError):
     """A device or dtype that cannot be used here (CUDA asked for without a GPU, an unknown dtype)."""
+
+
+class CalibrationError(TrainerError):
+    """Margins and labels a temperature or a calibration error cannot be computed from (none, NaN, mismatched)."""
