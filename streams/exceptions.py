@@ -74,3 +74,7 @@ class ModelRefusedError(StreamsError):
 
 class UntrustedModelPathError(ModelRefusedError):
     """A models.versions announcement naming a path outside the worker's models store, or a malformed version."""
+
+
+class JudgeError(StreamsError):
+    """The optional LLM judge of the review app did not answer, or answered outside its schema."""

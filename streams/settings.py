@@ -245,6 +245,18 @@ class ReviewSettings(BaseSettings):
         "more get 429 with Retry-After."))
     retention_s: int = Field(7 * 24 * 3600, ge=1, description=(
         "Seconds a decided task's keys (task, verdicts, seen, votes) stay in Redis before they expire."))
+    judge_url: str | None = Field(None, description=(
+        "OpenAI-compatible endpoint (base URL, e.g. http://host:8000/v1, as PREFSTREAM_WORKER_LLM_URL) of the optional "
+        "LLM judge: its verdict and rationale on each task are shown to annotators as a model's opinion, never counted "
+        "as a vote. Off when unset."))
+    judge_model: str = Field("default", description="Model name to ask the LLM judge endpoint for.")
+    judge_api_key: SecretStr | None = Field(None, description="API key for the LLM judge endpoint.")
+    judge_timeout_s: float = Field(20.0, gt=0, description=(
+        "Seconds one call to the LLM judge may take; a slower or failed call leaves the task without the aid "
+        "(a logged warning) and is tried again a minute later."))
+    judge_wait_s: float = Field(3.0, ge=0, description=(
+        "Seconds serving a task waits for the LLM judge's first answer; a slower answer reaches the page when "
+        "ready, and the task's later annotators get it at once."))
 
 
 def settings_help(cls: type[BaseSettings]) -> str:

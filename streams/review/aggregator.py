@@ -113,6 +113,15 @@ def votes_key(queue_prefix: str, task_id: str) -> str:
     return f"{queue_prefix}prefstream:agg:votes:{task_id}"
 
 
+def expert_task_id(pair_id: str) -> str:
+    return f"{pair_id}:expert"
+
+
+def final_key(queue_prefix: str) -> str:
+    """The hash pair_id -> the verified side (chosen | rejected, of the pair as its review task showed it)."""
+    return f"{queue_prefix}prefstream:agg:final"
+
+
 def restore_vote(redis: Any, queue_prefix: str, ann: dict[str, Any]) -> None:
     """Rebuild path (feeder): a vote read back from prefs.annotations, so a task whose votes were in a
     wiped Redis still decides when its remaining verdicts arrive."""
@@ -169,7 +178,7 @@ class Aggregator:
             return []
         pair_id = task["pair"]["pair_id"]
         if ann.get("reannotation"):
-            final = self.redis.hget(self.prefix + "final", pair_id)
+            final = self.redis.hget(final_key(self.queue_prefix), pair_id)
             if final is not None:
                 self.redis.hincrby(self.prefix + "consistency", "same" if final.decode() == ann["preferred"] else "different", 1)
             return []
@@ -187,7 +196,7 @@ class Aggregator:
             self._window_pending.append((task["pair"].get("task_category") or "unknown", votes))
         now = int(time.time() * 1000)
         if d.kind == "escalate":
-            expert_task = dict(task, task_id=f"{pair_id}:expert", expert=True, reason="escalated", created_at=now)
+            expert_task = dict(task, task_id=expert_task_id(pair_id), expert=True, reason="escalated", created_at=now)
             return [("prefs.review", "ReviewTask", expert_task)]
         if d.kind == "discarded":
             return []
@@ -219,7 +228,7 @@ class Aggregator:
                     pipe.hincrby(self.qp + "stats:agree", who, int(v == d.preferred))
                     pipe.hincrby(self.qp + "stats:decided", who, 1)
             if d.kind == "verified":
-                pipe.hset(self.prefix + "final", pair_id, d.preferred)
+                pipe.hset(final_key(self.queue_prefix), pair_id, d.preferred)
             if d.kind == "discarded":
                 pipe.hincrby(self.prefix + "discarded", ann["preferred"], 1)
         return apply

@@ -2,8 +2,12 @@
 
 Pages: /annotate (sign in with a token, then tasks with keyboard shortcuts), /expert (escalated
 tasks), /stats (signed in: a Bearer token, or the cookie the sign-in page sets for /stats). API
-(Bearer token): GET /api/tasks/next, POST /api/tasks/{task_id}/verdict, GET /api/stats; documented
-at /docs. Verdicts go to prefs.annotations.
+(Bearer token): GET /api/tasks/next, POST /api/tasks/{task_id}/verdict, GET /api/tasks/{task_id}/judge,
+GET /api/stats; documented at /docs. Verdicts go to prefs.annotations.
+
+A served task shows what helps the annotator: the model's margin in their own A/B order, the
+similar pairs with the label the humans gave them (streams/review/similar.py) and, when configured,
+the LLM judge's opinion (streams/review/judge.py), which is never a vote.
 
 Guards: request bodies over ``max_body_bytes`` get 413, a token making more than ``rate_per_s``
 requests in one second gets 429 with Retry-After, and an annotator holding ``max_leases`` tasks gets
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,8 +36,10 @@ from pydantic import BaseModel, Field
 from schemas.wire import ValueCodec
 from streams.kafka import topics
 from streams.kafka.config import producer_config
+from streams.review import judge as judges
 from streams.review.auth import TokenBook
 from streams.review.queue import QueueError, ReviewQueue
+from streams.review.similar import with_verified
 from streams.runtime import metrics
 from streams.settings import ReviewSettings, Settings
 
@@ -85,7 +93,7 @@ class BodyLimit:
 
 @dataclass
 class Review:
-    """What the routes share: tokens, Redis, the queue, the Kafka producer of verdicts."""
+    """What the routes share: tokens, Redis, the queue, the Kafka producer of verdicts, the optional judge."""
 
     rs: ReviewSettings
     book: TokenBook
@@ -94,6 +102,8 @@ class Review:
     codec: ValueCodec
     out_topic: str
     producer: Any
+    topic_prefix: str  # of the aggregator's keys, read for the similar pairs' labels
+    judge: judges.JudgeAid | None = None
 
     def who(self, token: str | None) -> str:
         """The annotator of ``token``, counted against their rate limit; 401 or 429 otherwise."""
@@ -119,6 +129,13 @@ class Review:
         order = random.choice(["chosen_first", "rejected_first"])  # randomised A/B, recorded with the verdict
         self.redis.set(key, order, nx=True, ex=self.rs.retention_s)  # kept as long as the task's keys
         return self.redis.get(key).decode()
+
+    def serve(self, task: dict[str, Any], who: str) -> dict[str, Any]:
+        """The task as ``who`` sees it, with its aids: the similar pairs' labels and the judge's opinion."""
+        order = self.order_for(task["task_id"], who)
+        view = task_view(task, who, order, self.rs.lease_s)
+        view["similar"] = with_verified(self.redis, self.topic_prefix, view["similar"])
+        return view | (self.judge.for_task(task, order) if self.judge else judges.view(None, order))
 
     def stats(self) -> dict[str, Any]:
         alpha = self.redis.get(self.queue.k("alpha", "overall"))
@@ -187,7 +204,15 @@ def api_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
             raise HTTPException(exc.status, str(exc)) from None
         if task is None:
             return Response(status_code=204)
-        return task_view(task, who, ctx.order_for(task["task_id"], who), ctx.rs.lease_s)
+        return ctx.serve(task, who)
+
+    @router.get("/{task_id}/judge")
+    def judge_aid(task_id: str, who: str = Depends(annotator)) -> dict[str, Any]:
+        """The LLM judge's opinion on a task you hold, for a page that got the task before the judge answered."""
+        if ctx.queue.holder(task_id) != who:
+            raise HTTPException(403, f"task {task_id} is not leased to you; ask for the next task")
+        order = ctx.order_for(task_id, who)
+        return ctx.judge.lookup(task_id, order) if ctx.judge else judges.view(None, order)
 
     @router.post("/{task_id}/verdict")
     def submit(task_id: str, body: VerdictIn, who: str = Depends(annotator)) -> dict[str, Any]:
@@ -231,14 +256,19 @@ def metrics_routes(ctx: Review) -> APIRouter:
 
 
 def task_view(task: dict[str, Any], who: str, order: str, lease_s: int) -> dict[str, Any]:
-    """What the annotator sees: both responses as A and B in ``order``, and the pair's context."""
+    """What the annotator sees: both responses as A and B in ``order``, and the pair's context.
+
+    ``margin`` is reward(A) - reward(B) and ``p`` the model's probability that A is better, so both
+    read in the annotator's order (the task keeps them as chosen minus rejected, p of chosen)."""
     pair = task["pair"]
-    a, b = (pair["chosen"], pair["rejected"]) if order == "chosen_first" else (pair["rejected"], pair["chosen"])
+    chosen_first = order == "chosen_first"
+    a, b = (pair["chosen"], pair["rejected"]) if chosen_first else (pair["rejected"], pair["chosen"])
+    margin, p = (task["margin"], task["p"]) if chosen_first else (-task["margin"], 1 - task["p"])
     return {
         "task_id": task["task_id"], "annotator": who, "A": a, "B": b, "conversation": pair["conversation"],
         "task_category": pair.get("task_category"), "objectivity": pair.get("objectivity"),
         "controversiality": pair.get("controversiality"), "expected_attributes": pair.get("expected_attributes"),
-        "annotation_guideline": pair.get("annotation_guideline"), "margin": task["margin"], "p": task["p"],
+        "annotation_guideline": pair.get("annotation_guideline"), "margin": margin, "p": p,
         "similar": task.get("similar", []), "expert": bool(task.get("expert")), "lease_seconds": lease_s,
     }
 
@@ -259,11 +289,20 @@ def create_app(settings: Settings, rsettings: ReviewSettings, redis_client: Any 
     r = redis_client or redis.Redis.from_url(settings.redis_url)
     queue = ReviewQueue(r, settings.topic_prefix, rsettings.lease_s, rsettings.max_leases, rsettings.lease_scan,
                         rsettings.retention_s)
+    judge = judges.from_settings(rsettings, r, lambda tid: queue.k("judge", tid))
     ctx = Review(rsettings, TokenBook(rsettings.tokens.get_secret_value(), rsettings.experts), r, queue,
                  ValueCodec(settings.schema_registry_url), settings.topic(topics.ANNOTATIONS),
-                 producer or Producer(producer_config(settings)))
+                 producer or Producer(producer_config(settings)), settings.topic_prefix, judge)
     bearer = HTTPBearer(auto_error=False)
-    app = FastAPI(title="prefstream review", description="Annotator API: lease tasks, submit verdicts.")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if judge:
+            judge.close()
+
+    app = FastAPI(title="prefstream review", description="Annotator API: lease tasks, submit verdicts.",
+                  lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=rsettings.max_body_bytes)
     app.include_router(page_routes())
     app.include_router(stats_routes(ctx, bearer))
