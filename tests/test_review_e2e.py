@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 from confluent_kafka import Producer
@@ -16,6 +17,7 @@ from schemas.wire import ValueCodec
 from streams.embedded.process import free_port
 from streams.kafka import topics
 from streams.kafka.config import producer_config
+from tests.fake_llm import FakeJudge
 from tests.helpers import ROOT, read_topic, settings_env
 from tests.test_review import SECRETS, TOKENS, task
 
@@ -31,11 +33,11 @@ def publish_tasks(settings, tasks):
     assert prod.flush(10) == 0
 
 
-@pytest.fixture
-def review_app(settings, tmp_path):
+@contextmanager
+def running_review_app(settings, tmp_path, extra_env: dict[str, str] | None = None):
     port = free_port()
     # At the default per-token rate limit: the simulated annotators wait out its 429s like real clients.
-    env = settings_env(settings) | {"PREFSTREAM_REVIEW_TOKENS": TOKENS, "PREFSTREAM_REVIEW_EXPERTS": "erin"}
+    env = settings_env(settings) | {"PREFSTREAM_REVIEW_TOKENS": TOKENS, "PREFSTREAM_REVIEW_EXPERTS": "erin"} | (extra_env or {})
     log = tmp_path / "review.log"
     proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "review", "--port", str(port)], env=env, cwd=ROOT,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -48,9 +50,17 @@ def review_app(settings, tmp_path):
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.3)
-    yield url, env
-    proc.terminate()
-    proc.wait(20)
+    try:
+        yield url, env
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.fixture
+def review_app(settings, tmp_path):
+    with running_review_app(settings, tmp_path) as app:
+        yield app
 
 
 def get(url: str) -> bytes:
@@ -128,13 +138,36 @@ def browser():
         b.close()
 
 
-def test_browser_sign_in_click_keyboard_escaping_and_wrong_token(settings, review_app, browser):
-    url, _ = review_app
+@pytest.fixture
+def judge():
+    fake = FakeJudge(marker="**plain**", rationale='<img src=x onerror="window.pwned=3"> Response {n} is plain.')
+    yield fake
+    fake.close()
+
+
+def test_browser_sign_in_click_keyboard_escaping_and_wrong_token(settings, tmp_path, browser, judge):
+    """Also what helps the annotator: the margin in their A/B order, a similar pair's human label and
+    the LLM judge's opinion (from a local endpoint in the chat-completions shape), all as text."""
+    import redis
+
+    from streams.review.aggregator import Aggregator
+
     hostile = task(200, prompt="<script>window.pwned=1</script>", chosen='<img src=x onerror="window.pwned=2">',
                    rejected="**plain** <b>text</b>")
     hostile["pair"]["conversation"] = [{"role": "user", "content": "<script>window.pwned=1</script>"}]
-    publish_tasks(settings, [hostile, task(201)])
-    wait_pending(url, 2)
+    hostile["similar"] = [{"pair_id": "pair-199", "prompt": "<b>similar</b> question", "chosen": "yes",
+                           "rejected": "no", "label_source": "human", "similarity": 0.87}]
+    agg = Aggregator(redis.Redis.from_url(settings.redis_url), settings.topic_prefix)
+    for who, side in (("x", "rejected"), ("y", "rejected"), ("z", "chosen")):
+        agg.handle({"task_id": "pair-199", "annotator": who, "preferred": side}, task=task(199))
+    agg.committed()
+    with running_review_app(settings, tmp_path, {"PREFSTREAM_REVIEW_JUDGE_URL": judge.url}) as (url, _):
+        publish_tasks(settings, [hostile, task(201)])
+        wait_pending(url, 2)
+        browse_and_answer(settings, url, browser)
+
+
+def browse_and_answer(settings, url, browser):
     page = browser.new_page()
     page.goto(url + "/annotate")
     page.fill("#token", "wrong-token-123")
@@ -143,6 +176,15 @@ def test_browser_sign_in_click_keyboard_escaping_and_wrong_token(settings, revie
     page.fill("#token", SECRETS["alice"])
     page.click("#signin-btn")
     page.wait_for_selector("#task:not([hidden])")
+    shown_a = page.text_content("#A")
+    assert page.text_content("#margin") == ("-0.500" if shown_a.startswith("<img") else "0.500")  # reward A - reward B
+    assert page.text_content("#similar .verified") == (
+        " — verified: annotators preferred the response shown as rejected (2 of 3 annotator verdicts)")
+    assert "<b>similar</b> question" in page.text_content("#similar")
+    page.wait_for_selector("#judge:not([hidden])")
+    assert "not a vote" in page.text_content("#judge")
+    assert page.text_content("#judge-verdict") == ("Response A" if shown_a.startswith("**plain**") else "Response B")
+    assert page.text_content("#judge-rationale").startswith('<img src=x onerror="window.pwned=3"> Response ')
     first = page.text_content("#conversation")
     assert "<script>window.pwned=1</script>" in first  # shown as text...
     assert page.evaluate("window.pwned") is None  # ...and never run
