@@ -67,7 +67,16 @@ class Settings(BaseSettings):
     s3_endpoint: str | None = Field(None, description=(
         "S3 endpoint of an S3-compatible store (SeaweedFS, MinIO, Ceph), e.g. http://seaweedfs:8333; unset: "
         "AWS_ENDPOINT_URL, else AWS S3."))
-    shards_dir: Path = Field(Path(".prefstream/shards"), description="Training shards written by the stream.")
+    shards_dir: Path = Field(Path(".prefstream/shards"), description=(
+        "Training shards written by the stream (a ReadWriteMany volume in Kubernetes), unless "
+        "PREFSTREAM_SHARDS_URL is set."))
+    shards_url: str | None = Field(None, description=(
+        "Training shards in object storage, s3://bucket/prefix, instead of PREFSTREAM_SHARDS_DIR: the shard "
+        "writer uploads each append before it commits the offsets; retrain jobs, the controller and "
+        "`prefstream shards` read a local mirror in PREFSTREAM_SHARDS_CACHE_DIR. Credentials and endpoint as for "
+        "PREFSTREAM_MODELS_URL."))
+    shards_cache_dir: Path | None = Field(None, description=(
+        "Where shards from PREFSTREAM_SHARDS_URL are mirrored for reading; default PREFSTREAM_HOME/shard-cache."))
     security_protocol: str = Field("PLAINTEXT", description="Kafka security.protocol (PLAINTEXT, SASL_SSL, ...).")
     sasl_mechanism: str | None = Field(None, description="Kafka sasl.mechanism, e.g. SCRAM-SHA-512.")
     sasl_username: str | None = Field(None, description="Kafka SASL user name.")
@@ -83,6 +92,22 @@ class Settings(BaseSettings):
 
         return open_store(self.models_url or self.models_dir, self.models_cache_dir or self.home / "model-cache",
                           self.s3_endpoint)
+
+    @property
+    def shards_location(self) -> str:
+        """Where the shards are: PREFSTREAM_SHARDS_URL when set, else PREFSTREAM_SHARDS_DIR."""
+        return self.shards_url or str(self.shards_dir)
+
+    @property
+    def shards_mirror_dir(self) -> Path:
+        return self.shards_cache_dir or self.home / "shard-cache"
+
+    def shards_root(self) -> Path:
+        """A local directory to read the shards from: PREFSTREAM_SHARDS_DIR, or the mirror of
+        PREFSTREAM_SHARDS_URL brought up to date now."""
+        from trainers.s3shards import readable_root
+
+        return readable_root(self.shards_location, self.shards_mirror_dir, self.s3_endpoint)
 
 
 @lru_cache(maxsize=1)
@@ -107,7 +132,9 @@ def child_env(settings: Settings, base: dict[str, str] | None = None) -> dict[st
         "PREFSTREAM_OBJECT_STORE_PORT": str(settings.object_store_port),
     })
     for name, value in (("PREFSTREAM_MODELS_URL", settings.models_url), ("PREFSTREAM_S3_ENDPOINT", settings.s3_endpoint),
-                        ("PREFSTREAM_MODELS_CACHE_DIR", settings.models_cache_dir)):
+                        ("PREFSTREAM_MODELS_CACHE_DIR", settings.models_cache_dir),
+                        ("PREFSTREAM_SHARDS_URL", settings.shards_url),
+                        ("PREFSTREAM_SHARDS_CACHE_DIR", settings.shards_cache_dir)):
         if value:
             env[name] = str(value)
         else:

@@ -21,7 +21,7 @@ from streams.runtime.jobs import JobTemplate, job_manifest
 from streams.settings import WorkerSettings
 from tests.helpers import ROOT
 
-OVERLAYS = ["dev", "prod", "external-kafka", "strimzi", "gpu", "s3-models"]
+OVERLAYS = ["dev", "prod", "external-kafka", "strimzi", "gpu", "s3"]
 CRD_KINDS = {"Kafka", "KafkaTopic", "KafkaNodePool", "ScaledObject", "PrometheusRule"}
 
 
@@ -159,7 +159,7 @@ def test_dockerfile_runs_prefstream_as_non_root():
 # One Secret per component, named prefstream-<component>, and read key by key (env secretKeyRef, never
 # envFrom), so that the keys each pod can see are the ones listed in its manifest.
 KAFKA_CREDENTIALS = {"PREFSTREAM_SASL_USERNAME", "PREFSTREAM_SASL_PASSWORD"}
-# The model store's S3 keys (the s3-models overlay): only the components that use the store.
+# The model store's S3 keys (the s3 overlay): only the components that use the store.
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 S3_COMPONENTS = {"worker", "controller", "retrain"}
 SECRET_KEYS = {
@@ -184,7 +184,8 @@ def retrain_job(docs: list[dict] | None = None) -> dict:
     """The Job the controller creates, with the model store the rendering's ConfigMap gives it."""
     data = next((d["data"] for d in docs or [] if d["kind"] == "ConfigMap"
                  and d["metadata"]["name"] == "prefstream-config"), {})
-    tpl = JobTemplate(models_url=data.get("PREFSTREAM_MODELS_URL"), s3_endpoint=data.get("PREFSTREAM_S3_ENDPOINT"))
+    tpl = JobTemplate(models_url=data.get("PREFSTREAM_MODELS_URL"), shards_url=data.get("PREFSTREAM_SHARDS_URL"),
+                      s3_endpoint=data.get("PREFSTREAM_S3_ENDPOINT"))
     return job_manifest("prefstream-retrain-current-1", "current", {}, tpl)
 
 
@@ -441,7 +442,7 @@ def test_every_egress_rule_names_its_destination(docs, request):
     kafka_peer, kafka_port = {  # where each rendering's Kafka is
         "base": (in_cluster, 9092), "overlays/dev": (in_cluster, 9092), "overlays/prod": (in_cluster, 9092),
         "overlays/strimzi": (strimzi, 9092), "overlays/external-kafka": (None, 9093), "overlays/gpu": (in_cluster, 9092),
-        "overlays/s3-models": (in_cluster, 9092),
+        "overlays/s3": (in_cluster, 9092),
     }[request.node.callspec.params["docs"]]
     kafka = (lambda p: p == kafka_peer) if kafka_peer else (lambda p: set(p) == {"ipBlock"})  # noqa: E731
     templates = list(pod_templates(docs)) + [(retrain_job(docs), retrain_job(docs)["spec"]["template"])]
@@ -493,19 +494,19 @@ def env_of(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
-def test_the_s3_models_overlay_shares_no_models_volume_and_reads_s3_keys_from_secrets():
-    docs = render("overlays/s3-models")
-    vars_doc = yaml.safe_load((ROOT / "k8s/overlays/s3-models/network-vars.yaml").read_text())
+def test_the_s3_overlay_shares_no_volume_and_reads_s3_keys_from_secrets():
+    docs = render("overlays/s3")
+    vars_doc = yaml.safe_load((ROOT / "k8s/overlays/s3/network-vars.yaml").read_text())
     assert not [d for d in docs if d["metadata"]["name"] == vars_doc["metadata"]["name"]], "local-config leaked"
     cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "prefstream-config")
     assert cm["data"]["PREFSTREAM_MODELS_URL"].startswith("s3://") and cm["data"]["PREFSTREAM_S3_ENDPOINT"]
     assert "PREFSTREAM_MODELS_DIR" not in cm["data"], "only the controller has a models directory, for its state"
+    assert cm["data"]["PREFSTREAM_SHARDS_URL"].startswith("s3://") and "PREFSTREAM_SHARDS_DIR" not in cm["data"]
     assert not set(cm["data"]) & S3_CREDENTIALS, "S3 keys are per component, in Secrets"
-    # The models volume is gone; the one ReadWriteMany claim left is the shards' (written by every
-    # worker, read by retrains); the controller's state is on a ReadWriteOnce claim.
+    # No ReadWriteMany claim is left; the controller's state is on a ReadWriteOnce claim.
     claims = {d["metadata"]["name"]: d["spec"]["accessModes"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
-    assert "prefstream-models" not in claims
-    assert [n for n, modes in claims.items() if "ReadWriteMany" in modes] == ["prefstream-shards"]
+    assert not {"prefstream-models", "prefstream-shards"} & set(claims)
+    assert not [n for n, modes in claims.items() if "ReadWriteMany" in modes]
     assert claims["prefstream-controller-state"] == ["ReadWriteOnce"]
     templates = list(pod_templates(docs)) + [(retrain_job(docs), retrain_job(docs)["spec"]["template"])]
     components = set()
@@ -515,10 +516,10 @@ def test_the_s3_models_overlay_shares_no_models_volume_and_reads_s3_keys_from_se
         components.add(component)
         claimed = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
                    if "persistentVolumeClaim" in v}
-        assert "prefstream-models" not in claimed.values() and "models" not in claimed, name
+        assert not {"prefstream-models", "prefstream-shards"} & set(claimed.values()), name
         for c in all_containers(pod):
-            assert not [m for m in c.get("volumeMounts", []) if m["name"] == "models"
-                        or m["mountPath"] == "/data/models"], (name, c["name"])
+            assert not [m for m in c.get("volumeMounts", []) if m["name"] in ("models", "shards")
+                        or m["mountPath"] in ("/data/models", "/data/shards")], (name, c["name"])
             env = env_of(c)
             if component not in S3_COMPONENTS:
                 assert not set(env) & S3_CREDENTIALS, name

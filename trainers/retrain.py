@@ -38,6 +38,7 @@ from trainers.data import read_jsonl, shard_pair, split_holdout
 from trainers.exceptions import ExportError, TrainerError
 from trainers.precision import PRECISIONS
 from trainers.registry import Announcer, ModelStore, open_store
+from trainers.s3shards import readable_root
 from trainers.shards import iter_records, load_manifest, tp_key
 
 CURRENT_SPLITS = ("gold", "silver", "flipped", "verified_by_tool")
@@ -61,8 +62,11 @@ TRAIN_FIELDS = ("max_steps", "batch_size", "learning_rate", "max_length", "freez
 @dataclass
 class RetrainConfig:
     role: str = _help("current (the served RM) or gold (the consistency-filter RM).", default="current")
-    shards_dir: str | None = _help("Root of the training shards (shards/<split>/*.avro); the CLI's default is "
-                                   "PREFSTREAM_SHARDS_DIR.", default=None)
+    shards_dir: str | None = _help("The training shards: a directory (shards/<split>/*.avro) or s3://bucket/prefix; "
+                                   "the CLI's default is PREFSTREAM_SHARDS_URL, else PREFSTREAM_SHARDS_DIR.",
+                                   default=None)
+    shards_cache_dir: str | None = _help("Where shards in object storage are mirrored for reading; the CLI's default "
+                                         "is PREFSTREAM_SHARDS_CACHE_DIR or PREFSTREAM_HOME/shard-cache.", default=None)
     models_dir: str | None = _help("Model store: a directory or s3://bucket/prefix; the CLI's default is "
                                    "PREFSTREAM_MODELS_URL, else PREFSTREAM_MODELS_DIR.", default=None)
     models_cache_dir: str | None = _help("Where versions of an s3:// model store are downloaded and verified; the "
@@ -150,7 +154,7 @@ def collect(cfg: RetrainConfig, store: ModelStore) -> tuple[list[dict], list[dic
     gold pairs (the holdout) or a record drawn for replay; old records are kept as references and
     only the replay sample is read back. The lineage is the manifest's position per partition.
     """
-    root = Path(cfg.shards_dir)
+    root = readable_root(cfg.shards_dir, cfg.shards_cache_dir, cfg.s3_endpoint)
     serving = store.serving(cfg.role)
     seen = _seen_test(store.get(serving).manifest.get("lineage", {}) if serving else {})
     manifest = load_manifest(root)

@@ -54,11 +54,11 @@ CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied
                     "ExpiredToken", "AuthorizationHeaderMalformed"}
 
 
-def parse_url(url: str) -> tuple[str, str]:
+def parse_url(url: str, setting: str = "PREFSTREAM_MODELS_URL") -> tuple[str, str]:
     """(bucket, key prefix ending in '/' or empty) of ``s3://bucket/prefix``."""
     parts = urlsplit(url)
     if parts.scheme != "s3" or not parts.netloc:
-        raise RegistryError(f"PREFSTREAM_MODELS_URL={url!r} is not an S3 URL; write s3://bucket/prefix")
+        raise RegistryError(f"{setting}={url!r} is not an S3 URL; write s3://bucket/prefix")
     prefix = parts.path.strip("/")
     return parts.netloc, f"{prefix}/" if prefix else ""
 
@@ -80,16 +80,18 @@ def make_client(endpoint_url: str | None = None) -> Any:
 class S3Backend:
     """A model store in an S3 bucket under a key prefix (trainers/storage.py's StoreBackend)."""
 
-    def __init__(self, bucket: str, prefix: str, cache_dir: Path, client: Any) -> None:
-        self.bucket, self.prefix, self.client = bucket, prefix, client
+    def __init__(self, bucket: str, prefix: str, cache_dir: Path, client: Any,
+                 setting: str = "PREFSTREAM_MODELS_URL") -> None:
+        self.bucket, self.prefix, self.client, self.setting = bucket, prefix, client, setting
         self.cache_dir = Path(cache_dir)
         self.location = f"s3://{bucket}/{prefix}".rstrip("/")
         self.endpoint = client.meta.endpoint_url
 
     @classmethod
-    def from_url(cls, url: str, cache_dir: Path, endpoint_url: str | None = None, client: Any = None) -> S3Backend:
-        bucket, prefix = parse_url(url)
-        return cls(bucket, prefix, cache_dir, client or make_client(endpoint_url))
+    def from_url(cls, url: str, cache_dir: Path, endpoint_url: str | None = None, client: Any = None,
+                 setting: str = "PREFSTREAM_MODELS_URL") -> S3Backend:
+        bucket, prefix = parse_url(url, setting)
+        return cls(bucket, prefix, cache_dir, client or make_client(endpoint_url), setting)
 
     # ------------------------------------------------------------------ errors
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -118,7 +120,7 @@ class S3Backend:
             if code == "NoSuchBucket":
                 raise StoreAccessError(f"{what}: the bucket {self.bucket!r} does not exist at {self.endpoint}; "
                                        f"create it (e.g. `aws s3 mb s3://{self.bucket}`) or fix "
-                                       "PREFSTREAM_MODELS_URL") from exc
+                                       f"{self.setting}") from exc
             if code in CREDENTIAL_CODES or status == 403:
                 raise StoreAccessError(f"{what}: {self.endpoint} refused the credentials ({code}); check "
                                        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and that they may read and "
@@ -170,6 +172,41 @@ class S3Backend:
             return obj["Body"].read(), obj["ETag"]
 
         return self._call(f"reading {self.location}/{key}", get)
+
+    # ------------------------------------------------------------------ plain objects (the shard store's)
+    def put(self, key: str, data: bytes) -> None:
+        self._call(f"writing {self.location}/{key}",
+                   lambda: self.client.put_object(Bucket=self.bucket, Key=self.key(key), Body=data))
+
+    def delete(self, key: str) -> None:
+        self._call(f"deleting {self.location}/{key}",
+                   lambda: self.client.delete_object(Bucket=self.bucket, Key=self.key(key)))
+
+    def download(self, key: str, path: Path) -> bool:
+        """Download an object to ``path``; False when there is no such key."""
+        from botocore.exceptions import ClientError
+
+        def get() -> bool:
+            try:
+                self.client.download_file(self.bucket, self.key(key), str(path))
+            except ClientError as exc:
+                if self._status(exc) == 404 or exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return False
+                raise
+            return True
+
+        return self._call(f"downloading {self.location}/{key}", get)
+
+    def list(self, prefix: str) -> list[tuple[str, float]]:
+        """(key below this store's prefix, last-modified epoch seconds) of every object under ``prefix``."""
+        base = self.key(prefix)
+
+        def keys() -> list[tuple[str, float]]:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+            return [(obj["Key"][len(self.prefix):], obj["LastModified"].timestamp())
+                    for page in pages for obj in page.get("Contents", [])]
+
+        return self._call(f"listing {self.location}/{prefix}", keys)
 
     def version_names(self) -> list[str]:
         base = self.key("versions/")

@@ -102,7 +102,9 @@ def consume(topic: str, max_records: int | None, timeout: float, group: str | No
 
 
 def _shards_root() -> Path:
-    root = Path(get_settings().shards_dir)
+    """A local directory holding the shards: PREFSTREAM_SHARDS_DIR, or a fresh mirror of PREFSTREAM_SHARDS_URL."""
+    settings = get_settings()
+    root = settings.shards_root()
     if not root.exists():
         raise StreamsError(f"no shards yet at {root}; the worker's shard writer creates them (PREFSTREAM_SHARDS_DIR)")
     return root
@@ -111,11 +113,14 @@ def _shards_root() -> Path:
 @click.group("shards", invoke_without_command=True)
 @click.pass_context
 def shards(ctx: click.Context) -> None:
-    """The training shards (PREFSTREAM_SHARDS_DIR). Alone: the committed rows per split and the file count.
+    """The training shards (PREFSTREAM_SHARDS_DIR, or PREFSTREAM_SHARDS_URL). Alone: the committed rows per
+    split and the file count.
 
     The shard writer appends each partition's curated pairs to one open Avro file per split and
     closes it at PREFSTREAM_WORKER_SHARD_ROLL_RECORDS records or SHARD_ROLL_AGE_S seconds; each
     partition's manifest records the committed records of every file, and readers read only those.
+    With PREFSTREAM_SHARDS_URL every append is one object in the bucket, and these commands read a
+    local mirror of it (PREFSTREAM_SHARDS_CACHE_DIR) brought up to date first.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -171,12 +176,20 @@ def compact(target_records: int | None, min_files: int) -> None:
     Open files are left alone. The writer also compacts on its own (PREFSTREAM_WORKER_SHARD_COMPACT_MIN_FILES).
     """
     from streams.settings import WorkerSettings
+    from trainers import s3shards
     from trainers.shards import compact as compact_shards
     from trainers.shards import write_summary
 
-    root = _shards_root()
-    done = compact_shards(root, target_records or WorkerSettings().shard_roll_records, min_files)
-    write_summary(root)
+    settings = get_settings()
+    target = target_records or WorkerSettings().shard_roll_records
+    if settings.shards_url:
+        store = s3shards.S3ShardStore.from_url(settings.shards_url, settings.s3_endpoint)
+        done = [c for topic, part in store.partitions()
+                for c in s3shards.compact_partition(store, settings.shards_mirror_dir, topic, part, target, min_files)]
+    else:
+        root = _shards_root()
+        done = compact_shards(root, target, min_files)
+        write_summary(root)
     for c in done:
         console.print(f"{c.sources} files -> {c.file} ({c.records} records)", highlight=False)
     console.print(f"compacted {sum(c.sources for c in done)} files into {len(done)}")

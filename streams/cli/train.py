@@ -193,7 +193,8 @@ def _retrain_command() -> click.Command:
         from trainers.retrain import run_retrain, run_seed
 
         settings = get_settings()  # the store and shards the services use, unless given here
-        kwargs["shards_dir"] = kwargs.get("shards_dir") or str(settings.shards_dir)
+        kwargs["shards_dir"] = kwargs.get("shards_dir") or settings.shards_location
+        kwargs["shards_cache_dir"] = kwargs.get("shards_cache_dir") or str(settings.shards_mirror_dir)
         kwargs["models_dir"] = kwargs.get("models_dir") or settings.models_url or str(settings.models_dir)
         kwargs["models_cache_dir"] = kwargs.get("models_cache_dir") or str(settings.models_cache_dir
                                                                            or settings.home / "model-cache")

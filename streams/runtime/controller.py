@@ -29,6 +29,7 @@ from streams.runtime.jobs import JobOutcome, LocalRunner
 from streams.settings import ControllerSettings, Settings
 from trainers.registry import ModelStore
 from trainers.retrain import CURRENT_SPLITS, GOLD_SPLITS
+from trainers.s3shards import S3ShardStore
 from trainers.shards import load_manifest
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class Controller:
         self.settings, self.csettings = settings, csettings
         self.store: ModelStore = settings.model_store()
         self.shards = Path(settings.shards_dir)
+        self.s3_shards = S3ShardStore.from_url(settings.shards_url, settings.s3_endpoint) if settings.shards_url else None
         self.state_file = Path(settings.models_dir) / "controller-state.json"
         self.decisions_file = Path(settings.models_dir) / "controller-decisions.jsonl"
         self.runner = runner or self._make_runner()
@@ -120,6 +122,7 @@ class Controller:
             # The Jobs use the controller's model store: its S3 URL and endpoint, else the models volume.
             return KubernetesRunner(JobTemplate(namespace=self.csettings.k8s_namespace, image=self.csettings.k8s_image,
                                                 gpus=self.csettings.job_gpus, models_url=self.settings.models_url,
+                                                shards_url=self.settings.shards_url,
                                                 s3_endpoint=self.settings.s3_endpoint))
         return LocalRunner(Path(self.settings.home) / "logs" / "retrain", gpus=self.csettings.job_gpus)
 
@@ -145,6 +148,8 @@ class Controller:
 
     # ------------------------------------------------------------------ decisions
     def totals(self) -> dict[str, int]:
+        if self.s3_shards is not None:  # the manifests alone: no file is downloaded to count
+            return self.s3_shards.manifest().totals()
         if not self.shards.exists():
             return {}
         return load_manifest(self.shards).totals()

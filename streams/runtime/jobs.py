@@ -130,6 +130,9 @@ class JobTemplate:
     # The model store in object storage (PREFSTREAM_MODELS_URL, s3://bucket/prefix): set, the Job gets
     # no models volume (models_pvc is ignored) and reads its S3 keys from its own Secret, required.
     models_url: str | None = None
+    # The shards in object storage (PREFSTREAM_SHARDS_URL): set, the Job gets no shards volume
+    # (shards_pvc is ignored) and mirrors the bucket into its /tmp.
+    shards_url: str | None = None
     s3_endpoint: str | None = None
     s3_secret_keys: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     backoff_limit: int = 1
@@ -149,19 +152,33 @@ class JobTemplate:
 
 
 def _store_parts(tpl: JobTemplate) -> dict[str, list[dict[str, Any]]]:
-    """What the model store adds to the Job's pod: the models volume, or the S3 URL, endpoint and keys."""
+    """What the model store and the shards add to the Job's pod: for each, its volume, or its S3 URL;
+    the S3 endpoint and keys once when either is in object storage."""
+    env: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    if tpl.shards_url:
+        # The mirror goes to the Job's writable /tmp (the root file system is read-only).
+        env += [{"name": "PREFSTREAM_SHARDS_URL", "value": tpl.shards_url},
+                {"name": "PREFSTREAM_SHARDS_CACHE_DIR", "value": "/tmp/shard-cache"}]
+    else:
+        env.append({"name": "PREFSTREAM_SHARDS_DIR", "value": "/data/shards"})
+        mounts.append({"name": "shards", "mountPath": "/data/shards", "readOnly": True})
+        volumes.append({"name": "shards", "persistentVolumeClaim": {"claimName": tpl.shards_pvc}})
     if tpl.models_url:
-        env = [{"name": "PREFSTREAM_MODELS_URL", "value": tpl.models_url}]
+        env.append({"name": "PREFSTREAM_MODELS_URL", "value": tpl.models_url})
+    elif tpl.models_pvc:
+        env.append({"name": "PREFSTREAM_MODELS_DIR", "value": "/data/models"})
+        mounts.append({"name": "models", "mountPath": "/data/models"})
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": tpl.models_pvc}})
+    else:
+        raise JobError("a retrain Job needs a model store: set PREFSTREAM_MODELS_URL (s3://bucket/prefix) or "
+                       "give the JobTemplate the models PersistentVolumeClaim (models_pvc)")
+    if tpl.models_url or tpl.shards_url:
         env += [{"name": "PREFSTREAM_S3_ENDPOINT", "value": tpl.s3_endpoint}] if tpl.s3_endpoint else []
         env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": tpl.secret, "key": key}}}
                 for key in tpl.s3_secret_keys]
-        return {"env": env, "mounts": [], "volumes": []}
-    if not tpl.models_pvc:
-        raise JobError("a retrain Job needs a model store: set PREFSTREAM_MODELS_URL (s3://bucket/prefix) or "
-                       "give the JobTemplate the models PersistentVolumeClaim (models_pvc)")
-    return {"env": [{"name": "PREFSTREAM_MODELS_DIR", "value": "/data/models"}],
-            "mounts": [{"name": "models", "mountPath": "/data/models"}],
-            "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": tpl.models_pvc}}]}
+    return {"env": env, "mounts": mounts, "volumes": volumes}
 
 
 def _gpu_parts(tpl: JobTemplate) -> dict[str, Any]:
@@ -208,7 +225,7 @@ def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate,
                         **gpu["command"],  # torchrun in place of the image's prefstream entrypoint
                         "args": retrain_args(role, extra_args, tpl.gpus),
                         "envFrom": [{"configMapRef": {"name": tpl.env_from_configmap}}],
-                        "env": [{"name": "PREFSTREAM_SHARDS_DIR", "value": "/data/shards"}] + store["env"]
+                        "env": store["env"]
                                + [{"name": key, "valueFrom": {"secretKeyRef": {"name": tpl.secret, "key": key,
                                                                               "optional": True}}}
                                   for key in tpl.secret_keys],
@@ -218,12 +235,10 @@ def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate,
                                       | gpu["resources"]},
                         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                             "capabilities": {"drop": ["ALL"]}},
-                        "volumeMounts": [{"name": "shards", "mountPath": "/data/shards", "readOnly": True},
-                                         *store["mounts"],
+                        "volumeMounts": [*store["mounts"],
                                          {"name": "tmp", "mountPath": "/tmp"}] + gpu["mounts"],
                     }],
-                    "volumes": [{"name": "shards", "persistentVolumeClaim": {"claimName": tpl.shards_pvc}},
-                                *store["volumes"],
+                    "volumes": [*store["volumes"],
                                 {"name": "tmp", "emptyDir": {}}] + gpu["volumes"],
                 },
             },

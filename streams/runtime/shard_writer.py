@@ -35,7 +35,8 @@ from streams.kafka.config import consumer_config
 from streams.kafka.reader import curated_identity
 from streams.runtime import metrics
 from streams.settings import Settings, WorkerSettings
-from trainers.exceptions import DataError
+from trainers import s3shards
+from trainers.exceptions import DataError, StoreAccessError
 from trainers.shards import MANIFEST, PartitionLog, compact_partition, write_summary
 
 __all__ = ["MANIFEST", "SHARD_GROUP", "ShardWriter"]
@@ -43,13 +44,20 @@ __all__ = ["MANIFEST", "SHARD_GROUP", "ShardWriter"]
 log = logging.getLogger(__name__)
 SHARD_GROUP = "prefstream-shards"
 
-# Wait between tries after a failed flush or commit (broker or disk away).
+# Wait between tries after a failed flush or commit (broker, disk or object store away).
 RETRY_S = 1.0
+# What a failed append, recovery or compaction raises when the disk or the object store fails.
+STORAGE_ERRORS = (OSError, DataError, StoreAccessError)
 
 class ShardWriter:
     def __init__(self, settings: Settings, wsettings: WorkerSettings, stop: threading.Event | None = None) -> None:
         self.settings, self.wsettings = settings, wsettings
         self.root = Path(settings.shards_dir)
+        # PREFSTREAM_SHARDS_URL: appends go to the bucket; the local directory only mirrors what this
+        # writer reads back (the identities of a partition's committed records).
+        self.s3 = (s3shards.S3ShardStore.from_url(settings.shards_url, settings.s3_endpoint)
+                   if settings.shards_url else None)
+        self.mirror = settings.shards_mirror_dir
         self.topic = settings.topic(topics.CURATED)
         self.codec = ValueCodec(settings.schema_registry_url)
         self.stop = stop or threading.Event()
@@ -66,10 +74,13 @@ class ShardWriter:
         self._compact_seen: dict[int, int] = {}  # partition -> its log's closed count at the last compaction
         self._summary_stale = False  # manifest.json lags the partitions' manifests
 
-    def _log(self, partition: int) -> PartitionLog:
+    def _log(self, partition: int) -> PartitionLog | s3shards.S3PartitionLog:
         if partition not in self.logs:
-            self.logs[partition] = PartitionLog(self.root, self.topic, partition, self.wsettings.shard_roll_records,
-                                                self.wsettings.shard_roll_age_s)
+            if self.s3 is not None:
+                self.logs[partition] = s3shards.S3PartitionLog(self.s3, self.topic, partition, self.mirror)
+            else:
+                self.logs[partition] = PartitionLog(self.root, self.topic, partition,
+                                                    self.wsettings.shard_roll_records, self.wsettings.shard_roll_age_s)
         return self.logs[partition]
 
     # -------------------------------------------------------------- assignment
@@ -80,8 +91,9 @@ class ShardWriter:
             if recovered is None:  # stopping
                 return
             next_offset[tp.partition] = recovered
+        self._summary_stale = True
         try:
-            write_summary(self.root)
+            self._write_summary_if_stale()
         except OSError as exc:  # only the summary for readers; the next flush writes it again
             log.warning("shard writer: cannot write the shard summary: %s", exc)
         committed = {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10)}
@@ -103,7 +115,7 @@ class ShardWriter:
                 next_offset = plog.recover()["next_offset"]
                 self.written[partition] = plog.identities(curated_identity)
                 return next_offset
-            except (OSError, DataError) as exc:
+            except STORAGE_ERRORS as exc:
                 self.failures += 1
                 log.warning("shard writer: recovering %s[%d] failed: %s; retrying in %.0f s", self.topic, partition,
                             exc, RETRY_S)
@@ -146,9 +158,14 @@ class ShardWriter:
         if self.wsettings.shard_compact_min_files < 2 or self._compact_seen.get(plog.partition) == plog.closed:
             return
         try:
-            done = compact_partition(self.root, plog.topic, plog.partition, self.wsettings.shard_roll_records,
-                                     self.wsettings.shard_compact_min_files)
-        except DataError as exc:  # the small files stay as they are and are still read; never stop writing
+            if self.s3 is not None:
+                done = s3shards.compact_partition(self.s3, self.mirror, plog.topic, plog.partition,
+                                                  self.wsettings.shard_roll_records,
+                                                  self.wsettings.shard_compact_min_files)
+            else:
+                done = compact_partition(self.root, plog.topic, plog.partition, self.wsettings.shard_roll_records,
+                                         self.wsettings.shard_compact_min_files)
+        except (DataError, StoreAccessError) as exc:  # the small files stay as they are and are still read; never stop writing
             log.error("compacting %s[%d] failed: %s", plog.topic, plog.partition, exc)
             return
         self._compact_seen[plog.partition] = plog.closed
@@ -184,20 +201,21 @@ class ShardWriter:
         self._write_summary_if_stale()
 
     def _write_summary_if_stale(self) -> None:
-        # Once per pass, not per partition flush: it reads every partition's manifest.
-        if self._summary_stale:
+        # Once per pass, not per partition flush: it reads every partition's manifest. A bucket has no
+        # summary: its readers mirror the manifests (`prefstream shards` writes the mirror's).
+        if self._summary_stale and self.s3 is None:
             write_summary(self.root)
-            self._summary_stale = False
+        self._summary_stale = False
 
     def run(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root if self.s3 is None else self.mirror).mkdir(parents=True, exist_ok=True)
         self.consumer = Consumer(consumer_config(self.settings, f"{self.settings.topic_prefix}{SHARD_GROUP}", background=True))
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             while not self.stop.is_set():
                 try:
                     self._step()
-                except (KafkaException, OSError) as exc:
+                except (KafkaException, OSError, StoreAccessError) as exc:
                     # The broker or the disk failed a commit or an append: the buffers are kept and the
                     # append is redone (the files are truncated back to the manifest's lengths first, and
                     # records the manifest already holds are skipped); a commit that never lands is

@@ -1,0 +1,156 @@
+"""Training shards in object storage (PREFSTREAM_SHARDS_URL) against the real embedded SeaweedFS:
+appends as immutable objects named by a CAS-updated manifest, racing writers, compaction, the
+mirror that readers use, and the real shard writer on the real broker."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from streams.embedded.objectstore import ObjectStoreEndpoint, create_bucket
+from streams.runtime.shard_writer import ShardWriter
+from streams.settings import WorkerSettings
+from tests.test_idempotent import _pairs, write_batch
+from tests.test_shards import TOPIC, _run, curated
+from trainers import s3shards
+from trainers.exceptions import DataError
+from trainers.registry import ModelStore
+from trainers.retrain import RetrainConfig, collect
+from trainers.shards import iter_records, load_manifest
+
+
+@pytest.fixture
+def shards_url(object_store: ObjectStoreEndpoint, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket's shards prefix, with the store's credentials where boto3 reads them."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in object_store.aws_env().items():
+        monkeypatch.setenv(name, value)
+    bucket = f"shards-{uuid.uuid4().hex[:12]}"
+    assert create_bucket(object_store, bucket)
+    return f"s3://{bucket}/prefstream/shards"
+
+
+def store_of(url: str) -> s3shards.S3ShardStore:
+    return s3shards.S3ShardStore.from_url(url)
+
+
+def append_all(log: s3shards.S3PartitionLog, recs: list[dict], size: int, first: int = 0) -> int:
+    offset = first
+    for i in range(0, len(recs), size):
+        rows = [(offset + j, r) for j, r in enumerate(recs[i:i + size])]
+        log.append(rows, offset + len(rows))
+        offset += len(rows)
+    return offset
+
+
+def mirrored_ids(store: s3shards.S3ShardStore, root) -> list[str]:
+    return [rec["pair"]["pair_id"] for _, rec in iter_records(store.mirror(root))]
+
+
+def test_appends_are_objects_named_by_the_manifest_and_read_back_through_the_mirror(shards_url, tmp_path):
+    store = store_of(shards_url)
+    log = s3shards.S3PartitionLog(store, TOPIC, 0, tmp_path / "mirror")
+    assert log.recover()["next_offset"] == 0
+    recs = [curated(p, "silver" if i % 3 else "gold") for i, p in enumerate(_pairs(20))]
+    assert append_all(log, recs, size=6) == 20
+    state = store.load_partition(TOPIC, 0)
+    assert state["next_offset"] == 20 and sum(e["count"] for e in state["files"]) == 20
+    assert all(not e["open"] and e["sha256"] for e in state["files"])
+    # One object per split per append, each exactly the bytes its entry names.
+    objects = {k for k, _ in store.backend.list("") if not k.startswith("manifest/")}
+    assert objects == {e["file"] for e in state["files"]}
+    assert sorted(mirrored_ids(store, tmp_path / "reader")) == sorted(r["pair"]["pair_id"] for r in recs)
+    assert store.manifest().totals() == {"gold": 7, "silver": 13}
+    assert log.identities(lambda r: r["pair"]["pair_id"]) == {r["pair"]["pair_id"] for r in recs}
+    # A retried append (its offset commit failed) writes nothing again.
+    assert log.append([(i, r) for i, r in enumerate(recs[:6])], 6) == {}
+    assert len(store.load_partition(TOPIC, 0)["files"]) == len(state["files"])
+
+
+def test_two_writers_racing_for_one_partition_write_each_record_once(shards_url, tmp_path):
+    """During a rebalance two writers may append the same records: the manifest's CAS on next_offset
+    lets one win and the other append only what is missing."""
+    store = store_of(shards_url)
+    recs = [curated(p, "silver") for p in _pairs(60)]
+    logs = [s3shards.S3PartitionLog(store_of(shards_url), TOPIC, 3, tmp_path / f"m{i}") for i in range(2)]
+    errors: list[BaseException] = []
+
+    def write(log: s3shards.S3PartitionLog, size: int) -> None:
+        try:
+            append_all(log, recs, size)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(log, size)) for log, size in zip(logs, (5, 7), strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    got = mirrored_ids(store, tmp_path / "reader")
+    assert sorted(got) == sorted(r["pair"]["pair_id"] for r in recs), "every record exactly once"
+    offsets = [rec["source_offset"] for _, rec in iter_records(tmp_path / "reader")]
+    assert sorted(offsets) == list(range(60))
+
+
+def test_compaction_merges_objects_deletes_the_sources_and_sweeps_leftovers(shards_url, tmp_path):
+    store = store_of(shards_url)
+    mirror = tmp_path / "mirror"
+    log = s3shards.S3PartitionLog(store, TOPIC, 1, mirror)
+    recs = [curated(p, "silver") for p in _pairs(24)]
+    append_all(log, recs, size=3)  # 8 objects of 3
+    store.backend.put(f"silver/{TOPIC}.p1.000000000900-000000000901.c.avro", b"left by a crash")
+    done = s3shards.compact_partition(store, mirror, TOPIC, 1, target_records=12, min_files=2)
+    assert [(c.sources, c.records) for c in done] == [(4, 12), (4, 12)]
+    state = store.load_partition(TOPIC, 1)
+    objects = {k for k, _ in store.backend.list("silver/")}
+    assert objects == {e["file"] for e in state["files"]} | {f"silver/{TOPIC}.p1.000000000900-000000000901.c.avro"}
+    assert sorted(mirrored_ids(store, tmp_path / "reader")) == sorted(r["pair"]["pair_id"] for r in recs)
+    # An unnamed object is removed only once it is old: a live append names its objects within seconds.
+    assert store.sweep(state, older_than_s=0) == [f"silver/{TOPIC}.p1.000000000900-000000000901.c.avro"]
+    # A reader's mirror refuses an object whose bytes are not those its manifest entry names.
+    reader = tmp_path / "reader"
+    entry = state["files"][0]
+    store.backend.put(entry["file"], b"changed outside prefstream")
+    (reader / entry["file"]).unlink()
+    with pytest.raises(DataError, match="sha256"):
+        store.mirror(reader)
+
+
+def test_a_retrain_reads_the_bucket_through_its_mirror(shards_url, tmp_path):
+    store = store_of(shards_url)
+    log = s3shards.S3PartitionLog(store, TOPIC, 0, tmp_path / "mirror")
+    append_all(log, [curated(p, "silver") for p in _pairs(30)], size=7)
+    cfg = RetrainConfig(shards_dir=shards_url, shards_cache_dir=str(tmp_path / "cache"),
+                        models_dir=str(tmp_path / "models"))
+    pairs, _, lineage = collect(cfg, ModelStore(tmp_path / "models"))
+    assert len(pairs) == 30 and lineage["positions"] == {f"{TOPIC}:0": 30}
+    assert load_manifest(tmp_path / "cache").totals() == {"silver": 30}
+
+
+@pytest.mark.integration
+def test_the_shard_writer_uploads_every_pair_once_and_resumes_after_a_restart(settings, shards_url, tmp_path):
+    s = settings.model_copy(update={"shards_url": shards_url, "shards_cache_dir": tmp_path / "writer-mirror"})
+    wsettings = WorkerSettings(shard_max_records=4, shard_max_age_s=0.2, shard_compact_min_files=3,
+                               shard_roll_records=8)
+    store = store_of(shards_url)
+
+    def total() -> int:
+        return sum(store.manifest().totals().values())
+
+    first = _pairs(12)
+    write_batch(s, first)
+    _run(ShardWriter(s, wsettings, threading.Event()), lambda: total() >= 12)
+    second = _pairs(12)
+    write_batch(s, second)
+    write_batch(s, second[:4], transactional_id="test-worker-redo")  # a batch redone: second copies
+    writer = ShardWriter(s, wsettings, threading.Event())  # a restart: resumes from the manifests
+    _run(writer, lambda: total() >= 24)
+    got = mirrored_ids(store, tmp_path / "reader")
+    assert sorted(got) == sorted(p["pair_id"] for p in first + second)
+    assert writer.compacted > 0, "runs of small objects were merged"
+    assert not (tmp_path / "shards").exists() or not any((tmp_path / "shards").rglob("*.avro")), \
+        "nothing is written to PREFSTREAM_SHARDS_DIR when the shards are in a bucket"
