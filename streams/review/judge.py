@@ -107,12 +107,15 @@ class JudgeAid:
         and ``judge_pending`` (the judge is still being asked); asks it if nobody has yet."""
         tid = task["task_id"]
         stored = self._stored(tid)
-        if stored is None and self.redis.set(self.key(tid), json.dumps({"state": "pending"}), nx=True, ex=self.claim_s):
-            future = self.pool.submit(self._judge, task)
-            try:
-                stored = future.result(timeout=self.wait_s)
-            except FutureTimeout:
-                stored = {"state": "pending"}
+        if stored is not None:
+            return view(stored, order)
+        if not self.redis.set(self.key(tid), json.dumps({"state": "pending"}), nx=True, ex=self.claim_s):
+            return view(self._stored(tid), order)  # another serve claimed it a moment ago
+        future = self.pool.submit(self._judge, task)
+        try:
+            stored = future.result(timeout=self.wait_s)
+        except FutureTimeout:
+            stored = {"state": "pending"}
         return view(stored, order)
 
     def lookup(self, tid: str, order: str) -> dict[str, Any]:
