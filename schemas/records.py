@@ -38,11 +38,13 @@ class ScoredPair(TypedDict):
     pair: PreferencePair
     reward_chosen: float
     reward_rejected: float
-    p: float
+    p: float  # calibrated: sigmoid((reward_chosen - reward_rejected) / temperature)
+    temperature: float
     model_version: str
     gold_reward_chosen: float | None
     gold_reward_rejected: float | None
     gold_p: float | None
+    gold_temperature: float | None
     gold_model_version: str | None
     route: str | None
     route_reason: str | None

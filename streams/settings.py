@@ -170,9 +170,19 @@ class WorkerSettings(BaseSettings):
         "After a batch's first record, how long to wait for more when fewer than max_batch are ready. 0 scores "
         "what is ready at once: a busy worker finds full batches waiting anyway, and an idle one should not add "
         "latency (a fixed 50 ms wait made each small batch slower and pushed p99 up at half load)."))
-    tau: float = Field(0.8, description="p below this (and >= 0.5) is uncertain and goes to review.")
-    gold_agree: float = Field(0.6, description="gold_p at or above this confirms a confident pair as silver.")
-    flip_below: float = Field(0.1, description="p and gold_p both below this: the label is flipped and recycled.")
+    # The three thresholds are calibrated probabilities: p = sigmoid(margin / T) with each version's
+    # temperature fitted on its gold holdout, so 0.8 means "right about 80% of the time". The defaults
+    # stand as the Skywork-Reward-V2 policy states them; read against sigmoid(margin) with T = 1 they would
+    # be out of reach of a briefly trained model (|margin| about 0.5 gives p about 0.62).
+    tau: float = Field(0.8, ge=0.5, le=1, description=(
+        "Calibrated p below this (and >= 0.5) is uncertain and goes to review; at or above it the current model "
+        "is confident. p is sigmoid((r_chosen - r_rejected) / T) with the serving version's temperature."))
+    gold_agree: float = Field(0.6, ge=0, le=1, description=(
+        "Calibrated gold_p (the gold version's own temperature) at or above this confirms a confident pair as "
+        "silver."))
+    flip_below: float = Field(0.1, ge=0, le=0.5, description=(
+        "Calibrated p and gold_p both below this: both models are confident the label is wrong; it is flipped "
+        "and recycled."))
     threads: int = Field(0, description="CPU threads for scoring and embedding; 0 = the libraries' default (all "
                                         "cores, and ONNX Runtime then pins its threads to them: a worker scoring a "
                                         "BERT-base-sized model unpinned took 12% longer than a pinned bare scorer, "

@@ -90,3 +90,48 @@ def test_versions_without_a_temperature_read_as_one(tmp_path):
     assert version_temperature(tmp_path) == 1.0  # a directory without a manifest (a training output)
     (tmp_path / "manifest.json").write_text(json.dumps({"calibration": calibrate(*synthetic(0.5, 2000)).to_manifest()}))
     assert version_temperature(tmp_path) == pytest.approx(0.5, rel=0.1)
+
+
+def test_a_published_version_carries_its_temperature_and_the_scorer_reports_calibrated_p(tmp_path):
+    """Stage 1 publishes gold and current with the temperature fitted on its held-out pairs; the
+    scorer divides each version's margin by it and keeps the raw rewards on the record."""
+    from schemas.codec import decode, encode
+    from schemas.pairs import validate_pair
+    from streams.runtime.processors.scorer import ModelSlot, Scorer, load_announced
+    from tests.helpers import toy_pairs, write_jsonl
+    from trainers.model import RewardModel
+    from trainers.registry import ModelStore
+    from trainers.retrain import RetrainConfig, run_seed
+
+    seed = write_jsonl(tmp_path / "seed.jsonl", [{k: v for k, v in p.items() if k != "extra"} for p in toy_pairs(100)])
+    results = run_seed(RetrainConfig(seed_file=str(seed), models_dir=str(tmp_path / "models"),
+                                     shards_dir=str(tmp_path / "shards"), max_steps=12, batch_size=8, max_length=64,
+                                     learning_rate=1e-4, quantize=False))
+    assert [r.decision for r in results] == ["published", "published"], [r.reason for r in results]
+    store = ModelStore(tmp_path / "models")
+    infos = {role: store.get(store.serving(role)) for role in ("current", "gold")}
+    cal = infos["gold"].manifest["calibration"]
+    assert cal["note"] == "" and cal["pairs"] == 20  # the 20% of the seed set Stage 1 holds out
+    assert cal["fitted_on"].startswith("held-out slice") and cal["ece"] <= cal["ece_raw"]
+    assert infos["current"].manifest["calibration"] == cal  # the same weights published again
+    temperature = infos["current"].temperature
+    assert temperature == cal["temperature"] and abs(np.log(temperature)) > 0.1 and "temperature" in results[0].reason
+
+    loader = lambda rec: load_announced(rec, store=store)  # noqa: E731 - the worker's loader
+    slots = {role: ModelSlot(role, loader) for role in infos}
+    for role, slot in slots.items():
+        slot.offer(store.version_record(infos[role].version, role, "promote", "test"))
+        assert slot.swap_if_ready(), slot.failures
+    pairs = [validate_pair({k: v for k, v in p.items() if k != "extra"}) for p in toy_pairs(6, seed=5)]
+    scores = Scorer(slots["current"], slots["gold"]).score(pairs)
+    for pair, s in zip(pairs, scores, strict=True):
+        margin = s["reward_chosen"] - s["reward_rejected"]
+        assert s["p"] == pytest.approx(float(calibrated_p(margin, temperature)), abs=1e-5)
+        assert s["p"] != pytest.approx(float(calibrated_p(margin)), abs=1e-4)
+        assert s["temperature"] == s["gold_temperature"] == temperature
+        record = decode("ScoredPair", encode("ScoredPair", {"pair": pair, **s, "route": None, "route_reason": None}))
+        assert record["temperature"] == temperature and record["reward_chosen"] == pytest.approx(s["reward_chosen"])
+
+    # A version published without a calibration (e.g. `prefstream models publish`) is scored with T = 1.
+    plain = store.publish(store.checkout(infos["current"].version), "current", promote=False)
+    assert "calibration" not in plain.manifest and RewardModel.load(store.checkout(plain.version)).temperature == 1.0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from streams.local.generate import GenerateConfig, generate
-from streams.local.report import HOT_SWAP_TARGET_S, hot_swaps, noise_detection
-from streams.local.report_files import hot_swap_rows, to_html
+from streams.local.report import HOT_SWAP_TARGET_S, ece_by_version, hot_swaps, noise_detection
+from streams.local.report_files import hot_swap_rows, model_rows, to_html
 
 
 def _curated(pair: dict, split: str, swap: bool) -> dict:
@@ -59,6 +59,23 @@ def test_the_report_shows_each_hot_swap_against_the_target():
                           {"version": "v4", "announced_at": 20.0, "first_scored_after_s": None, "target_s": 2.0,
                            "within_target": None}])
     assert rows == ["| v2 | 1.23 s | < 2 s met |", "| v3 | 2.50 s | < 2 s missed |", "| v4 | no traffic after it | < 2 s |"]
+
+
+def test_the_report_carries_each_versions_calibration_error_at_its_own_temperature():
+    import numpy as np
+
+    from trainers.calibration import calibration_report
+
+    # Holdout margins of an underconfident model: right when the margin is positive, |margin| small.
+    margins = np.random.default_rng(0).normal(0.4, 0.5, 300)
+    evals = [{"version": "bootstrap", "calibration": calibration_report(margins, 1.0)},
+             {"version": "current-1", "calibration": calibration_report(margins, 0.2)},
+             {"version": "empty", "calibration": calibration_report([], 1.0)}]
+    ece = ece_by_version(evals)
+    assert ece["current-1"] < ece["bootstrap"] and ece["empty"] is None  # NaN would not be valid JSON
+    rows = model_rows([e | {"holdout_accuracy": 0.8, "style_trap_accuracy": None} for e in evals[:2]], ece)
+    assert rows[1].startswith("| current-1 | - | torch | 0.800 | - | 0.2 | ")
+    assert f"| {ece['current-1']:.3f} | {ece['bootstrap']:.3f} |" in rows[1]  # ECE, then ECE at T = 1
 
 
 def test_html_escapes_everything_it_renders():

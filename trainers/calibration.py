@@ -33,8 +33,8 @@ import numpy as np
 from trainers.exceptions import CalibrationError
 
 __all__ = ["DEFAULT_BINS", "MANIFEST_KEY", "MIN_CALIBRATION_PAIRS", "T_MAX", "T_MIN", "Calibration", "ReliabilityBin",
-           "calibrate", "calibrated_p", "expected_calibration_error", "fit_temperature", "reliability",
-           "temperature_of", "version_temperature"]
+           "calibrate", "calibrated_p", "calibration_report", "expected_calibration_error", "fit_temperature",
+           "reliability", "temperature_of", "version_temperature"]
 
 # Bounds of the search: below T_MIN a margin of 0.05 already means p > 0.99; above T_MAX every p is
 # within 0.01 of 0.5 for margins under 4, i.e. the model carries no usable confidence.
@@ -136,6 +136,19 @@ def expected_calibration_error(p: Any, labels: Any = None, bins: int = DEFAULT_B
     if not total:
         return float("nan")
     return float(sum(b.count * abs(b.accuracy - b.confidence) for b in table if b.count) / total)
+
+
+def calibration_report(margins: Any, temperature: float = 1.0, labels: Any = None,
+                       bins: int = DEFAULT_BINS) -> dict[str, Any]:
+    """How calibrated a version is on evaluation pairs: ECE with its temperature and with T = 1, the
+    reliability bins with its temperature, and the temperature these pairs alone would give."""
+    m, y = _arrays(margins, labels)
+    p = calibrated_p(m, temperature)
+    return {"temperature": float(temperature), "pairs": len(m),
+            "ece": expected_calibration_error(p, y, bins),
+            "ece_uncalibrated": expected_calibration_error(calibrated_p(m), y, bins),
+            "best_temperature": fit_temperature(m, y) if len(m) else None,
+            "reliability": [asdict(b) for b in reliability(p, y, bins)]}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 benchmarks' own scores (RewardBench sections, RM-Bench's 3x3 matrix) and the holdout accuracy of
 model versions. The files are read by ``trainers.benchmarks``.
 
-Accuracy is strict: a tie (equal rewards) counts as wrong.
+Accuracy is strict: a tie (equal rewards) counts as wrong. Calibration (ECE and a reliability
+diagram, trainers/calibration.py) is over the pairs, with p = sigmoid(margin / T) at the model
+version's own temperature.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from trainers.benchmarks import (
     read_eval_items,
     read_regression_pairs,
 )
+from trainers.calibration import calibration_report
 
 __all__ = ["EVAL_FORMATS", "evaluate", "evaluate_versions", "holdout_accuracy", "is_style_trap", "markdown_table",
-           "read_eval_items", "read_regression_pairs", "rewardbench_scores"]
+           "read_eval_items", "read_regression_pairs", "reliability_table", "rewardbench_scores"]
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -58,8 +61,9 @@ def _rmbench(matrix: np.ndarray, n: int) -> dict[str, Any]:
             "matrix": m.round(4).tolist(), "items": n}
 
 
-def evaluate(rm: Any, items: list[dict]) -> dict[str, Any]:
-    """All metrics the items allow. ``rm`` needs ``score(conversations, responses)``."""
+def evaluate(rm: Any, items: list[dict], temperature: float = 1.0) -> dict[str, Any]:
+    """All metrics the items allow. ``rm`` needs ``score(conversations, responses)``; ``temperature``
+    is the version's calibration temperature (RewardModel.temperature) for the pairs' calibration."""
     convs, resps, owners = [], [], []
     for i, it in enumerate(items):
         responses = {"pair": [it.get("chosen"), it.get("rejected")], "best_of_n": it.get("candidates"),
@@ -74,6 +78,7 @@ def evaluate(rm: Any, items: list[dict]) -> dict[str, Any]:
         per_item[i].append(float(s))
 
     pair_ok: list[bool] = []
+    margins: list[float] = []
     by_cat: dict[str, list[bool]] = defaultdict(list)
     by_obj: dict[str, list[bool]] = defaultdict(list)
     by_rb_subset: dict[str, list[bool]] = defaultdict(list)
@@ -87,6 +92,7 @@ def evaluate(rm: Any, items: list[dict]) -> dict[str, Any]:
         if it["kind"] == "pair":
             ok = s[0] > s[1]
             pair_ok.append(ok)
+            margins.append(s[0] - s[1])
             by_cat[it["category"]].append(ok)
             by_obj[it["objectivity"]].append(ok)
             if "rb_subset" in it:
@@ -113,6 +119,7 @@ def evaluate(rm: Any, items: list[dict]) -> dict[str, Any]:
         report["by_objectivity"] = {k: {"accuracy": _acc(v), "n": len(v)} for k, v in sorted(by_obj.items())}
         report["style_trap_accuracy"] = _acc(style)
         report["style_trap_pairs"] = len(style)
+        report["calibration"] = calibration_report(margins, temperature)
     if by_rb_subset:
         report["rewardbench"] = rewardbench_scores({k: _acc(v) for k, v in by_rb_subset.items()})
     if bon:
@@ -133,6 +140,9 @@ def markdown_table(report: dict[str, Any]) -> str:
 
     if "pairwise_accuracy" in report:
         rows.append(f"| pairwise accuracy | {fmt(report['pairwise_accuracy'])} | {report['pairs']} |")
+        if cal := report.get("calibration"):
+            rows.append(f"| ECE at the version's temperature {cal['temperature']:.3g} | {fmt(cal['ece'])} | {cal['pairs']} |")
+            rows.append(f"| ECE uncalibrated (temperature 1) | {fmt(cal['ece_uncalibrated'])} | {cal['pairs']} |")
         rows.append(f"| style-trap accuracy | {fmt(report['style_trap_accuracy'])} | {report['style_trap_pairs']} |")
         for k, v in report["by_category"].items():
             rows.append(f"| category: {k} | {fmt(v['accuracy'])} | {v['n']} |")
@@ -150,10 +160,21 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def reliability_table(calibration: dict[str, Any]) -> str:
+    """The reliability diagram of a calibration report as a markdown table, one row per confidence bin."""
+    rows = [f"Reliability at temperature {calibration['temperature']:.3g} (confidence = max(p, 1 - p); accuracy = "
+            "share of pairs where the model picked the better response):", "",
+            "| confidence bin | mean confidence | accuracy | pairs |", "|---|---|---|---|"]
+    for b in calibration["reliability"]:
+        conf, acc = ("-", "-") if not b["count"] else (f"{b['confidence']:.3f}", f"{b['accuracy']:.3f}")
+        rows.append(f"| {b['lower']:.2f}-{b['upper']:.2f} | {conf} | {acc} | {b['count']} |")
+    return "\n".join(rows) + "\n"
+
+
 # ---------------------------------------------------------------------------- model versions
-def holdout_accuracy(rm: Any, pairs: list[dict]) -> dict[str, Any]:
+def holdout_accuracy(rm: Any, pairs: list[dict], temperature: float = 1.0) -> dict[str, Any]:
     """Accuracy of ``rm`` on validated pairs: overall, on style traps (metadata.style_trap) and per
-    generated category (metadata.gen_category)."""
+    generated category (metadata.gen_category); calibration at the version's ``temperature``."""
     traps = np.array([(p.get("metadata") or {}).get("style_trap") == "true" for p in pairs])
     categories = [(p.get("metadata") or {}).get("gen_category", "?") for p in pairs]
     reward_chosen, reward_rejected = rm.score_pairs(pairs)
@@ -164,11 +185,13 @@ def holdout_accuracy(rm: Any, pairs: list[dict]) -> dict[str, Any]:
     return {"holdout_accuracy": float(right.mean()),
             "style_trap_accuracy": float(right[traps].mean()) if traps.any() else None,
             "by_category": {c: float(np.mean(v)) for c, v in sorted(by_category.items())}, "holdout_pairs": len(pairs),
-            "style_trap_pairs": int(traps.sum())}
+            "style_trap_pairs": int(traps.sum()),
+            "calibration": calibration_report(np.asarray(reward_chosen, dtype=np.float64) - reward_rejected, temperature)}
 
 
 def evaluate_versions(models_dir: str | Path, holdout: list[dict], max_length: int) -> list[dict[str, Any]]:
-    """Holdout accuracy of the untrained bootstrap and of every ``current`` version in the store."""
+    """Holdout accuracy and calibration of the untrained bootstrap and of every ``current`` version in the
+    store, each at its own temperature (the bootstrap's is 1)."""
     import torch
 
     from trainers.model import ONNX_INT8, RewardModel
@@ -188,5 +211,5 @@ def evaluate_versions(models_dir: str | Path, holdout: list[dict], max_length: i
         out.append({"version": info.version, "role": info.role, "parent": info.manifest.get("parent"),
                     "published_at": info.manifest.get("created_at"), "backend": backend,
                     "lineage": {k: v for k, v in info.manifest.get("lineage", {}).items() if k != "shards"}}
-                   | holdout_accuracy(rm, pairs))
+                   | holdout_accuracy(rm, pairs, rm.temperature))
     return out

@@ -98,7 +98,7 @@ def onnx_twin(rm: RewardModel, threads: int | None = None, probe: list[dict] | N
     _export_onnx(rm, buf, rm.torch_model)
     twin = RewardModel(rm.tokenizer, OnnxBackend(buf.getvalue(), threads), rm.input_format, rm.max_length,
                        rm.batch_size, None, rm.path, rm.formatter.use_token_type_ids, rm.call_cost,
-                       rm.formatter.pad_id)
+                       rm.formatter.pad_id, temperature=rm.temperature)
     probe = probe or [{"conversation": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": "4", "rejected": "5"},
                       {"conversation": [{"role": "user", "content": "Say hello " * 40}], "chosen": "hello",
                        "rejected": "no " * 30}]

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from trainers.calibration import version_temperature
 from trainers.devices import DEFAULT_TOKEN_BUDGET, DTYPES, resolve_device, resolve_dtype
 from trainers.exceptions import DataError, ModelLoadError, PickleCheckpointError
 from trainers.formatting import PAIR, Formatter, detect_input_format, length_sorted_batches
@@ -191,8 +192,11 @@ class RewardModel:
     def __init__(self, tokenizer: Any, backend: Any, input_format: str, max_length: int,
                  batch_size: int = DEFAULT_BATCH_SIZE, torch_model: Any = None, path: Path | None = None,
                  uses_token_type_ids: bool = False, call_cost: int | None = CPU_CALL_COST_TOKENS,
-                 pad_id: int | None = None, token_budget: int | None = None, overlap: bool = False) -> None:
+                 pad_id: int | None = None, token_budget: int | None = None, overlap: bool = False,
+                 temperature: float = 1.0) -> None:
         self.tokenizer = tokenizer
+        # The version's calibration temperature (trainers/calibration.py): p = sigmoid(margin / temperature).
+        self.temperature = temperature
         self.backend = backend
         self.input_format = input_format
         self.max_length = max_length
@@ -219,6 +223,7 @@ class RewardModel:
         On an accelerator batches hold up to ``token_budget`` padded tokens (DEFAULT_TOKEN_BUDGET) and
         ``overlap`` (on by default there) tokenises on a CPU thread while the device runs; on the CPU
         batches follow the call-cost model and scoring is sequential unless ``overlap`` is asked for.
+        A version's checkout carries its calibration temperature in its manifest (1.0 otherwise).
         """
         from transformers import AutoConfig, AutoTokenizer
 
@@ -261,7 +266,7 @@ class RewardModel:
         token_budget = token_budget or (None if on_cpu else DEFAULT_TOKEN_BUDGET)
         overlap = (not on_cpu) if overlap is None else overlap
         return cls(tokenizer, runner, input_format, int(max_length), batch_size, torch_model, path, uses_tt, call_cost,
-                   pad_id, token_budget, overlap and backend == "torch")
+                   pad_id, token_budget, overlap and backend == "torch", version_temperature(path))
 
     @staticmethod
     def _load_torch(path: Path, attn_implementation: str | None, pad_id: int, dtype: str = "fp32") -> Any:

@@ -5,6 +5,7 @@ Layout under the store's root, a directory (``PREFSTREAM_MODELS_DIR``) or an S3 
 the bytes:
 
     versions/<version>/      config, tokenizer, model.safetensors, *.onnx, metrics.json, manifest.json
+                             (the manifest also holds the version's calibration temperature)
     roles/<role>.json        {"history": [oldest, ..., serving], "generation": n, "op": id} for current or gold
 
 A version exists once its manifest does, and the manifest is written after every other file.
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainers.calibration import MANIFEST_KEY, temperature_of
 from trainers.exceptions import CorruptArtifactError, RegistryError, UnknownVersionError
 from trainers.storage import (
     MANIFEST,
@@ -60,6 +62,11 @@ class VersionInfo:
     def metrics(self) -> dict[str, Any]:
         return self.manifest.get("metrics", {})
 
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature of the version (1.0 for one published without)."""
+        return temperature_of(self.manifest)
+
 
 def open_store(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                endpoint_url: str | None = None) -> ModelStore:
@@ -80,8 +87,13 @@ class ModelStore:
     # ------------------------------------------------------------------ publish
     def publish(self, src: str | os.PathLike, role: str, parent: str | None = None,
                 lineage: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
-                promote: bool = True, announce: Announcer | None = None, reason: str = "") -> VersionInfo:
-        """Copy the model directory ``src`` in as a new version; promote it to ``role`` unless told not to."""
+                promote: bool = True, announce: Announcer | None = None, reason: str = "",
+                calibration: dict[str, Any] | None = None) -> VersionInfo:
+        """Copy the model directory ``src`` in as a new version; promote it to ``role`` unless told not to.
+
+        ``calibration`` (trainers.calibration.Calibration.to_manifest) goes into the manifest: the
+        temperature the scorers divide the margin by. A version without one is scored with T = 1.
+        """
         self._check_role(role)
         src = Path(src)
         if not (src / "config.json").exists():
@@ -97,7 +109,7 @@ class ModelStore:
                 "files": {rel: {"sha256": sha256_file(directory / rel), "bytes": (directory / rel).stat().st_size}
                           for rel in files},
                 "lineage": lineage or {}, "metrics": _headline(metrics or {}),
-            })
+            } | ({MANIFEST_KEY: calibration} if calibration else {}))
             return json.dumps(made, indent=2).encode()
 
         self.backend.publish_version(version, src, make_manifest)

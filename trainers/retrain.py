@@ -10,7 +10,9 @@
 4. Gate: holdout accuracy no worse than the serving model's (minus ``tolerance``) and no task
    category with enough pairs dropping by more than ``max_category_drop``. A failed gate keeps the
    old model and says why.
-5. Export ONNX (INT8 only when its decisions agree with torch), publish atomically, announce.
+5. Fit the candidate's calibration temperature on the gold holdout (trainers/calibration.py), export
+   ONNX (INT8 only when its decisions agree with torch), publish atomically with the temperature in
+   the manifest, announce.
 
 Under torchrun (a Job with several GPUs) every rank collects the same data and trains its share;
 rank 0 alone evaluates, gates, exports and publishes, then hands its result to the other ranks.
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from trainers import distributed
+from trainers.calibration import MANIFEST_KEY, MIN_CALIBRATION_PAIRS, calibrate
 from trainers.data import read_jsonl, shard_pair, split_holdout
 from trainers.exceptions import ExportError, TrainerError
 from trainers.precision import PRECISIONS
@@ -192,11 +195,19 @@ def collect(cfg: RetrainConfig, store: ModelStore) -> tuple[list[dict], list[dic
     return new + replay, holdout, lineage
 
 
-def accuracy_report(rm: Any, pairs: list[dict]) -> dict[str, Any]:
+def pair_margins(rm: Any, pairs: list[dict]) -> np.ndarray:
+    """r_chosen - r_rejected of each pair."""
+    if not pairs:
+        return np.zeros(0)
+    rc, rr = rm.score_pairs(pairs)
+    return np.asarray(rc, dtype=np.float64) - np.asarray(rr, dtype=np.float64)
+
+
+def accuracy_report(rm: Any, pairs: list[dict], margins: np.ndarray | None = None) -> dict[str, Any]:
+    """Accuracy overall and per category; ``margins`` when the pairs were scored already."""
     if not pairs:
         return {"accuracy": float("nan"), "n": 0, "by_category": {}}
-    rc, rr = rm.score_pairs(pairs)
-    ok = rc > rr
+    ok = (pair_margins(rm, pairs) if margins is None else margins) > 0
     cats: dict[str, list[bool]] = defaultdict(list)
     for p, o in zip(pairs, ok, strict=True):
         cats[p.get("task_category") or "unknown"].append(bool(o))
@@ -266,6 +277,7 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
     if pairs is None:
         pairs, holdout, lineage = collect(cfg, store)
     holdout, lineage = holdout or [], lineage or {}
+    held_out = len(holdout)  # gold holdout pairs, ahead of any regression pairs: the calibration set
     if cfg.regression_file:
         from trainers.evaluate import read_regression_pairs
 
@@ -278,6 +290,7 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
     if not holdout:
         pairs, holdout = split_holdout(pairs, cfg.eval_fraction, cfg.seed)
         eval_set_name = "held-out slice of this job's data (no gold holdout yet)"
+        held_out = len(holdout)
     serving_version = store.serving(cfg.role) or "bootstrap"
     base = "default" if serving_version == "bootstrap" else str(store.checkout(serving_version))
     lap("collect")
@@ -288,10 +301,22 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
         result = None
         if ranks.is_main:
             result = _gate_and_publish(cfg, store, trained, pairs, holdout, serving_version, base,
-                                       {"eval_set": eval_set_name, "lineage": lineage, "seconds": seconds, "lap": lap},
+                                       {"eval_set": eval_set_name, "lineage": lineage, "seconds": seconds, "lap": lap,
+                                        "calibration_set": _calibration_set(held_out, len(holdout), eval_set_name)},
                                        announce)
         # Every rank returns rank 0's result, so that all take the same path through run_seed.
         return RetrainResult(**distributed.broadcast_json(asdict(result) if result else None, trained.device, ranks))
+
+
+def _calibration_set(held_out: int, evaluated: int, eval_set_name: str) -> tuple[int, str]:
+    """(how many of the evaluation pairs, from the front, to fit the temperature on; what they are).
+
+    The gold holdout (or the held-out slice of the job's data) was never trained on: the fit's set.
+    When it is too small to fit, the whole evaluation set (with the regression pairs) is used instead.
+    """
+    if held_out >= MIN_CALIBRATION_PAIRS or held_out == evaluated:
+        return held_out, eval_set_name
+    return evaluated, f"{eval_set_name} and the regression set ({held_out} held-out pairs alone are too few)"
 
 
 def _gate_and_publish(cfg: RetrainConfig, store: ModelStore, trained: Any, pairs: list[dict], holdout: list[dict],
@@ -299,7 +324,8 @@ def _gate_and_publish(cfg: RetrainConfig, store: ModelStore, trained: Any, pairs
     """Evaluate candidate and serving model, gate, export and publish: rank 0's part of a retrain."""
     from trainers.model import RewardModel
 
-    cand = accuracy_report(RewardModel.load(trained.output_dir, device=trained.device), holdout)
+    margins = pair_margins(RewardModel.load(trained.output_dir, device=trained.device), holdout)
+    cand = accuracy_report(None, holdout, margins)
     serv = accuracy_report(_serving_model(base, cfg.max_length, trained.device), holdout)
     run["lap"]("evaluate")
     ok, why = gate(cand, serv, cfg)
@@ -308,13 +334,18 @@ def _gate_and_publish(cfg: RetrainConfig, store: ModelStore, trained: Any, pairs
                            seconds=run["seconds"])
     if not ok:
         return result
+    n, fitted_on = run["calibration_set"]
+    calibration = calibrate(margins[:n], fitted_on=fitted_on)  # never raises: T = 1 when it cannot fit
+    result.reason += f"; {calibration.describe()}"
+    result.candidate["temperature"] = calibration.temperature
     result.reason += _export_checked(trained.output_dir, holdout[:EXPORT_CHECK_PAIRS] or pairs[:EXPORT_CHECK_PAIRS],
                                      cfg.quantize)
     run["lap"]("export")
     metrics = {"holdout_accuracy": cand["accuracy"], "serving_holdout_accuracy": serv["accuracy"],
                "holdout_pairs": cand["n"], "train_pairs": len(pairs), "final_loss": trained.metrics["final_loss"]}
     info = store.publish(trained.output_dir, cfg.role, parent=None if serving_version == "bootstrap" else serving_version,
-                         lineage=run["lineage"], metrics=metrics, announce=announce, reason=result.reason)
+                         lineage=run["lineage"], metrics=metrics, announce=announce, reason=result.reason,
+                         calibration=calibration.to_manifest())
     run["lap"]("publish")
     result.version = info.version
     return result
@@ -342,8 +373,9 @@ def run_seed(cfg: RetrainConfig, announce: Announcer | None = None) -> list[Retr
     if not distributed.ranks().is_main:  # rank 0 publishes; its result is the one printed
         return [gold, RetrainResult("current", "published", gold.reason, candidate=gold.candidate, lineage=lineage)]
     src = store.get(gold.version)
+    # Same weights, same held-out pairs: the gold version's temperature holds for current too.
     info = store.publish(store.checkout(gold.version), "current", parent=None, lineage=lineage, metrics=src.metrics, announce=announce,
-                         reason=gold.reason)
+                         reason=gold.reason, calibration=src.manifest.get(MANIFEST_KEY))
     current = RetrainResult("current", "published", gold.reason, version=info.version, candidate=gold.candidate,
                             serving=gold.serving, lineage=lineage)
     return [gold, current]

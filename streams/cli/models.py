@@ -44,17 +44,19 @@ def announcer(enabled: bool) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per version instead of a table.")
 @click.pass_obj
 def models_list(store: Any, as_json: bool) -> None:
-    """Every version with its role, parent and headline metrics; * marks the serving ones."""
+    """Every version with its role, parent, headline metrics and calibration temperature; * marks the serving ones."""
     serving = {store.serving(r): r for r in ("current", "gold")}
     if as_json:
         for v in store.list():
             click.echo(json.dumps({"version": v.version, "role": v.role, "serving": v.version in serving,
-                                   "parent": v.manifest.get("parent"), "metrics": v.metrics}))
+                                   "parent": v.manifest.get("parent"), "metrics": v.metrics,
+                                   "temperature": v.temperature}))
         return
-    table = Table("", "version", "role", "parent", "eval_accuracy", "pairs")
+    table = Table("", "version", "role", "parent", "eval_accuracy", "pairs", "temperature")
     for v in store.list():
         table.add_row("*" if v.version in serving else "", v.version, v.role, v.manifest.get("parent") or "-",
-                      f"{v.metrics.get('eval_accuracy', float('nan')):.4f}", str(v.metrics.get("train_pairs", "-")))
+                      f"{v.metrics.get('eval_accuracy', float('nan')):.4f}", str(v.metrics.get("train_pairs", "-")),
+                      f"{v.temperature:.3g}")
     Console(width=max(Console().width, 140)).print(table)
 
 

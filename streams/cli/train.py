@@ -115,11 +115,13 @@ def best_onnx_file(model: Path) -> str:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write report.json and report.md here.")
 def eval_cmd(model: Path, files: tuple[Path, ...], fmt: str, backend: str, device: str, dtype: str, limit: int | None,
              out: Path | None) -> None:
-    """Evaluate a reward model: pairwise accuracy, per category, Best-of-N, style bias, RM-Bench.
+    """Evaluate a reward model: pairwise accuracy, per category, Best-of-N, style bias, RM-Bench, calibration.
 
-    Prints a markdown table; --out also writes report.json and report.md.
+    Prints a markdown table and, for pairs, the reliability diagram and the expected calibration error
+    (ECE) of p = sigmoid(margin / T) at the version's own temperature (from its manifest; 1 for a model
+    directory without one) and uncalibrated. --out also writes report.json and report.md.
     """
-    from trainers.evaluate import evaluate, markdown_table, read_eval_items
+    from trainers.evaluate import evaluate, markdown_table, read_eval_items, reliability_table
     from trainers.model import RewardModel
 
     items: list[dict] = []
@@ -136,10 +138,12 @@ def eval_cmd(model: Path, files: tuple[Path, ...], fmt: str, backend: str, devic
     rm = RewardModel.load(model, backend=backend, device=device, dtype=dtype,
                           **({"onnx_file": best_onnx_file(model)} if backend == "onnx" else {}))
     with console.status(f"scoring {len(items)} items"):
-        report = evaluate(rm, items)
+        report = evaluate(rm, items, rm.temperature)
     report["skipped_lines"] = skipped
     report["model"] = str(model)
     table = markdown_table(report)
+    if "calibration" in report:
+        table += "\n" + reliability_table(report["calibration"])
     click.echo(table)
     if out:
         out.mkdir(parents=True, exist_ok=True)

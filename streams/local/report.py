@@ -99,6 +99,15 @@ def hot_swaps(versions: list[tuple[dict, int]], scored: list[tuple[dict, int]], 
     return out
 
 
+def ece_by_version(evals: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Expected calibration error on the clean holdout of each version, at the version's own temperature."""
+    out: dict[str, float | None] = {}
+    for e in evals:
+        ece = e["calibration"]["ece"]
+        out[e["version"]] = None if ece != ece else ece  # NaN (no pairs) is not JSON
+    return out
+
+
 def annotator_agreement(annotations: list[tuple[dict, int]]) -> dict[str, Any]:
     from streams.review.aggregator import alpha
 
@@ -175,6 +184,7 @@ def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[
         "routes": dict(routes), "curated_by_split": dict(Counter(c["split"] for c in curated.values())),
         "noise_detection": noise_detection(stream, scored, curated),
         "models": evals,
+        "ece_by_version": ece_by_version(evals),
         "retrained_beats_initial": bool(initial and final is not initial
                                         and final["holdout_accuracy"] > initial["holdout_accuracy"]),
         "hot_swaps": hot_swaps(versions, scored_raw, decisions),

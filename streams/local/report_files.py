@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from streams.local.report import HOT_SWAP_TARGET_S, build
+from trainers.evaluate import reliability_table
 
 
 def _save(fig: Any, path: Path, files: list[str]) -> None:
@@ -41,6 +42,18 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
     ax.set_title("reward model accuracy by version")
     ax.legend(loc="lower right")
     _save(fig, out / "accuracy_by_version.png", files)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([0.5, 1], [0.5, 1], color="grey", ls=":", lw=0.8, label="perfectly calibrated")
+    for m in cur:
+        bins = [b for b in m["calibration"]["reliability"] if b["count"]]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", ms=3,
+                label=f"{m['version']} (T {m['calibration']['temperature']:.2g})")
+    ax.set_xlabel("confidence max(p, 1 - p)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability on the clean holdout")
+    ax.legend(fontsize=6, loc="lower right")
+    _save(fig, out / "reliability.png", files)
 
     series = report["_series"]["routes"]
     if series:
@@ -88,6 +101,18 @@ def hot_swap_rows(swaps: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def model_rows(models: list[dict[str, Any]], ece_by_version: dict[str, float | None]) -> list[str]:
+    """One table row per model version: accuracy on the clean holdout, its temperature and its calibration error."""
+    rows = []
+    for m in models:
+        note = "rolled back live by the controller" if m.get("rolled_back") else ""
+        cal = m["calibration"]
+        rows.append(f"| {m['version']} | {m.get('parent') or '-'} | {m.get('backend', 'torch')} | "
+                    f"{_fmt(m['holdout_accuracy'])} | {_fmt(m['style_trap_accuracy'])} | {cal['temperature']:.3g} | "
+                    f"{_fmt(ece_by_version.get(m['version']))} | {_fmt(cal['ece_uncalibrated'])} | {note} |")
+    return rows
+
+
 def markdown(r: dict[str, Any], images: list[str]) -> str:
     noise, p = r["noise_detection"], r["pairs"]
     lines = ["# prefstream demo report", "", f"Generated {r['generated_at']}; topics `{r['topic_prefix']}*`.", ""]
@@ -97,15 +122,17 @@ def markdown(r: dict[str, Any], images: list[str]) -> str:
               f"| {p['streamed']} | {p['generated']} | {p['hh_rlhf']} | {p['scored']} | {p['missing']} | {p['dead_letters']} |",
               "", "Routes: " + ", ".join(f"{k} {v}" for k, v in sorted(r["routes"].items())),
               "", "Curated (training shards): " + ", ".join(f"{k} {v}" for k, v in sorted(r["curated_by_split"].items())), ""]
-    lines += ["## Model versions (clean holdout)", "", "| version | parent | backend | holdout acc. | style-trap acc. | note |",
-              "|---|---|---|---|---|---|"]
-    for m in r["models"]:
-        note = "rolled back live by the controller" if m.get("rolled_back") else ""
-        lines.append(f"| {m['version']} | {m.get('parent') or '-'} | {m.get('backend', 'torch')} | "
-                     f"{_fmt(m['holdout_accuracy'])} | {_fmt(m['style_trap_accuracy'])} | {note} |")
+    lines += ["## Model versions (clean holdout)", "",
+              "| version | parent | backend | holdout acc. | style-trap acc. | temperature | ECE | ECE at T = 1 | note |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines += model_rows(r["models"], r["ece_by_version"])
     lines += ["", f"Holdout: {r['models'][0]['holdout_pairs']} clean generated pairs, {r['models'][0]['style_trap_pairs']} "
               "of them style traps (the worse answer longer and in markdown). The latest retrained version that was not "
-              f"rolled back beats the initial one: **{'yes' if r['retrained_beats_initial'] else 'no'}**.", ""]
+              f"rolled back beats the initial one: **{'yes' if r['retrained_beats_initial'] else 'no'}**. Temperature: "
+              "the version's calibration, fitted on its gold holdout when it was published; the scorers report "
+              "p = sigmoid(margin / temperature). ECE: expected calibration error of that p on this holdout.", ""]
+    final = next(m for m in reversed(r["models"]) if not m.get("rolled_back"))
+    lines += [f"Reliability of {final['version']}:", "", reliability_table(final["calibration"])]
     lines += ["## Flipped-label detection", "",
               f"{noise['flipped_in_stream']} of {noise['pairs_with_known_truth']} generated pairs had their label flipped on purpose.", "",
               "| detection | flagged | correct | precision | recall |", "|---|---|---|---|---|"]
@@ -200,9 +227,11 @@ def summary(r: dict[str, Any]) -> str:
     cur = [m for m in r["models"] if m["role"] == "current"]
     accs = " → ".join(f"{m['version'].split('-')[-1] if m['version'] != 'bootstrap' else 'bootstrap'} "
                       f"{m['holdout_accuracy']:.3f}" for m in cur)
+    eces = " → ".join(_fmt(r["ece_by_version"].get(m["version"])) for m in cur)
     c = noise["corrected_or_filtered"]
     return (f"\n[bold]demo summary[/]: {p['scored']}/{p['streamed']} pairs scored, routes {dict(r['routes'])}\n"
             f"  clean-holdout accuracy by version: {accs}\n"
+            f"  calibration error (ECE) by version: {eces}\n"
             f"  flipped labels found: precision {_fmt(c['precision'])}, recall {_fmt(c['recall'])} "
             f"(training-label accuracy {_fmt(noise['stream_label_accuracy'])} → {_fmt(noise['curated_label_accuracy'])})\n"
             f"  annotator alpha {_fmt(r['review']['alpha'])}; latency p50 {_fmt(r['latency_s']['p50'], '.2f')} s, "

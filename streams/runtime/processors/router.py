@@ -1,5 +1,8 @@
 """The router: where a scored pair goes (Skywork-Reward-V2 policy; thresholds configurable).
 
+p and gold_p are calibrated probabilities (each version's temperature, see the scorer), so the
+thresholds read as how often a model at that confidence is right.
+
 Order of the rules:
 1. an objective pair a verifier can decide -> curated as verified_by_tool (flipped if the tool says
    the rejected answer is the right one);

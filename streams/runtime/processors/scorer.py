@@ -6,6 +6,9 @@ thread* (a batch of the pairs the role scored last goes through the whole scorin
 first-call costs of ONNX Runtime or CUDA are paid there), then parked as ``pending``. The worker
 calls ``swap_if_ready()`` between batches, a pointer switch, so a batch is always scored by one
 fully loaded model, and a failed load leaves the old model serving.
+
+Each version is scored with its own calibration temperature (from its manifest, 1.0 for versions
+published without one): ``p = sigmoid((r_chosen - r_rejected) / T)``, and likewise ``gold_p``.
 """
 
 from __future__ import annotations
@@ -267,13 +270,16 @@ class Scorer:
                 self.gold.serving.version if self.gold.serving else None)
 
     def score(self, pairs: list[dict]) -> list[dict]:
-        """ScoredPair fields (without the pair) for each pair, from the models serving right now."""
+        """ScoredPair fields (without the pair) for each pair, from the models serving right now.
+
+        p and gold_p are calibrated with each version's temperature; the rewards stay raw.
+        """
         cur, gold = self.current.serving, self.gold.serving
         rc, rr = cur.model.score_pairs(pairs)
-        p = sigmoid(rc - rr)
+        p = sigmoid((rc - rr) / cur.model.temperature)
         if gold is not None:
             gc, gr = gold.model.score_pairs(pairs)
-            gp = sigmoid(gc - gr)
+            gp = sigmoid((gc - gr) / gold.model.temperature)
         # Pairs both models scored: the next version's warm-up (a pair that broke a model never is).
         self.current.remember(pairs)
         self.gold.remember(pairs)
@@ -282,9 +288,10 @@ class Scorer:
         for i in range(len(pairs)):
             out.append({
                 "reward_chosen": float(rc[i]), "reward_rejected": float(rr[i]), "p": float(p[i]),
-                "model_version": cur.version,
+                "model_version": cur.version, "temperature": float(cur.model.temperature),
                 "gold_reward_chosen": float(gc[i]) if gold else None, "gold_reward_rejected": float(gr[i]) if gold else None,
                 "gold_p": float(gp[i]) if gold else None, "gold_model_version": gold.version if gold else None,
+                "gold_temperature": float(gold.model.temperature) if gold else None,
                 "scored_at": now,
             })
         metrics.SCORED.inc(len(pairs))
