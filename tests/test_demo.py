@@ -62,6 +62,9 @@ def test_short_demo_reports_what_the_topics_hold(settings, tmp_path):
     versions = [m["version"] for m in report["models"]]
     assert versions[0] == "bootstrap" and set(published_versions) <= set(versions)
     assert report["failures"] == []
+    # The plan was sized from Stage 1's speed, shown at start and kept in the report.
+    assert report["plan"]["retrains"] == 1 and report["plan"]["retrain_estimate_s"] > 0
+    assert "plan: 1 retrain(s), 2 phases of 120 pairs" in proc.stderr.replace("\n", "")
 
     # The markdown shows the same numbers, escaped HTML beside it, and no service outlived the demo.
     md = (out / "report.md").read_text()

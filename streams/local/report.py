@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,7 @@ def phases(run: Any, scored: list[tuple[dict, int]]) -> list[dict[str, Any]]:
         out.append({"phase": phase["phase"], "pairs": len(in_phase), "seconds": round(span, 1),
                     "pairs_per_s": len(in_phase) / span if span > 0 else None,
                     "p50_s": _pct(latency, 50), "p99_s": _pct(latency, 99),
-                    "training_alongside": phase["phase"] <= run.cfg.retrains})
+                    "training_alongside": phase["phase"] <= (run.plan.retrains if run.plan else run.cfg.retrains)})
     return out
 
 
@@ -194,7 +195,8 @@ def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[
         "phases": phases(run, scored_raw),
         "controller": [{k: d[k] for k in ("time", "role", "decision", "reason") if k in d} | {"version": d.get("version")}
                        for d in decisions],
-        "stage_seconds": run.stage_seconds, "failures": list(run.failures),
+        "stage_seconds": run.stage_seconds, "failures": list(run.failures), "warnings": list(run.warnings),
+        "plan": asdict(run.plan) if run.plan else None,
     }
     report["_series"] = {"latency": latency,
                          "routes": [(rec["scored_at"] / 1000, rec.get("route") or "none") for rec, _ in scored_raw]}

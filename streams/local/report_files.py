@@ -118,6 +118,13 @@ def markdown(r: dict[str, Any], images: list[str]) -> str:
     lines = ["# prefstream demo report", "", f"Generated {r['generated_at']}; topics `{r['topic_prefix']}*`.", ""]
     if r["failures"]:
         lines += ["**Failed stages:**", ""] + [f"- {f}" for f in r["failures"]] + [""]
+    if r.get("warnings"):
+        lines += ["**Warnings:**", ""] + [f"- {w}" for w in r["warnings"]] + [""]
+    if r.get("plan"):
+        pl = r["plan"]
+        lines += [f"Plan (sized from Stage 1's speed): {pl['retrains']} retrain(s), {pl['retrains'] + 1} phases of "
+                  f"{pl['phase_size']} pairs, a retrain after {pl['threshold']} new curated pairs, estimated "
+                  f"{pl['retrain_estimate_s']:.0f} s each" + (f" ({pl['note']})" if pl.get("note") else "") + ".", ""]
     lines += ["## Pairs", "", "| streamed | generated | HH-RLHF | scored | missing | dead letters |", "|---|---|---|---|---|---|",
               f"| {p['streamed']} | {p['generated']} | {p['hh_rlhf']} | {p['scored']} | {p['missing']} | {p['dead_letters']} |",
               "", "Routes: " + ", ".join(f"{k} {v}" for k, v in sorted(r["routes"].items())),
