@@ -10,6 +10,7 @@ import pytest
 
 from streams.local.generate import GenerateConfig, generate
 from tests.helpers import processes_with_env, read_topic, run_cli
+from trainers.calibration import calibrated_p
 
 pytestmark = pytest.mark.integration
 
@@ -22,8 +23,8 @@ def test_short_demo_reports_what_the_topics_hold(settings, tmp_path):
                     "--max-length", "64", "--rate", "20", "--time-limit", "600"], settings, check=False, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "demo summary" in proc.stderr
-    for name in ("report.md", "report.html", "report.json", "accuracy_by_version.png", "routes_over_time.png",
-                 "latency_histogram.png"):
+    for name in ("report.md", "report.html", "report.json", "accuracy_by_version.png", "reliability.png",
+                 "routes_over_time.png", "latency_histogram.png"):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "report.json").read_text())
     demo = settings.model_copy(update={"topic_prefix": report["topic_prefix"]})
@@ -61,6 +62,14 @@ def test_short_demo_reports_what_the_topics_hold(settings, tmp_path):
     assert any(s["first_scored_after_s"] is not None for s in report["hot_swaps"])
     versions = [m["version"] for m in report["models"]]
     assert versions[0] == "bootstrap" and set(published_versions) <= set(versions)
+    # Each version scored with its own calibration temperature; the report carries its ECE on the holdout.
+    temperature = {m["version"]: m["calibration"]["temperature"] for m in report["models"]}
+    assert set(report["ece_by_version"]) == set(versions)
+    for r in scored.values():
+        if r["model_version"] in temperature:
+            assert r["temperature"] == pytest.approx(temperature[r["model_version"]])
+            p = calibrated_p(r["reward_chosen"] - r["reward_rejected"], r["temperature"])
+            assert r["p"] == pytest.approx(float(p), abs=1e-5)
     assert report["failures"] == []
     # The plan was sized from Stage 1's speed, shown at start and kept in the report.
     assert report["plan"]["retrains"] == 1 and report["plan"]["retrain_estimate_s"] > 0
