@@ -29,6 +29,11 @@ def test_eval_onnx_uses_fp32_when_the_export_kept_no_int8(tmp_path):
     onnx_report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert onnx_report["pairs"] == torch_report["pairs"] == len(PAIRS)
     assert onnx_report["pairwise_accuracy"] == torch_report["pairwise_accuracy"]
+    # Calibration: a plain model directory has no manifest, so T = 1; the reliability table is printed.
+    cal = torch_report["calibration"]
+    assert cal["temperature"] == 1.0 and cal["pairs"] == len(PAIRS) and cal["ece"] == cal["ece_uncalibrated"]
+    assert sum(b["count"] for b in cal["reliability"]) == len(PAIRS)
+    assert "| confidence bin |" in torch_run.output and "ECE at the version's temperature 1" in torch_run.output
 
 
 def test_eval_onnx_without_any_onnx_file_says_how_to_export(tmp_path):
