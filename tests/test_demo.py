@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from streams.local.generate import GenerateConfig, generate
+from streams.local.demo import DemoConfig, stream_config
+from streams.local.generate import generate
 from tests.helpers import processes_with_env, read_topic, run_cli
 from trainers.calibration import calibrated_p
 
@@ -31,7 +32,7 @@ def test_short_demo_reports_what_the_topics_hold(settings, tmp_path):
     assert report["topic_prefix"].startswith(settings.topic_prefix + "demo-")
 
     # Every pair accounted for: scored once (last record per pair_id) and routed somewhere.
-    stream = list(generate(GenerateConfig(n=n, seed=1, flip_share=0.2, style_trap_share=0.15)))
+    stream = list(generate(stream_config(DemoConfig(pairs=n))))
     ids = {p["pair_id"] for p in stream}
     scored = {r["pair"]["pair_id"]: r for r in read_topic(demo, "prefs.scored", "ScoredPair")}
     assert ids <= set(scored)
@@ -71,6 +72,25 @@ def test_short_demo_reports_what_the_topics_hold(settings, tmp_path):
             p = calibrated_p(r["reward_chosen"] - r["reward_rejected"], r["temperature"])
             assert r["p"] == pytest.approx(float(p), abs=1e-5)
     assert report["failures"] == []
+    # Curation against the raw stream: the served version's and a raw-trained model's holdout accuracy,
+    # each label's precision and the human share recomputed from the topics and the generator's truth.
+    served_last = [m for m in report["models"] if m["role"] == "current" and not m["rolled_back"]][-1]
+    assert report["curated_accuracy"] == served_last["holdout_accuracy"]
+    raw = report["raw_vs_curated"]["raw_model"]
+    assert 0 <= report["raw_trained_accuracy"] <= 1 and raw["holdout_accuracy"] == report["raw_trained_accuracy"]
+    assert raw["steps"] == 6 and 0 < raw["train_pairs"] <= n and raw["holdout_pairs"] == 60
+    assert report["raw_vs_curated"]["gain"] == pytest.approx(report["curated_accuracy"] - report["raw_trained_accuracy"])
+    truth = {p["pair_id"]: (p["chosen"] if p["metadata"]["truth"] == "chosen" else p["rejected"]) for p in stream}
+    for split, key in (("silver", "silver_precision"), ("flipped", "flipped_precision")):
+        mine = [c for i, c in curated.items() if c["split"] == split]
+        want = sum(c["pair"]["chosen"] == truth[c["pair"]["pair_id"]] for c in mine) / len(mine) if mine else None
+        assert report[key] == pytest.approx(want), key
+    shares = report["human_share_by_phase"]
+    assert len(shares) == len(report["phases"]) == 2
+    assert sum(ph["routed_to_review"] for ph in report["phases"]) == routes["review"]
+    assert all(s is None or 0 <= s <= 1 for s in shares)
+    assert report["human_verdicts"]["verdicts"] == len(annotations)
+    assert {t["name"] for t in report["targets"]} >= {"curation_gain", "silver_precision", "human_share_last_phase"}
     # The plan was sized from Stage 1's speed, shown at start and kept in the report.
     assert report["plan"]["retrains"] == 1 and report["plan"]["retrain_estimate_s"] > 0
     assert "plan: 1 retrain(s), 2 phases of 120 pairs" in proc.stderr.replace("\n", "")

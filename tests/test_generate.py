@@ -81,3 +81,65 @@ def test_cli_writes_the_same_pairs_and_refuses_bad_options(tmp_path, stack_setti
     bad = run_cli(["generate", "--flip-share", "1.5"], stack_settings, check=False)
     assert bad.returncode == 2 and "flip-share" in bad.stderr
     assert set(CATEGORIES) >= {"safety", "arithmetic"}
+
+
+MIX = GenerateConfig(n=3000, seed=11, flip_share=0.06, style_flip_share=0.05, confident_flip_share=0.04,
+                     noisy_source_share=0.15, noisy_source_flip_rate=0.4)
+
+
+def test_the_noise_mix_comes_out_as_configured():
+    from streams.local.generate import NOISY_SOURCE
+
+    pairs = list(generate(MIX))
+    wrong = Counter(p["metadata"]["noise"] for p in pairs if p["metadata"]["flipped"] == "true")
+    share = {k: v / len(pairs) for k, v in wrong.items()}
+    for kind, want in (("random", 0.06), ("style", 0.05), ("confident", 0.04), ("source", 0.15 * 0.4)):
+        assert abs(share[kind] - want) < 0.015, (kind, share)
+    noisy = [p for p in pairs if p["source"] == NOISY_SOURCE]
+    assert abs(len(noisy) / len(pairs) - 0.15) < 0.02
+    assert all(p["metadata"]["noise"] == "source" for p in noisy)
+    rate = sum(p["metadata"]["flipped"] == "true" for p in noisy) / len(noisy)
+    assert abs(rate - 0.4) < 0.06  # the one noisy source, far above the rest
+    rest = [p for p in pairs if p["source"] != NOISY_SOURCE]
+    assert sum(p["metadata"]["flipped"] == "true" for p in rest) / len(rest) < 0.2
+
+
+def test_the_truth_of_each_kind_of_noise_is_recorded_and_right():
+    from streams.local.generate import OBJECTIVE_CATEGORIES, STYLE_TRAP_CATEGORIES
+
+    pairs = list(generate(MIX))
+    math = verify_math
+    for p in pairs:
+        m = p["metadata"]
+        assert m["truth"] == ("rejected" if m["flipped"] == "true" else "chosen")
+        good, bad = truly_better(p), (p["rejected"] if truly_better(p) == p["chosen"] else p["chosen"])
+        if m["noise"] == "style":  # the dressed-up worse answer won
+            assert m["gen_category"] in STYLE_TRAP_CATEGORIES and m["style_trap"] == "true"
+            assert p["chosen"] == bad and len(bad) > len(good) and bad.startswith("## ") and "**" in bad
+        if m["noise"] == "confident":  # the confidently wrong answer won, and a checker still says so
+            assert m["gen_category"] in OBJECTIVE_CATEGORIES and p["chosen"] == bad
+            assert any(w in bad for w in ("certain", "no question", "guaranteed"))
+            if "answer" in m:
+                assert math(p) == "rejected"
+        if m["noise"] in ("random", "style", "confident"):
+            assert m["flipped"] == "true"
+    assert {"random", "style", "confident", "source", "none"} == {p["metadata"]["noise"] for p in pairs}
+    assert all(as_clean(p)["metadata"]["flipped"] == "false" and as_clean(p)["chosen"] == truly_better(p) for p in pairs)
+    assert all(as_clean(p)["metadata"]["noise"] == "none" for p in pairs if p["metadata"]["flipped"] == "true")
+
+
+def test_a_noise_mix_the_pairs_cannot_hold_is_refused(tmp_path, stack_settings):
+    from tests.helpers import run_cli
+
+    with pytest.raises(ConfigError, match="lower flip_share"):
+        list(generate(GenerateConfig(n=1, flip_share=0.5, style_flip_share=0.4)))
+    out = tmp_path / "mix.jsonl"
+    run_cli(["generate", "-n", "40", "--seed", "3", "--flip-share", "0.05", "--style-flip-share", "0.1",
+             "--confident-flip-share", "0.1", "--noisy-source-share", "0.2", "--noisy-source-flip-rate", "0.5",
+             "-o", str(out)], stack_settings)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert got == list(generate(GenerateConfig(n=40, seed=3, flip_share=0.05, style_flip_share=0.1,
+                                               confident_flip_share=0.1, noisy_source_share=0.2,
+                                               noisy_source_flip_rate=0.5)))
+    bad = run_cli(["generate", "--flip-share", "0.6", "--confident-flip-share", "0.5"], stack_settings, check=False)
+    assert bad.returncode == 2 and "lower flip_share" in bad.stderr

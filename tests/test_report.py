@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from streams.local.generate import GenerateConfig, generate
-from streams.local.report import HOT_SWAP_TARGET_S, ece_by_version, hot_swaps, noise_detection
-from streams.local.report_files import hot_swap_rows, model_rows, to_html
+from streams.local.raw_baseline import raw_pairs, raw_vs_curated, retrains_behind
+from streams.local.report import (
+    HOT_SWAP_TARGET_S,
+    ece_by_version,
+    hot_swaps,
+    human_verdicts,
+    noise_by_kind,
+    noise_detection,
+    phases,
+    split_precision,
+    targets,
+)
+from streams.local.report_files import hot_swap_rows, model_rows, target_rows, to_html
 
 
 def _curated(pair: dict, split: str, swap: bool) -> dict:
@@ -84,3 +95,69 @@ def test_html_escapes_everything_it_renders():
     assert "<script>" not in page and "<b>x</b>" not in page and "<img src=x" not in page
     assert "&lt;script&gt;" in page and "&lt;b&gt;x&lt;/b&gt;" in page and "&amp; &lt;i&gt;" in page
     assert 'src="p.png&quot;onload=&quot;x"' in page
+
+
+def test_silver_and_flipped_precision_against_the_generators_truth():
+    stream = list(generate(GenerateConfig(n=60, seed=2, flip_share=0.4)))
+    flipped = [p for p in stream if p["metadata"]["flipped"] == "true"]
+    clean = [p for p in stream if p["metadata"]["flipped"] == "false"]
+    curated = {p["pair_id"]: _curated(p, "silver", swap=False) for p in clean[:9]}
+    curated[flipped[0]["pair_id"]] = _curated(flipped[0], "silver", swap=False)  # a wrong label kept as silver
+    curated |= {p["pair_id"]: _curated(p, "flipped", swap=True) for p in flipped[1:4]}  # rightly recycled
+    curated[clean[9]["pair_id"]] = _curated(clean[9], "flipped", swap=True)  # a right label swapped
+    assert split_precision(stream, curated, "silver") == 0.9
+    assert split_precision(stream, curated, "flipped") == 0.75
+    assert split_precision(stream, curated, "gold") is None
+    hv = human_verdicts([({}, 0)] * 21, curated | {clean[10]["pair_id"]: _curated(clean[10], "gold", swap=False)})
+    assert hv["per_curated_pair"] == 21 / 15 and hv["per_human_curated_pair"] == 21.0
+
+
+def test_noise_caught_per_kind_of_planted_noise():
+    stream = list(generate(GenerateConfig(n=400, seed=3, flip_share=0.05, style_flip_share=0.05,
+                                          confident_flip_share=0.05, noisy_source_share=0.2)))
+    wrong = [p for p in stream if p["metadata"]["flipped"] == "true"]
+    style = [p for p in wrong if p["metadata"]["noise"] == "style"]
+    curated = {p["pair_id"]: _curated(p, "gold", swap=True) for p in style[:2]}
+    scored = {style[2]["pair_id"]: {"route": "dropped", "route_reason": "gold_disagrees"}}
+    got = noise_by_kind(stream, scored, curated)
+    assert set(got) == {"random", "style", "confident", "source"}
+    assert got["style"] == {"wrong_labels": len(style), "caught": 3, "recall": 3 / len(style)}
+    assert got["random"]["caught"] == 0 and sum(k["wrong_labels"] for k in got.values()) == len(wrong)
+
+
+def test_human_share_per_phase_from_the_routes_of_the_pairs_sent_in_it():
+    class Run:
+        sent_at = {f"p{i}": float(i) for i in range(10)}
+        phases = [{"phase": 1, "started": 0.0, "ended": 6.0}, {"phase": 2, "started": 6.0, "ended": 10.0}]
+        plan, cfg = None, type("Cfg", (), {"retrains": 1})
+
+    routes = ["review", "review", "silver", "review", "dropped", "silver", "review", "silver", "silver", "flipped"]
+    scored = [({"pair": {"pair_id": f"p{i}"}, "route": r}, int(i * 1000 + 500)) for i, r in enumerate(routes)]
+    got = phases(Run(), scored)
+    assert [ph["human_share"] for ph in got] == [0.5, 0.25] and [ph["routed_to_review"] for ph in got] == [3, 1]
+    rescored = phases(Run(), scored + [({"pair": {"pair_id": "p1"}, "route": "silver"}, 9_000)])
+    assert rescored[0]["human_share"] == 2 / 6  # a pair's last record counts, once
+
+
+def test_raw_versus_curated_on_the_same_holdout():
+    models = [{"version": "bootstrap", "parent": None}, {"version": "c1", "parent": None},
+              {"version": "c2", "parent": "c1"}, {"version": "c3", "parent": "c2"}]
+    assert retrains_behind("c3", models) == 2 and retrains_behind("c1", models) == 0
+    raw = [{"pair_id": "a", "v": 1}, {"pair_id": "b", "v": 1}, {"pair_id": "a", "v": 2}, {"pair_id": "c", "v": 1}]
+    assert raw_pairs(raw, {"a": 1.0, "b": 5.0, "c": 2.0}, 3.0) == [{"pair_id": "a", "v": 2}, {"pair_id": "c", "v": 1}]
+    assert len(raw_pairs(raw, {}, None)) == 3
+    cmp = raw_vs_curated({"holdout_accuracy": 0.8, "style_trap_accuracy": 0.5},
+                         {"version": "c3", "holdout_accuracy": 0.9, "style_trap_accuracy": 0.75, "by_category": {}})
+    assert cmp["gain"] == 0.9 - 0.8 and cmp["style_trap_gain"] == 0.25 and cmp["curated"]["version"] == "c3"
+    assert raw_vs_curated(None, {"version": "c3", "holdout_accuracy": 0.9, "style_trap_accuracy": None})["gain"] is None
+
+
+def test_targets_are_judged_from_the_measured_values():
+    got = {t["name"]: t for t in targets({"human_share_last_phase": 0.31, "silver_precision": 0.95,
+                                          "flipped_precision": 0.9, "curation_gain": 0.06,
+                                          "flip_detection_precision": None, "flip_detection_recall": 0.95})}
+    assert [got[k]["met"] for k in ("human_share_last_phase", "silver_precision", "flipped_precision", "curation_gain",
+                                    "flip_detection_precision", "flip_detection_recall")] == [False, True, False, True,
+                                                                                             None, True]
+    rows = target_rows([got["human_share_last_phase"], got["flip_detection_precision"]])
+    assert rows[0].endswith("| 0.310 | <= 0.3 | missed |") and rows[1].endswith("| - | >= 0.95 | not measured |")

@@ -17,28 +17,48 @@ from streams.local.generate import GenerateConfig
 @click.option("-n", "--pairs", "n", type=click.IntRange(min=1), default=GenerateConfig.n, show_default=True, help="How many pairs.")
 @click.option("--seed", type=int, default=GenerateConfig.seed, show_default=True, help="Same seed, same pairs.")
 @click.option("--flip-share", type=click.FloatRange(0, 1), default=GenerateConfig.flip_share, show_default=True,
-              help="Share of pairs published with chosen and rejected swapped (recorded in metadata.flipped).")
+              help="Share of pairs published with chosen and rejected swapped at random (metadata.noise = random).")
 @click.option("--style-trap-share", type=click.FloatRange(0, 1), default=GenerateConfig.style_trap_share, show_default=True,
               help="Share of pairs whose worse answer is longer and in markdown.")
+@click.option("--style-flip-share", type=click.FloatRange(0, 1), default=GenerateConfig.style_flip_share,
+              show_default=True, help="Share of pairs whose worse answer is dressed longer and in markdown and published "
+              "as chosen, as length-biased judges do (metadata.noise = style; only in task types without a checkable answer).")
+@click.option("--confident-flip-share", type=click.FloatRange(0, 1), default=GenerateConfig.confident_flip_share,
+              show_default=True, help="Share of pairs where, on an objective task, the wrong answer is stated confidently "
+              "and published as chosen (metadata.noise = confident).")
+@click.option("--noisy-source-share", type=click.FloatRange(0, 1), default=GenerateConfig.noisy_source_share,
+              show_default=True, help="Share of pairs from one noisy source (source prefstream-generate-vendor-b, "
+              "metadata.noise = source), whose labels are flipped at --noisy-source-flip-rate.")
+@click.option("--noisy-source-flip-rate", type=click.FloatRange(0, 1), default=GenerateConfig.noisy_source_flip_rate,
+              show_default=True, help="Share of the noisy source's labels that are flipped.")
 @click.option("--category", "categories", multiple=True, help="Only these task types (repeatable; default all 12).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSONL file to write (default: standard output).")
-def generate_cmd(n: int, seed: int, flip_share: float, style_trap_share: float, categories: tuple[str, ...],
-                 out: Path | None) -> None:
+def generate_cmd(n: int, seed: int, flip_share: float, style_trap_share: float, style_flip_share: float,
+                 confident_flip_share: float, noisy_source_share: float, noisy_source_flip_rate: float,
+                 categories: tuple[str, ...], out: Path | None) -> None:
     """Write demo preference pairs whose truth is known, as JSONL.
 
     Twelve task types: arithmetic, word problems, unit conversions, number comparison, letter
     counting, Python functions with tests, capitals, chemical symbols, translations, weekdays,
     safety requests and open-ended writing. metadata.truth says which side is really better,
-    metadata.flipped marks the deliberately swapped labels. Pipe it into `prefstream produce -`.
+    metadata.flipped marks the deliberately swapped labels and metadata.noise their kind (random,
+    style, confident, source). Pipe it into `prefstream produce -`.
     """
+    from streams.exceptions import ConfigError
     from streams.local.generate import CATEGORIES, generate
 
     unknown = sorted(set(categories) - set(CATEGORIES))
     if unknown:
         raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(CATEGORIES)}", param_hint="--category")
     cfg = GenerateConfig(n=n, seed=seed, flip_share=flip_share, style_trap_share=style_trap_share,
-                         categories=tuple(categories) or tuple(CATEGORIES))
+                         categories=tuple(categories) or tuple(CATEGORIES), style_flip_share=style_flip_share,
+                         confident_flip_share=confident_flip_share, noisy_source_share=noisy_source_share,
+                         noisy_source_flip_rate=noisy_source_flip_rate)
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
     fh = out.open("w", encoding="utf-8") if out else sys.stdout
     try:
         for pair in generate(cfg):
@@ -88,7 +108,8 @@ def up(workers: int, review_port: int | None, no_controller: bool, refresh: floa
 @click.option("--holdout-pairs", type=click.IntRange(min=10), default=DemoConfig.holdout_pairs, show_default=True,
               help="Clean holdout.")
 @click.option("--flip-share", type=click.FloatRange(0, 1), default=DemoConfig.flip_share, show_default=True,
-              help="Share of flipped labels.")
+              help="Share of labels flipped at random (the demo also plants style-biased and confident-but-wrong "
+                   "flips and a noisy source; see `prefstream generate --help`).")
 @click.option("--retrains", type=click.IntRange(min=0), default=DemoConfig.retrains, show_default=True,
               help="Retrains to wait for.")
 @click.option("--threshold", type=click.IntRange(min=0), default=DemoConfig.threshold,
@@ -104,11 +125,15 @@ def up(workers: int, review_port: int | None, no_controller: bool, refresh: floa
 @click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=1), default=DemoConfig.time_limit_s,
               show_default=True, help="Seconds before the demo stops waiting for retrains.")
 @click.option("--seed", type=int, default=DemoConfig.seed, show_default=True, help="Seed of the generated data.")
+@click.option("--raw-baseline/--no-raw-baseline", default=DemoConfig.raw_baseline, show_default=True,
+              help="Train a model on the stream as published (same start, pairs and steps as the retrains) and report "
+                   "it beside the curated one on the clean holdout (one more training run at the end).")
 @click.option("--durable", is_flag=True, help=DURABLE_HELP)
 def demo(out_dir: Path, **kw: Any) -> None:
     """Run the whole system on this machine and write a report (what `make demo` runs).
 
-    Streams generated pairs with known truth (20% flipped labels) through the workers, simulated
+    Streams generated pairs with known truth (about 20% wrong labels: random, style-biased,
+    confident-but-wrong and from one noisy source) through the workers, simulated
     annotators review through the web app's API, the controller retrains and hot-swaps the reward
     model, then everything stops and demo-report/ gets report.md, report.html and plots.
     """

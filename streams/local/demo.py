@@ -1,7 +1,8 @@
 """`prefstream demo` (behind `make demo`): the whole system doing its real job, with a report.
 
 1. Starts the stack (the embedded one unless the configured broker and Redis answer).
-2. Generates pairs whose truth is known (`prefstream generate`), 20% with flipped labels, plus the
+2. Generates pairs whose truth is known (`prefstream generate`), about 20% with wrong labels (random,
+   style-biased, confident-but-wrong and from one noisy source), plus the
    shared HH-RLHF pairs when ``../shared/data`` is present; a clean seed set and a clean holdout.
 3. Stage 1: the first current and gold models from the seed set.
 4. Starts the workers, the review app and the controller; simulated annotators answer review tasks
@@ -31,6 +32,7 @@ from streams.embedded.process import free_port
 from streams.exceptions import StreamsError
 from streams.kafka import topics
 from streams.local.generate import GenerateConfig, as_clean, generate, write_jsonl
+from streams.local.raw_baseline import RETRAIN_FREEZE_LAYERS
 from streams.local.services import Deployment
 from streams.local.supervisor import describe_exit
 from streams.settings import Settings, child_env, get_settings
@@ -101,8 +103,15 @@ class DemoConfig:
     hh_pairs: int = 120
     seed_pairs: int = 240
     holdout_pairs: int = 300
-    flip_share: float = 0.2
+    # About a fifth of the labels wrong, as real noise is: random flips, style-biased flips, confident
+    # but wrong answers preferred on objective tasks, and one source at 40% (streams.local.generate).
+    flip_share: float = 0.06
     style_trap_share: float = 0.15
+    style_flip_share: float = 0.05
+    confident_flip_share: float = 0.04
+    noisy_source_share: float = 0.15
+    noisy_source_flip_rate: float = 0.4
+    raw_baseline: bool = True  # train a model on the stream as published, for the report's comparison
     retrains: int = 2
     threshold: int = 0  # new curated pairs per retrain; 0 = derived from the phase size
     seed_steps: int = 15
@@ -143,10 +152,16 @@ def _demo_settings(base: Settings, state: Path, run_id: str) -> Settings:
                                    "models_dir": state / "models", "shards_dir": state / "shards"})
 
 
+def stream_config(cfg: DemoConfig) -> GenerateConfig:
+    """The generator's settings for the demo's stream (before HH-RLHF pairs are mixed in)."""
+    return GenerateConfig(n=cfg.pairs, seed=cfg.seed * 10 + 1, flip_share=cfg.flip_share,
+                          style_trap_share=cfg.style_trap_share, style_flip_share=cfg.style_flip_share,
+                          confident_flip_share=cfg.confident_flip_share, noisy_source_share=cfg.noisy_source_share,
+                          noisy_source_flip_rate=cfg.noisy_source_flip_rate)
+
+
 def build_data(cfg: DemoConfig, state: Path) -> dict[str, list[dict]]:
-    gen = GenerateConfig(n=cfg.pairs, seed=cfg.seed * 10 + 1, flip_share=cfg.flip_share,
-                         style_trap_share=cfg.style_trap_share)
-    stream = list(generate(gen))
+    stream = list(generate(stream_config(cfg)))
     hh_file = cfg.hh_file or (SHARED_HH if SHARED_HH.exists() else None)
     hh: list[dict] = []
     if cfg.hh_pairs and hh_file is not None:
@@ -402,7 +417,7 @@ def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
                         "PREFSTREAM_CONTROLLER_THRESHOLD_GOLD": str(10**9), "PREFSTREAM_CONTROLLER_POLL_S": "2",
                         "PREFSTREAM_CONTROLLER_RETRAIN_ARGS": (
                             f"--max-steps {cfg.retrain_steps} --max-length {cfg.max_length} --tolerance 0.01 "
-                            f"--min-pairs 20 --freeze-layers 3 --no-quantize --regression-file {state / 'regression.jsonl'}")})
+                            f"--min-pairs 20 --freeze-layers {RETRAIN_FREEZE_LAYERS} --no-quantize --regression-file {state / 'regression.jsonl'}")})
     stop_annotators = threading.Event()
     (state / "logs").mkdir(parents=True, exist_ok=True)
     try:

@@ -6,6 +6,11 @@ Every pair records in ``metadata`` what the pipeline is later scored against:
 - ``truth``: ``chosen`` or ``rejected``, the side that is really better;
 - ``flipped``: ``true`` when the published label was deliberately swapped (the noise the pipeline
   should detect: human review, the gold consistency filter and label-flip recycling);
+- ``noise``: why the label is wrong, or ``none``: ``random`` (a flip at random), ``style`` (the worse
+  answer dressed longer and in markdown and published as chosen, as length-biased judges do),
+  ``confident`` (on an objective task the wrong answer stated with confidence, published as chosen)
+  or ``source`` (the pair came from the noisy source, ``NOISY_SOURCE``, whose labels are flipped at
+  ``noisy_source_flip_rate``; such pairs keep ``noise`` = ``source`` when their label is right);
 - ``style_trap``: ``true`` when the worse answer is longer and dressed in markdown (RM-Bench style);
 - ``answer`` (checkable numeric tasks) or ``tests`` (Python tasks), which the verifiers use.
 
@@ -207,36 +212,99 @@ def _style_trap(bad: str, rng: random.Random) -> str:
     return "## Answer\n\n**" + bad + "**\n\n### Details\n\n" + "\n".join(f"- {p}" for p in points)
 
 
+# Objective tasks a checker can decide: where a confidently stated wrong answer is planted.
+OBJECTIVE_CATEGORIES = ("arithmetic", "word_problem", "unit_conversion", "number_comparison", "letter_counting",
+                        "python_code")
+SOURCE = "prefstream-generate"
+NOISY_SOURCE = "prefstream-generate-vendor-b"
+NOISE_KINDS = ("random", "style", "confident", "source")
+
+
+def _confident(bad: str, rng: random.Random) -> str:
+    """The wrong answer stated with certainty (no digits added: the math verifier reads the last number)."""
+    opener = rng.choice(["Definitely: ", "Without any doubt, ", "Trust me on this. "])
+    closer = rng.choice([" I am completely certain.", " There is no question about it.", " This is guaranteed."])
+    if bad.startswith("```"):  # code: the claim goes outside the block, the block stays runnable
+        return "This is definitely correct:\n\n" + bad + "\n\n" + closer.strip()
+    return opener + bad + closer
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
+    """Shares are of all pairs. ``flip_share``: labels flipped at random; ``style_flip_share``: the worse
+    answer dressed longer and in markdown and published as chosen; ``confident_flip_share``: on
+    objective tasks, the wrong answer stated confidently and published as chosen;
+    ``noisy_source_share`` of the pairs come from ``NOISY_SOURCE``, whose labels are flipped at
+    ``noisy_source_flip_rate`` (the other kinds of noise are planted only in the other pairs)."""
+
     n: int = 1000
     seed: int = 0
     flip_share: float = 0.2
     style_trap_share: float = 0.15
     categories: tuple[str, ...] = tuple(CATEGORIES)
+    style_flip_share: float = 0.0
+    confident_flip_share: float = 0.0
+    noisy_source_share: float = 0.0
+    noisy_source_flip_rate: float = 0.4
+
+    def validate(self) -> None:
+        unknown = set(self.categories) - set(CATEGORIES)
+        if unknown:
+            raise ConfigError(f"unknown categories {sorted(unknown)}; choose from {sorted(CATEGORIES)}")
+        shares = ("flip_share", "style_trap_share", "style_flip_share", "confident_flip_share", "noisy_source_share",
+                  "noisy_source_flip_rate")
+        bad = [f"{name}={getattr(self, name)}" for name in shares if not 0 <= getattr(self, name) <= 1]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: shares must be fractions between 0 and 1")
+        if self.noisy_source_share >= 1 and (self.flip_share or self.style_flip_share or self.confident_flip_share):
+            raise ConfigError("noisy_source_share=1 leaves no pairs for the other kinds of noise; lower it")
+        rates = self.noise_rates()
+        worst = max(rates["random"] + rates["style"], rates["random"] + rates["confident"])
+        if worst > 1:
+            raise ConfigError(f"the noise shares ask for more flips than the eligible pairs hold ({worst:.2f} > 1 of the "
+                              "style-trap or objective pairs); lower flip_share, style_flip_share or confident_flip_share")
+
+    def noise_rates(self) -> dict[str, float]:
+        """Chance of each kind of noise for an eligible pair outside the noisy source, so that the shares
+        of all pairs come out as configured (style and confident noise fit only some categories)."""
+        present = set(self.categories)
+        rest = max(1e-9, 1 - self.noisy_source_share)
+        per_cat = 1 / len(self.categories)
+        style_cats = per_cat * len(present & set(STYLE_TRAP_CATEGORIES))
+        objective = per_cat * len(present & set(OBJECTIVE_CATEGORIES))
+        return {"random": self.flip_share / rest,
+                "style": self.style_flip_share / rest / style_cats if style_cats else 0.0,
+                "confident": self.confident_flip_share / rest / objective if objective else 0.0}
 
 
 def generate(cfg: GenerateConfig) -> Iterator[dict[str, Any]]:
     """``cfg.n`` pairs in the PreferencePair JSON shape, deterministic in ``cfg.seed``."""
-    unknown = set(cfg.categories) - set(CATEGORIES)
-    if unknown:
-        raise ConfigError(f"unknown categories {sorted(unknown)}; choose from {sorted(CATEGORIES)}")
-    if not 0 <= cfg.flip_share <= 1 or not 0 <= cfg.style_trap_share <= 1:
-        raise ConfigError(f"flip_share ({cfg.flip_share}) and style_trap_share ({cfg.style_trap_share}) must be "
-                          "fractions between 0 and 1")
+    cfg.validate()
+    rates = cfg.noise_rates()
     rng = random.Random(cfg.seed)
     for i in range(cfg.n):
         cat = cfg.categories[i % len(cfg.categories)]
         prompt, good, bad, extra = CATEGORIES[cat](rng)
         trap = cat in STYLE_TRAP_CATEGORIES and rng.random() < cfg.style_trap_share * len(CATEGORIES) / len(STYLE_TRAP_CATEGORIES)
+        noise, flipped = "none", False
+        from_noisy_source = rng.random() < cfg.noisy_source_share
+        u = rng.random()
+        if from_noisy_source:
+            noise, flipped = "source", u < cfg.noisy_source_flip_rate
+        elif u < rates["random"]:
+            noise, flipped = "random", True
+        elif cat in STYLE_TRAP_CATEGORIES and u < rates["random"] + rates["style"]:
+            noise, flipped, trap = "style", True, True
+        elif cat in OBJECTIVE_CATEGORIES and u < rates["random"] + rates["confident"]:
+            noise, flipped = "confident", True
+            bad = _confident(bad, rng)
         if trap:
             bad = _style_trap(bad, rng)
-        flipped = rng.random() < cfg.flip_share
         chosen, rejected = (bad, good) if flipped else (good, bad)
         meta = {"gen_category": cat, "truth": "rejected" if flipped else "chosen", "flipped": str(flipped).lower(),
-                "style_trap": str(trap).lower(), "gen_seed": str(cfg.seed), "gen_index": str(i)} | extra
+                "noise": noise, "style_trap": str(trap).lower(), "gen_seed": str(cfg.seed), "gen_index": str(i)} | extra
         yield {"pair_id": f"gen-{cfg.seed}-{i}", "prompt": prompt, "chosen": chosen, "rejected": rejected,
-               "source": "prefstream-generate", "label_source": "llm", "metadata": meta}
+               "source": NOISY_SOURCE if from_noisy_source else SOURCE, "label_source": "llm", "metadata": meta}
 
 
 def truly_better(pair: dict[str, Any]) -> str:
@@ -248,7 +316,7 @@ def as_clean(pair: dict[str, Any]) -> dict[str, Any]:
     """The pair with its label corrected to the truth (for holdouts and seed sets)."""
     if (pair.get("metadata") or {}).get("truth") != "rejected":
         return pair
-    meta = pair["metadata"] | {"truth": "chosen", "flipped": "false"}
+    meta = pair["metadata"] | {"truth": "chosen", "flipped": "false", "noise": "none"}
     return pair | {"chosen": pair["rejected"], "rejected": pair["chosen"], "metadata": meta}
 
 

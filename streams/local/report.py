@@ -24,6 +24,7 @@ import numpy as np
 from streams.kafka import topics
 from streams.kafka.reader import read_topic, unique
 from streams.local.generate import truly_better
+from streams.local.raw_baseline import raw_pairs, raw_vs_curated, retrains_behind, train_raw
 from streams.settings import Settings
 from trainers.evaluate import evaluate_versions
 
@@ -79,6 +80,74 @@ def noise_detection(stream: list[dict], scored: dict[str, dict], curated: dict[s
             "corrected_or_filtered": precision_recall(filtered, flipped),
             "stream_label_accuracy": 1 - len(flipped) / len(known) if known else None,
             "curated_label_accuracy": right / n_cur if n_cur else None, "curated_pairs_with_known_truth": n_cur}
+
+
+# The issue's targets at the demo's default sizes: (report key, comparison, bound, what it measures).
+TARGETS = (
+    ("human_share_last_phase", "<=", 0.30, "share of pairs routed to human review in the last phase"),
+    ("silver_precision", ">=", 0.95, "silver pairs whose label is right"),
+    ("flipped_precision", ">=", 0.95, "recycled (flipped) pairs whose corrected label is right"),
+    ("curation_gain", ">=", 0.05, "clean-holdout accuracy of the curated model minus the raw-trained one"),
+    ("flip_detection_precision", ">=", 0.95, "flagged labels (corrected or filtered) that were really wrong"),
+    ("flip_detection_recall", ">=", 0.90, "wrong labels that were corrected or filtered"),
+)
+
+
+def split_precision(stream: list[dict], curated: dict[str, dict], split: str) -> float | None:
+    """Share of the curated pairs of ``split`` whose chosen side is the generator's truly better one."""
+    known = {p["pair_id"]: p for p in stream if (p.get("metadata") or {}).get("truth") in ("chosen", "rejected")}
+    mine = [(i, c) for i, c in curated.items() if c["split"] == split and i in known]
+    return sum(c["pair"]["chosen"] == truly_better(known[i]) for i, c in mine) / len(mine) if mine else None
+
+
+def human_verdicts(annotations: list[tuple[dict, int]], curated: dict[str, dict]) -> dict[str, Any]:
+    """Human verdicts spent per curated pair, overall and per pair curated by human review (split gold)."""
+    n, gold = len(annotations), sum(1 for c in curated.values() if c["split"] == "gold")
+    return {"verdicts": n, "curated_pairs": len(curated), "human_curated_pairs": gold,
+            "per_curated_pair": n / len(curated) if curated else None, "per_human_curated_pair": n / gold if gold else None}
+
+
+def targets(values: dict[str, float | None]) -> list[dict[str, Any]]:
+    """Each target with the measured value and whether it was met (None when not measured)."""
+    out = []
+    for key, op, bound, what in TARGETS:
+        v = values.get(key)
+        met = None if v is None else (v <= bound if op == "<=" else v >= bound)
+        out.append({"name": key, "what": what, "target": f"{op} {bound:g}", "value": v, "met": met})
+    return out
+
+
+def raw_baseline(run: Any, data: dict[str, list[dict]], evals: list[dict], final: dict) -> dict[str, Any] | None:
+    """Train and evaluate the model on the stream as published (None when the demo skips it or nothing was retrained)."""
+    cfg = run.cfg
+    steps = retrains_behind(final["version"], evals) * cfg.retrain_steps
+    if not getattr(cfg, "raw_baseline", False) or steps == 0:
+        return None
+    published = [r.value for r in read_topic(run.settings, topics.RAW, "PreferencePair", idle_timeout=1.0)]
+    # The pairs streamed before the served version took over: all the curated versions could have seen.
+    before = run.phases[-1]["started"] if len(run.phases) > 1 else None
+    pairs = raw_pairs(published, run.sent_at, before)
+    if not pairs:
+        return None
+    return train_raw(run.settings.models_dir, pairs, data["holdout"], data["regression"], steps, cfg.max_length)
+
+
+def noise_by_kind(stream: list[dict], scored: dict[str, dict], curated: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """Per kind of planted noise (metadata.noise): wrong labels, and how many were corrected or filtered."""
+    out: dict[str, dict[str, Any]] = {}
+    for p in stream:
+        meta = p.get("metadata") or {}
+        if meta.get("flipped") != "true":
+            continue
+        kind = out.setdefault(meta.get("noise") or "random", {"wrong_labels": 0, "caught": 0})
+        kind["wrong_labels"] += 1
+        c, s = curated.get(p["pair_id"]), scored.get(p["pair_id"]) or {}
+        if (c is not None and c["pair"]["chosen"] != p["chosen"]) or (
+                s.get("route") == "dropped" and "gold" in (s.get("route_reason") or "")):
+            kind["caught"] += 1
+    for kind in out.values():
+        kind["recall"] = kind["caught"] / kind["wrong_labels"]
+    return out
 
 
 def hot_swaps(versions: list[tuple[dict, int]], scored: list[tuple[dict, int]], decisions: list[dict]) -> list[dict[str, Any]]:
@@ -144,7 +213,10 @@ def phases(run: Any, scored: list[tuple[dict, int]]) -> list[dict[str, Any]]:
                     if phase["started"] <= run.sent_at.get(rec["pair"]["pair_id"], 0) < phase["ended"]]
         latency = [ts / 1000 - run.sent_at[rec["pair"]["pair_id"]] for rec, ts in in_phase if ts > 0]
         span = phase["ended"] - phase["started"]
+        last = {rec["pair"]["pair_id"]: rec for rec, _ in in_phase}  # a pair's last record is the one that counts
+        human = sum(1 for rec in last.values() if rec.get("route") == "review")
         out.append({"phase": phase["phase"], "pairs": len(in_phase), "seconds": round(span, 1),
+                    "routed_to_review": human, "human_share": human / len(last) if last else None,
                     "pairs_per_s": len(in_phase) / span if span > 0 else None,
                     "p50_s": _pct(latency, 50), "p99_s": _pct(latency, 99),
                     "training_alongside": phase["phase"] <= (run.plan.retrains if run.plan else run.cfg.retrains)})
@@ -175,6 +247,18 @@ def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[
         e["rolled_back"] = e["version"] in rolled_back
     initial = next((e for e in evals if e["role"] == "current" and e["version"] != "bootstrap"), None)
     final = [e for e in evals if e["role"] == "current" and not e["rolled_back"]][-1]
+    t0 = time.time()
+    raw = raw_baseline(run, data, evals, final)
+    if raw is not None:
+        run.stage_seconds["raw-trained baseline"] = round(time.time() - t0, 1)
+    noise = noise_detection(stream, scored, curated)
+    by_phase = phases(run, scored_raw)
+    comparison = raw_vs_curated(raw, final)
+    measured = {"human_share_last_phase": by_phase[-1]["human_share"] if by_phase else None,
+                "silver_precision": split_precision(stream, curated, "silver"),
+                "flipped_precision": split_precision(stream, curated, "flipped"), "curation_gain": comparison["gain"],
+                "flip_detection_precision": noise["corrected_or_filtered"]["precision"],
+                "flip_detection_recall": noise["corrected_or_filtered"]["recall"]}
     report = {
         "generated_at": time.strftime("%Y-%m-%d %H:%M:%S"), "topic_prefix": s.topic_prefix,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
@@ -183,16 +267,22 @@ def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[
                   "scored": len(ids & set(scored)), "scored_records": len(scored_raw),
                   "missing": len(ids - set(scored)), "dead_letters": len(dlq)},
         "routes": dict(routes), "curated_by_split": dict(Counter(c["split"] for c in curated.values())),
-        "noise_detection": noise_detection(stream, scored, curated),
+        "noise_detection": noise | {"by_kind": noise_by_kind(stream, scored, curated)},
         "models": evals,
         "ece_by_version": ece_by_version(evals),
+        "human_share_by_phase": [ph["human_share"] for ph in by_phase],
+        "silver_precision": measured["silver_precision"], "flipped_precision": measured["flipped_precision"],
+        "human_verdicts": human_verdicts(annotations, curated),
+        "curated_accuracy": final["holdout_accuracy"], "raw_trained_accuracy": raw["holdout_accuracy"] if raw else None,
+        "raw_vs_curated": comparison | {"raw_model": {k: v for k, v in raw.items() if k != "by_category"} if raw else None},
+        "targets": targets(measured),
         "retrained_beats_initial": bool(initial and final is not initial
                                         and final["holdout_accuracy"] > initial["holdout_accuracy"]),
         "hot_swaps": hot_swaps(versions, scored_raw, decisions),
         "review": annotator_agreement(annotations) | {"simulated": run.annotator_stats},
         "throughput": throughput(scored_raw) | {"produce_rate": cfg.rate, "max_in_flight": cfg.max_in_flight},
         "latency_s": {"p50": _pct(latency, 50), "p99": _pct(latency, 99), "n": len(latency)},
-        "phases": phases(run, scored_raw),
+        "phases": by_phase,
         "controller": [{k: d[k] for k in ("time", "role", "decision", "reason") if k in d} | {"version": d.get("version")}
                        for d in decisions],
         "stage_seconds": run.stage_seconds, "failures": list(run.failures), "warnings": list(run.warnings),

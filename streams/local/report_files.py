@@ -113,6 +113,41 @@ def model_rows(models: list[dict[str, Any]], ece_by_version: dict[str, float | N
     return rows
 
 
+def target_rows(targets: list[dict[str, Any]]) -> list[str]:
+    """One table row per target: what it measures, the measured value, the bound and whether it was met."""
+    verdict = {True: "met", False: "missed", None: "not measured"}
+    return [f"| {t['what']} | {_fmt(t['value'])} | {t['target']} | {verdict[t['met']]} |" for t in targets]
+
+
+def curation_lines(r: dict[str, Any]) -> list[str]:
+    """Raw-trained against curated on the clean holdout, label precision, human effort and the targets."""
+    cmp, hv = r["raw_vs_curated"], r["human_verdicts"]
+    raw, cur = cmp["raw"] or {}, cmp["curated"]
+    lines = ["## Curation against the raw stream", "",
+             "| model | clean-holdout acc. | style-trap acc. |", "|---|---|---|",
+             f"| raw-trained (labels as published) | {_fmt(raw.get('holdout_accuracy'))} | {_fmt(raw.get('style_trap_accuracy'))} |",
+             f"| curated ({cur['version']}, served last) | {_fmt(cur['holdout_accuracy'])} | {_fmt(cur['style_trap_accuracy'])} |", ""]
+    if cmp.get("raw_model"):
+        m = cmp["raw_model"]
+        lines += [f"The raw-trained model starts from {m['base']} (Stage 1) and takes {m['steps']} steps with the retrains' "
+                  f"recipe on the {m['train_pairs']} pairs streamed before the served version took over, every label as "
+                  "published. Gain from curation: " + _fmt(cmp["gain"]) + ".", ""]
+    else:
+        lines += ["No raw-trained model: the baseline was switched off or no retrained version served.", ""]
+    lines += [f"Label precision against the generator's truth: silver {_fmt(r['silver_precision'])}, flipped "
+              f"{_fmt(r['flipped_precision'])}. Human verdicts: {hv['verdicts']} for {hv['curated_pairs']} curated pairs "
+              f"({_fmt(hv['per_curated_pair'], '.2f')} per curated pair, {_fmt(hv['per_human_curated_pair'], '.2f')} per "
+              f"pair curated by review). Share of pairs routed to human review by phase: "
+              + ", ".join(_fmt(x, ".2f") for x in r["human_share_by_phase"]) + ".", ""]
+    kinds = r["noise_detection"].get("by_kind") or {}
+    if kinds:
+        lines += ["| planted noise | wrong labels | corrected or filtered | recall |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['wrong_labels']} | {v['caught']} | {_fmt(v['recall'])} |" for k, v in sorted(kinds.items())]
+        lines.append("")
+    lines += ["### Targets", "", "| target | measured | bound | |", "|---|---|---|---|"] + target_rows(r["targets"]) + [""]
+    return lines
+
+
 def markdown(r: dict[str, Any], images: list[str]) -> str:
     noise, p = r["noise_detection"], r["pairs"]
     lines = ["# prefstream demo report", "", f"Generated {r['generated_at']}; topics `{r['topic_prefix']}*`.", ""]
@@ -150,6 +185,7 @@ def markdown(r: dict[str, Any], images: list[str]) -> str:
     lines += ["", "Corrections by split: " + ", ".join(f"{k} {v}" for k, v in sorted(noise["corrected_by_split"].items())),
               "", f"Label accuracy: {_fmt(noise['stream_label_accuracy'])} as published, {_fmt(noise['curated_label_accuracy'])} in "
               f"the training shards ({noise['curated_pairs_with_known_truth']} pairs).", ""]
+    lines += curation_lines(r)
     review = r["review"]
     lines += ["## Human review", "", f"{review['verdicts']} verdicts on {review['tasks']} tasks ({review['expert_verdicts']} by experts); "
               f"Krippendorff's alpha {_fmt(review['alpha'])} (simulated annotators, accuracy {r['config']['annotator_accuracy']}).", ""]
@@ -157,10 +193,11 @@ def markdown(r: dict[str, Any], images: list[str]) -> str:
     lines += ["## Throughput and latency", "", f"Scored {_fmt(tput['scored_per_s_overall'], '.1f')} pairs/s over the run "
               f"(busiest 10 s: {_fmt(tput['scored_per_s_peak_10s'], '.1f')}/s; produced at up to {tput['produce_rate']}/s with at most {tput['max_in_flight']} pairs in flight). "
               f"Produce to prefs.scored: p50 {_fmt(lat['p50'], '.3f')} s, p99 {_fmt(lat['p99'], '.3f')} s over {lat['n']} records.", ""]
-    lines += ["| phase | pairs | seconds | scored per s | p50 latency | p99 latency | retraining alongside |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| phase | pairs | seconds | scored per s | human review share | p50 latency | p99 latency | retraining alongside |",
+              "|---|---|---|---|---|---|---|---|"]
     for ph in r["phases"]:
         lines.append(f"| {ph['phase']} | {ph['pairs']} | {ph['seconds']} | {_fmt(ph['pairs_per_s'], '.2f')} | "
+                     f"{_fmt(ph.get('human_share'), '.2f')} | "
                      f"{_fmt(ph['p50_s'], '.2f')} s | {_fmt(ph['p99_s'], '.2f')} s | {'yes' if ph['training_alongside'] else 'no'} |")
     lines += ["", "## Hot-swaps", "", "Versions the controller published, from the announcement on models.versions to the "
               "first pair the workers scored with it (traffic never paused; the load, verification and a warm-up batch "
@@ -239,6 +276,12 @@ def summary(r: dict[str, Any]) -> str:
     return (f"\n[bold]demo summary[/]: {p['scored']}/{p['streamed']} pairs scored, routes {dict(r['routes'])}\n"
             f"  clean-holdout accuracy by version: {accs}\n"
             f"  calibration error (ECE) by version: {eces}\n"
+            f"  raw-trained {_fmt(r['raw_trained_accuracy'])} vs curated {_fmt(r['curated_accuracy'])} on the clean holdout; "
+            f"silver precision {_fmt(r['silver_precision'])}, flipped {_fmt(r['flipped_precision'])}; human share by phase "
+            f"{[_fmt(x, '.2f') for x in r['human_share_by_phase']]}\n"
+            f"  targets met: {sum(t['met'] is True for t in r['targets'])}/{len(r['targets'])}"
+            + "".join(f"; missed {t['name']} ({_fmt(t['value'])}, {t['target']})" for t in r["targets"] if t["met"] is False)
+            + "\n"
             f"  flipped labels found: precision {_fmt(c['precision'])}, recall {_fmt(c['recall'])} "
             f"(training-label accuracy {_fmt(noise['stream_label_accuracy'])} → {_fmt(noise['curated_label_accuracy'])})\n"
             f"  annotator alpha {_fmt(r['review']['alpha'])}; latency p50 {_fmt(r['latency_s']['p50'], '.2f')} s, "
