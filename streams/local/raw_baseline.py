@@ -2,7 +2,7 @@
 
 Same start (Stage 1's current version), same recipe as the controller's retrains (steps per
 retrain times the retrains behind the served version, tokens, frozen layers, learning rate, seed),
-same pairs (those on prefs.raw before the served version took over), but every label as published,
+same pairs (those on prefs.raw sent before the served version was published), but every label as published,
 noise included. Its accuracy on the clean holdout beside the curated version's is what curation
 bought.
 """

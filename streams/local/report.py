@@ -124,8 +124,10 @@ def raw_baseline(run: Any, data: dict[str, list[dict]], evals: list[dict], final
     if not getattr(cfg, "raw_baseline", False) or steps == 0:
         return None
     published = [r.value for r in read_topic(run.settings, topics.RAW, "PreferencePair", idle_timeout=1.0)]
-    # The pairs streamed before the served version took over: all the curated versions could have seen.
-    before = run.phases[-1]["started"] if len(run.phases) > 1 else None
+    # The pairs streamed before the served version was published: all its curated chain could have seen.
+    before = final.get("published_at")
+    if not isinstance(before, int | float):
+        before = run.phases[-1]["started"] if len(run.phases) > 1 else None
     pairs = raw_pairs(published, run.sent_at, before)
     if not pairs:
         return None

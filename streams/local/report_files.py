@@ -130,8 +130,16 @@ def curation_lines(r: dict[str, Any]) -> list[str]:
     if cmp.get("raw_model"):
         m = cmp["raw_model"]
         lines += [f"The raw-trained model starts from {m['base']} (Stage 1) and takes {m['steps']} steps with the retrains' "
-                  f"recipe on the {m['train_pairs']} pairs streamed before the served version took over, every label as "
-                  "published. Gain from curation: " + _fmt(cmp["gain"]) + ".", ""]
+                  f"recipe on the {m['train_pairs']} pairs streamed before the served version was published, every "
+                  "label as published. Gain from curation: " + _fmt(cmp["gain"]) + " on the clean holdout, "
+                  + _fmt(cmp["style_trap_gain"]) + " on its style traps.", ""]
+        gain_target = next((t for t in r["targets"] if t["name"] == "curation_gain"), None)
+        if gain_target and gain_target["met"] is False:
+            nd = r["noise_detection"]
+            lines += [f"The gain is below its target: the raw-trained model saw labels of which "
+                      f"{_fmt(nd['stream_label_accuracy'])} are right, the curated chain labels of which "
+                      f"{_fmt(nd['curated_label_accuracy'])} are right, and at {m['steps']} Bradley-Terry steps that "
+                      "difference moved clean-holdout accuracy by the gain above.", ""]
     else:
         lines += ["No raw-trained model: the baseline was switched off or no retrained version served.", ""]
     lines += [f"Label precision against the generator's truth: silver {_fmt(r['silver_precision'])}, flipped "
