@@ -273,9 +273,11 @@ def stream_pairs(run: DemoRun, dep: Deployment, pairs: list[dict], deadline: flo
             if waiting:
                 waiting_since = waiting_since or time.time()
                 published = _published(run.settings)
-                if len(published) > phase and _serving_everywhere(dep, published[phase]["version"]):
+                # The newest version: a faster controller may have published several meanwhile, and the
+                # workers then serve the last one, never the one this phase waited for.
+                if len(published) > phase and _serving_everywhere(dep, published[-1]["version"]):
                     run.phases.append({"phase": phase + 1, "started": phase_start, "ended": time.time(),
-                                       "version": published[phase]["version"], "first_index": phase * phase_size})
+                                       "version": published[-1]["version"], "first_index": phase * phase_size})
                     phase, phase_start, waiting, waiting_since = phase + 1, time.time(), False, None
                     if phase == retrains and dep.sup is not None:
                         # The demo has the retrains it asked for: stop the controller so the last phase
@@ -284,13 +286,13 @@ def stream_pairs(run: DemoRun, dep: Deployment, pairs: list[dict], deadline: flo
                         if ctl is not None:
                             dep.sup.stop(ctl)
                             ctl.expected_exit = True
-                    bar.update(task, description=f"streaming (phase {phase + 1}, serving {published[phase - 1]['version']})")
+                    bar.update(task, description=f"streaming (phase {phase + 1}, serving {published[-1]['version']})")
                 else:
                     waited = time.time() - waiting_since
                     bar.update(task, description=f"waiting for retrain {phase + 1} to serve: {waited:.0f} s of at most "
                                                  f"{plan.retrain_wait_s:.0f} s (trickling {cfg.trickle_rate:g}/s)")
                     if waiting and (waited > plan.retrain_wait_s or time.time() > deadline):
-                        run.warnings.append(f"only {len(published)} of {retrains} planned retrains were published and "
+                        run.warnings.append(f"only {min(len(published), phase)} of {retrains} planned retrains were published and "
                                             f"served (retrain {phase + 1} did not serve within {waited:.0f} s); the "
                                             "rest of the stream went at full rate")
                         phase = retrains  # stream the rest at full rate and finish
