@@ -21,16 +21,23 @@ from trainers.retrain import RetrainConfig, collect
 from trainers.shards import iter_records, load_manifest
 
 
+@pytest.fixture(scope="module")
+def bucket(object_store: ObjectStoreEndpoint) -> str:
+    # One bucket for the module, a prefix per test: SeaweedFS gives every bucket its own volumes, and the
+    # session's store has room for only a few buckets' worth.
+    name = f"shards-{uuid.uuid4().hex[:12]}"
+    assert create_bucket(object_store, name)
+    return name
+
+
 @pytest.fixture
-def shards_url(object_store: ObjectStoreEndpoint, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket's shards prefix, with the store's credentials where boto3 reads them."""
+def shards_url(object_store: ObjectStoreEndpoint, bucket: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh shards prefix, with the store's credentials where boto3 reads them."""
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in object_store.aws_env().items():
         monkeypatch.setenv(name, value)
-    bucket = f"shards-{uuid.uuid4().hex[:12]}"
-    assert create_bucket(object_store, bucket)
-    return f"s3://{bucket}/prefstream/shards"
+    return f"s3://{bucket}/{uuid.uuid4().hex[:8]}/shards"
 
 
 def store_of(url: str) -> s3shards.S3ShardStore:
@@ -134,8 +141,8 @@ def test_a_retrain_reads_the_bucket_through_its_mirror(shards_url, tmp_path):
 @pytest.mark.integration
 def test_the_shard_writer_uploads_every_pair_once_and_resumes_after_a_restart(settings, shards_url, tmp_path):
     s = settings.model_copy(update={"shards_url": shards_url, "shards_cache_dir": tmp_path / "writer-mirror"})
-    wsettings = WorkerSettings(shard_max_records=4, shard_max_age_s=0.2, shard_compact_min_files=3,
-                               shard_roll_records=8)
+    wsettings = WorkerSettings(shard_max_records=4, shard_max_age_s=0.2, shard_compact_min_files=2,
+                               shard_roll_records=16)
     store = store_of(shards_url)
 
     def total() -> int:

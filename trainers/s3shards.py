@@ -2,7 +2,7 @@
 
 Layout under the prefix, the directory store's (trainers/shards.py) with every file closed::
 
-    <split>/<topic>.p<partition>.<first>-<last>.c.avro    one append of the shard writer, or a merge
+    <split>/<topic>.p<partition>.<first>-<last>.<id>.c.avro   one append of the shard writer, or a merge
     manifest/<topic>.p<partition>.json                    the partition's manifest; changed only by CAS
 
 Objects never change once written. Each append of the shard writer uploads one object per split it
@@ -66,6 +66,13 @@ class ManifestMoved(Exception):
 
 def _empty(topic: str, partition: int) -> dict[str, Any]:
     return {"topic": topic, "partition": partition, "next_offset": 0, "files": []}
+
+
+def _object_key(split: str, topic: str, partition: int, first: int, last: int) -> str:
+    """A name no other upload uses: two writers racing for one partition upload the same offsets, and an
+    Avro file's bytes differ with its random sync marker, so the loser must never overwrite the winner's
+    object (its own is left unnamed and swept)."""
+    return f"{split}/{topic}.p{partition}.{first:012d}-{last:012d}.{uuid.uuid4().hex[:8]}.c.avro"
 
 
 def _encode(rows: list[tuple[int, dict[str, Any]]]) -> bytes:
@@ -220,7 +227,7 @@ class S3PartitionLog:
             entries = []
             for split, recs in sorted(by_split.items()):
                 data = _encode(recs)
-                key = f"{split}/{self.topic}.p{self.partition}.{recs[0][0]:012d}-{recs[-1][0]:012d}.c.avro"
+                key = _object_key(split, self.topic, self.partition, recs[0][0], recs[-1][0])
                 self.store.backend.put(key, data)
                 entries.append({"file": key, "split": split, "first_offset": recs[0][0], "last_offset": recs[-1][0],
                                 "count": len(recs), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
@@ -272,7 +279,7 @@ def compact_partition(store: S3ShardStore, mirror: Path, topic: str, partition: 
                                 f"records from objects whose manifest entries hold {sum(e['count'] for e in group)}")
             data = _encode(rows)
             first, last = group[0]["first_offset"], group[-1]["last_offset"]
-            key = f"{split}/{topic}.p{partition}.{first:012d}-{last:012d}.c.avro"
+            key = _object_key(split, topic, partition, first, last)
             store.backend.put(key, data)
             merged = {"file": key, "split": split, "first_offset": first, "last_offset": last, "count": len(rows),
                       "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "open": False,
