@@ -13,7 +13,7 @@ from streams.embedded.objectstore import ObjectStoreEndpoint, create_bucket
 from streams.runtime.shard_writer import ShardWriter
 from streams.settings import WorkerSettings
 from tests.test_idempotent import _pairs, write_batch
-from tests.test_shards import TOPIC, _run, curated
+from tests.test_shards import TOPIC, _run, curated, micro_batches
 from trainers import s3shards
 from trainers.exceptions import DataError
 from trainers.registry import ModelStore
@@ -44,15 +44,6 @@ def store_of(url: str) -> s3shards.S3ShardStore:
     return s3shards.S3ShardStore.from_url(url)
 
 
-def append_all(log: s3shards.S3PartitionLog, recs: list[dict], size: int, first: int = 0) -> int:
-    offset = first
-    for i in range(0, len(recs), size):
-        rows = [(offset + j, r) for j, r in enumerate(recs[i:i + size])]
-        log.append(rows, offset + len(rows))
-        offset += len(rows)
-    return offset
-
-
 def mirrored_ids(store: s3shards.S3ShardStore, root) -> list[str]:
     return [rec["pair"]["pair_id"] for _, rec in iter_records(store.mirror(root))]
 
@@ -62,7 +53,7 @@ def test_appends_are_objects_named_by_the_manifest_and_read_back_through_the_mir
     log = s3shards.S3PartitionLog(store, TOPIC, 0, tmp_path / "mirror")
     assert log.recover()["next_offset"] == 0
     recs = [curated(p, "silver" if i % 3 else "gold") for i, p in enumerate(_pairs(20))]
-    assert append_all(log, recs, size=6) == 20
+    assert micro_batches(log, recs, size=6) == 20
     state = store.load_partition(TOPIC, 0)
     assert state["next_offset"] == 20 and sum(e["count"] for e in state["files"]) == 20
     assert all(not e["open"] and e["sha256"] for e in state["files"])
@@ -87,7 +78,7 @@ def test_two_writers_racing_for_one_partition_write_each_record_once(shards_url,
 
     def write(log: s3shards.S3PartitionLog, size: int) -> None:
         try:
-            append_all(log, recs, size)
+            micro_batches(log, recs, size)
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
@@ -108,7 +99,7 @@ def test_compaction_merges_objects_deletes_the_sources_and_sweeps_leftovers(shar
     mirror = tmp_path / "mirror"
     log = s3shards.S3PartitionLog(store, TOPIC, 1, mirror)
     recs = [curated(p, "silver") for p in _pairs(24)]
-    append_all(log, recs, size=3)  # 8 objects of 3
+    micro_batches(log, recs, size=3)  # 8 objects of 3
     store.backend.put(f"silver/{TOPIC}.p1.000000000900-000000000901.c.avro", b"left by a crash")
     done = s3shards.compact_partition(store, mirror, TOPIC, 1, target_records=12, min_files=2)
     assert [(c.sources, c.records) for c in done] == [(4, 12), (4, 12)]
@@ -130,7 +121,7 @@ def test_compaction_merges_objects_deletes_the_sources_and_sweeps_leftovers(shar
 def test_a_retrain_reads_the_bucket_through_its_mirror(shards_url, tmp_path):
     store = store_of(shards_url)
     log = s3shards.S3PartitionLog(store, TOPIC, 0, tmp_path / "mirror")
-    append_all(log, [curated(p, "silver") for p in _pairs(30)], size=7)
+    micro_batches(log, [curated(p, "silver") for p in _pairs(30)], size=7)
     cfg = RetrainConfig(shards_dir=shards_url, shards_cache_dir=str(tmp_path / "cache"),
                         models_dir=str(tmp_path / "models"))
     pairs, _, lineage = collect(cfg, ModelStore(tmp_path / "models"))
