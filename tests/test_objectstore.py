@@ -8,6 +8,7 @@ import stat
 import uuid
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 
 from streams.embedded.objectstore import (
@@ -105,6 +106,26 @@ def test_restart_keeps_data_and_keys(tmp_path):
     finally:
         store.stop()
     assert store.process.pid() is None and store.stop() is False
+
+
+def test_each_bucket_grows_one_volume_so_many_buckets_fit_a_small_disk(tmp_path):
+    """Every bucket is a SeaweedFS collection with volumes of its own; growing seven at a time (the
+    default) used all slots of a disk with 6 GB free on the first bucket, and the next PutObject
+    failed with HTTP 500."""
+    store = ObjectStore(tmp_path, ObjectStorePorts.free())
+    try:
+        endpoint = store.start()
+        buckets = [_bucket() for _ in range(3)]
+        with endpoint.client() as s3:
+            for bucket in buckets:
+                create_bucket(endpoint, bucket)
+                s3.put_object(bucket, "k", b"v")
+        status = httpx.get(f"http://127.0.0.1:{store.ports.master}/dir/status", timeout=5).json()["Topology"]
+        volumes = sum(node["Volumes"] for dc in status["DataCenters"] for rack in dc["Racks"]
+                      for node in rack["DataNodes"])
+        assert volumes == len(buckets), status
+    finally:
+        store.stop()
 
 
 def test_taken_internal_port_names_the_setting(tmp_path):

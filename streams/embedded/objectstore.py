@@ -28,9 +28,15 @@ IDENTITY = "prefstream"
 ELECTION_TIMEOUT = "1s"
 # Seconds the volume server waits after leaving the master before it exits; 0 keeps `stack down` quick.
 VOLUME_PRE_STOP_S = 0
-# Largest volume file; small so that buckets (one collection each) of a local store never need
-# more volumes than the disk can hold. Volumes grow on demand and are not preallocated.
-VOLUME_SIZE_LIMIT_MB = 1024
+# Largest volume file. With -volume.max=0 the volume server offers (free disk / this) volume slots,
+# and every bucket is a collection with volumes of its own: at 1024 MB a disk with 6 GB free had 5
+# slots, the first bucket took them all and PutObject into a second bucket failed with HTTP 500.
+# Volumes grow on demand and are not preallocated, so a small limit costs nothing on disk.
+VOLUME_SIZE_LIMIT_MB = 128
+# SeaweedFS grows 7 volumes at once for a collection without replication (master.toml
+# volume_growth.copy_1, read from this variable); one at a time lets the slots stretch across many
+# buckets, as `weed mini` does.
+GROWTH_ENV = {"WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
 # After SIGTERM weed's filer waits 15 s for the in-process S3 gateway's gRPC stream before the rest
 # stops. Its files are consistent after a kill at any moment (the kill -9 tests check it), so a
 # stop does not wait that long.
@@ -214,7 +220,7 @@ class ObjectStore:
                     f"stop that process or choose another PREFSTREAM_OBJECT_STORE_PORT."
                 )
             self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process.start(self._argv(), ready=self.answers)
+        self.process.start(self._argv(), ready=self.answers, env={**os.environ, **GROWTH_ENV})
         return endpoint
 
     def stop(self) -> bool:
