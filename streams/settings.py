@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_REDIS_PORT = 6379
+# A worker that does not poll for this long leaves its group and its partitions go to another.
+WORKER_MAX_POLL_INTERVAL_MS = 60000
 
 
 class Settings(BaseSettings):
@@ -170,6 +172,10 @@ class WorkerSettings(BaseSettings):
         "After a batch's first record, how long to wait for more when fewer than max_batch are ready. 0 scores "
         "what is ready at once: a busy worker finds full batches waiting anyway, and an idle one should not add "
         "latency (a fixed 50 ms wait made each small batch slower and pushed p99 up at half load)."))
+    stalled_batch_s: float = Field(WORKER_MAX_POLL_INTERVAL_MS / 1000, gt=0, description=(
+        "A micro-batch still unfinished after this many seconds (a commit waiting on a broker that does not "
+        "answer) turns /readyz false until it ends. The default is the consumer's max.poll.interval, after "
+        "which the group would give its partitions to another worker anyway."))
     # The three thresholds are calibrated probabilities: p = sigmoid(margin / T) with each version's
     # temperature fitted on its gold holdout, so 0.8 means "right about 80% of the time". The defaults
     # stand as the Skywork-Reward-V2 policy states them; read against sigmoid(margin) with T = 1 they would

@@ -50,7 +50,9 @@ def test_worker_rides_out_a_frozen_broker_and_scores_every_pair_once(tmp_path):
                         home=tmp_path / "home", models_dir=tmp_path / "models", shards_dir=tmp_path / "shards")
     stack = Stack(settings)
     stack.up()
-    worker = WorkerProcess(settings, worker_id="outage", extra_env={"PREFSTREAM_WORKER_SHARD_WRITER": "false"})
+    # A stuck batch says "not ready" after 15 s instead of the default 60 s: the freeze is what is tested.
+    worker = WorkerProcess(settings, worker_id="outage", extra_env={"PREFSTREAM_WORKER_SHARD_WRITER": "false",
+                                                                    "PREFSTREAM_WORKER_STALLED_BATCH_S": "15"})
     broker = stack.broker.pid()
     try:
         worker.start()

@@ -42,22 +42,19 @@ from streams.runtime.processors.scorer import (
     load_announced,
     placement,
 )
-from streams.settings import Settings, WorkerSettings
+from streams.settings import WORKER_MAX_POLL_INTERVAL_MS, Settings, WorkerSettings
 from trainers.registry import BOOTSTRAP_VERSION
 
 log = logging.getLogger(__name__)
 RETRY_BACKOFF_S = 1.0
 # Batches in a row that may fail to commit before /readyz turns false.
 NOT_READY_AFTER = 3
-# A batch still unfinished after this long (a commit waiting on an absent broker) also turns /readyz
-# false: the same bound after which the consumer would leave its group.
-STALLED_BATCH_S = 60.0
 # Consumer errors that mean the broker cannot be reached; after BROKER_AWAY_S of them /readyz turns
 # false until a metadata request (every BROKER_PROBE_S) answers again.
 BROKER_AWAY_CODES = {KafkaErrorCode._ALL_BROKERS_DOWN, KafkaErrorCode._TRANSPORT, KafkaErrorCode._RESOLVE}
 BROKER_AWAY_S = 10.0
 BROKER_PROBE_S = 5.0
-WORKER_MAX_POLL_INTERVAL_MS = 60000
+WORKER_SOCKET_TIMEOUT_MS = 15000
 VERSIONS_DRAIN_S = 1.0
 IDLE_POLL_S = 0.5  # how long an idle worker blocks for a record before checking its stop flag
 
@@ -198,8 +195,12 @@ class Worker:
         # A micro-batch on a busy CPU can take longer than the 10 s readers use; a worker that overruns
         # max.poll.interval leaves its group, and on Tansu it was seen never to rejoin (bench, 2 workers).
         # error_cb: librdkafka reports an unreachable broker as a global error, served on consume.
+        # socket.timeout.ms: a broker that holds the connection open but never answers (hung, or frozen
+        # in the outage test) is only seen when a fetch times out; at librdkafka's 60 s an idle worker
+        # took 81 s to turn not-ready, at 15 s (still 150 times the fetch wait) 36 s.
         consumer = Consumer(consumer_config(self.settings, f"{self.settings.topic_prefix}{self.wsettings.group}",
                                             **{"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS,
+                                               "socket.timeout.ms": WORKER_SOCKET_TIMEOUT_MS,
                                                "error_cb": self._consumer_error}))
         consumer.subscribe([self.settings.topic(topics.RAW)])
         return consumer
@@ -272,9 +273,9 @@ class Worker:
 
     def is_ready(self) -> bool:
         """What /readyz answers: running, fewer than NOT_READY_AFTER failed batches in a row, and no
-        batch stuck for STALLED_BATCH_S (an orchestrator then stops counting on it; the log says why)."""
+        batch stuck for stalled_batch_s (an orchestrator then stops counting on it; the log says why)."""
         now = time.monotonic()
-        stalled = self.batch_since is not None and now - self.batch_since > STALLED_BATCH_S
+        stalled = self.batch_since is not None and now - self.batch_since > self.wsettings.stalled_batch_s
         away = self.broker_away_since is not None and now - self.broker_away_since > BROKER_AWAY_S
         ready = self.started and self.failed_batches < NOT_READY_AFTER and not stalled and not away
         metrics.READY.set(1 if ready else 0)
@@ -293,7 +294,7 @@ class Worker:
         if self.broker_away_since is not None:
             return f"the broker at {self.settings.bootstrap} cannot be reached"
         if self.batch_since is not None:
-            return f"a micro-batch has run for more than {STALLED_BATCH_S:.0f} s"
+            return f"a micro-batch has run for more than {self.wsettings.stalled_batch_s:.0f} s"
         return f"{self.failed_batches} batches in a row did not commit; the last because {self.last_error}"
 
     def _process_batch(self, pipeline: Pipeline, txn: BatchTransactions, consumer: Consumer, msgs: list[Any],
