@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trainers.devices import DEFAULT_TOKEN_BUDGET
@@ -235,6 +235,27 @@ class WorkerSettings(BaseSettings):
         "Comma-separated pair sources whose metadata.answer and metadata.tests the verifiers honour. Those "
         "fields decide a pair (and can flip its label) without a model or a human, so a producer may not vouch "
         "for its own pairs unless listed here; the default is the demo generator's source. Empty trusts none."))
+
+    review_budget: str | None = Field(None, description=(
+        "Review tasks this worker may send to humans: 'N/h' (at most N per clock hour) or 'X%' (at most X% of the "
+        "pairs it routed since it started). Beyond it the least informative review candidates (highest "
+        "calibrated p first) wait on prefs.deferred and are scored again when a newer model version serves; only "
+        "pairs still uncertain then go to review. Unset: no budget, every candidate goes to review."))
+    deferred_max_wait_s: float = Field(3600.0, gt=0, description=(
+        "Longest a deferred pair waits for a newer version: after it the pair is scored again by the serving "
+        "model and, if still a review candidate, goes to review with the reason 'deferred for more than N s'."))
+
+    @field_validator("review_budget")
+    @classmethod
+    def _check_review_budget(cls, value: str | None) -> str | None:
+        from streams.exceptions import ConfigError
+        from streams.runtime.processors.budget import parse_budget
+
+        try:
+            parse_budget(value)
+        except ConfigError as exc:  # pydantic reports a ValueError with the setting's name and the message
+            raise ValueError(str(exc)) from exc
+        return value
 
     @property
     def trusted_source_set(self) -> frozenset[str]:

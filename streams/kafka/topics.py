@@ -13,6 +13,7 @@ ANNOTATIONS = "prefs.annotations"
 VERIFIED = "prefs.verified"
 CURATED = "prefs.curated"
 DLQ = "prefs.dlq"
+DEFERRED = "prefs.deferred"
 MODEL_VERSIONS = "models.versions"
 
 # Partitions bound how many workers share the load: a worker beyond this count idles. The count is
@@ -48,6 +49,9 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(ANNOTATIONS, DEFAULT_PARTITIONS, _LIMIT, "Annotation", "one record per annotator verdict", scales=True),
     TopicSpec(VERIFIED, DEFAULT_PARTITIONS, _LIMIT, "VerifiedPair", "human-verified gold pairs", scales=True),
     TopicSpec(CURATED, DEFAULT_PARTITIONS, _LIMIT, "CuratedPair", "pairs for training; the shard writer's input", scales=True),
+    # Review candidates beyond the review budget wait here for a newer model (streams/runtime/deferred.py).
+    TopicSpec(DEFERRED, DEFAULT_PARTITIONS, _LIMIT | {"retention.ms": str(WEEK_MS)}, "ScoredPair",
+              "review candidates beyond the review budget, waiting for a newer model", scales=True),
     TopicSpec(DLQ, 1, _LIMIT | {"retention.ms": str(4 * WEEK_MS)}, "DeadLetter", "bad records with a reason; replayable"),
     # Compacted: the latest record per role is the source of truth for which model serves.
     TopicSpec(MODEL_VERSIONS, 1, _LIMIT | {"cleanup.policy": "compact"}, "ModelVersion", "serving model per role"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from streams.kafka.transactions import (
     Output,
 )
 from streams.runtime import metrics
+from streams.runtime.processors.budget import ReviewBudget, apply_budget, deferred_outputs, parse_budget
 from streams.runtime.processors.embedder import Embedder
 from streams.runtime.processors.ingest import Ingestor
 from streams.runtime.processors.isolation import TRANSIENT, Failed, Item, isolate, with_result
@@ -29,7 +31,7 @@ from streams.runtime.processors.outputs import (
     scored_record,
 )
 from streams.runtime.processors.retrieval import NeighbourIndex
-from streams.runtime.processors.router import RouterPolicy, route
+from streams.runtime.processors.router import Route, RouterPolicy, route
 from streams.runtime.processors.scorer import Scorer
 from streams.runtime.processors.trust import for_verifier
 from streams.runtime.processors.verifiers import verify_batch
@@ -63,8 +65,10 @@ class Pipeline:
         self.scorer = scorer
         self.policy = RouterPolicy.from_settings(wsettings)
         self.trusted = wsettings.trusted_source_set
-        self.out_topics = {name: settings.topic(name) for name in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ)}
+        self.out_topics = {name: settings.topic(name) for name in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ,
+                                                                      topics.DEFERRED)}
         self.emit = Emitter(self.codec, self.out_topics)
+        self.budget = ReviewBudget(parse_budget(wsettings.review_budget))
 
     def _fail(self, msg: Any, stage: str, exc: BaseException, outputs: list[Output]) -> None:
         outputs.append(self.emit.fail(msg, stage, exc))
@@ -123,6 +127,31 @@ class Pipeline:
                 self._fail(m, "pipeline", exc, outputs)
         return outputs
 
+    def process_deferred(self, msgs: list[Any], pairs: list[dict],
+                         reason: Callable[[Item, Route], str]) -> list[Output]:
+        """Score deferred pairs (already labelled) again with the serving models and route them by the policy,
+        past the review budget and never deferred twice (streams/runtime/deferred.py); a pair still a review
+        candidate goes to review with the reason ``reason(item, decision)`` gives."""
+        outputs: list[Output] = []
+        items = [Item(m, pair) for m, pair in zip(msgs, pairs, strict=True)]
+        items = [with_result(it, "score", r) for it, r in self._stage(
+            "score", "score", lambda b: self.scorer.score([i.pair for i in b]), items, outputs)]
+        items = [with_result(it, "vec", r) for it, r in self._stage(
+            "embed", "label", lambda b: list(self.embedder.embed([prompt_text(i.pair) for i in b])), items, outputs)]
+        now = int(time.time() * 1000)
+        with metrics.STAGE_SECONDS.labels("route").time():
+            for it in items:
+                try:
+                    decision = self.decide(it)
+                    if decision.kind == "review":
+                        decision = replace(decision, reason=reason(it, decision))
+                    outputs.extend(self._route_one(it, now, decision))
+                    if decision.kind == "review":
+                        self.budget.spend(1)
+                except Exception as exc:  # one record's routing or encoding error is that record's
+                    self._fail(it.msg, "route", exc, outputs)
+        return outputs
+
     def _label(self, batch: list[Item]) -> list[dict]:
         disagreement = [abs(i.score["p"] - i.score["gold_p"]) if i.score["gold_p"] is not None else None for i in batch]
         return self.labeler.label([i.pair for i in batch], disagreement)
@@ -131,9 +160,24 @@ class Pipeline:
         """Route each scored pair and append its output records; then index the batch for retrieval."""
         now = int(time.time() * 1000)
         indexed = []
+        # The whole batch is decided first: the review budget keeps the most informative candidates.
+        decisions: list[Route | BaseException] = []
         for it in items:
             try:
-                outputs.extend(self._route_one(it, now))
+                decisions.append(self.decide(it))
+            except Exception as exc:  # one record's routing error is that record's
+                decisions.append(exc)
+        decisions = apply_budget(decisions, [it.score["p"] for it in items], self.budget,
+                                 [it.score["model_version"] for it in items])
+        for it, decision in zip(items, decisions, strict=True):
+            try:
+                if isinstance(decision, BaseException):
+                    raise decision
+                if decision.kind == "deferred":
+                    outputs.extend(deferred_outputs(self.emit, it.pair, it.score, decision))
+                    metrics.ROUTES.labels(decision.kind, decision.reason.split(":")[0][:40]).inc()
+                else:
+                    outputs.extend(self._route_one(it, now, decision))
                 indexed.append(it)
             except Exception as exc:  # one record's routing or encoding error is that record's
                 self._fail(it.msg, "route", exc, outputs)
@@ -146,11 +190,14 @@ class Pipeline:
         except Exception:  # retrieval is context for reviewers: a batch missing from it is not worth a record
             log.exception("could not index a batch of %d pairs for retrieval", len(indexed))
 
-    def _route_one(self, it: Item, now: int) -> list[Output]:
+    def decide(self, it: Item) -> Route:
+        """Where the router sends a scored pair (before the review budget)."""
+        check_score(it.score)
+        return route(it.score["p"], it.score["gold_p"], it.verdict, self.policy)
+
+    def _route_one(self, it: Item, now: int, decision: Route) -> list[Output]:
         """The outputs of one pair, all encoded before any is kept, so a failure leaves none half-written."""
         pair, score = it.pair, it.score
-        check_score(score)
-        decision = route(score["p"], score["gold_p"], it.verdict, self.policy)
         key = pair["pair_id"].encode()
         scored = self.emit.out(topics.SCORED, "ScoredPair", key, scored_record(pair, score, decision))
         out = [scored]

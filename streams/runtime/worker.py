@@ -30,6 +30,7 @@ from streams.kafka import topics
 from streams.kafka.config import consumer_config
 from streams.kafka.transactions import BatchTransactions, rewind
 from streams.runtime import metrics
+from streams.runtime.deferred import SecondLook
 from streams.runtime.pipeline import Pipeline
 from streams.runtime.processors import sandbox
 from streams.runtime.processors.isolation import TRANSIENT
@@ -228,6 +229,8 @@ class Worker:
         sandbox.available()
         txn = BatchTransactions(self.settings, self.transactional_id, stop=self.stop)
         consumer = self._consumer()
+        # Deferred review candidates (the review budget's) are looked at again between raw batches.
+        second_look = SecondLook(self.settings, self.wsettings, pipeline, self.transactional_id, self.stop)
         shard_thread = self._start_shard_writer()
         sizer = BatchSizer(self.wsettings.max_batch, self.wsettings.batch_target_s)
         self.started = True
@@ -243,11 +246,13 @@ class Worker:
                 self._probe_broker(consumer)
                 if msgs and self._process_batch(pipeline, txn, consumer, msgs, sizer):
                     self._count(msgs)
+                second_look.step()
         finally:
             self.started = False
             self._set_ready()
             self.watcher.stop.set()
             consumer.close()  # leave the group now rather than after a session timeout
+            second_look.close()
             if shard_thread is not None:
                 shard_thread.join(timeout=30)
 

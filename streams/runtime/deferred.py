@@ -1,0 +1,215 @@
+"""The second look: deferred review candidates scored again once a newer model serves.
+
+Pairs the review budget deferred (streams/runtime/processors/budget.py) wait on prefs.deferred as
+their ScoredPair; the record's Kafka timestamp is when it was deferred. The worker's main loop calls
+``SecondLook.step`` between raw batches, so the scorer is never shared between threads. A record is
+due when the serving version is newer than the one that deferred it, or when it has waited longer
+than deferred_max_wait_s. Due records are scored again and routed by the normal policy, past the
+budget and never deferred twice: a pair still a review candidate goes to review with the reason
+"still uncertain after rescoring with <version>" or "deferred for more than N s"; a pair the
+model is now sure of is curated or dropped as usual.
+
+Each partition is read head-of-line: the first record that is not due stops its partition (the
+consumer seeks back to it and pauses the partition) until the version changes or its deadline
+passes. The outputs and the deferred offsets commit in one transaction of the second look's own
+producer (transactional id ``<worker's>-deferred``), so a crash loses and repeats nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import KafkaError as KafkaErrorCode
+
+from schemas.wire import ValueCodec
+from streams.exceptions import StageFailedError
+from streams.kafka import topics
+from streams.kafka.config import consumer_config
+from streams.kafka.reader import SeenSet, identity
+from streams.kafka.transactions import BatchTransactions, Output, rewind
+from streams.runtime.pipeline import Pipeline
+from streams.runtime.processors.isolation import TRANSIENT, Item
+from streams.runtime.processors.router import Route
+from streams.settings import WORKER_MAX_POLL_INTERVAL_MS, Settings, WorkerSettings
+from trainers.registry import BOOTSTRAP_VERSION
+
+log = logging.getLogger(__name__)
+# Deferred records one step scores at most: a step runs between raw batches and must stay short.
+MAX_STEP = 64
+# ScoredPair identities already handled (a batch the worker aborted and redid defers its pairs twice
+# on a broker whose read_committed still delivers aborted records): far more than a step holds.
+SEEN_MAX = 100_000
+NEWER = "newer"
+WAITED = "waited"
+
+
+def version_time(version: str) -> str | None:
+    """The '<YYYYmmdd>-<HHMMSS>' of a store version name (<role>-<date>-<time>-<hex>), None for others."""
+    parts = version.split("-")
+    if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit():
+        return f"{parts[1]}-{parts[2]}"
+    return None
+
+
+def is_newer(serving: str, deferred_by: str) -> bool:
+    """Whether ``serving`` is a newer version than ``deferred_by``: any published version is newer than
+    the bootstrap model; two published ones compare by their publication time (a rollback is not newer)."""
+    if serving == deferred_by or serving == BOOTSTRAP_VERSION:
+        return False
+    if deferred_by == BOOTSTRAP_VERSION:
+        return True
+    mine, theirs = version_time(serving), version_time(deferred_by)
+    return mine > theirs if mine and theirs else True
+
+
+def due(deferred_by: str, serving: str, deferred_at_ms: int, now_ms: int, max_wait_ms: int) -> str | None:
+    """NEWER when a newer version serves, WAITED when the pair has waited longer than ``max_wait_ms``,
+    None when it is not due yet."""
+    if is_newer(serving, deferred_by):
+        return NEWER
+    if now_ms - deferred_at_ms > max_wait_ms:
+        return WAITED
+    return None
+
+
+@dataclass(frozen=True)
+class Block:
+    """Why a partition is paused: its head record, at ``offset``, was deferred by ``version`` at ``deferred_at_ms``."""
+
+    offset: int
+    version: str
+    deferred_at_ms: int
+
+
+class SecondLook:
+    """The consumer of prefs.deferred and its transactions, stepped by the worker's main loop."""
+
+    def __init__(self, settings: Settings, wsettings: WorkerSettings, pipeline: Pipeline, transactional_id: str,
+                 stop: threading.Event | None = None) -> None:
+        self.settings, self.pipeline = settings, pipeline
+        self.stop = stop or threading.Event()
+        self.topic = settings.topic(topics.DEFERRED)
+        self.max_wait_ms = int(wsettings.deferred_max_wait_s * 1000)
+        self.codec = ValueCodec(settings.schema_registry_url)
+        # Its own group: the workers share prefs.deferred's partitions as they share prefs.raw's.
+        self.consumer = Consumer(consumer_config(
+            settings, f"{settings.topic_prefix}{wsettings.group}-deferred", background=True,
+            **{"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS}))
+        self.consumer.subscribe([self.topic], on_revoke=self._revoked)
+        self.txn = BatchTransactions(settings, f"{transactional_id}-deferred", stop=self.stop)
+        self.blocked: dict[tuple[str, int], Block] = {}
+        self.seen = SeenSet(SEEN_MAX)
+        self.errors_logged: set[str] = set()
+
+    def _revoked(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.blocked.pop((tp.topic, tp.partition), None)
+
+    def _unblock(self, serving: str, now_ms: int) -> None:
+        """Resume the paused partitions whose head record is due now."""
+        self._resume([key for key, b in self.blocked.items()
+                      if due(b.version, serving, b.deferred_at_ms, now_ms, self.max_wait_ms)])
+
+    def _resume(self, keys: list[tuple[str, int]]) -> None:
+        if keys:
+            self.consumer.resume([TopicPartition(t, p) for t, p in keys])
+            for key in keys:
+                del self.blocked[key]
+
+    def _fetch(self) -> list[Any]:
+        msgs = self.consumer.consume(MAX_STEP, 0)
+        for m in msgs:
+            if m.error() and m.error().code() != KafkaErrorCode._PARTITION_EOF and m.error().str() not in self.errors_logged:
+                self.errors_logged.add(m.error().str())  # once each: a missing topic would repeat every step
+                log.warning("%s: %s (create it with `prefstream topics create`)", self.topic, m.error().str())
+        return [m for m in msgs if not m.error()]
+
+    def step(self) -> int:
+        """Score the due deferred records again and commit their outputs; the number of records handled.
+
+        Infrastructure errors (broker, Redis, a stage failing for all) roll the step back, to be redone."""
+        self.txn.poll()
+        serving = self.pipeline.scorer.versions()[0]
+        now_ms = int(time.time() * 1000)
+        try:
+            self._unblock(serving, now_ms)
+            msgs = self._fetch()
+            if not msgs:
+                return 0
+            return self._handle(msgs, serving, now_ms)
+        except (*TRANSIENT, StageFailedError, OSError) as exc:
+            log.warning("second look on %s failed (%s); redoing it from the committed offsets", self.topic, exc)
+            self._resume(list(self.blocked))  # every partition is read again from its committed offset
+            rewind(self.consumer, self.stop)
+            return 0
+
+    def _handle(self, msgs: list[Any], serving: str, now_ms: int) -> int:
+        by_partition: dict[tuple[str, int], list[Any]] = defaultdict(list)
+        for m in msgs:
+            by_partition[(m.topic(), m.partition())].append(m)
+        outputs: list[Output] = []
+        handled: list[Any] = []  # every record whose offset moves with this transaction
+        rescore: list[tuple[Any, dict, str]] = []
+        blocks: dict[tuple[str, int], Block] = {}
+        ids: set[Any] = set()
+        for key, part in by_partition.items():
+            for m in sorted(part, key=lambda m: m.offset()):
+                try:
+                    rec = self.codec.decode("ScoredPair", m.value(), m.headers(), self.topic)
+                except Exception as exc:  # a record that cannot be read is a dead letter, not a stop
+                    outputs.append(self.pipeline.emit.fail(m, "decode", exc))
+                    handled.append(m)
+                    continue
+                if identity("ScoredPair", rec) in self.seen:
+                    handled.append(m)  # the copy of an aborted batch that was redone: handled already
+                    continue
+                deferred_at = deferred_at_ms(m, rec)
+                why = due(rec["model_version"], serving, deferred_at, now_ms, self.max_wait_ms)
+                if why is None:
+                    blocks[key] = Block(m.offset(), rec["model_version"], deferred_at)
+                    break
+                if identity("ScoredPair", rec) in ids:
+                    handled.append(m)
+                    continue
+                ids.add(identity("ScoredPair", rec))
+                rescore.append((m, rec, why))
+                handled.append(m)
+        if rescore:
+            reasons = {id(m): (why, rec) for m, rec, why in rescore}
+            outputs += self.pipeline.process_deferred([m for m, _, _ in rescore], [rec["pair"] for _, rec, _ in rescore],
+                                                      lambda it, d: self._reason(it, d, reasons[id(it.msg)], serving))
+        if handled and not self.txn.commit(self.consumer, outputs, handled):
+            return 0  # rewound to the committed offsets: everything is looked at again next step
+        for _, rec, _ in rescore:
+            self.seen.add(identity("ScoredPair", rec))
+        for (t, p), block in blocks.items():
+            tp = TopicPartition(t, p, block.offset)
+            self.consumer.seek(tp)  # the records fetched after the head are read again on resume
+            self.consumer.pause([tp])
+            self.blocked[(t, p)] = block
+        return len(handled)
+
+    def _reason(self, it: Item, decision: Route, why_rec: tuple[str, dict], serving: str) -> str:
+        """The review reason of a pair still a review candidate after its second look."""
+        why, rec = why_rec
+        if why == NEWER:
+            return f"still uncertain after rescoring with {serving} ({decision.reason}, p={it.score['p']:.3f})"
+        return (f"deferred for more than {self.max_wait_ms / 1000:.0f} s ({decision.reason}, p={it.score['p']:.3f} "
+                f"by {serving}; deferred by {rec['model_version']})")
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def deferred_at_ms(msg: Any, rec: dict) -> int:
+    """When the pair was deferred: its record's Kafka timestamp, else when it was scored."""
+    kind, ts = msg.timestamp()
+    return ts if kind and ts > 0 else int(rec["scored_at"])
+
+
