@@ -189,6 +189,10 @@ class WorkerSettings(BaseSettings):
     flip_below: float = Field(0.1, ge=0, le=0.5, description=(
         "Calibrated p and gold_p both below this: both models are confident the label is wrong; it is flipped "
         "and recycled."))
+    audit_share: float = Field(0.05, ge=0, le=1, description=(
+        "Share of silver and of flipped pairs also sent to human review as blind audit tasks (chosen by pair id); "
+        "the human majority measures the automatic label's precision per task category, and the controller "
+        "moves tau by it. 0 turns audits off."))
     threads: int = Field(0, description="CPU threads for scoring and embedding; 0 = the libraries' default (all "
                                         "cores, and ONNX Runtime then pins its threads to them: a worker scoring a "
                                         "BERT-base-sized model unpinned took 12% longer than a pinned bare scorer, "
@@ -235,7 +239,6 @@ class WorkerSettings(BaseSettings):
         "Comma-separated pair sources whose metadata.answer and metadata.tests the verifiers honour. Those "
         "fields decide a pair (and can flip its label) without a model or a human, so a producer may not vouch "
         "for its own pairs unless listed here; the default is the demo generator's source. Empty trusts none."))
-
     review_budget: str | None = Field(None, description=(
         "Review tasks this worker may send to humans: 'N/h' (at most N per clock hour) or 'X%' (at most X% of the "
         "pairs it routed since it started). Beyond it the least informative review candidates (highest "
@@ -275,6 +278,17 @@ class ControllerSettings(BaseSettings):
     drift_bound: float = Field(0.15, description="Retrain when the misprediction rate rises this much above its baseline.")
     rollback_bound: float = Field(0.15, description="Roll back when a new version disagrees with the gold model this much "
                                                     "more often than the previous one.")
+    audit_target: float = Field(0.97, gt=0.5, le=1, description=(
+        "Audited precision of silver pairs below which the controller raises a task category's tau by tau_step "
+        "(fewer, surer silver pairs; more reach review)."))
+    audit_comfortable: float = Field(0.99, gt=0.5, le=1, description=(
+        "Audited silver precision at or above which the controller lowers the category's tau by tau_step (more "
+        "pairs curated without a human)."))
+    audit_min: int = Field(20, ge=1, description=(
+        "Audits decided since a category's last tau move before it may move again."))
+    tau_step: float = Field(0.05, gt=0, le=0.2, description="How far one move shifts a category's tau.")
+    tau_max_shift: float = Field(0.15, ge=0, le=0.45, description=(
+        "Bound of the shift: a category's tau stays within the workers' tau plus or minus this (and within [0.5, 0.99])."))
     runner: Literal["local", "kubernetes"] = Field("local", description="local (a subprocess) or kubernetes (a batch/v1 Job).")
     retrain_args: str = Field("", description="Extra arguments for `prefstream retrain` (e.g. --max-steps 200).")
     k8s_namespace: str = Field("prefstream", description="Namespace of retrain Jobs.")

@@ -261,6 +261,7 @@ class FakeRedis:
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
+        self.hashes: dict[str, dict[bytes, bytes]] = {}
         self._ops: list = []
 
     def pipeline(self, transaction: bool = False) -> FakeRedis:
@@ -285,7 +286,7 @@ class FakeRedis:
         return out
 
     def hgetall(self, key: str) -> dict:
-        return {}
+        return dict(self.hashes.get(key, {}))
 
 
 class FakeEmbedder:
@@ -333,3 +334,16 @@ def fake_pipeline(scorer: FakeScorer | None = None, **worker_settings):
     from streams.settings import WorkerSettings
 
     return Pipeline(Settings(), WorkerSettings(**worker_settings), FakeRedis(), scorer or FakeScorer(), FakeEmbedder())
+
+
+def decoded_outputs(outputs: list) -> dict[str, list[dict]]:
+    """The records of a Pipeline's outputs, decoded, by topic."""
+    from schemas.wire import ValueCodec
+
+    codec = ValueCodec()
+    by_topic: dict[str, list[dict]] = {}
+    schemas = {"prefs.scored": "ScoredPair", "prefs.review": "ReviewTask", "prefs.curated": "CuratedPair",
+               "prefs.dlq": "DeadLetter", "prefs.deferred": "ScoredPair"}
+    for topic, _key, value, headers in outputs:
+        by_topic.setdefault(topic, []).append(codec.decode(schemas[topic], value, headers, topic))
+    return by_topic

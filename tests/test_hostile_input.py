@@ -15,22 +15,11 @@ import pytest
 
 from schemas.exceptions import InvalidRecordError
 from schemas.pairs import pair_from_json, validate_pair
-from schemas.wire import ValueCodec
 from streams.exceptions import StageFailedError, UntrustedModelPathError
 from streams.kafka import topics
-from tests.helpers import FakeMessage, FakeScorer, fake_pipeline
+from tests.helpers import FakeMessage, FakeScorer, decoded_outputs, fake_pipeline
 
-CODEC = ValueCodec()
 BIG_NUMBER = "9" * 5000
-
-
-def _decoded(outputs: list) -> dict[str, list[dict]]:
-    by_topic: dict[str, list[dict]] = {}
-    schemas = {"prefs.scored": "ScoredPair", "prefs.review": "ReviewTask", "prefs.curated": "CuratedPair",
-               "prefs.dlq": "DeadLetter"}
-    for topic, _key, value, headers in outputs:
-        by_topic.setdefault(topic, []).append(CODEC.decode(schemas[topic], value, headers, topic))
-    return by_topic
 
 
 def _msgs(values: list[bytes]) -> list[FakeMessage]:
@@ -56,7 +45,7 @@ def test_created_at_must_be_a_finite_epoch_in_range(raw_created_at, reason):
     assert err.value.reason == reason
     assert len(str(err.value)) < 400, "the message must show the value truncated"
     # And through the pipeline: the record is dead-lettered, the good one next to it is scored.
-    out = _decoded(fake_pipeline().process(_msgs([value.encode(), _pair(1)])))
+    out = decoded_outputs(fake_pipeline().process(_msgs([value.encode(), _pair(1)])))
     assert [d["reason"] for d in out["prefs.dlq"]] == [reason]
     assert [s["pair"]["pair_id"] for s in out["prefs.scored"]] == ["good-1"]
 
@@ -64,7 +53,7 @@ def test_created_at_must_be_a_finite_epoch_in_range(raw_created_at, reason):
 @pytest.mark.parametrize("field", ["chosen", "pair_id", "source", "label_source"])
 def test_a_5000_digit_number_in_any_field_is_dead_lettered(field):
     value = ('{"prompt":"x","chosen":"a","rejected":"b","%s":%s}' % (field, BIG_NUMBER)).encode()  # noqa: UP031
-    out = _decoded(fake_pipeline().process(_msgs([value, _pair(1)])))
+    out = decoded_outputs(fake_pipeline().process(_msgs([value, _pair(1)])))
     assert [d["reason"] for d in out["prefs.dlq"]] == ["invalid_number"]
     assert "64 bits" in out["prefs.dlq"][0]["detail"]
     assert [s["pair"]["pair_id"] for s in out["prefs.scored"]] == ["good-1"]
@@ -88,7 +77,7 @@ def test_one_poisoned_record_is_bisected_out_of_a_score_batch():
     scorer = FakeScorer(poison="POISON")
     values = [_pair(i) for i in range(16)]
     values[11] = json.dumps({"pair_id": "bad-11", "prompt": "q", "chosen": "POISON", "rejected": "b"}).encode()
-    out = _decoded(fake_pipeline(scorer).process(_msgs(values)))
+    out = decoded_outputs(fake_pipeline(scorer).process(_msgs(values)))
     (dead,) = out["prefs.dlq"]
     assert (dead["reason"], dead["processor"], dead["error_type"]) == ("processing_error", "score", "RuntimeError")
     assert "tokenizer choked" in dead["detail"]
@@ -139,7 +128,7 @@ def test_any_exception_in_any_stage_dead_letters_only_that_record(stage, monkeyp
         scored_record = worker.scored_record
         monkeypatch.setattr(worker, "scored_record", lambda p, s, d: boom([p["conversation"][0]["content"]])
                             or scored_record(p, s, d))
-    out = _decoded(pipeline.process(_msgs([_pair(i) for i in range(6)])))
+    out = decoded_outputs(pipeline.process(_msgs([_pair(i) for i in range(6)])))
     (dead,) = out["prefs.dlq"]
     assert dead["processor"] == stage and dead["error_type"] == "RecursionError" and dead["source_offset"] == 103
     assert sorted(s["pair"]["pair_id"] for s in out["prefs.scored"]) == [f"good-{i}" for i in (0, 1, 2, 4, 5)]
@@ -157,7 +146,7 @@ def test_a_batch_that_fails_outside_the_stages_is_processed_record_by_record(mon
     monkeypatch.setattr(pipeline.ingestor, "dedupe", picky)
     with pytest.raises(TypeError):
         pipeline.process(_msgs([_pair(i) for i in range(3)]))
-    out = _decoded(pipeline.process_each(_msgs([_pair(i) for i in range(3)])))
+    out = decoded_outputs(pipeline.process_each(_msgs([_pair(i) for i in range(3)])))
     assert len(out["prefs.scored"]) == 3 and "prefs.dlq" not in out
 
 
@@ -185,7 +174,7 @@ def test_the_math_verifier_cannot_decide_hostile_expressions_and_is_quick(prompt
     # A legitimate pair with a hostile question is scored, not dead-lettered.
     value = json.dumps({"pair_id": "m-1", "prompt": prompt, "chosen": "2", "rejected": "3", "objectivity": "factual",
                         "task_category": "arithmetic"}).encode()
-    out = _decoded(fake_pipeline().process(_msgs([value])))
+    out = decoded_outputs(fake_pipeline().process(_msgs([value])))
     assert "prefs.dlq" not in out and out["prefs.scored"][0]["pair"]["pair_id"] == "m-1"
 
 
@@ -207,7 +196,7 @@ def _vouching_pair(source: str) -> bytes:
 
 
 def test_only_trusted_sources_may_vouch_for_their_pairs():
-    out = _decoded(fake_pipeline().process(_msgs([_vouching_pair("prefstream-generate"), _vouching_pair("some-app")])))
+    out = decoded_outputs(fake_pipeline().process(_msgs([_vouching_pair("prefstream-generate"), _vouching_pair("some-app")])))
     routes = {s["pair"]["pair_id"]: (s["route"], s["route_reason"]) for s in out["prefs.scored"]}
     # Trusted (the generator, the default): metadata.answer decides; chosen (43) is "right".
     assert routes["v-prefstream-generate"] == ("verified_by_tool", "math verifier: chosen is correct")
@@ -226,7 +215,7 @@ def test_untrusted_code_tests_are_ignored_and_the_pair_takes_the_model_route():
     value = json.dumps({"pair_id": "c-1", "prompt": "add", "chosen": "def add(a, b):\n    return a - b",
                         "rejected": "def add(a, b):\n    return a + b", "source": "some-app",
                         "metadata": {"tests": "assert add(2, 3) == 5"}}).encode()
-    out = _decoded(fake_pipeline(trusted_sources="").process(_msgs([value])))
+    out = decoded_outputs(fake_pipeline(trusted_sources="").process(_msgs([value])))
     assert out["prefs.scored"][0]["route"] != "verified_by_tool"
 
 
@@ -247,7 +236,7 @@ def test_an_original_too_large_for_the_dlq_is_kept_truncated_with_its_hash_and_s
     value = b'{"prompt": "' + b"x" * (9 << 20) + b'"'
     out = fake_pipeline().process(_msgs([value]))
     assert len(out[0][2]) <= OUTPUT_LIMIT
-    (dead,) = _decoded(out)["prefs.dlq"]
+    (dead,) = decoded_outputs(out)["prefs.dlq"]
     assert dead["original_truncated"] and dead["original_size"] == len(value)
     assert dead["original_sha256"] == hashlib.sha256(value).hexdigest()
     assert value.startswith(dead["original_value"]) and len(dead["original_value"]) > 7 << 20
@@ -257,7 +246,7 @@ def test_an_output_larger_than_the_topic_takes_is_dead_lettered_not_sent():
     text = "y" * ((1 << 20) - 100)  # each text field just under its 1 MiB limit, the pair under 4 MiB
     value = json.dumps({"pair_id": "fat", "conversation": [{"role": "user", "content": text}] * 3, "chosen": text,
                         "rejected": "b", "metadata": {f"m{i}": text for i in range(5)}}).encode()
-    out = _decoded(fake_pipeline().process(_msgs([value, _pair(1)])))
+    out = decoded_outputs(fake_pipeline().process(_msgs([value, _pair(1)])))
     (dead,) = out["prefs.dlq"]
     assert (dead["reason"], dead["processor"]) == ("too_large", "encode")
     assert "ScoredPair" in dead["detail"] and "shorten" in dead["detail"]

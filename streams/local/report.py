@@ -25,6 +25,9 @@ from streams.kafka import topics
 from streams.kafka.reader import read_topic, unique
 from streams.local.generate import truly_better
 from streams.local.raw_baseline import raw_pairs, raw_vs_curated, retrains_behind, train_raw
+from streams.review import audit
+from streams.review.aggregator import decide
+from streams.review.queue import VOTES_NEEDED
 from streams.settings import Settings
 from trainers.evaluate import evaluate_versions
 
@@ -225,6 +228,25 @@ def phases(run: Any, scored: list[tuple[dict, int]]) -> list[dict[str, Any]]:
     return out
 
 
+def audits(annotations: list[tuple[dict, int]], curated: dict[str, dict]) -> dict[str, Any]:
+    """The blind audits of silver and flipped pairs, decided by the human majority as the aggregator
+    decides them (streams/review/audit.py), per kind and task category."""
+    votes: dict[str, dict[str, str]] = defaultdict(dict)
+    for ann, _ in annotations:
+        if ann["task_id"] == audit.task_id(ann["pair_id"]):
+            votes[ann["pair_id"]][ann["annotator"]] = ann["preferred"]
+    counts: dict[tuple[str, str], audit.AuditCount] = {}
+    for pair_id, by_annotator in votes.items():
+        split = (curated.get(pair_id) or {}).get("split")
+        if split not in audit.KINDS or len(by_annotator) < VOTES_NEEDED:
+            continue
+        d = decide(list(by_annotator.values())[:VOTES_NEEDED])
+        outcome = "split" if d.kind != "verified" else ("right" if d.preferred == audit.EXPECTED[split] else "wrong")
+        count = counts.setdefault((curated[pair_id]["pair"].get("task_category") or "unknown", split), audit.AuditCount())
+        setattr(count, outcome, getattr(count, outcome) + 1)
+    return {"tasks_answered": len(votes), "by_kind": audit.summary(counts)}
+
+
 def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[str, Any]:
     s, cfg = run.settings, run.cfg
     scored_raw = _read(s, topics.SCORED, "ScoredPair")
@@ -275,6 +297,7 @@ def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[
         "human_share_by_phase": [ph["human_share"] for ph in by_phase],
         "silver_precision": measured["silver_precision"], "flipped_precision": measured["flipped_precision"],
         "human_verdicts": human_verdicts(annotations, curated),
+        "audits": audits(annotations, curated),
         "curated_accuracy": final["holdout_accuracy"], "raw_trained_accuracy": raw["holdout_accuracy"] if raw else None,
         "raw_vs_curated": comparison | {"raw_model": {k: v for k, v in raw.items() if k != "by_category"} if raw else None},
         "targets": targets(measured),
@@ -285,8 +308,8 @@ def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[
         "throughput": throughput(scored_raw) | {"produce_rate": cfg.rate, "max_in_flight": cfg.max_in_flight},
         "latency_s": {"p50": _pct(latency, 50), "p99": _pct(latency, 99), "n": len(latency)},
         "phases": by_phase,
-        "controller": [{k: d[k] for k in ("time", "role", "decision", "reason") if k in d} | {"version": d.get("version")}
-                       for d in decisions],
+        "controller": [{k: d[k] for k in ("time", "role", "decision", "reason", "version", "category", "shift_from",
+                                          "shift_to") if k in d} for d in decisions],
         "stage_seconds": run.stage_seconds, "failures": list(run.failures), "warnings": list(run.warnings),
         "plan": asdict(run.plan) if run.plan else None,
     }

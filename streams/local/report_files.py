@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from streams.local.report import HOT_SWAP_TARGET_S, build
+from streams.review import audit
 from trainers.evaluate import reliability_table
 
 
@@ -212,12 +213,26 @@ def markdown(r: dict[str, Any], images: list[str]) -> str:
               "happen in the background, the swap between two batches).", "",
               "| version | first pair scored by it after | target |", "|---|---|---|"]
     lines += hot_swap_rows(r["hot_swaps"])
+    lines += audit_rows(r["audits"])
     lines += ["", "## Controller decisions", ""]
     lines += [f"- {time.strftime('%H:%M:%S', time.localtime(d['time']))} {d['role']}: {d['decision']} — {d['reason']}"
               for d in r["controller"]]
     lines += ["", "## Stages", ""] + [f"- {k}: {v:.0f} s" for k, v in r["stage_seconds"].items()] + [""]
     lines += [f"![{i}]({i})" for i in images]
     return "\n".join(lines) + "\n"
+
+
+def audit_rows(a: dict[str, Any]) -> list[str]:
+    """The audits section: per kind and category, the human majority against the automatic label."""
+    lines = ["", "## Audits of automatic curation", "",
+             f"Silver and flipped pairs sent to review blind (PREFSTREAM_WORKER_AUDIT_SHARE); {a['tasks_answered']} "
+             "answered. Precision: the share of decided audits whose automatic label the human majority confirmed; "
+             "the controller moves tau per category by the silver precision (tau moves are among its decisions).", "",
+             "| kind | category | right | wrong | split | precision |", "|---|---|---|---|---|---|"]
+    for kind, per in a["by_kind"].items():
+        lines += [f"| {kind} | {cat} | {c['right']} | {c['wrong']} | {c['split']} | {_fmt(c['precision'])} |"
+                  for cat, c in per.items()]
+    return lines
 
 
 def to_html(md: str) -> str:
@@ -292,6 +307,7 @@ def summary(r: dict[str, Any]) -> str:
             + "\n"
             f"  flipped labels found: precision {_fmt(c['precision'])}, recall {_fmt(c['recall'])} "
             f"(training-label accuracy {_fmt(noise['stream_label_accuracy'])} → {_fmt(noise['curated_label_accuracy'])})\n"
+            f"  audited precision: {audit.headline(r['audits']['by_kind'])}\n"
             f"  annotator alpha {_fmt(r['review']['alpha'])}; latency p50 {_fmt(r['latency_s']['p50'], '.2f')} s, "
             f"p99 {_fmt(r['latency_s']['p99'], '.2f')} s; hot-swaps "
             f"{[_fmt(s['first_scored_after_s'], '.2f') for s in r['hot_swaps']]} s (target < {HOT_SWAP_TARGET_S:g} s)\n"

@@ -20,6 +20,7 @@ from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 
+from streams.review import audit
 from streams.settings import Settings
 
 
@@ -39,6 +40,7 @@ class Snapshot:
     retrains: dict[str, str] = field(default_factory=dict)  # role -> "running since HH:MM:SS" / last outcome
     review: dict[str, Any] = field(default_factory=dict)
     alpha: float | None = None
+    audits: dict[str, Any] = field(default_factory=dict)  # streams/review/audit.py summary
     review_url: str = ""
 
 
@@ -107,6 +109,7 @@ def collect(settings: Settings, worker_metrics: list[str], review_url: str = "",
             snap.review = ReviewQueue(redis_client, settings.topic_prefix).stats()
             raw = redis_client.get(f"{settings.topic_prefix}prefstream:review:alpha:overall")
             snap.alpha = float(raw) if raw else None
+            snap.audits = audit.summary(audit.read(redis_client, settings.topic_prefix))
         except Exception:  # a Redis hiccup must not end the status view
             snap.review = {}
     return snap
@@ -147,7 +150,8 @@ def render(snap: Snapshot, before: Snapshot | None) -> Group:
     miss = snap.mispredicted / snap.scored if snap.scored else 0.0
     head = (f"workers {snap.workers_up}/{snap.workers} up · scored {snap.scored:.0f} (mispredicted {miss:.1%}) · "
             f"review queue {rv.get('pending', '-')} (+{rv.get('expert', '-')} expert) · verdicts {rv.get('verdicts', '-')}"
-            f" · alpha {snap.alpha if snap.alpha is not None else '-'} · DLQ {sum(snap.dlq.values()):.0f}")
+            f" · alpha {snap.alpha if snap.alpha is not None else '-'} · DLQ {sum(snap.dlq.values()):.0f}"
+            f"\naudited precision: {audit.headline(snap.audits)}")
     grid = Table.grid(padding=(0, 2))
     grid.add_row(flow, routes, models)
     return Group(Panel(head + (f"\nreview app: {snap.review_url}" if snap.review_url else ""), title="prefstream up"),
@@ -160,5 +164,6 @@ def one_line(snap: Snapshot, before: Snapshot | None) -> str:
     routes = ",".join(f"{k}={v:.0f}" for k, v in sorted(snap.routes.items()))
     models = ",".join(f"{k}={v['version']}" for k, v in snap.models.items())
     return (f"status workers={snap.workers_up}/{snap.workers} scored={snap.scored:.0f} raw_per_s={r.get('prefs.raw', 0):.1f} "
-            f"routes[{routes}] review_pending={snap.review.get('pending', '-')} alpha={snap.alpha} models[{models}] "
+            f"routes[{routes}] review_pending={snap.review.get('pending', '-')} alpha={snap.alpha} "
+            f"audits[{audit.headline(snap.audits)}] models[{models}] "
             f"serving[{','.join(f'{k}={v}' for k, v in snap.serving.items())}]")

@@ -7,6 +7,9 @@
   final (tie / both_bad / invalid from the expert discards the pair, with the reason recorded).
 - 1 in 20 verified pairs (by pair_id hash) goes back, blind, as a re-annotation task; the answer is
   compared with the verified label to measure consistency.
+- An audit task (a silver or flipped pair the worker also sent to review, audit.py) is decided by its
+  three votes like any task, and the majority is counted against the automatic label; it produces no
+  record.
 - Rolling Krippendorff's alpha (nominal) over the last decided tasks, overall and per task
   category, from the `krippendorff` package; exported as a metric, written to Redis for the stats
   page; a warning below 0.85.
@@ -39,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from streams.review import audit
 from streams.runtime.processors.labeler import DISAGREEMENT_KEY
 
 log = logging.getLogger(__name__)
@@ -191,9 +195,15 @@ class Aggregator:
         if tid in self._after_commit or self.redis.exists(self.prefix + "decided:" + tid):
             return []  # decided in this batch already, or committed before (a replayed annotation)
         d = decide([ann["preferred"]] if ann.get("expert") else list(votes.values()), expert=bool(ann.get("expert")))
-        self._after_commit[tid] = self._effects(d, ann, pair_id, votes)
+        category = task["pair"].get("task_category") or "unknown"
         if not ann.get("expert"):
-            self._window_pending.append((task["pair"].get("task_category") or "unknown", votes))
+            self._window_pending.append((category, votes))
+        if (kind := audit.kind_of(task)) is not None:
+            # An audit measures the automatic label and is never escalated; a split counts as such.
+            preferred = d.preferred if d.kind == "verified" else None
+            self._after_commit[tid] = lambda pipe: audit.record(pipe, self.queue_prefix, category, kind, preferred)
+            return []
+        self._after_commit[tid] = self._effects(d, ann, pair_id, votes)
         now = int(time.time() * 1000)
         if d.kind == "escalate":
             expert_task = dict(task, task_id=expert_task_id(pair_id), expert=True, reason="escalated", created_at=now)

@@ -36,11 +36,12 @@ from pydantic import BaseModel, Field
 from schemas.wire import ValueCodec
 from streams.kafka import topics
 from streams.kafka.config import producer_config
+from streams.review import audit
 from streams.review import judge as judges
 from streams.review.auth import TokenBook
 from streams.review.queue import QueueError, ReviewQueue
 from streams.review.similar import with_verified
-from streams.runtime import metrics
+from streams.runtime import metrics, tau
 from streams.settings import ReviewSettings, Settings
 
 VERDICT_TO_PREFERRED = {"tie": "tie", "both_bad": "both_bad", "invalid": "invalid"}
@@ -139,7 +140,9 @@ class Review:
 
     def stats(self) -> dict[str, Any]:
         alpha = self.redis.get(self.queue.k("alpha", "overall"))
-        return self.queue.stats() | {"alpha": float(alpha) if alpha else None}
+        return self.queue.stats() | {"alpha": float(alpha) if alpha else None,
+                                     "audits": audit.summary(audit.read(self.redis, self.topic_prefix)),
+                                     "tau_shift": tau.read_shifts(self.redis, self.topic_prefix)}
 
 
 def page_routes() -> APIRouter:
@@ -250,6 +253,10 @@ def metrics_routes(ctx: Review) -> APIRouter:
         counts = ctx.queue.stats()
         for state in ("pending", "expert"):
             metrics.QUEUE_TASKS.labels(state).set(counts[state])
+        for (category, kind), count in audit.read(ctx.redis, ctx.topic_prefix).items():
+            metrics.AUDITED.labels(kind, category).set(count.decided)
+            if count.precision is not None:
+                metrics.AUDIT_PRECISION.labels(kind, category).set(count.precision)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return router
@@ -259,11 +266,14 @@ def task_view(task: dict[str, Any], who: str, order: str, lease_s: int) -> dict[
     """What the annotator sees: both responses as A and B in ``order``, and the pair's context.
 
     ``margin`` is reward(A) - reward(B) and ``p`` the model's probability that A is better, so both
-    read in the annotator's order (the task keeps them as chosen minus rejected, p of chosen)."""
+    read in the annotator's order (the task keeps them as chosen minus rejected, p of chosen). An audit
+    task shows neither: they would tell the annotator what the automatic label chose."""
     pair = task["pair"]
     chosen_first = order == "chosen_first"
     a, b = (pair["chosen"], pair["rejected"]) if chosen_first else (pair["rejected"], pair["chosen"])
     margin, p = (task["margin"], task["p"]) if chosen_first else (-task["margin"], 1 - task["p"])
+    if audit.kind_of(task) is not None:
+        margin = p = None
     return {
         "task_id": task["task_id"], "annotator": who, "A": a, "B": b, "conversation": pair["conversation"],
         "task_category": pair.get("task_category"), "objectivity": pair.get("objectivity"),

@@ -5,7 +5,8 @@
 - Never two retrains of the same role at once.
 - Live rollback: after a swap, if the new current version disagrees with the gold model on more
   gold-checked pairs than its predecessor did (by more than ``rollback_bound``), it is rolled back.
-- Every decision (trigger or not, outcome, rollback) goes to the log, to metrics and to
+- tau per task category follows the audited precision of silver pairs (tau.py).
+- Every decision (trigger or not, outcome, rollback, tau move) goes to the log, to metrics and to
   ``<models_dir>/controller-decisions.jsonl``.
 """
 
@@ -21,11 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 from prometheus_client import Counter, Gauge
 
 from streams.kafka import topics
 from streams.kafka.reader import SeenSet, TopicReader, identity
 from streams.runtime.jobs import JobOutcome, LocalRunner
+from streams.runtime.tau import TauRule, TauTuner
 from streams.settings import ControllerSettings, Settings
 from trainers.registry import ModelStore
 from trainers.retrain import CURRENT_SPLITS, GOLD_SPLITS
@@ -114,6 +117,9 @@ class Controller:
         self.state = self._load_state()
         self.last_reason: dict[str, str] = {}
         self.rolled_back: set[str] = set()
+        self.tau = TauTuner(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings.topic_prefix,
+                            TauRule(csettings.audit_target, csettings.audit_comfortable, csettings.audit_min,
+                                    csettings.tau_step, csettings.tau_max_shift))
 
     def _make_runner(self) -> Any:
         if self.csettings.runner == "kubernetes":
@@ -237,6 +243,18 @@ class Controller:
             RUNNING.labels(role).set(1)
             self.record(role, "triggered", f"{kind}: {why}", job=handle.name)
         self.check_rollback()
+        self.tune_tau()
+
+    def tune_tau(self) -> None:
+        """Move tau per category by the audits (streams/runtime/tau.py); Redis away only skips a step."""
+        try:
+            moves = self.tau.step()
+        except redis.RedisError as exc:
+            log.warning("could not read the audit counts from Redis (%s); tau stays until the next step", exc)
+            return
+        for move in moves:
+            self.record("router", "tau_moved", move["reason"], category=move["category"],
+                        shift_from=move["shift_from"], shift_to=move["shift_to"])
 
     def run(self) -> None:
         threading.Thread(target=self.monitor.run, name="scored-monitor", daemon=True).start()

@@ -33,3 +33,10 @@ ALPHA = Gauge("prefstream_annotator_alpha", "Rolling Krippendorff's alpha of ann
 QUEUE_TASKS = Gauge("prefstream_review_queue_tasks", "Review tasks waiting in the Redis queue, by queue (pending, expert)", ["state"])
 # 0 when no sandbox (bwrap, user namespaces) works here: the code verifier is off and code pairs take the model route.
 CODE_SANDBOX = Gauge("prefstream_code_sandbox_available", "1 when the code verifier's bubblewrap sandbox works on this worker")
+AUDITS = Counter("prefstream_audit_tasks_total", "Silver and flipped pairs also sent to human review as blind audits", ["kind"])
+# Set by the review app when /metrics is scraped, from the audit counts in Redis (streams/review/audit.py).
+AUDIT_PRECISION = Gauge("prefstream_audit_precision", "Share of audited automatic labels the human majority confirmed",
+                        ["kind", "category"])
+AUDITED = Gauge("prefstream_audited_pairs", "Audits decided by a human majority", ["kind", "category"])
+# Set by the worker from the controller's per-category thresholds (streams/runtime/tau.py).
+TAU = Gauge("prefstream_router_tau", "Calibrated p at or above which a pair is confident, per task category", ["category"])

@@ -17,13 +17,15 @@ from streams.kafka import topics
 from streams.kafka.transactions import (
     Output,
 )
-from streams.runtime import metrics
+from streams.review import audit
+from streams.runtime import metrics, tau
 from streams.runtime.processors.budget import ReviewBudget, apply_budget, deferred_outputs, parse_budget
 from streams.runtime.processors.embedder import Embedder
 from streams.runtime.processors.ingest import Ingestor
 from streams.runtime.processors.isolation import TRANSIENT, Failed, Item, isolate, with_result
 from streams.runtime.processors.labeler import Labeler, LLMLabeler
 from streams.runtime.processors.outputs import (
+    PRIORITY_AGE_SCALE,
     Emitter,
     check_score,
     curated_record,
@@ -31,13 +33,15 @@ from streams.runtime.processors.outputs import (
     scored_record,
 )
 from streams.runtime.processors.retrieval import NeighbourIndex
-from streams.runtime.processors.router import Route, RouterPolicy, route
+from streams.runtime.processors.router import Route, RouterPolicy, route, similar_k
 from streams.runtime.processors.scorer import Scorer
 from streams.runtime.processors.trust import for_verifier
 from streams.runtime.processors.verifiers import verify_batch
 from streams.settings import Settings, WorkerSettings
 
 log = logging.getLogger(__name__)
+# How often the worker reads the controller's tau shifts; a move reaches the routing within this.
+TAU_REFRESH_S = 5.0
 
 
 class Pipeline:
@@ -64,6 +68,8 @@ class Pipeline:
         self.index = NeighbourIndex(self.embedder.dim)
         self.scorer = scorer
         self.policy = RouterPolicy.from_settings(wsettings)
+        self.redis = redis_client
+        self.policy_read_at = float("-inf")
         self.trusted = wsettings.trusted_source_set
         self.out_topics = {name: settings.topic(name) for name in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ,
                                                                       topics.DEFERRED)}
@@ -112,8 +118,22 @@ class Pipeline:
         items = [with_result(it, "verdict", r) for it, r in self._stage(
             "verify", "verify", lambda b: verify_batch([for_verifier(i.pair, self.trusted) for i in b]), items, outputs)]
         with metrics.STAGE_SECONDS.labels("route").time():
+            self._refresh_policy()
             self._route(items, outputs)
         return outputs
+
+    def _refresh_policy(self) -> None:
+        """Pick up the controller's tau shifts per category (streams/runtime/tau.py) every TAU_REFRESH_S."""
+        now = time.monotonic()
+        if now - self.policy_read_at < TAU_REFRESH_S:
+            return
+        self.policy_read_at = now
+        shifts = tau.read_shifts(self.redis, self.settings.topic_prefix)  # Redis errors retry the batch
+        if shifts != dict(self.policy.tau_shift):
+            self.policy = replace(self.policy, tau_shift=shifts)
+            for category in shifts:
+                metrics.TAU.labels(category).set(self.policy.tau_for(category))
+            log.info("tau per category: %s", {c: round(self.policy.tau_for(c), 3) for c in sorted(shifts)})
 
     def process_each(self, msgs: list[Any]) -> list[Output]:
         """``process`` one record at a time: the fallback when ``process`` raised on a batch (a bug, not data)."""
@@ -140,6 +160,7 @@ class Pipeline:
             "embed", "label", lambda b: list(self.embedder.embed([prompt_text(i.pair) for i in b])), items, outputs)]
         now = int(time.time() * 1000)
         with metrics.STAGE_SECONDS.labels("route").time():
+            self._refresh_policy()
             for it in items:
                 try:
                     decision = self.decide(it)
@@ -193,7 +214,7 @@ class Pipeline:
     def decide(self, it: Item) -> Route:
         """Where the router sends a scored pair (before the review budget)."""
         check_score(it.score)
-        return route(it.score["p"], it.score["gold_p"], it.verdict, self.policy)
+        return route(it.score["p"], it.score["gold_p"], it.verdict, self.policy, it.pair.get("task_category"))
 
     def _route_one(self, it: Item, now: int, decision: Route) -> list[Output]:
         """The outputs of one pair, all encoded before any is kept, so a failure leaves none half-written."""
@@ -207,5 +228,17 @@ class Pipeline:
                                      review_task(pair, score, decision, neighbours, now, len(scored[2]))))
         elif decision.kind != "dropped":
             out.append(self.emit.out(topics.CURATED, "CuratedPair", key, curated_record(pair, score, decision, now)))
+            if decision.kind in audit.KINDS and audit.is_audited(pair["pair_id"], self.wsettings.audit_share):
+                out.append(self._audit_task(it, decision, now, len(scored[2])))
         metrics.ROUTES.labels(decision.kind, decision.reason.split(":")[0][:40]).inc()
         return out
+
+    def _audit_task(self, it: Item, decision: Route, now: int, pair_bytes: int) -> Output:
+        """A blind review task for a pair curated without a human (streams/review/audit.py)."""
+        pair = it.pair
+        neighbours = self.index.search(it.vec, similar_k(it.score["p"]), exclude=pair["pair_id"])
+        task = review_task(pair, it.score, decision, neighbours, now, pair_bytes) | {
+            "task_id": audit.task_id(pair["pair_id"]), "reason": audit.REASON_PREFIX + decision.kind,
+            "priority": audit.PRIORITY + pair["created_at"] / PRIORITY_AGE_SCALE}
+        metrics.AUDITS.labels(decision.kind).inc()
+        return self.emit.out(topics.REVIEW, "ReviewTask", task["task_id"].encode(), task)
