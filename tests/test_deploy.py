@@ -452,7 +452,7 @@ def test_every_egress_rule_names_its_destination(docs, request):
         assert {(p["protocol"], p["port"]) for peer, rule in egress_for(labels) if dns(peer) for p in rule["ports"]} \
             >= {("UDP", 53), ("TCP", 53)}, name
         assert has(labels, kafka_port, kafka), name
-        assert has(labels, 6379, redis) == (component in ("worker", "review")), name
+        assert has(labels, 6379, redis) == (component in ("worker", "review", "controller")), name
         assert has(labels, 6443, api) == (component == "controller"), name
 
 
