@@ -33,6 +33,7 @@ from streams.kafka import topics
 from streams.kafka.config import consumer_config
 from streams.kafka.reader import SeenSet, identity
 from streams.kafka.transactions import BatchTransactions, Output, rewind
+from streams.runtime import metrics
 from streams.runtime.pipeline import Pipeline
 from streams.runtime.processors.isolation import TRANSIENT, Item
 from streams.runtime.processors.router import Route
@@ -122,16 +123,18 @@ class SecondLook:
             for key in keys:
                 del self.blocked[key]
 
-    def _fetch(self) -> list[Any]:
-        msgs = self.consumer.consume(MAX_STEP, 0)
+    def _fetch(self, limit: int) -> list[Any]:
+        msgs = self.consumer.consume(limit, 0)
         for m in msgs:
             if m.error() and m.error().code() != KafkaErrorCode._PARTITION_EOF and m.error().str() not in self.errors_logged:
                 self.errors_logged.add(m.error().str())  # once each: a missing topic would repeat every step
                 log.warning("%s: %s (create it with `prefstream topics create`)", self.topic, m.error().str())
         return [m for m in msgs if not m.error()]
 
-    def step(self) -> int:
-        """Score the due deferred records again and commit their outputs; the number of records handled.
+    def step(self, limit: int = MAX_STEP) -> int:
+        """Score at most ``limit`` due deferred records again and commit their outputs; the number of
+        records handled. The worker passes what its models score in a batch's target time, so a step
+        keeps the raw consumer's poll interval short.
 
         Infrastructure errors (broker, Redis, a stage failing for all) roll the step back, to be redone."""
         self.txn.poll()
@@ -139,7 +142,7 @@ class SecondLook:
         now_ms = int(time.time() * 1000)
         try:
             self._unblock(serving, now_ms)
-            msgs = self._fetch()
+            msgs = self._fetch(max(1, min(limit, MAX_STEP)))
             if not msgs:
                 return 0
             return self._handle(msgs, serving, now_ms)
@@ -186,6 +189,8 @@ class SecondLook:
                                                       lambda it, d: self._reason(it, d, reasons[id(it.msg)], serving))
         if handled and not self.txn.commit(self.consumer, outputs, handled):
             return 0  # rewound to the committed offsets: everything is looked at again next step
+        for topic, *_ in outputs:
+            metrics.RECORDS_OUT.labels(topic).inc()
         for _, rec, _ in rescore:
             self.seen.add(identity("ScoredPair", rec))
         for (t, p), block in blocks.items():

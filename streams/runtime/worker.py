@@ -6,6 +6,8 @@ and restarted leaves every pair exactly once in the outputs (read_committed). Wh
 transactions and not Faust: docs/design.md, "Delivery and failure".
 
 Several workers in the same group share the partitions of prefs.raw: scaling is running more.
+Between raw batches the worker's second look (deferred.py) scores again the review candidates the
+review budget deferred to prefs.deferred, in transactions of its own.
 """
 
 from __future__ import annotations
@@ -246,7 +248,7 @@ class Worker:
                 self._probe_broker(consumer)
                 if msgs and self._process_batch(pipeline, txn, consumer, msgs, sizer):
                     self._count(msgs)
-                second_look.step()
+                second_look.step(sizer.limit)
         finally:
             self.started = False
             self._set_ready()

@@ -1,0 +1,98 @@
+"""The budget defers and re-scores: a worker with a review budget of zero against the real embedded
+broker sends every review candidate to prefs.deferred, and its second look scores them again when a
+newer version serves, or sends them to review once they waited past the bound."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from streams.kafka import topics
+from streams.kafka.reader import TopicReader
+from streams.runtime.processors.router import RouterPolicy, route
+from streams.sdk import PreferenceProducer
+from streams.settings import WorkerSettings
+from tests.helpers import WorkerProcess, read_topic, wait_for_scored
+
+pytestmark = pytest.mark.integration
+
+
+def _pairs(n: int, tag: str) -> list[dict]:
+    return [{"pair_id": f"{tag}-{i}", "prompt": f"Say something kind about item {i}.",
+             "chosen": f"Item {i} is lovely and useful.", "rejected": "No."} for i in range(n)]
+
+
+def _produce(settings, pairs) -> set[str]:
+    with PreferenceProducer(settings) as producer:
+        return {producer.send(p) for p in pairs}
+
+
+def _wait_for(settings, name: str, schema: str, want: Callable[[dict], str | None], ids: set[str],
+              timeout: float = 120) -> dict[str, dict]:
+    """The first record per id of ``ids`` that ``want`` maps to that id, reading ``name`` until all came."""
+    found: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    with TopicReader(settings.topic(name), schema, settings) as reader:
+        for record in reader.decoded(idle_timeout=timeout):
+            key = want(record.value)
+            if key in ids:
+                found.setdefault(key, record.value)
+            if set(found) == ids or time.monotonic() > deadline:
+                break
+    assert set(found) == ids, f"{len(ids - set(found))} of {len(ids)} never came on {name}"
+    return found
+
+
+def _deferred_first(settings, worker: WorkerProcess, pairs: list[dict]) -> set[str]:
+    """Every review candidate of ``pairs`` is deferred (none reaches review); the deferred pair ids."""
+    ids = _produce(settings, pairs)
+    scored = {r["pair"]["pair_id"]: r for r in wait_for_scored(settings, ids, timeout=120)}
+    policy = RouterPolicy.from_settings(WorkerSettings())
+    candidates = {pid for pid, r in scored.items()
+                  if route(r["p"], r["gold_p"], None, policy, r["pair"]["task_category"]).kind == "review"}
+    assert candidates, "the bootstrap model finds no pair uncertain; the test needs review candidates"
+    assert {pid for pid, r in scored.items() if r["route"] == "deferred"} == candidates
+    assert all(r["route_reason"].startswith("review budget 0") for r in scored.values() if r["route"] == "deferred")
+    waiting = {r["pair"]["pair_id"] for r in read_topic(settings, topics.DEFERRED, "ScoredPair", idle=2)}
+    assert waiting == candidates
+    assert 'prefstream_routes_total{reason="review budget 0' in worker.metrics()
+    return candidates
+
+
+def test_the_budget_defers_and_a_newer_version_rescores(settings):
+    from streams.kafka.announce import Announcer
+    from trainers.model import RewardModel
+    from trainers.registry import ModelStore
+
+    model_dir = RewardModel.default(max_length=64, seed=5).save(settings.models_dir.parent / "candidate")
+    worker = WorkerProcess(settings, extra_env={"PREFSTREAM_WORKER_REVIEW_BUDGET": "0%"}).start()
+    try:
+        deferred = _deferred_first(settings, worker, _pairs(12, "budget"))
+        assert not [t for t in read_topic(settings, topics.REVIEW, "ReviewTask", idle=1)
+                    if t["task_id"] in deferred], "a deferred pair reached review before its second look"
+        v1 = ModelStore(settings.models_dir).publish(model_dir, "current", announce=Announcer(settings))
+        again = _wait_for(settings, topics.SCORED, "ScoredPair",
+                          lambda r: r["pair"]["pair_id"] if r["model_version"] == v1.version else None, deferred)
+        assert {r["route"] for r in again.values()} <= {"review", "silver", "flipped", "dropped"}, \
+            "a second look never defers again"
+        uncertain = {pid for pid, r in again.items() if r["route"] == "review"}
+        for pid in uncertain:
+            assert again[pid]["route_reason"].startswith(f"still uncertain after rescoring with {v1.version}")
+        if uncertain:
+            tasks = _wait_for(settings, topics.REVIEW, "ReviewTask", lambda t: t["task_id"], uncertain)
+            assert all(t["model_version"] == v1.version and "still uncertain" in t["reason"] for t in tasks.values())
+    finally:
+        assert worker.stop() == 0
+
+
+def test_a_pair_deferred_past_the_bound_goes_to_review_with_its_reason(settings):
+    worker = WorkerProcess(settings, extra_env={"PREFSTREAM_WORKER_REVIEW_BUDGET": "0/h",
+                                                "PREFSTREAM_WORKER_DEFERRED_MAX_WAIT_S": "4"}).start()
+    try:
+        deferred = _deferred_first(settings, worker, _pairs(8, "bound"))
+        tasks = _wait_for(settings, topics.REVIEW, "ReviewTask", lambda t: t["task_id"], deferred, timeout=60)
+        assert all(t["reason"].startswith("deferred for more than 4 s") for t in tasks.values())
+    finally:
+        assert worker.stop() == 0
