@@ -67,11 +67,15 @@ def test_the_budget_defers_and_a_newer_version_rescores(settings):
     from trainers.registry import ModelStore
 
     model_dir = RewardModel.default(max_length=64, seed=5).save(settings.models_dir.parent / "candidate")
-    worker = WorkerProcess(settings, extra_env={"PREFSTREAM_WORKER_REVIEW_BUDGET": "0%"}).start()
+    env = {"PREFSTREAM_WORKER_REVIEW_BUDGET": "0%"}
+    worker = WorkerProcess(settings, extra_env=env).start()
     try:
         deferred = _deferred_first(settings, worker, _pairs(12, "budget"))
         assert not [t for t in read_topic(settings, topics.REVIEW, "ReviewTask", idle=1)
                     if t["task_id"] in deferred], "a deferred pair reached review before its second look"
+        # A crash while the pairs wait loses none: the offsets of prefs.deferred move only with outputs.
+        worker.kill9()
+        worker = WorkerProcess(settings, extra_env=env).start()
         v1 = ModelStore(settings.models_dir).publish(model_dir, "current", announce=Announcer(settings))
         again = _wait_for(settings, topics.SCORED, "ScoredPair",
                           lambda r: r["pair"]["pair_id"] if r["model_version"] == v1.version else None, deferred)
