@@ -147,3 +147,14 @@ def test_the_second_look_routes_past_the_budget_with_its_reason():
     assert {r["route"] for r in out["prefs.scored"]} == {"review"}
     assert {r["model_version"] for r in out["prefs.scored"]} == {V1}
     assert {t["reason"] for t in out["prefs.review"]} == {f"still uncertain after rescoring with {V1}"}
+
+
+def test_the_worker_command_refuses_a_bad_budget_in_one_line():
+    from click.testing import CliRunner
+
+    from streams.cli import main
+
+    result = CliRunner().invoke(main, ["worker"], env={"PREFSTREAM_WORKER_REVIEW_BUDGET": "fast"})
+    assert result.exit_code == 1
+    assert "PREFSTREAM_WORKER_REVIEW_BUDGET='fast' is not a budget" in " ".join(result.output.split())
+    assert "Traceback" not in result.output

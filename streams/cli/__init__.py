@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 import click
+from pydantic import ValidationError
 
 from schemas.exceptions import PrefstreamError
 from streams.cli.common import console
@@ -23,6 +24,22 @@ class _Group(click.Group):
         except PrefstreamError as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False)
             sys.exit(1)
+        except ValidationError as exc:  # a PREFSTREAM_* variable its settings class refuses
+            console.print(f"[bold red]error:[/] {_setting_error(exc)}", highlight=False)
+            sys.exit(1)
+
+
+def _setting_error(exc: ValidationError) -> str:
+    """One line per refused setting, named by its environment variable, with pydantic's reason."""
+    from streams import settings
+
+    cls = getattr(settings, exc.title, None)
+    prefix = cls.model_config.get("env_prefix", "") if isinstance(cls, type) else ""
+    lines = []
+    for e in exc.errors():
+        name, msg = f"{prefix}{'_'.join(map(str, e['loc'])).upper()}", e["msg"].removeprefix("Value error, ")
+        lines.append(msg if msg.startswith(name) else f"{name}={e.get('input')!r}: {msg}")
+    return "; ".join(lines)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
