@@ -8,6 +8,7 @@ from collections import Counter
 from rich.console import Console
 
 from streams.local.status import Snapshot, one_line, rates, render, retrain_state
+from streams.review import audit
 
 
 def _snap(t: float, scored: int, raw: int) -> Snapshot:
@@ -16,7 +17,9 @@ def _snap(t: float, scored: int, raw: int) -> Snapshot:
                     scored=scored, mispredicted=3, serving={"current": "current-v2", "gold": "gold-v1"},
                     models={"current": {"version": "current-v2", "holdout_accuracy": 0.8125}},
                     retrains={"current": "running since 12:00:00 (threshold)"},
-                    review={"pending": 4, "expert": 1, "verdicts": 17}, alpha=0.71, review_url="http://127.0.0.1:8080")
+                    review={"pending": 4, "expert": 1, "verdicts": 17}, alpha=0.71, review_url="http://127.0.0.1:8080",
+                    audits=audit.summary({("math", "silver"): audit.AuditCount(right=9, wrong=1, split=2),
+                                          ("math", "flipped"): audit.AuditCount(right=4)}))
 
 
 def test_rates_are_per_second_between_snapshots():
@@ -43,7 +46,9 @@ def test_live_view_and_plain_line_show_the_same_facts():
     console.print(render(now, before))
     text = console.export_text()
     for fact in ("workers 2/2 up", "scored 30", "review queue 4 (+1 expert)", "alpha 0.71", "current-v2", "0.812",
-                 "running since 12:00:00", "http://127.0.0.1:8080", "prefs.raw", "10.0"):
+                 "running since 12:00:00", "http://127.0.0.1:8080", "prefs.raw", "10.0",
+                 "audited precision: silver 0.900 of 10 · flipped 1.000 of 4"):
         assert fact in text, fact
     line = one_line(now, before)
     assert "scored=30" in line and "raw_per_s=10.0" in line and "serving[current=current-v2,gold=gold-v1]" in line
+    assert "audits[silver 0.900 of 10 · flipped 1.000 of 4]" in line
