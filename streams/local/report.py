@@ -241,7 +241,7 @@ def audits(annotations: list[tuple[dict, int]], curated: dict[str, dict]) -> dic
         if split not in audit.KINDS or len(by_annotator) < VOTES_NEEDED:
             continue
         d = decide(list(by_annotator.values())[:VOTES_NEEDED])
-        outcome = "split" if d.kind != "verified" else ("right" if d.preferred == audit.EXPECTED[split] else "wrong")
+        outcome = audit.outcome(split, d.preferred if d.kind == "verified" else None)
         count = counts.setdefault((curated[pair_id]["pair"].get("task_category") or "unknown", split), audit.AuditCount())
         setattr(count, outcome, getattr(count, outcome) + 1)
     return {"tasks_answered": len(votes), "by_kind": audit.summary(counts)}

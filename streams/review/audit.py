@@ -54,10 +54,14 @@ def kind_of(task: dict[str, Any]) -> str | None:
     return kind if kind in KINDS else None
 
 
+def outcome(kind: str, preferred: str | None) -> str:
+    """right | wrong | split: ``preferred`` is the humans' majority side, None when they split."""
+    return "split" if preferred is None else ("right" if preferred == EXPECTED[kind] else "wrong")
+
+
 def record(pipe: Any, queue_prefix: str, category: str, kind: str, preferred: str | None) -> None:
-    """Count one decided audit: ``preferred`` is the humans' majority side, None when they split."""
-    outcome = "split" if preferred is None else ("right" if preferred == EXPECTED[kind] else "wrong")
-    pipe.hincrby(key(queue_prefix), f"{category}|{kind}|{outcome}", 1)
+    """Count one decided audit in Redis."""
+    pipe.hincrby(key(queue_prefix), f"{category}|{kind}|{outcome(kind, preferred)}", 1)
 
 
 @dataclass

@@ -19,7 +19,13 @@ from streams.kafka.transactions import (
 )
 from streams.review import audit
 from streams.runtime import metrics, tau
-from streams.runtime.processors.budget import ReviewBudget, apply_budget, deferred_outputs, parse_budget
+from streams.runtime.processors.budget import (
+    DEFERRED,
+    ReviewBudget,
+    apply_budget,
+    deferred_outputs,
+    parse_budget,
+)
 from streams.runtime.processors.embedder import Embedder
 from streams.runtime.processors.ingest import Ingestor
 from streams.runtime.processors.isolation import TRANSIENT, Failed, Item, isolate, with_result
@@ -42,6 +48,10 @@ from streams.settings import Settings, WorkerSettings
 log = logging.getLogger(__name__)
 # How often the worker reads the controller's tau shifts; a move reaches the routing within this.
 TAU_REFRESH_S = 5.0
+
+
+def _count_route(decision: Route) -> None:
+    metrics.ROUTES.labels(decision.kind, decision.reason.split(":")[0][:40]).inc()
 
 
 class Pipeline:
@@ -194,9 +204,9 @@ class Pipeline:
             try:
                 if isinstance(decision, BaseException):
                     raise decision
-                if decision.kind == "deferred":
+                if decision.kind == DEFERRED:
                     outputs.extend(deferred_outputs(self.emit, it.pair, it.score, decision))
-                    metrics.ROUTES.labels(decision.kind, decision.reason.split(":")[0][:40]).inc()
+                    _count_route(decision)
                 else:
                     outputs.extend(self._route_one(it, now, decision))
                 indexed.append(it)
@@ -230,7 +240,7 @@ class Pipeline:
             out.append(self.emit.out(topics.CURATED, "CuratedPair", key, curated_record(pair, score, decision, now)))
             if decision.kind in audit.KINDS and audit.is_audited(pair["pair_id"], self.wsettings.audit_share):
                 out.append(self._audit_task(it, decision, now, len(scored[2])))
-        metrics.ROUTES.labels(decision.kind, decision.reason.split(":")[0][:40]).inc()
+        _count_route(decision)
         return out
 
     def _audit_task(self, it: Item, decision: Route, now: int, pair_bytes: int) -> Output:
