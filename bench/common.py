@@ -32,7 +32,7 @@ def machine() -> dict[str, Any]:
 def hh_pairs(n: int) -> list[dict]:
     if not HH.exists():
         raise SystemExit(f"shared data not present: {HH}; the benchmarks need ../shared/data")
-    from trainers.data import read_pairs
+    from trainers.training.data import read_pairs
 
     return read_pairs([HH])[:n]
 

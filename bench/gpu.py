@@ -114,9 +114,9 @@ def random_reward_model(shape: dict[str, int], tokenizer: Any, device: str, dtyp
 
 def reward_model(model: Any, tokenizer: Any, device: str, dtype: str, max_length: int) -> Any:
     """Our serving object around an in-memory model, as ``RewardModel.load`` sets it up on ``device``."""
-    from trainers.devices import DEFAULT_TOKEN_BUDGET
-    from trainers.formatting import CHAT
-    from trainers.model import ACCELERATOR_BATCH_SIZE, RewardModel, TorchBackend
+    from trainers.scoring.devices import DEFAULT_TOKEN_BUDGET
+    from trainers.scoring.formatting import CHAT
+    from trainers.scoring.model import ACCELERATOR_BATCH_SIZE, RewardModel, TorchBackend
 
     return RewardModel(tokenizer, TorchBackend(model, device, dtype), CHAT, max_length, ACCELERATOR_BATCH_SIZE,
                        model, None, False, None, tokenizer.pad_token_id, DEFAULT_TOKEN_BUDGET, overlap=True)
@@ -303,7 +303,7 @@ def targets(result: dict) -> dict:
 
 # ---------------------------------------------------------------------------- trained MiniLM (--data)
 def train_minilm(train_pairs: list[dict], eval_pairs: list[dict], out: Path, steps: int) -> dict:
-    from trainers.train import TrainConfig, train
+    from trainers.training.train import TrainConfig, train
 
     cfg = TrainConfig(output_dir=str(out), max_steps=steps, batch_size=32, max_length=512, eval_every=0,
                       progress=False, plot=False, device="cuda")
@@ -313,7 +313,7 @@ def train_minilm(train_pairs: list[dict], eval_pairs: list[dict], out: Path, ste
 
 
 def dtype_agreement(model_dir: Path, pairs: list[dict]) -> dict:
-    from trainers.model import RewardModel
+    from trainers.scoring.model import RewardModel
 
     ref = RewardModel.load(model_dir, device="cuda").score_pairs(pairs)
     out: dict[str, Any] = {"pairs": len(pairs)}
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["long_context"] = long_context(device, args.smoke)
     result["targets"] = targets(result)
     if args.data and not args.smoke:
-        from trainers.data import read_pairs
+        from trainers.training.data import read_pairs
 
         pairs = read_pairs([args.data])
         with tempfile.TemporaryDirectory() as tmp:

@@ -76,7 +76,7 @@ def _e2e(settings, pairs, workers: int, versions: dict[str, str]) -> tuple[float
 def _announce(settings, versions: dict[str, str]) -> None:
     """Announce the published versions (role -> version) on this run's models.versions (each run has its own topics)."""
     from streams.kafka.announce import Announcer
-    from trainers.registry import ModelStore
+    from trainers.storage.registry import ModelStore
 
     store, announcer = ModelStore(settings.models_dir), Announcer(settings)
     for role, version in versions.items():
@@ -137,7 +137,7 @@ def run(n: int, latency_s: float, repeats: int, given: dict[str, Path] | None = 
     from streams.embedded.stack import Stack
     from streams.runtime.processors.scorer import bootstrap_model, load_announced
     from streams.settings import Settings, WorkerSettings
-    from trainers.registry import ModelStore
+    from trainers.storage.registry import ModelStore
 
     pairs = [{k: p[k] for k in ("conversation", "chosen", "rejected")} for p in hh_pairs(n)]
     home = Path(tempfile.mkdtemp(prefix="bench-stack-"))

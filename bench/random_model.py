@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 
 from bench.common import hh_pairs
-from trainers.formatting import PAIR
-from trainers.model import PREFSTREAM_CONFIG, default_base_path
+from trainers.scoring.formatting import PAIR
+from trainers.scoring.model import PREFSTREAM_CONFIG, default_base_path
 
 # BERT-base's shape (110M parameters; 7.3-7.8x MiniLM-L6's time per pair, measured) on MiniLM's vocabulary.
 SIZES = {"base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}}
@@ -28,7 +28,7 @@ def build(out: Path, size: str = "base", max_length: int = 256, seed: int = 0) -
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from trainers.export import export
+    from trainers.export.onnx import export
 
     base = default_base_path()
     config = BertConfig.from_pretrained(base, num_labels=1, architectures=["BertForSequenceClassification"], **SIZES[size])

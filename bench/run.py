@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench import labeler, pipeline, random_model, retrieval, scoring, training
 from bench.common import HH, RESULTS, ROOT, machine
-from trainers.model import ONNX_INT8
+from trainers.scoring.model import ONNX_INT8
 
 # The benchmarks page; the table between BEGIN and END is rewritten, the rest is left as it is.
 BENCHMARKS_DOC = ROOT / "docs" / "benchmarks.md"
@@ -110,8 +110,8 @@ def main() -> int:
     print("training: ours vs TRL ...", flush=True)
     print(training.main(["--keep-model", str(model)]), flush=True)  # ~28 min on 2 cores (TRL and our recipe run twice each)
     print("exporting our trained model to ONNX INT8 ...", flush=True)
-    from trainers.data import read_pairs
-    from trainers.export import export
+    from trainers.export.onnx import export
+    from trainers.training.data import read_pairs
 
     pairs = read_pairs([HH])[1000:1300]  # validation pairs outside the scored 1,000
     int8_checked = True

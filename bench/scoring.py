@@ -22,7 +22,7 @@ def naive_scores(model_dir, pairs, max_length: int) -> tuple[np.ndarray, np.ndar
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from trainers.formatting import conversation_text
+    from trainers.scoring.formatting import conversation_text
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).eval()
@@ -40,7 +40,7 @@ def naive_scores(model_dir, pairs, max_length: int) -> tuple[np.ndarray, np.ndar
 
 
 def _ours(model_dir: str, onnx_file: str, pairs, max_length: int, ref: np.ndarray) -> dict:
-    from trainers.model import RewardModel
+    from trainers.scoring.model import RewardModel
 
     rm = RewardModel.load(model_dir, backend="onnx", onnx_file=onnx_file, max_length=max_length)  # our default batching
     t = time.perf_counter()
@@ -50,7 +50,7 @@ def _ours(model_dir: str, onnx_file: str, pairs, max_length: int, ref: np.ndarra
 
 
 def run(model_dir: str, n_pairs: int, max_length: int) -> dict:
-    from trainers.model import ONNX_FP32, ONNX_INT8, RewardModel
+    from trainers.scoring.model import ONNX_FP32, ONNX_INT8, RewardModel
 
     pairs = hh_pairs(n_pairs)
     tc, tr = RewardModel.load(model_dir, max_length=max_length).score_pairs(pairs)

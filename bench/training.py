@@ -25,7 +25,7 @@ from bench.common import hh_pairs, write_result
 
 
 def _fits(tok, pairs, max_length: int) -> list[dict]:
-    from trainers.formatting import conversation_text
+    from trainers.scoring.formatting import conversation_text
 
     out = []
     for p in pairs:
@@ -38,7 +38,7 @@ def _fits(tok, pairs, max_length: int) -> list[dict]:
 def _trl_accuracy(model, tok, pairs) -> float:
     import torch
 
-    from trainers.formatting import conversation_text
+    from trainers.scoring.formatting import conversation_text
 
     model.eval()
     wins = []
@@ -57,8 +57,8 @@ def run_trl(train_pairs, eval_pairs, steps: int, batch: int, lr: float, max_leng
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from trainers.formatting import conversation_text
-    from trainers.model import default_base_path
+    from trainers.scoring.formatting import conversation_text
+    from trainers.scoring.model import default_base_path
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(default_base_path())
@@ -84,7 +84,7 @@ def run_trl(train_pairs, eval_pairs, steps: int, batch: int, lr: float, max_leng
 
 def run_ours(train_pairs, eval_pairs, steps: int, batch: int, lr: float, max_length: int, seed: int, out: Path,
              freeze_layers: int = 0, freeze_embeddings: bool = False) -> dict:
-    from trainers.train import TrainConfig, train
+    from trainers.training.train import TrainConfig, train
 
     cfg = TrainConfig(output_dir=str(out), max_steps=steps, batch_size=batch, learning_rate=lr, max_length=max_length,
                       eval_every=0, seed=seed, progress=False, plot=False, warmup_ratio=0.1, freeze_layers=freeze_layers,
@@ -112,7 +112,7 @@ def run(n_train: int, n_eval: int, steps: int, batch: int, lr: float, max_length
     import torch
     from transformers import AutoTokenizer
 
-    from trainers.model import default_base_path
+    from trainers.scoring.model import default_base_path
 
     torch.set_num_threads(2)
     tok = AutoTokenizer.from_pretrained(default_base_path())

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from trainers.devices import DEFAULT_TOKEN_BUDGET
+from trainers.scoring.devices import DEFAULT_TOKEN_BUDGET
 
 if TYPE_CHECKING:
-    from trainers.registry import ModelStore
+    from trainers.storage.registry import ModelStore
 
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_REDIS_PORT = 6379
@@ -90,7 +90,7 @@ class Settings(BaseSettings):
 
     def model_store(self) -> ModelStore:
         """The model store these settings name: PREFSTREAM_MODELS_URL when set, else PREFSTREAM_MODELS_DIR."""
-        from trainers.registry import open_store
+        from trainers.storage.registry import open_store
 
         return open_store(self.models_url or self.models_dir, self.models_cache_dir or self.home / "model-cache",
                           self.s3_endpoint)
@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     def shards_root(self) -> Path:
         """A local directory to read the shards from: PREFSTREAM_SHARDS_DIR, or the mirror of
         PREFSTREAM_SHARDS_URL brought up to date now."""
-        from trainers.s3shards import readable_root
+        from trainers.storage.s3shards import readable_root
 
         return readable_root(self.shards_location, self.shards_mirror_dir, self.s3_endpoint)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainers.train import TrainConfig, train  # noqa: E402
+from trainers.training.train import TrainConfig, train  # noqa: E402
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import toy_pairs, write_jsonl
-from trainers.evaluate import evaluate, markdown_table, read_eval_items, read_regression_pairs
+from trainers.evaluation.evaluate import evaluate, markdown_table, read_eval_items, read_regression_pairs
 from trainers.exceptions import DataError
 
 
@@ -144,8 +144,8 @@ def test_regression_pairs_come_from_every_layout(tmp_path):
 
 def test_retrain_gates_on_a_rewardbench_regression_file(tmp_path, monkeypatch):
     """The rows used to be dropped unseen (their extra columns are not pair fields)."""
-    from trainers import train as train_module
     from trainers.retrain import RetrainConfig, run_retrain
+    from trainers.training import train as train_module
 
     seen: list[dict] = []
 

@@ -1,4 +1,4 @@
-"""Temperature scaling and calibration error (trainers/calibration.py): the math, on synthetic margins."""
+"""Temperature scaling and calibration error (trainers/evaluation/calibration.py): the math, on synthetic margins."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from trainers.calibration import (
+from trainers.evaluation.calibration import (
     T_MAX,
     T_MIN,
     calibrate,
@@ -99,9 +99,9 @@ def test_a_published_version_carries_its_temperature_and_the_scorer_reports_cali
     from schemas.pairs import validate_pair
     from streams.runtime.processors.scorer import ModelSlot, Scorer, load_announced
     from tests.helpers import toy_pairs, write_jsonl
-    from trainers.model import RewardModel
-    from trainers.registry import ModelStore
     from trainers.retrain import RetrainConfig, run_seed
+    from trainers.scoring.model import RewardModel
+    from trainers.storage.registry import ModelStore
 
     seed = write_jsonl(tmp_path / "seed.jsonl", [{k: v for k, v in p.items() if k != "extra"} for p in toy_pairs(100)])
     results = run_seed(RetrainConfig(seed_file=str(seed), models_dir=str(tmp_path / "models"),

@@ -14,8 +14,8 @@ PAIRS = [{"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}.", "rejected": f"
 
 def test_eval_onnx_uses_fp32_when_the_export_kept_no_int8(tmp_path):
     from schemas.pairs import validate_pair
-    from trainers.export import export
-    from trainers.model import ONNX_FP32, ONNX_INT8, RewardModel
+    from trainers.export.onnx import export
+    from trainers.scoring.model import ONNX_FP32, ONNX_INT8, RewardModel
 
     model = RewardModel.default(max_length=64).save(tmp_path / "m")
     export(model, [validate_pair(p) for p in PAIRS], quantize=False)
@@ -37,7 +37,7 @@ def test_eval_onnx_uses_fp32_when_the_export_kept_no_int8(tmp_path):
 
 
 def test_eval_onnx_without_any_onnx_file_says_how_to_export(tmp_path):
-    from trainers.model import RewardModel
+    from trainers.scoring.model import RewardModel
 
     model = RewardModel.default(max_length=64).save(tmp_path / "m")
     data = write_jsonl(tmp_path / "eval.jsonl", PAIRS)

@@ -13,7 +13,7 @@ from streams.runtime.jobs import JobOutcome
 from streams.settings import ControllerSettings, Settings
 from tests.helpers import toy_pairs
 from tests.test_retrain import write_shard
-from trainers.registry import ModelStore
+from trainers.storage.registry import ModelStore
 
 
 @dataclass
@@ -82,7 +82,7 @@ def test_gold_counts_only_gold_pairs(ctl):
 
 
 def _model(tmp_path):
-    from trainers.model import RewardModel
+    from trainers.scoring.model import RewardModel
 
     return RewardModel.default(max_length=32).save(tmp_path / "src")
 

@@ -13,8 +13,8 @@ import torch
 
 from tests.helpers import toy_pairs
 from tests.tiny_models import PAD_CASES, build_tiny_decoder
-from trainers.formatting import CHAT, pad_batch
-from trainers.model import RewardModel
+from trainers.scoring.formatting import CHAT, pad_batch
+from trainers.scoring.model import RewardModel
 
 CASES = [(kind, case) for kind, cases in PAD_CASES.items() for case in cases]
 # The pad id each set-up must end with (resolve_pad_id's order: config, tokenizer, int EOS, 0).
@@ -79,7 +79,7 @@ def test_a_pair_scores_the_same_alone_and_in_a_padded_batch(kind, case, side, mo
 def test_the_onnx_export_pads_like_torch(kind, case, models, tmp_path):
     import shutil
 
-    from trainers.export import export
+    from trainers.export.onnx import export
 
     path = shutil.copytree(models(kind, case), tmp_path / "m")
     pairs = _uneven_pairs()
@@ -170,7 +170,7 @@ def test_the_reward_is_read_at_the_last_real_token(kind, models):
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
 def test_a_short_training_run_logs_the_loss_and_changes_every_parameter(kind, models, tmp_path):
-    from trainers.train import TrainConfig, train
+    from trainers.training.train import TrainConfig, train
 
     pairs = toy_pairs(24)
     res = train(TrainConfig(base_model=str(models(kind, "no-config-pad" if kind == "qwen3" else "no-tokenizer-pad")),

@@ -63,8 +63,8 @@ def _deferred_first(settings, worker: WorkerProcess, pairs: list[dict]) -> set[s
 
 def test_the_budget_defers_and_a_newer_version_rescores(settings):
     from streams.kafka.announce import Announcer
-    from trainers.model import RewardModel
-    from trainers.registry import ModelStore
+    from trainers.scoring.model import RewardModel
+    from trainers.storage.registry import ModelStore
 
     model_dir = RewardModel.default(max_length=64, seed=5).save(settings.models_dir.parent / "candidate")
     env = {"PREFSTREAM_WORKER_REVIEW_BUDGET": "0%"}

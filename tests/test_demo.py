@@ -11,7 +11,7 @@ import pytest
 from streams.local.demo import DemoConfig, stream_config
 from streams.local.generate import generate
 from tests.helpers import processes_with_env, read_topic, run_cli
-from trainers.calibration import calibrated_p
+from trainers.evaluation.calibration import calibrated_p
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import run_cli, write_jsonl
-from trainers.evaluate import evaluate, is_style_trap, markdown_table, read_eval_items
+from trainers.evaluation.evaluate import evaluate, is_style_trap, markdown_table, read_eval_items
 
 
 class LookupScorer:
@@ -90,7 +90,7 @@ def test_unusable_lines_are_counted_not_fatal(tmp_path):
 
 @pytest.mark.integration
 def test_eval_cli_on_a_real_model_writes_json_and_markdown(settings, tmp_path):
-    from trainers.model import RewardModel
+    from trainers.scoring.model import RewardModel
 
     model = RewardModel.default(max_length=64).save(tmp_path / "m")
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(6)])

@@ -290,7 +290,7 @@ def run_faults(settings, tmp: Path, cfg: Config) -> dict:
     from streams.kafka.config import producer_config
     from streams.kafka.reader import curated_identity, identity
     from streams.sdk import PreferenceProducer
-    from trainers.shards import iter_records, leftovers
+    from trainers.storage.shards import iter_records, leftovers
 
     t0 = time.monotonic()
     rng = random.Random(f"faults-{cfg.name}")

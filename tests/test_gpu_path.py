@@ -19,11 +19,11 @@ from streams.runtime.processors.scorer import Loaded, ModelSlot, Placement, Scor
 from streams.settings import WorkerSettings
 from tests.helpers import toy_pairs
 from tests.tiny_models import build_tiny_decoder
-from trainers import overlap
-from trainers.devices import cpu_dtype_refusal, resolve_device, resolve_dtype
 from trainers.exceptions import DeviceError
-from trainers.formatting import length_sorted_batches
-from trainers.model import RewardModel
+from trainers.scoring import overlap
+from trainers.scoring.devices import cpu_dtype_refusal, resolve_device, resolve_dtype
+from trainers.scoring.formatting import length_sorted_batches
+from trainers.scoring.model import RewardModel
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch sees none)")

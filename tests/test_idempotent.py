@@ -30,7 +30,7 @@ from streams.runtime.controller import ScoredMonitor
 from streams.runtime.shard_writer import MANIFEST, ShardWriter
 from streams.sdk import ScoreConsumer
 from streams.settings import Settings, WorkerSettings
-from trainers.shards import iter_records
+from trainers.storage.shards import iter_records
 
 N = 20
 

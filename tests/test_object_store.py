@@ -18,7 +18,7 @@ import pytest
 from streams.embedded.objectstore import ObjectStoreEndpoint, create_bucket
 from streams.exceptions import ModelRefusedError, UntrustedModelPathError
 from trainers.exceptions import CorruptArtifactError, RegistryError, StoreAccessError, UnknownVersionError
-from trainers.registry import ModelStore, open_store
+from trainers.storage.registry import ModelStore, open_store
 
 WRITERS = 2
 ROUNDS = 25  # promotions per writer in the race: 50 conditional updates of one role pointer
@@ -250,7 +250,7 @@ def test_a_worker_on_the_s3_store_scores_with_the_version_a_controller_published
     from streams.kafka.announce import Announcer
     from streams.sdk import PreferenceProducer
     from tests.helpers import WorkerProcess, wait_for_scored
-    from trainers.model import RewardModel
+    from trainers.scoring.model import RewardModel
 
     url = f"s3://{bucket}/prefstream/models"
     worker_settings = settings.model_copy(update={"models_url": url, "s3_endpoint": s3_env.endpoint_url,

@@ -17,7 +17,7 @@ from streams.runtime.processors.router import RouterPolicy, route
 from streams.sdk import PreferenceProducer
 from streams.settings import WorkerSettings
 from tests.helpers import WorkerProcess, hh_valid_pairs, objective_pairs, read_topic, wait_for_scored
-from trainers.shards import iter_records, load_manifest
+from trainers.storage.shards import iter_records, load_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -209,8 +209,8 @@ def test_kill_9_three_times_loses_and_duplicates_nothing(settings):
 
 def test_hot_swap_under_load_and_corrupt_version_refused(settings):
     from streams.kafka.announce import Announcer
-    from trainers.model import RewardModel
-    from trainers.registry import ModelStore
+    from trainers.scoring.model import RewardModel
+    from trainers.storage.registry import ModelStore
 
     store = ModelStore(settings.models_dir)
     model_dir = RewardModel.default(max_length=64, seed=5).save(settings.models_dir.parent / "candidate")

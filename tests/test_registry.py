@@ -8,13 +8,13 @@ import pytest
 
 from tests.helpers import json_lines, run_cli
 from trainers.exceptions import CorruptArtifactError, RegistryError
-from trainers.registry import ModelStore
+from trainers.storage.registry import ModelStore
 
 
 @pytest.fixture
 def model_dir(tmp_path):
     """A small but real model directory (the packaged MiniLM saved with a scalar head)."""
-    from trainers.model import RewardModel
+    from trainers.scoring.model import RewardModel
 
     return RewardModel.default(max_length=64).save(tmp_path / "src")
 
@@ -96,8 +96,8 @@ def test_announced_version_serves_the_fastest_checked_artifact(tmp_path, model_d
     """auto: the INT8 ONNX when its export check let it exist, else the fp32 ONNX, else torch."""
     from streams.runtime.processors.scorer import load_announced
     from tests.helpers import toy_pairs
-    from trainers.export import export
-    from trainers.model import OnnxBackend, TorchBackend
+    from trainers.export.onnx import export
+    from trainers.scoring.model import OnnxBackend, TorchBackend
 
     store = ModelStore(tmp_path / "store")
     plain = store.publish(model_dir, "current")

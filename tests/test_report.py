@@ -75,7 +75,7 @@ def test_the_report_shows_each_hot_swap_against_the_target():
 def test_the_report_carries_each_versions_calibration_error_at_its_own_temperature():
     import numpy as np
 
-    from trainers.calibration import calibration_report
+    from trainers.evaluation.calibration import calibration_report
 
     # Holdout margins of an underconfident model: right when the margin is positive, |margin| small.
     margins = np.random.default_rng(0).normal(0.4, 0.5, 300)

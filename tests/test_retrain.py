@@ -15,9 +15,9 @@ import pytest
 from schemas.pairs import validate_pair
 from streams.runtime.jobs import JobTemplate, KubernetesRunner, LocalRunner, job_manifest, kube_client
 from tests.helpers import ROOT, WorkerProcess, json_lines, run_cli, settings_env, toy_pairs, wait_for_scored
-from trainers.registry import ModelStore
 from trainers.retrain import RetrainConfig, gate, run_retrain, run_seed
-from trainers.shards import PartitionLog
+from trainers.storage.registry import ModelStore
+from trainers.storage.shards import PartitionLog
 
 FAST = dict(max_steps=12, batch_size=8, max_length=64, learning_rate=1e-4, quantize=False)
 

@@ -11,12 +11,12 @@ import torch
 
 from tests.helpers import assert_trained, run_cli, toy_pairs, write_jsonl
 from tests.tiny_models import build_tiny_decoder
-from trainers.data import read_pairs
 from trainers.exceptions import DataError, ExportError, ModelLoadError, PickleCheckpointError
-from trainers.export import export
-from trainers.formatting import CHAT, PAIR, length_sorted_batches
-from trainers.model import CPU_CALL_COST_TOKENS, RewardModel
-from trainers.train import TrainConfig, train
+from trainers.export.onnx import export
+from trainers.scoring.formatting import CHAT, PAIR, length_sorted_batches
+from trainers.scoring.model import CPU_CALL_COST_TOKENS, RewardModel
+from trainers.training.data import read_pairs
+from trainers.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_freeze_layers_keeps_lower_layers_fixed(tmp_path):
     assert res.metrics["unchanged_parameters"] == []
     from safetensors.torch import load_file
 
-    from trainers.model import default_base_path
+    from trainers.scoring.model import default_base_path
 
     base = load_file(str(default_base_path() / "model.safetensors"))
     new = load_file(str(res.output_dir / "model.safetensors"))
@@ -77,7 +77,7 @@ def test_freeze_embeddings_keeps_only_the_token_embeddings_fixed(tmp_path):
     assert res.metrics["unchanged_parameters"] == []
     from safetensors.torch import load_file
 
-    from trainers.model import default_base_path
+    from trainers.scoring.model import default_base_path
 
     base = load_file(str(default_base_path() / "model.safetensors"))
     new = load_file(str(res.output_dir / "model.safetensors"))
@@ -87,7 +87,7 @@ def test_freeze_embeddings_keeps_only_the_token_embeddings_fixed(tmp_path):
 
 
 def test_dropout_is_off_in_training_by_default(tmp_path):
-    from trainers.train import disable_dropout
+    from trainers.training.train import disable_dropout
 
     rm = RewardModel.default(max_length=48)
     model = rm.torch_model.train()
@@ -107,7 +107,7 @@ def test_dropout_is_off_in_training_by_default(tmp_path):
 def test_length_sorted_passes_give_the_whole_batch_rewards_and_gradients():
     """Training runs a micro-batch's sequences in length-sorted passes; each pair's two rewards must
     come back in place, with the gradient of one whole-batch pass."""
-    from trainers.train import _rewards, disable_dropout
+    from trainers.training.train import _rewards, disable_dropout
 
     rm = RewardModel.default(max_length=96)
     model = rm.torch_model.train()
@@ -178,7 +178,7 @@ def test_truncation_keeps_the_response_and_cuts_old_context():
 
 @pytest.mark.parametrize("kind", ["minilm", "qwen3"])
 def test_large_calls_tokenise_on_threads_each_with_its_own_tokenizer_and_the_same_ids(kind, tmp_path, monkeypatch):
-    from trainers import formatting
+    from trainers.scoring import formatting
 
     rm = RewardModel.default(max_length=64) if kind == "minilm" else RewardModel.load(build_tiny_decoder(kind, tmp_path / kind))
     pairs = toy_pairs(300)
@@ -248,7 +248,7 @@ def test_dynamic_padding_gives_the_same_scores_as_one_by_one(call_cost):
 
 def test_the_in_memory_onnx_twin_scores_like_torch_and_leaves_torch_intact():
     """What a worker serves before any version exists: the bootstrap exported to ONNX in memory."""
-    from trainers.export import onnx_twin
+    from trainers.export.onnx import onnx_twin
 
     pairs = toy_pairs(12)
     pairs[5]["chosen"] = "a much longer answer " * 12
@@ -307,8 +307,8 @@ def test_smoothquant_keeps_fp32_results_and_cuts_int8_error(trained, tmp_path):
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from trainers import smoothquant
-    from trainers.model import OnnxBackend
+    from trainers.export import smoothquant
+    from trainers.scoring.model import OnnxBackend
 
     logging.getLogger().setLevel(logging.ERROR)
     model = shutil.copytree(trained.output_dir, tmp_path / "m")
@@ -369,7 +369,7 @@ def test_missing_and_wrong_models_give_clear_errors(tmp_path):
 
 def test_training_device_is_resolved_or_refused_with_the_fix():
     from trainers.exceptions import TrainerError
-    from trainers.train import resolve_device
+    from trainers.training.train import resolve_device
 
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,11 +14,11 @@ from streams.runtime.shard_writer import ShardWriter
 from streams.settings import WorkerSettings
 from tests.test_idempotent import _pairs, write_batch
 from tests.test_shards import TOPIC, _run, curated, micro_batches
-from trainers import s3shards
 from trainers.exceptions import DataError
-from trainers.registry import ModelStore
 from trainers.retrain import RetrainConfig, collect
-from trainers.shards import iter_records, load_manifest
+from trainers.storage import s3shards
+from trainers.storage.registry import ModelStore
+from trainers.storage.shards import iter_records, load_manifest
 
 
 @pytest.fixture(scope="module")

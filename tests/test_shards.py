@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-import trainers.shards as shards
+import trainers.storage.shards as shards
 from schemas.pairs import validate_pair
 from streams.runtime.shard_writer import ShardWriter
 from streams.settings import WorkerSettings
 from tests.helpers import run_cli
 from tests.test_idempotent import _pairs, write_batch
-from trainers.registry import ModelStore
 from trainers.retrain import RetrainConfig, collect, in_gold_holdout
-from trainers.shards import PartitionLog, compact_partition, iter_records, leftovers, load_manifest
+from trainers.storage.registry import ModelStore
+from trainers.storage.shards import PartitionLog, compact_partition, iter_records, leftovers, load_manifest
 
 TOPIC = "t.prefs.curated"
 
@@ -276,7 +276,7 @@ def test_export_loads_with_hugging_face_datasets(tmp_path, stack_settings, fmt):
 
 
 def test_export_derived_splits_and_refusals(tmp_path, stack_settings):
-    from trainers.export_shards import export_shards
+    from trainers.storage.shards_export import export_shards
 
     root = tmp_path / "shards"
     by_split = _export_fixture(root)

@@ -23,13 +23,13 @@ from safetensors.torch import load_file
 from streams.runtime.jobs import JobTemplate, LocalRunner, job_manifest
 from tests.helpers import ROOT, assert_trained, toy_pairs
 from tests.tiny_models import build_tiny_decoder
-from trainers import checkpoint
 from trainers.exceptions import TrainerError
-from trainers.lora import apply_lora, merge_lora
-from trainers.model import RewardModel
-from trainers.precision import grad_scaler
-from trainers.recipe import step_batches
-from trainers.train import StepRunner, TrainConfig, _encode, _prepare_trainable, train
+from trainers.scoring.model import RewardModel
+from trainers.scoring.precision import grad_scaler
+from trainers.training import checkpoint
+from trainers.training.lora import apply_lora, merge_lora
+from trainers.training.recipe import step_batches
+from trainers.training.train import StepRunner, TrainConfig, _encode, _prepare_trainable, train
 
 KINDS = ["qwen3", "llama"]
 MAX_LENGTH = 96
@@ -345,7 +345,7 @@ def test_a_two_rank_retrain_job_publishes_once_and_prints_one_result(tmp_path):
     """The controller's local runner under torchrun (gloo ranks on the CPU): both ranks train, rank 0
     evaluates, publishes and prints the one RETRAIN_RESULT line the runner reads."""
     from streams.settings import Settings, child_env
-    from trainers.registry import ModelStore
+    from trainers.storage.registry import ModelStore
 
     seed = tmp_path / "seed.jsonl"
     seed.write_text("\n".join(json.dumps({k: v for k, v in p.items() if k != "extra"}) for p in toy_pairs(40)))

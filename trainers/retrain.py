@@ -10,7 +10,7 @@
 4. Gate: holdout accuracy no worse than the serving model's (minus ``tolerance``) and no task
    category with enough pairs dropping by more than ``max_category_drop``. A failed gate keeps the
    old model and says why.
-5. Fit the candidate's calibration temperature on the gold holdout (trainers/calibration.py), export
+5. Fit the candidate's calibration temperature on the gold holdout (trainers/evaluation/calibration.py), export
    ONNX (INT8 only when its decisions agree with torch), publish atomically with the temperature in
    the manifest, announce.
 
@@ -35,14 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from trainers import distributed
-from trainers.calibration import MANIFEST_KEY, MIN_CALIBRATION_PAIRS, calibrate
-from trainers.data import read_jsonl, shard_pair, split_holdout
+from trainers.evaluation.calibration import MANIFEST_KEY, MIN_CALIBRATION_PAIRS, calibrate
 from trainers.exceptions import ExportError, TrainerError
-from trainers.precision import PRECISIONS
-from trainers.registry import Announcer, ModelStore, open_store
-from trainers.s3shards import readable_root
-from trainers.shards import iter_records, load_manifest, tp_key
+from trainers.scoring.precision import PRECISIONS
+from trainers.storage.registry import Announcer, ModelStore, open_store
+from trainers.storage.s3shards import readable_root
+from trainers.storage.shards import iter_records, load_manifest, tp_key
+from trainers.training import distributed
+from trainers.training.data import read_jsonl, shard_pair, split_holdout
 
 CURRENT_SPLITS = ("gold", "silver", "flipped", "verified_by_tool")
 GOLD_SPLITS = ("gold",)
@@ -229,7 +229,7 @@ def gate(cand: dict[str, Any], serv: dict[str, Any], cfg: RetrainConfig) -> tupl
 
 def _serving_model(base: str, max_length: int, device: str) -> Any:
     """The serving model from its verified checkout, or the bootstrap model when ``base`` is "default"."""
-    from trainers.model import RewardModel
+    from trainers.scoring.model import RewardModel
 
     if base == "default":
         import torch
@@ -241,7 +241,7 @@ def _serving_model(base: str, max_length: int, device: str) -> Any:
 
 def train_config(cfg: RetrainConfig, output_dir: str, base_model: str) -> Any:
     """The TrainConfig of a retrain: the shared fields as given, evaluation only at the end."""
-    from trainers.train import TrainConfig
+    from trainers.training.train import TrainConfig
 
     return TrainConfig(output_dir=output_dir, base_model=base_model, eval_every=0, progress=True,
                        **{name: getattr(cfg, name) for name in TRAIN_FIELDS})
@@ -249,7 +249,7 @@ def train_config(cfg: RetrainConfig, output_dir: str, base_model: str) -> Any:
 
 def _export_checked(model_dir: Path, pairs: list[dict], quantize: bool) -> str:
     """Export ONNX checked against torch; what to add to the decision's reason ('' when all went as asked)."""
-    from trainers.export import export
+    from trainers.export.onnx import export
 
     try:
         export(model_dir, pairs, quantize=quantize)
@@ -262,7 +262,7 @@ def _export_checked(model_dir: Path, pairs: list[dict], quantize: bool) -> str:
 
 def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: list[dict] | None = None,
                 holdout: list[dict] | None = None, lineage: dict[str, Any] | None = None) -> RetrainResult:
-    from trainers.train import train
+    from trainers.training.train import train
 
     cfg.validate()
     clock = {"t": time.perf_counter()}
@@ -279,7 +279,7 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
     holdout, lineage = holdout or [], lineage or {}
     held_out = len(holdout)  # gold holdout pairs, ahead of any regression pairs: the calibration set
     if cfg.regression_file:
-        from trainers.evaluate import read_regression_pairs
+        from trainers.evaluation.evaluate import read_regression_pairs
 
         # Any layout `prefstream eval` reads (RewardBench, RM-Bench, RMB, JudgeBench, ours): a
         # benchmark file is the natural regression set, and read_jsonl would drop its rows unseen.
@@ -322,7 +322,7 @@ def _calibration_set(held_out: int, evaluated: int, eval_set_name: str) -> tuple
 def _gate_and_publish(cfg: RetrainConfig, store: ModelStore, trained: Any, pairs: list[dict], holdout: list[dict],
                       serving_version: str, base: str, run: dict[str, Any], announce: Announcer | None) -> RetrainResult:
     """Evaluate candidate and serving model, gate, export and publish: rank 0's part of a retrain."""
-    from trainers.model import RewardModel
+    from trainers.scoring.model import RewardModel
 
     margins = pair_margins(RewardModel.load(trained.output_dir, device=trained.device), holdout)
     cand = accuracy_report(None, holdout, margins)

@@ -124,7 +124,7 @@ def shards(ctx: click.Context) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from trainers.shards import write_summary
+    from trainers.storage.shards import write_summary
 
     manifest = write_summary(_shards_root())
     click.echo(json.dumps({"totals": manifest["totals"], "files": len(manifest["shards"]),
@@ -151,7 +151,7 @@ def export(out: Path, fmt: str, splits: tuple[str, ...]) -> None:
     `load_dataset("parquet", data_files={"gold": "OUT/gold.parquet", ...})`. An earlier export in OUT
     is replaced; a directory holding anything else is refused.
     """
-    from trainers.export_shards import export_shards
+    from trainers.storage.shards_export import export_shards
 
     root = _shards_root()
     with progress() as bar:
@@ -176,9 +176,9 @@ def compact(target_records: int | None, min_files: int) -> None:
     Open files are left alone. The writer also compacts on its own (PREFSTREAM_WORKER_SHARD_COMPACT_MIN_FILES).
     """
     from streams.settings import WorkerSettings
-    from trainers import s3shards
-    from trainers.shards import compact as compact_shards
-    from trainers.shards import write_summary
+    from trainers.storage import s3shards
+    from trainers.storage.shards import compact as compact_shards
+    from trainers.storage.shards import write_summary
 
     settings = get_settings()
     target = target_records or WorkerSettings().shard_roll_records

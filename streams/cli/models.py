@@ -21,7 +21,7 @@ from streams.settings import get_settings
 @click.pass_context
 def models(ctx: click.Context, store: str | None) -> None:
     """List, inspect, publish, promote and roll back model versions in the model store."""
-    from trainers.registry import open_store
+    from trainers.storage.registry import open_store
 
     settings = get_settings()
     ctx.obj = (open_store(store, settings.models_cache_dir or settings.home / "model-cache", settings.s3_endpoint)

@@ -13,7 +13,7 @@ from streams.cli.common import console
 from streams.cli.models import announcer
 from streams.exceptions import ConfigError
 from streams.settings import get_settings
-from trainers.benchmarks import EVAL_FORMATS
+from trainers.evaluation.benchmarks import EVAL_FORMATS
 
 
 def _dataclass_options(cls: type) -> Any:
@@ -43,7 +43,7 @@ def _dataclass_options(cls: type) -> Any:
 
 
 def _train_command() -> click.Command:
-    from trainers.train import TrainConfig
+    from trainers.training.train import TrainConfig
 
     @click.command("train")
     @click.option("--data", "-d", "data", multiple=True, required=True,
@@ -61,9 +61,9 @@ def _train_command() -> click.Command:
         several GPUs run it under `torchrun --standalone --nproc_per_node=N -m streams.cli train ...`:
         each rank trains on its share of every step and rank 0 writes the output.
         """
-        from trainers.data import read_pairs
-        from trainers.distributed import ranks
-        from trainers.train import train
+        from trainers.training.data import read_pairs
+        from trainers.training.distributed import ranks
+        from trainers.training.train import train
 
         kwargs["eval_files"] = list(kwargs.get("eval_files") or [])
         cfg = TrainConfig(train_files=list(data), **kwargs)
@@ -90,7 +90,7 @@ def _train_command() -> click.Command:
 
 def best_onnx_file(model: Path) -> str:
     """The fastest checked ONNX file of a model directory: INT8 when its export kept it, else fp32."""
-    from trainers.model import ONNX_FP32, ONNX_INT8
+    from trainers.scoring.model import ONNX_FP32, ONNX_INT8
 
     for name in (ONNX_INT8, ONNX_FP32):
         if (model / name).exists():
@@ -121,8 +121,8 @@ def eval_cmd(model: Path, files: tuple[Path, ...], fmt: str, backend: str, devic
     (ECE) of p = sigmoid(margin / T) at the version's own temperature (from its manifest; 1 for a model
     directory without one) and uncalibrated. --out also writes report.json and report.md.
     """
-    from trainers.evaluate import evaluate, markdown_table, read_eval_items, reliability_table
-    from trainers.model import RewardModel
+    from trainers.evaluation.evaluate import evaluate, markdown_table, read_eval_items, reliability_table
+    from trainers.scoring.model import RewardModel
 
     items: list[dict] = []
     skipped = 0
@@ -130,7 +130,7 @@ def eval_cmd(model: Path, files: tuple[Path, ...], fmt: str, backend: str, devic
         got, sk = read_eval_items(f, fmt, limit)
         items.extend(got)
         skipped += sk
-    from trainers.devices import cpu_dtype_refusal, resolve_device
+    from trainers.scoring.devices import cpu_dtype_refusal, resolve_device
 
     device = resolve_device("cpu" if backend == "onnx" and device == "auto" else device)
     if refusal := cpu_dtype_refusal(dtype, device, "--dtype"):
@@ -164,8 +164,8 @@ def eval_cmd(model: Path, files: tuple[Path, ...], fmt: str, backend: str, devic
               help="Fail if decisions agree with torch on fewer than this share of pairs.")
 def export_cmd(model: Path, files: tuple[Path, ...], limit: int, quantize: bool, min_agreement: float) -> None:
     """Export MODEL to ONNX (dynamic batch and sequence axes) and dynamic INT8, checked against torch."""
-    from trainers.data import read_pairs
-    from trainers.export import export
+    from trainers.export.onnx import export
+    from trainers.training.data import read_pairs
 
     pairs = read_pairs(list(files))[:limit]
     with console.status("exporting and checking agreement"):
@@ -193,8 +193,8 @@ def _retrain_command() -> click.Command:
         from dataclasses import asdict
 
         from streams.runtime.jobs import RESULT_PREFIX
-        from trainers.distributed import ranks
         from trainers.retrain import run_retrain, run_seed
+        from trainers.training.distributed import ranks
 
         settings = get_settings()  # the store and shards the services use, unless given here
         kwargs["shards_dir"] = kwargs.get("shards_dir") or settings.shards_location

@@ -1,7 +1,7 @@
 """A minimal S3 client: AWS Signature Version 4 over httpx, path-style requests.
 
 Enough for the embedded object store (buckets, small objects): creating the broker's bucket and
-checking that the store answers. The model store (trainers/s3store.py) uses boto3, a core
+checking that the store answers. The model store (trainers/storage/s3.py) uses boto3, a core
 dependency; this client could be replaced by it.
 """
 

@@ -50,10 +50,10 @@ def train_raw(models_dir: str | Path, pairs: list[dict[str, Any]], holdout: list
               steps: int, max_length: int) -> dict[str, Any]:
     """Train from Stage 1's current version on ``pairs`` with the retrain recipe; its holdout accuracy."""
     from schemas.pairs import validate_pair
-    from trainers.evaluate import holdout_accuracy
-    from trainers.registry import ModelStore
+    from trainers.evaluation.evaluate import holdout_accuracy
     from trainers.retrain import RetrainConfig
-    from trainers.train import TrainConfig, train
+    from trainers.storage.registry import ModelStore
+    from trainers.training.train import TrainConfig, train
 
     store = ModelStore(models_dir)
     stage1 = next(i for i in store.list() if i.role == "current")

@@ -29,7 +29,7 @@ from streams.review import audit
 from streams.review.aggregator import decide
 from streams.review.queue import VOTES_NEEDED
 from streams.settings import Settings
-from trainers.evaluate import evaluate_versions
+from trainers.evaluation.evaluate import evaluate_versions
 
 CORRECTING_SPLITS = ("gold", "flipped", "verified_by_tool")
 PEAK_WINDOW_S = 10.0

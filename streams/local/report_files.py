@@ -13,7 +13,7 @@ import numpy as np
 
 from streams.local.report import HOT_SWAP_TARGET_S, build
 from streams.review import audit
-from trainers.evaluate import reliability_table
+from trainers.evaluation.evaluate import reliability_table
 
 
 def _save(fig: Any, path: Path, files: list[str]) -> None:

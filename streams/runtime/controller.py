@@ -30,10 +30,10 @@ from streams.kafka.reader import SeenSet, TopicReader, identity
 from streams.runtime.jobs import JobOutcome, LocalRunner
 from streams.runtime.tau import TauRule, TauTuner
 from streams.settings import ControllerSettings, Settings
-from trainers.registry import ModelStore
 from trainers.retrain import CURRENT_SPLITS, GOLD_SPLITS
-from trainers.s3shards import S3ShardStore
-from trainers.shards import load_manifest
+from trainers.storage.registry import ModelStore
+from trainers.storage.s3shards import S3ShardStore
+from trainers.storage.shards import load_manifest
 
 log = logging.getLogger(__name__)
 DECISIONS = Counter("prefstream_controller_decisions_total", "Controller decisions", ["role", "decision", "reason"])

@@ -38,7 +38,7 @@ from streams.runtime.pipeline import Pipeline
 from streams.runtime.processors.isolation import TRANSIENT, Item
 from streams.runtime.processors.router import Route
 from streams.settings import WORKER_MAX_POLL_INTERVAL_MS, Settings, WorkerSettings
-from trainers.registry import BOOTSTRAP_VERSION
+from trainers.storage.registry import BOOTSTRAP_VERSION
 
 log = logging.getLogger(__name__)
 # Deferred records one step scores at most: a step runs between raw batches and must stay short.

@@ -1,4 +1,4 @@
-"""The shard writer: prefs.curated -> rolling Avro files under shards/<split>/ (``trainers.shards``).
+"""The shard writer: prefs.curated -> rolling Avro files under shards/<split>/ (``trainers.storage.shards``).
 
 Records are buffered per partition and appended after ``shard_max_records`` records or
 ``shard_max_age_s`` seconds: each append goes to the partition's open file of each split, is
@@ -35,9 +35,9 @@ from streams.kafka.config import consumer_config
 from streams.kafka.reader import curated_identity
 from streams.runtime import metrics
 from streams.settings import Settings, WorkerSettings
-from trainers import s3shards
 from trainers.exceptions import DataError, StoreAccessError
-from trainers.shards import MANIFEST, PartitionLog, compact_partition, write_summary
+from trainers.storage import s3shards
+from trainers.storage.shards import MANIFEST, PartitionLog, compact_partition, write_summary
 
 __all__ = ["MANIFEST", "SHARD_GROUP", "ShardWriter"]
 

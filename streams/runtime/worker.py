@@ -46,7 +46,7 @@ from streams.runtime.processors.scorer import (
     placement,
 )
 from streams.settings import WORKER_MAX_POLL_INTERVAL_MS, Settings, WorkerSettings
-from trainers.registry import BOOTSTRAP_VERSION
+from trainers.storage.registry import BOOTSTRAP_VERSION
 
 log = logging.getLogger(__name__)
 RETRY_BACKOFF_S = 1.0

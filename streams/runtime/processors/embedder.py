@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from streams.exceptions import ConfigError
-from trainers.formatting import length_sorted_batches, pad_batch
-from trainers.model import CPU_CALL_COST_TOKENS
+from trainers.scoring.formatting import length_sorted_batches, pad_batch
+from trainers.scoring.model import CPU_CALL_COST_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _torch_encoder(model: object) -> Callable[[dict[str, np.ndarray]], np.ndarra
 
 def _export(model: object, tokenizer: object) -> tuple[bytes, list[str]]:
     """The encoder as fp32 ONNX graph bytes (exported in memory) and its input names."""
-    from trainers.export import trace_to_onnx
+    from trainers.export.onnx import trace_to_onnx
 
     sample = tokenizer(["hello there", "a somewhat longer sentence for the sample"], padding=True, return_tensors="pt")
     buf = io.BytesIO()
@@ -69,7 +69,7 @@ def _export(model: object, tokenizer: object) -> tuple[bytes, list[str]]:
 
 
 def _onnx_encoder(graph: bytes, names: list[str], threads: int | None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    from trainers.model import OnnxBackend
+    from trainers.scoring.model import OnnxBackend
 
     # No spinning: its calls are small and sit between the scorer's, and idle threads spinning for
     # more work would take a core from the scorer's next batch.
@@ -80,7 +80,7 @@ def _onnx_encoder(graph: bytes, names: list[str], threads: int | None) -> Callab
 def _int8(fp32: bytes, calibrate: Callable[[Callable[[dict[str, np.ndarray]], object]], None]) -> bytes:
     import onnx
 
-    from trainers import smoothquant
+    from trainers.export import smoothquant
 
     with tempfile.TemporaryDirectory(prefix="prefstream-embedder-") as tmp:  # quantize_dynamic works on files
         out = Path(tmp) / "embedder.int8.onnx"
@@ -102,7 +102,7 @@ class Embedder:
                  precision: str = "int8") -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        from trainers.model import default_base_path, quiet_transformers
+        from trainers.scoring.model import default_base_path, quiet_transformers
 
         if backend not in BACKENDS:
             raise ConfigError(f"embedder backend {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -112,7 +112,7 @@ class Embedder:
         path = default_base_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # Eager attention: the SDPA path skips the mask for an unpadded trace sample and the ONNX
-        # graph would keep that shortcut (see trainers.export).
+        # graph would keep that shortcut (see trainers.export.onnx).
         model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
         self.max_length = max_length
         self.dim = model.config.hidden_size

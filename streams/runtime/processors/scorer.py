@@ -28,11 +28,11 @@ import numpy as np
 
 from streams.exceptions import ConfigError, ModelRefusedError, UntrustedModelPathError
 from streams.runtime import metrics
-from trainers.devices import cpu_dtype_refusal, resolve_device, resolve_dtype
 from trainers.exceptions import CorruptArtifactError, DeviceError, UnknownVersionError
-from trainers.model import ONNX_FP32, ONNX_INT8, RewardModel, sigmoid
-from trainers.registry import BOOTSTRAP_VERSION, ROLES, ModelStore, sha256_file
-from trainers.storage import LocalBackend, verify_dir
+from trainers.scoring.devices import cpu_dtype_refusal, resolve_device, resolve_dtype
+from trainers.scoring.model import ONNX_FP32, ONNX_INT8, RewardModel, sigmoid
+from trainers.storage.files import LocalBackend, verify_dir
+from trainers.storage.registry import BOOTSTRAP_VERSION, ROLES, ModelStore, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def bootstrap_model(max_length: int, threads: int | None = None, where: Placemen
     If the export fails, torch serves the same weights. On a GPU torch serves it there.
     """
     from trainers.exceptions import ExportError
-    from trainers.export import onnx_twin
+    from trainers.export.onnx import onnx_twin
 
     if where.on_gpu:
         return RewardModel.default(max_length=max_length, device=where.device, dtype=where.dtype,

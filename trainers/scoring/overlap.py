@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from trainers.model import RewardModel
+    from trainers.scoring.model import RewardModel
 
 FIRST_CHUNK = 64
 MAX_CHUNK = 1024

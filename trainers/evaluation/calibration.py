@@ -204,7 +204,7 @@ def temperature_of(manifest: dict[str, Any]) -> float:
 
 def version_temperature(directory: str | Path) -> float:
     """The temperature in the manifest of a model directory (a version's checkout); 1.0 without one."""
-    from trainers.storage import MANIFEST
+    from trainers.storage.files import MANIFEST
 
     path = Path(directory) / MANIFEST
     try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from trainers.devices import DTYPES
 from trainers.exceptions import TrainerError
+from trainers.scoring.devices import DTYPES
 
 PRECISIONS = DTYPES  # fp32, bf16, fp16: the names scoring uses for its dtypes
 

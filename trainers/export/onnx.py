@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from trainers.exceptions import ExportError
-from trainers.model import ONNX_FP32, ONNX_INT8, OnnxBackend, RewardModel
+from trainers.scoring.model import ONNX_FP32, ONNX_INT8, OnnxBackend, RewardModel
 
 MIN_AGREEMENT = 0.995
 OPSET = 17
@@ -120,7 +120,7 @@ def _quantize(rm: RewardModel, fp32: Path, int8: Path, calibration_pairs: list[d
     """
     import onnx
 
-    from trainers import smoothquant
+    from trainers.export import smoothquant
 
     def calibrate(backend: Callable[[dict[str, np.ndarray]], np.ndarray]) -> None:
         rm.backend = backend

@@ -6,9 +6,9 @@ Chosen and rejected go through the model in one forward pass, in length-grouped 
 only to their own longest member: on a CPU, padding is most of the cost of a naive loop.
 
 At the scale of large decoder reward models: bf16/fp16 autocast over fp32 master weights
-(trainers/precision.py), gradient checkpointing, LoRA adapters merged before saving
-(trainers/lora.py), gradient accumulation to a token budget, checkpoints to resume from
-(trainers/checkpoint.py) and data-parallel ranks under torchrun (trainers/distributed.py).
+(trainers/scoring/precision.py), gradient checkpointing, LoRA adapters merged before saving
+(trainers/training/lora.py), gradient accumulation to a token budget, checkpoints to resume from
+(trainers/training/checkpoint.py) and data-parallel ranks under torchrun (trainers/training/distributed.py).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from trainers import checkpoint, distributed
-from trainers.data import read_pairs, split_holdout
-from trainers.devices import resolve_device
-from trainers.distributed import Ranks
 from trainers.exceptions import TrainerError
-from trainers.lora import ALL_LINEAR, AUTO_TARGETS, apply_lora, merge_lora
-from trainers.model import DEFAULT_MAX_LENGTH, RewardModel, default_base_path
-from trainers.precision import PRECISIONS, autocast, check_precision, grad_scaler
-from trainers.recipe import (
+from trainers.scoring.devices import resolve_device
+from trainers.scoring.model import DEFAULT_MAX_LENGTH, RewardModel, default_base_path
+from trainers.scoring.precision import PRECISIONS, autocast, check_precision, grad_scaler
+from trainers.training import checkpoint, distributed
+from trainers.training.data import read_pairs, split_holdout
+from trainers.training.distributed import Ranks
+from trainers.training.lora import ALL_LINEAR, AUTO_TARGETS, apply_lora, merge_lora
+from trainers.training.recipe import (
     TrainingProgress,
     disable_dropout,
     freeze_lower_layers,

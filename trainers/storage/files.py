@@ -9,7 +9,7 @@ and whole versions. It makes three promises, whatever it stores on:
   directory, or a download into a cache), which the ModelStore verifies against the manifest
   before anything loads from it;
 - ``update`` is a read-modify-write of one small object that never loses a concurrent writer's
-  update (a file lock here; conditional PUTs on S3, trainers/s3store.py).
+  update (a file lock here; conditional PUTs on S3, trainers/storage/s3.py).
 
 ``open_backend`` picks the backend from the location: ``s3://bucket/prefix`` or a directory.
 """
@@ -215,7 +215,7 @@ def open_backend(location: str | os.PathLike, cache_dir: str | os.PathLike | Non
     """The backend for ``location``: ``s3://bucket/prefix`` (downloads go to ``cache_dir``) or a directory."""
     text = str(location)
     if text.startswith("s3://"):
-        from trainers.s3store import S3Backend
+        from trainers.storage.s3 import S3Backend
 
         if cache_dir is None:
             raise RegistryError(f"the model store {text} is in object storage and needs a local cache directory for "

@@ -24,7 +24,7 @@ from typing import Any
 
 from trainers.exceptions import DataError
 from trainers.retrain import CURRENT_SPLITS, in_gold_holdout
-from trainers.shards import Manifest, iter_records, load_manifest
+from trainers.storage.shards import Manifest, iter_records, load_manifest
 
 FORMATS = ("parquet", "jsonl")
 DERIVED = ("train", "holdout")

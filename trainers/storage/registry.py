@@ -1,7 +1,7 @@
 """The model store: one version a directory (or key prefix), published atomically, verified by sha256 on load.
 
 Layout under the store's root, a directory (``PREFSTREAM_MODELS_DIR``) or an S3 prefix
-(``PREFSTREAM_MODELS_URL=s3://bucket/prefix``); trainers/storage.py and trainers/s3store.py keep
+(``PREFSTREAM_MODELS_URL=s3://bucket/prefix``); trainers/storage/files.py and trainers/storage/s3.py keep
 the bytes:
 
     versions/<version>/      config, tokenizer, model.safetensors, *.onnx, metrics.json, manifest.json
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainers.calibration import MANIFEST_KEY, temperature_of
+from trainers.evaluation.calibration import MANIFEST_KEY, temperature_of
 from trainers.exceptions import CorruptArtifactError, RegistryError, UnknownVersionError
-from trainers.storage import (
+from trainers.storage.files import (
     MANIFEST,
     LocalBackend,
     StoreBackend,
@@ -91,7 +91,7 @@ class ModelStore:
                 calibration: dict[str, Any] | None = None) -> VersionInfo:
         """Copy the model directory ``src`` in as a new version; promote it to ``role`` unless told not to.
 
-        ``calibration`` (trainers.calibration.Calibration.to_manifest) goes into the manifest: the
+        ``calibration`` (trainers.evaluation.calibration.Calibration.to_manifest) goes into the manifest: the
         temperature the scorers divide the margin by. A version without one is scored with T = 1.
         """
         self._check_role(role)

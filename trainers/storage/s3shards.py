@@ -1,12 +1,12 @@
 """Training shards in object storage (``PREFSTREAM_SHARDS_URL=s3://bucket/prefix``).
 
-Layout under the prefix, the directory store's (trainers/shards.py) with every file closed::
+Layout under the prefix, the directory store's (trainers/storage/shards.py) with every file closed::
 
     <split>/<topic>.p<partition>.<first>-<last>.<id>.c.avro   one append of the shard writer, or a merge
     manifest/<topic>.p<partition>.json                    the partition's manifest; changed only by CAS
 
 Objects never change once written. Each append of the shard writer uploads one object per split it
-touches and then names them in the partition's manifest with a conditional PUT (trainers/s3store.py,
+touches and then names them in the partition's manifest with a conditional PUT (trainers/storage/s3.py,
 ``update``), and only then are the consumer offsets committed: a record is in the bucket before
 Kafka forgets it, and a crash at any point leaves either the old manifest (the append is redone from
 Kafka) or the new one. The update checks that the manifest's ``next_offset`` is still the one the
@@ -19,7 +19,7 @@ and only then are the old ones deleted.
 Readers mirror the bucket into a local directory with the directory layout (``mirror``): each
 manifest copied, each file it names downloaded once and checked against the sha256 in its entry
 (names are never reused for other bytes, so a cached copy of the right size is the same file), and
-the trainers read the mirror with trainers/shards.py.
+the trainers read the mirror with trainers/storage/shards.py.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from typing import Any
 from fastavro import writer as avro_writer
 
 from trainers.exceptions import DataError
-from trainers.s3store import S3Backend
-from trainers.shards import (
+from trainers.storage.files import sha256_file
+from trainers.storage.s3 import S3Backend
+from trainers.storage.shards import (
     CODEC,
     MANIFEST_DIR,
     TMP_DIR,
@@ -50,7 +51,6 @@ from trainers.shards import (
     save_partition,
     shard_schema,
 )
-from trainers.storage import sha256_file
 
 SETTING = "PREFSTREAM_SHARDS_URL"
 # An object no manifest names and older than this was left by a crash or a lost race (a live

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from trainers.exceptions import RegistryError, StoreAccessError
-from trainers.storage import MANIFEST, Change, ManifestMaker, version_files
+from trainers.storage.files import MANIFEST, Change, ManifestMaker, version_files
 
 T = TypeVar("T")
 
@@ -78,7 +78,7 @@ def make_client(endpoint_url: str | None = None) -> Any:
 
 
 class S3Backend:
-    """A model store in an S3 bucket under a key prefix (trainers/storage.py's StoreBackend)."""
+    """A model store in an S3 bucket under a key prefix (trainers/storage/files.py's StoreBackend)."""
 
     def __init__(self, bucket: str, prefix: str, cache_dir: Path, client: Any,
                  setting: str = "PREFSTREAM_MODELS_URL") -> None:

@@ -45,7 +45,7 @@ from fastavro import writer as avro_writer
 
 from schemas import registry
 from trainers.exceptions import DataError
-from trainers.storage import atomic_write, file_lock, fsync_dir
+from trainers.storage.files import atomic_write, file_lock, fsync_dir
 
 MANIFEST = "manifest.json"
 MANIFEST_DIR = "manifest"

@@ -1,6 +1,6 @@
 """Reading preference pairs for training: JSONL (ours or HH-RLHF) and Avro shard files of CuratedPair.
 
-A shards root (or one split directory in it) is read through its manifest (``trainers.shards``):
+A shards root (or one split directory in it) is read through its manifest (``trainers.storage.shards``):
 only committed records, file by file.
 """
 
@@ -17,7 +17,7 @@ from schemas.exceptions import InvalidRecordError
 from schemas.formats import READERS, FormatError, detect, jsonl_objects
 from schemas.pairs import validate_pair
 from trainers.exceptions import DataError
-from trainers.shards import MANIFEST, MANIFEST_DIR, iter_records
+from trainers.storage.shards import MANIFEST, MANIFEST_DIR, iter_records
 
 TRAINING_KEYS = ("margin", "split", "is_flipped", "style_trap")
 

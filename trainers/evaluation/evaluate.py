@@ -1,9 +1,9 @@
 """Reward-model evaluation (`prefstream eval`): pairwise accuracy, Best-of-N, style bias, the
 benchmarks' own scores (RewardBench sections, RM-Bench's 3x3 matrix) and the holdout accuracy of
-model versions. The files are read by ``trainers.benchmarks``.
+model versions. The files are read by ``trainers.evaluation.benchmarks``.
 
 Accuracy is strict: a tie (equal rewards) counts as wrong. Calibration (ECE and a reliability
-diagram, trainers/calibration.py) is over the pairs, with p = sigmoid(margin / T) at the model
+diagram, trainers/evaluation/calibration.py) is over the pairs, with p = sigmoid(margin / T) at the model
 version's own temperature.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from schemas.pairs import validate_pair
-from trainers.benchmarks import (
+from trainers.evaluation.benchmarks import (
     EVAL_FORMATS,
     REWARDBENCH_SECTIONS,
     REWARDBENCH_WEIGHTS,
@@ -24,7 +24,7 @@ from trainers.benchmarks import (
     read_eval_items,
     read_regression_pairs,
 )
-from trainers.calibration import calibration_report
+from trainers.evaluation.calibration import calibration_report
 
 __all__ = ["EVAL_FORMATS", "evaluate", "evaluate_versions", "holdout_accuracy", "is_style_trap", "markdown_table",
            "read_eval_items", "read_regression_pairs", "reliability_table", "rewardbench_scores"]
@@ -194,8 +194,8 @@ def evaluate_versions(models_dir: str | Path, holdout: list[dict], max_length: i
     store, each at its own temperature (the bootstrap's is 1)."""
     import torch
 
-    from trainers.model import ONNX_INT8, RewardModel
-    from trainers.registry import ModelStore
+    from trainers.scoring.model import ONNX_INT8, RewardModel
+    from trainers.storage.registry import ModelStore
 
     pairs = [validate_pair(p) for p in holdout]
     torch.manual_seed(0)  # the bootstrap's random head, as the worker builds it

@@ -6,7 +6,7 @@
     r_chosen, r_rejected = rm.score_pairs(pairs)
 
 On an accelerator a batch holds up to ``token_budget`` padded tokens, and scoring overlaps the host
-and the device (``trainers/overlap.py``): the next batch is tokenised and padded into page-locked
+and the device (``trainers/scoring/overlap.py``): the next batch is tokenised and padded into page-locked
 memory on a CPU thread while the device runs the current one.
 
 A model directory holds a Hugging Face config, tokenizer and ``model.safetensors`` (never pickle),
@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from trainers.calibration import version_temperature
-from trainers.devices import DEFAULT_TOKEN_BUDGET, DTYPES, resolve_device, resolve_dtype
+from trainers.evaluation.calibration import version_temperature
 from trainers.exceptions import DataError, ModelLoadError, PickleCheckpointError
-from trainers.formatting import PAIR, Formatter, detect_input_format, length_sorted_batches
+from trainers.scoring.devices import DEFAULT_TOKEN_BUDGET, DTYPES, resolve_device, resolve_dtype
+from trainers.scoring.formatting import PAIR, Formatter, detect_input_format, length_sorted_batches
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PREFSTREAM_CONFIG = "prefstream.json"
@@ -195,7 +195,7 @@ class RewardModel:
                  pad_id: int | None = None, token_budget: int | None = None, overlap: bool = False,
                  temperature: float = 1.0) -> None:
         self.tokenizer = tokenizer
-        # The version's calibration temperature (trainers/calibration.py): p = sigmoid(margin / temperature).
+        # The version's calibration temperature (trainers/evaluation/calibration.py): p = sigmoid(margin / temperature).
         self.temperature = temperature
         self.backend = backend
         self.input_format = input_format
@@ -203,7 +203,7 @@ class RewardModel:
         self.batch_size = batch_size
         self.call_cost = call_cost
         self.token_budget = token_budget
-        # Tokenise and pad on a CPU thread while the device runs (trainers/overlap.py); torch only.
+        # Tokenise and pad on a CPU thread while the device runs (trainers/scoring/overlap.py); torch only.
         self.overlap = overlap
         self.torch_model = torch_model
         self.path = path
@@ -219,7 +219,7 @@ class RewardModel:
              overlap: bool | None = None) -> RewardModel:
         """Load a model directory.
 
-        ``device`` auto | cpu | cuda[:N] and ``dtype`` auto | fp32 | bf16 | fp16 (trainers/devices.py).
+        ``device`` auto | cpu | cuda[:N] and ``dtype`` auto | fp32 | bf16 | fp16 (trainers/scoring/devices.py).
         On an accelerator batches hold up to ``token_budget`` padded tokens (DEFAULT_TOKEN_BUDGET) and
         ``overlap`` (on by default there) tokenises on a CPU thread while the device runs; on the CPU
         batches follow the call-cost model and scoring is sequential unless ``overlap`` is asked for.
@@ -299,7 +299,7 @@ class RewardModel:
         if not responses:
             return np.zeros(0, dtype=np.float32)
         if self.overlap:
-            from trainers.overlap import score_overlapped
+            from trainers.scoring.overlap import score_overlapped
 
             return score_overlapped(self, conversations, responses)
         encoded = self.formatter.encode(conversations, responses)

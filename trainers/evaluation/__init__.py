@@ -1,0 +1,1 @@
+"""Evaluation: accuracy on holdouts and public benchmarks, and calibration."""

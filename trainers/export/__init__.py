@@ -1,0 +1,1 @@
+"""Export: ONNX (fp32, dynamic INT8) and SmoothQuant."""

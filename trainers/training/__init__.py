@@ -1,0 +1,1 @@
+"""Training a reward model: the loop, its recipe, LoRA, data-parallel ranks, data loading and resumable checkpoints."""
