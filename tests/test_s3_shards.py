@@ -124,7 +124,8 @@ def test_a_retrain_reads_the_bucket_through_its_mirror(shards_url, tmp_path):
     micro_batches(log, [curated(p, "silver") for p in _pairs(30)], size=7)
     cfg = RetrainConfig(shards_dir=shards_url, shards_cache_dir=str(tmp_path / "cache"),
                         models_dir=str(tmp_path / "models"))
-    pairs, _, lineage = collect(cfg, ModelStore(tmp_path / "models"))
+    got = collect(cfg, ModelStore(tmp_path / "models"))
+    pairs, lineage = got.pairs, got.lineage
     assert len(pairs) == 30 and lineage["positions"] == {f"{TOPIC}:0": 30}
     assert load_manifest(tmp_path / "cache").totals() == {"silver": 30}
 

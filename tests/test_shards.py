@@ -21,7 +21,7 @@ from streams.runtime.shard_writer import ShardWriter
 from streams.settings import WorkerSettings
 from tests.helpers import run_cli
 from tests.test_idempotent import _pairs, write_batch
-from trainers.retrain import RetrainConfig, collect, in_gold_holdout
+from trainers.retrain import RetrainConfig, collect, in_gold_holdout, in_gold_validation
 from trainers.storage.registry import ModelStore
 from trainers.storage.shards import PartitionLog, compact_partition, iter_records, leftovers, load_manifest
 
@@ -213,7 +213,8 @@ def test_a_retrain_reads_new_records_and_a_replay_sample_and_names_positions(tmp
     nxt = micro_batches(log, first, size=7)
     cfg = RetrainConfig(shards_dir=str(root), models_dir=str(models), replay_fraction=0.3)
     store = ModelStore(models)
-    pairs, _, lineage = collect(cfg, store)
+    got = collect(cfg, store)
+    pairs, lineage = got.pairs, got.lineage
     assert len(pairs) == 30 and lineage["positions"] == {f"{TOPIC}:0": 30} and lineage["files"] == 3
     src = tmp_path / "model"
     src.mkdir()
@@ -222,7 +223,8 @@ def test_a_retrain_reads_new_records_and_a_replay_sample_and_names_positions(tmp
 
     second = [curated(p, "silver") for p in _pairs(14)]
     micro_batches(log, second, size=5, first=nxt)  # 30 + 14: fills the open file, then one more
-    pairs, _, lineage = collect(cfg, store)
+    got = collect(cfg, store)
+    pairs, lineage = got.pairs, got.lineage
     new_ids = {r["pair"]["pair_id"] for r in second}
     assert lineage["new_pairs"] == 14 and lineage["replayed_pairs"] == int(14 * 0.3 / 0.7)
     assert {p["pair_id"] for p in pairs[:14]} == new_ids
@@ -230,16 +232,19 @@ def test_a_retrain_reads_new_records_and_a_replay_sample_and_names_positions(tmp
     assert lineage["positions"] == {f"{TOPIC}:0": 44}
 
 
-def test_the_gold_holdout_is_never_trained_on(tmp_path):
+def test_the_gold_holdout_and_validation_slice_are_never_trained_on(tmp_path):
     root = tmp_path / "shards"
     log = PartitionLog(root, TOPIC, 1, roll_records=5, roll_age_s=1e9)
     gold = [curated(p, "gold") for p in _pairs(60)]
     micro_batches(log, gold, size=8)
-    pairs, holdout, _ = collect(RetrainConfig(role="gold", shards_dir=str(root), models_dir=str(tmp_path / "m")),
-                                ModelStore(tmp_path / "m"))
+    got = collect(RetrainConfig(role="gold", shards_dir=str(root), models_dir=str(tmp_path / "m")),
+                  ModelStore(tmp_path / "m"))
     held = {r["pair"]["pair_id"] for r in gold if in_gold_holdout(r["pair"]["pair_id"])}
-    assert held and {p["pair_id"] for p in holdout} == held
-    assert not held & {p["pair_id"] for p in pairs} and len(pairs) + len(held) == 60
+    validation = {r["pair"]["pair_id"] for r in gold if in_gold_validation(r["pair"]["pair_id"])}
+    assert held and validation and not held & validation
+    assert {p["pair_id"] for p in got.holdout} == held and {p["pair_id"] for p in got.validation} == validation
+    trained = {p["pair_id"] for p in got.pairs}
+    assert not (held | validation) & trained and len(trained) + len(held) + len(validation) == 60
 
 
 def _export_fixture(root: Path) -> dict[str, list[str]]:

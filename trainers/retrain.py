@@ -3,8 +3,14 @@
 1. Data from the shards: the current RM trains on gold + silver + flipped + verified_by_tool pairs,
    the new shards since the serving version plus a replay sample of older ones (so it does not
    forget); the gold RM trains on gold (human-verified) pairs only. A deterministic 10% of gold
-   pairs (by pair_id hash) is the gold holdout and is never trained on.
-2. Train warm-started from the serving version (or the packaged MiniLM before any exists).
+   pairs (by pair_id hash) is the gold holdout and another 10% the validation slice for early
+   stopping; neither is ever trained on.
+2. Train warm-started from the serving version (or the packaged MiniLM before any exists), for
+   ``epochs`` passes over the job's pairs, evaluating on the validation slice ``evals_per_epoch``
+   times an epoch and keeping the best weights (early stopping). Every ``full_retrain_every``-th
+   retrain, or when the pairs seen before outnumber the new ones ``full_retrain_old_ratio`` times, is
+   a full retrain instead: from the role's base (its Stage 1 version) on every curated pair. The
+   pairs a retrain trained on go into the version (trainers/chain.py), so its chain can be replayed.
 3. Evaluate candidate and serving model on the gold holdout plus the fixed regression set; with no
    gold holdout yet, on a held-out slice of this job's data (the report says which).
 4. Gate: holdout accuracy no worse than the serving model's (minus ``tolerance``) and no task
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import tempfile
 import time
@@ -35,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from trainers.chain import root_version, write_training_pairs
 from trainers.evaluation.calibration import MANIFEST_KEY, MIN_CALIBRATION_PAIRS, calibrate
 from trainers.exceptions import ExportError, TrainerError
 from trainers.scoring.precision import PRECISIONS
@@ -46,7 +54,10 @@ from trainers.training.data import read_jsonl, shard_pair, split_holdout
 
 CURRENT_SPLITS = ("gold", "silver", "flipped", "verified_by_tool")
 GOLD_SPLITS = ("gold",)
-HOLDOUT_BUCKETS = 10  # 1 in 10 gold pairs is held out
+HOLDOUT_BUCKETS = 10  # 1 in 10 gold pairs is the gate's holdout (bucket 0), 1 in 10 the validation slice (1)
+VALIDATION_BUCKET = 1
+# Fewer validation pairs than this make early stopping a coin toss: the job trains its planned steps instead.
+MIN_VALIDATION_PAIRS = 20
 
 # Pairs the export's torch-vs-ONNX agreement check runs on.
 EXPORT_CHECK_PAIRS = 300
@@ -57,7 +68,7 @@ def _help(text: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
 
 
 # RetrainConfig fields handed to the training run unchanged.
-TRAIN_FIELDS = ("max_steps", "batch_size", "learning_rate", "max_length", "freeze_layers", "freeze_embeddings",
+TRAIN_FIELDS = ("max_steps", "epochs", "patience", "batch_size", "learning_rate", "max_length", "freeze_layers", "freeze_embeddings",
                 "grad_accum", "tokens_per_step", "device", "precision", "gradient_checkpointing", "lora_r",
                 "lora_alpha", "lora_dropout", "lora_targets", "seed")
 
@@ -87,7 +98,18 @@ class RetrainConfig:
                                      default=0.1)
     min_category_pairs: int = _help("Categories with fewer holdout pairs are not gated individually.", default=10)
     eval_fraction: float = _help("Held-out share of this job's data when there is no gold holdout yet.", default=0.2)
-    max_steps: int = _help("Optimizer steps (0 = one epoch).", default=0)
+    max_steps: int = _help("Optimizer steps; 0 = sized to the data (--epochs passes over the job's pairs).", default=0)
+    epochs: float = _help("Passes over the job's pairs (new plus replay, or all in a full retrain) when "
+                          "--max-steps is 0.", default=2.0)
+    patience: int = _help("Early stopping: stop after this many evaluations on the gold validation slice without "
+                          "a better accuracy and publish the best weights; 0 = train every planned step.", default=3)
+    evals_per_epoch: int = _help("Evaluations on the gold validation slice per epoch (early stopping).", default=4)
+    full_retrain_every: int = _help("Every Nth retrain of the role is a full retrain: from the role's base (its "
+                                    "Stage 1 version) on every curated pair, gated like any candidate; 0 = only "
+                                    "when --full-retrain-old-ratio says so.", default=3)
+    full_retrain_old_ratio: float = _help("Also retrain in full when the pairs seen before outnumber the new ones "
+                                          "this many times (the replay sample then covers little of them); "
+                                          "0 = never for this reason.", default=4.0)
     batch_size: int = _help("Pairs per batch.", default=16)
     learning_rate: float = _help("Peak learning rate.", default=5e-5)
     max_length: int = _help("Tokens per (conversation, response).", default=256)
@@ -113,6 +135,12 @@ class RetrainConfig:
     def validate(self) -> None:
         if self.role not in ("current", "gold"):
             raise TrainerError(f"role {self.role!r} is not one of current, gold")
+        for name in ("epochs", "evals_per_epoch"):
+            if getattr(self, name) <= 0:
+                raise TrainerError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("patience", "full_retrain_every", "full_retrain_old_ratio"):
+            if getattr(self, name) < 0:
+                raise TrainerError(f"{name} must be 0 or positive, got {getattr(self, name)}")
         for name in ("shards_dir", "models_dir"):
             if not getattr(self, name):
                 raise TrainerError(f"{name} is not set: pass --{name.replace('_', '-')} (the CLI defaults to "
@@ -134,8 +162,29 @@ class RetrainResult:
         return json.dumps(asdict(self))
 
 
+def _bucket(pair_id: str) -> int:
+    return int(hashlib.sha256(pair_id.encode()).hexdigest(), 16) % HOLDOUT_BUCKETS
+
+
 def in_gold_holdout(pair_id: str) -> bool:
-    return int(hashlib.sha256(pair_id.encode()).hexdigest(), 16) % HOLDOUT_BUCKETS == 0
+    """The gate's holdout: never trained on, never used to stop training."""
+    return _bucket(pair_id) == 0
+
+
+def in_gold_validation(pair_id: str) -> bool:
+    """The validation slice early stopping watches: never trained on, never the gate's holdout."""
+    return _bucket(pair_id) == VALIDATION_BUCKET
+
+
+@dataclass
+class Collected:
+    """What a retrain reads from the shards."""
+
+    pairs: list[dict]  # to train on
+    holdout: list[dict]  # the gate's gold holdout
+    validation: list[dict]  # the gold validation slice (early stopping)
+    lineage: dict[str, Any]
+    old_pairs: int = 0  # pairs the serving version trained on or could have (not read unless replayed)
 
 
 def _seen_test(lineage: dict[str, Any]) -> Any:
@@ -149,8 +198,9 @@ def _seen_test(lineage: dict[str, Any]) -> Any:
     return lambda entry, offset: entry["file"] in files
 
 
-def collect(cfg: RetrainConfig, store: ModelStore) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """(training pairs, gold holdout, lineage) for the role, read from the shard manifest.
+def collect(cfg: RetrainConfig, store: ModelStore, full: bool = False) -> Collected:
+    """Training pairs, gold holdout and validation slice, and lineage for the role, read from the shard manifest.
+    ``full``: every pair is read and trained on (a full retrain), none is "seen".
 
     Records are read lazily, file by file, up to what each file has committed (an open file
     included). Files entirely below the serving version's positions are not read unless they hold
@@ -159,10 +209,10 @@ def collect(cfg: RetrainConfig, store: ModelStore) -> tuple[list[dict], list[dic
     """
     root = readable_root(cfg.shards_dir, cfg.shards_cache_dir, cfg.s3_endpoint)
     serving = store.serving(cfg.role)
-    seen = _seen_test(store.get(serving).manifest.get("lineage", {}) if serving else {})
+    seen = _seen_test(store.get(serving).manifest.get("lineage", {}) if serving and not full else {"positions": {}})
     manifest = load_manifest(root)
     entries = manifest.entries(CURRENT_SPLITS if cfg.role == "current" else GOLD_SPLITS)
-    holdout, new = [], []
+    holdout, validation, new = [], [], []
     old_entry, old_index = array("q"), array("q")  # where each old record is: entry, record number in it
     for i, entry in enumerate(entries):
         if entry["split"] != "gold" and seen(entry, entry["last_offset"]):
@@ -173,6 +223,8 @@ def collect(cfg: RetrainConfig, store: ModelStore) -> tuple[list[dict], list[dic
             pair = shard_pair(rec)
             if entry["split"] == "gold" and in_gold_holdout(pair["pair_id"]):
                 holdout.append(pair)
+            elif entry["split"] == "gold" and in_gold_validation(pair["pair_id"]):
+                validation.append(pair)
             elif seen(entry, rec["source_offset"]):
                 old_entry.append(i)
                 old_index.append(n)
@@ -191,8 +243,9 @@ def collect(cfg: RetrainConfig, store: ModelStore) -> tuple[list[dict], list[dic
     for r in new + replay:
         counts[(r.get("extra") or {}).get("split") or "?"] += 1
     lineage = {"positions": manifest.positions(), "files": len(entries), "new_pairs": len(new),
-               "replayed_pairs": len(replay), "pairs_by_split": dict(counts), "gold_holdout_pairs": len(holdout)}
-    return new + replay, holdout, lineage
+               "replayed_pairs": len(replay), "pairs_by_split": dict(counts), "gold_holdout_pairs": len(holdout),
+               "gold_validation_pairs": len(validation)}
+    return Collected(new + replay, holdout, validation, lineage, old_pairs=len(old_entry))
 
 
 def pair_margins(rm: Any, pairs: list[dict]) -> np.ndarray:
@@ -239,12 +292,39 @@ def _serving_model(base: str, max_length: int, device: str) -> Any:
     return RewardModel.load(base, max_length=max_length, device=device)
 
 
-def train_config(cfg: RetrainConfig, output_dir: str, base_model: str) -> Any:
-    """The TrainConfig of a retrain: the shared fields as given, evaluation only at the end."""
+def train_config(cfg: RetrainConfig, output_dir: str, base_model: str, n_pairs: int = 0,
+                 early_stopping: bool = False) -> Any:
+    """The TrainConfig of a retrain: the shared fields as given; with ``early_stopping``, evaluations on the
+    validation slice ``evals_per_epoch`` times an epoch of ``n_pairs``, else one at the end and no stopping."""
     from trainers.training.train import TrainConfig
 
-    return TrainConfig(output_dir=output_dir, base_model=base_model, eval_every=0, progress=True,
-                       **{name: getattr(cfg, name) for name in TRAIN_FIELDS})
+    fields = {name: getattr(cfg, name) for name in TRAIN_FIELDS}
+    eval_every = 0
+    if early_stopping and cfg.patience:
+        steps_per_epoch = math.ceil(n_pairs / (cfg.batch_size * cfg.grad_accum))
+        eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    else:
+        fields["patience"] = 0
+    return TrainConfig(output_dir=output_dir, base_model=base_model, eval_every=eval_every, progress=True, **fields)
+
+
+def _since_full(store: ModelStore, serving: str | None) -> int:
+    """Retrains since the serving version's line last trained in full (or from Stage 1)."""
+    return int(store.get(serving).manifest.get("lineage", {}).get("since_full", 0)) if serving else 0
+
+
+def plan_data(cfg: RetrainConfig, store: ModelStore) -> tuple[Collected, str, str]:
+    """(the data, the mode: incremental or full, why) of a retrain read from the shards."""
+    serving = store.serving(cfg.role)
+    if serving is not None and cfg.full_retrain_every and _since_full(store, serving) + 1 >= cfg.full_retrain_every:
+        return collect(cfg, store, full=True), "full", f"every {cfg.full_retrain_every}th retrain is a full retrain"
+    data = collect(cfg, store)
+    new = data.lineage["new_pairs"]
+    if serving is not None and cfg.full_retrain_old_ratio and data.old_pairs > cfg.full_retrain_old_ratio * max(1, new):
+        return (collect(cfg, store, full=True), "full",
+                f"{data.old_pairs} pairs seen before outnumber the {new} new ones more than "
+                f"{cfg.full_retrain_old_ratio:g} times")
+    return data, "incremental", "new pairs plus a replay sample, from the serving version"
 
 
 def _export_checked(model_dir: Path, pairs: list[dict], quantize: bool) -> str:
@@ -262,6 +342,7 @@ def _export_checked(model_dir: Path, pairs: list[dict], quantize: bool) -> str:
 
 def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: list[dict] | None = None,
                 holdout: list[dict] | None = None, lineage: dict[str, Any] | None = None) -> RetrainResult:
+    """Collect (unless the pairs are given: Stage 1 and tests), train, gate, publish."""
     from trainers.training.train import train
 
     cfg.validate()
@@ -274,9 +355,23 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
         clock["t"] = now
 
     store = open_store(cfg.models_dir, cfg.models_cache_dir, cfg.s3_endpoint)
+    validation: list[dict] = []
+    serving_version = store.serving(cfg.role) or "bootstrap"
+    base_version = serving_version
     if pairs is None:
-        pairs, holdout, lineage = collect(cfg, store)
-    holdout, lineage = holdout or [], lineage or {}
+        data, mode, why = plan_data(cfg, store)
+        pairs, holdout, validation, lineage = data.pairs, data.holdout, data.validation, data.lineage
+        if mode == "full":
+            base_version = root_version(store, serving_version)
+    else:
+        mode, why = ("seed", "Stage 1 from the seed file") if (lineage or {}).get("seed_file") else ("incremental", "given pairs")
+    holdout, lineage = holdout or [], dict(lineage or {})
+    early = len(validation) >= MIN_VALIDATION_PAIRS
+    lineage |= {"mode": mode, "mode_reason": why, "base_version": base_version,
+                "since_full": 0 if mode != "incremental" else _since_full(store, store.serving(cfg.role)) + 1,
+                "early_stopping": (f"on {len(validation)} gold validation pairs" if early and cfg.patience else
+                                   f"off ({len(validation)} gold validation pairs; {MIN_VALIDATION_PAIRS} needed)"
+                                   if cfg.patience else "off")}
     held_out = len(holdout)  # gold holdout pairs, ahead of any regression pairs: the calibration set
     if cfg.regression_file:
         from trainers.evaluation.evaluate import read_regression_pairs
@@ -291,16 +386,19 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
         pairs, holdout = split_holdout(pairs, cfg.eval_fraction, cfg.seed)
         eval_set_name = "held-out slice of this job's data (no gold holdout yet)"
         held_out = len(holdout)
-    serving_version = store.serving(cfg.role) or "bootstrap"
-    base = "default" if serving_version == "bootstrap" else str(store.checkout(serving_version))
+    base = "default" if base_version == "bootstrap" else str(store.checkout(base_version))
     lap("collect")
     ranks = distributed.ranks()
     with tempfile.TemporaryDirectory(prefix="prefstream-retrain-") as tmp:
-        trained = train(train_config(cfg, str(Path(tmp) / "model"), base), pairs, holdout[: min(len(holdout), 200)])
+        tcfg = train_config(cfg, str(Path(tmp) / "model"), base, len(pairs), early_stopping=early)
+        trained = train(tcfg, pairs, validation if early else holdout[: min(len(holdout), 200)])
         lap("train")
         result = None
         if ranks.is_main:
-            result = _gate_and_publish(cfg, store, trained, pairs, holdout, serving_version, base,
+            write_training_pairs(trained.output_dir, pairs)
+            lineage |= {k: trained.metrics.get(k) for k in ("steps", "planned_steps", "best_step", "stopped_early")}
+            serving_dir = "default" if serving_version == "bootstrap" else str(store.checkout(serving_version))
+            result = _gate_and_publish(cfg, store, trained, pairs, holdout, serving_version, serving_dir,
                                        {"eval_set": eval_set_name, "lineage": lineage, "seconds": seconds, "lap": lap,
                                         "calibration_set": _calibration_set(held_out, len(holdout), eval_set_name)},
                                        announce)
@@ -320,13 +418,14 @@ def _calibration_set(held_out: int, evaluated: int, eval_set_name: str) -> tuple
 
 
 def _gate_and_publish(cfg: RetrainConfig, store: ModelStore, trained: Any, pairs: list[dict], holdout: list[dict],
-                      serving_version: str, base: str, run: dict[str, Any], announce: Announcer | None) -> RetrainResult:
+                      serving_version: str, serving_dir: str, run: dict[str, Any],
+                      announce: Announcer | None) -> RetrainResult:
     """Evaluate candidate and serving model, gate, export and publish: rank 0's part of a retrain."""
     from trainers.scoring.model import RewardModel
 
     margins = pair_margins(RewardModel.load(trained.output_dir, device=trained.device), holdout)
     cand = accuracy_report(None, holdout, margins)
-    serv = accuracy_report(_serving_model(base, cfg.max_length, trained.device), holdout)
+    serv = accuracy_report(_serving_model(serving_dir, cfg.max_length, trained.device), holdout)
     run["lap"]("evaluate")
     ok, why = gate(cand, serv, cfg)
     result = RetrainResult(cfg.role, "published" if ok else "gate_failed", f"{why} ({run['eval_set']})",

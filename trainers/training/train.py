@@ -96,6 +96,13 @@ class TrainConfig:
     use_margin: bool = _help("Subtract each pair's 'margin' (when present) inside the sigmoid.", default=True)
     eval_every: int = _help("Evaluate on the held-out pairs every N optimizer steps; 0 = only at the end.",
                             default=50)
+    patience: int = _help("Early stopping: stop after this many evaluations in a row without a better held-out "
+                          "accuracy (ties broken by the lower held-out loss) and keep the weights of the best one; "
+                          "0 = off (train every step, keep the last weights). Needs eval_every and held-out pairs.",
+                          default=0)
+    stop_after: int = _help("Stop after this many optimizer steps of the schedule max_steps (or epochs) plans, "
+                            "keeping the schedule's learning rates: replays a run that stopped early. 0 = run the "
+                            "whole schedule.", default=0)
     seed: int = _help("Seed for shuffling, the new head and dropout: equal seeds give equal runs.", default=0)
     threads: int = _help("torch CPU threads; 0 = torch's default.", default=0)
     device: str = _help("Where to train: 'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when a GPU is visible). "
@@ -140,7 +147,7 @@ class TrainConfig:
             raise TrainerError(f"chunk_pairs must be -1 (auto), 0 (whole batch) or positive, got {self.chunk_pairs}")
         if not 0 <= self.eval_fraction < 1:
             raise TrainerError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        for name in ("tokens_per_step", "lora_r", "checkpoint_every", "keep_checkpoints"):
+        for name in ("tokens_per_step", "lora_r", "checkpoint_every", "keep_checkpoints", "patience", "stop_after"):
             if getattr(self, name) < 0:
                 raise TrainerError(f"{name} must be 0 or positive, got {getattr(self, name)}")
         if self.tokens_per_step and self.grad_accum != 1:
@@ -174,10 +181,16 @@ def _seed_everything(seed: int) -> None:
 
 def pair_accuracy(rm: RewardModel, pairs: list[dict]) -> float:
     """Share of pairs where chosen scores strictly above rejected (a tie counts as wrong)."""
+    return held_out_scores(rm, pairs)[0]
+
+
+def held_out_scores(rm: RewardModel, pairs: list[dict]) -> tuple[float, float]:
+    """(accuracy, mean Bradley-Terry loss) on ``pairs``: a tie counts as wrong; NaN for no pairs."""
     if not pairs:
-        return float("nan")
+        return float("nan"), float("nan")
     rc, rr = rm.score_pairs(pairs)
-    return float(np.mean(rc > rr))
+    margin = np.asarray(rc, dtype=np.float64) - np.asarray(rr, dtype=np.float64)
+    return float(np.mean(margin > 0)), float(np.mean(np.logaddexp(0.0, -margin)))
 
 
 def _rewards(model: Any, formatter: Any, seqs: list[dict], per_pass: int, device: str) -> tuple[Any, Any]:
@@ -387,6 +400,25 @@ class _Run:
     busy_s: float = 0.0  # seconds spent in training steps (evaluation excluded)
     batches: list[list[int]] = field(default_factory=list)  # this epoch's batches still to come
     resumed_from: str | None = None
+    best: _Best | None = None  # early stopping: the best evaluation so far and its weights
+
+
+@dataclass
+class _Best:
+    """The best held-out evaluation of an early-stopped run: its step, score and trainable weights (on the CPU)."""
+
+    step: int
+    accuracy: float
+    loss: float
+    weights: dict[str, Any]
+    since: int = 0  # evaluations since it without improvement
+
+    def beaten_by(self, accuracy: float, loss: float) -> bool:
+        return accuracy > self.accuracy or (accuracy == self.accuracy and loss < self.loss)
+
+    @staticmethod
+    def snapshot(model: Any) -> dict[str, Any]:
+        return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
     def to_state(self, rng: random.Random) -> dict[str, Any]:
         return {"history": self.history, "running_loss": self.running_loss[-20:], "steps": self.steps,
@@ -447,9 +479,10 @@ def _training_loop(setup: _Setup, data: _Encoded, eval_pairs: list[dict]) -> _Ru
     def refill() -> list[list[int]]:
         return length_grouped_batches(data.lengths, cfg.batch_size, rng)
 
-    progress = TrainingProgress(cfg.progress and ranks.is_main, total_steps, run.steps)
+    last_step = min(total_steps, cfg.stop_after) if cfg.stop_after else total_steps
+    progress = TrainingProgress(cfg.progress and ranks.is_main, last_step, run.steps)
     try:
-        while run.steps < total_steps:
+        while run.steps < last_step:
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             micro = step_batches(run.batches, refill, data.tokens, cfg.grad_accum, cfg.tokens_per_step)
@@ -466,12 +499,15 @@ def _training_loop(setup: _Setup, data: _Encoded, eval_pairs: list[dict]) -> _Ru
             run.running_loss.append(step_loss)
             row: dict[str, float] = {"step": run.steps, "loss": step_loss, "lr": scheduler.get_last_lr()[0]}
             if ranks.is_main and eval_pairs and ((cfg.eval_every and run.steps % cfg.eval_every == 0)
-                                                 or run.steps == total_steps):
+                                                 or run.steps == last_step):
                 model.eval()
                 with eval_ctx():
-                    row["eval_accuracy"] = pair_accuracy(rm, eval_pairs)
+                    row["eval_accuracy"], row["eval_loss"] = held_out_scores(rm, eval_pairs)
                 model.train()
             run.history.append(row)
+            if "eval_accuracy" in row and _early_stop(run, model, cfg, row):
+                progress.update(f"stopped early: no better held-out accuracy in {cfg.patience} evaluations")
+                break
             if ranks.is_main and cfg.checkpoint_every and run.steps % cfg.checkpoint_every == 0 \
                     and run.steps < total_steps:
                 state = run.to_state(rng) | {"total_steps": total_steps, "data_sha256": fingerprint,
@@ -485,6 +521,33 @@ def _training_loop(setup: _Setup, data: _Encoded, eval_pairs: list[dict]) -> _Ru
     finally:
         progress.close()
     return run
+
+
+def _early_stop(run: _Run, model: Any, cfg: TrainConfig, row: dict[str, float]) -> bool:
+    """Track the best evaluation (its weights kept on the CPU); True when ``patience`` evaluations in a row
+    brought no better one. Rank 0 alone evaluates, so early stopping is for single-process runs."""
+    if not cfg.patience:
+        return False
+    acc, loss = row["eval_accuracy"], row["eval_loss"]
+    if run.best is None or run.best.beaten_by(acc, loss):
+        run.best = _Best(run.steps, acc, loss, _Best.snapshot(model))
+        return False
+    run.best.since += 1
+    return run.best.since >= cfg.patience
+
+
+def _restore_best(run: _Run, model: Any) -> int | None:
+    """Load the best evaluation's weights when they are not the last ones; the step they come from."""
+    import torch
+
+    if run.best is None:
+        return None
+    if run.best.step != run.steps:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in run.best.weights.items():
+                params[name].copy_(value.to(params[name].device))
+    return run.best.step
 
 
 def _total_steps(cfg: TrainConfig, data: _Encoded) -> int:
@@ -533,15 +596,21 @@ def train(cfg: TrainConfig, train_pairs: list[dict] | None = None, eval_pairs: l
     total_steps = _total_steps(cfg, data)
     before = _fingerprints(model)
     trainable_weights = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cfg.patience and ranks.distributed:
+        raise TrainerError("early stopping (--patience) runs in one process: rank 0 alone evaluates; train under "
+                           "torchrun with --patience 0")
     run = _training_loop(_Setup(rm, cfg, device, ranks, total_steps), data, eval_pairs)
+    best_step = _restore_best(run, model)
     model.eval()
     after = _fingerprints(model)
     unchanged = [n for n in before if before[n] == after[n]]
     if wrapped is not None:
         rm.torch_model = rm.backend.model = merge_lora(wrapped)
-    final_eval = next((h["eval_accuracy"] for h in reversed(run.history) if "eval_accuracy" in h), float("nan"))
+    final_eval = run.best.accuracy if run.best else next(
+        (h["eval_accuracy"] for h in reversed(run.history) if "eval_accuracy" in h), float("nan"))
     metrics = {
-        "steps": run.steps, "pairs_seen": run.pairs_seen, "tokens_seen": run.tokens_seen,
+        "steps": run.steps, "planned_steps": total_steps, "best_step": best_step,
+        "stopped_early": run.steps < total_steps, "pairs_seen": run.pairs_seen, "tokens_seen": run.tokens_seen,
         "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs or []), "train_seconds": round(run.busy_s, 3),
         "pairs_per_second": round(run.pairs_seen / run.busy_s, 3) if run.busy_s else 0.0,
         "first_loss": run.history[0]["loss"], "final_loss": float(np.mean(run.running_loss[-10:])),
