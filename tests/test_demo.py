@@ -20,7 +20,7 @@ def test_short_demo_reports_what_the_topics_hold(settings, tmp_path):
     out = tmp_path / "report"
     n = 240
     proc = run_cli(["demo", "--out", str(out), "--pairs", str(n), "--hh-pairs", "0", "--seed-pairs", "60",
-                    "--holdout-pairs", "60", "--retrains", "1", "--seed-steps", "4", "--retrain-steps", "6",
+                    "--holdout-pairs", "60", "--retrains", "1", "--seed-steps", "4", "--retrain-epochs", "1", "--comparison-seeds", "1",
                     "--max-length", "64", "--rate", "20", "--time-limit", "600"], settings, check=False, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "demo summary" in proc.stderr
@@ -72,14 +72,24 @@ def test_short_demo_reports_what_the_topics_hold(settings, tmp_path):
             p = calibrated_p(r["reward_chosen"] - r["reward_rejected"], r["temperature"])
             assert r["p"] == pytest.approx(float(p), abs=1e-5)
     assert report["failures"] == []
-    # Curation against the raw stream: the served version's and a raw-trained model's holdout accuracy,
-    # each label's precision and the human share recomputed from the topics and the generator's truth.
+    # Curation against the raw stream, like for like: the served version's chain replayed from its base with
+    # raw, curated and true labels on the same pairs; each label's precision and the human share recomputed from
+    # the topics and the generator's truth.
     served_last = [m for m in report["models"] if m["role"] == "current" and not m["rolled_back"]][-1]
     assert report["curated_accuracy"] == served_last["holdout_accuracy"]
-    raw = report["raw_vs_curated"]["raw_model"]
-    assert 0 <= report["raw_trained_accuracy"] <= 1 and raw["holdout_accuracy"] == report["raw_trained_accuracy"]
-    assert raw["steps"] == 6 and 0 < raw["train_pairs"] <= n and raw["holdout_pairs"] == 60
-    assert report["raw_vs_curated"]["gain"] == pytest.approx(report["curated_accuracy"] - report["raw_trained_accuracy"])
+    like, cmp = report["like_for_like"], report["raw_vs_curated"]
+    assert like["version"] == served_last["version"] and like["base"] == served_last["parent"]
+    assert set(like["arms"]) == {"raw", "curated", "truth"} and like["seeds"] == [0]
+    assert 0 < like["pairs"] <= len(curated) and like["pairs_without_truth"] == 0
+    assert like["pairs_curated_label_differs"] <= len(corrected)
+    means = {a: like["arms"][a]["mean"] for a in like["arms"]}
+    assert report["raw_trained_accuracy"] == means["raw"]["clean_holdout"] == cmp["raw"]["holdout_accuracy"]
+    assert cmp["gain"] == pytest.approx(means["curated"]["clean_holdout"] - means["raw"]["clean_holdout"])
+    assert cmp["truth"]["confident_probe_accuracy"] == means["truth"]["confident_wrong"]
+    batch = report["loop_vs_batch"]
+    assert batch["served"] == report["curated_accuracy"] and batch["gap"] == pytest.approx(batch["served"] - batch["batch"])
+    assert batch["steps"] == sum(m["lineage"]["steps"] for m in report["models"] if m["version"] == like["version"])
+    assert all(ph["serving_version"] in {m["version"] for m in report["models"]} for ph in report["phases"])
     truth = {p["pair_id"]: (p["chosen"] if p["metadata"]["truth"] == "chosen" else p["rejected"]) for p in stream}
     for split, key in (("silver", "silver_precision"), ("flipped", "flipped_precision")):
         mine = [c for i, c in curated.items() if c["split"] == split]

@@ -13,7 +13,10 @@ def test_a_fast_machine_gets_every_retrain_asked_for():
     plan = plan_phases(DemoConfig(retrains=2), 1920, stage1_s=19.0, seconds_left=870)
     assert (plan.retrains, plan.phase_size, plan.threshold) == (2, 640, 160)
     assert plan.note == "" and plan.retrain_wait_s >= MIN_RETRAIN_WAIT_S
-    assert plan.retrain_estimate_s == pytest.approx(19.0 * demo.RETRAIN_PER_SEED_STEP * 20 / 15, abs=0.1)
+    # Sized to the data: the second retrain is full, over both earlier phases' curated pairs, for two epochs.
+    steps = demo.retrain_steps(DemoConfig(retrains=2), 640, 2)
+    assert steps == int(2.0 * 2 * 640 * demo.CURATED_SHARE / demo.RETRAIN_BATCH) + 1
+    assert plan.retrain_estimate_s == pytest.approx(19.0 * demo.RETRAIN_PER_SEED_STEP * steps / 15, abs=0.1)
 
 
 def test_a_slow_machine_plans_fewer_retrains_and_says_so():

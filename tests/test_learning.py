@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import toy_pairs
 from tests.test_retrain import FAST, swapped, write_shard
 from trainers.chain import chain_of, read_training_pairs, response_digest
@@ -89,3 +91,27 @@ def test_retrains_size_to_data_stop_early_and_every_nth_trains_in_full_from_the_
 
 def lineage_steps(store: ModelStore, version: str) -> int:
     return store.get(version).manifest["lineage"]["steps"]
+
+
+def test_like_for_like_replays_a_chain_with_each_arms_labels_paired_by_seed(tmp_path):
+    from trainers.chain import Chain, Link
+    from trainers.evaluation.comparison import chain_labels, compare, gains, oriented
+
+    pairs = {f"t{i}": p | {"pair_id": f"t{i}"} for i, p in enumerate(toy_pairs(32))}
+    # The chain trained on these pairs, every one with its right answer chosen; stored as published (swapped).
+    link = Link("v1", "incremental", [{"pair_id": i, "chosen": response_digest(p["chosen"])} for i, p in pairs.items()],
+                planned_steps=8, steps=8, kept_step=6, recipe={"batch_size": 8, "max_length": 64, "learning_rate": 1e-4})
+    chain = Chain("base", [link])
+    published = {i: p | {"chosen": p["rejected"], "rejected": p["chosen"]} for i, p in pairs.items()}
+    assert oriented(published["t0"], response_digest("elsewhere")) is None
+    curated = chain_labels(chain, published)
+    assert {i: p["chosen"] for i, p in curated.items()} == {i: p["chosen"] for i, p in pairs.items()}
+
+    probe = {"toy": toy_pairs(16, seed=9)}
+    arms = compare(chain, "default", {"raw": published, "curated": curated, "truth": dict(pairs)}, probe, seeds=[0, 1])
+    assert [len(arms[a]["per_seed"]) for a in arms] == [2, 2, 2]
+    # Trained to prefer the wrong side, the raw arm ranks the probe's pairs backwards; curated and truth do not.
+    assert arms["raw"]["mean"]["toy"] < 0.5 < arms["curated"]["mean"]["toy"]
+    got = gains(arms)["toy"]
+    assert got["mean"] > 0.3 and len(got["per_seed"]) == 2 and got["ci95"][0] <= got["mean"] <= got["ci95"][1]
+    assert got["ceiling_share"] == pytest.approx(1.0, abs=0.05)  # curated labels are the truth here

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from streams.local.generate import GenerateConfig, generate
-from streams.local.raw_baseline import raw_pairs, raw_vs_curated, retrains_behind
 from streams.local.report import (
     HOT_SWAP_TARGET_S,
     ece_by_version,
@@ -12,6 +11,7 @@ from streams.local.report import (
     noise_by_kind,
     noise_detection,
     phases,
+    raw_vs_curated,
     split_precision,
     targets,
 )
@@ -132,32 +132,42 @@ def test_human_share_per_phase_from_the_routes_of_the_pairs_sent_in_it():
         plan, cfg = None, type("Cfg", (), {"retrains": 1})
 
     routes = ["review", "review", "silver", "review", "dropped", "silver", "review", "silver", "silver", "flipped"]
-    scored = [({"pair": {"pair_id": f"p{i}"}, "route": r}, int(i * 1000 + 500)) for i, r in enumerate(routes)]
-    got = phases(Run(), scored)
+    versions = ["v1"] * 5 + ["v2"] * 2 + ["v1"] + ["v2"] * 2  # pair 7 was scored late, by the older version
+    scored = [({"pair": {"pair_id": f"p{i}"}, "route": r, "model_version": v}, int(i * 1000 + 500))
+              for i, (r, v) in enumerate(zip(routes, versions, strict=True))]
+    got = phases(Run(), scored, [{"version": "v1", "holdout_accuracy": 0.8}, {"version": "v2", "holdout_accuracy": 0.9}])
     assert [ph["human_share"] for ph in got] == [0.5, 0.25] and [ph["routed_to_review"] for ph in got] == [3, 1]
+    # Beside each phase's human share, the accuracy of the version that scored most of its pairs.
+    assert [(ph["serving_version"], ph["model_accuracy"]) for ph in got] == [("v1", 0.8), ("v2", 0.9)]
     rescored = phases(Run(), scored + [({"pair": {"pair_id": "p1"}, "route": "silver"}, 9_000)])
     assert rescored[0]["human_share"] == 2 / 6  # a pair's last record counts, once
 
 
-def test_raw_versus_curated_on_the_same_holdout():
-    models = [{"version": "bootstrap", "parent": None}, {"version": "c1", "parent": None},
-              {"version": "c2", "parent": "c1"}, {"version": "c3", "parent": "c2"}]
-    assert retrains_behind("c3", models) == 2 and retrains_behind("c1", models) == 0
-    raw = [{"pair_id": "a", "v": 1}, {"pair_id": "b", "v": 1}, {"pair_id": "a", "v": 2}, {"pair_id": "c", "v": 1}]
-    assert raw_pairs(raw, {"a": 1.0, "b": 5.0, "c": 2.0}, 3.0) == [{"pair_id": "a", "v": 2}, {"pair_id": "c", "v": 1}]
-    assert len(raw_pairs(raw, {}, None)) == 3
-    cmp = raw_vs_curated({"holdout_accuracy": 0.8, "style_trap_accuracy": 0.5},
-                         {"version": "c3", "holdout_accuracy": 0.9, "style_trap_accuracy": 0.75, "by_category": {}})
-    assert cmp["gain"] == 0.9 - 0.8 and cmp["style_trap_gain"] == 0.25 and cmp["curated"]["version"] == "c3"
-    assert raw_vs_curated(None, {"version": "c3", "holdout_accuracy": 0.9, "style_trap_accuracy": None})["gain"] is None
+def _arm(holdout: float, non_trap: float, traps: float, confident: float) -> dict:
+    mean = {"clean_holdout": holdout, "non_trap": non_trap, "style_traps": traps, "confident_wrong": confident}
+    return {"mean": mean, "per_seed": [mean], "ci95": dict.fromkeys(mean)}
+
+
+def test_raw_versus_curated_reports_the_like_for_like_arms_and_gain():
+    like = {"arms": {"raw": _arm(0.8, 0.85, 0.6, 0.3), "curated": _arm(0.9, 0.92, 0.8, 0.9),
+                     "truth": _arm(0.92, 0.93, 0.85, 0.95)},
+            "by_probe": {"style_traps": {"mean": 0.2}, "confident_wrong": {"mean": 0.6}},
+            "gain": 0.1, "gain_ci95": [0.05, 0.15], "ceiling_share": 0.1 / 0.12}
+    cmp = raw_vs_curated(like)
+    assert cmp["raw"]["holdout_accuracy"] == 0.8 and cmp["curated"]["confident_probe_accuracy"] == 0.9
+    assert cmp["truth"]["style_trap_accuracy"] == 0.85 and cmp["gain"] == 0.1 and cmp["gain_ci95"] == [0.05, 0.15]
+    assert cmp["style_trap_gain"] == 0.2 and cmp["confident_probe_gain"] == 0.6
+    assert raw_vs_curated(None) == {"raw": None, "curated": None, "truth": None, "gain": None, "gain_ci95": None,
+                                    "ceiling_share": None, "style_trap_gain": None, "confident_probe_gain": None}
 
 
 def test_targets_are_judged_from_the_measured_values():
-    got = {t["name"]: t for t in targets({"human_share_last_phase": 0.31, "silver_precision": 0.95,
-                                          "flipped_precision": 0.9, "curation_gain": 0.06,
+    got = {t["name"]: t for t in targets({"human_share_last_phase": 0.26, "silver_precision": 0.95,
+                                          "flipped_precision": 0.9, "curation_gain": 0.06, "loop_vs_batch_gap": -0.02,
+                                          "shard_label_accuracy": 0.985,
                                           "flip_detection_precision": None, "flip_detection_recall": 0.95})}
     assert [got[k]["met"] for k in ("human_share_last_phase", "silver_precision", "flipped_precision", "curation_gain",
-                                    "flip_detection_precision", "flip_detection_recall")] == [False, True, False, True,
-                                                                                             None, True]
+                                    "loop_vs_batch_gap", "shard_label_accuracy", "flip_detection_precision",
+                                    "flip_detection_recall")] == [False, True, False, True, False, True, None, True]
     rows = target_rows([got["human_share_last_phase"], got["flip_detection_precision"]])
-    assert rows[0].endswith("| 0.310 | <= 0.3 | missed |") and rows[1].endswith("| - | >= 0.95 | not measured |")
+    assert rows[0].endswith("| 0.260 | <= 0.25 | missed |") and rows[1].endswith("| - | >= 0.95 | not measured |")
