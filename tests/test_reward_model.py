@@ -107,7 +107,8 @@ def test_dropout_is_off_in_training_by_default(tmp_path):
 def test_length_sorted_passes_give_the_whole_batch_rewards_and_gradients():
     """Training runs a micro-batch's sequences in length-sorted passes; each pair's two rewards must
     come back in place, with the gradient of one whole-batch pass."""
-    from trainers.training.train import _rewards, disable_dropout
+    from trainers.training.steps import _rewards
+    from trainers.training.train import disable_dropout
 
     rm = RewardModel.default(max_length=96)
     model = rm.torch_model.train()

@@ -298,9 +298,14 @@ def test_retrain_passes_every_training_option_through():
     assert shared - {"eval_fraction"} == set(TRAIN_FIELDS)  # retrain splits its own holdout
     cfg = RetrainConfig(device="cpu", precision="bf16", gradient_checkpointing=True, lora_r=8, lora_alpha=32.0,
                         lora_dropout=0.1, lora_targets="all-linear", tokens_per_step=4096, max_steps=7, seed=3)
-    tcfg = train_config(cfg, "out", "base")
+    tcfg = train_config(cfg, "out", "base", n_pairs=640, early_stopping=True)
     assert {name: getattr(tcfg, name) for name in TRAIN_FIELDS} == {name: getattr(cfg, name) for name in TRAIN_FIELDS}
     assert (tcfg.output_dir, tcfg.base_model) == ("out", "base")
+    # Early stopping evaluates evals_per_epoch times an epoch of the job's pairs; without a validation slice
+    # (early_stopping=False) the run trains every planned step.
+    assert tcfg.eval_every == 640 // cfg.batch_size // cfg.evals_per_epoch
+    plain = train_config(cfg, "out", "base", n_pairs=640)
+    assert (plain.patience, plain.eval_every) == (0, 0)
 
 
 @pytest.mark.parametrize("gpus", [0, 1, 2])
