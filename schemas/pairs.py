@@ -175,9 +175,6 @@ def validate_pair(obj: Any) -> dict[str, Any]:
     rejected = _text("rejected", obj["rejected"])
     if chosen == rejected:
         raise InvalidRecordError("rejected", "is identical to chosen, so the pair carries no preference", "identical_responses")
-    total = sum(len(t["content"].encode()) for t in conversation) + len(chosen.encode()) + len(rejected.encode())
-    if total > MAX_PAIR_BYTES:
-        raise InvalidRecordError("", f"the pair holds {total:,} bytes of text; the limit is {MAX_PAIR_BYTES:,}", "too_large")
     pair_id = obj.get("pair_id")
     pair_id = content_id(conversation, chosen, rejected) if pair_id in (None, "") else _pair_id(pair_id)
     expected = obj.get("expected_attributes")
@@ -200,7 +197,23 @@ def validate_pair(obj: Any) -> dict[str, Any]:
     }
     for field in _OPTIONAL_STR:
         record[field] = None if obj.get(field) is None else _text(field, obj[field])
+    total = _text_bytes(record)
+    if total > MAX_PAIR_BYTES:
+        raise InvalidRecordError("", f"the pair holds {total:,} bytes of text (conversation, responses, metadata keys "
+                                 f"and values, other fields); the limit is {MAX_PAIR_BYTES:,}: move bulky data out "
+                                 "of the pair", "too_large")
     return record
+
+
+def _text_bytes(value: Any) -> int:
+    """UTF-8 bytes of every string in a validated record, dict keys included (metadata's are data too)."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    if isinstance(value, Mapping):
+        return sum(_text_bytes(k) + _text_bytes(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_text_bytes(v) for v in value)
+    return 0
 
 
 def pair_from_json(data: bytes | str) -> dict[str, Any]:

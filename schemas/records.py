@@ -11,6 +11,13 @@ from typing import Literal, TypedDict
 
 LabelSource = Literal["human", "llm", "implicit", "tool"]
 Role = Literal["current", "gold"]
+Strength = Literal["slightly", "clearly", "much"]
+# How much better an annotator says the preferred response is, weakest first (an ordinal scale: the
+# aggregator takes the median of the majority's, a retrain maps it to a Bradley-Terry margin).
+STRENGTHS: tuple[Strength, ...] = ("slightly", "clearly", "much")
+# Human verdicts that rank neither response. Their CuratedPairs go to shard splits of these names, kept
+# with their verdict but never trained on as a preference (no split a retrain reads).
+UNRANKED_SPLITS = ("tie", "both_bad")
 
 
 class Message(TypedDict):
@@ -81,6 +88,7 @@ class Annotation(TypedDict):
     verdict: str
     order: str
     preferred: str
+    strength: str | None  # slightly | clearly | much (STRENGTHS)
     rationale: str | None
     expert: bool
     reannotation: bool
@@ -94,16 +102,18 @@ class VerifiedPair(TypedDict):
     agreement: float
     annotators: list[str]
     decided_by: str
+    strength: str | None
     rationale: str | None
     verified_at: int
 
 
 class CuratedPair(TypedDict):
     pair: PreferencePair
-    split: str  # gold | silver | flipped | verified_by_tool
+    split: str  # gold | silver | flipped | verified_by_tool | tie | both_bad
     p: float | None
     model_version: str | None
     reason: str
+    strength: str | None  # the human majority's (gold)
     curated_at: int
 
 

@@ -1,18 +1,24 @@
-"""Deployment artifacts derived from the code: Strimzi KafkaTopic resources and the env var names.
+"""Deployment artifacts derived from the code: Strimzi KafkaTopic and KafkaUser resources and the env var names.
 
-`python -m streams.deploy` rewrites k8s/overlays/strimzi/topics.yaml from the topic table, so the
-cluster's topics and the code's never drift apart (a test checks the file is current).
+`python -m streams.deploy` rewrites k8s/overlays/strimzi/topics.yaml from the topic table and
+k8s/overlays/strimzi/users.yaml from its access table (``topics.ACCESS``: one KafkaUser per component,
+with ACLs for exactly the topics, groups and transactional ids it uses), so the cluster and the code
+never drift apart (a test checks both files are current).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from streams.kafka.topics import TOPICS
+import yaml
+
+from streams.kafka.topics import ACCESS, TOPICS
 from streams.settings import ControllerSettings, ReviewSettings, Settings, WorkerSettings
 
 STRIMZI_TOPICS = Path(__file__).resolve().parent.parent / "k8s" / "overlays" / "strimzi" / "topics.yaml"
+STRIMZI_USERS = STRIMZI_TOPICS.with_name("users.yaml")
 STRIMZI_REPLICAS = 3
+STRIMZI_CLUSTER = "prefstream-kafka"
 # Variables a manifest may set that are not prefstream settings: the libraries' own offline switches
 # and the S3 keys of the model store (boto3 reads them from the environment).
 EXTERNAL_ENV = {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
@@ -31,6 +37,40 @@ def strimzi_topics_yaml() -> str:
     return "# Generated from streams/topics.py by `python -m streams.deploy`; a test keeps them equal.\n" + "---\n".join(docs)
 
 
+def user_name(component: str) -> str:
+    """The KafkaUser, SASL user name and Secret of a component: prefstream-<component>."""
+    return f"prefstream-{component}"
+
+
+def _acl(kind: str, name: str, operations: list[str]) -> dict:
+    prefix = name.endswith("*")
+    return {"resource": {"type": kind, "name": name.rstrip("*"), "patternType": "prefix" if prefix else "literal"},
+            "operations": operations}
+
+
+def strimzi_user(component: str) -> dict:
+    """The KafkaUser of ``component``: SCRAM-SHA-512 with the password its own Secret holds
+    (PREFSTREAM_SASL_PASSWORD, the key its pods read), and the ACLs of its ``topics.ACCESS`` entry."""
+    access = ACCESS[component]
+    acls = []
+    for topic in sorted(access.reads | access.writes):
+        ops = ["Describe"] + (["Read"] if topic in access.reads else []) + (["Write"] if topic in access.writes else [])
+        acls.append(_acl("topic", topic, ops))
+    acls += [_acl("group", g, ["Read"]) for g in access.groups]
+    acls += [_acl("transactionalId", t, ["Describe", "Write"]) for t in access.transactional_ids]
+    return {"apiVersion": "kafka.strimzi.io/v1beta2", "kind": "KafkaUser",
+            "metadata": {"name": user_name(component), "labels": {"strimzi.io/cluster": STRIMZI_CLUSTER}},
+            "spec": {"authentication": {"type": "scram-sha-512", "password": {"valueFrom": {"secretKeyRef": {
+                         "name": user_name(component), "key": "PREFSTREAM_SASL_PASSWORD"}}}},
+                     "authorization": {"type": "simple", "acls": acls}}}
+
+
+def strimzi_users_yaml() -> str:
+    return ("# Generated from the access table in streams/kafka/topics.py by `python -m streams.deploy`; a test keeps\n"
+            "# them equal. Each user's password is the PREFSTREAM_SASL_PASSWORD of its component's Secret.\n"
+            + yaml.safe_dump_all([strimzi_user(c) for c in ACCESS], sort_keys=False, default_flow_style=None, width=110))
+
+
 def settings_env_names() -> set[str]:
     """Every environment variable the settings classes read."""
     names = set()
@@ -46,4 +86,5 @@ def settings_env_names() -> set[str]:
 
 if __name__ == "__main__":
     STRIMZI_TOPICS.write_text(strimzi_topics_yaml())
-    print(f"wrote {STRIMZI_TOPICS}")
+    STRIMZI_USERS.write_text(strimzi_users_yaml())
+    print(f"wrote {STRIMZI_TOPICS} and {STRIMZI_USERS}")

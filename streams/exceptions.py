@@ -76,5 +76,13 @@ class UntrustedModelPathError(ModelRefusedError):
     """A models.versions announcement naming a path outside the worker's models store, or a malformed version."""
 
 
+class SignatureError(StreamsError):
+    """A record whose signature does not prove that the one party allowed to write it did (streams/signing.py)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
 class JudgeError(StreamsError):
     """The optional LLM judge of the review app did not answer, or answered outside its schema."""

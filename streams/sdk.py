@@ -22,7 +22,10 @@ from streams.exceptions import BrokerError, DeliveryError
 from streams.kafka import topics
 from streams.kafka.config import producer_config
 from streams.kafka.reader import DEFAULT_DEDUPE_MAX, TopicReader
+from streams.keys import producer_signer
+from streams.runtime.processors.trust import sign_pair
 from streams.settings import Settings, get_settings
+from streams.signing import HmacKey
 
 __all__ = ["PreferenceProducer", "ScoreConsumer", "TopicReader"]
 
@@ -32,14 +35,19 @@ DEFAULT_FLUSH_TIMEOUT_S = 30.0
 class PreferenceProducer:
     """Validates pairs and writes them to ``prefs.raw`` (Avro, keyed by pair_id) with an idempotent producer.
 
+    With a producer key (``key``, else PREFSTREAM_PRODUCER_KEY_ID and PREFSTREAM_PRODUCER_KEY) every
+    pair is signed (streams/signing.py), so the workers honour its ``metadata.answer`` and
+    ``metadata.tests`` when the key is theirs for the pair's source; without one those are ignored.
     Delivery errors are never dropped: the delivery callback records them and the next ``send``
     or ``flush`` raises DeliveryError.
     """
 
-    def __init__(self, settings: Settings | None = None, topic: str | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, topic: str | None = None,
+                 key: HmacKey | None = None) -> None:
         self.settings = settings or get_settings()
         self.topic = topic or self.settings.topic(topics.RAW)
         self.codec = ValueCodec(self.settings.schema_registry_url)
+        self.key = key or producer_signer()
         self._producer = Producer(producer_config(self.settings))
         self._errors: list[str] = []
         self._lock = threading.Lock()
@@ -69,6 +77,9 @@ class PreferenceProducer:
         self._raise_pending()
         record = validate_pair(pair)
         value, headers = self.codec.encode("PreferencePair", record, self.topic)
+        if self.key is not None:
+            # Signed as the workers decode it (every schema field, defaults filled), not as given.
+            headers = headers + sign_pair(self.codec.decode("PreferencePair", value, headers, self.topic), self.key)
         while True:
             try:
                 self._producer.produce(self.topic, value=value, key=record["pair_id"].encode(),

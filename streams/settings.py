@@ -83,6 +83,16 @@ class Settings(BaseSettings):
     sasl_mechanism: str | None = Field(None, description="Kafka sasl.mechanism, e.g. SCRAM-SHA-512.")
     sasl_username: str | None = Field(None, description="Kafka SASL user name.")
     sasl_password: SecretStr | None = Field(None, description="Kafka SASL password (from a Secret, never a file).")
+    ssl_ca_location: Path | None = Field(None, description=(
+        "CA certificate (PEM file) the Kafka clients verify the brokers' TLS certificates with (librdkafka "
+        "ssl.ca.location), e.g. Strimzi's cluster CA mounted from its Secret; unset: the system's CAs."))
+    announce_signing_key: SecretStr | None = Field(None, description=(
+        "Ed25519 private key (base64 of 32 bytes, `prefstream keys announce`) that signs model announcements on "
+        "models.versions: the controller's, its retrain jobs' and the `prefstream models` commands'. Unset: "
+        "PREFSTREAM_HOME/keys/announce.key, which the embedded stack generates."))
+    announce_public_key: str | None = Field(None, description=(
+        "Public key(s) of the announcement key, base64, comma-separated while a key is rotated: workers serve only "
+        "announcements signed by one. Unset: PREFSTREAM_HOME/keys/announce.pub, which the embedded stack generates."))
 
     def topic(self, name: str) -> str:
         """The physical topic name for a logical one (e.g. 'prefs.raw')."""
@@ -190,9 +200,9 @@ class WorkerSettings(BaseSettings):
         "Calibrated p and gold_p both below this: both models are confident the label is wrong; it is flipped "
         "and recycled."))
     audit_share: float = Field(0.05, ge=0, le=1, description=(
-        "Share of silver and of flipped pairs also sent to human review as blind audit tasks (chosen by pair id); "
-        "the human majority measures the automatic label's precision per task category, and the controller "
-        "moves tau by it. 0 turns audits off."))
+        "Share of silver, of flipped and of verified_by_tool pairs also sent to human review as blind audit tasks "
+        "(chosen by pair id); the human majority measures the automatic label's precision per task category, and "
+        "the controller moves tau by the silver one. 0 turns audits off."))
     threads: int = Field(0, description="CPU threads for scoring and embedding; 0 = the libraries' default (all "
                                         "cores, and ONNX Runtime then pins its threads to them: a worker scoring a "
                                         "BERT-base-sized model unpinned took 12% longer than a pinned bare scorer, "
@@ -235,10 +245,12 @@ class WorkerSettings(BaseSettings):
     llm_url: str | None = Field(None, description="OpenAI-compatible endpoint for the optional LLM labeler.")
     llm_model: str = Field("default", description="Model name to ask the LLM endpoint for.")
     llm_api_key: SecretStr | None = Field(None, description="API key for the LLM endpoint.")
-    trusted_sources: str = Field("prefstream-generate", description=(
-        "Comma-separated pair sources whose metadata.answer and metadata.tests the verifiers honour. Those "
-        "fields decide a pair (and can flip its label) without a model or a human, so a producer may not vouch "
-        "for its own pairs unless listed here; the default is the demo generator's source. Empty trusts none."))
+    producer_keys: SecretStr | None = Field(None, description=(
+        "Keys of the producers that may vouch for their pairs (metadata.answer, metadata.tests: they decide a pair, "
+        "and can flip its label, without a model or a human): 'key_id:source:secret' entries, comma-separated. A "
+        "vouch counts only on a pair signed with one of these keys whose source is the key's; any other is "
+        "stripped and counted in prefstream_vouches_stripped_total. Unset: PREFSTREAM_HOME/keys/producer-keys "
+        "(the embedded stack's, with the demo generator's key), else no producer may vouch."))
     review_budget: str | None = Field(None, description=(
         "Review tasks this worker may send to humans: 'N/h' (at most N per clock hour) or 'X%' (at most X% of the "
         "pairs it routed since it started). Beyond it the least informative review candidates (highest "
@@ -260,9 +272,16 @@ class WorkerSettings(BaseSettings):
             raise ValueError(str(exc)) from exc
         return value
 
-    @property
-    def trusted_source_set(self) -> frozenset[str]:
-        return frozenset(s.strip() for s in self.trusted_sources.split(",") if s.strip())
+
+class ProducerSettings(BaseSettings):
+    """Settings of the SDK's PreferenceProducer (PREFSTREAM_PRODUCER_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFSTREAM_PRODUCER_", frozen=True, extra="ignore")
+
+    key_id: str | None = Field(None, description=(
+        "Id of this producer's key, as the workers list it in PREFSTREAM_WORKER_PRODUCER_KEYS; with "
+        "PREFSTREAM_PRODUCER_KEY every pair is signed, so its metadata.answer and metadata.tests count."))
+    key: SecretStr | None = Field(None, description="The producer key's secret (from a Secret, never a file).")
 
 
 class ControllerSettings(BaseSettings):
@@ -293,6 +312,9 @@ class ControllerSettings(BaseSettings):
     retrain_args: str = Field("", description="Extra arguments for `prefstream retrain` (e.g. --max-steps 200).")
     k8s_namespace: str = Field("prefstream", description="Namespace of retrain Jobs.")
     k8s_image: str = Field("prefstream:latest", description="Image of retrain Jobs.")
+    k8s_kafka_ca_secret: str | None = Field(None, description=(
+        "Secret holding the Kafka cluster's CA certificate (key ca.crt), e.g. Strimzi's prefstream-kafka-cluster-ca-cert: "
+        "retrain Jobs mount it where PREFSTREAM_SSL_CA_LOCATION points. Unset: no CA is mounted."))
     job_gpus: int = Field(0, ge=0, description=(
         "GPUs per retrain job. 0 trains on the CPU. 1 or more: the Kubernetes Job requests nvidia.com/gpu and "
         "the retrain runs with --device cuda; more than 1 runs it under torchrun, one rank per GPU, rank 0 "
@@ -307,6 +329,10 @@ class ReviewSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PREFSTREAM_REVIEW_", frozen=True, extra="ignore")
 
     tokens: SecretStr = Field(SecretStr(""), description="Annotator tokens, 'name:token,name:token' (from a Secret).")
+    signing_key: SecretStr | None = Field(None, description=(
+        "HMAC secret (32 characters or more, `prefstream keys hmac`) that signs every Annotation the app writes; the "
+        "aggregator dead-letters one without a valid signature. Comma-separated while a key is rotated: the first "
+        "signs, all verify. Unset: PREFSTREAM_HOME/keys/review.key, which the embedded stack generates."))
     experts: str = Field("", description="Comma-separated annotator names allowed in the expert view.")
     host: str = Field("127.0.0.1", description="Address the web app listens on.")
     port: int = Field(8080, description="Port of the web app.")
@@ -321,6 +347,15 @@ class ReviewSettings(BaseSettings):
     rate_per_s: int = Field(10, ge=1, description=(
         "Requests one annotator token may make per second (counted in Redis, so shared by every app replica); "
         "more get 429 with Retry-After."))
+    unknown_tokens_per_min: int = Field(20, ge=1, description=(
+        "Unknown tokens one client address may present per minute (counted in Redis); past it every request with a "
+        "token from that address gets 429 until the minute ends, a valid token's too, so guessing tokens learns "
+        "nothing meanwhile. Annotators behind one address share the count."))
+    forwarded_allow_ips: str = Field("127.0.0.1", description=(
+        "Comma-separated addresses or networks of proxies whose X-Forwarded-For header gives the client address "
+        "(uvicorn's forwarded_allow_ips; '*' trusts any peer: only where nothing but the proxy can reach the app "
+        "and the proxy overwrites the header, as ingress-nginx does by default). Unknown tokens are counted per "
+        "client address."))
     retention_s: int = Field(7 * 24 * 3600, ge=1, description=(
         "Seconds a decided task's keys (task, verdicts, seen, votes) stay in Redis before they expire."))
     judge_url: str | None = Field(None, description=(

@@ -257,7 +257,8 @@ class FakeMessage:
 
 
 class FakeRedis:
-    """The few Redis calls the pipeline makes (SET NX + GET in a pipeline, HGETALL), in memory."""
+    """The few Redis calls the pipeline makes (SET NX + GET in a pipeline, HGETALL, and ingest's one EVAL:
+    delete a key while it holds a given value), in memory."""
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
@@ -274,6 +275,12 @@ class FakeRedis:
     def get(self, key: str) -> None:
         self._ops.append(("get", key))
 
+    def eval(self, script: str, numkeys: int, key: str, value: str) -> None:
+        from streams.runtime.processors.ingest import RELEASE_SCRIPT
+
+        assert script == RELEASE_SCRIPT and numkeys == 1, "FakeRedis only knows ingest's release script"
+        self._ops.append(("release", key, value.encode()))
+
     def execute(self) -> list:
         out = []
         for op in self._ops:
@@ -281,6 +288,11 @@ class FakeRedis:
                 if not (op[3] and op[1] in self.data):
                     self.data[op[1]] = op[2]
                 out.append(True)
+            elif op[0] == "release":
+                held = self.data.get(op[1]) == op[2]
+                if held:
+                    del self.data[op[1]]
+                out.append(int(held))
             else:
                 out.append(self.data.get(op[1]))
         return out

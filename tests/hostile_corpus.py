@@ -6,8 +6,11 @@ came from by ``original_sha256``. Each record says what the worker must do with 
 - ``dlq``: dead-lettered with one of ``reasons``;
 - ``scored``: a legitimate pair with a hostile prompt (5,000-term sums, exponent towers): scored once,
   never dead-lettered (the math verifier gives up on it quickly; tests/test_hostile_input.py);
-- ``dedup``: a second record with the id of a good pair (an exact copy, or the same id with other
-  text): dropped as a duplicate, so the good pair is scored once, with its own text.
+- ``dedup``: a second record with the id of a good pair, an exact copy: dropped as a duplicate, so
+  the good pair is scored once;
+- ``conflict``: a second record with the id of a good pair and other text: dead-lettered as
+  ``duplicate_id_conflict`` (never silently dropped), and the good pair is scored once, with its own
+  text. Both kinds are sent after their originals.
 
 ``kcat``: whether the record can be published with kcat (it has a value and no per-record key).
 """
@@ -28,11 +31,11 @@ FIVE_MB = 5 * 1000 * 1000
 class Hostile:
     cls: str
     value: bytes | None
-    expect: str = "dlq"  # dlq | scored | dedup
+    expect: str = "dlq"  # dlq | scored | dedup | conflict
     reasons: frozenset[str] = frozenset()
     headers: tuple[tuple[str, bytes], ...] = ()
     key: bytes | None = None
-    pair_id: str | None = None  # scored / dedup: the id that must end scored exactly once
+    pair_id: str | None = None  # scored / dedup / conflict: the id that must end scored exactly once
     kcat: bool = True
 
     @property
@@ -205,8 +208,8 @@ def _dup_same(i, rng, good):
 def _dup_conflict(i, rng, good):
     pair = good[(i // len(GENERATORS) + len(good) // 2) % len(good)]
     other = dict(pair, chosen=f"IMPOSTOR {i}: a different text under the same id", rejected="impostor rejected")
-    return Hostile("duplicate id (other text)", _json(other), expect="dedup", key=pair["pair_id"].encode(),
-                   pair_id=pair["pair_id"], kcat=False)
+    return Hostile("duplicate id (other text)", _json(other), expect="conflict", key=pair["pair_id"].encode(),
+                   pair_id=pair["pair_id"], kcat=False, reasons=frozenset({"duplicate_id_conflict"}))
 
 
 def _tombstone(i, rng, good):

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from streams.kafka import topics
+from streams.review import aggregator
 from streams.review.aggregator import Aggregator, alpha, decide, needs_reannotation
 from tests.helpers import read_topic
 from tests.test_review import task
@@ -20,9 +21,9 @@ from tests.test_review import task
     (["chosen", "chosen", "chosen"], "verified", "chosen", "unanimous"),
     (["rejected", "chosen", "rejected"], "verified", "rejected", "majority"),
     (["chosen", "rejected", "tie"], "escalate", None, "split"),
-    (["tie", "tie", "chosen"], "escalate", None, "split"),
+    (["tie", "tie", "chosen"], "verified", "tie", "majority"),  # kept with its verdict (split tie)
     (["invalid", "invalid", "invalid"], "escalate", None, "split"),
-    (["both_bad", "chosen", "both_bad"], "escalate", None, "split"),
+    (["both_bad", "chosen", "both_bad"], "verified", "both_bad", "majority"),
 ])
 def test_verdict_patterns(votes, kind, preferred, by):
     d = decide(votes)
@@ -31,7 +32,8 @@ def test_verdict_patterns(votes, kind, preferred, by):
 
 def test_expert_verdict_is_final():
     assert decide(["rejected"], expert=True).preferred == "rejected"
-    assert decide(["tie"], expert=True).kind == "discarded"
+    assert decide(["tie"], expert=True).preferred == "tie"
+    assert decide(["invalid"], expert=True).kind == "discarded"
 
 
 def test_alpha_matches_the_krippendorff_package():
@@ -100,7 +102,7 @@ def test_split_escalates_and_the_expert_decides(agg):
     a.handle(ann(t, "x", "chosen"), t)
     a.handle(ann(t, "y", "rejected"), t)
     (name, schema, expert_task), = a.handle(ann(t, "z", "tie"), t)
-    assert name == "prefs.review" and expert_task["expert"] and expert_task["task_id"] == "pair-2:expert"
+    assert name == "prefs.review" and expert_task["expert"] and expert_task["task_id"] == a.task_ids.of("pair-2", "expert")
     out = a.handle(ann(expert_task, "erin", "chosen", expert=True), expert_task)
     assert [n for n, _, _ in out] == ["prefs.verified", "prefs.curated"]
     assert out[0][2]["decided_by"] == "expert" and out[0][2]["label"] == "kept"
@@ -143,14 +145,21 @@ class Crash(Exception):
 
 
 def publish(settings, schema: str, name: str, records: list[tuple[str, dict]]) -> None:
+    """Write records as their one writer does: Annotations signed with the review app's key."""
     from confluent_kafka import Producer
 
     from schemas.wire import ValueCodec
     from streams.kafka.config import producer_config
+    from streams.keys import review_keys
+    from streams.review.provenance import AnnotationKeys
+    from streams.settings import ReviewSettings
 
     codec, prod = ValueCodec(), Producer(producer_config(settings))
+    keys = AnnotationKeys(review_keys(settings, ReviewSettings()))
     for key, rec in records:
         v, h = codec.encode(schema, rec, settings.topic(name))
+        if schema == "Annotation":
+            h = keys.headers(codec, v, h, settings.topic(name))
         prod.produce(settings.topic(name), key=key.encode(), value=v, headers=h)
     assert prod.flush(10) == 0
 
@@ -319,3 +328,116 @@ def test_a_batch_handled_while_redis_was_emptied_is_redone_after_the_rebuild(set
         stop.set()
         th.join(15)
     assert wiped
+
+
+# The aggregator as its own process, SIGKILLed right after the commit of the batch that decided a task
+# (its note for the task is in Redis, so the decision is in that batch) and before the decided mark.
+KILLED_AFTER_COMMIT = """
+import os, signal, threading
+import redis
+from streams.settings import Settings
+from streams.review import aggregator
+
+settings = Settings()
+r = redis.Redis.from_url(settings.redis_url)
+
+def fault(point):
+    if point == "committed" and r.exists(os.environ["DECIDING_KEY"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+aggregator.run(settings, r, threading.Event(), fault=fault)
+"""
+
+
+@pytest.mark.integration
+def test_an_aggregator_killed_between_its_commit_and_its_decided_mark_decides_the_task_once(settings):
+    """SIGKILL after the transaction with the task's VerifiedPair committed, before the task is marked
+    decided; restarted, a later (fourth) vote on the task must not decide it again."""
+    import subprocess
+    import sys
+
+    from streams.review.app import VerdictIn, annotation
+    from streams.review.queue import ReviewQueue
+    from tests.helpers import ROOT, settings_env
+
+    r = redis.Redis.from_url(settings.redis_url)
+    q = ReviewQueue(r, settings.topic_prefix)
+    r.set(q.k("initialized"), "1")
+    t = task(70)
+    q.add(t)
+    decided = f"{settings.topic_prefix}prefstream:agg:decided:{t['task_id']}"
+    deciding = f"{settings.topic_prefix}prefstream:agg:deciding:{t['task_id']}"
+    publish(settings, "Annotation", topics.ANNOTATIONS,
+            [(t["task_id"], annotation(t, who, VerdictIn(verdict="A"), "chosen_first")) for who in ("x", "y", "z")])
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_COMMIT], env=settings_env(settings) | {"DECIDING_KEY": deciding},
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == -9, f"the aggregator was not killed at its fault point:\n{proc.stderr[-3000:]}"
+    # (Its VerifiedPair is released to readers once a later transaction of the stage shows this one
+    # committed: streams/kafka/committed.py. So it is counted after the restart.)
+    assert r.exists(deciding) and not r.exists(decided), "the kill fell elsewhere than between commit and mark"
+
+    stop = threading.Event()
+    th = threading.Thread(target=aggregator.run, args=(settings, r, stop), daemon=True)
+    th.start()
+    try:  # a late vote: 4 votes, no decided mark
+        publish(settings, "Annotation", topics.ANNOTATIONS,
+                [(t["task_id"], annotation(t, "w", VerdictIn(verdict="B"), "chosen_first"))])
+        deadline = time.monotonic() + 90
+        while not r.exists(decided):
+            assert time.monotonic() < deadline and th.is_alive(), "the restarted aggregator never took the late vote"
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        th.join(15)
+    verified = [v for v in read_topic(settings, topics.VERIFIED, "VerifiedPair", idle=1) if v["pair"]["pair_id"] == "pair-70"]
+    curated = [c for c in read_topic(settings, topics.CURATED, "CuratedPair", idle=1) if c["pair"]["pair_id"] == "pair-70"]
+    assert len(verified) == 1 and len(curated) == 1, f"decided {len(verified)} times"
+    assert sorted(verified[0]["annotators"]) == ["x", "y", "z"]
+    # The Redis side of the decision was applied once, from the votes it was made from.
+    stats = f"{settings.topic_prefix}prefstream:review:stats:decided"
+    assert {k.decode(): int(v) for k, v in r.hgetall(stats).items()} == {"x": 1, "y": 1, "z": 1}
+    assert not r.exists(deciding)
+
+
+@pytest.mark.integration
+def test_an_unreadable_annotation_goes_to_the_dlq_with_its_reason(settings):
+    """Bytes with no schema header, and an Avro body cut short, each become a DeadLetter naming why, in
+    the batch's transaction; the readable verdicts beside them still decide their task."""
+    from confluent_kafka import Producer
+
+    from schemas.wire import ValueCodec
+    from streams.kafka.config import producer_config
+    from streams.review.app import VerdictIn, annotation
+    from streams.review.queue import ReviewQueue
+
+    r = redis.Redis.from_url(settings.redis_url)
+    q = ReviewQueue(r, settings.topic_prefix)
+    r.set(q.k("initialized"), "1")
+    t = task(71)
+    q.add(t)
+    value, headers = ValueCodec().encode("Annotation", annotation(t, "x", VerdictIn(verdict="A"), "chosen_first"),
+                                         settings.topic(topics.ANNOTATIONS))
+    prod = Producer(producer_config(settings))
+    prod.produce(settings.topic(topics.ANNOTATIONS), key=b"junk", value=b"\x00not an annotation")
+    prod.produce(settings.topic(topics.ANNOTATIONS), key=b"cut", value=value[:5], headers=headers)
+    assert prod.flush(10) == 0
+    publish(settings, "Annotation", topics.ANNOTATIONS,
+            [(t["task_id"], annotation(t, who, VerdictIn(verdict="A"), "chosen_first")) for who in ("x", "y", "z")])
+    stop = threading.Event()
+    th = threading.Thread(target=aggregator.run, args=(settings, r, stop), daemon=True)
+    th.start()
+    try:
+        deadline = time.monotonic() + 90
+        while len(dead := read_topic(settings, topics.DLQ, "DeadLetter", idle=0.5)) < 2 or not \
+                read_topic(settings, topics.VERIFIED, "VerifiedPair", idle=0.5):
+            assert time.monotonic() < deadline and th.is_alive(), f"dead letters: {dead}"
+    finally:
+        stop.set()
+        th.join(15)
+    by_key = {d["original_key"]: d for d in dead}
+    assert set(by_key) == {b"junk", b"cut"}
+    assert by_key[b"junk"]["reason"] == "unknown_schema" and by_key[b"junk"]["original_value"] == b"\x00not an annotation"
+    assert by_key[b"cut"]["reason"] and by_key[b"cut"]["original_value"] == value[:5]
+    for d in dead:
+        assert d["processor"] == "aggregator" and d["source_topic"] == settings.topic(topics.ANNOTATIONS)
+        assert "review app" in d["detail"]

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 
 import pytest
 import redis
 
 from streams.local.report import audits
-from streams.review import audit
+from streams.review import audit, task_ids
 from streams.review.app import task_view
+from streams.review.task_ids import TaskIds
 from streams.runtime import tau
 from streams.runtime.processors.router import RouterPolicy, route
 from tests.helpers import FakeMessage, FakeScorer, decoded_outputs, fake_pipeline
@@ -31,12 +33,14 @@ def test_the_audited_share_follows_the_setting_and_is_stable_per_pair():
 
 
 class ConfidentScorer(FakeScorer):
-    """Both models confident for the label on 'silver-*' pairs and against it on 'flip-*' pairs."""
+    """Both models confident for the label on 'silver-*' pairs and against it on 'flip-*' pairs; unsure
+    (p 0.65: review) on 'unsure-*' pairs."""
 
     def score(self, pairs):
         out = super().score(pairs)
         for pair, s in zip(pairs, out, strict=True):
-            p = 0.97 if pair["pair_id"].startswith("silver") else 0.02
+            pid = pair["pair_id"]
+            p = 0.97 if pid.startswith("silver") else 0.65 if pid.startswith("unsure") else 0.02
             s.update(p=p, gold_p=p, gold_reward_chosen=0.0, gold_reward_rejected=math.log(1 / p - 1),
                      gold_model_version="gold-v1")
         return out
@@ -58,13 +62,62 @@ def test_audited_silver_and_flipped_pairs_also_go_to_review_blind(share):
     if share == 0.0:
         assert tasks == []
         return
-    assert sorted((t["task_id"], t["reason"]) for t in tasks) == sorted(
-        [(f"silver-{i}:audit", "audit:silver") for i in range(3)] + [(f"flip-{i}:audit", "audit:flipped") for i in range(2)])
+    assert sorted((t["pair"]["pair_id"], t["reason"]) for t in tasks) == sorted(
+        [(f"silver-{i}", "audit:silver") for i in range(3)] + [(f"flip-{i}", "audit:flipped") for i in range(2)])
     assert all(t["priority"] == pytest.approx(audit.PRIORITY, abs=1e-3) for t in tasks)
     # The annotator sees neither p nor margin: they would tell what the automatic label chose.
     view = task_view(tasks[0], "ann", "chosen_first", 60)
     assert view["p"] is None and view["margin"] is None
     assert task_view(tasks[0] | {"reason": "uncertain"}, "ann", "chosen_first", 60)["margin"] is not None
+
+
+TASK_ID_FORM = re.compile(r"[0-9a-f]{32}")
+
+
+@pytest.mark.integration
+def test_audit_task_ids_look_like_any_task_id(settings):
+    """Review, audit, expert and re-annotation tasks made by the worker's pipeline and the aggregator on
+    the real Redis, served through the app: every id has one form (32 hex digits), none carries its pair
+    id or its kind, and the same pair's review and audit ids are unrelated."""
+    from streams.review.aggregator import Aggregator, needs_reannotation
+    from streams.runtime.pipeline import Pipeline
+    from streams.settings import WorkerSettings
+    from tests.helpers import FakeEmbedder
+    from tests.test_review import auth
+
+    r = redis.Redis.from_url(settings.redis_url)
+    pipeline = Pipeline(settings, WorkerSettings(audit_share=1.0), r, ConfidentScorer(), FakeEmbedder())
+    outputs = pipeline.process(_pairs("silver", 6) + _pairs("flip", 6) + _pairs("unsure", 6))
+    out = decoded_outputs([(topic.removeprefix(settings.topic_prefix), *rest) for topic, *rest in outputs])
+    tasks = out["prefs.review"]
+    reasons = [t["reason"] for t in tasks]
+    assert {"audit:silver", "audit:flipped"} <= set(reasons) and sum(not x.startswith("audit:") for x in reasons) == 6
+    # The aggregator's expert and re-annotation tasks, from another process's view of the same key.
+    aggregator = Aggregator(redis.Redis.from_url(settings.redis_url), settings.topic_prefix)
+    unsure = next(t for t in tasks if not t["reason"].startswith("audit:"))
+    for who, v in zip("xyz", ("chosen", "rejected", "tie"), strict=True):
+        escalated = aggregator.handle(ann(unsure, who, v), unsure)
+    (_, _, expert_task), = escalated
+    repid = next(f"re-{i}" for i in range(1000) if needs_reannotation(f"re-{i}"))
+    re_task = task(0) | {"pair": task(0)["pair"] | {"pair_id": repid}, "task_id": aggregator.task_ids.of(repid)}
+    for who in "xyz":
+        made = aggregator.handle(ann(re_task, who, "chosen"), re_task)
+    reannotation = next(rec for name, _, rec in made if name == "prefs.review")
+    ids = [t["task_id"] for t in [*tasks, expert_task, reannotation]]
+    assert len(set(ids)) == len(ids)
+    for t in [*tasks, expert_task, reannotation]:
+        assert TASK_ID_FORM.fullmatch(t["task_id"]), t["task_id"]
+        assert t["pair"]["pair_id"] not in t["task_id"] and ":" not in t["task_id"]
+    # Served through the app, an audit and a routed task differ in nothing an id could tell.
+    with make_client(settings) as c:
+        for t in tasks:
+            c.queue.add(t)
+        served = []
+        while (got := c.get("/api/tasks/next", headers=auth("alice"))).status_code == 200:
+            served.append(got.json()["task_id"])
+            c.post(f"/api/tasks/{served[-1]}/verdict", json={"verdict": "A"}, headers=auth("alice"))
+    assert sorted(served) == sorted(t["task_id"] for t in tasks)
+    assert all(TASK_ID_FORM.fullmatch(tid) for tid in served)
 
 
 # ---------------------------------------------------------------------------------------------- tau per category
@@ -126,7 +179,8 @@ def test_the_tuner_moves_tau_on_fresh_audits_only_and_within_bounds(agg, caplog)
 ])
 def test_an_audit_is_decided_by_the_majority_and_counted_once_committed(agg, kind, votes, outcome):  # noqa: F811
     a, r, prefix = agg
-    t = task(7, task_category="math") | {"task_id": audit.task_id("pair-7"), "reason": f"audit:{kind}"}
+    t = task(7, task_category="math") | {"task_id": TaskIds(r, prefix).of("pair-7", task_ids.AUDIT),
+                                         "reason": f"audit:{kind}"}
     outputs = [a.handle(ann(t, who, v), t) for who, v in zip("xyz", votes, strict=True)]
     assert outputs == [[], [], []], "an audit writes no record and is never escalated"
     assert audit.read(r, prefix) == {}, "nothing counts before the batch commits"
@@ -158,10 +212,10 @@ def test_stats_and_metrics_show_audited_precision(settings):
 def test_the_report_decides_audits_from_the_topics():
     pair = {"pair_id": "p1", "task_category": "math"}
     curated = {"p1": {"split": "silver", "pair": pair}, "p2": {"split": "flipped", "pair": pair | {"pair_id": "p2"}}}
-    annotations = [({"task_id": f"{pid}:audit", "pair_id": pid, "annotator": who, "preferred": v}, 0)
+    annotations = [({"task_id": f"audit-of-{pid}", "pair_id": pid, "annotator": who, "preferred": v}, 0)
                    for pid, votes in (("p1", "ccr"), ("p2", "ccr")) for who, v in zip("xyz", votes, strict=True)]
     annotations = [(a | {"preferred": {"c": "chosen", "r": "rejected"}[a["preferred"]]}, ts) for a, ts in annotations]
     annotations.append(({"task_id": "p3", "pair_id": "p3", "annotator": "x", "preferred": "chosen"}, 0))
-    got = audits(annotations, curated)
+    got = audits(annotations, curated, {"audit-of-p1", "audit-of-p2"})
     assert got["tasks_answered"] == 2
     assert got["by_kind"]["silver"]["math"]["right"] == 1 and got["by_kind"]["flipped"]["math"]["wrong"] == 1

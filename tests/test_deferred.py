@@ -72,7 +72,7 @@ def test_the_budget_defers_and_a_newer_version_rescores(settings):
     try:
         deferred = _deferred_first(settings, worker, _pairs(12, "budget"))
         assert not [t for t in read_topic(settings, topics.REVIEW, "ReviewTask", idle=1)
-                    if t["task_id"] in deferred], "a deferred pair reached review before its second look"
+                    if t["pair"]["pair_id"] in deferred], "a deferred pair reached review before its second look"
         # A crash while the pairs wait loses none: the offsets of prefs.deferred move only with outputs.
         worker.kill9()
         worker = WorkerProcess(settings, extra_env=env).start()
@@ -85,7 +85,7 @@ def test_the_budget_defers_and_a_newer_version_rescores(settings):
         for pid in uncertain:
             assert again[pid]["route_reason"].startswith(f"still uncertain after rescoring with {v1.version}")
         if uncertain:
-            tasks = _wait_for(settings, topics.REVIEW, "ReviewTask", lambda t: t["task_id"], uncertain)
+            tasks = _wait_for(settings, topics.REVIEW, "ReviewTask", lambda t: t["pair"]["pair_id"], uncertain)
             assert all(t["model_version"] == v1.version and "still uncertain" in t["reason"] for t in tasks.values())
     finally:
         assert worker.stop() == 0
@@ -96,7 +96,8 @@ def test_a_pair_deferred_past_the_bound_goes_to_review_with_its_reason(settings)
                                                 "PREFSTREAM_WORKER_DEFERRED_MAX_WAIT_S": "4"}).start()
     try:
         deferred = _deferred_first(settings, worker, _pairs(8, "bound"))
-        tasks = _wait_for(settings, topics.REVIEW, "ReviewTask", lambda t: t["task_id"], deferred, timeout=60)
+        tasks = _wait_for(settings, topics.REVIEW, "ReviewTask", lambda t: t["pair"]["pair_id"], deferred,
+                          timeout=60)
         assert all(t["reason"].startswith("deferred for more than 4 s") for t in tasks.values())
     finally:
         assert worker.stop() == 0

@@ -40,6 +40,10 @@ def test_short_demo_reports_what_the_topics_hold(settings, tmp_path):
         read_topic(demo, "prefs.scored", "ScoredPair")), "missing": 0, "dead_letters": 0}
     routes = Counter(scored[i]["route"] for i in ids)
     assert report["routes"] == dict(routes) and sum(routes.values()) == n
+    # The generator signs with its key, so the workers honour its answers: nearly all its checkable pairs are
+    # verified by a tool (unsigned, only the prompts with an arithmetic expression could be).
+    signed = {p["pair_id"] for p in stream if p["source"] == "prefstream-generate" and "answer" in p["metadata"]}
+    assert signed and sum(scored[i]["route"] == "verified_by_tool" for i in signed) >= 0.9 * len(signed)
     curated = {r["pair"]["pair_id"]: r for r in read_topic(demo, "prefs.curated", "CuratedPair")}
     assert report["curated_by_split"] == dict(Counter(c["split"] for c in curated.values()))
 

@@ -16,13 +16,13 @@ import yaml
 
 from streams.deploy import EXTERNAL_ENV, STRIMZI_TOPICS, settings_env_names, strimzi_topics_yaml
 from streams.exceptions import JobError
-from streams.kafka.topics import BY_NAME, RAW, TOPICS
+from streams.kafka.topics import ANNOTATIONS, BY_NAME, MODEL_VERSIONS, RAW, SCORED, TOPICS
 from streams.runtime.jobs import JobTemplate, job_manifest
 from streams.settings import WorkerSettings
 from tests.helpers import ROOT
 
 OVERLAYS = ["dev", "prod", "external-kafka", "strimzi", "gpu", "s3"]
-CRD_KINDS = {"Kafka", "KafkaTopic", "KafkaNodePool", "ScaledObject", "PrometheusRule"}
+CRD_KINDS = {"Kafka", "KafkaTopic", "KafkaUser", "KafkaNodePool", "ScaledObject", "PrometheusRule"}
 
 
 def render(path: str | os.PathLike) -> list[dict]:
@@ -110,10 +110,31 @@ def test_probes_hit_the_services_endpoints(docs):
         assert c["readinessProbe"]["httpGet"]["path"] == ready[name]
 
 
+def ingress_routes(ingress: dict, path: str) -> bool:
+    """Whether ``path`` reaches a backend, by the Ingress path rules (Exact; Prefix by path elements)."""
+    for rule in ingress["spec"]["rules"]:
+        for p in rule["http"]["paths"]:
+            if p["pathType"] == "Exact" and path == p["path"]:
+                return True
+            if p["pathType"] == "Prefix":
+                prefix = p["path"].rstrip("/")
+                if path == prefix or path.startswith(prefix + "/"):
+                    return True
+    return False
+
+
 def test_review_is_exposed_through_service_and_ingress(docs):
     svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "prefstream-review")
     ing = next(d for d in docs if d["kind"] == "Ingress")
-    assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == svc["metadata"]["name"]
+    paths = [p for rule in ing["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert {p["backend"]["service"]["name"] for p in paths} == {svc["metadata"]["name"]}
+    # Only the annotator pages and their API: not the metrics, the API docs or the health check.
+    for path in ("/", "/annotate", "/expert", "/stats", "/api/tasks/next", "/api/tasks/0a1b/verdict",
+                 "/api/tasks/0a1b/judge", "/api/stats"):
+        assert ingress_routes(ing, path), path
+    for path in ("/metrics", "/docs", "/openapi.json", "/redoc", "/healthz", "/docs/oauth2-redirect", "/api",
+                 "/metrics/", "/stats/x", "/api/statsx"):
+        assert not ingress_routes(ing, path), path
 
 
 def test_strimzi_topics_match_the_code_table():
@@ -152,7 +173,8 @@ def test_compose_parses_and_references_only_what_exists():
 
 def test_dockerfile_runs_prefstream_as_non_root():
     text = (ROOT / "Dockerfile").read_text()
-    assert "USER 10001" in text and 'ENTRYPOINT ["prefstream"]' in text and "torch==2.13.0" in text
+    assert "USER 10001" in text and 'ENTRYPOINT ["/usr/bin/tini", "--", "prefstream"]' in text and "torch==2.13.0" in text
+    assert re.search(r"apt-get install [^\n]*\btini\b", text)  # PID 1 reaps orphaned processes (sandbox runs)
 
 
 # ---------------------------------------------------------------------------- hardening
@@ -162,11 +184,20 @@ KAFKA_CREDENTIALS = {"PREFSTREAM_SASL_USERNAME", "PREFSTREAM_SASL_PASSWORD"}
 # The model store's S3 keys (the s3 overlay): only the components that use the store.
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 S3_COMPONENTS = {"worker", "controller", "retrain"}
+# Every Redis client's URL, with the Redis password, is in its own Secret.
+REDIS_URL = {"PREFSTREAM_REDIS_URL"}
+REDIS_COMPONENTS = {"worker", "review", "controller"}
+# Strimzi's cluster CA certificate (strimzi overlay): public, mounted by each Kafka client, key ca.crt only.
+KAFKA_CA_SECRET = "prefstream-kafka-cluster-ca-cert"
+# Announcements are signed with a private key only the announcers hold; workers get its public half
+# and the producer keys they check vouches with. The review app signs Annotations with its own key.
+ANNOUNCE_SIGNING = {"PREFSTREAM_ANNOUNCE_SIGNING_KEY"}
+WORKER_KEYS = {"PREFSTREAM_ANNOUNCE_PUBLIC_KEY", "PREFSTREAM_WORKER_PRODUCER_KEYS"}
 SECRET_KEYS = {
-    "worker": KAFKA_CREDENTIALS | S3_CREDENTIALS,
-    "review": {"PREFSTREAM_REVIEW_TOKENS", "PREFSTREAM_REDIS_URL"} | KAFKA_CREDENTIALS,
-    "controller": {"PREFSTREAM_REDIS_URL"} | KAFKA_CREDENTIALS | S3_CREDENTIALS,
-    "retrain": KAFKA_CREDENTIALS | S3_CREDENTIALS,
+    "worker": KAFKA_CREDENTIALS | S3_CREDENTIALS | WORKER_KEYS | {"PREFSTREAM_REDIS_URL"},
+    "review": {"PREFSTREAM_REVIEW_TOKENS", "PREFSTREAM_REDIS_URL", "PREFSTREAM_REVIEW_SIGNING_KEY"} | KAFKA_CREDENTIALS,
+    "controller": {"PREFSTREAM_REDIS_URL"} | KAFKA_CREDENTIALS | S3_CREDENTIALS | ANNOUNCE_SIGNING,
+    "retrain": KAFKA_CREDENTIALS | S3_CREDENTIALS | ANNOUNCE_SIGNING,
     "topics": KAFKA_CREDENTIALS,
 }
 
@@ -185,7 +216,9 @@ def retrain_job(docs: list[dict] | None = None) -> dict:
     data = next((d["data"] for d in docs or [] if d["kind"] == "ConfigMap"
                  and d["metadata"]["name"] == "prefstream-config"), {})
     tpl = JobTemplate(models_url=data.get("PREFSTREAM_MODELS_URL"), shards_url=data.get("PREFSTREAM_SHARDS_URL"),
-                      s3_endpoint=data.get("PREFSTREAM_S3_ENDPOINT"))
+                      s3_endpoint=data.get("PREFSTREAM_S3_ENDPOINT"),
+                      kafka_ca_secret=data.get("PREFSTREAM_CONTROLLER_K8S_KAFKA_CA_SECRET"),
+                      kafka_ca_location=data.get("PREFSTREAM_SSL_CA_LOCATION"))
     return job_manifest("prefstream-retrain-current-1", "current", {}, tpl)
 
 
@@ -206,8 +239,9 @@ def secret_refs(pod: dict) -> dict[str, set[str]]:
                 assert ref["key"] == e["name"], "a Secret key is the variable it sets"
                 refs.setdefault(ref["name"], set()).add(ref["key"])
     for v in pod.get("volumes", []):
-        if "secret" in v:
-            refs.setdefault(v["secret"]["secretName"], set()).add(None)
+        if "secret" in v:  # the keys its items name, else all of it
+            items = v["secret"].get("items")
+            refs.setdefault(v["secret"]["secretName"], set()).update({i["key"] for i in items} if items else {None})
         for src in v.get("projected", {}).get("sources", []):
             if "secret" in src:
                 refs.setdefault(src["secret"]["name"], set()).add(None)
@@ -222,21 +256,42 @@ def test_each_pod_reads_only_its_own_secret_and_only_the_keys_it_needs(docs):
     for d, tpl in templates:
         component = tpl["metadata"]["labels"]["app.kubernetes.io/component"]
         refs = secret_refs(tpl["spec"])
+        # Besides its own Secret, a pod may mount the Kafka cluster's CA certificate (public, ca.crt only).
+        assert refs.pop(KAFKA_CA_SECRET, {"ca.crt"}) == {"ca.crt"}, d["metadata"]["name"]
         assert set(refs) <= {f"prefstream-{component}"}, (d["metadata"]["name"], set(refs))
         for name, keys in refs.items():
             assert None not in keys, f"{d['metadata']['name']} reads all of {name}: list its keys instead"
             assert keys <= SECRET_KEYS[component], (d["metadata"]["name"], keys - SECRET_KEYS[component])
             seen.add(component)
-    # The worker's Secret holds Kafka credentials and the store's S3 keys only; every component that
-    # talks to Kafka gets them.
-    assert SECRET_KEYS["worker"] == KAFKA_CREDENTIALS | S3_CREDENTIALS
+    # The worker's Secret holds Kafka credentials, the store's S3 keys, public or producer keys and its
+    # Redis URL only; every component that talks to Kafka gets its credentials.
+    assert SECRET_KEYS["worker"] == KAFKA_CREDENTIALS | S3_CREDENTIALS | WORKER_KEYS | REDIS_URL
     for d, tpl in templates:
         component = tpl["metadata"]["labels"]["app.kubernetes.io/component"]
-        keys = set().union(*secret_refs(tpl["spec"]).values()) if secret_refs(tpl["spec"]) else set()
+        own = {n: k for n, k in secret_refs(tpl["spec"]).items() if n != KAFKA_CA_SECRET}
+        keys = set().union(*own.values()) if own else set()
         assert KAFKA_CREDENTIALS <= keys, f"{d['metadata']['name']} lacks its Kafka credentials"
         if component == "worker":
-            assert keys in (KAFKA_CREDENTIALS, KAFKA_CREDENTIALS | S3_CREDENTIALS)
+            assert keys in (KAFKA_CREDENTIALS | WORKER_KEYS | REDIS_URL,
+                                         KAFKA_CREDENTIALS | S3_CREDENTIALS | WORKER_KEYS | REDIS_URL)
     assert "review" in seen and "worker" in seen and "controller" in seen
+
+
+def test_only_the_announcers_hold_the_private_announcement_key_and_signing_keys_are_required(docs):
+    templates = list(pod_templates(docs)) + [(retrain_job(docs), retrain_job(docs)["spec"]["template"])]
+    required = {"worker": "PREFSTREAM_ANNOUNCE_PUBLIC_KEY", "controller": "PREFSTREAM_ANNOUNCE_SIGNING_KEY",
+                "retrain": "PREFSTREAM_ANNOUNCE_SIGNING_KEY", "review": "PREFSTREAM_REVIEW_SIGNING_KEY"}
+    seen = set()
+    for d, tpl in templates:
+        component = tpl["metadata"]["labels"]["app.kubernetes.io/component"]
+        env = {e["name"]: e for c in all_containers(tpl["spec"]) for e in c.get("env", [])}
+        if component not in ("controller", "retrain"):
+            assert "PREFSTREAM_ANNOUNCE_SIGNING_KEY" not in env, d["metadata"]["name"]
+        if component in required:
+            ref = env[required[component]]["valueFrom"]["secretKeyRef"]
+            assert not ref.get("optional"), f"{d['metadata']['name']} must not start without {required[component]}"
+            seen.add(component)
+    assert seen == set(required)
 
 
 def test_retrain_jobs_of_cronjob_and_controller_read_the_same_secret(docs):
@@ -245,8 +300,13 @@ def test_retrain_jobs_of_cronjob_and_controller_read_the_same_secret(docs):
     cron_pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     job_pod = retrain_job(docs)["spec"]["template"]["spec"]
     s3 = any(d["kind"] == "ConfigMap" and "PREFSTREAM_MODELS_URL" in d["data"] for d in docs)
+    tls = any(d["kind"] == "ConfigMap" and "PREFSTREAM_SSL_CA_LOCATION" in d["data"] for d in docs)
     assert secret_refs(cron_pod) == secret_refs(job_pod) == \
-        {"prefstream-retrain": KAFKA_CREDENTIALS | (S3_CREDENTIALS if s3 else set())}
+        {"prefstream-retrain": KAFKA_CREDENTIALS | ANNOUNCE_SIGNING | (S3_CREDENTIALS if s3 else set())} \
+        | ({KAFKA_CA_SECRET: {"ca.crt"}} if tls else {})
+    mounts = [{m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if m["name"] == "kafka-ca"}
+              for pod in (cron_pod, job_pod)]
+    assert mounts[0] == mounts[1] == ({"/etc/prefstream/kafka-ca"} if tls else set())
     assert cron_pod["serviceAccountName"] == job_pod["serviceAccountName"] == JobTemplate().service_account
     assert cron_pod["containers"][0]["envFrom"] == job_pod["containers"][0]["envFrom"]
 
@@ -262,7 +322,12 @@ def test_the_runbook_creates_each_secret_with_only_the_keys_its_pods_read():
     assert set(created) == {f"prefstream-{c}" for c in SECRET_KEYS}, set(created)
     for component, allowed in SECRET_KEYS.items():
         assert created[f"prefstream-{component}"] <= allowed, (component, created[f"prefstream-{component}"])
-    assert created["prefstream-worker"] == KAFKA_CREDENTIALS
+    assert created["prefstream-worker"] == KAFKA_CREDENTIALS | {"PREFSTREAM_ANNOUNCE_PUBLIC_KEY"} | REDIS_URL
+    for component in REDIS_COMPONENTS:  # required by the pods: the runbook must create it
+        assert REDIS_URL <= created[f"prefstream-{component}"], component
+    for component in ("controller", "retrain"):
+        assert ANNOUNCE_SIGNING <= created[f"prefstream-{component}"], component
+    assert "PREFSTREAM_REVIEW_SIGNING_KEY" in created["prefstream-review"]
 
 
 def test_only_the_controller_gets_a_service_account_token(docs):
@@ -373,10 +438,11 @@ def test_pss_check_catches_what_restricted_refuses():
                                                  ("pod", "hostPath"), ("pod", "volume host")}
 
 
-def test_code_verifier_component_relaxes_only_what_its_sidecar_needs(tmp_path):
-    """The sandbox sidecar needs Unconfined seccomp/AppArmor: refused by restricted *and* baseline, so
-    the component sets enforce=privileged and keeps audit/warn at restricted; the worker itself and
-    every other pod stay restricted."""
+def test_code_verifier_component_keeps_the_namespace_restricted(tmp_path):
+    """The sandbox sidecar runs under Localhost seccomp and AppArmor profiles (shipped beside the
+    component), which restricted admits: the namespace keeps enforcing restricted and every pod, the
+    worker with its sidecar included, passes it; the seccomp profile lets bwrap build its namespaces
+    and refuses what reaches the host kernel's global state."""
     rel = lambda p: os.path.relpath(ROOT / "k8s" / p, tmp_path)  # noqa: E731
     (tmp_path / "kustomization.yaml").write_text(
         f"resources: [{rel('base')}]\ncomponents: [{rel('components/code-verifier')}]\n")
@@ -385,16 +451,29 @@ def test_code_verifier_component_relaxes_only_what_its_sidecar_needs(tmp_path):
     for d in docs:
         kv.validate(d, "1.30.0", strict=True)
     labels = next(d for d in docs if d["kind"] == "Namespace")["metadata"]["labels"]
-    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
-    assert labels["pod-security.kubernetes.io/audit"] == labels["pod-security.kubernetes.io/warn"] == "restricted"
-    sidecar_only = {("code-verifier", "seccomp"), ("code-verifier", "apparmor")}
+    assert {labels[f"pod-security.kubernetes.io/{m}"] for m in ("enforce", "audit", "warn")} == {"restricted"}
     for d, tpl in pod_templates(docs):
+        assert pss_violations(tpl, "restricted") == set(), d["metadata"]["name"]
         if d["metadata"]["name"] == "prefstream-worker":
-            assert pss_violations(tpl, "restricted") == pss_violations(tpl, "baseline") == sidecar_only
             sidecar = tpl["spec"]["initContainers"][0]
             assert not sidecar.get("env") and not sidecar.get("envFrom"), "the sandbox gets no credentials"
-        else:
-            assert pss_violations(tpl, "restricted") == set(), d["metadata"]["name"]
+            sc = sidecar["securityContext"]
+            assert sc["seccompProfile"] == {"type": "Localhost", "localhostProfile": "profiles/prefstream-sandbox.json"}
+            assert sc["appArmorProfile"] == {"type": "Localhost", "localhostProfile": "prefstream-sandbox"}
+            worker = tpl["spec"]["containers"][0]
+            assert worker.get("securityContext", {}).get("seccompProfile", tpl["spec"]["securityContext"]["seccompProfile"]) \
+                == {"type": "RuntimeDefault"}, "the worker, which holds the credentials, keeps the runtime default"
+    component = ROOT / "k8s" / "components" / "code-verifier"
+    seccomp = json.loads((component / "seccomp-prefstream-sandbox.json").read_text())
+    denied = {n for rule in seccomp["syscalls"] if rule["action"] != "SCMP_ACT_ALLOW" for n in rule["names"]}
+    assert seccomp["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert not denied & {"unshare", "clone", "clone3", "mount", "umount2", "pivot_root", "execve", "prlimit64"}, \
+        "bwrap needs these"
+    assert {"kexec_load", "init_module", "finit_module", "bpf", "perf_event_open", "ptrace", "keyctl", "add_key",
+            "setns", "open_by_handle_at", "userfaultfd"} <= denied
+    apparmor = (component / "apparmor-prefstream-sandbox").read_text()
+    assert "profile prefstream-sandbox " in apparmor
+    assert all(re.search(rf"^\s*{rule},", apparmor, re.M) for rule in ("userns", "mount", "pivot_root"))
 
 
 def selects(selector: dict, labels: dict) -> bool:
@@ -441,7 +520,7 @@ def test_every_egress_rule_names_its_destination(docs, request):
     strimzi = {"podSelector": {"matchLabels": {"strimzi.io/cluster": "prefstream-kafka", "strimzi.io/broker-role": "true"}}}
     kafka_peer, kafka_port = {  # where each rendering's Kafka is
         "base": (in_cluster, 9092), "overlays/dev": (in_cluster, 9092), "overlays/prod": (in_cluster, 9092),
-        "overlays/strimzi": (strimzi, 9092), "overlays/external-kafka": (None, 9093), "overlays/gpu": (in_cluster, 9092),
+        "overlays/strimzi": (strimzi, 9093), "overlays/external-kafka": (None, 9093), "overlays/gpu": (in_cluster, 9092),
         "overlays/s3": (in_cluster, 9092),
     }[request.node.callspec.params["docs"]]
     kafka = (lambda p: p == kafka_peer) if kafka_peer else (lambda p: set(p) == {"ipBlock"})  # noqa: E731
@@ -558,12 +637,12 @@ def test_retrain_job_with_an_s3_store_has_no_models_volume_and_reads_its_keys_fr
     assert env["PREFSTREAM_S3_ENDPOINT"]["value"] == "http://seaweedfs:8333"
     for key in S3_CREDENTIALS:  # required: a retrain that cannot reach its store must not start
         assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "prefstream-retrain", "key": key}}}
-    assert secret_refs(pod) == {"prefstream-retrain": KAFKA_CREDENTIALS | S3_CREDENTIALS}
+    assert secret_refs(pod) == {"prefstream-retrain": KAFKA_CREDENTIALS | S3_CREDENTIALS | ANNOUNCE_SIGNING}
     assert pss_violations(job["spec"]["template"], "restricted") == set()
     # The directory store keeps its volume and no S3 keys; without either store there is no Job.
     local = job_manifest("j", "current", {}, JobTemplate())["spec"]["template"]["spec"]
     assert "PREFSTREAM_MODELS_URL" not in env_of(local["containers"][0])
-    assert secret_refs(local) == {"prefstream-retrain": KAFKA_CREDENTIALS}
+    assert secret_refs(local) == {"prefstream-retrain": KAFKA_CREDENTIALS | ANNOUNCE_SIGNING}
     with pytest.raises(JobError, match="PREFSTREAM_MODELS_URL"):
         job_manifest("j", "current", {}, JobTemplate(models_pvc=""))
 
@@ -584,3 +663,174 @@ def test_the_controller_gives_its_jobs_its_own_s3_store(tmp_path, monkeypatch):
     local = Controller._make_runner(SimpleNamespace(settings=Settings(home=tmp_path),
                                                     csettings=ControllerSettings(runner="kubernetes")))
     assert local.template.models_url is None and local.template.models_pvc == "prefstream-models"
+
+
+# ---------------------------------------------------------------------------- Redis and Kafka access
+def test_every_redis_client_reads_a_password_bearing_url_from_its_own_secret(docs):
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "prefstream-config")
+    assert "PREFSTREAM_REDIS_URL" not in cm["data"], "a Redis URL in the ConfigMap carries no password"
+    templates = list(pod_templates(docs)) + [(retrain_job(docs), retrain_job(docs)["spec"]["template"])]
+    seen = set()
+    for d, tpl in templates:
+        component = tpl["metadata"]["labels"]["app.kubernetes.io/component"]
+        env = {e["name"]: e for c in tpl["spec"]["containers"] for e in c.get("env", [])}
+        if component not in REDIS_COMPONENTS:
+            assert "PREFSTREAM_REDIS_URL" not in env, d["metadata"]["name"]
+            continue
+        ref = env["PREFSTREAM_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": f"prefstream-{component}", "key": "PREFSTREAM_REDIS_URL"}, (d["metadata"]["name"], ref)
+        seen.add(component)
+    assert seen == REDIS_COMPONENTS
+
+
+def ingress_peers(policies: list[dict], server: dict) -> list[tuple[dict, dict]]:
+    """(peer, rule) of every ingress rule of the policies that select pods labelled ``server``."""
+    return [(peer, rule) for np in policies if "Ingress" in np["spec"].get("policyTypes", [])
+            and selects(np["spec"]["podSelector"], server) for rule in np["spec"].get("ingress", [])
+            for peer in rule.get("from", [])]
+
+
+def test_kafka_and_redis_admit_only_the_prefstream_pods_that_use_them(docs, request):
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    templates = list(pod_templates(docs)) + [(retrain_job(docs), retrain_job(docs)["spec"]["template"])]
+    clients = {tpl["metadata"]["labels"]["app.kubernetes.io/component"]: tpl["metadata"]["labels"]
+               for _, tpl in templates}
+    redis = ingress_peers(policies, {"app.kubernetes.io/name": "redis"})
+    assert redis and all(rule.get("ports") == [{"protocol": "TCP", "port": 6379}] for _, rule in redis)
+    for component, labels in clients.items():
+        admitted = any("podSelector" in peer and "namespaceSelector" not in peer and selects(peer["podSelector"], labels)
+                       for peer, _ in redis)
+        assert admitted == (component in REDIS_COMPONENTS), component
+    assert not [p for p, _ in redis if "ipBlock" in p or "namespaceSelector" in p], "Redis admits no one else"
+    kafka = ingress_peers(policies, {"app.kubernetes.io/name": "kafka"})
+    if request.node.callspec.params["docs"] in ("overlays/strimzi", "overlays/external-kafka"):
+        assert not kafka, "Strimzi's listener policy guards its brokers; an external Kafka has no pod here"
+        return
+    by_clients = [(p, r) for p, r in kafka if selects(p["podSelector"], clients["worker"])]
+    assert by_clients and all({q["port"] for q in r["ports"]} == {9092, 9093} for _, r in by_clients)
+    for labels in clients.values():
+        assert any(selects(p["podSelector"], labels) for p, _ in by_clients)
+    for peer, _ in kafka:  # anyone else is another broker only
+        assert set(peer) == {"podSelector"}, peer
+        assert selects(peer["podSelector"], clients["worker"]) or peer["podSelector"] == \
+            {"matchLabels": {"app.kubernetes.io/name": "kafka"}}, peer
+
+
+def acl_table(user: dict) -> dict[tuple[str, str, str], set[str]]:
+    return {(a["resource"]["type"], a["resource"]["name"], a["resource"]["patternType"]): set(a["operations"])
+            for a in user["spec"]["authorization"]["acls"]}
+
+
+def test_strimzi_serves_only_tls_with_scram_and_each_component_has_exactly_its_acls():
+    from streams.deploy import STRIMZI_USERS, strimzi_users_yaml, user_name
+    from streams.kafka.topics import ACCESS
+
+    assert STRIMZI_USERS.read_text() == strimzi_users_yaml(), "run `python -m streams.deploy` to regenerate"
+    docs = render("overlays/strimzi")
+    kafka = next(d for d in docs if d["kind"] == "Kafka")["spec"]
+    listeners = kafka["kafka"]["listeners"]
+    assert listeners and all(lst["tls"] is True and lst["authentication"] == {"type": "scram-sha-512"}
+                             for lst in listeners), "no plaintext or unauthenticated listener"
+    assert kafka["kafka"]["authorization"] == {"type": "simple"}
+    assert kafka["entityOperator"]["userOperator"]["secretPrefix"], "its user Secrets must not be the components'"
+    users = {d["metadata"]["name"]: d for d in docs if d["kind"] == "KafkaUser"}
+    assert set(users) == {user_name(c) for c in ACCESS}
+    for component, access in ACCESS.items():
+        user = users[user_name(component)]
+        assert user["metadata"]["labels"]["strimzi.io/cluster"] == "prefstream-kafka"
+        assert user["spec"]["authentication"] == {"type": "scram-sha-512", "password": {"valueFrom": {"secretKeyRef": {
+            "name": f"prefstream-{component}", "key": "PREFSTREAM_SASL_PASSWORD"}}}}
+        acls = acl_table(user)
+        topics_ = {name: ops for (kind, name, pattern), ops in acls.items() if kind == "topic"}
+        assert all(pattern == "literal" for kind, _, pattern in acls if kind == "topic")
+        assert {t for t, ops in topics_.items() if "Read" in ops} == access.reads, component
+        assert {t for t, ops in topics_.items() if "Write" in ops} == access.writes, component
+        assert all(ops <= {"Describe", "Read", "Write"} for ops in topics_.values()), component
+        groups = {(name, pattern) for (kind, name, pattern) in acls if kind == "group"}
+        assert groups == {(g, "literal") for g in access.groups}, component
+        txn = {(name + ("*" if pattern == "prefix" else "")) for (kind, name, pattern) in acls if kind == "transactionalId"}
+        assert txn == set(access.transactional_ids), component
+        assert not [k for k in acls if k[0] == "cluster"], "no component administers the cluster"
+    # The attacks of an internet-facing pod: only the controller and the retrain jobs announce models,
+    # only the review app writes verdicts, only applications write raw pairs.
+    writers = lambda topic: {c for c, a in ACCESS.items() if topic in a.writes}  # noqa: E731
+    assert writers(MODEL_VERSIONS) == {"controller", "retrain"}
+    assert writers(ANNOTATIONS) == {"review"} and writers(RAW) == {"app"}
+    # Every Kafka client in the rendering has its user, and reaches the TLS listener with it.
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "prefstream-config")["data"]
+    assert cm["PREFSTREAM_SECURITY_PROTOCOL"] == "SASL_SSL" and cm["PREFSTREAM_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert cm["PREFSTREAM_BOOTSTRAP"].endswith(f":{listeners[0]['port']}")
+    ca_dir = cm["PREFSTREAM_SSL_CA_LOCATION"].rsplit("/", 1)[0]
+    templates = list(pod_templates(docs)) + [(retrain_job(docs), retrain_job(docs)["spec"]["template"])]
+    for d, tpl in templates:
+        component = tpl["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert component in ACCESS, d["metadata"]["name"]
+        pod = tpl["spec"]
+        ca = next(v for v in pod["volumes"] if v["name"] == "kafka-ca")
+        assert ca["secret"] == {"secretName": KAFKA_CA_SECRET, "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "kafka-ca")
+        assert mount["mountPath"] == ca_dir and mount["readOnly"] is True, d["metadata"]["name"]
+
+
+def test_the_access_table_names_what_the_code_uses():
+    """Each component's modules name exactly the topics its access table entry lists, and its groups and
+    transactional ids are the ones the code makes (with the default settings, no topic prefix)."""
+    import inspect
+
+    from streams.kafka import topics as topic_table
+    from streams.kafka.topics import ACCESS
+    from streams.review import aggregator, feeder
+    from streams.runtime import shard_writer, worker
+
+    modules = {
+        "worker": ["streams/runtime/worker.py", "streams/runtime/pipeline.py", "streams/runtime/deferred.py",
+                   "streams/runtime/shard_writer.py", "streams/runtime/processors/outputs.py",
+                   "streams/runtime/processors/budget.py"],
+        "review": ["streams/review/app.py", "streams/review/aggregator.py", "streams/review/feeder.py"],
+        "controller": ["streams/runtime/controller.py", "streams/kafka/announce.py"],
+        "retrain": ["streams/kafka/announce.py"],
+        "app": ["streams/sdk.py"],
+    }
+    for component, paths in modules.items():
+        named: set[str] = set()
+        for path in paths:
+            text = (ROOT / path).read_text()
+            named |= {getattr(topic_table, c) for c in re.findall(r"\btopics\.([A-Z][A-Z_]+)\b", text)
+                      if isinstance(getattr(topic_table, c, None), str) and c != "MAX_MESSAGE_BYTES"}
+            named |= set(re.findall(r"[\"'](prefs\.[a-z]+|models\.versions)[\"']", text))
+        access = ACCESS[component]
+        expected = access.reads | access.writes
+        if component == "app":  # the SDK also holds the downstream reader of prefs.scored, not an app's user
+            named -= {SCORED}
+        assert named == expected, (component, named ^ expected)
+    group = WorkerSettings().group
+    assert set(ACCESS["worker"].groups) == {group, f"{group}-deferred", shard_writer.SHARD_GROUP}
+    assert "{wsettings.group}-deferred" in (ROOT / "streams/runtime/deferred.py").read_text()
+    assert 'f"prefstream-{settings.topic_prefix}{wsettings.group}-{wsettings.worker_id}"' in inspect.getsource(worker)
+    assert ACCESS["worker"].transactional_ids == (f"prefstream-{group}-*",)
+    assert 'f"{settings.topic_prefix}prefstream-aggregator"' in inspect.getsource(aggregator.run)
+    assert 'prefstream-review-feeder"' in inspect.getsource(feeder)
+    assert ACCESS["review"].groups == ("prefstream-aggregator", "prefstream-review-feeder")
+    assert ACCESS["review"].transactional_ids == ("prefstream-aggregator",)
+
+
+def test_kafka_clients_take_tls_and_sasl_from_the_settings(monkeypatch):
+    """The variables the strimzi overlay sets reach librdkafka, and librdkafka takes them."""
+    certifi = pytest.importorskip("certifi")
+    from confluent_kafka import Producer
+
+    from streams.kafka.config import consumer_config, producer_config
+    from streams.settings import Settings
+
+    for name, value in {"PREFSTREAM_SECURITY_PROTOCOL": "SASL_SSL", "PREFSTREAM_SASL_MECHANISM": "SCRAM-SHA-512",
+                        "PREFSTREAM_SASL_USERNAME": "prefstream-worker", "PREFSTREAM_SASL_PASSWORD": "s3cret-pass",
+                        "PREFSTREAM_SSL_CA_LOCATION": certifi.where()}.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    for conf in (producer_config(settings), consumer_config(settings, "g")):
+        assert {k: conf[k] for k in ("security.protocol", "sasl.mechanism", "sasl.username", "sasl.password",
+                                     "ssl.ca.location")} == {
+            "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "prefstream-worker",
+            "sasl.password": "s3cret-pass", "ssl.ca.location": certifi.where()}
+    Producer(producer_config(settings, **{"bootstrap.servers": "127.0.0.1:1"}))  # librdkafka accepts them
+    assert "ssl.ca.location" not in producer_config(Settings(_env_file=None, ssl_ca_location=None))

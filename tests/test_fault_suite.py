@@ -10,6 +10,9 @@
   prefs.verified.
 - Redis killed and restarted mid-review, once keeping its append-only file and once empty: every
   review task still ends with one VerifiedPair.
+- Attacks: code pairs whose chosen response leaves before its tests run (``sys.exit(0)``,
+  ``os._exit(0)``, a printed "pass"), signed so their tests are honoured: none reaches a shard as
+  verified_by_tool (``send_exit_cheats`` / ``poisoned_code_rows``).
 
 "Once" is by identity (streams/kafka/reader.py): the embedded broker shows records of aborted
 transactions to read_committed readers, so a batch redone after a kill is read twice; such copies
@@ -41,7 +44,16 @@ import pytest
 
 from streams.embedded.process import free_port
 from streams.kafka import topics
-from tests.helpers import ROOT, FakeMessage, WorkerProcess, fake_pipeline, settings_env
+from streams.review.simulate import truth_key
+from tests.helpers import (
+    ROOT,
+    FakeMessage,
+    WorkerProcess,
+    fake_pipeline,
+    needs_bwrap,
+    settings_env,
+    wait_for_scored,
+)
 from tests.hostile_corpus import Hostile, corpus, good_pairs
 
 RESULTS_ENV = "PREFSTREAM_CHAOS_RESULTS"  # a directory: where each run writes chaos-<name>.json (tests/chaos.py)
@@ -78,7 +90,7 @@ def test_every_hostile_record_meets_its_expected_fate_in_the_pipeline():
     wrong = []
     for i, h in enumerate(hostile):
         d = dead.get(1000 + i)
-        if h.expect == "dlq":
+        if h.expect in ("dlq", "conflict"):
             if d is None or d["reason"] not in h.reasons:
                 wrong.append((h.cls, d and (d["reason"], d["detail"][:200]), sorted(h.reasons)))
         elif d is not None:
@@ -142,7 +154,7 @@ class Annotators:
     """Simulated annotators (streams.review.simulate, what `prefstream annotate --simulate` runs) in a loop:
     when the app goes away their threads stop; the loop signs them in again until told to stop."""
 
-    def __init__(self, url: str, truths: dict[str, str], accuracy: float = 0.9) -> None:
+    def __init__(self, url: str, truths: dict[frozenset[str], str], accuracy: float = 0.9) -> None:
         self.url, self.truths, self.accuracy = url, truths, accuracy
         self.stop = threading.Event()
         self.answered = self.rounds = 0
@@ -173,6 +185,12 @@ class Annotators:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(60)
+
+
+def routed_task(t: tuple) -> bool:
+    """A Follower row of prefs.review (task_id, pair_id, expert, reason) for a pair the worker routed to
+    review: not an expert task, a re-annotation or an audit (those end in no VerifiedPair of their own)."""
+    return not t[2] and t[3] != "reannotation" and not (t[3] or "").startswith("audit:")
 
 
 class Follower:
@@ -301,12 +319,12 @@ def run_faults(settings, tmp: Path, cfg: Config) -> dict:
     good = good_pairs(cfg.good, tag, seed=1)
     sdk_good, kcat_good = (good[0::2], good[1::2]) if kcat else (good, [])
     hostile = corpus(cfg.hostile, sdk_good, seed=2, five_mb=cfg.five_mb)
-    dups = [h for h in hostile if h.expect == "dedup"]
-    rest = [h for h in hostile if h.expect != "dedup"]
+    dups = [h for h in hostile if h.expect in ("dedup", "conflict")]  # sent after their originals
+    rest = [h for h in hostile if h.expect not in ("dedup", "conflict")]
     via_kcat = {id(h) for n, h in enumerate(rest)  # kcat -H takes text: binary header values go by the raw producer
                 if kcat and h.kcat and n % 2 == 0 and all(v.isascii() and b"\0" not in v for _, v in h.headers)}
     channel = {id(h): ("kcat" if id(h) in via_kcat else "raw") for h in hostile}
-    truths = {p["pair_id"]: p["chosen"] for p in good}
+    truths = {truth_key(p["chosen"], p["rejected"]): p["chosen"] for p in good}
 
     n_chunks = cfg.worker_kills + 1
     sdk_parts, kgood_parts = chunks(sdk_good, n_chunks), chunks(kcat_good, n_chunks)
@@ -408,7 +426,7 @@ def run_faults(settings, tmp: Path, cfg: Config) -> dict:
         timings["published"] = time.monotonic() - t0
 
         must_score = {p["pair_id"] for p in good} | {h.pair_id for h in hostile if h.expect == "scored"}
-        must_dead = {h.sha256 for h in hostile if h.expect == "dlq" and h.value is not None}
+        must_dead = {h.sha256 for h in hostile if h.expect in ("dlq", "conflict") and h.value is not None}
         n_tombstones = sum(1 for h in hostile if h.expect == "dlq" and h.value is None)
         deadline = time.monotonic() + cfg.timeout
         while time.monotonic() < deadline:
@@ -425,7 +443,7 @@ def run_faults(settings, tmp: Path, cfg: Config) -> dict:
         # Review: every routed task (not an expert or re-annotation task) ends with one VerifiedPair.
         while time.monotonic() < deadline:
             check_alive()
-            tasks = {t[0] for t in followers["review"].poll() if not t[2] and t[3] != "reannotation"}
+            tasks = {t[1] for t in followers["review"].poll() if routed_task(t)}
             verified = {v[0] for v in followers["verified"].poll()}
             if review_chaos_done.is_set() and tasks <= verified:
                 break
@@ -513,7 +531,10 @@ def analyse(cfg, tag, good, sdk_good, kcat_good, hostile, channel, followers, ro
         dlq = wrong = lost = dup = sc = dd = extra_c = 0
         examples = []
         for h in hs:
-            if h.expect == "dlq":
+            if h.expect == "conflict" and chosen[h.pair_id] - {text_of[h.pair_id]}:
+                wrong += 1
+                examples.append(f"{h.pair_id} scored with the conflicting copy's text")
+            if h.expect in ("dlq", "conflict"):
                 if h.value is None:  # tombstones have no hash: counted together
                     got = 1 if n_tombs_dead > 0 else 0
                     n_tombs_dead -= got
@@ -558,7 +579,7 @@ def analyse(cfg, tag, good, sdk_good, kcat_good, hostile, channel, followers, ro
     known_shas = hostile_shas | {None}
     unexplained_dead = [d for d in dead if d["sha"] not in known_shas]
 
-    tasks = {t[0] for t in followers["review"].records if not t[2] and t[3] != "reannotation"}
+    tasks = {t[1] for t in followers["review"].records if routed_task(t)}
     verified = followers["verified"].records
     v_labels: dict[str, set] = defaultdict(set)
     for pid, label, _by, _ann in verified:
@@ -693,7 +714,8 @@ def test_redis_restarted_mid_review_loses_no_task(settings, tmp_path, n_tasks):
         prod.produce(s.topic(topics.REVIEW), key=t["task_id"].encode(), value=v, headers=h)
     assert prod.flush(10) == 0
     review = ReviewProcess(s, tmp_path)
-    annotators = Annotators(review.url, {t["task_id"]: t["pair"]["chosen"] for t in tasks})
+    annotators = Annotators(review.url, {truth_key(t["pair"]["chosen"], t["pair"]["rejected"]): t["pair"]["chosen"]
+                                         for t in tasks})
     verified = Follower(s, topics.VERIFIED, "VerifiedPair", lambda r: (r["pair"]["pair_id"], r["label"]))
     verdicts = Follower(s, topics.ANNOTATIONS, "Annotation", lambda r: r["annotation_id"])
     verdicts.poll(0.1, 0.3)  # assigned before the first verdict
@@ -748,3 +770,64 @@ def test_redis_restarted_mid_review_loses_no_task(settings, tmp_path, n_tasks):
     assert not lost and not result["unexpected"] and not result["conflicting"], (
         f"{len(lost)} of {n_tasks} tasks never verified after Redis restarts {restarts}: {lost[:10]}\n"
         f"annotator errors: {annotators.errors[:5]}\nreview log:\n{review.tail(4000)}")
+
+
+# ---------------------------------------------------------------------------------------------- attacks
+# The code verifier attack: code pairs signed with the demo generator's key (so their metadata.tests are
+# honoured and the verifier runs) whose chosen response leaves before its tests run. Trusting the exit
+# status, the verifier passed them and they reached the shards as verified_by_tool with the cheat chosen.
+CODE_TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
+WRONG_ADD = "```python\ndef add(a, b):\n    return a - b\n```"
+EXIT_CHEATS = {"sys-exit": "```python\nimport sys\nsys.exit(0)\n```",
+               "os-exit": "```python\nimport os\nos._exit(0)\n```",
+               "fake-pass": "```python\nimport os\nprint('all tests passed', flush=True)\nos._exit(0)\n```"}
+
+
+def send_exit_cheats(settings, tag: str) -> dict[str, bool]:
+    """Publish the attack (one pair per cheat) and an honest control pair through the SDK with the generator's
+    key; returns {pair_id: whether it may reach the shards as verified_by_tool} (only the control may)."""
+    from streams.keys import GENERATOR_SOURCE, generator_signer
+    from streams.sdk import PreferenceProducer
+
+    pairs = {f"{tag}-cheat-{name}": code for name, code in EXIT_CHEATS.items()}
+    control = f"{tag}-honest"
+    with PreferenceProducer(settings, key=generator_signer(settings)) as producer:
+        for pid, chosen in {**pairs, control: "```python\ndef add(a, b):\n    return a + b\n```"}.items():
+            producer.send({"pair_id": pid, "prompt": "Write add(a, b) returning the sum.", "chosen": chosen,
+                           "rejected": WRONG_ADD, "source": GENERATOR_SOURCE, "metadata": {"tests": CODE_TESTS}})
+    return {**dict.fromkeys(pairs, False), control: True}
+
+
+def poisoned_code_rows(shards_dir, expect: dict[str, bool]) -> list[tuple[str, str]]:
+    """Shard rows of the attack's pairs that are verified_by_tool though they must not be (0 when it failed)."""
+    from trainers.storage.shards import iter_records
+
+    return [(rec["pair"]["pair_id"], rec["pair"]["chosen"][:60]) for _, rec in iter_records(shards_dir)
+            if rec["split"] == "verified_by_tool" and expect.get(rec["pair"]["pair_id"]) is False]
+
+
+@pytest.mark.integration
+@needs_bwrap
+def test_a_code_pair_that_exits_before_its_tests_never_reaches_the_shards_as_verified(settings):
+    from trainers.storage.shards import iter_records
+
+    expect = send_exit_cheats(settings, f"x{uuid.uuid4().hex[:6]}")
+    worker = WorkerProcess(settings).start()
+    try:
+        scored = {r["pair"]["pair_id"]: r for r in wait_for_scored(settings, set(expect))}
+        routes = {pid: (r["route"], r["route_reason"]) for pid, r in scored.items()}
+        control = next(pid for pid, ok in expect.items() if ok)
+        # The control shows the vouch was honoured and the sandbox ran: the honest code is verified.
+        assert routes[control] == ("verified_by_tool", "code verifier: chosen is correct"), routes
+        assert all(routes[pid][0] != "verified_by_tool" for pid, ok in expect.items() if not ok), routes
+        deadline = time.monotonic() + 60
+        while not any(rec["pair"]["pair_id"] == control for _, rec in iter_records(settings.shards_dir)):
+            assert time.monotonic() < deadline, "the control pair never reached a shard"
+            time.sleep(1)
+        assert poisoned_code_rows(settings.shards_dir, expect) == []
+        text = worker.metrics()
+        assert "prefstream_code_sandbox_available 1.0" in text
+        modes = [line for line in text.splitlines() if line.startswith("prefstream_code_sandbox_memory_mode{")]
+        assert len(modes) == 3 and sum(line.endswith(" 1.0") for line in modes) == 1, modes
+    finally:
+        assert worker.stop() == 0

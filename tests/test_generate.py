@@ -143,3 +143,31 @@ def test_a_noise_mix_the_pairs_cannot_hold_is_refused(tmp_path, stack_settings):
                                                noisy_source_flip_rate=0.5)))
     bad = run_cli(["generate", "--flip-share", "0.6", "--confident-flip-share", "0.5"], stack_settings, check=False)
     assert bad.returncode == 2 and "lower flip_share" in bad.stderr
+
+
+def test_noise_planted_in_hh_pairs_comes_out_as_configured_with_the_truth_recorded():
+    from streams.local.generate import confident_wrong, plant_noise
+    from tests.helpers import hh_valid_pairs, require_hh_rlhf
+
+    require_hh_rlhf()
+    pairs = hh_valid_pairs(1000)
+    cfg = GenerateConfig(seed=3, flip_share=0.06, style_trap_share=0.15, style_flip_share=0.05,
+                         confident_flip_share=0.04, noisy_source_share=0.15, noisy_source_flip_rate=0.4)
+    noisy = list(plant_noise(pairs, cfg))
+    assert noisy == list(plant_noise(pairs, cfg)) and len(noisy) == len(pairs)
+    kinds = Counter(p["metadata"]["noise"] for p in noisy if p["metadata"]["flipped"] == "true")
+    n = len(pairs)
+    for kind, share in (("random", 0.06), ("style", 0.05), ("confident", 0.04), ("source", 0.15 * 0.4)):
+        assert abs(kinds[kind] / n - share) < 0.025, (kind, kinds[kind] / n)
+    for before, after in zip(pairs, noisy, strict=True):
+        validate_pair(after)
+        # The truth is the published HH label: the truly better answer is the original chosen one, dressed or not.
+        assert truly_better(after) == before["chosen"] and after["pair_id"] == before["pair_id"]
+        worse = after["chosen"] if after["metadata"]["truth"] == "rejected" else after["rejected"]
+        if after["metadata"]["noise"] == "confident":
+            assert worse != before["rejected"] and before["rejected"] in worse
+        if after["metadata"]["style_trap"] == "true":
+            assert worse.startswith("## Answer")
+    probe = confident_wrong(pairs[:20], seed=1)
+    assert all(p["chosen"] == q["chosen"] and q["rejected"] in p["rejected"] != q["rejected"]
+               for p, q in zip(probe, pairs[:20], strict=True))

@@ -195,38 +195,16 @@ def _vouching_pair(source: str) -> bytes:
                        "metadata": {"answer": "43"}}).encode()
 
 
-def test_only_trusted_sources_may_vouch_for_their_pairs():
-    out = decoded_outputs(fake_pipeline().process(_msgs([_vouching_pair("prefstream-generate"), _vouching_pair("some-app")])))
+def test_an_unsigned_vouch_is_ignored_whatever_source_the_pair_claims():
+    # Signed vouches: tests/test_provenance.py. Unsigned, the answer is ignored for every source, the
+    # demo generator's included: the prompt's own expression (42) decides, and the label is flipped.
+    out = decoded_outputs(fake_pipeline(producer_keys="").process(
+        _msgs([_vouching_pair("prefstream-generate"), _vouching_pair("some-app")])))
     routes = {s["pair"]["pair_id"]: (s["route"], s["route_reason"]) for s in out["prefs.scored"]}
-    # Trusted (the generator, the default): metadata.answer decides; chosen (43) is "right".
-    assert routes["v-prefstream-generate"] == ("verified_by_tool", "math verifier: chosen is correct")
-    # Untrusted: the answer is ignored; the prompt's own expression (42) decides, and the label is flipped.
-    assert routes["v-some-app"] == ("verified_by_tool", "math verifier: rejected is correct")
+    assert routes == {f"v-{src}": ("verified_by_tool", "math verifier: rejected is correct")
+                      for src in ("prefstream-generate", "some-app")}
     curated = {c["pair"]["pair_id"]: c for c in out["prefs.curated"]}
-    assert curated["v-some-app"]["pair"]["chosen"] == "42"
-
-
-def test_untrusted_code_tests_are_ignored_and_the_pair_takes_the_model_route():
-    from streams.runtime.processors.trust import for_verifier
-
-    pair = {"source": "some-app", "metadata": {"tests": "assert True", "answer": "1", "other": "kept"}}
-    assert for_verifier(pair, {"prefstream-generate"})["metadata"] == {"other": "kept"}
-    assert for_verifier(pair, {"some-app"}) is pair
-    value = json.dumps({"pair_id": "c-1", "prompt": "add", "chosen": "def add(a, b):\n    return a - b",
-                        "rejected": "def add(a, b):\n    return a + b", "source": "some-app",
-                        "metadata": {"tests": "assert add(2, 3) == 5"}}).encode()
-    out = decoded_outputs(fake_pipeline(trusted_sources="").process(_msgs([value])))
-    assert out["prefs.scored"][0]["route"] != "verified_by_tool"
-
-
-def test_trusted_sources_setting_parses_a_list_and_defaults_to_the_generator(monkeypatch):
-    from streams.local.generate import GenerateConfig, generate
-    from streams.settings import WorkerSettings
-
-    source = next(iter(generate(GenerateConfig(n=1))))["source"]
-    assert source in WorkerSettings().trusted_source_set
-    monkeypatch.setenv("PREFSTREAM_WORKER_TRUSTED_SOURCES", " app-a, app-b ,")
-    assert WorkerSettings().trusted_source_set == {"app-a", "app-b"}
+    assert curated["v-prefstream-generate"]["pair"]["chosen"] == "42"
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -242,11 +220,32 @@ def test_an_original_too_large_for_the_dlq_is_kept_truncated_with_its_hash_and_s
     assert value.startswith(dead["original_value"]) and len(dead["original_value"]) > 7 << 20
 
 
-def test_an_output_larger_than_the_topic_takes_is_dead_lettered_not_sent():
-    text = "y" * ((1 << 20) - 100)  # each text field just under its 1 MiB limit, the pair under 4 MiB
-    value = json.dumps({"pair_id": "fat", "conversation": [{"role": "user", "content": text}] * 3, "chosen": text,
-                        "rejected": "b", "metadata": {f"m{i}": text for i in range(5)}}).encode()
-    out = decoded_outputs(fake_pipeline().process(_msgs([value, _pair(1)])))
+# Each text field just under its 1 MiB limit: 4 MiB of conversation and responses, 5 MiB of metadata.
+FAT_TEXT = "y" * ((1 << 20) - 100)
+FAT_PAIR = json.dumps({"pair_id": "fat", "conversation": [{"role": "user", "content": FAT_TEXT}] * 3,
+                       "chosen": FAT_TEXT, "rejected": "b", "metadata": {f"m{i}": FAT_TEXT for i in range(5)}}).encode()
+
+
+def test_metadata_counts_toward_the_pair_size_limit():
+    out = decoded_outputs(fake_pipeline().process(_msgs([FAT_PAIR, _pair(1)])))
+    (dead,) = out["prefs.dlq"]
+    assert (dead["reason"], dead["processor"]) == ("too_large", "ingest")
+    assert "metadata" in dead["detail"] and "4,194,304" in dead["detail"]
+    assert [s["pair"]["pair_id"] for s in out["prefs.scored"]] == ["good-1"]
+    # Metadata alone past the limit (six values under the per-field limit) is too large as well.
+    small = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    with pytest.raises(InvalidRecordError) as exc:
+        validate_pair(small | {"metadata": {f"k{i}": FAT_TEXT for i in range(6)}})
+    assert exc.value.reason == "too_large"
+    assert validate_pair(small | {"metadata": {f"k{i}": FAT_TEXT for i in range(3)}})  # 3 MiB fits
+
+
+def test_an_output_larger_than_the_topic_takes_is_dead_lettered_not_sent(monkeypatch):
+    import schemas.pairs
+
+    # A pair limit above what the topics take (a misconfiguration): the encode guard still holds.
+    monkeypatch.setattr(schemas.pairs, "MAX_PAIR_BYTES", 16 << 20)
+    out = decoded_outputs(fake_pipeline().process(_msgs([FAT_PAIR, _pair(1)])))
     (dead,) = out["prefs.dlq"]
     assert (dead["reason"], dead["processor"]) == ("too_large", "encode")
     assert "ScoredPair" in dead["detail"] and "shorten" in dead["detail"]
@@ -263,8 +262,8 @@ def test_review_task_neighbours_are_trimmed_to_fit_the_topic():
     neighbours = [Neighbour(f"n{i}", big, big, big, "human", 0.9) for i in range(8)]
     pair = {"pair_id": "p", "created_at": 0}
     score = {"p": 0.3, "reward_chosen": 0.0, "reward_rejected": 1.0, "model_version": "bootstrap"}
-    assert len(review_task(pair, score, Route("review", "mispredicted", 8), neighbours, 0, 1000)["similar"]) == 8
-    task = review_task(pair, score, Route("review", "mispredicted", 8), neighbours, 0, OUTPUT_LIMIT - 40_000)
+    assert len(review_task(pair, score, Route("review", "mispredicted", 8), neighbours, 0, 1000, "t1")["similar"]) == 8
+    task = review_task(pair, score, Route("review", "mispredicted", 8), neighbours, 0, OUTPUT_LIMIT - 40_000, "t1")
     assert 0 < len(task["similar"]) < 8, "only the most similar that fit are kept"
 
 
@@ -293,10 +292,10 @@ def test_announcements_outside_the_models_store_are_refused_and_counted(case, tm
     elif case == "relative":
         path = f"versions/{VERSION}"
     record = {"role": "current", "version": version, "path": path, "manifest_sha256": "0"}
-    before = metrics.ANNOUNCEMENTS_REFUSED.labels("current")._value.get()
+    before = metrics.ANNOUNCEMENTS_REFUSED.labels("current", "outside_store")._value.get()
     with pytest.raises(UntrustedModelPathError):
         load_announced(record, models_dir=store)
-    assert metrics.ANNOUNCEMENTS_REFUSED.labels("current")._value.get() == before + 1
+    assert metrics.ANNOUNCEMENTS_REFUSED.labels("current", "outside_store")._value.get() == before + 1
 
 
 def test_an_announcement_of_a_version_in_the_store_is_accepted(tmp_path: Path):

@@ -129,12 +129,12 @@ def test_an_unknown_or_malformed_version_is_refused_and_counted(s3_env, bucket, 
     from streams.runtime.processors.scorer import load_announced
 
     worker = s3_store(s3_env, bucket, tmp_path / "worker-cache")
-    before = metrics.ANNOUNCEMENTS_REFUSED.labels("current")._value.get()
+    before = metrics.ANNOUNCEMENTS_REFUSED.labels("current", "outside_store")._value.get()
     record = {"role": "current", "version": version, "path": f"s3://{bucket}/prefstream/models/versions/{version}/",
               "manifest_sha256": "0" * 64}
     with pytest.raises(UntrustedModelPathError, match="not one the model store makes|no model version"):
         load_announced(record, store=worker)
-    assert metrics.ANNOUNCEMENTS_REFUSED.labels("current")._value.get() == before + 1
+    assert metrics.ANNOUNCEMENTS_REFUSED.labels("current", "outside_store")._value.get() == before + 1
     assert not (tmp_path / "worker-cache").exists() or not any((tmp_path / "worker-cache").iterdir())
 
 

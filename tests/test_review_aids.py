@@ -72,9 +72,11 @@ def test_similar_pairs_carry_the_label_the_humans_gave_them_when_served(client, 
     assert [s["verified"] for s in next_task(client, "alice")["similar"]] == [None, None, None]
     answer(client, "alice", "pair-40")
     agg = Aggregator(client.queue.redis, settings.topic_prefix)
+    # The similar pairs' review tasks, with the ids the worker gives them (streams/review/task_ids.py).
+    t41, t43 = (task(i) | {"task_id": agg.task_ids.of(f"pair-{i}")} for i in (41, 43))
     for who, side in (("x", "rejected"), ("y", "rejected"), ("z", "chosen")):  # a majority for the shown "rejected"
-        agg.handle(ann("pair-41", who, side), task=task(41))
-    [(_, _, expert_task)] = [agg.handle(ann("pair-43", who, side), task=task(43))
+        agg.handle(ann(t41["task_id"], who, side), task=t41)
+    [(_, _, expert_task)] = [agg.handle(ann(t43["task_id"], who, side), task=t43)
                              for who, side in (("x", "chosen"), ("y", "rejected"), ("z", "tie"))][-1]
     agg.handle(ann(expert_task["task_id"], "erin", "chosen", expert=True), task=expert_task)
     agg.committed()
@@ -84,7 +86,7 @@ def test_similar_pairs_carry_the_label_the_humans_gave_them_when_served(client, 
     assert sim["pair-42"]["verified"] is None  # never verified: nothing shown
     assert sim["pair-43"]["verified"] == {"preferred": "chosen", "verdicts": 3, "agreeing": 1, "expert": True}
     answer(client, "bob", "pair-40")
-    client.queue.redis.delete(f"{agg.prefix}votes:pair-41")  # the votes expired after the retention period
+    client.queue.redis.delete(f"{agg.prefix}votes:{t41['task_id']}")  # the votes expired after the retention period
     assert next_task(client, "carol")["similar"][0]["verified"] == {"preferred": "rejected", "verdicts": None,
                                                                      "agreeing": None, "expert": None}
 

@@ -122,7 +122,7 @@ def test_a_budget_defers_the_surest_candidates_to_prefs_deferred():
     routes = {r["pair"]["pair_id"]: r["route"] for r in out["prefs.scored"]}
     assert routes == {"pair0-0.30": "review", "pair1-0.72": "deferred", "pair2-0.55": "review",
                       "pair3-0.10": "review", "pair4-0.91": "dropped", "pair5-0.65": "deferred"}
-    assert sorted(t["task_id"] for t in out["prefs.review"]) == ["pair0-0.30", "pair2-0.55", "pair3-0.10"]
+    assert sorted(t["pair"]["pair_id"] for t in out["prefs.review"]) == ["pair0-0.30", "pair2-0.55", "pair3-0.10"]
     deferred = {r["pair"]["pair_id"]: r for r in out["prefs.deferred"]}
     assert set(deferred) == {"pair1-0.72", "pair5-0.65"}
     assert all(r["route"] == "deferred" and "review budget 3/h spent: uncertain" in r["route_reason"]

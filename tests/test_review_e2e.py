@@ -158,8 +158,9 @@ def test_browser_sign_in_click_keyboard_escaping_and_wrong_token(settings, tmp_p
     hostile["similar"] = [{"pair_id": "pair-199", "prompt": "<b>similar</b> question", "chosen": "yes",
                            "rejected": "no", "label_source": "human", "similarity": 0.87}]
     agg = Aggregator(redis.Redis.from_url(settings.redis_url), settings.topic_prefix)
+    similar = task(199) | {"task_id": agg.task_ids.of("pair-199")}  # the similar pair's own review task
     for who, side in (("x", "rejected"), ("y", "rejected"), ("z", "chosen")):
-        agg.handle({"task_id": "pair-199", "annotator": who, "preferred": side}, task=task(199))
+        agg.handle({"task_id": similar["task_id"], "annotator": who, "preferred": side}, task=similar)
     agg.committed()
     with running_review_app(settings, tmp_path, {"PREFSTREAM_REVIEW_JUDGE_URL": judge.url}) as (url, _):
         publish_tasks(settings, [hostile, task(201)])
@@ -176,7 +177,7 @@ def browse_and_answer(settings, url, browser):
     page.fill("#token", SECRETS["alice"])
     page.click("#signin-btn")
     page.wait_for_selector("#task:not([hidden])")
-    shown_a = page.text_content("#A")
+    shown_a = page.text_content("#A-src")  # the source; #A holds the rendered markdown
     assert page.text_content("#margin") == ("-0.500" if shown_a.startswith("<img") else "0.500")  # reward A - reward B
     assert page.text_content("#similar .verified") == (
         " — verified: annotators preferred the response shown as rejected (2 of 3 annotator verdicts)")
@@ -191,7 +192,7 @@ def browse_and_answer(settings, url, browser):
     assert '<img src=x onerror="window.pwned=2">' in (page.text_content("#A") + page.text_content("#B"))
     page.click("button[data-v='A']")  # by click
     page.wait_for_function("document.getElementById('conversation').textContent.includes('Question 201')")
-    page.keyboard.press("2")  # by keyboard
+    page.keyboard.press("6")  # by keyboard: B clearly better
     page.wait_for_selector("#empty:not([hidden])")
     anns = read_topic(settings, topics.ANNOTATIONS, "Annotation")
     assert [(a["task_id"], a["verdict"]) for a in anns] == [("pair-200", "A"), ("pair-201", "B")]

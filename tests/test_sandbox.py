@@ -272,6 +272,220 @@ def test_verdict_still_works(sb):
     assert not run_python("while True:\n    pass", "", timeout=1.0)
 
 
+# Candidates that try to pass without their tests passing, each with a correct or wrong ``add``.
+FAKE_TOKEN = "0123456789abcdef" * 2
+CHEATS = {
+    "os._exit(0) before the tests": "import os\ndef add(a, b):\n    return a - b\nos._exit(0)",
+    "sys.exit(0) before the tests": "import sys\ndef add(a, b):\n    return a - b\nsys.exit(0)",
+    "SystemExit(0) from inside a test": "def add(a, b):\n    raise SystemExit(0)",
+    "a printed pass line": f"import os\nprint('PASSED', {FAKE_TOKEN!r}, flush=True)\nos._exit(0)",
+    # Every descriptor it can find, and the files a harness might use, get a made-up token; the code itself
+    # is right, so only the early write can make it fail.
+    "an early write to every descriptor and token file": f"""
+import os
+for name in os.listdir('/proc/self/fd'):
+    try:
+        os.write(int(name), {FAKE_TOKEN!r}.encode())
+    except OSError:
+        pass
+for path in ('/tmp/token', '/tmp/evidence', '/tmp/result', '/tmp/passed'):
+    open(path, 'w').write({FAKE_TOKEN!r})
+def add(a, b):
+    return a + b
+""",
+    # It looks for the token on every descriptor before any test ran: the harness closed it already.
+    "reading the token early": """
+import os
+found = b''
+for name in os.listdir('/proc/self/fd'):
+    try:
+        found += os.read(int(name), 64)
+    except OSError:
+        pass
+for name in os.listdir('/proc/self/fd'):
+    try:
+        os.write(int(name), found)
+    except OSError:
+        pass
+os._exit(0)
+""",
+}
+ADD_TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
+
+
+@needs_bwrap
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cheat", list(CHEATS))
+def test_a_candidate_that_leaves_early_or_fakes_the_evidence_fails(sb, cheat):
+    result = sandbox.run_tests(CHEATS[cheat], ADD_TESTS)
+    assert not result.passed, result
+    assert not run_python(CHEATS[cheat], ADD_TESTS)
+    good = "```python\ndef add(a, b):\n    return a + b\n```"
+    pair = {"conversation": [{"role": "user", "content": "add"}], "chosen": f"```python\n{CHEATS[cheat]}\n```",
+            "rejected": good, "metadata": {"tests": ADD_TESTS}}
+    assert verify(pair) == ("code", "rejected")  # the honest response wins, the cheat never does
+
+
+@needs_bwrap
+@pytest.mark.timeout(60)
+def test_a_pass_needs_every_test_to_have_run(sb):
+    good = "def add(a, b):\n    return a + b"
+    result = sandbox.run_tests(good, ADD_TESTS)
+    assert result.passed and result.ok and len(result.evidence) == 2 * sandbox.TOKEN_BYTES, result
+    # The exit status of a cheat is 0 all the same: the evidence is what differs.
+    cheat = sandbox.run_tests(CHEATS["os._exit(0) before the tests"], ADD_TESTS)
+    assert cheat.ok and not cheat.passed and cheat.evidence == b""
+    # Tests written as functions run even when nothing calls them; one failing is no pass.
+    assert sandbox.run_tests(good, "def test_add():\n    assert add(2, 3) == 5\n").passed
+    assert not sandbox.run_tests(good, "def test_add():\n    assert add(2, 3) == 6\n").passed
+    # Each run has its own token: a token seen in one run is worth nothing in the next.
+    assert result.evidence != sandbox.run_tests(good, ADD_TESTS).evidence
+    assert not sandbox.run_tests("def add(a, b):\n    return a + b +", ADD_TESTS).passed  # a syntax error
+
+
+# Runs the sandbox N times from a process that is a child subreaper, as the worker and the sidecar are
+# reapers when they are PID 1 of their containers: every orphaned sandbox process comes back to it.
+REAPER_SCRIPT = r"""
+import ctypes, json, os, subprocess, sys, time
+PR_SET_CHILD_SUBREAPER = 36
+assert ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+from streams.runtime.processors import sandbox
+
+def children():
+    out = []
+    for pid in sandbox._child_pids():
+        with open(f"/proc/{pid}/status") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        out.append((pid, fields["Name"].strip(), fields["State"].strip()))
+    return out
+
+assert sandbox.available(), sandbox.unavailable_reason()
+# Without the reaping: bwrap run directly leaves its sandbox init behind as a zombie.
+bare = subprocess.run([sandbox.BWRAP, "--unshare-all", "--unshare-user", *sandbox._system_binds(), "--",
+                       "/usr/bin/true"], env={}, check=False)
+time.sleep(0.5)
+before = children()
+for i in range(int(sys.argv[1])):
+    sandbox.run_python("print(1)")
+    sandbox.run_python("while True:\n    pass", sandbox.Limits(timeout_s=0.5))
+    sandbox.run_tests("import os\nif os.fork() == 0:\n    import time; time.sleep(30)\nx = 1", "assert x == 1")
+print(json.dumps({"bare_rc": bare.returncode, "before": before, "after": children()}))
+"""
+
+
+@needs_bwrap
+@pytest.mark.timeout(120)
+def test_no_zombie_is_left_where_the_worker_is_the_reaper(sb):
+    import json
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", REAPER_SCRIPT, "5"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=100)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert report["bare_rc"] == 0, report
+    # The control: a plain bwrap run left its sandbox init behind as a zombie of the reaper.
+    assert [state[0] for _, name, state in report["before"] if name == "bwrap"] == ["Z"], report
+    assert report["after"] == [], report  # 15 sandbox runs later: no zombie and no orphan, the bare one reaped too
+
+
+def _pss_of(marker: str) -> int:
+    """Anonymous bytes the processes carrying ``marker`` hold together (proportional set size: a page
+    shared after fork counts once)."""
+    total = 0
+    for pid in _processes_with(marker):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                rollup = dict(line.split(":", 1) for line in fh if ":" in line)
+            # Anonymous memory is what a run's allocations take; the interpreter's file pages are shared.
+            total += int(rollup.get("Pss_Anon", rollup["Pss"]).split()[0]) << 10
+        except (OSError, KeyError, ValueError):
+            pass
+    return total
+
+
+ALLOCATORS = """
+import time
+for i in range(7):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        held = []
+        try:
+            for _ in range(25):
+                held.append(bytearray(8 << 20))  # 8 MiB, every page written
+                print('holds', len(held) * 8, flush=True)
+        except MemoryError:
+            print('refused', flush=True)
+        time.sleep(2)
+        os._exit(0)
+failed = 0
+while True:
+    try:
+        _, status = os.wait()
+    except ChildProcessError:
+        break
+    failed += status != 0
+print('children killed', failed)
+"""
+
+
+@needs_bwrap
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["as found here", "rlimit"])
+def test_a_fork_bomb_of_allocators_stays_within_the_runs_memory_cap(mode, monkeypatch):
+    from streams.runtime.processors import cgroups
+
+    if mode == "rlimit":
+        monkeypatch.setattr(cgroups, "find", lambda: None)
+    sandbox.reset()
+    try:
+        assert sandbox.available(), sandbox.unavailable_reason()
+        found = sandbox.memory_mode()
+        if mode == "rlimit":
+            assert found == "rlimit"
+        cap = 256 << 20  # 7 children asking 200 MiB each: 1.4 GiB without a cap on the total
+        marker = f"prefstream-alloc-{uuid.uuid4().hex}"
+        peak, done = [0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _pss_of(marker))
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            result = _run(_marked(marker, ALLOCATORS), memory_bytes=cap, timeout_s=30)
+        finally:
+            done.set()
+            sampler.join()
+        out = result.output.decode()
+        assert result.memory_mode == found
+        assert out.count("holds") > 7, out[-2000:]  # the children did allocate
+        assert peak[0] <= cap, f"{peak[0] >> 20} MiB held together under a {cap >> 20} MiB cap ({found})"
+        if found.startswith("cgroup"):
+            assert result.status == "memory limit" and not result.ok  # the kernel killed allocators at the cap
+        else:
+            assert "refused" in out and "holds 200" not in out  # each process got its share only
+        assert _gone(marker)
+    finally:
+        sandbox.reset()
+
+
+@needs_bwrap
+def test_the_memory_mode_is_on_the_metrics(sb):
+    from prometheus_client import generate_latest
+
+    text = generate_latest().decode()
+    mode = sandbox.memory_mode()
+    assert mode in ("cgroup_v1", "cgroup_v2", "rlimit")
+    for each in ("cgroup_v1", "cgroup_v2", "rlimit"):
+        assert f'prefstream_code_sandbox_memory_mode{{mode="{each}"}} {1.0 if each == mode else 0.0}' in text
+
+
 @pytest.fixture
 def no_sandbox(monkeypatch):
     monkeypatch.setattr(sandbox, "BWRAP", "/nonexistent/bwrap")
@@ -319,8 +533,12 @@ def test_sidecar_serves_sandboxed_runs_over_its_socket(sb, tmp_path, monkeypatch
         monkeypatch.setattr(sandbox, "SIDECAR_SOCKET", path)
         sandbox.reset()
         assert sandbox.available() and sandbox._sandbox.socket == path
+        assert sandbox.memory_mode() == server.sandbox.memory_mode  # the sidecar's, shown on the worker's /metrics
         assert run_python("def add(a, b):\n    return a + b", "assert add(2, 3) == 5")
         assert not run_python("def add(a, b):\n    return a - b", "assert add(2, 3) == 5")
+        # The worker judges the sidecar's evidence against its own token.
+        for cheat in ("os._exit(0) before the tests", "sys.exit(0) before the tests", "a printed pass line"):
+            assert not run_python(CHEATS[cheat], ADD_TESTS)
     finally:
         server.shutdown()
         server.server_close()
@@ -347,7 +565,8 @@ def test_code_verifier_component_renders_and_validates(tmp_path):
     worker = next(c for c in pod["containers"] if c["name"] == "worker")
     socket_dir = os.path.dirname(sandbox.SIDECAR_SOCKET)
     assert sidecar["restartPolicy"] == "Always" and sidecar["command"][-1] == sandbox.SIDECAR_SOCKET
-    assert sidecar["command"][:3] == ["python", "-m", sandbox.__name__]
+    # Under tini, which reaps what is re-parented to PID 1 (each run's sandbox init).
+    assert sidecar["command"][:5] == ["/usr/bin/tini", "--", "python", "-m", sandbox.__name__]
     assert {m["mountPath"] for m in sidecar["volumeMounts"]} == {socket_dir}
     assert socket_dir in {m["mountPath"] for m in worker["volumeMounts"]}
     # Only the sidecar may create user namespaces, and it sees none of the worker's configuration or secrets.

@@ -28,10 +28,13 @@ def response_digest(text: str) -> str:
 
 
 def write_training_pairs(model_dir: str | Path, pairs: list[dict[str, Any]]) -> None:
-    """Record (pair_id, digest of the chosen response) of every training pair in the model directory."""
+    """Record (pair_id, digest of the chosen response, margin when set) of every training pair in the model
+    directory."""
     with gzip.open(Path(model_dir) / TRAINING_PAIRS, "wt", encoding="utf-8") as fh:
         for p in pairs:
-            fh.write(json.dumps({"pair_id": p["pair_id"], "chosen": response_digest(p["chosen"])}) + "\n")
+            margin = float((p.get("extra") or {}).get("margin") or 0.0)
+            fh.write(json.dumps({"pair_id": p["pair_id"], "chosen": response_digest(p["chosen"])}
+                                | ({"margin": margin} if margin else {})) + "\n")
 
 
 def read_training_pairs(model_dir: str | Path) -> list[dict[str, str]]:

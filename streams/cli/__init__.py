@@ -55,9 +55,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from streams.cli import dlq, io, local, models, services, stack, topics, train
+    from streams.cli import dlq, io, keys, local, models, services, stack, topics, train
 
-    for module in (stack, topics, io, dlq, services, train, models, local):
+    for module in (stack, topics, io, dlq, services, train, models, keys, local):
         for command in module.COMMANDS:
             main.add_command(command)
 

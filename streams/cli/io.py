@@ -20,10 +20,15 @@ from streams.settings import get_settings
               show_default=True, help="Line format; auto detects it from the first line.")
 @click.option("--topic", default=None, help="Topic to write to (default: prefs.raw with the configured prefix).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Send at most this many pairs.")
-def produce(file: Path, fmt: str, topic: str | None, limit: int | None) -> None:
+@click.option("--generator-key", is_flag=True,
+              help="Sign with the demo generator's key in PREFSTREAM_HOME/keys (the embedded stack's), so the "
+                   "metadata.answer and metadata.tests of `prefstream generate`'s pairs count.")
+def produce(file: Path, fmt: str, topic: str | None, limit: int | None, generator_key: bool) -> None:
     """Validate the pairs in a JSONL file and publish them to prefs.raw.
 
-    FILE may be gzipped (.gz) or - for standard input.
+    FILE may be gzipped (.gz) or - for standard input. Pairs are signed with the producer key in
+    PREFSTREAM_PRODUCER_KEY_ID / PREFSTREAM_PRODUCER_KEY when set (or --generator-key): without a key
+    the workers ignore what the pairs vouch for themselves (metadata.answer, metadata.tests).
 
     Formats: our JSON ({"conversation"|"prompt", "chosen", "rejected", ...}), HH-RLHF
     ({"chosen": transcript, "rejected": transcript}) and JudgeBench (question, response_A,
@@ -33,7 +38,15 @@ def produce(file: Path, fmt: str, topic: str | None, limit: int | None) -> None:
     from schemas.formats import FormatError, read_jsonl
     from streams.sdk import PreferenceProducer
 
-    producer = PreferenceProducer(topic=topic)
+    key = None
+    if generator_key:
+        from streams.keys import generator_signer, keys_dir
+
+        key = generator_signer(get_settings())
+        if key is None:
+            raise StreamsError(f"no generator key in {keys_dir(get_settings())}; start the embedded stack "
+                               "(`prefstream stack up`), which generates it")
+    producer = PreferenceProducer(topic=topic, key=key)
     reasons: Counter[str] = Counter()
     examples: dict[str, str] = {}
     with progress() as bar:

@@ -88,7 +88,7 @@ def up(workers: int, review_port: int | None, no_controller: bool, refresh: floa
     """Run everything in the foreground with a live status; Ctrl-C stops it all cleanly.
 
     Publish pairs meanwhile with `prefstream produce FILE` (or `prefstream generate | prefstream
-    produce -`), and review them at the URL shown. Annotator tokens come from
+    produce --generator-key -`), and review them at the URL shown. Annotator tokens come from
     PREFSTREAM_REVIEW_TOKENS; when unset, one token is made up for this run and printed.
     """
     from streams.local.up import run_up
@@ -115,7 +115,12 @@ def up(workers: int, review_port: int | None, no_controller: bool, refresh: floa
 @click.option("--threshold", type=click.IntRange(min=0), default=DemoConfig.threshold,
               help="Curated pairs per retrain (default: a quarter of a phase).")
 @click.option("--seed-steps", type=click.IntRange(min=1), default=DemoConfig.seed_steps, show_default=True)
-@click.option("--retrain-steps", type=click.IntRange(min=1), default=DemoConfig.retrain_steps, show_default=True)
+@click.option("--retrain-epochs", type=click.FloatRange(min=0.1), default=DemoConfig.retrain_epochs, show_default=True,
+              help="Passes over each retrain's pairs (it stops early on the gold validation slice).")
+@click.option("--full-retrain-every", type=click.IntRange(min=0), default=DemoConfig.full_retrain_every,
+              show_default=True, help="Every Nth retrain trains from Stage 1 on every curated pair; 0 = never.")
+@click.option("--comparison-seeds", type=click.IntRange(min=1), default=DemoConfig.comparison_seeds, show_default=True,
+              help="Seeds of the like-for-like comparison (each trains the raw, curated and truth arms).")
 @click.option("--max-length", type=click.IntRange(min=16), default=DemoConfig.max_length, show_default=True)
 @click.option("--rate", type=click.FloatRange(min=0.1), default=DemoConfig.rate, show_default=True,
               help="Pairs per second produced.")
@@ -125,9 +130,15 @@ def up(workers: int, review_port: int | None, no_controller: bool, refresh: floa
 @click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=1), default=DemoConfig.time_limit_s,
               show_default=True, help="Seconds before the demo stops waiting for retrains.")
 @click.option("--seed", type=int, default=DemoConfig.seed, show_default=True, help="Seed of the generated data.")
-@click.option("--raw-baseline/--no-raw-baseline", default=DemoConfig.raw_baseline, show_default=True,
-              help="Train a model on the stream as published (same start, pairs and steps as the retrains) and report "
-                   "it beside the curated one on the clean holdout (one more training run at the end).")
+@click.option("--stream", type=click.Choice(["generated", "hh"]), default=DemoConfig.stream, show_default=True,
+              help="generated: the generator's pairs (plus --hh-pairs HH-RLHF pairs); hh: HH-RLHF pairs alone "
+                   "(../shared/data or --hh-file) with the same kinds of noise planted, truth = the published label.")
+@click.option("--hh-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="HH-RLHF JSONL(.gz) to mix in or stream (default: ../shared/data/hh-rlhf-harmless-test.jsonl.gz).")
+@click.option("--comparison/--no-comparison", default=DemoConfig.comparison, show_default=True,
+              help="Prove curation like for like at the end: replay the served version's chain from its base on the "
+                   "same pairs and steps with raw, curated and true labels (each seed), and run one batch training on "
+                   "all curated pairs with the same compute (3 x seeds + 1 training runs).")
 @click.option("--durable", is_flag=True, help=DURABLE_HELP)
 def demo(out_dir: Path, **kw: Any) -> None:
     """Run the whole system on this machine and write a report (what `make demo` runs).

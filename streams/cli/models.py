@@ -83,7 +83,8 @@ def models_publish(store: Any, model: Path, role: str, parent: str | None, annou
 
 @models.command("promote")
 @click.argument("version")
-@click.option("--role", type=click.Choice(["current", "gold"]), default=None, help="Default: the version's own role.")
+@click.option("--role", type=click.Choice(["current", "gold"]), default=None,
+              help="The version's own role (the default); any other is refused, as workers refuse it.")
 @click.option("--announce/--no-announce", default=True, show_default=True)
 @click.pass_obj
 def models_promote(store: Any, version: str, role: str | None, announce: bool) -> None:

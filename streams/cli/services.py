@@ -91,7 +91,8 @@ def review(host: str | None, port: int | None) -> None:
                      kwargs={"retention_s": rs.retention_s}, name="aggregator",
                      daemon=True).start()
     try:
-        uvicorn.run(app, host=host or rs.host, port=port or rs.port, log_level="warning")
+        uvicorn.run(app, host=host or rs.host, port=port or rs.port, log_level="warning", proxy_headers=True,
+                    forwarded_allow_ips=rs.forwarded_allow_ips)
     finally:
         feeder.stop.set()
 
@@ -100,7 +101,8 @@ def review(host: str | None, port: int | None) -> None:
 @click.option("--simulate", "n", type=int, required=True, help="How many simulated annotators to sign in.")
 @click.option("--accuracy", type=float, default=0.9, show_default=True, help="Chance each verdict is right.")
 @click.option("--truth", "truth_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="JSONL of the pairs with their known truth (metadata.truth = chosen|rejected).")
+              help="JSONL of the pairs with their known truth (metadata.truth = chosen|rejected|tie|both_bad; "
+                   "optional metadata.strength = slightly|clearly|much).")
 @click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The review app.")
 @click.option("--max-tasks", type=int, default=None, help="Stop after this many verdicts.")
 @click.option("--idle", type=float, default=5.0, show_default=True, help="Stop after this many seconds without a task.")

@@ -20,6 +20,7 @@ from streams.embedded.objectstore import ObjectStore, ObjectStorePorts, create_b
 from streams.embedded.process import ServerProcess
 from streams.exceptions import ConfigError, StackError
 from streams.kafka.admin import TopicState, broker_answers, ensure_topics
+from streams.keys import ensure_local_keys
 from streams.settings import DEFAULT_KAFKA_PORT, DEFAULT_REDIS_PORT, Settings
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
@@ -104,12 +105,14 @@ class Stack:
         return broker_answers(self.settings, timeout=0.5)
 
     def up(self) -> list[TopicState]:
-        """Start what is not running, wait until all answer, provision topics. Safe to repeat.
+        """Start what is not running, wait until all answer, provision topics; generate the keys missing under
+        PREFSTREAM_HOME/keys (streams/keys.py). Safe to repeat.
 
         Durable: the object store first, then the broker on its bucket. A broker that kept running
         while the store was away carries on once the store is back (its storage is the store's).
         """
         self.home.mkdir(parents=True, exist_ok=True)
+        ensure_local_keys(self.settings)  # the services on this machine sign and verify with these
         extra_env: dict[str, str] = {}
         if self.durable:
             self.refuse_memory_broker()

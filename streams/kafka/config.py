@@ -78,6 +78,8 @@ def _common(settings: Settings) -> dict[str, Any]:
         "log.connection.close": False,
         "logger": KAFKA_LOG,
     }
+    if settings.ssl_ca_location:
+        conf["ssl.ca.location"] = str(settings.ssl_ca_location)
     if settings.sasl_mechanism:
         conf["sasl.mechanism"] = settings.sasl_mechanism
         conf["sasl.username"] = settings.sasl_username or ""

@@ -1,11 +1,16 @@
 """The one topic reader: every place that reads and decodes a topic (CLI, report, demo, controller,
 review feeder, SDK, tests, benchmarks) goes through ``TopicReader``.
 
-Record identity: on the embedded broker (Tansu 0.6) a ``read_committed`` consumer also receives the
-records of aborted transactions, so an output batch that a worker or the aggregator aborted and
-redid reaches readers twice. Readers that must not act twice dedupe on ``identity(schema, record)``
-(``TopicReader(dedupe=N)``, the shard writer, the controller, the report); on Apache Kafka
-read_committed already hides the aborted copy and the dedupe finds nothing to drop.
+Committed records only: on the embedded broker (Tansu 0.6) a ``read_committed`` consumer also
+receives the records of aborted transactions. Every ``TopicReader`` runs a ``CommittedFilter``
+(streams/kafka/committed.py): the stages that write in transactions (worker, second look,
+aggregator) stamp their outputs and mark their topics, and the reader yields a stamped record only
+once its transaction is known to have committed, never one of an aborted transaction, and never a
+marker. Records without the stamp (plain producers) come at once.
+
+Record identity: readers that must not act twice on one fact (a pair replayed, or sent twice) dedupe
+on ``identity(schema, record)`` (``TopicReader(dedupe=N)``, the shard writer, the controller, the
+report).
 
 The stream processors that consume, transform and produce in one transaction (worker, shard writer,
 aggregator) keep their own group consumers: they commit offsets inside their transactions.
@@ -23,8 +28,10 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaExcepti
 from confluent_kafka import KafkaError as _RdKafkaError
 
 from schemas.exceptions import SchemaError
+from schemas.records import UNRANKED_SPLITS
 from schemas.wire import ValueCodec
 from streams.exceptions import BrokerError
+from streams.kafka.committed import CommittedFilter
 from streams.kafka.config import consumer_config
 from streams.settings import Settings, get_settings
 
@@ -34,6 +41,10 @@ POLL_S = 0.2
 DEFAULT_DEDUPE_MAX = 100_000
 
 
+# The CuratedPair splits the aggregator writes (a human decision); the worker writes the others.
+HUMAN_SPLITS = ("gold", *UNRANKED_SPLITS)
+
+
 def curated_identity(rec: dict[str, Any]) -> tuple[str, str]:
     """(pair_id, 'gold' | 'routed'): what stays the same when a CuratedPair's batch is redone.
 
@@ -41,9 +52,10 @@ def curated_identity(rec: dict[str, Any]) -> tuple[str, str]:
     may swap models before it redoes the batch, and the new model can route the pair to another
     split. A pair gets one routed CuratedPair from the worker (silver, flipped, verified_by_tool) and,
     when it went to review instead, one gold CuratedPair from the aggregator; the two never come
-    from the same scoring, and both are kept.
+    from the same scoring, and both are kept. The aggregator's tie and both_bad records are its
+    decision too, so they count as 'gold' (one human decision per pair).
     """
-    return rec["pair"]["pair_id"], "gold" if rec["split"] == "gold" else "routed"
+    return rec["pair"]["pair_id"], "gold" if rec["split"] in HUMAN_SPLITS else "routed"
 
 
 IDENTITIES: dict[str, Callable[[dict[str, Any]], Hashable]] = {
@@ -124,6 +136,10 @@ class TopicReader:
 
     ``dedupe=N``: ``decoded()`` and ``records()`` skip a record whose ``identity`` is among the last N
     seen by this reader (counted in ``self.duplicates``; its offset is still committed).
+
+    Records of aborted transactions and markers are never yielded (``self.filter`` counts them); a
+    stamped record is yielded once a later marker of its stage says its transaction committed, and
+    offsets are committed only up to what was released (streams/kafka/committed.py).
     """
 
     def __init__(self, topic: str, schema: str, settings: Settings | None = None, group: str | None = None,
@@ -149,13 +165,20 @@ class TopicReader:
                 raise BrokerError(f"topic {topic} does not exist at {self.settings.bootstrap}; run `prefstream stack up`")
             start = OFFSET_BEGINNING if from_beginning else OFFSET_END
             self._consumer.assign([TopicPartition(topic, p, start) for p in parts])
-        self._pending = None
+        # The last record released per partition, and the partitions where one was yielded since the
+        # last commit: only those are committed when the caller asks for the next record, so markers
+        # alone cost no commit (close() commits them too).
+        self._pending: dict[tuple[str, int], Any] = {}
+        self._yielded: set[tuple[str, int]] = set()
         self.undecodable = 0
+        self.filter = CommittedFilter()
 
-    def _commit_pending(self) -> None:
-        if self._pending is not None and self.group:
-            self._consumer.commit(message=self._pending, asynchronous=False)
-        self._pending = None
+    def _commit_pending(self, everything: bool = False) -> None:
+        for key in [k for k in self._pending if everything or k in self._yielded]:
+            msg = self._pending.pop(key)
+            if self.group:
+                self._consumer.commit(message=msg, asynchronous=False)
+        self._yielded.clear()
 
     def messages(self, idle_timeout: float | None = None) -> Iterator[Any]:
         """Raw messages; stops after ``idle_timeout`` seconds without a new one (None: never)."""
@@ -174,10 +197,16 @@ class TopicReader:
                     raise BrokerError(f"reading {self.topic}: {msg.error().str()}")
                 continue
             last = time.monotonic()
-            self._pending = msg
-            if self.since_ms is not None and 0 < msg.timestamp()[1] < self.since_ms:
-                continue  # written before this reader started (see from_beginning)
-            yield msg
+            for released, committed in self.filter.add(msg):
+                self._commit_pending()  # the caller asked for the next record: the last one is done
+                key = (released.topic(), released.partition())
+                self._pending[key] = released
+                if not committed:
+                    continue  # a marker, or a record of a transaction that did not commit
+                if self.since_ms is not None and 0 < released.timestamp()[1] < self.since_ms:
+                    continue  # written before this reader started (see from_beginning)
+                self._yielded.add(key)
+                yield released
 
     def decode(self, msg: Any) -> TopicRecord:
         """Decode one raw message with the reader's schema; raises SchemaError if it does not fit."""
@@ -207,7 +236,7 @@ class TopicReader:
 
     def close(self) -> None:
         try:
-            self._commit_pending()
+            self._commit_pending(everything=True)
         finally:
             self._consumer.close()  # leave the group cleanly: a dead member holds it until timeout
 

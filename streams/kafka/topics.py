@@ -60,5 +60,39 @@ TOPICS: tuple[TopicSpec, ...] = (
 BY_NAME = {t.name: t for t in TOPICS}
 
 
+@dataclass(frozen=True)
+class Access:
+    """What one component does on the cluster, and so all its Kafka user may do: the topics it reads and
+    writes, the consumer groups it commits offsets in and its transactional ids (a name ending in '*' is
+    a prefix). Strimzi KafkaUsers with exactly these ACLs are generated from it (streams/deploy.py)."""
+
+    reads: frozenset[str] = frozenset()
+    writes: frozenset[str] = frozenset()
+    groups: tuple[str, ...] = ()
+    transactional_ids: tuple[str, ...] = ()
+
+
+# Readers without a group (assign()ed partitions, nothing committed: the feeder's rebuild, the
+# controller's scored window, the workers' model-version watcher) need no group ACL.
+ACCESS: dict[str, Access] = {
+    # Applications publishing pairs (streams/sdk.py).
+    "app": Access(writes=frozenset({RAW})),
+    # The pipeline (prefs.raw), its second look (prefs.deferred), the shard writer (prefs.curated), the
+    # model-version watcher; one transactional id per worker pod and one for its second look.
+    "worker": Access(reads=frozenset({RAW, DEFERRED, CURATED, MODEL_VERSIONS}),
+                     writes=frozenset({SCORED, REVIEW, CURATED, DLQ, DEFERRED}),
+                     groups=("prefstream-pipeline", "prefstream-pipeline-deferred", "prefstream-shards"),
+                     transactional_ids=("prefstream-prefstream-pipeline-*",)),
+    # The web app (verdicts), its feeder (prefs.review) and the aggregator (gold, expert tasks, DLQ).
+    "review": Access(reads=frozenset({REVIEW, ANNOTATIONS}), writes=frozenset({ANNOTATIONS, REVIEW, VERIFIED, CURATED, DLQ}),
+                     groups=("prefstream-aggregator", "prefstream-review-feeder"),
+                     transactional_ids=("prefstream-aggregator",)),
+    # The drift and rollback windows (prefs.scored); rollbacks are announced.
+    "controller": Access(reads=frozenset({SCORED}), writes=frozenset({MODEL_VERSIONS})),
+    # A retrain announces the version it published.
+    "retrain": Access(writes=frozenset({MODEL_VERSIONS})),
+}
+
+
 def spec(name: str) -> TopicSpec:
     return BY_NAME[name]

@@ -6,6 +6,10 @@ error retries the same call; an abortable one aborts the transaction and the bat
 the last committed offsets; a fatal one replaces the producer (a new one with the same
 transactional id fences the old) and the batch is redone. Nothing is skipped: the consumer is
 rewound before it reads on, however long the broker is away.
+
+With ``marked`` topics (the worker, its second look and the aggregator give every topic they write),
+each output is stamped and each attempt writes markers, so that readers drop the records of attempts
+that did not commit, on a broker that delivers them (streams/kafka/committed.py).
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from streams.exceptions import BrokerError
+from streams.kafka.committed import Marking, marker_headers, stamped
 from streams.kafka.config import producer_config
 from streams.settings import Settings
 
@@ -35,6 +40,12 @@ Output = tuple[str, bytes | None, bytes, list]  # topic, key, value, headers
 # A retriable error retries its call this many times before the batch is aborted and redone.
 CALL_RETRIES = 3
 RETRY_BACKOFF_S = 1.0
+# How often the partition counts of the marked topics are read again (a topic given more partitions
+# gets markers there from then on).
+MARKED_METADATA_S = 60.0
+# After a failed markers-only transaction (the broker away) the next try waits this long, so an idle
+# loop that calls ``anchor`` on every pass keeps polling meanwhile.
+ANCHOR_RETRY_S = 5.0
 
 
 def transactional_producer(settings: Settings, transactional_id: str) -> Producer:
@@ -89,7 +100,7 @@ class BatchTransactions:
 
     def __init__(self, settings: Settings, transactional_id: str,
                  make_producer: Callable[[Settings, str], Producer] = transactional_producer,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, marked: Iterable[str] = ()) -> None:
         self.settings, self.transactional_id = settings, transactional_id
         self._make_producer = make_producer
         self.stop = stop or threading.Event()
@@ -97,6 +108,12 @@ class BatchTransactions:
         self.failures = 0
         self.last_error = ""
         self.replaced = 0  # producers replaced after a fatal error
+        # ``marked``: every topic the stage writes. Its outputs are stamped and each attempt writes markers
+        # there, so that readers drop the records of attempts that did not commit (streams/kafka/committed.py).
+        self.marking = Marking(marked) if marked else None
+        self._marker_partitions: list[tuple[str, int]] = []
+        self._marker_partitions_at = float("-inf")
+        self._anchor_after = float("-inf")
 
     def poll(self) -> None:
         """Serve the producer's queue (librdkafka's log lines come through it)."""
@@ -117,18 +134,80 @@ class BatchTransactions:
         return True
 
     def _commit(self, producer: Producer, consumer: Consumer, outputs: list[Output], msgs: list[Any]) -> None:
+        stamp = self._stamp(consumer, msgs) if self.marking is not None else None
         self._call(producer.begin_transaction)
         for topic, key, value, headers in outputs:
-            while True:
-                try:
-                    producer.produce(topic, value=value, key=key, headers=headers)
-                    break
-                except BufferError:
-                    producer.poll(0.1)  # the local queue is full: let deliveries drain, then go on
+            self._produce(producer, topic, value, key, stamped(headers, stamp) if stamp else headers)
+        if stamp:
+            self._produce_markers(producer, stamp)
         offsets = next_offsets(msgs)
         self._call(lambda: producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(),
                                                                 TXN_CALL_TIMEOUT_S))
         self._call(lambda: producer.commit_transaction(TXN_CALL_TIMEOUT_S))
+        if self.marking is not None:
+            # This batch's rows wait for a later marker; any later transaction's markers name its partitions.
+            self.marking.unanchored = bool(outputs)
+
+    @staticmethod
+    def _produce(producer: Producer, topic: str, value: bytes | None, key: bytes | None, headers: list | None,
+                 partition: int | None = None) -> None:
+        extra = {} if partition is None else {"partition": partition}
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, headers=headers, **extra)
+                return
+            except BufferError:
+                producer.poll(0.1)  # the local queue is full: let deliveries drain, then go on
+
+    def _stamp(self, consumer: Consumer, msgs: list[Any]) -> bytes:
+        """The attempt's stamp: the group's committed offsets of the partitions it holds (asked now: after a
+        rebalance another worker may have moved them) and the batch's last offsets."""
+        held = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        held |= {(m.topic(), m.partition()) for m in msgs}
+        committed = consumer.committed([TopicPartition(t, p) for t, p in sorted(held)], timeout=TXN_CALL_TIMEOUT_S)
+        return self.marking.stamp(committed, msgs).encode()
+
+    def _produce_markers(self, producer: Producer, stamp: bytes) -> None:
+        """One marker per partition of every marked topic (partition counts read again every MARKED_METADATA_S)."""
+        now = time.monotonic()
+        if now - self._marker_partitions_at >= MARKED_METADATA_S:
+            found = []
+            for topic in self.marking.topics:
+                meta = producer.list_topics(topic, timeout=TXN_CALL_TIMEOUT_S).topics.get(topic)
+                if meta is None or meta.error is not None or not meta.partitions:
+                    raise BrokerError(f"cannot mark topic {topic}: it does not exist at {self.settings.bootstrap} "
+                                      f"({meta.error if meta is not None else 'no metadata'}); run `prefstream topics create`")
+                found += [(topic, p) for p in sorted(meta.partitions)]
+            self._marker_partitions, self._marker_partitions_at = found, now
+        headers = marker_headers(stamp)
+        for topic, partition in self._marker_partitions:
+            self._produce(producer, topic, None, None, headers, partition)
+
+    def anchor(self, consumer: Consumer) -> bool:
+        """When idle: a transaction of markers only, so that readers can decide the last batch's rows.
+
+        Needed only after a committed transaction with outputs (and once at start, for a predecessor's last
+        batch); a no-op otherwise, or without marking, or while the consumer holds no partition. False when
+        it failed (tried again at the next call)."""
+        if self.marking is None or not self.marking.unanchored:
+            return True
+        if time.monotonic() < self._anchor_after or not consumer.assignment():
+            return False
+        try:
+            if self.producer is None:
+                self.producer = self._make_producer(self.settings, self.transactional_id)
+            producer = self.producer
+            stamp = self._stamp(consumer, [])
+            self._call(producer.begin_transaction)
+            self._produce_markers(producer, stamp)
+            self._call(lambda: producer.commit_transaction(TXN_CALL_TIMEOUT_S))
+        except (KafkaException, BrokerError) as exc:
+            self._recover(exc)
+            self._anchor_after = time.monotonic() + ANCHOR_RETRY_S
+            return False
+        self.marking.unanchored = False
+        self.failures, self.last_error = 0, ""
+        return True
 
     def _call(self, call: Callable[[], Any]) -> Any:
         for attempt in range(CALL_RETRIES + 1):

@@ -73,8 +73,9 @@ def _with_holdout(arm: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
 
 def like_for_like(models_dir: str | Path, version: str, published: dict[str, dict[str, Any]],
                   stream: dict[str, dict[str, Any]], probe_sets: dict[str, list[dict[str, Any]]], seeds: list[int],
-                  on_arm: Callable[[str, int], None] | None = None) -> dict[str, Any]:
-    """The three arms replayed on ``version``'s chain, their scores per probe and the gains (see the module)."""
+                  on_arm: Callable[[str, int], None] | None = None, scale: float = 1.0) -> dict[str, Any]:
+    """The three arms replayed on ``version``'s chain, their scores per probe and the gains (see the module);
+    ``scale`` lengthens every link's training by that factor (the study's longer length)."""
     from trainers.chain import chain_of
     from trainers.evaluation.comparison import compare, gains
     from trainers.storage.registry import ModelStore
@@ -83,13 +84,13 @@ def like_for_like(models_dir: str | Path, version: str, published: dict[str, dic
     chain = chain_of(store, version)
     labelled = arms(chain, published, stream)
     missing = len(chain.pair_ids()) - len(labelled["truth"])
-    result = compare(chain, store.checkout(chain.base), labelled, probe_sets, seeds, on_arm=on_arm)
+    result = compare(chain, store.checkout(chain.base), labelled, probe_sets, seeds, on_arm=on_arm, scale=scale)
     sizes = {p: len(probe_sets[p]) for p in HOLDOUT_PROBES}
     for arm in result.values():
         _with_holdout(arm, sizes)
     by_probe = gains(result)
     headline = by_probe["clean_holdout"]
-    return {"version": version, "base": chain.base, "seeds": seeds, "pairs": len(chain.pair_ids()),
+    return {"version": version, "base": chain.base, "seeds": seeds, "scale": scale, "pairs": len(chain.pair_ids()),
             "pairs_without_truth": missing, "pairs_curated_label_differs": sum(
                 1 for i, p in labelled["curated"].items() if p["chosen"] != labelled["raw"][i]["chosen"]),
             "links": [{"version": link.version, "mode": link.mode, "pairs": len(link.pairs),

@@ -31,8 +31,8 @@ from rich.console import Console
 from streams.embedded.process import free_port
 from streams.exceptions import StreamsError
 from streams.kafka import topics
+from streams.local.curation import RETRAIN_FREEZE_LAYERS
 from streams.local.generate import GenerateConfig, as_clean, generate, write_jsonl
-from streams.local.raw_baseline import RETRAIN_FREEZE_LAYERS
 from streams.local.services import Deployment
 from streams.local.supervisor import describe_exit
 from streams.settings import Settings, child_env, get_settings
@@ -47,10 +47,14 @@ class DemoError(StreamsError):
     """A stage of the demo failed; the message says which and where its log is."""
 
 
-# A demo retrain (retrain_steps steps beside the worker, one thread each) takes about 1.4 times as long
-# per step as Stage 1 (seed_steps steps for each of two models, every core): 35 s against 19 s for 20
-# and 15 steps on a 2-core machine. The plan scales Stage 1's measured time by it.
+# A demo retrain step (beside the worker, one thread each) takes about 1.4 times as long as a Stage 1 step
+# (seed_steps steps for each of two models, every core): 35 s against 19 s for 20 and 15 steps on a 2-core
+# machine. The plan scales Stage 1's measured time by it.
 RETRAIN_PER_SEED_STEP = 1.4
+# Retrains are sized to their data (epochs over the curated pairs): about this share of the streamed pairs
+# is curated (the rest waits for review or is dropped), in batches of the retrain's batch size.
+CURATED_SHARE = 0.75
+RETRAIN_BATCH = 16
 # The longest the demo trickles for one retrain to serve: this many times its estimate, at least MIN.
 RETRAIN_WAIT_FACTOR = 3.0
 MIN_RETRAIN_WAIT_S = 60.0
@@ -82,10 +86,11 @@ def plan_phases(cfg: DemoConfig, n_pairs: int, stage1_s: float, seconds_left: fl
 
     A retrain starts once a quarter of its phase is curated and should serve before the phase ends;
     when it takes longer the demo trickles until it serves, which the expected time counts."""
-    estimate = stage1_s * RETRAIN_PER_SEED_STEP * cfg.retrain_steps / max(1, cfg.seed_steps)
-    wait = max(MIN_RETRAIN_WAIT_S, RETRAIN_WAIT_FACTOR * estimate)
+    per_step = stage1_s * RETRAIN_PER_SEED_STEP / max(1, cfg.seed_steps)
     for retrains in range(max(1, cfg.retrains), 0, -1):
         phase_size = max(1, n_pairs // (retrains + 1))
+        estimate = per_step * retrain_steps(cfg, phase_size, retrains)
+        wait = max(MIN_RETRAIN_WAIT_S, RETRAIN_WAIT_FACTOR * estimate)
         phase_s = phase_size / cfg.rate
         expected = (retrains + 1) * phase_s + retrains * max(0.0, estimate - 0.75 * phase_s)
         if expected <= seconds_left - PLAN_MARGIN_S:
@@ -94,6 +99,24 @@ def plan_phases(cfg: DemoConfig, n_pairs: int, stage1_s: float, seconds_left: fl
                                                 f"{seconds_left:.0f} s left at this machine's speed")
     return DemoPlan(retrains, phase_size, cfg.threshold or max(20, int(phase_size * 0.25)), round(estimate, 1),
                     round(wait, 1), round(expected, 1), note)
+
+
+# About this share of the curated pairs is gold (human-verified); the gold model retrains on new gold pairs.
+GOLD_SHARE = 0.25
+MIN_GOLD_THRESHOLD = 40
+
+
+def gold_threshold(plan: DemoPlan) -> int:
+    """New gold pairs that trigger a gold retrain: about once per phase."""
+    return max(MIN_GOLD_THRESHOLD, int(plan.phase_size * CURATED_SHARE * GOLD_SHARE * 0.75))
+
+
+def retrain_steps(cfg: DemoConfig, phase_size: int, retrains: int) -> int:
+    """The steps of the longest retrain the plan expects: a full one over every phase's curated pairs when the
+    demo's chain reaches one, else one over a phase's (plus the replay share)."""
+    phases = retrains if cfg.full_retrain_every and retrains >= cfg.full_retrain_every else 1
+    pairs = phase_size * CURATED_SHARE * (phases if phases > 1 else 1 / 0.7)
+    return int(cfg.retrain_epochs * pairs / RETRAIN_BATCH) + 1
 
 
 @dataclass
@@ -111,11 +134,15 @@ class DemoConfig:
     confident_flip_share: float = 0.04
     noisy_source_share: float = 0.15
     noisy_source_flip_rate: float = 0.4
-    raw_baseline: bool = True  # train a model on the stream as published, for the report's comparison
+    # Prove curation like for like (raw, curated and truth labels on the served chain's pairs, each seed) and
+    # run one batch training on all curated pairs beside the loop (streams/local/curation.py).
+    comparison: bool = True
+    comparison_seeds: int = 2
     retrains: int = 2
     threshold: int = 0  # new curated pairs per retrain; 0 = derived from the phase size
     seed_steps: int = 15
-    retrain_steps: int = 20
+    retrain_epochs: float = 2.0
+    full_retrain_every: int = 2  # the second retrain trains from Stage 1 on every curated pair
     max_length: int = 128
     rate: float = 10.0
     max_in_flight: int = 16  # produced but not yet scored; the producer waits above it (backpressure)
@@ -127,6 +154,9 @@ class DemoConfig:
     time_limit_s: float = 900.0
     seed: int = 0
     hh_file: Path | None = None
+    # "generated": the generator's pairs (plus hh_pairs HH-RLHF pairs); "hh": HH-RLHF pairs alone with the same
+    # kinds of noise planted, truth = the published label (streams.local.generate.plant_noise).
+    stream: str = "generated"
     durable: bool = False  # the embedded broker on the object store (Settings.durable)
 
 
@@ -160,25 +190,65 @@ def stream_config(cfg: DemoConfig) -> GenerateConfig:
                           noisy_source_flip_rate=cfg.noisy_source_flip_rate)
 
 
-def build_data(cfg: DemoConfig, state: Path) -> dict[str, list[dict]]:
-    stream = list(generate(stream_config(cfg)))
-    hh_file = cfg.hh_file or (SHARED_HH if SHARED_HH.exists() else None)
-    hh: list[dict] = []
-    if cfg.hh_pairs and hh_file is not None:
-        from schemas.exceptions import InvalidRecordError
-        from schemas.formats import read_jsonl
-        from schemas.pairs import validate_pair
+def hh_pairs(hh_file: Path, limit: int | None = None) -> list[dict]:
+    """Valid HH-RLHF pairs from ``hh_file`` (its published label taken as the truth), in file order."""
+    from schemas.exceptions import InvalidRecordError
+    from schemas.formats import read_jsonl
+    from schemas.pairs import validate_pair
 
-        for line in read_jsonl(hh_file, "hh-rlhf"):
-            try:
-                pair = validate_pair(line.obj) if isinstance(line.obj, dict) else None
-            except InvalidRecordError:
-                pair = None
-            if pair is None:
-                continue
-            hh.append(pair | {"metadata": pair["metadata"] | {"gen_category": "hh_rlhf"}})
-            if len(hh) >= cfg.hh_pairs:
-                break
+    out: list[dict] = []
+    for line in read_jsonl(hh_file, "hh-rlhf"):
+        try:
+            pair = validate_pair(line.obj) if isinstance(line.obj, dict) else None
+        except InvalidRecordError:
+            pair = None
+        if pair is None:
+            continue
+        out.append(pair | {"metadata": pair["metadata"] | {"gen_category": "hh_rlhf"}})
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def hh_data(cfg: DemoConfig, hh_file: Path) -> dict[str, list[dict]]:
+    """The demo's data from HH-RLHF alone (``--stream hh``): the stream with the demo's kinds of noise planted
+    (truth = the published HH label), and clean seed, holdout (a share dressed as style traps) and confident-
+    wrong probe from other HH pairs."""
+    import random
+
+    from streams.local.curation import CONFIDENT_PROBE_PAIRS
+    from streams.local.generate import confident_wrong, plant_noise
+
+    pairs = hh_pairs(hh_file)
+    random.Random(cfg.seed).shuffle(pairs)
+    held = cfg.seed_pairs + cfg.holdout_pairs + CONFIDENT_PROBE_PAIRS
+    if len(pairs) < held + 10:
+        raise DemoError(f"{hh_file} holds {len(pairs)} usable pairs, fewer than the {held} the seed set, holdout and "
+                        "probe take; lower --seed-pairs or --holdout-pairs")
+    seed_set, holdout, probe = (pairs[:cfg.seed_pairs], pairs[cfg.seed_pairs:cfg.seed_pairs + cfg.holdout_pairs],
+                                pairs[cfg.seed_pairs + cfg.holdout_pairs:held])
+    clean = GenerateConfig(seed=cfg.seed * 10 + 2, flip_share=0, style_trap_share=cfg.style_trap_share)
+    return {"stream": list(plant_noise(pairs[held:held + cfg.pairs], stream_config(cfg))),
+            "seed": list(plant_noise(seed_set, clean)),
+            "holdout": list(plant_noise(holdout, GenerateConfig(seed=cfg.seed * 10 + 3, flip_share=0,
+                                                                 style_trap_share=max(0.3, cfg.style_trap_share)))),
+            "probe": confident_wrong(probe, cfg.seed * 10 + 4)}
+
+
+def build_data(cfg: DemoConfig, state: Path) -> dict[str, list[dict]]:
+    from streams.local.curation import CONFIDENT_PROBE_PAIRS, confident_probe
+
+    hh_file = cfg.hh_file or (SHARED_HH if SHARED_HH.exists() else None)
+    if cfg.stream == "hh":
+        if hh_file is None:
+            raise DemoError(f"--stream hh needs the HH-RLHF pairs: {SHARED_HH} is absent; give --hh-file")
+        data = hh_data(cfg, hh_file)
+        data["regression"] = data["seed"][:REGRESSION_PAIRS]
+        for name, pairs in data.items():
+            write_jsonl(pairs, state / f"{name}.jsonl")
+        return data
+    stream = list(generate(stream_config(cfg)))
+    hh = hh_pairs(hh_file, cfg.hh_pairs) if cfg.hh_pairs and hh_file is not None else []
     # HH pairs are spread through the stream, as real traffic would be mixed.
     if hh:
         step = max(1, len(stream) // len(hh))
@@ -189,9 +259,11 @@ def build_data(cfg: DemoConfig, state: Path) -> dict[str, list[dict]]:
     holdout = [as_clean(p) for p in generate(GenerateConfig(n=cfg.holdout_pairs, seed=cfg.seed * 10 + 3, flip_share=0,
                                                            style_trap_share=max(0.3, cfg.style_trap_share)))]
     regression = seed[:REGRESSION_PAIRS]  # the gate's fixed set: enough to be stable, small enough to be quick
-    for name, pairs in (("stream", stream), ("seed", seed), ("holdout", holdout), ("regression", regression)):
+    probe = confident_probe(CONFIDENT_PROBE_PAIRS, cfg.seed * 10 + 4)
+    data = {"stream": stream, "seed": seed, "holdout": holdout, "regression": regression, "probe": probe}
+    for name, pairs in data.items():
         write_jsonl(pairs, state / f"{name}.jsonl")
-    return {"stream": stream, "seed": seed, "holdout": holdout, "regression": regression}
+    return data
 
 
 def _run_cli(args: list[str], settings: Settings, log_file: Path, timeout: float) -> None:
@@ -257,6 +329,7 @@ def stream_pairs(run: DemoRun, dep: Deployment, pairs: list[dict], deadline: flo
     """Produce in retrains + 1 phases; between phases, trickle until the next version serves."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from streams.keys import generator_signer
     from streams.sdk import PreferenceProducer
 
     cfg, plan = run.cfg, run.plan
@@ -264,7 +337,9 @@ def stream_pairs(run: DemoRun, dep: Deployment, pairs: list[dict], deadline: flo
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console, transient=True)
     task = bar.add_task("streaming (phase 1)", total=len(pairs))
-    with PreferenceProducer(run.settings) as producer, bar:
+    # The generator signs with its key (generated under PREFSTREAM_HOME), so the workers honour the answers and
+    # tests of its own source's pairs (the verified_by_tool route); the noisy source's vouches are ignored.
+    with PreferenceProducer(run.settings, key=generator_signer(run.settings)) as producer, bar:
         phase = 0
         phase_start, waiting_since = time.time(), None
         for i, pair in enumerate(pairs):
@@ -353,6 +428,10 @@ def _run_stages(run: DemoRun, dep: Deployment, data: dict[str, list[dict]], toke
         stage("stage 1: first gold and current models from the seed set", t0)
         run.plan = plan_phases(cfg, len(data["stream"]), time.time() - t0, t_end - time.time())
         dep.controller_env["PREFSTREAM_CONTROLLER_THRESHOLD_CURRENT"] = str(run.plan.threshold)
+        # The gold model learns from the human-verified pairs too: it decides with the current model which labels
+        # are flipped (both below flip_below) and which are silver (gold agrees), so a gold model frozen at
+        # Stage 1 would keep sending to people the pairs the retrained current model is already sure of.
+        dep.controller_env["PREFSTREAM_CONTROLLER_THRESHOLD_GOLD"] = str(gold_threshold(run.plan))
         console.print(run.plan.describe(cfg.rate), highlight=False)
         t0 = time.time()
         dep.start_services()
@@ -416,9 +495,10 @@ def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
         # ask for more cores than there are.
         # The retrain threshold is set from the plan once Stage 1 has measured the machine's speed.
         controller_env={"OMP_NUM_THREADS": "1",
-                        "PREFSTREAM_CONTROLLER_THRESHOLD_GOLD": str(10**9), "PREFSTREAM_CONTROLLER_POLL_S": "2",
+                        "PREFSTREAM_CONTROLLER_POLL_S": "2",
                         "PREFSTREAM_CONTROLLER_RETRAIN_ARGS": (
-                            f"--max-steps {cfg.retrain_steps} --max-length {cfg.max_length} --tolerance 0.01 "
+                            f"--epochs {cfg.retrain_epochs:g} --full-retrain-every {cfg.full_retrain_every} "
+                            f"--max-length {cfg.max_length} --tolerance 0.01 "
                             f"--min-pairs 20 --freeze-layers {RETRAIN_FREEZE_LAYERS} --no-quantize --regression-file {state / 'regression.jsonl'}")})
     stop_annotators = threading.Event()
     (state / "logs").mkdir(parents=True, exist_ok=True)

@@ -307,6 +307,48 @@ def generate(cfg: GenerateConfig) -> Iterator[dict[str, Any]]:
                "source": NOISY_SOURCE if from_noisy_source else SOURCE, "label_source": "llm", "metadata": meta}
 
 
+def plant_noise(pairs: list[dict[str, Any]], cfg: GenerateConfig) -> Iterator[dict[str, Any]]:
+    """The generator's kinds of noise planted in pairs whose published label is taken as the truth (HH-RLHF):
+    the same shares as ``generate`` with the same metadata, except that every pair is eligible for style
+    and confident noise (such pairs have no task type to restrict them to), and ``style_trap_share`` of the
+    pairs get the worse answer dressed as a style trap without a flip."""
+    rng = random.Random(cfg.seed)
+    rest = max(1e-9, 1 - cfg.noisy_source_share)
+    rates = {"random": cfg.flip_share / rest, "style": cfg.style_flip_share / rest,
+             "confident": cfg.confident_flip_share / rest}
+    for pair in pairs:
+        good, bad = pair["chosen"], pair["rejected"]
+        trap = rng.random() < cfg.style_trap_share
+        noise, flipped = "none", False
+        from_noisy_source = rng.random() < cfg.noisy_source_share
+        u = rng.random()
+        if from_noisy_source:
+            noise, flipped = "source", u < cfg.noisy_source_flip_rate
+        elif u < rates["random"]:
+            noise, flipped = "random", True
+        elif u < rates["random"] + rates["style"]:
+            noise, flipped, trap = "style", True, True
+        elif u < rates["random"] + rates["style"] + rates["confident"]:
+            noise, flipped = "confident", True
+            bad = _confident(bad, rng)
+        if trap:
+            bad = _style_trap(bad, rng)
+        chosen, rejected = (bad, good) if flipped else (good, bad)
+        meta = dict(pair.get("metadata") or {}) | {
+            "truth": "rejected" if flipped else "chosen", "flipped": str(flipped).lower(), "noise": noise,
+            "style_trap": str(trap).lower()}
+        yield pair | {"chosen": chosen, "rejected": rejected, "source": NOISY_SOURCE if from_noisy_source else SOURCE,
+                      "metadata": meta}
+
+
+def confident_wrong(pairs: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Each pair with its rejected (worse) answer stated confidently: a probe for a model that learned to
+    prefer confidence over correctness."""
+    rng = random.Random(seed)
+    return [p | {"rejected": _confident(p["rejected"], rng),
+                 "metadata": dict(p.get("metadata") or {}) | {"truth": "chosen", "noise": "none"}} for p in pairs]
+
+
 def truly_better(pair: dict[str, Any]) -> str:
     """The text of the response that is really better, whatever the published label says."""
     return pair["rejected"] if (pair.get("metadata") or {}).get("truth") == "rejected" else pair["chosen"]

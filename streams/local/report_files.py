@@ -120,29 +120,59 @@ def target_rows(targets: list[dict[str, Any]]) -> list[str]:
     return [f"| {t['what']} | {_fmt(t['value'])} | {t['target']} | {verdict[t['met']]} |" for t in targets]
 
 
+PROBE_NAMES = (("clean_holdout", "clean holdout"), ("non_trap", "non-trap"), ("style_traps", "style traps"),
+               ("confident_wrong", "confident-wrong probe"))
+
+
+def _ci(ci: list[float] | None) -> str:
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
+def like_for_like_lines(like: dict[str, Any] | None, batch: dict[str, Any] | None) -> list[str]:
+    """The arms replayed on the served chain (mean [95% interval] over seeds), the paired gains and the batch run."""
+    if like is None:
+        return ["No like-for-like comparison: it was switched off (--no-comparison) or no retrained version served.", ""]
+    arms = like["arms"]
+    lines = ["| arm | " + " | ".join(n for _, n in PROBE_NAMES) + " |", "|---" * (len(PROBE_NAMES) + 1) + "|"]
+    for arm, what in (("raw", "raw (labels as published)"), ("curated", "curated (labels as in the shards)"),
+                      ("truth", "truth (the ceiling)")):
+        lines.append(f"| {what} | " + " | ".join(_fmt(arms[arm]["mean"][k]) + _ci(arms[arm]["ci95"][k])
+                                                  for k, _ in PROBE_NAMES) + " |")
+    g = like["by_probe"]
+    lines.append("| gain, curated - raw (paired) | " + " | ".join(_fmt(g[k]["mean"]) + _ci(g[k]["ci95"])
+                                                                    for k, _ in PROBE_NAMES) + " |")
+    lines.append("| share of the ceiling recovered | " + " | ".join(_fmt(g[k]["ceiling_share"]) for k, _ in PROBE_NAMES)
+                 + " |")
+    links = ", ".join(f"{lk['mode']} on {lk['pairs']} pairs, {lk['kept_step']} of {lk['planned_steps']} steps kept"
+                      for lk in like["links"])
+    lines += ["", f"Each arm starts from {like['base']} and replays the chain of {like['version']} ({links}) on the same "
+              f"{like['pairs']} pair ids with the same recipe and steps; only the labels differ "
+              f"({like['pairs_curated_label_differs']} curated labels differ from the published ones). Seeds "
+              f"{like['seeds']}, each run for every arm; intervals are 95% over seeds. The confident-wrong probe holds "
+              "objective pairs whose wrong answer is stated confidently, as the rejected side: the bias the confident "
+              "noise plants, which the clean holdout cannot see.", ""]
+    if batch:
+        lines += [f"Loop against batch: the served version {_fmt(batch['served'])}, one training from {batch['base']} "
+                  f"on all {batch['pairs']} curated pairs with the chain's {batch['steps']} steps "
+                  f"{_fmt(batch['batch'])} (gap {_fmt(batch['gap'])}) on the clean holdout.", ""]
+    return lines
+
+
 def curation_lines(r: dict[str, Any]) -> list[str]:
-    """Raw-trained against curated on the clean holdout, label precision, human effort and the targets."""
-    cmp, hv = r["raw_vs_curated"], r["human_verdicts"]
-    raw, cur = cmp["raw"] or {}, cmp["curated"]
-    lines = ["## Curation against the raw stream", "",
-             "| model | clean-holdout acc. | style-trap acc. |", "|---|---|---|",
-             f"| raw-trained (labels as published) | {_fmt(raw.get('holdout_accuracy'))} | {_fmt(raw.get('style_trap_accuracy'))} |",
-             f"| curated ({cur['version']}, served last) | {_fmt(cur['holdout_accuracy'])} | {_fmt(cur['style_trap_accuracy'])} |", ""]
-    if cmp.get("raw_model"):
-        m = cmp["raw_model"]
-        lines += [f"The raw-trained model starts from {m['base']} (Stage 1) and takes {m['steps']} steps with the retrains' "
-                  f"recipe on the {m['train_pairs']} pairs streamed before the served version was published, every "
-                  "label as published. Gain from curation: " + _fmt(cmp["gain"]) + " on the clean holdout, "
-                  + _fmt(cmp["style_trap_gain"]) + " on its style traps.", ""]
-        gain_target = next((t for t in r["targets"] if t["name"] == "curation_gain"), None)
-        if gain_target and gain_target["met"] is False:
-            nd = r["noise_detection"]
-            lines += [f"The gain is below its target: the raw-trained model saw labels of which "
-                      f"{_fmt(nd['stream_label_accuracy'])} are right, the curated chain labels of which "
-                      f"{_fmt(nd['curated_label_accuracy'])} are right, and at {m['steps']} Bradley-Terry steps that "
-                      "difference moved clean-holdout accuracy by the gain above.", ""]
-    else:
-        lines += ["No raw-trained model: the baseline was switched off or no retrained version served.", ""]
+    """Like for like, label precision, human effort beside model accuracy, and the targets."""
+    hv = r["human_verdicts"]
+    lines = ["## Curation against the raw stream, like for like", ""]
+    lines += like_for_like_lines(r.get("like_for_like"), r.get("loop_vs_batch"))
+    gain_target = next((t for t in r["targets"] if t["name"] == "curation_gain"), None)
+    if gain_target and gain_target["met"] is False:
+        nd = r["noise_detection"]
+        lines += [f"The gain is below its target. Measured: the published labels are {_fmt(nd['stream_label_accuracy'])} "
+                  f"right, the curated ones {_fmt(nd['curated_label_accuracy'])}; the per-probe gains above show where "
+                  "the label difference reached the model at the chain's length of training.", ""]
+    lines += ["| phase | serving version | its clean-holdout acc. | human share |", "|---|---|---|---|"]
+    lines += [f"| {ph['phase']} | {ph.get('serving_version') or '-'} | {_fmt(ph.get('model_accuracy'))} | "
+              f"{_fmt(ph['human_share'], '.2f')} |" for ph in r["phases"]]
+    lines.append("")
     lines += [f"Label precision against the generator's truth: silver {_fmt(r['silver_precision'])}, flipped "
               f"{_fmt(r['flipped_precision'])}. Human verdicts: {hv['verdicts']} for {hv['curated_pairs']} curated pairs "
               f"({_fmt(hv['per_curated_pair'], '.2f')} per curated pair, {_fmt(hv['per_human_curated_pair'], '.2f')} per "
@@ -225,7 +255,7 @@ def markdown(r: dict[str, Any], images: list[str]) -> str:
 def audit_rows(a: dict[str, Any]) -> list[str]:
     """The audits section: per kind and category, the human majority against the automatic label."""
     lines = ["", "## Audits of automatic curation", "",
-             f"Silver and flipped pairs sent to review blind (PREFSTREAM_WORKER_AUDIT_SHARE); {a['tasks_answered']} "
+             f"Silver, flipped and verified_by_tool pairs sent to review blind (PREFSTREAM_WORKER_AUDIT_SHARE); {a['tasks_answered']} "
              "answered. Precision: the share of decided audits whose automatic label the human majority confirmed; "
              "the controller moves tau per category by the silver precision (tau moves are among its decisions).", "",
              "| kind | category | right | wrong | split | precision |", "|---|---|---|---|---|---|"]
@@ -299,7 +329,10 @@ def summary(r: dict[str, Any]) -> str:
     return (f"\n[bold]demo summary[/]: {p['scored']}/{p['streamed']} pairs scored, routes {dict(r['routes'])}\n"
             f"  clean-holdout accuracy by version: {accs}\n"
             f"  calibration error (ECE) by version: {eces}\n"
-            f"  raw-trained {_fmt(r['raw_trained_accuracy'])} vs curated {_fmt(r['curated_accuracy'])} on the clean holdout; "
+            f"  like for like on the clean holdout: raw {_fmt(r['raw_trained_accuracy'])}, curated "
+            f"{_fmt((r['raw_vs_curated']['curated'] or {}).get('holdout_accuracy'))}, gain "
+            f"{_fmt(r['raw_vs_curated']['gain'])}; served {_fmt(r['curated_accuracy'])} vs batch "
+            f"{_fmt((r.get('loop_vs_batch') or {}).get('batch'))}; "
             f"silver precision {_fmt(r['silver_precision'])}, flipped {_fmt(r['flipped_precision'])}; human share by phase "
             f"{[_fmt(x, '.2f') for x in r['human_share_by_phase']]}\n"
             f"  targets met: {sum(t['met'] is True for t in r['targets'])}/{len(r['targets'])}"

@@ -17,6 +17,7 @@ from streams.embedded.process import free_port
 from streams.embedded.stack import Stack
 from streams.exceptions import ConfigError, StreamsError
 from streams.kafka.admin import broker_answers, ensure_topics
+from streams.keys import ensure_local_keys
 from streams.local.supervisor import Supervisor, SupervisorError
 from streams.settings import Settings, child_env
 
@@ -73,6 +74,8 @@ class Deployment:
         self.stack = ensure_stack(self.settings)
 
     def start_services(self, ready_timeout: float = 240) -> None:
+        # Services on this machine find their keys in the home (a configured broker gets none from `stack up`).
+        ensure_local_keys(self.settings)
         self.sup = Supervisor(child_env(self.settings), self.log_dir)
         children = []
         for i in range(self.workers):

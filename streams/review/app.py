@@ -10,8 +10,10 @@ similar pairs with the label the humans gave them (streams/review/similar.py) an
 the LLM judge's opinion (streams/review/judge.py), which is never a vote.
 
 Guards: request bodies over ``max_body_bytes`` get 413, a token making more than ``rate_per_s``
-requests in one second gets 429 with Retry-After, and an annotator holding ``max_leases`` tasks gets
-409 until they answer one.
+requests in one second gets 429 with Retry-After, a client address that sent more than
+``unknown_tokens_per_min`` unknown tokens gets 429 for the rest of the minute, and an annotator holding
+``max_leases`` tasks gets 409 until they answer one. An annotator has one vote per task, reserved in
+Redis before its Annotation is produced, so concurrent submits put one Annotation on the topic.
 """
 
 from __future__ import annotations
@@ -31,15 +33,19 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
+from schemas.records import Strength
 from schemas.wire import ValueCodec
 from streams.kafka import topics
 from streams.kafka.config import producer_config
+from streams.keys import review_keys
 from streams.review import audit
 from streams.review import judge as judges
 from streams.review.auth import TokenBook
+from streams.review.provenance import AnnotationKeys
 from streams.review.queue import QueueError, ReviewQueue
+from streams.review.render import markdown_html
 from streams.review.similar import with_verified
 from streams.runtime import metrics, tau
 from streams.settings import ReviewSettings, Settings
@@ -47,13 +53,38 @@ from streams.settings import ReviewSettings, Settings
 VERDICT_TO_PREFERRED = {"tie": "tie", "both_bad": "both_bad", "invalid": "invalid"}
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))  # autoescape is on for .html
 STATS_COOKIE = "prefstream-token"  # set by the sign-in page with path=/stats: a browser cannot send Bearer headers
+# Unknown tokens are counted per client address in windows of this many seconds.
+UNKNOWN_TOKEN_WINDOW_S = 60
+# A verdict's Annotation is delivered or has failed within VERDICT_DELIVERY_MS (the producer's
+# message.timeout.ms), so a flush that waits longer knows the outcome: a failed verdict may be given
+# again without a second copy reaching Kafka later.
+VERDICT_DELIVERY_MS = 10_000
+VERDICT_FLUSH_S = VERDICT_DELIVERY_MS / 1000 + 5
+# How long a second submit of one vote waits for the first to be stored, and how often it looks.
+VERDICT_WAIT_S = VERDICT_FLUSH_S + 1
+VERDICT_POLL_S = 0.05
 SIGN_IN_FIRST = ('<!doctype html><title>prefstream review</title><p>The stats need an annotator token: sign in at '
                  '<a href="/annotate">/annotate</a> first, or send <code>Authorization: Bearer &lt;token&gt;</code>.')
 
 
 class VerdictIn(BaseModel):
     verdict: Literal["A", "B", "tie", "both_bad", "invalid"]
+    strength: Strength | None = Field(None, description="How much better the response named by verdict A or B is: "
+                                                        "slightly, clearly or much (only with A or B).")
     rationale: str | None = Field(None, max_length=4000)
+
+    @model_validator(mode="after")
+    def _strength_only_with_a_side(self) -> VerdictIn:
+        if self.strength is not None and self.verdict not in ("A", "B"):
+            raise ValueError(f"strength {self.strength!r} goes with verdict A or B; a {self.verdict} verdict ranks "
+                             "neither response, so send it without a strength")
+        return self
+
+
+def client_address(request: Request) -> str | None:
+    """The address unknown tokens are counted by: the client's, as uvicorn's proxy headers support gives it
+    (X-Forwarded-For from a proxy in PREFSTREAM_REVIEW_FORWARDED_ALLOW_IPS, else the peer's address)."""
+    return request.client.host if request.client else None
 
 
 def preferred(verdict: str, order: str) -> str:
@@ -105,11 +136,27 @@ class Review:
     producer: Any
     topic_prefix: str  # of the aggregator's keys, read for the similar pairs' labels
     judge: judges.JudgeAid | None = None
+    keys: AnnotationKeys | None = None  # signs each Annotation (provenance.py); the aggregator checks it
 
-    def who(self, token: str | None) -> str:
-        """The annotator of ``token``, counted against their rate limit; 401 or 429 otherwise."""
+    def who(self, token: str | None, client: str | None = None) -> str:
+        """The annotator of ``token``, counted against their rate limit; 401 or 429 otherwise.
+
+        Unknown tokens are counted per client address (``client``, the proxy's X-Forwarded-For where the
+        proxy is trusted): past ``unknown_tokens_per_min`` in a minute, every request with a token from that
+        address gets 429 until the minute ends, a right token too, so guessing learns nothing meanwhile."""
+        unknown = None
+        if client is not None and token:
+            unknown = self.queue.k("unknown-tokens", client, str(int(time.time() // UNKNOWN_TOKEN_WINDOW_S)))
+            if int(self.redis.get(unknown) or 0) >= self.rs.unknown_tokens_per_min:
+                raise self._locked_out(client)
         name = self.book.who(token)
         if name is None:
+            if unknown is not None:  # a token given but not known: a guess, counted for its address
+                pipe = self.redis.pipeline()
+                pipe.incr(unknown)
+                pipe.expire(unknown, 2 * UNKNOWN_TOKEN_WINDOW_S)
+                if pipe.execute()[0] > self.rs.unknown_tokens_per_min:
+                    raise self._locked_out(client)
             raise HTTPException(401, "a valid annotator token is required (Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})
         # A fixed one-second window in Redis, shared by every replica of the app.
@@ -121,6 +168,23 @@ class Review:
             raise HTTPException(429, f"more than {self.rs.rate_per_s} requests per second from {name}; "
                                      "slow down and retry after the second", headers={"Retry-After": "1"})
         return name
+
+    def _locked_out(self, client: str | None) -> HTTPException:
+        wait = UNKNOWN_TOKEN_WINDOW_S - int(time.time()) % UNKNOWN_TOKEN_WINDOW_S
+        return HTTPException(429, f"more than {self.rs.unknown_tokens_per_min} unknown tokens from {client} this "
+                                  f"minute; check your token and retry in {wait} s", headers={"Retry-After": str(wait)})
+
+    def await_vote(self, tid: str, who: str) -> dict[str, Any]:
+        """The answer to a submit that found another request of ``who`` giving their vote on ``tid``: that
+        vote once it is stored (as a duplicate), or 409 if it is not stored within VERDICT_WAIT_S."""
+        deadline = time.monotonic() + VERDICT_WAIT_S
+        while time.monotonic() < deadline:
+            prior = self.queue.answered(tid, who)
+            if prior is not None:
+                return prior | {"duplicate": True}
+            time.sleep(VERDICT_POLL_S)
+        raise HTTPException(409, f"another request of {who} is still storing a verdict on task {tid}; retry in a "
+                                 "moment", headers={"Retry-After": "1"})
 
     def order_for(self, tid: str, who: str) -> str:
         key = self.queue.k("order", tid, who)
@@ -172,7 +236,7 @@ def stats_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
     @router.get("/stats", response_class=HTMLResponse, include_in_schema=False)
     def stats_page(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Any:
         try:
-            ctx.who(creds.credentials if creds else request.cookies.get(STATS_COOKIE))
+            ctx.who(creds.credentials if creds else request.cookies.get(STATS_COOKIE), client_address(request))
         except HTTPException as exc:
             if exc.status_code != 401:
                 raise
@@ -182,8 +246,8 @@ def stats_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
         return TEMPLATES.TemplateResponse(request, "stats.html", {"s": s, "alpha": alpha})
 
     @router.get("/api/stats")
-    def api_stats(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict[str, Any]:
-        ctx.who(creds.credentials if creds else None)
+    def api_stats(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict[str, Any]:
+        ctx.who(creds.credentials if creds else None, client_address(request))
         return ctx.stats()
 
     return router
@@ -193,8 +257,8 @@ def api_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
     """Lease the next task, submit a verdict."""
     router = APIRouter(prefix="/api/tasks")
 
-    def annotator(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
-        return ctx.who(creds.credentials if creds else None)
+    def annotator(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        return ctx.who(creds.credentials if creds else None, client_address(request))
 
     @router.get("/next", responses={204: {"description": "no task for you right now"},
                                     409: {"description": "you hold too many leased tasks"}})
@@ -227,12 +291,29 @@ def api_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
             raise HTTPException(404, f"no task {task_id}")
         if ctx.queue.holder(task_id) != who:
             raise HTTPException(403, f"task {task_id} is not leased to you; ask for the next task")
-        ann = annotation(task, who, body, ctx.order_for(task_id, who))
-        value, headers = ctx.codec.encode("Annotation", ann, ctx.out_topic)
+        # One vote per (task, annotator), reserved atomically before anything is produced: of two
+        # concurrent submits only one reaches Kafka; the other waits for it and answers as its duplicate.
+        try:
+            claimed = ctx.queue.claim_vote(task_id, who)
+        except QueueError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        if not claimed:
+            return ctx.await_vote(task_id, who)
         errors: list[str] = []
-        ctx.producer.produce(ctx.out_topic, key=ann["pair_id"].encode(), value=value, headers=headers,
-                             on_delivery=lambda err, _m: errors.append(err.str()) if err else None)
-        if ctx.producer.flush(10) or errors:
+        try:
+            # The expert flag is the token's role here, on an expert task; the signature vouches for it.
+            ann = annotation(task, who, body, ctx.order_for(task_id, who), expert=who in ctx.book.experts)
+            value, headers = ctx.codec.encode("Annotation", ann, ctx.out_topic)
+            headers = ctx.keys.headers(ctx.codec, value, headers, ctx.out_topic)
+            ctx.producer.produce(ctx.out_topic, key=ann["pair_id"].encode(), value=value, headers=headers,
+                                 on_delivery=lambda err, _m: errors.append(err.str()) if err else None)
+        except BaseException:
+            ctx.queue.release_vote(task_id, who)  # nothing was queued for Kafka: a retry may give the vote
+            raise
+        pending = ctx.producer.flush(VERDICT_FLUSH_S)
+        if pending or errors:
+            if not pending:  # failed for certain: a retry may give the vote; else the claim lapses by itself
+                ctx.queue.release_vote(task_id, who)
             raise HTTPException(503, f"the verdict could not be stored in Kafka ({errors or 'timeout'}); try again")
         try:
             result = ctx.queue.submit(task_id, who, ann)
@@ -267,7 +348,8 @@ def task_view(task: dict[str, Any], who: str, order: str, lease_s: int) -> dict[
 
     ``margin`` is reward(A) - reward(B) and ``p`` the model's probability that A is better, so both
     read in the annotator's order (the task keeps them as chosen minus rejected, p of chosen). An audit
-    task shows neither: they would tell the annotator what the automatic label chose."""
+    task shows neither: they would tell the annotator what the automatic label chose. ``A_html`` and
+    ``B_html`` are the responses' markdown rendered and sanitised (render.py) for the page."""
     pair = task["pair"]
     chosen_first = order == "chosen_first"
     a, b = (pair["chosen"], pair["rejected"]) if chosen_first else (pair["rejected"], pair["chosen"])
@@ -275,7 +357,8 @@ def task_view(task: dict[str, Any], who: str, order: str, lease_s: int) -> dict[
     if audit.kind_of(task) is not None:
         margin = p = None
     return {
-        "task_id": task["task_id"], "annotator": who, "A": a, "B": b, "conversation": pair["conversation"],
+        "task_id": task["task_id"], "annotator": who, "A": a, "B": b, "A_html": markdown_html(a),
+        "B_html": markdown_html(b), "conversation": pair["conversation"],
         "task_category": pair.get("task_category"), "objectivity": pair.get("objectivity"),
         "controversiality": pair.get("controversiality"), "expected_attributes": pair.get("expected_attributes"),
         "annotation_guideline": pair.get("annotation_guideline"), "margin": margin, "p": p,
@@ -283,13 +366,14 @@ def task_view(task: dict[str, Any], who: str, order: str, lease_s: int) -> dict[
     }
 
 
-def annotation(task: dict[str, Any], who: str, body: VerdictIn, order: str) -> dict[str, Any]:
-    """The Annotation record of a verdict, mapped back to the pair."""
+def annotation(task: dict[str, Any], who: str, body: VerdictIn, order: str, expert: bool = False) -> dict[str, Any]:
+    """The Annotation record of a verdict, mapped back to the pair; ``expert`` says whether ``who`` is an expert
+    (their verdict on an expert task is final)."""
     pair = task["pair"]
     return {
         "annotation_id": f"{task['task_id']}:{who}", "task_id": task["task_id"], "pair_id": pair["pair_id"],
         "annotator": who, "verdict": body.verdict, "order": order, "preferred": preferred(body.verdict, order),
-        "rationale": body.rationale, "expert": bool(task.get("expert")),
+        "strength": body.strength, "rationale": body.rationale, "expert": bool(task.get("expert")) and expert,
         "reannotation": task.get("reason") == "reannotation", "task_category": pair.get("task_category"),
         "created_at": int(time.time() * 1000),
     }
@@ -302,7 +386,9 @@ def create_app(settings: Settings, rsettings: ReviewSettings, redis_client: Any 
     judge = judges.from_settings(rsettings, r, lambda tid: queue.k("judge", tid))
     ctx = Review(rsettings, TokenBook(rsettings.tokens.get_secret_value(), rsettings.experts), r, queue,
                  ValueCodec(settings.schema_registry_url), settings.topic(topics.ANNOTATIONS),
-                 producer or Producer(producer_config(settings)), settings.topic_prefix, judge)
+                 producer or Producer(producer_config(settings, **{"message.timeout.ms": VERDICT_DELIVERY_MS})),
+                 settings.topic_prefix, judge,
+                 AnnotationKeys(review_keys(settings, rsettings)))
     bearer = HTTPBearer(auto_error=False)
 
     @asynccontextmanager

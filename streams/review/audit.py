@@ -1,9 +1,11 @@
 """Blind audits of automatic curation.
 
 A share of the pairs the worker curates without a human (silver: the model is confident and the gold
-model agrees; flipped: both models are confident the label is wrong) also goes to human review as a
-task of its own (``<pair_id>:audit``). Annotators see it like any task, without the model's p or
-margin, so the automatic decision cannot sway them. Its three verdicts are aggregated as usual; the
+model agrees; flipped: both models are confident the label is wrong; verified_by_tool: a verifier
+decided, on the prompt's arithmetic or on a producer's signed answer or tests) also goes to human review as a
+task of its own, whose id is as opaque as any task's (task_ids.py), so an annotator cannot pick audits
+out by their id. Annotators see it like any task, without the model's p or margin, so the automatic
+decision cannot sway them. Its three verdicts are aggregated as usual; the
 majority side is compared with the side the automatic label chose, and the count lands in Redis per
 task category and kind. That measured precision is what the controller moves tau by (tau.py), and
 what /metrics, `prefstream up`, the stats page and the demo report show.
@@ -18,9 +20,12 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("silver", "flipped")
-# The side of the pair as published that the automatic label says is better.
-EXPECTED = {"silver": "chosen", "flipped": "rejected"}
+from schemas.records import UNRANKED_SPLITS
+
+KINDS = ("silver", "flipped", "verified_by_tool")
+# The side of the pair as the audit task shows it that the automatic label says is better: silver and
+# flipped pairs are shown as published, a verifier's pair as curated (the side the tool found right first).
+EXPECTED = {"silver": "chosen", "flipped": "rejected", "verified_by_tool": "chosen"}
 REASON_PREFIX = "audit:"
 # Priority of audit tasks in the queue (lower first): after mispredicted pairs (p < 0.5), ahead of
 # uncertain ones (p >= 0.5), so audits are answered while the stream flows.
@@ -32,8 +37,12 @@ def key(queue_prefix: str) -> str:
     return f"{queue_prefix}prefstream:agg:audit"
 
 
-def task_id(pair_id: str) -> str:
-    return f"{pair_id}:audit"
+def shown(pair: dict[str, Any], kind: str, flip: bool) -> dict[str, Any]:
+    """The pair as the audit task of ``kind`` shows it (see EXPECTED): a verifier's pair with the tool's
+    winner as chosen, whichever side its producer published it on."""
+    if kind == "verified_by_tool" and flip:
+        return pair | {"chosen": pair["rejected"], "rejected": pair["chosen"]}
+    return pair
 
 
 def is_audited(pair_id: str, share: float) -> bool:
@@ -55,8 +64,13 @@ def kind_of(task: dict[str, Any]) -> str | None:
 
 
 def outcome(kind: str, preferred: str | None) -> str:
-    """right | wrong | split: ``preferred`` is the humans' majority side, None when they split."""
-    return "split" if preferred is None else ("right" if preferred == EXPECTED[kind] else "wrong")
+    """right | wrong | split: ``preferred`` is the humans' majority verdict, None when they split.
+
+    A majority for tie or both_bad names no better side, so it neither confirms nor refutes the
+    automatic label: it counts as a split, outside the precision."""
+    if preferred is None or preferred in UNRANKED_SPLITS:
+        return "split"
+    return "right" if preferred == EXPECTED[kind] else "wrong"
 
 
 def record(pipe: Any, queue_prefix: str, category: str, kind: str, preferred: str | None) -> None:

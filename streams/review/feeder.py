@@ -18,9 +18,11 @@ from typing import Any
 from schemas.exceptions import SchemaError
 from streams.kafka import topics
 from streams.kafka.reader import TopicReader
+from streams.keys import review_keys
 from streams.review.aggregator import restore_vote
+from streams.review.provenance import AnnotationKeys
 from streams.review.queue import ReviewQueue, until_redis_answers
-from streams.settings import Settings
+from streams.settings import ReviewSettings, Settings
 
 log = logging.getLogger(__name__)
 REBUILD_IDLE_S = 2.0
@@ -40,8 +42,10 @@ return 0
 
 
 class Feeder:
-    def __init__(self, settings: Settings, queue: ReviewQueue) -> None:
+    def __init__(self, settings: Settings, queue: ReviewQueue, keys: AnnotationKeys | None = None) -> None:
         self.settings, self.queue = settings, queue
+        # Only verdicts the review app signed are restored (provenance.py), as only those were counted.
+        self.keys = keys or AnnotationKeys(review_keys(settings, ReviewSettings()))
         self.stop = threading.Event()
         self.marker = queue.k("initialized")
         self.rebuild_token = queue.k("rebuilding")
@@ -66,10 +70,17 @@ class Feeder:
     def _restore(self) -> int:
         # Verdicts first: a task is leasable from the moment it is added, so its earlier verdicts (and who
         # gave them) must already be there, or annotators are asked again for work that was done.
+        refused = 0
         with TopicReader(self.settings.topic(topics.ANNOTATIONS), "Annotation", self.settings) as reader:
-            for ann in reader.records(idle_timeout=REBUILD_IDLE_S):
+            for msg in reader.messages(idle_timeout=REBUILD_IDLE_S):
+                ann = reader.decode(msg).value
+                if self.keys.check(ann, msg.headers()) is not None:  # the aggregator dead-lettered it already
+                    refused += 1
+                    continue
                 self.queue.restore_verdict(ann["task_id"], ann["annotator"], ann)
                 restore_vote(self.queue.redis, self.settings.topic_prefix, ann)
+        if refused:
+            log.warning("rebuild: %d annotation(s) not signed by the review app were not restored", refused)
         n = 0
         with TopicReader(self.settings.topic(topics.REVIEW), "ReviewTask", self.settings) as reader:
             for task in reader.records(idle_timeout=REBUILD_IDLE_S):

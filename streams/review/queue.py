@@ -4,6 +4,9 @@
 - ``task:<id>``: the ReviewTask as JSON. ``seen:<id>``: annotators ever handed the task (an annotator
   never gets a task twice). ``done:<id>``: annotators who submitted. ``lease:<id>``: who holds the
   task now, with an expiry; a lapsed lease returns the task to the others.
+- ``vote:<id>:<annotator>``: a vote being given; claimed atomically (with the lease and the verdicts
+  checked in the same script) before the app produces the Annotation, so an annotator's concurrent
+  submits put one Annotation on the topic.
 - Leasing is one Lua script (find the first task this annotator has not seen and that nobody holds,
   take the lease, mark it seen), so two annotators can never get the same lease. It pages through
   at most ``lease_scan`` tasks from the head of the queue, so one call's work is bounded however long
@@ -58,6 +61,9 @@ def until_redis_answers(call: Callable[[], T], stop: threading.Event, what: str)
 VOTES_NEEDED = 3
 DEFAULT_LEASE_S = 300
 THROUGHPUT_WINDOW_S = 3600
+# How long a claimed vote stays reserved for the request producing it: past any produce and flush
+# (the app's delivery timeout), so only a request that died while producing leaves a claim to lapse.
+VOTE_CLAIM_S = 60
 DEFAULT_MAX_LEASES = 2
 DEFAULT_LEASE_SCAN = 500
 DEFAULT_RETENTION_S = 7 * 24 * 3600
@@ -100,6 +106,16 @@ end
 return 0
 """
 
+# KEYS: verdicts:<id>, lease:<id>, vote:<id>:<annotator>. ARGV: annotator, claim seconds.
+# 'answered' when they gave their verdict already, 'not_holder' when the lease is not theirs, 'claimed'
+# when this caller may produce their vote, 'busy' while another request of theirs is producing it.
+_CLAIM = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 'answered' end
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 'not_holder' end
+if redis.call('SET', KEYS[3], '1', 'NX', 'EX', tonumber(ARGV[2])) then return 'claimed' end
+return 'busy'
+"""
+
 # KEYS: lease:<id>, held:<annotator>. ARGV: annotator, task id. Drops the lease only if it is theirs.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -137,6 +153,7 @@ class ReviewQueue:
         self._lease = self.redis.register_script(_LEASE)
         self._add = self.redis.register_script(_ADD)
         self._release = self.redis.register_script(_RELEASE)
+        self._claim = self.redis.register_script(_CLAIM)
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -186,6 +203,7 @@ class ReviewQueue:
             raise QueueError(403, f"task {tid} is not leased to {annotator} (the lease may have expired; ask for the next task)")
         pipe = self.redis.pipeline()
         pipe.hsetnx(self.k("verdicts", tid), annotator, json.dumps(annotation))
+        pipe.delete(self.k("vote", tid, annotator))  # the verdict itself now says the vote is given
         pipe.delete(self.k("lease", tid))
         pipe.zrem(self.k("held", annotator), tid)
         pipe.incr(self.k("stats", "verdicts"))
@@ -197,6 +215,21 @@ class ReviewQueue:
         votes = pipe.execute()[-1]
         self._close_if_complete(tid, task, votes)
         return Submitted(annotation, False, votes)
+
+    def claim_vote(self, tid: str, annotator: str) -> bool:
+        """Reserve ``annotator``'s one vote on the task, atomically, before it is produced: True when this
+        caller may produce it (then ``submit`` records it, or ``release_vote`` gives it back), False when it
+        is given already or another request of theirs is giving it. QueueError 403 if the lease is not theirs."""
+        keys = [self.k("verdicts", tid), self.k("lease", tid), self.k("vote", tid, annotator)]
+        state = self._claim(keys=keys, args=[annotator, VOTE_CLAIM_S])
+        state = state.decode() if isinstance(state, bytes) else state
+        if state == "not_holder":
+            raise QueueError(403, f"task {tid} is not leased to {annotator} (the lease may have expired; ask for the next task)")
+        return state == "claimed"
+
+    def release_vote(self, tid: str, annotator: str) -> None:
+        """Give back a claimed vote whose Annotation certainly did not reach Kafka, so a retry may give it."""
+        self.redis.delete(self.k("vote", tid, annotator))
 
     def answered(self, tid: str, annotator: str) -> dict[str, Any] | None:
         """``annotator``'s verdict on the task if they gave one (their lease, if any, is given back), else None."""

@@ -9,8 +9,8 @@ the aggregator's final label is relative to that review task's pair. So ``verifi
 which of the similar pair's *shown* responses the humans preferred: "chosen" (the label held) or
 "rejected" (the humans preferred the response shown as rejected).
 
-Counts come from the votes of the pair's review task (task_id = pair_id, as the worker makes it) and
-of its expert task, which expire with the tasks' other keys after the review retention period; the
+Counts come from the votes of the pair's review task and of its expert task (their ids derived from
+the pair id, streams/review/task_ids.py), which expire with the tasks' other keys after the review retention period; the
 label itself does not, so an older verified pair shows its label with the counts and ``expert`` None.
 """
 
@@ -18,22 +18,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from streams.review.aggregator import expert_task_id, final_key, votes_key
+from streams.review import task_ids
+from streams.review.aggregator import final_key, votes_key
+from streams.review.task_ids import TaskIds
 
 
-def with_verified(redis: Any, queue_prefix: str, similar: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def with_verified(redis: Any, queue_prefix: str, similar: list[dict[str, Any]],
+                  ids: TaskIds | None = None) -> list[dict[str, Any]]:
     """``similar`` with ``verified`` on each pair: None when the humans have not verified it, else
-    {"preferred": "chosen" | "rejected", "verdicts": annotator verdicts, "agreeing": those for the
-    preferred side, "expert": whether an expert decided it after the annotators split}; the counts
+    {"preferred": "chosen" | "rejected" | "tie" | "both_bad", "verdicts": annotator verdicts, "agreeing":
+    those for the preferred verdict, "expert": whether an expert decided it after the annotators split}; the counts
     and ``expert`` are None once the votes have expired."""
     if not similar:
         return []
     finals = redis.hmget(final_key(queue_prefix), [s["pair_id"] for s in similar])
+    if any(final is not None for final in finals):
+        ids = ids or TaskIds(redis, queue_prefix)
     pipe = redis.pipeline(transaction=False)
     for s, final in zip(similar, finals, strict=True):
         if final is not None:
-            pipe.hvals(votes_key(queue_prefix, s["pair_id"]))
-            pipe.exists(votes_key(queue_prefix, expert_task_id(s["pair_id"])))
+            pipe.hvals(votes_key(queue_prefix, ids.of(s["pair_id"])))
+            pipe.exists(votes_key(queue_prefix, ids.of(s["pair_id"], task_ids.EXPERT)))
     answers = iter(pipe.execute())
     out = []
     for s, final in zip(similar, finals, strict=True):

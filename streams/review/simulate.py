@@ -1,9 +1,16 @@
 """Simulated annotators: sign in through the HTTP API like real users and answer with a known accuracy.
 
-They are told the truth the way a generator knows it: a mapping pair_id -> text of the truly better
-response (from a JSONL of pairs whose ``metadata.truth`` says ``chosen`` or ``rejected``; the
-pair's own label otherwise). An annotator picks the better side with probability ``accuracy``,
-else the other one. Tasks whose pair has no known truth get a coin flip and are not scored.
+They are told the truth the way a generator knows it: a mapping from a pair's two responses
+(``truth_key``: a served task shows them, but no pair id) to a ``Truth`` (from a JSONL of
+pairs whose ``metadata.truth`` says ``chosen`` or ``rejected``, or ``tie`` / ``both_bad`` where the
+data says neither response is better; the pair's own label otherwise). An annotator gives the right
+verdict with probability ``accuracy``, else the other side (a random side when the truth is a tie or
+both_bad). Tasks whose pair has no known truth get a coin flip and are not scored.
+
+A verdict for a side carries a strength: the one the data states (``metadata.strength``: slightly,
+clearly or much) when the verdict is right, otherwise one drawn uniformly from its own random stream,
+so the sides drawn stay those of a run without strengths. A tie or both_bad verdict comes only from a
+truth that says so: none is made up where the data names a better response.
 """
 
 from __future__ import annotations
@@ -12,10 +19,13 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from schemas.records import STRENGTHS, UNRANKED_SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +39,23 @@ class SimStats:
     errors: list[str] = field(default_factory=list)
 
 
-def load_truths(path: Path) -> dict[str, str]:
-    """pair_id -> text of the better response, from a JSONL of pairs."""
+@dataclass(frozen=True)
+class Truth:
+    """What the data says of a pair: the text of the better response (None when neither is), the right
+    verdict (``preferred``, or ``tie`` / ``both_bad``) and how much better, when the data says so."""
+
+    better: str | None
+    verdict: str = "preferred"
+    strength: str | None = None
+
+
+def truth_key(a: str, b: str) -> frozenset[str]:
+    """What a pair's truth is filed under: its two responses, in either order."""
+    return frozenset((a, b))
+
+
+def load_truths(path: Path) -> dict[frozenset[str], Truth]:
+    """truth_key(chosen, rejected) -> Truth, from a JSONL of pairs (``metadata.truth``, ``metadata.strength``)."""
     import json
 
     from schemas.pairs import validate_pair
@@ -40,8 +65,13 @@ def load_truths(path: Path) -> dict[str, str]:
         if line.strip():
             obj = json.loads(line)
             pair = validate_pair(obj)
-            flipped = (obj.get("metadata") or {}).get("truth") == "rejected"
-            out[pair["pair_id"]] = pair["rejected"] if flipped else pair["chosen"]
+            meta = obj.get("metadata") or {}
+            strength = meta.get("strength") if meta.get("strength") in STRENGTHS else None
+            if meta.get("truth") in UNRANKED_SPLITS:
+                out[truth_key(pair["chosen"], pair["rejected"])] = Truth(None, meta["truth"])
+            else:
+                better = pair["rejected"] if meta.get("truth") == "rejected" else pair["chosen"]
+                out[truth_key(pair["chosen"], pair["rejected"])] = Truth(better, strength=strength)
     return out
 
 
@@ -54,13 +84,15 @@ def call(client: httpx.Client, method: str, path: str, **kw: object) -> httpx.Re
         time.sleep(float(r.headers.get("Retry-After", "1")))
 
 
-def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str, str], max_tasks: int | None = None,
+def simulate(base_url: str, tokens: list[str], accuracy: float, truths: Mapping[frozenset[str], Truth | str],
+             max_tasks: int | None = None,
              idle_s: float = 5.0, seed: int = 0, expert_tokens: list[str] | None = None,
              stop: threading.Event | None = None) -> SimStats:
     """One thread per token, until no annotator got a task for ``idle_s`` seconds (or ``max_tasks``).
 
-    ``expert_tokens`` sign in to the expert view and answer escalated tasks (always correctly: an
-    expert's verdict is final, and the simulation models a trusted expert). ``stop`` ends them early.
+    ``truths`` maps truth_key(chosen, rejected) to a Truth, or to the better response's text alone. ``expert_tokens`` sign
+    in to the expert view and answer escalated tasks (always correctly: an expert's verdict is final,
+    and the simulation models a trusted expert). ``stop`` ends them early.
     """
     stop = stop or threading.Event()
     stats = SimStats()
@@ -69,6 +101,7 @@ def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str
 
     def annotator(i: int, token: str, expert: bool = False) -> None:
         rng = random.Random(seed * 1000 + i)
+        strengths = random.Random(f"{seed}:{i}:strength")  # its own stream: the verdicts drawn stay the same
         path = "/api/tasks/next?expert=true" if expert else "/api/tasks/next"
         with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
             while time.monotonic() - last_work[0] < idle_s and not stop.is_set():
@@ -81,13 +114,23 @@ def simulate(base_url: str, tokens: list[str], accuracy: float, truths: dict[str
                     continue
                 r.raise_for_status()
                 t = r.json()
-                better = truths.get(t["task_id"].split(":")[0])
-                right = "A" if better == t["A"] else "B" if better == t["B"] else rng.choice("AB")
-                verdict = right if expert or rng.random() < accuracy else ("B" if right == "A" else "A")
-                call(client, "POST", f"/api/tasks/{t['task_id']}/verdict", json={"verdict": verdict}).raise_for_status()
+                truth = truths.get(truth_key(t["A"], t["B"]))
+                truth = Truth(truth) if isinstance(truth, str) else truth
+                if truth is not None and truth.verdict in UNRANKED_SPLITS:
+                    right = truth.verdict
+                else:
+                    better = truth.better if truth else None
+                    right = "A" if better == t["A"] else "B" if better == t["B"] else rng.choice("AB")
+                wrong = {"A": "B", "B": "A"}.get(right) or rng.choice("AB")
+                verdict = right if expert or rng.random() < accuracy else wrong
+                body = {"verdict": verdict}
+                if verdict in ("A", "B"):
+                    stated = truth.strength if truth and verdict == right else None
+                    body["strength"] = stated or strengths.choice(STRENGTHS)
+                call(client, "POST", f"/api/tasks/{t['task_id']}/verdict", json=body).raise_for_status()
                 with lock:
                     stats.answered += 1
-                    if better is not None:
+                    if truth is not None:
                         stats.scored += 1
                         stats.correct += verdict == right
                     stats.per_annotator[t["annotator"]] = stats.per_annotator.get(t["annotator"], 0) + 1

@@ -52,10 +52,11 @@ class ScoredMonitor:
     """Follows prefs.scored (records written since it started) and keeps per-version rates for drift
     and rollback.
 
-    Each ScoredPair identity (pair_id, model_version) counts once: on the embedded broker a
-    read_committed reader also gets the records of a transaction the worker aborted and redid, and
-    counting both copies would weigh those pairs twice in the windows. The last ``SEEN_MAX``
-    identities are remembered, far more than the windows hold.
+    Only scores of committed worker transactions count: its ``TopicReader`` drops those of a batch
+    the worker aborted (which the embedded broker delivers), so a version that scored a batch that
+    was then redone by another is not judged by it (streams/kafka/committed.py). Each ScoredPair
+    identity (pair_id, model_version) counts once, so a pair sent again does not weigh twice in the
+    windows. The last ``SEEN_MAX`` identities are remembered, far more than the windows hold.
     """
 
     SEEN_MAX = 100_000
@@ -129,7 +130,9 @@ class Controller:
             return KubernetesRunner(JobTemplate(namespace=self.csettings.k8s_namespace, image=self.csettings.k8s_image,
                                                 gpus=self.csettings.job_gpus, models_url=self.settings.models_url,
                                                 shards_url=self.settings.shards_url,
-                                                s3_endpoint=self.settings.s3_endpoint))
+                                                s3_endpoint=self.settings.s3_endpoint,
+                                                kafka_ca_secret=self.csettings.k8s_kafka_ca_secret,
+                                                kafka_ca_location=str(self.settings.ssl_ca_location or "") or None))
         return LocalRunner(Path(self.settings.home) / "logs" / "retrain", gpus=self.csettings.job_gpus)
 
     # ------------------------------------------------------------------ state and records

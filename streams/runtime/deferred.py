@@ -13,6 +13,10 @@ Each partition is read head-of-line: the first record that is not due stops its 
 consumer seeks back to it and pauses the partition) until the version changes or its deadline
 passes. The outputs and the deferred offsets commit in one transaction of the second look's own
 producer (transactional id ``<worker's>-deferred``), so a crash loses and repeats nothing.
+
+Only committed records of prefs.deferred are looked at: the worker's transactions mark the topic, and
+the records of a worker batch that did not commit (which the embedded broker delivers) are dropped by
+a ``CommittedFilter`` (streams/kafka/committed.py) before anything is scored.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from confluent_kafka import KafkaError as KafkaErrorCode
 from schemas.wire import ValueCodec
 from streams.exceptions import StageFailedError
 from streams.kafka import topics
+from streams.kafka.committed import CommittedFilter
 from streams.kafka.config import consumer_config
 from streams.kafka.reader import SeenSet, identity
 from streams.kafka.transactions import BatchTransactions, Output, rewind
@@ -103,7 +108,10 @@ class SecondLook:
             settings, f"{settings.topic_prefix}{wsettings.group}-deferred", background=True,
             **{"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS}))
         self.consumer.subscribe([self.topic], on_revoke=self._revoked)
-        self.txn = BatchTransactions(settings, f"{transactional_id}-deferred", stop=self.stop)
+        # Marks what it writes, as the worker does; not prefs.deferred, which it reads (and never writes).
+        self.txn = BatchTransactions(settings, f"{transactional_id}-deferred", stop=self.stop,
+                                     marked=[t for name, t in pipeline.out_topics.items() if name != topics.DEFERRED])
+        self.filter = CommittedFilter()
         self.blocked: dict[tuple[str, int], Block] = {}
         self.seen = SeenSet(SEEN_MAX)
         self.errors_logged: set[str] = set()
@@ -111,6 +119,7 @@ class SecondLook:
     def _revoked(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.blocked.pop((tp.topic, tp.partition), None)
+            self.filter.reset(tp.topic, tp.partition)
 
     def _unblock(self, serving: str, now_ms: int) -> None:
         """Resume the paused partitions whose head record is due now."""
@@ -144,25 +153,34 @@ class SecondLook:
             self._unblock(serving, now_ms)
             msgs = self._fetch(max(1, min(limit, MAX_STEP)))
             if not msgs:
+                self.txn.anchor(self.consumer)  # idle: lets readers decide the last step's rows
                 return 0
             return self._handle(msgs, serving, now_ms)
         except (*TRANSIENT, StageFailedError, OSError) as exc:
             log.warning("second look on %s failed (%s); redoing it from the committed offsets", self.topic, exc)
             self._resume(list(self.blocked))  # every partition is read again from its committed offset
             rewind(self.consumer, self.stop)
+            self.filter.reset_all()
             return 0
 
     def _handle(self, msgs: list[Any], serving: str, now_ms: int) -> int:
-        by_partition: dict[tuple[str, int], list[Any]] = defaultdict(list)
-        for m in msgs:
-            by_partition[(m.topic(), m.partition())].append(m)
+        by_partition: dict[tuple[str, int], list[tuple[Any, bool]]] = defaultdict(list)
+        for m in sorted(msgs, key=lambda m: (m.topic(), m.partition(), m.offset())):
+            # Released in order once decided; False: a marker, or a record of a batch that did not commit.
+            for released, data in self.filter.add(m):
+                by_partition[(released.topic(), released.partition())].append((released, data))
         outputs: list[Output] = []
         handled: list[Any] = []  # every record whose offset moves with this transaction
+        skipped = 0  # of which markers and dropped records (a step of those alone commits nothing)
         rescore: list[tuple[Any, dict, str]] = []
         blocks: dict[tuple[str, int], Block] = {}
         ids: set[Any] = set()
         for key, part in by_partition.items():
-            for m in sorted(part, key=lambda m: m.offset()):
+            for m, data in part:
+                if not data:
+                    handled.append(m)
+                    skipped += 1
+                    continue
                 try:
                     rec = self.codec.decode("ScoredPair", m.value(), m.headers(), self.topic)
                 except Exception as exc:  # a record that cannot be read is a dead letter, not a stop
@@ -187,7 +205,8 @@ class SecondLook:
             reasons = {id(m): (why, rec) for m, rec, why in rescore}
             outputs += self.pipeline.process_deferred([m for m, _, _ in rescore], [rec["pair"] for _, rec, _ in rescore],
                                                       lambda it, d: self._reason(it, d, reasons[id(it.msg)], serving))
-        if handled and not self.txn.commit(self.consumer, outputs, handled):
+        if (len(handled) > skipped or outputs) and not self.txn.commit(self.consumer, outputs, handled):
+            self.filter.reset_all()
             return 0  # rewound to the committed offsets: everything is looked at again next step
         for topic, *_ in outputs:
             metrics.RECORDS_OUT.labels(topic).inc()
@@ -197,6 +216,7 @@ class SecondLook:
             tp = TopicPartition(t, p, block.offset)
             self.consumer.seek(tp)  # the records fetched after the head are read again on resume
             self.consumer.pause([tp])
+            self.filter.reset(t, p)  # and those held undecided after it
             self.blocked[(t, p)] = block
         return len(handled)
 
@@ -209,6 +229,8 @@ class SecondLook:
                 f"by {serving}; deferred by {rec['model_version']})")
 
     def close(self) -> None:
+        if not self.txn.failures:
+            self.txn.anchor(self.consumer)
         self.consumer.close()
 
 

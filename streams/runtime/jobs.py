@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from streams.exceptions import JobError
@@ -144,6 +144,12 @@ class JobTemplate:
     # optional (absent under PLAINTEXT); security.protocol and sasl.mechanism come from the ConfigMap.
     secret: str = "prefstream-retrain"
     secret_keys: tuple[str, ...] = ("PREFSTREAM_SASL_USERNAME", "PREFSTREAM_SASL_PASSWORD")
+    # Required from the same Secret: the key that signs the Job's announcement (workers serve nothing unsigned).
+    signing_secret_keys: tuple[str, ...] = ("PREFSTREAM_ANNOUNCE_SIGNING_KEY",)
+    # The Kafka cluster's CA certificate, where the ConfigMap's PREFSTREAM_SSL_CA_LOCATION says the
+    # clients find it: mounted (key ca.crt only) from this Secret, e.g. Strimzi's <cluster>-cluster-ca-cert.
+    kafka_ca_secret: str | None = None
+    kafka_ca_location: str | None = None
     # GPUs per Job (nvidia.com/gpu): 0 = CPU only; more than 1 runs the retrain under torchrun.
     gpus: int = 0
     # /dev/shm of a multi-GPU Job: NCCL passes data between the ranks through shared memory, and a
@@ -197,12 +203,23 @@ def _gpu_parts(tpl: JobTemplate) -> dict[str, Any]:
     }
 
 
+def _kafka_ca_parts(tpl: JobTemplate) -> dict[str, list[dict[str, Any]]]:
+    """The CA certificate volume and mount of a Job whose Kafka listener is TLS (none without one)."""
+    if not (tpl.kafka_ca_secret and tpl.kafka_ca_location):
+        return {"volumes": [], "mounts": []}
+    where = PurePosixPath(tpl.kafka_ca_location)
+    return {"volumes": [{"name": "kafka-ca", "secret": {"secretName": tpl.kafka_ca_secret,
+                                                        "items": [{"key": "ca.crt", "path": where.name}]}}],
+            "mounts": [{"name": "kafka-ca", "mountPath": str(where.parent), "readOnly": True}]}
+
+
 def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate, extra_args: list[str] | None = None) -> dict:
     """The batch/v1 Job for one retrain, as a plain dict (validated against the Kubernetes schema in tests)."""
     all_labels = {"app.kubernetes.io/name": "prefstream", "app.kubernetes.io/component": "retrain",
                   "prefstream.io/role": role} | labels
     gpu = _gpu_parts(tpl)
     store = _store_parts(tpl)
+    ca = _kafka_ca_parts(tpl)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name, "namespace": tpl.namespace, "labels": all_labels},
@@ -228,7 +245,9 @@ def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate,
                         "env": store["env"]
                                + [{"name": key, "valueFrom": {"secretKeyRef": {"name": tpl.secret, "key": key,
                                                                               "optional": True}}}
-                                  for key in tpl.secret_keys],
+                                  for key in tpl.secret_keys]
+                               + [{"name": key, "valueFrom": {"secretKeyRef": {"name": tpl.secret, "key": key}}}
+                                  for key in tpl.signing_secret_keys],
                         "resources": {"requests": {"cpu": tpl.cpu_request, "memory": tpl.memory_request}
                                       | gpu["resources"],
                                       "limits": {"cpu": tpl.cpu_limit, "memory": tpl.memory_limit}
@@ -236,10 +255,10 @@ def job_manifest(name: str, role: str, labels: dict[str, str], tpl: JobTemplate,
                         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                             "capabilities": {"drop": ["ALL"]}},
                         "volumeMounts": [*store["mounts"],
-                                         {"name": "tmp", "mountPath": "/tmp"}] + gpu["mounts"],
+                                         {"name": "tmp", "mountPath": "/tmp"}] + gpu["mounts"] + ca["mounts"],
                     }],
                     "volumes": [*store["volumes"],
-                                {"name": "tmp", "emptyDir": {}}] + gpu["volumes"],
+                                {"name": "tmp", "emptyDir": {}}] + gpu["volumes"] + ca["volumes"],
                 },
             },
         },

@@ -21,10 +21,22 @@ DUPLICATES = Counter("prefstream_duplicates_total", "Exact duplicates dropped by
 MODEL_VERSION = Info("prefstream_model", "Serving model versions")
 SWAPS = Counter("prefstream_model_swaps_total", "Hot-swaps done", ["role"])
 SWAP_FAILURES = Counter("prefstream_model_swap_failures_total", "Model versions refused (load or verify failed)", ["role"])
-# Announcements naming a path outside the worker's models store or a malformed version: never loaded.
+# Announcements a worker did not act on (streams/runtime/announcements.py): not signed by the announcer's key,
+# stale, announced for another role than the manifest's, older than the serving version without a rollback, or
+# naming a version outside the worker's models store.
 ANNOUNCEMENTS_REFUSED = Counter("prefstream_model_announcements_refused_total",
-                                "models.versions records refused because they name a path outside the models store",
-                                ["role"])
+                                "models.versions records refused, by role and reason (unsigned, unknown_key, "
+                                "bad_signature, stale, role_mismatch, downgrade, unverifiable, outside_store)",
+                                ["role", "reason"])
+# Vouches (metadata.answer / metadata.tests) by whether a producer key proved them (processors/trust.py).
+VOUCHES_ACCEPTED = Counter("prefstream_vouches_accepted_total",
+                           "Pairs whose vouch a producer key of their source signed, by source", ["source"])
+VOUCHES_STRIPPED = Counter("prefstream_vouches_stripped_total",
+                           "Vouches ignored because no producer key of the pair's source signed the pair, by reason "
+                           "(unsigned, unknown_key, bad_signature, source_mismatch)", ["reason"])
+# Annotations the aggregator dead-lettered because the review app did not sign them (review/provenance.py).
+ANNOTATIONS_REFUSED = Counter("prefstream_annotations_refused_total",
+                              "Annotations without the review app's valid signature, by reason", ["reason"])
 SWAP_SECONDS = Histogram("prefstream_model_load_seconds", "Time to load, verify and warm up a new version in the background", ["role"])
 SHARD_ROWS = Counter("prefstream_shard_rows_total", "Rows written to shards", ["split"])
 READY = Gauge("prefstream_ready", "1 when the worker has its partitions and models")
@@ -33,7 +45,12 @@ ALPHA = Gauge("prefstream_annotator_alpha", "Rolling Krippendorff's alpha of ann
 QUEUE_TASKS = Gauge("prefstream_review_queue_tasks", "Review tasks waiting in the Redis queue, by queue (pending, expert)", ["state"])
 # 0 when no sandbox (bwrap, user namespaces) works here: the code verifier is off and code pairs take the model route.
 CODE_SANDBOX = Gauge("prefstream_code_sandbox_available", "1 when the code verifier's bubblewrap sandbox works on this worker")
-AUDITS = Counter("prefstream_audit_tasks_total", "Silver and flipped pairs also sent to human review as blind audits", ["kind"])
+# 1 for the mode in use: a memory cgroup per run (cgroup_v1, cgroup_v2), or, where no cgroup can be made,
+# an address-space limit of the cap divided by the process limit on each process (rlimit).
+CODE_SANDBOX_MEMORY = Gauge("prefstream_code_sandbox_memory_mode",
+                            "How a code verifier run's total memory is capped: 1 for the mode in use", ["mode"])
+AUDITS = Counter("prefstream_audit_tasks_total",
+                 "Silver, flipped and verified_by_tool pairs also sent to human review as blind audits", ["kind"])
 # Set by the review app when /metrics is scraped, from the audit counts in Redis (streams/review/audit.py).
 AUDIT_PRECISION = Gauge("prefstream_audit_precision", "Share of audited automatic labels the human majority confirmed",
                         ["kind", "category"])

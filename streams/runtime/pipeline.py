@@ -17,7 +17,9 @@ from streams.kafka import topics
 from streams.kafka.transactions import (
     Output,
 )
-from streams.review import audit
+from streams.keys import producer_keys_text
+from streams.review import audit, task_ids
+from streams.review.task_ids import TaskIds
 from streams.runtime import metrics, tau
 from streams.runtime.processors.budget import (
     DEFERRED,
@@ -41,7 +43,7 @@ from streams.runtime.processors.outputs import (
 from streams.runtime.processors.retrieval import NeighbourIndex
 from streams.runtime.processors.router import Route, RouterPolicy, route, similar_k
 from streams.runtime.processors.scorer import Scorer
-from streams.runtime.processors.trust import for_verifier
+from streams.runtime.processors.trust import ProducerKeyring
 from streams.runtime.processors.verifiers import verify_batch
 from streams.settings import Settings, WorkerSettings
 
@@ -68,7 +70,8 @@ class Pipeline:
                  embedder: Embedder | None = None) -> None:
         self.settings, self.wsettings = settings, wsettings
         self.codec = ValueCodec(settings.schema_registry_url)
-        self.ingestor = Ingestor(self.codec, redis_client, wsettings.dedupe_ttl_s, key_prefix=settings.topic_prefix)
+        self.ingestor = Ingestor(self.codec, redis_client, wsettings.dedupe_ttl_s, key_prefix=settings.topic_prefix,
+                                 keyring=ProducerKeyring.parse(producer_keys_text(settings, wsettings)))
         self.embedder = embedder or Embedder(threads=wsettings.threads or None, precision=wsettings.embedder_precision)
         labeler = Labeler(self.embedder, redis=redis_client)
         self.labeler: Any = labeler
@@ -79,15 +82,24 @@ class Pipeline:
         self.scorer = scorer
         self.policy = RouterPolicy.from_settings(wsettings)
         self.redis = redis_client
+        self.task_ids = TaskIds(redis_client, settings.topic_prefix)
         self.policy_read_at = float("-inf")
-        self.trusted = wsettings.trusted_source_set
         self.out_topics = {name: settings.topic(name) for name in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ,
                                                                       topics.DEFERRED)}
         self.emit = Emitter(self.codec, self.out_topics)
         self.budget = ReviewBudget(parse_budget(wsettings.review_budget))
+        self._dead: list[Any] = []  # messages dead-lettered by a stage of the current call
+        self._ingested: list[tuple[Any, Any]] = []  # (message, IngestResult) of the last process() call
 
     def _fail(self, msg: Any, stage: str, exc: BaseException, outputs: list[Output]) -> None:
         outputs.append(self.emit.fail(msg, stage, exc))
+        self._dead.append(msg)
+
+    def _release(self, msgs: list[Any]) -> None:
+        """Pairs dead-lettered after ingest give back their dedupe claims: replayed from the DLQ, they are
+        processed, not dropped as duplicates of themselves (Redis errors retry the batch)."""
+        dead = {id(m) for m in msgs}
+        self.ingestor.release([r for m, r in self._ingested if id(m) in dead])
 
     def _stage(self, stage: str, timer: str, fn: Callable[[list[Item]], Sequence[Any]], items: list[Item],
                outputs: list[Output]) -> list[tuple[Item, Any]]:
@@ -104,12 +116,14 @@ class Pipeline:
 
     def process(self, msgs: list[Any]) -> list[Output]:
         outputs: list[Output] = []
+        self._dead = []
         with metrics.STAGE_SECONDS.labels("ingest").time():
             results = []
             for m in msgs:
                 metrics.RECORDS_IN.labels(m.topic()).inc()
                 results.append((m, self.ingestor.decode(m)))  # never raises on a record
             self.ingestor.dedupe(results)  # one Redis call; its errors retry the batch
+            self._ingested = results
         items = []
         for m, r in results:
             if r.dead_letter is not None:
@@ -124,16 +138,18 @@ class Pipeline:
         items = [it for it, _ in self._stage("label", "label", self._label, items, outputs)]
         items = [with_result(it, "vec", r) for it, r in self._stage(
             "embed", "label", lambda b: list(self.embedder.embed([prompt_text(i.pair) for i in b])), items, outputs)]
-        # Producers outside trusted_sources cannot vouch for their pairs (processors/trust.py).
+        # A vouch without a producer key's signature was stripped at ingest (processors/trust.py).
         items = [with_result(it, "verdict", r) for it, r in self._stage(
-            "verify", "verify", lambda b: verify_batch([for_verifier(i.pair, self.trusted) for i in b]), items, outputs)]
+            "verify", "verify", lambda b: verify_batch([i.pair for i in b]), items, outputs)]
         with metrics.STAGE_SECONDS.labels("route").time():
             self._refresh_policy()
             self._route(items, outputs)
+        self._release(self._dead)
         return outputs
 
     def _refresh_policy(self) -> None:
         """Pick up the controller's tau shifts per category (streams/runtime/tau.py) every TAU_REFRESH_S."""
+        self.task_ids.key()  # read once, here where a Redis error retries the batch, before any task is made
         now = time.monotonic()
         if now - self.policy_read_at < TAU_REFRESH_S:
             return
@@ -155,6 +171,7 @@ class Pipeline:
                 raise
             except Exception as exc:  # whatever it is, it is this record's alone now
                 self._fail(m, "pipeline", exc, outputs)
+                self._release([m])  # the claim its failed process() call may have taken
         return outputs
 
     def process_deferred(self, msgs: list[Any], pairs: list[dict],
@@ -163,6 +180,7 @@ class Pipeline:
         past the review budget and never deferred twice (streams/runtime/deferred.py); a pair still a review
         candidate goes to review with the reason ``reason(item, decision)`` gives."""
         outputs: list[Output] = []
+        self._dead = []
         items = [Item(m, pair) for m, pair in zip(msgs, pairs, strict=True)]
         items = [with_result(it, "score", r) for it, r in self._stage(
             "score", "score", lambda b: self.scorer.score([i.pair for i in b]), items, outputs)]
@@ -234,8 +252,8 @@ class Pipeline:
         out = [scored]
         if decision.kind == "review":
             neighbours = self.index.search(it.vec, decision.k, exclude=pair["pair_id"])
-            out.append(self.emit.out(topics.REVIEW, "ReviewTask", key,
-                                     review_task(pair, score, decision, neighbours, now, len(scored[2]))))
+            task = review_task(pair, score, decision, neighbours, now, len(scored[2]), self.task_ids.of(pair["pair_id"]))
+            out.append(self.emit.out(topics.REVIEW, "ReviewTask", key, task))
         elif decision.kind != "dropped":
             out.append(self.emit.out(topics.CURATED, "CuratedPair", key, curated_record(pair, score, decision, now)))
             if decision.kind in audit.KINDS and audit.is_audited(pair["pair_id"], self.wsettings.audit_share):
@@ -245,10 +263,12 @@ class Pipeline:
 
     def _audit_task(self, it: Item, decision: Route, now: int, pair_bytes: int) -> Output:
         """A blind review task for a pair curated without a human (streams/review/audit.py)."""
-        pair = it.pair
+        pair = audit.shown(it.pair, decision.kind, decision.flip)
         neighbours = self.index.search(it.vec, similar_k(it.score["p"]), exclude=pair["pair_id"])
-        task = review_task(pair, it.score, decision, neighbours, now, pair_bytes) | {
-            "task_id": audit.task_id(pair["pair_id"]), "reason": audit.REASON_PREFIX + decision.kind,
+        # Its id is as opaque as any task's (task_ids.py): an annotator cannot tell it is an audit.
+        task = review_task(pair, it.score, decision, neighbours, now, pair_bytes,
+                           self.task_ids.of(pair["pair_id"], task_ids.AUDIT)) | {
+            "reason": audit.REASON_PREFIX + decision.kind,
             "priority": audit.PRIORITY + pair["created_at"] / PRIORITY_AGE_SCALE}
         metrics.AUDITS.labels(decision.kind).inc()
-        return self.emit.out(topics.REVIEW, "ReviewTask", task["task_id"].encode(), task)
+        return self.emit.out(topics.REVIEW, "ReviewTask", pair["pair_id"].encode(), task)

@@ -11,12 +11,18 @@ resumes at the later of the committed offset and the manifest's next offset, so 
 point neither loses nor duplicates a row. Gold pairs reach prefs.curated from the aggregator
 (a gold CuratedPair beside each VerifiedPair), so this writer reads one topic.
 
+Only committed records reach a shard. The embedded broker delivers the records of aborted
+transactions to read_committed consumers; the worker and the aggregator stamp their outputs and mark
+prefs.curated (streams/kafka/committed.py), and a ``CommittedFilter`` releases each partition's records
+in order once it knows whether their transaction committed: a batch aborted and redone with another
+route leaves exactly the redone rows. A record waits for that (until the stage's next transaction, or
+its markers-only one when idle) before it is buffered, and offsets and the manifest's next offset never
+pass a record still waiting, so a restart reads it again.
+
 A pair is written once per identity (``streams.kafka.reader.curated_identity``: pair_id, gold or
-routed). The embedded broker delivers the records of aborted transactions to read_committed
-consumers, so a batch the worker aborted and redid arrives twice; the second copy is skipped. The
-identities already committed are read from the partition's files once when the partition is
-assigned (another writer may have written it meanwhile), then kept in memory; each append adds its
-own.
+routed), against a pair that comes twice (a replay). The identities already committed are read from
+the partition's files once when the partition is assigned (another writer may have written it
+meanwhile), then kept in memory; each append adds its own.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from schemas.wire import ValueCodec
 from streams.kafka import topics
+from streams.kafka.committed import CommittedFilter
 from streams.kafka.config import consumer_config
 from streams.kafka.reader import curated_identity
 from streams.runtime import metrics
@@ -67,8 +75,10 @@ class ShardWriter:
         self.failures = 0  # appends or commits that failed and were retried
         self.logs: dict[int, PartitionLog] = {}
         self.pending: dict[int, int] = {}  # partition -> offset to commit, its records already in the manifest
+        self.skipped: dict[int, int] = {}  # partition -> offset to commit past records skipped with nothing buffered
         self.written: dict[int, set] = {}  # partition -> identities committed or in its buffer
-        self.consumed: dict[int, int] = {}  # partition -> last offset read (buffered or skipped)
+        self.consumed: dict[int, int] = {}  # partition -> last offset released (buffered or skipped)
+        self.filter = CommittedFilter()  # holds each record until its transaction is known to have committed
         self.duplicates = 0
         self.compacted = 0  # files merged away by automatic compaction
         self._compact_seen: dict[int, int] = {}  # partition -> its log's closed count at the last compaction
@@ -85,6 +95,8 @@ class ShardWriter:
 
     # -------------------------------------------------------------- assignment
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.filter.reset(tp.topic, tp.partition)  # read again from the committed position
         next_offset: dict[int, int] = {}
         for tp in partitions:
             recovered = self._recover(tp.partition)
@@ -125,8 +137,10 @@ class ShardWriter:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._flush(tp.partition)
-            for table in (self.buffers, self.written, self.consumed, self.logs, self.pending, self._compact_seen):
+            for table in (self.buffers, self.written, self.consumed, self.logs, self.pending, self.skipped,
+                          self._compact_seen):
                 table.pop(tp.partition, None)
+            self.filter.reset(tp.topic, tp.partition)
         self._write_summary_if_stale()
 
     # -------------------------------------------------------------- writing
@@ -136,7 +150,7 @@ class ShardWriter:
             return
         rows = self.buffers.get(partition)
         if rows:
-            # Past the records skipped since the buffer began too (second copies, unreadable ones).
+            # Past the records skipped since the buffer began too (markers, dropped, repeated or unreadable ones).
             upto = max(rows[-1][0], self.consumed.get(partition, rows[-1][0])) + 1
             plog = self._log(partition)
             written = plog.append(rows, upto)
@@ -148,6 +162,10 @@ class ShardWriter:
                 metrics.SHARD_ROWS.labels(split).inc(count)
             self._compact(plog)
             self._summary_stale = True
+            self.skipped.pop(partition, None)  # upto is past them
+        elif partition in self.skipped:
+            self.pending[partition] = max(self.pending.get(partition, 0), self.skipped.pop(partition))
+            self.started.pop(partition, None)
         if partition in self.pending:
             self.consumer.commit(offsets=[TopicPartition(self.topic, partition, self.pending[partition])],
                                  asynchronous=False)
@@ -194,6 +212,9 @@ class ShardWriter:
         for part, rows in list(self.buffers.items()):
             if rows and (force or len(rows) >= self.wsettings.shard_max_records or now - self.started.get(part, now) >= self.wsettings.shard_max_age_s):
                 self._flush(part)
+        for part in list(self.skipped):
+            if force or now - self.started.get(part, now) >= self.wsettings.shard_max_age_s:
+                self._flush(part)
         for plog in list(self.logs.values()):
             if plog.close_aged():  # no record came to roll it
                 self._compact(plog)
@@ -231,18 +252,26 @@ class ShardWriter:
         """One poll and whatever flushes are due."""
         msg = self.consumer.poll(0.2)
         if msg is not None and not msg.error():
-            self.consumed[msg.partition()] = msg.offset()
+            for released, committed in self.filter.add(msg):  # in offset order, once decided
+                self._take(released, committed)
+        self._flush_due()
+
+    def _take(self, msg: Any, committed: bool) -> None:
+        """Buffer a released record (``committed``: data of a committed transaction) or skip past it."""
+        self.consumed[msg.partition()] = msg.offset()
+        rec = None
+        if committed:
             try:
                 rec = self.codec.decode("CuratedPair", msg.value(), msg.headers(), self.topic)
             except Exception as exc:  # written by our own worker; an unreadable one is logged and skipped
                 log.error("unreadable CuratedPair at %s[%s]@%s: %s", self.topic, msg.partition(), msg.offset(), exc)
-                rec = None
-            if rec is not None and not self._is_new(msg.partition(), rec):
-                rec = None  # a second copy (an aborted transaction, redone): already written or buffered
-            if rec is not None:
-                self.buffers[msg.partition()].append((msg.offset(), rec))
-                self.started.setdefault(msg.partition(), time.monotonic())
-            elif not self.buffers[msg.partition()]:
-                self.consumer.commit(message=msg, asynchronous=False)
-                self.pending.pop(msg.partition(), None)  # committed past it
-        self._flush_due()
+        if rec is not None and not self._is_new(msg.partition(), rec):
+            rec = None  # the pair came again (a replay): already written or buffered
+        if rec is not None:
+            self.buffers[msg.partition()].append((msg.offset(), rec))
+            self.started.setdefault(msg.partition(), time.monotonic())
+        elif not self.buffers[msg.partition()]:
+            # Past it with nothing buffered (a marker, a dropped or repeated record): committed at the next
+            # flush or after shard_max_age_s, not one broker round trip per record.
+            self.skipped[msg.partition()] = msg.offset() + 1
+            self.started.setdefault(msg.partition(), time.monotonic())

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -31,7 +32,9 @@ from streams.exceptions import StageFailedError
 from streams.kafka import topics
 from streams.kafka.config import consumer_config
 from streams.kafka.transactions import BatchTransactions, rewind
+from streams.keys import announce_verifiers
 from streams.runtime import metrics
+from streams.runtime.announcements import AnnouncementGate
 from streams.runtime.deferred import SecondLook
 from streams.runtime.pipeline import Pipeline
 from streams.runtime.processors import sandbox
@@ -63,12 +66,18 @@ IDLE_POLL_S = 0.5  # how long an idle worker blocks for a record before checking
 
 
 class VersionWatcher:
-    """Follows models.versions and offers each new version to its slot (loaded in this thread)."""
+    """Follows models.versions and offers each new version to its slot (loaded in this thread).
+
+    Only announcements the gate admits are offered (announcements.py: signed by the announcer's key,
+    not stale, the manifest's role, never older than the serving version unless a rollback).
+    """
 
     def __init__(self, settings: Settings, slots: dict[str, ModelSlot]) -> None:
         self.settings, self.slots = settings, slots
         self.topic = settings.topic(topics.MODEL_VERSIONS)
         self.codec = ValueCodec(settings.schema_registry_url)
+        # At start: a worker without the announcer's public key could serve nothing but the bootstrap model.
+        self.gate = AnnouncementGate(announce_verifiers(settings), settings.model_store())
         # Not a background consumer: its fetch wait is part of every hot-swap's delay (announcement to
         # first pair scored by the new version), and a fetch every 100 ms of one partition costs nothing.
         self.consumer = Consumer(consumer_config(settings, f"prefstream-versions-{socket.gethostname()}-{os.getpid()}"))
@@ -76,33 +85,42 @@ class VersionWatcher:
         self.stop = threading.Event()
 
     def _decode(self, msg: Any) -> dict | None:
+        """The announcement in ``msg`` for one of this worker's roles, if a key it knows signed it."""
         try:
-            return self.codec.decode("ModelVersion", msg.value(), msg.headers(), self.topic)
+            rec = self.codec.decode("ModelVersion", msg.value(), msg.headers(), self.topic)
         except Exception as exc:  # a bad announcement must not stop the watcher
             log.error("unreadable record on %s at offset %s: %s", self.topic, msg.offset(), exc)
             return None
+        return rec if rec["role"] in self.slots and self.gate.signed(rec, msg.headers()) else None
+
+    def _offer(self, rec: dict) -> None:
+        slot = self.slots[rec["role"]]
+        upcoming = slot.pending or slot.serving
+        if self.gate.admit(rec, upcoming.version if upcoming else None):
+            slot.offer(rec)
 
     def drain(self) -> None:
-        """Read what is there now; offer only the latest record per role (start-up)."""
-        latest: dict[str, dict] = {}
+        """Read what is there now; offer only the newest signed record per role (start-up)."""
+        signed: dict[str, list[dict]] = {}
         deadline = time.monotonic() + VERSIONS_DRAIN_S
         while time.monotonic() < deadline:
             msg = self.consumer.poll(0.2)
             if msg is None or msg.error():
                 continue
             deadline = time.monotonic() + VERSIONS_DRAIN_S
-            if (rec := self._decode(msg)) and rec["role"] in self.slots:
-                latest[rec["role"]] = rec
-        for role, rec in latest.items():
-            self.slots[role].offer(rec)
+            if rec := self._decode(msg):
+                signed.setdefault(rec["role"], []).append(rec)
+        for records in signed.values():
+            if (rec := self.gate.choose(records)) is not None:
+                self._offer(dict(rec))
 
     def run(self) -> None:
         while not self.stop.is_set():
             msg = self.consumer.poll(0.5)
             if msg is None or msg.error():
                 continue
-            if (rec := self._decode(msg)) and rec["role"] in self.slots:
-                self.slots[rec["role"]].offer(rec)
+            if rec := self._decode(msg):
+                self._offer(rec)
         self.consumer.close()
 
 
@@ -133,8 +151,10 @@ class BatchSizer:
         self.rate = rate if self.rate is None else 0.5 * self.rate + 0.5 * rate
 
 
-def next_batch(consumer: Consumer, max_batch: int, max_wait_s: float, idle_s: float = IDLE_POLL_S) -> list[Any]:
-    """The next micro-batch: what is already fetched, else block (up to ``idle_s``) for the first record.
+def next_batch(consumer: Consumer, max_batch: int, max_wait_s: float, idle_s: float = IDLE_POLL_S,
+               on_idle: Callable[[], Any] | None = None) -> list[Any]:
+    """The next micro-batch: what is already fetched, else block (up to ``idle_s``) for the first record
+    (``on_idle`` is called first: nothing is waiting).
 
     After the first record, wait up to ``max_wait_s`` for more only while the batch is short.
     librdkafka's ``consume(n, timeout)`` waits the whole timeout unless n records come, so a fixed
@@ -142,6 +162,8 @@ def next_batch(consumer: Consumer, max_batch: int, max_wait_s: float, idle_s: fl
     """
     msgs = consumer.consume(max_batch, 0)
     if not msgs:
+        if on_idle is not None:
+            on_idle()
         msgs = consumer.consume(1, idle_s)
         if msgs and max_batch > 1:
             msgs += consumer.consume(max_batch - 1, max_wait_s)
@@ -229,7 +251,10 @@ class Worker:
         # Probe the code sandbox now, so its state is logged at start and shown on /metrics; without
         # one, code pairs take the model route (untrusted code never runs unsandboxed).
         sandbox.available()
-        txn = BatchTransactions(self.settings, self.transactional_id, stop=self.stop)
+        # Every output topic is marked, so readers drop the records of batches that did not commit
+        # (streams/kafka/committed.py).
+        txn = BatchTransactions(self.settings, self.transactional_id, stop=self.stop,
+                                marked=pipeline.out_topics.values())
         consumer = self._consumer()
         # Deferred review candidates (the review budget's) are looked at again between raw batches.
         second_look = SecondLook(self.settings, self.wsettings, pipeline, self.transactional_id, self.stop)
@@ -241,7 +266,10 @@ class Worker:
         try:
             while not self.stop.is_set():
                 txn.poll()
-                msgs = next_batch(consumer, sizer.limit, self.wsettings.max_wait_ms / 1000)
+                # Nothing waiting: a markers-only transaction lets readers take the last batch's outputs
+                # now rather than with the next batch (a no-op unless that batch had outputs).
+                msgs = next_batch(consumer, sizer.limit, self.wsettings.max_wait_ms / 1000,
+                                  on_idle=lambda: txn.anchor(consumer))
                 # Between batches, and after the wait for records: a version parked while this worker
                 # waited scores the batch that ended the wait.
                 self.scorer.swap_if_ready()
@@ -253,6 +281,8 @@ class Worker:
             self.started = False
             self._set_ready()
             self.watcher.stop.set()
+            if not txn.failures:  # (a broker that is away would only delay the stop)
+                txn.anchor(consumer)  # the last batch's rows are decided before the worker is gone
             consumer.close()  # leave the group now rather than after a session timeout
             second_look.close()
             if shard_thread is not None:
@@ -368,6 +398,9 @@ def run_worker(settings: Settings, wsettings: WorkerSettings) -> None:
         import torch
 
         torch.set_num_threads(wsettings.threads)  # torch scoring and the embedder; ONNX sessions get it per model
+    if os.environ.get("PREFSTREAM_WORKER_TRUSTED_SOURCES"):
+        log.warning("PREFSTREAM_WORKER_TRUSTED_SOURCES is not read: a source name proves nothing. Give each producer "
+                    "that may vouch for its pairs a key (PREFSTREAM_WORKER_PRODUCER_KEYS, docs/operations.md)")
     worker = Worker(settings, wsettings)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop.set())

@@ -60,8 +60,9 @@ def chain_labels(chain: Chain, pairs: dict[str, dict[str, Any]]) -> dict[str, di
 
 
 def replay(chain: Chain, base_dir: str | Path, labels: dict[str, dict[str, Any]], seed: int, work: Path,
-           device: str = "cpu") -> Any:
-    """Train from ``base_dir`` through every link of ``chain`` with ``labels``; the last RewardModel."""
+           device: str = "cpu", scale: float = 1.0) -> Any:
+    """Train from ``base_dir`` through every link of ``chain`` with ``labels``; the last RewardModel.
+    ``scale`` multiplies every link's schedule and steps (a longer training of the same chain)."""
     from trainers.training.train import TrainConfig, train
 
     model_dir, rm = str(base_dir), None
@@ -71,7 +72,8 @@ def replay(chain: Chain, base_dir: str | Path, labels: dict[str, dict[str, Any]]
             raise TrainerError(f"no labelled pair for link {link.version} of the chain: the arm cannot replay it")
         recipe = {k: v for k, v in link.recipe.items() if k not in NOT_REPLAYED and k in TrainConfig.__dataclass_fields__}
         cfg = TrainConfig(**recipe, output_dir=str(work / f"link-{i}"), base_model=model_dir,
-                          max_steps=link.planned_steps, stop_after=link.kept_step, patience=0, eval_every=0,
+                          max_steps=max(1, round(link.planned_steps * scale)),
+                          stop_after=max(1, round(link.kept_step * scale)), patience=0, eval_every=0,
                           seed=seed, plot=False, progress=False, device=device)
         result = train(cfg, pairs, [])
         model_dir, rm = str(result.output_dir), result.reward_model
@@ -80,7 +82,7 @@ def replay(chain: Chain, base_dir: str | Path, labels: dict[str, dict[str, Any]]
 
 def compare(chain: Chain, base_dir: str | Path, arms: dict[str, dict[str, dict[str, Any]]],
             probes: dict[str, list[dict[str, Any]]], seeds: list[int], device: str = "cpu",
-            on_arm: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+            on_arm: Callable[[str, int], None] | None = None, scale: float = 1.0) -> dict[str, Any]:
     """Every arm replayed on every seed and scored on every probe: {arm: {"per_seed": [{probe: acc}], ...}}."""
     from trainers.training.train import held_out_scores
 
@@ -91,7 +93,7 @@ def compare(chain: Chain, base_dir: str | Path, arms: dict[str, dict[str, dict[s
             if on_arm:
                 on_arm(name, seed)
             with tempfile.TemporaryDirectory(prefix=f"prefstream-arm-{name}-") as tmp:
-                rm = replay(chain, base_dir, labels, seed, Path(tmp), device)
+                rm = replay(chain, base_dir, labels, seed, Path(tmp), device, scale)
                 per_seed.append({probe: held_out_scores(rm, pairs)[0] for probe, pairs in probes.items() if pairs})
         out[name] = {"per_seed": per_seed, "mean": {p: float(np.mean([s[p] for s in per_seed])) for p in per_seed[0]},
                      "ci95": {p: interval95([s[p] for s in per_seed]) for p in per_seed[0]}}

@@ -173,7 +173,12 @@ class ModelStore:
 
     # ------------------------------------------------------------------ promote / rollback
     def promote(self, version: str, role: str, announce: Announcer | None = None, reason: str = "promoted") -> dict[str, Any]:
+        """Serve ``version`` for ``role``, the role it was published for (workers refuse any other)."""
         self._check_role(role)
+        published_for = self.get(version).role
+        if published_for and published_for != role:
+            raise RegistryError(f"version {version} was published for role {published_for!r}, not {role!r}; workers "
+                                f"serve a version only in its own role: publish the model again for {role}")
         self.verify(version)
         self._change_history(role, lambda hist: [v for v in hist if v != version] + [version])
         return self._announce(version, role, "promote", reason, announce)

@@ -1,7 +1,12 @@
 """Reading preference pairs for training: JSONL (ours or HH-RLHF) and Avro shard files of CuratedPair.
 
 A shards root (or one split directory in it) is read through its manifest (``trainers.storage.shards``):
-only committed records, file by file.
+only committed records, file by file. Records of the splits that rank neither response (tie,
+both_bad: ``schemas.records.UNRANKED_SPLITS``) are not preference pairs and are left out.
+
+A shard record's strength (how much better chosen is, as the human majority said) becomes the pair's
+Bradley-Terry margin through ``STRENGTH_MARGIN``: the loss is ``-log sigmoid(r_c - r_r - margin)``, so
+a "much" pair is pushed until its reward gap exceeds 1.0, a "slightly" one only until it is positive.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ from fastavro import reader as avro_reader
 from schemas.exceptions import InvalidRecordError
 from schemas.formats import READERS, FormatError, detect, jsonl_objects
 from schemas.pairs import validate_pair
+from schemas.records import UNRANKED_SPLITS
 from trainers.exceptions import DataError
 from trainers.storage.shards import MANIFEST, MANIFEST_DIR, iter_records
 
 TRAINING_KEYS = ("margin", "split", "is_flipped", "style_trap")
+# A CuratedPair's strength -> the margin its training pair carries; a record without one trains at 0.
+STRENGTH_MARGIN = {"slightly": 0.0, "clearly": 0.5, "much": 1.0}  # keyed by schemas.records.STRENGTHS
 
 
 def read_jsonl(path: Path, skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -46,10 +54,22 @@ def read_jsonl(path: Path, skipped: list[str] | None = None) -> Iterator[dict[st
 
 
 def shard_pair(rec: dict[str, Any]) -> dict[str, Any]:
-    """The training pair of a CuratedPair shard record; its split goes to 'extra'."""
+    """The training pair of a CuratedPair shard record; its split, and the margin of its strength when it
+    has one (``STRENGTH_MARGIN``), go to 'extra'."""
     pair = dict(rec["pair"])
     pair["extra"] = {"split": rec.get("split")}
+    strength = rec.get("strength")
+    if strength is not None:
+        if strength not in STRENGTH_MARGIN:
+            raise DataError(f"shard record {pair.get('pair_id')} has strength {strength!r}; a strength is one of "
+                            f"{', '.join(STRENGTH_MARGIN)} (rewrite the record or drop its strength)")
+        pair["extra"]["margin"] = STRENGTH_MARGIN[strength]
     return pair
+
+
+def ranked(rec: dict[str, Any]) -> bool:
+    """Whether a shard record is a preference (chosen better than rejected) and so a training pair."""
+    return rec.get("split") not in UNRANKED_SPLITS
 
 
 def read_shard(path: Path) -> Iterator[dict[str, Any]]:
@@ -58,7 +78,8 @@ def read_shard(path: Path) -> Iterator[dict[str, Any]]:
     try:
         with path.open("rb") as fh:
             for rec in avro_reader(fh):
-                yield shard_pair(rec)
+                if ranked(rec):
+                    yield shard_pair(rec)
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"cannot read shard {path}: {exc}") from exc
 
@@ -70,7 +91,8 @@ def is_shards_root(path: Path) -> bool:
 def read_shards(root: Path, splits: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
     """The committed pairs of a shards root, lazily, in manifest order."""
     for _, rec in iter_records(root, splits=splits):
-        yield shard_pair(rec)
+        if ranked(rec):
+            yield shard_pair(rec)
 
 
 def read_pairs(paths: Sequence[str | Path], skipped: list[str] | None = None) -> list[dict[str, Any]]:

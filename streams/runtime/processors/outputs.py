@@ -58,9 +58,10 @@ def fit_neighbours(neighbours: list[Neighbour], budget: int) -> list[dict[str, A
 
 
 def review_task(pair: dict, score: dict, decision: Route, neighbours: list[Neighbour], now: int,
-                pair_bytes: int) -> dict[str, Any]:
-    """A ReviewTask with the similar pairs that fit next to a pair of ``pair_bytes`` encoded bytes."""
-    return {"task_id": pair["pair_id"], "pair": pair, "p": score["p"],
+                pair_bytes: int, task_id: str) -> dict[str, Any]:
+    """A ReviewTask (id ``task_id``, streams/review/task_ids.py) with the similar pairs that fit next to a
+    pair of ``pair_bytes`` encoded bytes."""
+    return {"task_id": task_id, "pair": pair, "p": score["p"],
             "margin": score["reward_chosen"] - score["reward_rejected"], "model_version": score["model_version"],
             # Severity first: lower p is served first; ties by age (created_at in ms, scaled down).
             "priority": score["p"] + pair["created_at"] / PRIORITY_AGE_SCALE, "reason": decision.reason,

@@ -209,7 +209,8 @@ def load_announced(record: dict, backend: str = "auto", max_length: int | None =
         try:
             path = resolve_announced(record, store)
         except UntrustedModelPathError:
-            metrics.ANNOUNCEMENTS_REFUSED.labels(str(record.get("role", ""))[:20]).inc()
+            metrics.ANNOUNCEMENTS_REFUSED.labels(record.get("role") if record.get("role") in ROLES else "other",
+                                                 "outside_store").inc()
             raise
     else:
         path = Path(record["path"])

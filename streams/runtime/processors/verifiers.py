@@ -4,8 +4,10 @@
   (``metadata["answer"]``); each response's final number is compared numerically.
 - code: ``metadata["tests"]`` holds Python test code; each response's code block runs with the tests in
   a bubblewrap sandbox (``sandbox.py``: empty environment, no network, read-only system, private /tmp,
-  own PID namespace, limits on processes, memory, CPU, files, output and wall time). Where no sandbox
-  works the code verifier is off: it returns None and the code is never run.
+  own PID namespace, limits on processes, the run's total memory, CPU, files, output and wall time).
+  A response passes only on evidence: the harness's random token for that run, written after every
+  test ran (harness.py); an exit status of 0 is not enough. Where no sandbox works the code verifier
+  is off: it returns None and the code is never run.
 
 A verifier returns "chosen", "rejected" (the one that is right) or None (cannot decide).
 """
@@ -138,9 +140,10 @@ def verify_math(pair: dict) -> str | None:
 
 
 def run_python(code: str, tests: str, timeout: float = CODE_TIMEOUT_S) -> bool:
-    """True if ``code`` followed by ``tests`` exits 0 within the limits of the sandbox (False, never run, without one)."""
+    """True if every test ran after ``code`` and passed within the limits of the sandbox, shown by the
+    harness's token for this run (False, never run, without a sandbox)."""
     limits = sandbox.Limits(timeout_s=timeout, memory_bytes=CODE_MEMORY_BYTES, cpu_s=int(timeout) + 1)
-    return sandbox.run_python(code + "\n\n" + tests + "\n", limits).ok
+    return sandbox.run_tests(code, tests, limits).passed
 
 
 def extract_code(text: str) -> str:

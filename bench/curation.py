@@ -1,0 +1,123 @@
+"""The curation study (`python -m bench.curation`, part of `make bench`): does curation beat the raw stream?
+
+For each data set, one `prefstream demo` run (comparison off) produces a served version whose chain trained
+on curated labels; then the chain is replayed like for like (streams/local/curation.py) with raw, curated
+and true labels, on several seeds, at two training lengths: the chain's own steps and ``--long`` times
+them. Data sets: ``generated`` (the demo's stream, its default noise mix) and ``hh`` (HH-RLHF pairs from
+../shared/data with the same kinds of noise planted; truth = the published HH label). Writes
+bench/results/curation.json: per data set and length, each arm's mean and 95% interval (Student's t over
+seeds) on each probe, and the paired gain of curated over raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import HH, write_result
+
+PROBES = ("clean_holdout", "non_trap", "style_traps", "confident_wrong")
+
+
+def _run_demo(stream: str, args: argparse.Namespace, home: Path) -> Path:
+    """One demo run without its own comparison; its state directory (models, stream, holdout, probe)."""
+    from streams.local.demo import DemoConfig, run_demo
+    from streams.settings import get_settings
+
+    os.environ["PREFSTREAM_HOME"] = str(home)
+    get_settings.cache_clear()
+    cfg = DemoConfig(out_dir=home / "report", pairs=args.pairs, hh_pairs=0 if stream == "hh" else 120,
+                     stream=stream, comparison=False, seed=args.seed, time_limit_s=args.time_limit)
+    report = run_demo(cfg, get_settings())
+    if report["failures"]:
+        raise SystemExit(f"the {stream} demo failed: {report['failures']}")
+    return next((home / "demo").iterdir())
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def study(state: Path, lengths: list[float], seeds: list[int]) -> dict[str, Any]:
+    """The like-for-like arms on the served chain of one demo's state, at each length."""
+    from schemas.pairs import validate_pair
+    from streams.local.curation import like_for_like, probes
+    from trainers.storage.registry import ModelStore
+
+    stream = _read(state / "stream.jsonl")
+    # What the producers published is the stream file: the pair ids the topics carried, labels as sent.
+    published = {p["pair_id"]: validate_pair(p) for p in stream}
+    by_id = {p["pair_id"]: p for p in stream}
+    sets = probes(_read(state / "holdout.jsonl"), _read(state / "probe.jsonl"))
+    version = ModelStore(state / "models").serving("current")
+    out: dict[str, Any] = {"version": version, "lengths": {}}
+    for scale in lengths:
+        started = time.time()
+        like = like_for_like(state / "models", version, published, by_id, sets, seeds, scale=scale,
+                             on_arm=lambda arm, seed, s=scale: print(f"  x{s:g}: arm {arm}, seed {seed}", flush=True))
+        out["lengths"][f"x{scale:g}"] = {
+            "steps": [round(link["kept_step"] * scale) for link in like["links"]], "links": like["links"],
+            "pairs": like["pairs"], "pairs_curated_label_differs": like["pairs_curated_label_differs"],
+            "arms": {a: {"mean": v["mean"], "ci95": v["ci95"], "per_seed": v["per_seed"]} for a, v in like["arms"].items()},
+            "gain": {p: like["by_probe"][p] for p in PROBES}, "seconds": round(time.time() - started, 1)}
+    return out
+
+
+def _cell(res: dict[str, Any], arm: str, probe: str) -> str:
+    ci = res["arms"][arm]["ci95"][probe]
+    return f"{res['arms'][arm]['mean'][probe]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def rows(r: dict[str, Any]) -> list[str]:
+    """docs/benchmarks.md rows: each data set and length, the arms on the clean holdout and the probe."""
+    out = []
+    for name, ds in r["datasets"].items():
+        for length, res in ds["lengths"].items():
+            def cell(arm: str, probe: str, res: dict[str, Any] = res) -> str:
+                return _cell(res, arm, probe)
+
+            g = res["gain"]["clean_holdout"]
+            gci = f" [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]" if g["ci95"] else ""
+            share = f"{g['ceiling_share']:.2f}" if g["ceiling_share"] is not None else "-"
+            out.append(f"| curation study, {name}, {length} ({sum(res['steps'])} steps, {res['pairs']} pairs, "
+                       f"{len(r['seeds'])} seeds) | curated {cell('curated', 'clean_holdout')} | raw "
+                       f"{cell('raw', 'clean_holdout')} | gain {g['mean']:+.3f}{gci} | 95% interval of the gain above 0 "
+                       f"at the longer length | truth {cell('truth', 'clean_holdout')}; ceiling share {share}; "
+                       f"confident-wrong probe raw {cell('raw', 'confident_wrong')} / curated "
+                       f"{cell('curated', 'confident_wrong')}; style traps raw {cell('raw', 'style_traps')} / curated "
+                       f"{cell('curated', 'style_traps')} |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m bench.curation", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--datasets", default="generated,hh", help="Comma-separated: generated, hh.")
+    ap.add_argument("--pairs", type=int, default=1800, help="Pairs each demo streams.")
+    ap.add_argument("--seeds", type=int, default=3, help="Seeds per arm (each trains raw, curated and truth).")
+    ap.add_argument("--long", type=float, default=3.0, help="The longer length: this many times the chain's steps.")
+    ap.add_argument("--seed", type=int, default=0, help="Seed of the demo's data.")
+    ap.add_argument("--time-limit", type=float, default=900.0, help="Each demo's time limit (s).")
+    ap.add_argument("--state", action="append", default=[], metavar="NAME=DIR",
+                    help="Study an existing demo state directory instead of running a demo for NAME.")
+    args = ap.parse_args(argv)
+    given = dict(s.split("=", 1) for s in args.state)
+    seeds, lengths = list(range(args.seeds)), [1.0, args.long]
+    result: dict[str, Any] = {"seeds": seeds, "datasets": {}}
+    for name in [d for d in args.datasets.split(",") if d]:
+        if name == "hh" and not HH.exists() and name not in given:
+            raise SystemExit(f"shared data not present: {HH}; the hh data set needs ../shared/data")
+        print(f"curation study: {name}", flush=True)
+        state = Path(given[name]) if name in given else _run_demo(name, args, Path(tempfile.mkdtemp(prefix="bench-cur-")))
+        result["datasets"][name] = study(state, lengths, seeds)
+    cmd = "python -m bench.curation " + " ".join(argv if argv is not None else [])
+    write_result("curation", result, cmd.strip())
+    return result
+
+
+if __name__ == "__main__":
+    main()
