@@ -134,10 +134,6 @@ def _stamp_headers(msg: Any) -> tuple[bytes | None, bool]:
     return raw, marker
 
 
-def is_marker(msg: Any) -> bool:
-    return _stamp_headers(msg)[1]
-
-
 # ------------------------------------------------------------------------------------------ producer side
 class Marking:
     """The producer side, owned by a ``BatchTransactions``: each attempt's stamp and the partitions its
