@@ -1,5 +1,6 @@
-"""`make chaos`: run the long fault suite (tests marked ``slow`` in tests/test_fault_suite.py), then print
-its table and write it to bench/results/chaos.json and bench/results/chaos.md.
+"""`make chaos`: run the long fault suite (tests marked ``slow`` in tests/test_fault_suite.py: hostile input
+with killed workers and review app, Redis restarts, and the poisoning attacks), then print its tables and
+write them to bench/results/chaos.json and bench/results/chaos.md.
 
     python -m tests.chaos [extra pytest args]
 
@@ -26,10 +27,12 @@ def _n(v) -> str:
 
 
 def render(results: list[dict]) -> str:
-    """Markdown: one table per pipeline run, one line per Redis run."""
+    """Markdown: one table per pipeline run and per poisoning run, one line per Redis run."""
     out = []
     for r in results:
-        if "table" in r:
+        if r.get("kind") == "poisoning":
+            out += _render_poisoning(r)
+        elif "table" in r:
             cfg = r["config"]
             out.append(f"### Run `{r['name']}`: {cfg['good']:,} good + {cfg['hostile']:,} hostile records, "
                        f"{cfg['workers']} workers, {r['planned_worker_kills']} worker SIGKILLs, "
@@ -69,6 +72,30 @@ def render(results: list[dict]) -> str:
                        f"{r['seconds']} s")
             out.append("")
     return "\n".join(out)
+
+
+def _render_poisoning(r: dict) -> list[str]:
+    """The poisoning run: one line per attack, what refused it and the shard rows it poisoned."""
+    cfg, sv, hon, sh = r["config"], r["serving"], r["honest"], r["shards"]
+    out = [f"### Run `{r['name']}`: every attack beside {cfg['honest']:,} honest pairs, one worker (shard writer), "
+           "the review app (aggregator)\n",
+           "| attack | sent | refused | refused by (reason) | poisoned shard rows |", "|---|--:|--:|---|--:|"]
+    for row in r["attacks"]:
+        out.append(f"| {row['attack']} | {row['sent']:,} | {row['refused']:,} | {row['reason']} | "
+                   f"{row['poisoned_rows']:,} |")
+    out.append(f"| **total** | **{sum(x['sent'] for x in r['attacks']):,}** | "
+               f"**{sum(x['refused'] for x in r['attacks']):,}** | | **{r['poisoned_rows']:,}** |")
+    after = sv["after"]
+    out += ["",
+            f"- serving: `{sv['versions']['v2']}` before and after (model info {after['info']:.0f}, current swaps "
+            f"{sv['before']['swaps_current']:.0f} -> {after['swaps_current']:.0f}, gold swaps {after['swaps_gold']:.0f}); "
+            f"the {sv['late_pairs']} pairs sent after the announcements were scored by {sv['late_versions']}",
+            f"- honest traffic: {hon['pairs']:,} pairs, {hon['scored']:,} scored (routes {hon['routes']}), "
+            f"{hon['verified']:,} verified by annotators, {hon['shard_rows']:,} shard rows; {r['answered']:,} verdicts",
+            f"- shards: {sh['rows']:,} rows {sh['splits']}, rows of unknown pairs {len(sh['unknown_pairs'])}, "
+            f"curated identities missing {len(sh['missing'])}",
+            f"- timings (s from start): {r['timings_s']}", ""]
+    return out
 
 
 def main(argv: list[str]) -> int:

@@ -19,19 +19,18 @@ from pathlib import Path
 
 import pytest
 import redis
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from schemas.pairs import validate_pair
 from schemas.wire import ValueCodec
 from streams.kafka import topics
 from streams.kafka.committed import MARKER_HEADER, TXN_HEADER, CommittedFilter, Source, Stamp, outcome
-from streams.kafka.config import consumer_config, producer_config
 from streams.kafka.reader import read_topic
 from streams.kafka.transactions import BatchTransactions, transactional_producer
 from streams.runtime.controller import ScoredMonitor
 from streams.runtime.shard_writer import ShardWriter
 from streams.settings import Settings, WorkerSettings
-from tests.helpers import FakeMessage
+from tests.helpers import FakeMessage, aborting_producer, every_record, raw_batch
 from trainers.storage.shards import iter_records
 
 RAW = "t.prefs.raw"
@@ -140,59 +139,6 @@ def _scored(pair: dict, version: str, p: float) -> dict:
             "scored_at": int(time.time() * 1000), "route": "silver", "route_reason": "test"}
 
 
-class _AbortsOnce:
-    """A real transactional producer whose first commit of a transaction that wrote to a topic ending in
-    ``on`` fails as an abortable error would, after every record reached the broker (so the aborted
-    records are there to be delivered)."""
-
-    def __init__(self, producer: Producer, failures: list[int], on: str) -> None:
-        self._producer, self._failures, self._on = producer, failures, on
-        self._wrote: set[str] = set()
-
-    def begin_transaction(self) -> None:
-        self._wrote.clear()
-        self._producer.begin_transaction()
-
-    def produce(self, topic: str, **kwargs) -> None:
-        if kwargs.get("value") is not None:
-            self._wrote.add(topic)
-        self._producer.produce(topic, **kwargs)
-
-    def commit_transaction(self, timeout: float) -> None:
-        if self._failures[0] > 0 and any(t.endswith(self._on) for t in self._wrote):
-            self._failures[0] -= 1
-            assert self._producer.flush(timeout) == 0
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "injected: commit failed", txn_requires_abort=True))
-        self._producer.commit_transaction(timeout)
-
-    def __getattr__(self, name: str):
-        return getattr(self._producer, name)
-
-
-def _aborting_producer(failures: int, on: str = "") -> Callable[[Settings, str], _AbortsOnce]:
-    left = [failures]
-    return lambda settings, tid: _AbortsOnce(transactional_producer(settings, tid), left, on)
-
-
-def _raw_batch(settings: Settings, pairs: list[dict], group: str) -> tuple[Consumer, list]:
-    """The pairs on prefs.raw partition 0, and a consumer of ``group`` holding that partition with them read."""
-    raw = settings.topic(topics.RAW)
-    codec = ValueCodec(settings.schema_registry_url)
-    producer = Producer(producer_config(settings))
-    for pair in pairs:
-        value, headers = codec.encode("PreferencePair", pair, raw)
-        producer.produce(raw, value=value, key=pair["pair_id"].encode(), headers=headers, partition=0)
-    assert producer.flush(10) == 0
-    consumer = Consumer(consumer_config(settings, group))
-    consumer.assign([TopicPartition(raw, 0, OFFSET_BEGINNING)])
-    msgs: list = []
-    deadline = time.monotonic() + 20
-    while len(msgs) < len(pairs) and time.monotonic() < deadline:
-        msgs += [m for m in consumer.consume(len(pairs), 1.0) if not m.error()]
-    assert len(msgs) == len(pairs)
-    return consumer, msgs
-
-
 def _again(consumer: Consumer, n: int) -> list:
     """The batch read again after the rewind to the committed offsets."""
     msgs: list = []
@@ -206,22 +152,6 @@ def _encode(settings: Settings, name: str, schema: str, key: str, rec: dict) -> 
     topic = settings.topic(name)
     value, headers = ValueCodec(settings.schema_registry_url).encode(schema, rec, topic)
     return topic, key.encode(), value, headers
-
-
-def _everything(settings: Settings, name: str) -> list:
-    """Every record of a topic as a plain read_committed consumer gets it (no filter): the premise."""
-    topic = settings.topic(name)
-    consumer = Consumer(consumer_config(settings, None))
-    meta = consumer.list_topics(topic, timeout=10).topics[topic]
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
-    out, last = [], time.monotonic()
-    while time.monotonic() - last < 3:
-        m = consumer.poll(0.2)
-        if m is not None and not m.error():
-            out.append(m)
-            last = time.monotonic()
-    consumer.close()
-    return out
 
 
 def _run_writer(settings: Settings, until: Callable[[ShardWriter], bool], timeout: float = 40) -> ShardWriter:
@@ -249,7 +179,7 @@ def test_premise_offsets_sent_in_an_aborted_transaction_never_become_the_committ
     only when a transaction commits (an aborted one, or one fenced by a successor, leaves it)."""
     pairs = _pairs(3)
     group = f"{settings.topic_prefix}worker"
-    consumer, msgs = _raw_batch(settings, pairs, group)
+    consumer, msgs = raw_batch(settings, pairs, group)
     curated = settings.topic(topics.CURATED)
     raw = TopicPartition(msgs[0].topic(), 0)
 
@@ -277,9 +207,9 @@ def test_premise_offsets_sent_in_an_aborted_transaction_never_become_the_committ
 def test_a_batch_aborted_and_redone_with_another_route_reaches_the_shards_as_redone(settings):
     x, y = _pairs(2)
     group = f"{settings.topic_prefix}worker"
-    consumer, msgs = _raw_batch(settings, [x, y], group)
+    consumer, msgs = raw_batch(settings, [x, y], group)
     marked = [settings.topic(t) for t in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ)]
-    txn = BatchTransactions(settings, f"{settings.topic_prefix}w0", make_producer=_aborting_producer(1), marked=marked)
+    txn = BatchTransactions(settings, f"{settings.topic_prefix}w0", make_producer=aborting_producer(1), marked=marked)
     # The first attempt routes both pairs to silver; its commit fails and it is aborted.
     first = [_encode(settings, topics.CURATED, "CuratedPair", p["pair_id"], _curated(p, "silver")) for p in (x, y)]
     assert not txn.commit(consumer, first, msgs)
@@ -296,7 +226,7 @@ def test_a_batch_aborted_and_redone_with_another_route_reaches_the_shards_as_red
     consumer.close()
 
     # The premise: the broker delivers the aborted rows (and the markers) to a read_committed consumer.
-    delivered = [m for m in _everything(settings, topics.CURATED) if m.value() is not None]
+    delivered = [m for m in every_record(settings, topics.CURATED) if m.value() is not None]
     assert len(delivered) == 3, f"{len(delivered)} curated records: has the broker started hiding aborted ones?"
 
     writer = _run_writer(settings, lambda w: _shard_rows(settings))
@@ -315,7 +245,7 @@ def test_a_pair_curated_only_in_a_transaction_that_never_committed_never_reaches
     (x,) = _pairs(1)
     group = f"{settings.topic_prefix}worker"
     marked = [settings.topic(t) for t in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ)]
-    consumer, msgs = _raw_batch(settings, [x], group)
+    consumer, msgs = raw_batch(settings, [x], group)
     dead = transactional_producer(settings, f"{settings.topic_prefix}w0")
     dead.begin_transaction()
     topic, key, value, headers = _encode(settings, topics.CURATED, "CuratedPair", x["pair_id"], _curated(x, "silver"))
@@ -324,12 +254,12 @@ def test_a_pair_curated_only_in_a_transaction_that_never_committed_never_reaches
     assert dead.flush(10) == 0  # then the process is gone: no marker, no offsets, no commit
     consumer.close()
 
-    consumer, msgs = _raw_batch(settings, [], group)  # the successor holds the partition, nothing read yet
+    consumer, msgs = raw_batch(settings, [], group)  # the successor holds the partition, nothing read yet
     msgs = _again(consumer, 1)
     txn = BatchTransactions(settings, f"{settings.topic_prefix}w0", marked=marked)  # fences the dead one
     assert txn.commit(consumer, [], msgs)  # this time the pair is dropped by the router: no output
     consumer.close()
-    assert [m.value() is not None for m in _everything(settings, topics.CURATED)].count(True) == 1
+    assert [m.value() is not None for m in every_record(settings, topics.CURATED)].count(True) == 1
     _run_writer(settings, lambda w: w.filter.dropped >= 1, timeout=20)
     assert _shard_rows(settings) == []
     assert read_topic(settings, topics.CURATED, "CuratedPair") == []
@@ -342,8 +272,8 @@ def test_the_controller_monitor_counts_no_score_of_an_aborted_batch(settings):
     thread.start()
     time.sleep(3)  # the monitor reads records written after it started
     pairs = _pairs(4)
-    consumer, msgs = _raw_batch(settings, pairs, f"{settings.topic_prefix}worker")
-    txn = BatchTransactions(settings, f"{settings.topic_prefix}w0", make_producer=_aborting_producer(1),
+    consumer, msgs = raw_batch(settings, pairs, f"{settings.topic_prefix}worker")
+    txn = BatchTransactions(settings, f"{settings.topic_prefix}w0", make_producer=aborting_producer(1),
                             marked=[settings.topic(topics.SCORED)])
     # Scored by a version that mispredicts every pair, aborted; redone after a rollback to a good one.
     bad = [_encode(settings, topics.SCORED, "ScoredPair", p["pair_id"], _scored(p, "v-bad", 0.1)) for p in pairs]
@@ -380,7 +310,7 @@ def test_an_aggregator_decision_in_an_aborted_transaction_never_reaches_a_shard(
             [(t["task_id"], annotation(t, who, VerdictIn(verdict="A"), "chosen_first")) for who in ("x", "y", "z")])
 
     stop = threading.Event()
-    failing = _aborting_producer(1, on=topics.CURATED)  # the transaction of the decision
+    failing = aborting_producer(1, on=topics.CURATED)  # the transaction of the decision
 
     class StopsAfterAnAbort(transactions.BatchTransactions):
         def __init__(self, *args, **kwargs) -> None:
@@ -392,7 +322,7 @@ def test_an_aggregator_decision_in_an_aborted_transaction_never_reaches_a_shard(
 
     monkeypatch.setattr(transactions, "BatchTransactions", StopsAfterAnAbort)
     aggregator.run(settings, r, stop, max_batch=8)
-    delivered = [m for m in _everything(settings, topics.CURATED) if m.value() is not None]
+    delivered = [m for m in every_record(settings, topics.CURATED) if m.value() is not None]
     assert len(delivered) == 1, "the aborted decision's gold row is on the topic (the broker delivers it)"
     assert read_topic(settings, topics.VERIFIED, "VerifiedPair") == []
     _run_writer(settings, lambda w: False, timeout=3)
@@ -428,15 +358,15 @@ def test_the_second_look_never_rescores_a_pair_deferred_only_in_an_aborted_batch
             return "bootstrap-newer", None
 
     a, b = _pairs(2)
-    consumer, msgs = _raw_batch(settings, [a, b], f"{settings.topic_prefix}worker")
+    consumer, msgs = raw_batch(settings, [a, b], f"{settings.topic_prefix}worker")
     marked = [settings.topic(t) for t in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ, topics.DEFERRED)]
-    txn = BatchTransactions(settings, f"{settings.topic_prefix}w0", make_producer=_aborting_producer(1), marked=marked)
+    txn = BatchTransactions(settings, f"{settings.topic_prefix}w0", make_producer=aborting_producer(1), marked=marked)
     deferred = lambda p: _encode(settings, topics.DEFERRED, "ScoredPair", p["pair_id"], _scored(p, "v1", 0.5))  # noqa: E731
     assert not txn.commit(consumer, [deferred(a), deferred(b)], msgs)
     assert txn.commit(consumer, [deferred(b)], _again(consumer, 2))
     assert txn.anchor(consumer)
     consumer.close()
-    assert len([m for m in _everything(settings, topics.DEFERRED) if m.value() is not None]) == 3
+    assert len([m for m in every_record(settings, topics.DEFERRED) if m.value() is not None]) == 3
 
     pipeline = Pipeline(settings, WorkerSettings(), FakeRedis(), NewerScorer(), FakeEmbedder())
     look = SecondLook(settings, WorkerSettings(), pipeline, f"{settings.topic_prefix}w0")

@@ -13,6 +13,11 @@
 - Attacks: code pairs whose chosen response leaves before its tests run (``sys.exit(0)``,
   ``os._exit(0)``, a printed "pass"), signed so their tests are honoured: none reaches a shard as
   verified_by_tool (``send_exit_cheats`` / ``poisoned_code_rows``).
+- Poisoning: every attack on the training data at once beside honest traffic, on one worker (with its
+  shard writer) and one review app (with its aggregator): a spoofed vouch, forged and altered expert
+  Annotations, replayed, foreign-signed and cross-role announcements, a curated row of an aborted
+  transaction and the exit-code cheats. Each is refused for its reason, no shard row has a label or
+  split an attack chose, and the worker serves what it served before (``run_poisoning``).
 
 "Once" is by identity (streams/kafka/reader.py): the embedded broker shows records of aborted
 transactions to read_committed readers, so a batch redone after a kill is read twice; such copies
@@ -24,6 +29,7 @@ The default run has small variants; the long ones are marked ``slow`` and run by
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -831,3 +837,399 @@ def test_a_code_pair_that_exits_before_its_tests_never_reaches_the_shards_as_ver
         assert len(modes) == 3 and sum(line.endswith(" 1.0") for line in modes) == 1, modes
     finally:
         assert worker.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------- poisoning
+# Every attack on the training data, mounted at once on one stack (a real worker with its shard writer, the
+# review app with its feeder and aggregator) beside honest traffic: the shards must hold no row whose label
+# or split an attack chose, and the forged announcements must not change what the worker serves.
+@dataclass
+class Poisoning:
+    name: str
+    honest: int  # honest pairs, half before the attacks and half after the forged announcements
+    copies: int  # records per attack variant
+    timeout: float = 300.0
+
+
+POISON_SMALL = Poisoning("poisoning-small", honest=12, copies=1, timeout=300)
+POISON_LONG = Poisoning("poisoning", honest=1000, copies=10, timeout=900)
+MARS_TRUTH, CAPITAL_TRUTH, CAPITAL_WRONG = "Mars has 2 moons.", "Paris.", "Lyon."
+ATTACKER_SECRET = "m" * 40  # a producer key no operator listed
+
+
+def _forged_annotation(task: dict, who: str) -> dict:
+    """What an attacker with write access to prefs.annotations writes: an expert verdict for the rejected side."""
+    pair = task["pair"]
+    return {"annotation_id": f"{task['task_id']}:{who}", "task_id": task["task_id"], "pair_id": pair["pair_id"],
+            "annotator": who, "verdict": "B", "order": "chosen_first", "preferred": "rejected", "strength": "much",
+            "rationale": None, "expert": True, "reannotation": False, "task_category": pair.get("task_category"),
+            "created_at": int(time.time() * 1000)}
+
+
+def _abort_a_curated_batch(settings, pairs: list[dict]) -> None:
+    """A worker of the pipeline's group reads ``pairs`` (on prefs.raw partition 0, from the group's committed
+    offset) and writes each as verified_by_tool with its label swapped; its commit fails and the transaction
+    is aborted, as a worker's does. The real worker then does the batch again."""
+    from schemas.wire import ValueCodec
+    from streams.kafka.transactions import BatchTransactions
+    from streams.settings import WorkerSettings
+    from tests.helpers import aborting_producer, raw_batch
+
+    group = f"{settings.topic_prefix}{WorkerSettings().group}"
+    consumer, msgs = raw_batch(settings, pairs, group)
+    codec, topic = ValueCodec(settings.schema_registry_url), settings.topic(topics.CURATED)
+    outputs = []
+    for p in pairs:
+        row = {"pair": p | {"chosen": p["rejected"], "rejected": p["chosen"]}, "split": "verified_by_tool", "p": 0.99,
+               "model_version": "bootstrap", "reason": "math verifier: rejected is correct",
+               "curated_at": int(time.time() * 1000)}
+        outputs.append((topic, p["pair_id"].encode(), *codec.encode("CuratedPair", row, topic)))
+    marked = [settings.topic(t) for t in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ, topics.DEFERRED)]
+    txn = BatchTransactions(settings, f"prefstream-{group}-aborted", make_producer=aborting_producer(1), marked=marked)
+    assert not txn.commit(consumer, outputs, msgs), "the injected commit failure did not abort the batch"
+    consumer.close()
+
+
+def run_poisoning(settings, tmp: Path, cfg: Poisoning) -> dict:
+    """Mount every attack beside honest traffic; return what each attack sent, what refused it and the
+    shard rows it poisoned (asserted by the caller after they are saved)."""
+    from confluent_kafka import Producer
+
+    from schemas.pairs import pair_from_json, validate_pair
+    from schemas.wire import ValueCodec
+    from streams import signing
+    from streams.kafka.announce import Announcer
+    from streams.kafka.config import producer_config
+    from streams.kafka.reader import TopicReader, curated_identity
+    from streams.keys import GENERATOR_SOURCE
+    from streams.review.provenance import AnnotationKeys
+    from streams.runtime.processors.trust import sign_pair
+    from streams.sdk import PreferenceProducer
+    from tests.helpers import every_record, metric, raw_announcements, vouching_pair
+    from trainers.scoring.model import RewardModel
+    from trainers.storage.shards import iter_records
+
+    t0 = time.monotonic()
+    tag = f"p{uuid.uuid4().hex[:6]}"
+    n = cfg.copies
+    codec = ValueCodec(settings.schema_registry_url)
+    timings: dict[str, float] = {}
+
+    # Two versions of the current model, both announced by the controller's key; the worker serves v2.
+    model_dir = RewardModel.default(max_length=64, seed=5).save(tmp / "candidate")
+    store, announce = settings.model_store(), Announcer(settings)
+    v1 = store.publish(model_dir, "current", announce=announce).version
+    time.sleep(0.05)  # manifests' created_at strictly increasing: v2 is the newer
+    v2 = store.publish(model_dir, "current", announce=announce).version
+
+    # A batch of the pipeline aborted after its rows reached prefs.curated (the broker delivers them).
+    aborted = [validate_pair({"pair_id": f"{tag}-aborted-{i}", "prompt": f"What is the capital of France? ({tag} {i})",
+                              "chosen": CAPITAL_TRUTH, "rejected": CAPITAL_WRONG}) for i in range(n)]
+    _abort_a_curated_batch(settings, aborted)
+
+    honest = good_pairs(cfg.honest, tag, seed=4)
+    truth_of = {p["pair_id"]: p["chosen"] for p in honest}  # the better response of each honest pair
+    truths: dict = {truth_key(p["chosen"], p["rejected"]): p["chosen"] for p in honest}
+    truths[truth_key(MARS_TRUTH, "Mars has 7 moons.")] = MARS_TRUTH
+    truths[truth_key(CAPITAL_TRUTH, CAPITAL_WRONG)] = CAPITAL_TRUTH
+    worker = WorkerProcess(settings, worker_id=f"{tag}-w0",
+                           extra_env={"PREFSTREAM_WORKER_THREADS": "1", "PREFSTREAM_WORKER_TAU": "0.99"})
+    review = ReviewProcess(settings, tmp)
+    annotators = Annotators(review.url, truths, accuracy=1.0)
+    followers = {
+        "scored": Follower(settings, topics.SCORED, "ScoredPair",
+                           lambda r: (r["pair"]["pair_id"], r["route"], r["route_reason"], r["model_version"],
+                                      r["gold_model_version"], sorted(r["pair"]["metadata"] or {}))),
+        "dlq": Follower(settings, topics.DLQ, "DeadLetter", _slim_dead),
+        "review": Follower(settings, topics.REVIEW, "ReviewTask"),
+        "verified": Follower(settings, topics.VERIFIED, "VerifiedPair", lambda r: r["pair"]["pair_id"]),
+        "curated": Follower(settings, topics.CURATED, "CuratedPair", curated_identity),
+    }
+    raw = Producer(producer_config(settings))
+    raw_topic, ann_topic = settings.topic(topics.RAW), settings.topic(topics.ANNOTATIONS)
+    ver_topic = settings.topic(topics.MODEL_VERSIONS)
+    sent: dict[str, list] = {}  # attack -> its pair ids, annotation hashes or announcement count
+    forged: dict[str, str] = {}  # sha256 of a forged Annotation -> the dead-letter reason it must get
+    targets: dict[str, str] = {}  # pair id of a task an annotation attack aimed at -> its better response
+
+    def routed_honest_tasks() -> list[dict]:
+        ids = {p["pair_id"] for p in honest}
+        return [t for t in followers["review"].poll(0.2, 2) if t["pair"]["pair_id"] in ids
+                and routed_task((t["task_id"], t["pair"]["pair_id"], bool(t.get("expert")), t.get("reason")))]
+
+    def wait(what: str, done, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, f"{what} not seen after {timeout} s:\n{worker.log.read_text()[-3000:]}"
+            assert worker.proc.poll() is None, f"the worker exited {worker.proc.returncode}"
+            time.sleep(0.5)
+
+    try:
+        worker.start(wait_ready=300)
+        review.start()
+        timings["started"] = time.monotonic() - t0
+        serving_before = worker.metrics()
+
+        # Raw pairs: honest ones, the spoofed vouch (unsigned, and signed by a key nobody listed), the
+        # exit-code cheats (signed by the generator, so their tests run; an honest control among them).
+        with PreferenceProducer(settings) as sdk:
+            for p in honest[: len(honest) // 2]:
+                sdk.send(p)
+        attacker_key = signing.hmac_key(ATTACKER_SECRET, "attacker", key_id="mallory")
+        for variant in ("unsigned", "unknown_key"):
+            sent[f"spoofed:{variant}"] = []
+            for i in range(n):
+                pid = f"{tag}-mars-{variant}-{i}"
+                value = vouching_pair(pid, GENERATOR_SOURCE, prompt=f"How many moons does Mars have? ({tag} {i})")
+                headers = sign_pair(pair_from_json(value), attacker_key) if variant == "unknown_key" else None
+                raw.produce(raw_topic, value=value, key=pid.encode(), headers=headers)
+                sent[f"spoofed:{variant}"].append(pid)
+        assert raw.flush(30) == 0
+        cheats = send_exit_cheats(settings, tag)
+        sent["exit_code"] = [pid for pid, ok in cheats.items() if not ok]
+
+        # Forged expert verdicts, written straight to prefs.annotations before any annotator answers.
+        wait(f"{n} review tasks of honest pairs", lambda: len(routed_honest_tasks()) >= n)
+        foreign = AnnotationKeys([signing.hmac_key(ATTACKER_SECRET, "attacker")])
+        sent["annotation:unsigned"], sent["annotation:unknown_key"] = [], []
+        for task in routed_honest_tasks()[:n]:
+            targets[task["pair"]["pair_id"]] = truth_of[task["pair"]["pair_id"]]
+            for variant, who in (("unsigned", "mallory"), ("unknown_key", "mallory-signed")):
+                value, headers = codec.encode("Annotation", _forged_annotation(task, who), ann_topic)
+                if variant == "unknown_key":
+                    headers = foreign.headers(codec, value, headers, ann_topic)
+                raw.produce(ann_topic, key=task["task_id"].encode(), value=value, headers=headers)
+                forged[hashlib.sha256(value).hexdigest()] = f"annotation_{variant}"
+                sent[f"annotation:{variant}"].append(task["pair"]["pair_id"])
+        assert raw.flush(30) == 0
+        annotators.start()
+
+        # Verdicts the app signed, captured from the topic and altered to an expert verdict for the other side.
+        captured: list = []
+        with TopicReader(ann_topic, "Annotation", settings) as reader:
+            deadline = time.monotonic() + 120
+            for msg in reader.messages(idle_timeout=120):
+                ann = reader.decode(msg).value
+                if ann["annotator"] in ANNOTATORS and ann["verdict"] in ("A", "B") and ann["pair_id"] in truth_of:
+                    captured.append((ann, msg.headers()))
+                if len(captured) == n or time.monotonic() > deadline:
+                    break
+        assert len(captured) == n, f"only {len(captured)} signed verdicts seen"
+        sent["annotation:altered"] = []
+        for ann, headers in captured:
+            flip = {"A": "B", "B": "A"}[ann["verdict"]]
+            altered = ann | {"expert": True, "verdict": flip,
+                             "preferred": {"chosen": "rejected", "rejected": "chosen"}[ann["preferred"]]}
+            value, plain = codec.encode("Annotation", altered, ann_topic)
+            raw.produce(ann_topic, key=ann["task_id"].encode(), value=value,
+                        headers=plain + [h for h in headers if h[0] != "prefstream-schema"])
+            forged[hashlib.sha256(value).hexdigest()] = "annotation_bad_signature"
+            sent["annotation:altered"].append(ann["pair_id"])
+            targets[ann["pair_id"]] = truth_of[ann["pair_id"]]
+        assert raw.flush(30) == 0
+
+        # Announcements: v1's own signed announcement re-published (a downgrade), the same record
+        # claiming the gold role, and v1 re-announced under a key the workers do not hold.
+        old = next(m for m in raw_announcements(settings) if v1.encode() in m.value())
+        old_record = codec.decode("ModelVersion", old.value(), old.headers(), ver_topic)
+        old_signature = [h for h in old.headers() if h[0] != "prefstream-schema"]
+        forger = Announcer(settings, signer=signing.ed25519_signer(signing.new_ed25519()[0], "attacker"))
+        for _ in range(n):
+            raw.produce(ver_topic, key=b"current", value=old.value(), headers=old.headers())
+            value, plain = codec.encode("ModelVersion", old_record | {"role": "gold",
+                                                                      "announced_at": int(time.time() * 1000)}, ver_topic)
+            raw.produce(ver_topic, key=b"gold", value=value, headers=plain + old_signature)
+            assert raw.flush(30) == 0
+            forger(store.version_record(v1, "current", "promote", "attack"))
+
+        def refused(role: str, reason: str) -> float:
+            return metric(worker.metrics(), "prefstream_model_announcements_refused_total", role=role, reason=reason)
+
+        wait("the forged announcements refused", lambda: refused("current", "stale") >= n
+             and refused("gold", "bad_signature") >= n and refused("current", "unknown_key") >= n, timeout=60)
+        timings["attacked"] = time.monotonic() - t0
+
+        # Honest traffic after the announcements: scored by v2 alone (no gold model) if nothing was swapped.
+        late = honest[len(honest) // 2:]
+        with PreferenceProducer(settings) as sdk:
+            for p in late:
+                sdk.send(p)
+
+        must_score = ({p["pair_id"] for p in honest} | {p["pair_id"] for p in aborted} | set(cheats)
+                      | set(sent["spoofed:unsigned"]) | set(sent["spoofed:unknown_key"]))
+        deadline = time.monotonic() + cfg.timeout
+        while time.monotonic() < deadline:
+            scored_ids = {s[0] for s in followers["scored"].poll()}
+            dead = {d["sha"] for d in followers["dlq"].poll()}
+            if must_score <= scored_ids and set(forged) <= dead:
+                break
+            assert worker.proc.poll() is None, f"the worker exited {worker.proc.returncode}"
+            time.sleep(1)
+        timings["scored"] = time.monotonic() - t0
+        while time.monotonic() < deadline:  # every routed task ends with a VerifiedPair
+            tasks = {t["pair"]["pair_id"] for t in followers["review"].poll()
+                     if routed_task((t["task_id"], t["pair"]["pair_id"], bool(t.get("expert")), t.get("reason")))}
+            if tasks <= set(followers["verified"].poll()):
+                break
+            time.sleep(1)
+        timings["reviewed"] = time.monotonic() - t0
+        shard_deadline = min(deadline, time.monotonic() + 120)
+        while True:  # every committed curated identity in the shards
+            have = {(rec["pair"]["pair_id"], "gold" if rec["split"] == "gold" else "routed")
+                    for _, rec in iter_records(Path(settings.shards_dir))}
+            if set(followers["curated"].poll()) <= have or time.monotonic() > shard_deadline:
+                break
+            time.sleep(1)
+        time.sleep(2)  # an aborted row, were it let through, would be flushed by now
+        timings["sharded"] = time.monotonic() - t0
+        worker_metrics, review_metrics = worker.metrics(), urllib.request.urlopen(review.url + "/metrics",
+                                                                                   timeout=5).read().decode()
+    finally:
+        annotators.close()
+        review_rc = review.stop()
+        worker_rc = worker.stop()
+        for f in followers.values():
+            f.close()
+
+    rows = [rec for _, rec in iter_records(Path(settings.shards_dir))]
+    scored = {}
+    for pid, route, reason, version, gold_version, meta in followers["scored"].records:
+        scored.setdefault(pid, (route, reason, version, gold_version, meta))
+    dead_by_sha: dict[str, set] = defaultdict(set)
+    for d in followers["dlq"].records:
+        dead_by_sha[d["sha"]].add(d["reason"])
+    delivered_aborted = 0
+    for m in every_record(settings, topics.CURATED):
+        if m.value() is not None:
+            rec = codec.decode("CuratedPair", m.value(), m.headers(), settings.topic(topics.CURATED))
+            delivered_aborted += rec["pair"]["pair_id"] in {p["pair_id"] for p in aborted} and \
+                rec["split"] == "verified_by_tool"
+
+    def describe(r: dict) -> str:
+        return f"{r['pair']['pair_id']}: {r['split']}, chosen {r['pair']['chosen'][:40]!r}, by {r['model_version']}"
+
+    def poisoned(pids, bad) -> list[str]:
+        return [describe(r) for r in rows if r["pair"]["pair_id"] in set(pids) and bad(r)]
+
+    table: list[dict] = []
+    all_poisoned: set[str] = set()  # one row may be counted against two attacks (both downgrades)
+
+    def row(attack: str, n_sent: int, refused: int, reason: str, poison: list[str], expect_reason: bool) -> None:
+        all_poisoned.update(poison)
+        table.append({"attack": attack, "sent": n_sent, "refused": refused, "reason": reason,
+                      "poisoned_rows": len(poison), "right_reason": expect_reason, "examples": poison[:3]})
+
+    stripped = {v: metric(worker_metrics, "prefstream_vouches_stripped_total", reason=v)
+                for v in ("unsigned", "unknown_key")}
+    for variant in ("unsigned", "unknown_key"):
+        pids = sent[f"spoofed:{variant}"]
+        ok = [p for p in pids if p in scored and scored[p][0] != "verified_by_tool" and "answer" not in scored[p][4]]
+        row(f"spoofed source ({variant.replace('_', ' ')})", len(pids), len(ok),
+            f"vouch stripped: {variant} (counted {stripped[variant]:.0f}); routes "
+            f"{sorted({scored[p][0] for p in pids if p in scored})}",
+            poisoned(pids, lambda r: r["split"] == "verified_by_tool" or r["pair"]["chosen"] != MARS_TRUTH),
+            len(ok) == len(pids) and stripped[variant] >= len(pids))
+    for variant in ("unsigned", "unknown_key", "altered"):
+        want = "annotation_bad_signature" if variant == "altered" else f"annotation_{variant}"
+        shas = [s for s, r in forged.items() if r == want]
+        got = Counter(r for s in shas for r in dead_by_sha.get(s, ()))
+        pids = sent[f"annotation:{variant}"]
+        label = {"unsigned": "forged expert annotation (unsigned)",
+                 "unknown_key": "forged expert annotation (attacker's key)",
+                 "altered": "signed verdict altered to expert, other side"}[variant]
+        counted = metric(review_metrics, "prefstream_annotations_refused_total", reason=want.removeprefix("annotation_"))
+        row(label, len(shas), sum(1 for s in shas if want in dead_by_sha.get(s, ())),
+            f"prefs.dlq {dict(got) or 'none'} (counted {counted:.0f})",
+            poisoned(pids, lambda r: r["pair"]["chosen"] != targets[r["pair"]["pair_id"]]),
+            all(dead_by_sha.get(s) == {want} for s in shas))
+    # A downgrade that took would score (and curate) with v1; a gold model, which no one may announce
+    # here, would make silver and flipped rows.
+    by_v1 = [describe(r) for r in rows if r["model_version"] == v1]
+    by_gold = [describe(r) for r in rows if r["split"] in ("silver", "flipped")]
+    for role, reason, label, poison in (
+            ("current", "stale", "announcement downgrade (v1's own, re-published)", by_v1),
+            ("current", "unknown_key", "announcement downgrade (attacker's key)", by_v1),
+            ("gold", "bad_signature", "announcement cross-role (v1's record as gold)", by_gold)):
+        count = metric(worker_metrics, "prefstream_model_announcements_refused_total", role=role, reason=reason)
+        row(label, n, int(count), f"refused: {reason} ({role})", poison, count >= n)
+    dropped = metric(worker_metrics, "prefstream_uncommitted_records_dropped_total",
+                     topic=settings.topic(topics.CURATED), reason="aborted")
+    row("curated row of an aborted transaction", len(aborted), int(dropped),
+        f"dropped by the shard writer: aborted (the broker delivered {delivered_aborted})",
+        poisoned([p["pair_id"] for p in aborted],
+                 lambda r: r["split"] == "verified_by_tool" or r["pair"]["chosen"] != CAPITAL_TRUTH),
+        dropped >= len(aborted) and delivered_aborted == len(aborted))
+    ok = [p for p in sent["exit_code"] if p in scored and scored[p][0] != "verified_by_tool"]
+    control = next(pid for pid, good in cheats.items() if good)
+    row("code candidate exits first (sys.exit(0), os._exit(0), fake pass)", len(sent["exit_code"]), len(ok),
+        f"no harness token: not verified (routes {sorted({scored[p][0] for p in ok})}); the honest control "
+        f"{scored.get(control, ('unscored',))[0]}",
+        poisoned(sent["exit_code"], lambda r: r["split"] == "verified_by_tool"),
+        len(ok) == len(sent["exit_code"]) and scored.get(control, ("",))[0] == "verified_by_tool")
+
+    attack_pids = {p for v in sent.values() for p in v} | {p["pair_id"] for p in aborted} | set(cheats)
+    known = attack_pids | {p["pair_id"] for p in honest}
+    late_scored = [scored[p["pair_id"]] for p in late if p["pair_id"] in scored]
+    unexplained_dead = [d for d in followers["dlq"].records if d["sha"] not in forged]
+    return {
+        "name": cfg.name, "kind": "poisoning", "tag": tag, "config": cfg.__dict__, "attacks": table,
+        "poisoned_rows": len(all_poisoned),
+        "serving": {
+            "versions": {"v1": v1, "v2": v2},
+            "before": {"info": metric(serving_before, "prefstream_model_info", current=v2, gold="none"),
+                       "swaps_current": metric(serving_before, "prefstream_model_swaps_total", role="current")},
+            "after": {"info": metric(worker_metrics, "prefstream_model_info", current=v2, gold="none"),
+                      "swaps_current": metric(worker_metrics, "prefstream_model_swaps_total", role="current"),
+                      "swaps_gold": metric(worker_metrics, "prefstream_model_swaps_total", role="gold")},
+            "late_pairs": len(late), "late_scored": len(late_scored),
+            "late_versions": sorted({(s[2], s[3] or "none") for s in late_scored}),
+        },
+        "honest": {"pairs": len(honest), "scored": sum(p["pair_id"] in scored for p in honest),
+                   "routes": dict(Counter(scored[p["pair_id"]][0] for p in honest if p["pair_id"] in scored)),
+                   "verified": len({p["pair_id"] for p in honest} & set(followers["verified"].records)),
+                   "shard_rows": sum(r["pair"]["pair_id"] in {p["pair_id"] for p in honest} for r in rows)},
+        "shards": {"rows": len(rows), "splits": dict(Counter(r["split"] for r in rows)),
+                   "unknown_pairs": sorted({r["pair"]["pair_id"] for r in rows} - known)[:10],
+                   "missing": sorted(set(followers["curated"].records)
+                                     - {(r["pair"]["pair_id"], "gold" if r["split"] == "gold" else "routed")
+                                        for r in rows})[:10]},
+        "unexplained_dead_letters": unexplained_dead[:5], "answered": annotators.answered,
+        "annotator_errors": annotators.errors[:5], "review_rc": review_rc, "worker_rc": worker_rc,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+
+
+def check_poisoning(result: dict) -> None:
+    from tests.chaos import render
+
+    problems = [f"{r['attack']}: {r['poisoned_rows']} poisoned rows {r['examples']}" for r in result["attacks"]
+                if r["poisoned_rows"]]
+    problems += [f"{r['attack']}: refused {r['refused']} of {r['sent']}, not for the expected reason ({r['reason']})"
+                 for r in result["attacks"] if not r["right_reason"]]
+    sv = result["serving"]
+    if sv["before"]["info"] != 1:
+        problems.append(f"the worker did not serve v2 alone before the attacks: {sv}")
+    if sv["after"]["info"] != 1 or sv["after"]["swaps_current"] != sv["before"]["swaps_current"] \
+            or sv["after"]["swaps_gold"]:
+        problems.append(f"the forged announcements changed what the worker serves: {sv}")
+    if sv["late_scored"] != sv["late_pairs"] or sv["late_versions"] != [(sv["versions"]["v2"], "none")]:
+        problems.append(f"pairs sent after the announcements were not all scored by v2 alone: {sv}")
+    if result["shards"]["unknown_pairs"] or result["shards"]["missing"]:
+        problems.append(f"shards: {result['shards']}")
+    if result["unexplained_dead_letters"]:
+        problems.append(f"dead letters of honest records: {result['unexplained_dead_letters']}")
+    if result["honest"]["scored"] != result["honest"]["pairs"] or not result["honest"]["verified"]:
+        problems.append(f"honest traffic did not flow: {result['honest']}")
+    if result["worker_rc"] != 0:
+        problems.append(f"the worker exited {result['worker_rc']}")
+    assert not problems, "\n".join(problems) + "\n\n" + render([result])
+
+
+@pytest.mark.integration
+@needs_bwrap
+@pytest.mark.parametrize("cfg", [pytest.param(POISON_SMALL, id="small"),
+                                 pytest.param(POISON_LONG, id="long", marks=pytest.mark.slow)])
+def test_poisoning_attacks_beside_honest_traffic_leave_no_poisoned_shard_row(settings, tmp_path, cfg):
+    result = run_poisoning(settings, tmp_path, cfg)
+    save(result, tmp_path)
+    check_poisoning(result)

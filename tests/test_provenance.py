@@ -42,7 +42,9 @@ from tests.helpers import (
     WorkerProcess,
     decoded_outputs,
     fake_pipeline,
+    raw_announcements,
     read_topic,
+    vouching_pair,
     wait_for_scored,
 )
 
@@ -122,13 +124,6 @@ def test_an_announcer_without_a_signing_key_stops_before_anything_is_announced(t
 
 
 # ---------------------------------------------------------------------------------------------- vouching
-def _vouching(pair_id: str, source: str, **extra) -> bytes:
-    # The producer claims "Mars has 7 moons." is right, and vouches for it with metadata.answer.
-    return json.dumps({"pair_id": pair_id, "prompt": "How many moons does Mars have?", "chosen": "Mars has 7 moons.",
-                       "rejected": "Mars has 2 moons.", "source": source, "metadata": {"answer": "7"},
-                       "created_at": 1_780_000_000_000} | extra).encode()
-
-
 def _signed(value: bytes, key: signing.HmacKey) -> list:
     return sign_pair(pair_from_json(value), key)
 
@@ -137,9 +132,9 @@ def test_a_vouch_counts_only_when_a_key_of_the_pairs_own_source_signed_the_pair(
     gen = signing.hmac_key(SECRET, "t", key_id="gen")
     other = signing.hmac_key(OTHER_SECRET, "t", key_id="other")
     pipeline = fake_pipeline(producer_keys=f"gen:prefstream-generate:{SECRET},other:app-b:{OTHER_SECRET}")
-    spoofed, legit = _vouching("spoofed", "prefstream-generate"), _vouching("legit", "prefstream-generate")
-    mismatch, tampered = _vouching("mismatch", "prefstream-generate"), _vouching("tampered", "prefstream-generate")
-    unknown = _vouching("unknown", "prefstream-generate")
+    spoofed, legit = vouching_pair("spoofed", "prefstream-generate"), vouching_pair("legit", "prefstream-generate")
+    mismatch, tampered = vouching_pair("mismatch", "prefstream-generate"), vouching_pair("tampered", "prefstream-generate")
+    unknown = vouching_pair("unknown", "prefstream-generate")
     stranger = signing.hmac_key(OTHER_SECRET, "t", key_id="nobody")
     msgs = [FakeMessage(spoofed, offset=1),
             FakeMessage(legit, headers=_signed(legit, gen), offset=2),
@@ -204,10 +199,10 @@ def test_a_producer_claiming_the_generators_source_cannot_put_its_label_into_the
     from streams.sdk import PreferenceProducer
     from trainers.storage.shards import iter_records
 
-    spoofed = _vouching("mars-spoofed", "prefstream-generate")
+    spoofed = vouching_pair("mars-spoofed", "prefstream-generate")
     _produce_raw(settings, [(spoofed, [])])
     with PreferenceProducer(settings, key=generator_signer(settings)) as producer:
-        producer.send(json.loads(_vouching("mars-signed", "prefstream-generate")))
+        producer.send(json.loads(vouching_pair("mars-signed", "prefstream-generate")))
     worker = WorkerProcess(settings).start()
     try:
         scored = {r["pair"]["pair_id"]: r for r in wait_for_scored(settings, {"mars-spoofed", "mars-signed"})}
@@ -247,23 +242,6 @@ def _versions(settings, n: int, role: str = "current") -> list[str]:
         (src / "config.json").write_text(json.dumps({"i": i}))
         out.append(ModelStore(settings.models_dir).publish(src, role, promote=False).version)
         time.sleep(0.01)  # manifests' created_at strictly increasing
-    return out
-
-
-def _raw_announcements(settings) -> list:
-    from confluent_kafka import Consumer, TopicPartition
-
-    from streams.kafka.config import consumer_config
-
-    consumer = Consumer(consumer_config(settings, f"raw-{time.time_ns()}"))
-    consumer.assign([TopicPartition(settings.topic(topics.MODEL_VERSIONS), 0, 0)])
-    out, idle = [], time.monotonic() + 3
-    while time.monotonic() < idle:
-        msg = consumer.poll(0.2)
-        if msg is not None and not msg.error():
-            out.append(msg)
-            idle = time.monotonic() + 1
-    consumer.close()
     return out
 
 
@@ -315,7 +293,7 @@ def test_announcements_are_served_only_signed_newer_and_in_their_manifests_role(
         while serving() != v2:
             assert time.monotonic() < deadline, "the signed newer version was not served"
             time.sleep(0.1)
-        old = next(m for m in _raw_announcements(settings) if v1.encode() in m.value())  # v1's own announcement
+        old = next(m for m in raw_announcements(settings) if v1.encode() in m.value())  # v1's own announcement
         codec, prod = ValueCodec(), Producer(producer_config(settings))
         topic = settings.topic(topics.MODEL_VERSIONS)
 
