@@ -69,6 +69,25 @@ def test_an_aborted_batch_redone_with_another_route_leaves_exactly_the_redone_ro
     assert flt.dropped == 1 and flt.held() == 0
 
 
+def test_a_stale_committed_offset_fetch_does_not_make_a_committed_batch_look_redone():
+    from streams.kafka.committed import Marking
+
+    marking = Marking(["t.prefs.scored"])
+    raw = "t.prefs.raw"
+    # Attempt a read raw[1] 306 and committed. Right after, the embedded broker may still answer a
+    # committed-offset fetch with 306; the consumer reads on at 307 (it rewinds only after an abort).
+    a = marking.stamp([TopicPartition(raw, 1, 306)], [FakeMessage(b"x", topic=raw, partition=1, offset=306)])
+    b = marking.stamp([TopicPartition(raw, 1, 306), TopicPartition(raw, 0, 331)],
+                      [FakeMessage(b"y", topic=raw, partition=1, offset=307)], [TopicPartition(raw, 0, 331)])
+    assert b.source(raw, 1) == Source(raw, 1, 307, 307) and outcome(a, b) is True
+    # An idle markers-only attempt: the consumer's position, not the stale fetch, is where it stands.
+    idle = marking.stamp([TopicPartition(raw, 1, 306)], [], [TopicPartition(raw, 1, 308)])
+    assert idle.source(raw, 1) == Source(raw, 1, 308, 307) and outcome(a, idle) is True
+    # After an abort the consumer rewinds and reads 306 again: a is still judged redone.
+    redo = marking.stamp([TopicPartition(raw, 1, 306)], [FakeMessage(b"x", topic=raw, partition=1, offset=306)])
+    assert outcome(a, redo) is False
+
+
 def test_a_row_whose_redo_writes_nothing_to_its_partition_is_dropped():
     flt = CommittedFilter()
     # The redo routed the pair to review: nothing of b in this partition but its marker.

@@ -147,16 +147,27 @@ class Marking:
         # A committed transaction's rows wait for a later marker; set while the last one had rows.
         self.unanchored = True  # also at start: rows a predecessor committed last may be waiting
 
-    def stamp(self, committed: Iterable[Any], msgs: Iterable[Any]) -> Stamp:
+    def stamp(self, committed: Iterable[Any], msgs: Iterable[Any], positions: Iterable[Any] = ()) -> Stamp:
         """A new attempt's stamp: ``committed`` the group's committed offsets (TopicPartitions) of the
-        partitions it holds, ``msgs`` the batch."""
+        partitions it holds, ``msgs`` the batch, ``positions`` the consumer's positions.
+
+        ``lo`` is the committed offset, raised to where this attempt's reading began: the batch's first
+        record on a partition it read, the consumer's position on one it did not. On the embedded broker a
+        committed-offset fetch right after a commit can still return the offset before it; the consumer
+        only reads on from a batch whose transaction committed (after an abort it rewinds), so where it
+        reads from is the better witness, and a stale fetch must not make a committed batch look redone."""
         self.seq += 1
+        first: dict[tuple[str, int], int] = {}
         last: dict[tuple[str, int], int] = {}
         for m in msgs:
             key = (m.topic(), m.partition())
             last[key] = max(last.get(key, -1), m.offset())
+            first[key] = min(first.get(key, m.offset()), m.offset())
         at = {(tp.topic, tp.partition): max(tp.offset, 0) for tp in committed}
-        sources = [Source(t, p, at.get((t, p), 0), hi) for (t, p), hi in last.items()]
+        for tp in positions:
+            if tp.offset >= 0:
+                at[(tp.topic, tp.partition)] = max(at.get((tp.topic, tp.partition), 0), tp.offset)
+        sources = [Source(t, p, max(at.get((t, p), 0), first[(t, p)]), hi) for (t, p), hi in last.items()]
         sources += [Source(t, p, lo, lo - 1) for (t, p), lo in at.items() if (t, p) not in last]
         return Stamp(f"{self.incarnation}.{self.seq}", tuple(sources))
 

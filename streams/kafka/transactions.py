@@ -164,8 +164,12 @@ class BatchTransactions:
         rebalance another worker may have moved them) and the batch's last offsets."""
         held = {(tp.topic, tp.partition) for tp in consumer.assignment()}
         held |= {(m.topic(), m.partition()) for m in msgs}
-        committed = consumer.committed([TopicPartition(t, p) for t, p in sorted(held)], timeout=TXN_CALL_TIMEOUT_S)
-        return self.marking.stamp(committed, msgs).encode()
+        tps = [TopicPartition(t, p) for t, p in sorted(held)]
+        committed = consumer.committed(tps, timeout=TXN_CALL_TIMEOUT_S)
+        # Where the consumer reads next on partitions without records in this batch (see Marking.stamp).
+        positions = consumer.position([tp for tp in tps if (tp.topic, tp.partition) not in
+                                       {(m.topic(), m.partition()) for m in msgs}])
+        return self.marking.stamp(committed, msgs, positions).encode()
 
     def _produce_markers(self, producer: Producer, stamp: bytes) -> None:
         """One marker per partition of every marked topic (partition counts read again every MARKED_METADATA_S)."""
