@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -487,3 +489,48 @@ def every_record(settings: Settings, name: str) -> list:
             last = time.monotonic()
     consumer.close()
     return out
+
+
+def run_writer(settings: Settings, until: Callable[[Any], bool], timeout: float = 40, linger: float = 1.5) -> Any:
+    """A ShardWriter in a thread until ``until(writer)`` holds (or ``timeout``), then ``linger`` seconds more: a
+    row that should not be there would be flushed by then. Returns the stopped writer."""
+    import threading
+    import time
+
+    from streams.runtime.shard_writer import ShardWriter
+    from streams.settings import WorkerSettings
+
+    stop = threading.Event()
+    writer = ShardWriter(settings, WorkerSettings(shard_max_age_s=0.5), stop)
+    thread = threading.Thread(target=writer.run, name="shards", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(writer):
+        time.sleep(0.2)
+    time.sleep(linger)
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    return writer
+
+
+def aggregate_until_dead_letters(settings: Settings, redis_client: Any, n_dead: int, timeout: float = 90) -> list[dict]:
+    """The aggregator in a thread until prefs.dlq holds ``n_dead`` records and a pair was verified; the dead letters."""
+    import threading
+    import time
+
+    from streams.kafka import topics
+    from streams.review import aggregator
+
+    stop = threading.Event()
+    th = threading.Thread(target=aggregator.run, args=(settings, redis_client, stop), daemon=True)
+    th.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while len(dead := read_topic(settings, topics.DLQ, "DeadLetter", idle=0.5)) < n_dead or not \
+                read_topic(settings, topics.VERIFIED, "VerifiedPair", idle=0.5):
+            assert time.monotonic() < deadline and th.is_alive(), f"dead letters: {dead}"
+    finally:
+        stop.set()
+        th.join(15)
+    return dead

@@ -13,7 +13,7 @@ import redis
 from streams.kafka import topics
 from streams.review import aggregator
 from streams.review.aggregator import Aggregator, alpha, decide, needs_reannotation
-from tests.helpers import read_topic
+from tests.helpers import aggregate_until_dead_letters, read_topic
 from tests.test_review import task
 
 
@@ -423,17 +423,7 @@ def test_an_unreadable_annotation_goes_to_the_dlq_with_its_reason(settings):
     assert prod.flush(10) == 0
     publish(settings, "Annotation", topics.ANNOTATIONS,
             [(t["task_id"], annotation(t, who, VerdictIn(verdict="A"), "chosen_first")) for who in ("x", "y", "z")])
-    stop = threading.Event()
-    th = threading.Thread(target=aggregator.run, args=(settings, r, stop), daemon=True)
-    th.start()
-    try:
-        deadline = time.monotonic() + 90
-        while len(dead := read_topic(settings, topics.DLQ, "DeadLetter", idle=0.5)) < 2 or not \
-                read_topic(settings, topics.VERIFIED, "VerifiedPair", idle=0.5):
-            assert time.monotonic() < deadline and th.is_alive(), f"dead letters: {dead}"
-    finally:
-        stop.set()
-        th.join(15)
+    dead = aggregate_until_dead_letters(settings, r, 2)
     by_key = {d["original_key"]: d for d in dead}
     assert set(by_key) == {b"junk", b"cut"}
     assert by_key[b"junk"]["reason"] == "unknown_schema" and by_key[b"junk"]["original_value"] == b"\x00not an annotation"

@@ -30,7 +30,7 @@ from streams.kafka.transactions import BatchTransactions, transactional_producer
 from streams.runtime.controller import ScoredMonitor
 from streams.runtime.shard_writer import ShardWriter
 from streams.settings import Settings, WorkerSettings
-from tests.helpers import FakeMessage, aborting_producer, every_record, raw_batch
+from tests.helpers import FakeMessage, aborting_producer, every_record, raw_batch, run_writer
 from trainers.storage.shards import iter_records
 
 RAW = "t.prefs.raw"
@@ -174,18 +174,7 @@ def _encode(settings: Settings, name: str, schema: str, key: str, rec: dict) -> 
 
 
 def _run_writer(settings: Settings, until: Callable[[ShardWriter], bool], timeout: float = 40) -> ShardWriter:
-    stop = threading.Event()
-    writer = ShardWriter(settings, WorkerSettings(shard_max_age_s=0.5), stop)
-    thread = threading.Thread(target=writer.run, name="shards", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not until(writer):
-        time.sleep(0.2)
-    time.sleep(1.5)  # a little longer: a row that should not be there would be flushed by now
-    stop.set()
-    thread.join(30)
-    assert not thread.is_alive()
-    return writer
+    return run_writer(settings, until, timeout, linger=1.5)
 
 
 def _shard_rows(settings: Settings) -> list[dict]:

@@ -30,6 +30,7 @@ from streams.runtime.controller import ScoredMonitor
 from streams.runtime.shard_writer import MANIFEST, ShardWriter
 from streams.sdk import ScoreConsumer
 from streams.settings import Settings, WorkerSettings
+from tests.helpers import run_writer
 from trainers.storage.shards import iter_records
 
 N = 20
@@ -204,18 +205,7 @@ def _shard_rows(root: Path) -> list[dict]:
 
 
 def _run_writer(settings: Settings, until: Callable[[ShardWriter], bool], timeout: float = 40) -> ShardWriter:
-    stop = threading.Event()
-    writer = ShardWriter(settings, WorkerSettings(shard_max_age_s=0.5), stop)
-    thread = threading.Thread(target=writer.run, name="shards", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not until(writer):
-        time.sleep(0.2)
-    time.sleep(1.0)  # a little longer: a second copy, if it were written, would be flushed by now
-    stop.set()
-    thread.join(30)
-    assert not thread.is_alive()
-    return writer
+    return run_writer(settings, until, timeout, linger=1.0)
 
 
 @pytest.mark.integration

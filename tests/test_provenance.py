@@ -40,6 +40,7 @@ from streams.settings import ReviewSettings, Settings, WorkerSettings
 from tests.helpers import (
     FakeMessage,
     WorkerProcess,
+    aggregate_until_dead_letters,
     decoded_outputs,
     fake_pipeline,
     raw_announcements,
@@ -378,7 +379,6 @@ def test_a_forged_expert_annotation_goes_to_the_dlq_and_decides_nothing(settings
     from confluent_kafka import Producer
 
     from streams.kafka.config import producer_config
-    from streams.review import aggregator
     from streams.review.app import VerdictIn, annotation
     from streams.review.queue import ReviewQueue
     from tests.test_aggregator import publish
@@ -409,17 +409,7 @@ def test_a_forged_expert_annotation_goes_to_the_dlq_and_decides_nothing(settings
             [(honest["task_id"], annotation(honest, who, VerdictIn(verdict="A"), "chosen_first")) for who in "xyz"])
     before = {r_: counter("prefstream_annotations_refused_total", reason=r_)
               for r_ in ("unsigned", "unknown_key", "bad_signature")}
-    stop = threading.Event()
-    th = threading.Thread(target=aggregator.run, args=(settings, r, stop), daemon=True)
-    th.start()
-    try:
-        deadline = time.monotonic() + 90
-        while len(dead := read_topic(settings, topics.DLQ, "DeadLetter", idle=0.5)) < 3 or not \
-                read_topic(settings, topics.VERIFIED, "VerifiedPair", idle=0.5):
-            assert time.monotonic() < deadline and th.is_alive(), f"dead letters: {dead}"
-    finally:
-        stop.set()
-        th.join(15)
+    dead = aggregate_until_dead_letters(settings, r, 3)
     reasons = {d["original_key"]: d["reason"] for d in dead}
     assert reasons == {b"unsigned": "annotation_unsigned", b"foreign": "annotation_unknown_key",
                        b"altered": "annotation_bad_signature"}

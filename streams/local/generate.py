@@ -277,6 +277,28 @@ class GenerateConfig:
                 "confident": self.confident_flip_share / rest / objective if objective else 0.0}
 
 
+def _plant(bad: str, rng: random.Random, cfg: GenerateConfig, rates: dict[str, float], trap: bool, style_ok: bool,
+           confident_ok: bool) -> tuple[str, str, bool, bool, bool]:
+    """One pair's noise: (the worse answer as published, noise kind, flipped, style trap, from the noisy source).
+    ``style_ok`` / ``confident_ok``: whether the pair may carry style or confident noise."""
+    noise, flipped = "none", False
+    from_noisy_source = rng.random() < cfg.noisy_source_share
+    u = rng.random()
+    style_cut = rates["random"] + (rates["style"] if style_ok else 0.0)
+    if from_noisy_source:
+        noise, flipped = "source", u < cfg.noisy_source_flip_rate
+    elif u < rates["random"]:
+        noise, flipped = "random", True
+    elif style_ok and u < style_cut:
+        noise, flipped, trap = "style", True, True
+    elif confident_ok and u < style_cut + rates["confident"]:
+        noise, flipped = "confident", True
+        bad = _confident(bad, rng)
+    if trap:
+        bad = _style_trap(bad, rng)
+    return bad, noise, flipped, trap, from_noisy_source
+
+
 def generate(cfg: GenerateConfig) -> Iterator[dict[str, Any]]:
     """``cfg.n`` pairs in the PreferencePair JSON shape, deterministic in ``cfg.seed``."""
     cfg.validate()
@@ -286,20 +308,8 @@ def generate(cfg: GenerateConfig) -> Iterator[dict[str, Any]]:
         cat = cfg.categories[i % len(cfg.categories)]
         prompt, good, bad, extra = CATEGORIES[cat](rng)
         trap = cat in STYLE_TRAP_CATEGORIES and rng.random() < cfg.style_trap_share * len(CATEGORIES) / len(STYLE_TRAP_CATEGORIES)
-        noise, flipped = "none", False
-        from_noisy_source = rng.random() < cfg.noisy_source_share
-        u = rng.random()
-        if from_noisy_source:
-            noise, flipped = "source", u < cfg.noisy_source_flip_rate
-        elif u < rates["random"]:
-            noise, flipped = "random", True
-        elif cat in STYLE_TRAP_CATEGORIES and u < rates["random"] + rates["style"]:
-            noise, flipped, trap = "style", True, True
-        elif cat in OBJECTIVE_CATEGORIES and u < rates["random"] + rates["confident"]:
-            noise, flipped = "confident", True
-            bad = _confident(bad, rng)
-        if trap:
-            bad = _style_trap(bad, rng)
+        bad, noise, flipped, trap, from_noisy_source = _plant(bad, rng, cfg, rates, trap, cat in STYLE_TRAP_CATEGORIES,
+                                                              cat in OBJECTIVE_CATEGORIES)
         chosen, rejected = (bad, good) if flipped else (good, bad)
         meta = {"gen_category": cat, "truth": "rejected" if flipped else "chosen", "flipped": str(flipped).lower(),
                 "noise": noise, "style_trap": str(trap).lower(), "gen_seed": str(cfg.seed), "gen_index": str(i)} | extra
@@ -319,20 +329,7 @@ def plant_noise(pairs: list[dict[str, Any]], cfg: GenerateConfig) -> Iterator[di
     for pair in pairs:
         good, bad = pair["chosen"], pair["rejected"]
         trap = rng.random() < cfg.style_trap_share
-        noise, flipped = "none", False
-        from_noisy_source = rng.random() < cfg.noisy_source_share
-        u = rng.random()
-        if from_noisy_source:
-            noise, flipped = "source", u < cfg.noisy_source_flip_rate
-        elif u < rates["random"]:
-            noise, flipped = "random", True
-        elif u < rates["random"] + rates["style"]:
-            noise, flipped, trap = "style", True, True
-        elif u < rates["random"] + rates["style"] + rates["confident"]:
-            noise, flipped = "confident", True
-            bad = _confident(bad, rng)
-        if trap:
-            bad = _style_trap(bad, rng)
+        bad, noise, flipped, trap, from_noisy_source = _plant(bad, rng, cfg, rates, trap, True, True)
         chosen, rejected = (bad, good) if flipped else (good, bad)
         meta = dict(pair.get("metadata") or {}) | {
             "truth": "rejected" if flipped else "chosen", "flipped": str(flipped).lower(), "noise": noise,
