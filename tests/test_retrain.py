@@ -113,15 +113,17 @@ def test_job_manifest_validates_against_the_kubernetes_schema():
     assert {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v} == \
         {"prefstream-shards", "prefstream-models"}
     assert pod["containers"][0]["resources"]["limits"]["memory"] == "8Gi"
-    # No API access, Pod Security `restricted`, and the Kafka credentials to announce the new version
-    # with (the retrain Secret's SASL keys; protocol and mechanism come from the ConfigMap).
+    # No API access, Pod Security `restricted`, the Kafka credentials to announce the new version with (the
+    # retrain Secret's SASL keys; protocol and mechanism come from the ConfigMap) and the key that signs the
+    # announcement (required: a worker refuses an unsigned one).
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     c = pod["containers"][0]
     assert c["envFrom"] == [{"configMapRef": {"name": "prefstream-config"}}]
     secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
     assert secret_env == {k: {"name": "prefstream-retrain", "key": k, "optional": True}
-                          for k in ("PREFSTREAM_SASL_USERNAME", "PREFSTREAM_SASL_PASSWORD")}
+                          for k in ("PREFSTREAM_SASL_USERNAME", "PREFSTREAM_SASL_PASSWORD")} | {
+        "PREFSTREAM_ANNOUNCE_SIGNING_KEY": {"name": "prefstream-retrain", "key": "PREFSTREAM_ANNOUNCE_SIGNING_KEY"}}
     other = job_manifest("j", "gold", {}, JobTemplate(secret="kafka-retrain"))["spec"]["template"]["spec"]
     assert {e["valueFrom"]["secretKeyRef"]["name"] for e in other["containers"][0]["env"] if "valueFrom" in e} == \
         {"kafka-retrain"}

@@ -569,8 +569,12 @@ def test_code_verifier_component_renders_and_validates(tmp_path):
     assert sidecar["command"][:5] == ["/usr/bin/tini", "--", "python", "-m", sandbox.__name__]
     assert {m["mountPath"] for m in sidecar["volumeMounts"]} == {socket_dir}
     assert socket_dir in {m["mountPath"] for m in worker["volumeMounts"]}
-    # Only the sidecar may create user namespaces, and it sees none of the worker's configuration or secrets.
-    assert sidecar["securityContext"]["seccompProfile"] == {"type": "Unconfined"}
+    # Only the sidecar may create user namespaces (its own Localhost seccomp and AppArmor profiles, shipped with
+    # the component, so the namespace keeps enforcing `restricted`), and it sees none of the worker's
+    # configuration or secrets.
+    assert sidecar["securityContext"]["seccompProfile"] == {"type": "Localhost",
+                                                           "localhostProfile": "profiles/prefstream-sandbox.json"}
+    assert sidecar["securityContext"]["appArmorProfile"] == {"type": "Localhost", "localhostProfile": "prefstream-sandbox"}
     unconfined = {"type": "Unconfined"}
     assert worker["securityContext"].get("seccompProfile") != unconfined
     assert pod.get("securityContext", {}).get("seccompProfile", {}).get("type", "RuntimeDefault") == "RuntimeDefault"
