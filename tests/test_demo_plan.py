@@ -40,3 +40,22 @@ def test_only_misbehaviour_makes_the_demo_exit_non_zero(monkeypatch, capsys, fai
         with pytest.raises(SystemExit) as exc:
             demo.demo_main(DemoConfig())
         assert exc.value.code == code
+
+
+def test_the_hh_stream_plants_noise_in_hh_pairs_and_keeps_seed_holdout_and_probe_apart(tmp_path):
+    from tests.helpers import require_hh_rlhf
+
+    require_hh_rlhf()
+    cfg = DemoConfig(stream="hh", pairs=400, seed_pairs=60, holdout_pairs=80)
+    data = demo.build_data(cfg, tmp_path)
+    assert {k: len(v) for k, v in data.items()} == {"stream": 400, "seed": 60, "holdout": 80, "probe": 150,
+                                                   "regression": 60}
+    ids = {k: {p["pair_id"] for p in v} for k, v in data.items() if k != "regression"}
+    assert sum(map(len, ids.values())) == len(set().union(*ids.values())), "the sets share pairs"
+    stream = data["stream"]
+    assert all(p["metadata"]["gen_category"] == "hh_rlhf" for p in stream)
+    assert 0.1 < sum(p["metadata"]["flipped"] == "true" for p in stream) / len(stream) < 0.35
+    assert all(p["metadata"]["flipped"] == "false" for p in data["seed"] + data["holdout"])
+    assert any(p["metadata"]["style_trap"] == "true" for p in data["holdout"])
+    for name in ("stream", "seed", "holdout", "probe", "regression"):
+        assert (tmp_path / f"{name}.jsonl").read_text().count("\n") == len(data[name])
