@@ -162,13 +162,12 @@ class BatchTransactions:
     def _stamp(self, consumer: Consumer, msgs: list[Any]) -> bytes:
         """The attempt's stamp: the group's committed offsets of the partitions it holds (asked now: after a
         rebalance another worker may have moved them) and the batch's last offsets."""
-        held = {(tp.topic, tp.partition) for tp in consumer.assignment()}
-        held |= {(m.topic(), m.partition()) for m in msgs}
+        read = {(m.topic(), m.partition()) for m in msgs}
+        held = read | {(tp.topic, tp.partition) for tp in consumer.assignment()}
         tps = [TopicPartition(t, p) for t, p in sorted(held)]
         committed = consumer.committed(tps, timeout=TXN_CALL_TIMEOUT_S)
         # Where the consumer reads next on partitions without records in this batch (see Marking.stamp).
-        positions = consumer.position([tp for tp in tps if (tp.topic, tp.partition) not in
-                                       {(m.topic(), m.partition()) for m in msgs}])
+        positions = consumer.position([tp for tp in tps if (tp.topic, tp.partition) not in read])
         return self.marking.stamp(committed, msgs, positions).encode()
 
     def _produce_markers(self, producer: Producer, stamp: bytes) -> None:
