@@ -30,8 +30,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The long fault suite (tests marked slow; `make test` runs its small variants): hostile input, killed
-# workers and review app, restarted Redis. Prints the table and writes bench/results/chaos.{md,json}.
+# The long variants (tests marked slow; `make test` runs their small ones): the fault suite (hostile input,
+# killed workers and review app, restarted Redis, poisoning) and the full-size pipeline runs. Prints the
+# fault suite's tables and writes bench/results/chaos.{md,json}.
 chaos: $(STAMP)
 	$(PY) -m tests.chaos $(PYTEST_ARGS)
 

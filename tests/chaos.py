@@ -1,6 +1,7 @@
-"""`make chaos`: run the long fault suite (tests marked ``slow`` in tests/test_fault_suite.py: hostile input
-with killed workers and review app, Redis restarts, and the poisoning attacks), then print its tables and
-write them to bench/results/chaos.json and bench/results/chaos.md.
+"""`make chaos`: run the tests marked ``slow``: the long fault suite of tests/test_fault_suite.py (hostile
+input with killed workers and review app, Redis restarts, and the poisoning attacks) and the full-size
+runs whose small variants `make test` runs (tests/test_pipeline.py); then print the fault suite's tables
+and write them to bench/results/chaos.json and bench/results/chaos.md.
 
     python -m tests.chaos [extra pytest args]
 
@@ -102,7 +103,7 @@ def main(argv: list[str]) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="prefstream-chaos-"))
     env = dict(os.environ, PREFSTREAM_CHAOS_RESULTS=str(scratch))
     started = time.monotonic()
-    rc = subprocess.call([sys.executable, "-m", "pytest", "tests/test_fault_suite.py", "-m", "slow", "-p",
+    rc = subprocess.call([sys.executable, "-m", "pytest", "tests", "-m", "slow", "-p",
                           "no:cacheprovider", *argv], cwd=ROOT, env=env)
     results = [json.loads(p.read_text()) for p in sorted(scratch.glob("chaos-*.json"))]
     if not results:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections import Counter
@@ -52,12 +51,18 @@ def assert_exactly_once_in_shards(settings, expected_ids: set[str]) -> None:
     assert sum(load_manifest(settings.shards_dir).totals().values()) == len(expected_ids)
 
 
-def test_end_to_end_every_pair_accounted_for(settings):
+# `make test` runs the small sizes; `make chaos` (tests marked slow) the full ones.
+E2E_SIZES = [pytest.param(300, id="small"), pytest.param(1000, id="long", marks=pytest.mark.slow)]
+CRASH_SIZES = [pytest.param(1000, id="small"), pytest.param(3000, id="long", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("half", E2E_SIZES)
+def test_end_to_end_every_pair_accounted_for(settings, half):
     worker = WorkerProcess(settings).start()
     try:
-        # The size: 2,000 pairs, half real HH-RLHF conversations, half objective pairs with known answers.
-        objective = objective_pairs(1000)
-        pairs = hh_valid_pairs(1000) + objective
+        # Half real HH-RLHF conversations, half objective pairs with known answers (long: 2,000 pairs in all).
+        objective = objective_pairs(half)
+        pairs = hh_valid_pairs(half) + objective
         ids = produce(settings, pairs)
         scored = last_per_pair(wait_for_scored(settings, ids, timeout=900))
         assert set(scored) == ids
@@ -181,9 +186,9 @@ def short_pairs(n: int, tag: str) -> list[dict]:
              "rejected": rng.choice(["Meh.", "Bad.", "No."])} for i in range(n)]
 
 
-def test_kill_9_three_times_loses_and_duplicates_nothing(settings):
-    # The size: 3,000 + 300 pairs (137 s on 2 cores since batches fill to 128 on ONNX; PREFSTREAM_TEST_CRASH_PAIRS overrides).
-    n = int(os.environ.get("PREFSTREAM_TEST_CRASH_PAIRS", "3000"))
+@pytest.mark.parametrize("n", CRASH_SIZES)
+def test_kill_9_three_times_loses_and_duplicates_nothing(settings, n):
+    # n short pairs + n/10 objective ones; the three kills land 2-6 s apart whatever n is.
     pairs = short_pairs(n, "crash") + objective_pairs(n // 10, seed=7)
     cut1, cut2 = len(pairs) // 3, 2 * len(pairs) // 3
     ids = {p["pair_id"] for p in pairs}

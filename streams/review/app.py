@@ -289,10 +289,10 @@ def api_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
         task = ctx.queue.task(task_id)
         if task is None:
             raise HTTPException(404, f"no task {task_id}")
-        if ctx.queue.holder(task_id) != who:
-            raise HTTPException(403, f"task {task_id} is not leased to you; ask for the next task")
         # One vote per (task, annotator), reserved atomically before anything is produced: of two
         # concurrent submits only one reaches Kafka; the other waits for it and answers as its duplicate.
+        # The lease is checked inside the same atomic step, never before it: the winning submit drops the
+        # lease, so a separate check would answer a racing duplicate 403 instead of the vote.
         try:
             claimed = ctx.queue.claim_vote(task_id, who)
         except QueueError as exc:
