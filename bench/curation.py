@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import HH, write_result
+from bench.common import HH, RESULTS, write_result
 
 PROBES = ("clean_holdout", "non_trap", "style_traps", "confident_wrong")
 
@@ -114,8 +115,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"curation study: {name}", flush=True)
         state = Path(given[name]) if name in given else _run_demo(name, args, Path(tempfile.mkdtemp(prefix="bench-cur-")))
         result["datasets"][name] = study(state, lengths, seeds)
-    cmd = "python -m bench.curation " + " ".join(argv if argv is not None else [])
-    write_result("curation", result, cmd.strip())
+    cmd = ("python -m bench.curation " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    for ds in result["datasets"].values():
+        ds["command"] = cmd
+    # A run of some data sets keeps the others' results (each says the command that made it), so the data
+    # sets can be studied one at a time or side by side.
+    earlier = RESULTS / "curation.json"
+    if earlier.exists():
+        kept = json.loads(earlier.read_text()).get("datasets", {})
+        result["datasets"] = {k: v for k, v in kept.items() if k not in result["datasets"]} | result["datasets"]
+    write_result("curation", result, cmd)
     return result
 
 

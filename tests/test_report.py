@@ -141,6 +141,24 @@ def test_human_share_per_phase_from_the_routes_of_the_pairs_sent_in_it():
     assert [(ph["serving_version"], ph["model_accuracy"]) for ph in got] == [("v1", 0.8), ("v2", 0.9)]
     rescored = phases(Run(), scored + [({"pair": {"pair_id": "p1"}, "route": "silver"}, 9_000)])
     assert rescored[0]["human_share"] == 2 / 6  # a pair's last record counts, once
+    assert got[0]["wrong_label_share"] is None  # the stream did not say which labels are wrong
+
+
+def test_each_phase_shows_why_pairs_went_to_people_beside_the_share_of_wrong_labels():
+    class Run:
+        sent_at = {f"p{i}": float(i) for i in range(4)}
+        phases = [{"phase": 1, "started": 0.0, "ended": 4.0}]
+        plan, cfg = None, type("Cfg", (), {"retrains": 1})
+
+    reasons = ["mispredicted", "uncertain", None, "mispredicted"]
+    wrong = ["true", "false", "false", "false"]
+    scored = [({"pair": {"pair_id": f"p{i}", "metadata": {"flipped": w}}, "model_version": "v1", "p": 0.05,
+                "gold_p": 0.6, "route": "review" if r else "silver", "route_reason": r}, i * 1000 + 500)
+              for i, (r, w) in enumerate(zip(reasons, wrong, strict=True))]
+    got = phases(Run(), scored, flip_below=0.1)[0]
+    assert got["wrong_label_share"] == 0.25
+    assert got["review_share_by_reason"] == {"mispredicted": 0.5, "uncertain": 0.25}
+    assert got["review_flip_blocked_by_gold"] == 3  # p below flip_below but gold_p not: a person decides
 
 
 def _arm(holdout: float, non_trap: float, traps: float, confident: float) -> dict:

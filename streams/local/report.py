@@ -260,6 +260,10 @@ def phases(run: Any, scored: list[tuple[dict, int]], evals: list[dict[str, Any]]
         serving = Counter(rec.get("model_version") for rec in last.values()).most_common(1)
         version = serving[0][0] if serving else None
         reviewed = [rec for rec in last.values() if rec.get("route") == "review"]
+        # Pairs whose published label is wrong (where the stream knows its truth) go to people unless both
+        # models flip them: the floor under the "mispredicted" share, whatever the model learns.
+        known = [(rec["pair"].get("metadata") or {}).get("flipped") for rec in last.values()]
+        known = [k for k in known if k in ("true", "false")]
         out.append({"phase": phase["phase"], "pairs": len(in_phase), "seconds": round(span, 1),
                     "serving_version": version, "model_accuracy": accuracy.get(version),
                     "routed_to_review": human, "human_share": human / len(last) if last else None,
@@ -268,6 +272,9 @@ def phases(run: Any, scored: list[tuple[dict, int]], evals: list[dict[str, Any]]
                     "review_reasons": dict(Counter((rec.get("route_reason") or "?").split(" (")[0] for rec in reviewed)),
                     "review_flip_blocked_by_gold": sum(1 for rec in reviewed if rec.get("p") is not None
                                                        and rec["p"] < flip_below and (rec.get("gold_p") or 1) >= flip_below),
+                    "wrong_label_share": known.count("true") / len(known) if known else None,
+                    "review_share_by_reason": {k: v / len(last) for k, v in Counter(
+                        (rec.get("route_reason") or "?").split(" (")[0] for rec in reviewed).items()},
                     "pairs_per_s": len(in_phase) / span if span > 0 else None,
                     "p50_s": _pct(latency, 50), "p99_s": _pct(latency, 99),
                     "training_alongside": phase["phase"] <= (run.plan.retrains if run.plan else run.cfg.retrains)})

@@ -169,10 +169,17 @@ def curation_lines(r: dict[str, Any]) -> list[str]:
         lines += [f"The gain is below its target. Measured: the published labels are {_fmt(nd['stream_label_accuracy'])} "
                   f"right, the curated ones {_fmt(nd['curated_label_accuracy'])}; the per-probe gains above show where "
                   "the label difference reached the model at the chain's length of training.", ""]
-    lines += ["| phase | serving version | its clean-holdout acc. | human share |", "|---|---|---|---|"]
-    lines += [f"| {ph['phase']} | {ph.get('serving_version') or '-'} | {_fmt(ph.get('model_accuracy'))} | "
-              f"{_fmt(ph['human_share'], '.2f')} |" for ph in r["phases"]]
-    lines.append("")
+    lines += ["| phase | serving version | its clean-holdout acc. | human share | to review: mispredicted / uncertain "
+              "| published labels wrong | reviews the gold model kept from a flip |", "|---|---|---|---|---|---|---|"]
+    for ph in r["phases"]:
+        why = ph.get("review_share_by_reason")
+        split = "-" if why is None else f"{_fmt(why.get('mispredicted', 0.0), '.2f')} / {_fmt(why.get('uncertain', 0.0), '.2f')}"
+        lines.append(f"| {ph['phase']} | {ph.get('serving_version') or '-'} | {_fmt(ph.get('model_accuracy'))} | "
+                     f"{_fmt(ph['human_share'], '.2f')} | {split} | "
+                     f"{_fmt(ph.get('wrong_label_share'), '.2f')} | {ph.get('review_flip_blocked_by_gold', '-')} |")
+    lines += ["", "A pair whose published label is wrong reaches the shards corrected only through a person or a flip, and "
+              "a flip needs the gold model to agree too: the wrong labels are the part of the human share that a "
+              "better served model alone does not remove; the uncertain share is the part it does.", ""]
     lines += [f"Label precision against the generator's truth: silver {_fmt(r['silver_precision'])}, flipped "
               f"{_fmt(r['flipped_precision'])}. Human verdicts: {hv['verdicts']} for {hv['curated_pairs']} curated pairs "
               f"({_fmt(hv['per_curated_pair'], '.2f')} per curated pair, {_fmt(hv['per_human_curated_pair'], '.2f')} per "
