@@ -17,10 +17,12 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.common import HH, RESULTS, write_result
+from schemas.formats import read_objects
 
 PROBES = ("clean_holdout", "non_trap", "style_traps", "confident_wrong")
 
@@ -41,11 +43,13 @@ def _run_demo(stream: str, args: argparse.Namespace, home: Path) -> Path:
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_objects(path)
 
 
-def study(state: Path, lengths: list[float], seeds: list[int]) -> dict[str, Any]:
-    """The like-for-like arms on the served chain of one demo's state, at each length."""
+def study(state: Path, lengths: list[float], seeds: list[int],
+          on_length: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The like-for-like arms on the served chain of one demo's state, at each length (``on_length`` gets the
+    result so far after each, so a long study that is stopped keeps the lengths it finished)."""
     from schemas.pairs import validate_pair
     from streams.local.curation import like_for_like, probes
     from trainers.storage.registry import ModelStore
@@ -66,6 +70,8 @@ def study(state: Path, lengths: list[float], seeds: list[int]) -> dict[str, Any]
             "pairs": like["pairs"], "pairs_curated_label_differs": like["pairs_curated_label_differs"],
             "arms": {a: {"mean": v["mean"], "ci95": v["ci95"], "per_seed": v["per_seed"]} for a, v in like["arms"].items()},
             "gain": {p: like["by_probe"][p] for p in PROBES}, "seconds": round(time.time() - started, 1)}
+        if on_length:
+            on_length(out)
     return out
 
 
@@ -109,22 +115,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     given = dict(s.split("=", 1) for s in args.state)
     seeds, lengths = list(range(args.seeds)), [1.0, args.long]
     result: dict[str, Any] = {"seeds": seeds, "datasets": {}}
+    cmd = ("python -m bench.curation " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+
+    def save(name: str, done: dict[str, Any]) -> None:
+        # Written after every length: a run of some data sets keeps the others' results (each says the
+        # command that made it), and a stopped run keeps what it finished.
+        result["datasets"][name] = done | {"command": cmd}
+        earlier = RESULTS / "curation.json"
+        kept = json.loads(earlier.read_text()).get("datasets", {}) if earlier.exists() else {}
+        write_result("curation", result | {"datasets": kept | result["datasets"]}, cmd)
+
     for name in [d for d in args.datasets.split(",") if d]:
         if name == "hh" and not HH.exists() and name not in given:
             raise SystemExit(f"shared data not present: {HH}; the hh data set needs ../shared/data")
         print(f"curation study: {name}", flush=True)
         state = Path(given[name]) if name in given else _run_demo(name, args, Path(tempfile.mkdtemp(prefix="bench-cur-")))
-        result["datasets"][name] = study(state, lengths, seeds)
-    cmd = ("python -m bench.curation " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    for ds in result["datasets"].values():
-        ds["command"] = cmd
-    # A run of some data sets keeps the others' results (each says the command that made it), so the data
-    # sets can be studied one at a time or side by side.
-    earlier = RESULTS / "curation.json"
-    if earlier.exists():
-        kept = json.loads(earlier.read_text()).get("datasets", {})
-        result["datasets"] = {k: v for k, v in kept.items() if k not in result["datasets"]} | result["datasets"]
-    write_result("curation", result, cmd)
+        study(state, lengths, seeds, on_length=lambda done, n=name: save(n, done))
     return result
 
 
