@@ -17,7 +17,6 @@ their medians.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import ROOT, hh_pairs, write_result
+from schemas.formats import read_objects
 
 EVAL_SET = ROOT / "bench" / "data" / "labeler_eval.jsonl"
 SPLITS = ("dev", "heldout")
@@ -35,7 +35,7 @@ BATCH = 256  # pairs per labeler call, a worker micro-batch
 
 def load_eval_set(path: Path = EVAL_SET) -> list[dict]:
     """The labelled rows: ``split``, ``category``, ``source`` (hand or generate:<type>), ``conversation``."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_objects(path)
 
 
 def as_pair(row: dict) -> dict:

@@ -108,7 +108,10 @@ def _latency(settings, pairs, rate: float) -> dict:
         # connect and get its idempotent producer id, which is start-up, not latency. So the same
         # producer sends the warm-up and the measured records.
         with PreferenceProducer(settings) as producer:
-            warm = {producer.send(dict(p, metadata={"warmup": "1"}, chosen=p["chosen"] + " (warm-up)")) for p in pairs[:5]}
+            # Pairs of their own: a measured pair that nearly repeated a warm-up would be dead-lettered as a near
+            # duplicate, never scored.
+            warm = {producer.send({"prompt": f"Warm-up {i}: say hello.", "chosen": f"Hello {i}, nice to meet you.",
+                                   "rejected": "No.", "metadata": {"warmup": "1"}}) for i in range(5)}
             producer.flush()
             wait_for_scored(settings, warm, timeout=300)
             reader = threading.Thread(target=read, daemon=True)

@@ -148,7 +148,17 @@ def jsonl_objects(path: str | Path) -> Iterator[JsonlLine]:
             yield JsonlLine(lineno, obj)
 
 
-def read_jsonl(path: str | Path, fmt: str = "auto") -> Iterator[JsonlLine]:
+def read_objects(path: str | Path) -> list[dict[str, Any]]:
+    """Every object of a JSONL file this project wrote (*.gz gunzipped), or FormatError naming the bad line."""
+    out = []
+    for line in jsonl_objects(path):
+        if isinstance(line.obj, FormatError):
+            raise FormatError(f"{path}: {line.obj}")
+        out.append(line.obj)
+    return out
+
+
+def read_pair_lines(path: str | Path, fmt: str = "auto") -> Iterator[JsonlLine]:
     """Pairs (not yet validated) from a JSONL file in one of FORMATS, or a FormatError per bad line.
 
     With ``fmt="auto"`` the format is detected once, from the first line that parses, so one odd

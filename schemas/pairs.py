@@ -247,6 +247,11 @@ def prompt_text(record: Mapping[str, Any]) -> str:
     return record["conversation"][-1]["content"]
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how many were left out (texts shown beside a review task)."""
+    return text if len(text) <= limit else text[:limit] + f" [... {len(text) - limit:,} more characters]"
+
+
 def normalize_text(text: str) -> str:
     """Ingest normalisation: Unicode NFC and surrounding whitespace trimmed."""
     return unicodedata.normalize("NFC", text).strip()

@@ -41,10 +41,6 @@ class DeliveryError(BrokerError):
     """A produced record was not acknowledged by the broker; it was not written."""
 
 
-class InputFormatError(StreamsError):
-    """An input file whose lines are not in the format asked for."""
-
-
 class JobError(StreamsError):
     """A retrain job could not be started or its outcome could not be read."""
 

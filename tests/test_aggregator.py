@@ -13,8 +13,15 @@ import redis
 from streams.kafka import topics
 from streams.review import aggregator
 from streams.review.aggregator import Aggregator, alpha, decide, needs_reannotation
-from tests.helpers import aggregate_until_dead_letters, read_topic
-from tests.test_review import task
+from tests.helpers import (
+    REVIEW_TOKENS,
+    aggregate_until_dead_letters,
+    annotation,
+    auth,
+    publish,
+    read_topic,
+    review_task,
+)
 
 
 @pytest.mark.parametrize(("votes", "kind", "preferred", "by"), [
@@ -51,45 +58,33 @@ def test_reannotation_share_is_about_five_percent():
     assert 0.04 < share < 0.06
 
 
-@pytest.fixture
-def agg(stack, stack_settings):
-    r = redis.Redis.from_url(stack_settings.redis_url)
-    prefix = f"agg{time.monotonic_ns()}."
-    a = Aggregator(r, prefix)
-    return a, r, prefix
-
-
-def ann(t: dict, who: str, preferred: str, **extra) -> dict:
-    return {"task_id": t["task_id"], "annotator": who, "preferred": preferred} | extra
-
-
 def test_majority_gives_verified_and_gold_oriented_by_the_humans(agg):
     a, r, prefix = agg
-    t = task(1)
-    assert a.handle(ann(t, "x", "rejected"), t) == []
-    assert a.handle(ann(t, "y", "chosen"), t) == []
-    out = a.handle(ann(t, "z", "rejected"), t)
+    t = review_task(1)
+    assert a.handle(annotation(t, "x", "rejected"), t) == []
+    assert a.handle(annotation(t, "y", "chosen"), t) == []
+    out = a.handle(annotation(t, "z", "rejected"), t)
     kinds = {name: rec for name, _, rec in out}
     v, c = kinds["prefs.verified"], kinds["prefs.curated"]
     assert v["label"] == "flipped" and v["decided_by"] == "majority" and v["agreement"] == pytest.approx(2 / 3)
     assert v["pair"]["chosen"] == "bad answer 1" and c["split"] == "gold" and c["pair"]["label_source"] == "human"
-    assert a.handle(ann(t, "z", "rejected"), t) == [], "a replay in the same batch must not decide twice"
+    assert a.handle(annotation(t, "z", "rejected"), t) == [], "a replay in the same batch must not decide twice"
     a.committed()
-    assert a.handle(ann(t, "z", "rejected"), t) == [], "a replayed annotation must not decide twice"
+    assert a.handle(annotation(t, "z", "rejected"), t) == [], "a replayed annotation must not decide twice"
     assert r.hget(prefix + "prefstream:review:stats:decided", "x") == b"1"
 
 
 def test_a_decision_counts_only_once_its_batch_committed(agg):
     """Votes are in Redis at once; the decided mark and the stats wait for the commit (a redone batch decides again)."""
     a, r, prefix = agg
-    t = task(3)
-    a.handle(ann(t, "x", "chosen"), t)
-    a.handle(ann(t, "y", "chosen"), t)
-    first = a.handle(ann(t, "z", "chosen"), t)
+    t = review_task(3)
+    a.handle(annotation(t, "x", "chosen"), t)
+    a.handle(annotation(t, "y", "chosen"), t)
+    first = a.handle(annotation(t, "z", "chosen"), t)
     assert [n for n, _, _ in first] == ["prefs.verified", "prefs.curated"]
     assert not r.exists(prefix + "prefstream:agg:decided:pair-3")  # nothing committed yet
     a.abandoned()  # the transaction aborted, or the process died: the batch is redone from the votes
-    again = a.handle(ann(t, "z", "chosen"), t)
+    again = a.handle(annotation(t, "z", "chosen"), t)
     assert [rec["pair"]["pair_id"] for _, _, rec in again] == ["pair-3", "pair-3"]
     a.committed()
     assert r.exists(prefix + "prefstream:agg:decided:pair-3") and r.ttl(prefix + "prefstream:agg:decided:pair-3") > 0
@@ -98,12 +93,12 @@ def test_a_decision_counts_only_once_its_batch_committed(agg):
 
 def test_split_escalates_and_the_expert_decides(agg):
     a, r, prefix = agg
-    t = task(2)
-    a.handle(ann(t, "x", "chosen"), t)
-    a.handle(ann(t, "y", "rejected"), t)
-    (name, schema, expert_task), = a.handle(ann(t, "z", "tie"), t)
+    t = review_task(2)
+    a.handle(annotation(t, "x", "chosen"), t)
+    a.handle(annotation(t, "y", "rejected"), t)
+    (name, schema, expert_task), = a.handle(annotation(t, "z", "tie"), t)
     assert name == "prefs.review" and expert_task["expert"] and expert_task["task_id"] == a.task_ids.of("pair-2", "expert")
-    out = a.handle(ann(expert_task, "erin", "chosen", expert=True), expert_task)
+    out = a.handle(annotation(expert_task, "erin", "chosen", expert=True), expert_task)
     assert [n for n, _, _ in out] == ["prefs.verified", "prefs.curated"]
     assert out[0][2]["decided_by"] == "expert" and out[0][2]["label"] == "kept"
 
@@ -115,16 +110,15 @@ def test_three_verdicts_through_the_app_reach_verified_and_curated(settings):
     from streams.review import aggregator
     from streams.review.app import create_app
     from streams.settings import ReviewSettings
-    from tests.test_review import TOKENS, auth
 
-    app = create_app(settings, ReviewSettings(tokens=TOKENS, lease_s=30))
+    app = create_app(settings, ReviewSettings(tokens=REVIEW_TOKENS, lease_s=30))
     app.state.queue.redis.set(app.state.queue.k("initialized"), "1")  # no feeder here: the queue counts as built
     stop = threading.Event()
     th = threading.Thread(target=aggregator.run, args=(settings, app.state.queue.redis, stop), daemon=True)
     th.start()
     try:
         with TestClient(app) as c:
-            app.state.queue.add(task(9))
+            app.state.queue.add(review_task(9))
             for who in ("alice", "bob", "carol"):
                 t = c.get("/api/tasks/next", headers=auth(who)).json()
                 v = "A" if t["A"] == "good answer 9" else "B"
@@ -144,26 +138,6 @@ class Crash(Exception):
     """Stands in for the process dying at an injected point."""
 
 
-def publish(settings, schema: str, name: str, records: list[tuple[str, dict]]) -> None:
-    """Write records as their one writer does: Annotations signed with the review app's key."""
-    from confluent_kafka import Producer
-
-    from schemas.wire import ValueCodec
-    from streams.kafka.config import producer_config
-    from streams.keys import review_keys
-    from streams.review.provenance import AnnotationKeys
-    from streams.settings import ReviewSettings
-
-    codec, prod = ValueCodec(), Producer(producer_config(settings))
-    keys = AnnotationKeys(review_keys(settings, ReviewSettings()))
-    for key, rec in records:
-        v, h = codec.encode(schema, rec, settings.topic(name))
-        if schema == "Annotation":
-            h = keys.headers(codec, v, h, settings.topic(name))
-        prod.produce(settings.topic(name), key=key.encode(), value=v, headers=h)
-    assert prod.flush(10) == 0
-
-
 @pytest.mark.integration
 def test_crashes_between_the_redis_write_and_the_commit_leave_one_verified_pair_per_task(settings):
     """The aggregator dies after writing votes but before committing (twice), and after committing but
@@ -175,7 +149,7 @@ def test_crashes_between_the_redis_write_and_the_commit_leave_one_verified_pair_
     r = redis.Redis.from_url(settings.redis_url)
     q = ReviewQueue(r, settings.topic_prefix)
     r.set(q.k("initialized"), "1")
-    tasks = [task(40 + i) for i in range(6)]
+    tasks = [review_task(40 + i) for i in range(6)]
     for t in tasks:
         q.add(t)
     publish(settings, "Annotation", topics.ANNOTATIONS,
@@ -234,11 +208,10 @@ def test_wiping_redis_mid_review_keeps_the_partial_votes(settings):
     from streams.review.app import create_app
     from streams.review.feeder import start
     from streams.settings import ReviewSettings
-    from tests.test_review import TOKENS, auth
 
-    app = create_app(settings, ReviewSettings(tokens=TOKENS, lease_s=30, rate_per_s=1000))
+    app = create_app(settings, ReviewSettings(tokens=REVIEW_TOKENS, lease_s=30, rate_per_s=1000))
     q = app.state.queue
-    publish(settings, "ReviewTask", topics.REVIEW, [(t["task_id"], t) for t in (task(50), task(51))])
+    publish(settings, "ReviewTask", topics.REVIEW, [(t["task_id"], t) for t in (review_task(50), review_task(51))])
     feeder, feeder_thread = start(settings, q)
     agg_thread = threading.Thread(target=aggregator.run, args=(settings, q.redis, feeder.stop), daemon=True)
     agg_thread.start()
@@ -302,7 +275,7 @@ def test_a_batch_handled_while_redis_was_emptied_is_redone_after_the_rebuild(set
 
     r = redis.Redis.from_url(settings.redis_url)
     q = ReviewQueue(r, settings.topic_prefix)
-    t = task(60)
+    t = review_task(60)
     publish(settings, "ReviewTask", topics.REVIEW, [(t["task_id"], t)])
     Feeder(settings, q).rebuild_if_empty()  # the queue as the feeder builds it
     assert q.task("pair-60")
@@ -363,7 +336,7 @@ def test_an_aggregator_killed_between_its_commit_and_its_decided_mark_decides_th
     r = redis.Redis.from_url(settings.redis_url)
     q = ReviewQueue(r, settings.topic_prefix)
     r.set(q.k("initialized"), "1")
-    t = task(70)
+    t = review_task(70)
     q.add(t)
     decided = f"{settings.topic_prefix}prefstream:agg:decided:{t['task_id']}"
     deciding = f"{settings.topic_prefix}prefstream:agg:deciding:{t['task_id']}"
@@ -413,7 +386,7 @@ def test_an_unreadable_annotation_goes_to_the_dlq_with_its_reason(settings):
     r = redis.Redis.from_url(settings.redis_url)
     q = ReviewQueue(r, settings.topic_prefix)
     r.set(q.k("initialized"), "1")
-    t = task(71)
+    t = review_task(71)
     q.add(t)
     value, headers = ValueCodec().encode("Annotation", annotation(t, "x", VerdictIn(verdict="A"), "chosen_first"),
                                          settings.topic(topics.ANNOTATIONS))
@@ -431,3 +404,38 @@ def test_an_unreadable_annotation_goes_to_the_dlq_with_its_reason(settings):
     for d in dead:
         assert d["processor"] == "aggregator" and d["source_topic"] == settings.topic(topics.ANNOTATIONS)
         assert "review app" in d["detail"]
+
+
+def _decide(a: Aggregator, i: int, votes: tuple[str, str, str], category: str) -> None:
+    t = review_task(i, task_category=category)
+    for who, v in zip("xyz", votes, strict=True):
+        a.handle(annotation(t, who, v), t)
+
+
+def test_the_alpha_window_and_per_category_alpha_survive_a_restart(agg):
+    """The window is in Redis, appended with the commit: a new aggregator on the same Redis goes on from it;
+    a batch that never committed adds nothing."""
+    a, r, prefix = agg
+    for i in range(6):
+        _decide(a, 100 + i, ("chosen", "chosen", "chosen" if i % 2 else "rejected"), "maths" if i < 3 else "poetry")
+    a.committed()
+    _decide(a, 200, ("chosen", "rejected", "rejected"), "maths")
+    a.abandoned()  # died before its commit: not in the window
+    restarted = Aggregator(r, prefix)
+    assert list(restarted.window) == list(a.window) and len(restarted.window) == 6
+    assert {cat for cat, _ in restarted.window} == {"maths", "poetry"}
+    by_cat = {k.decode(): float(v) for k, v in r.hgetall(aggregator.alpha_by_category_key(prefix)).items()}
+    assert set(by_cat) == {"maths", "poetry"}
+    maths = [votes for cat, votes in a.window if cat == "maths"]
+    assert by_cat["maths"] == pytest.approx(alpha(maths), abs=1e-4)
+
+
+def test_blind_reannotations_count_once_against_the_verified_label(agg):
+    a, r, prefix = agg
+    r.hset(aggregator.final_key(prefix), mapping={"pair-301": "chosen", "pair-302": "chosen"})
+    same, differs = review_task(301), review_task(302)
+    a.handle(annotation(same, "w", "chosen", reannotation=True), same)
+    a.handle(annotation(differs, "w", "rejected", reannotation=True), differs)
+    a.handle(annotation(differs, "w", "rejected", reannotation=True), differs)  # replayed: counted once
+    assert aggregator.consistency(r, prefix) == {"same": 1, "different": 1, "agreement": 0.5}
+    assert aggregator.consistency(r, prefix + "other.")["agreement"] is None

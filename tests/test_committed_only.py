@@ -30,7 +30,15 @@ from streams.kafka.transactions import BatchTransactions, transactional_producer
 from streams.runtime.controller import ScoredMonitor
 from streams.runtime.shard_writer import ShardWriter
 from streams.settings import Settings, WorkerSettings
-from tests.helpers import FakeMessage, aborting_producer, every_record, raw_batch, run_writer
+from tests.helpers import (
+    FakeMessage,
+    aborting_producer,
+    every_record,
+    publish,
+    raw_batch,
+    review_task,
+    run_writer,
+)
 from trainers.storage.shards import iter_records
 
 RAW = "t.prefs.raw"
@@ -306,13 +314,11 @@ def test_an_aggregator_decision_in_an_aborted_transaction_never_reaches_a_shard(
     from streams.review import aggregator
     from streams.review.app import VerdictIn, annotation
     from streams.review.queue import ReviewQueue
-    from tests.test_aggregator import publish
-    from tests.test_review import task
 
     r = redis.Redis.from_url(settings.redis_url)
     q = ReviewQueue(r, settings.topic_prefix)
     r.set(q.k("initialized"), "1")
-    t = task(7)
+    t = review_task(7)
     q.add(t)
     publish(settings, "Annotation", topics.ANNOTATIONS,
             [(t["task_id"], annotation(t, who, VerdictIn(verdict="A"), "chosen_first")) for who in ("x", "y", "z")])

@@ -11,8 +11,7 @@ import pytest
 from streams.runtime.controller import Controller
 from streams.runtime.jobs import JobOutcome
 from streams.settings import ControllerSettings, Settings
-from tests.helpers import toy_pairs
-from tests.test_retrain import write_shard
+from tests.helpers import toy_pairs, write_shard
 from trainers.storage.registry import ModelStore
 
 

@@ -14,11 +14,18 @@ import subprocess
 import pytest
 import yaml
 
-from streams.deploy import EXTERNAL_ENV, STRIMZI_TOPICS, settings_env_names, strimzi_topics_yaml
+from streams.deploy import (
+    EXTERNAL_ENV,
+    STRIMZI_TOPICS,
+    deployed_partitions,
+    generated_files,
+    settings_env_names,
+    strimzi_topics_yaml,
+)
 from streams.exceptions import JobError
-from streams.kafka.topics import ANNOTATIONS, BY_NAME, MODEL_VERSIONS, RAW, SCORED, TOPICS
+from streams.kafka.topics import ANNOTATIONS, MODEL_VERSIONS, RAW, SCORED, TOPICS
 from streams.runtime.jobs import JobTemplate, job_manifest
-from streams.settings import WorkerSettings
+from streams.settings import Settings, WorkerSettings
 from tests.helpers import ROOT
 
 OVERLAYS = ["dev", "prod", "external-kafka", "strimzi", "gpu", "s3"]
@@ -89,7 +96,7 @@ def test_role_grants_only_jobs_and_pod_logs(docs):
 
 
 def test_autoscaling_never_exceeds_the_partition_count(docs):
-    partitions = BY_NAME[RAW].partitions
+    partitions = deployed_partitions()
     for d in docs:
         if d["kind"] == "HorizontalPodAutoscaler":
             assert d["spec"]["maxReplicas"] <= partitions
@@ -138,17 +145,55 @@ def test_review_is_exposed_through_service_and_ingress(docs):
 
 
 def test_strimzi_topics_match_the_code_table():
-    assert STRIMZI_TOPICS.read_text() == strimzi_topics_yaml(), "run `python -m streams.deploy` to regenerate"
+    partitions = deployed_partitions()
+    assert STRIMZI_TOPICS.read_text() == strimzi_topics_yaml(partitions), "run `python -m streams.deploy` to regenerate"
     docs = render("overlays/strimzi")
     topics = {d["spec"]["topicName"]: d for d in docs if d["kind"] == "KafkaTopic"}
     assert set(topics) == {t.name for t in TOPICS}
     for t in TOPICS:
         spec = topics[t.name]["spec"]
-        assert spec["partitions"] == t.partitions and spec.get("config", {}) == t.config
+        assert spec["partitions"] == t.partitions_in(Settings(partitions=partitions))
+        assert spec.get("config", {}) == t.config
         assert topics[t.name]["metadata"]["labels"]["strimzi.io/cluster"] == "prefstream-kafka"
     kafka = next(d for d in docs if d["kind"] == "Kafka")
     assert kafka["spec"]["kafka"]["listeners"] and kafka["spec"]["entityOperator"]["topicOperator"] is not None
     assert not [d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == "prefstream-topics"]
+
+
+def _partition_counts(overlay: str) -> dict[str, int]:
+    """Every place a rendered overlay carries the partition count of prefs.raw."""
+    counts = {}
+    for d in render(overlay):
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "prefstream-config":
+            counts["configmap"] = int(d["data"]["PREFSTREAM_PARTITIONS"])
+        elif d["kind"] == "HorizontalPodAutoscaler":
+            counts["hpa"] = d["spec"]["maxReplicas"]
+        elif d["kind"] == "ScaledObject":
+            counts["keda"] = d["spec"]["maxReplicaCount"]
+        elif d["kind"] == "KafkaTopic" and d["spec"]["topicName"] == RAW:
+            counts["kafkatopic"] = d["spec"]["partitions"]
+    return counts
+
+
+def test_one_partition_count_drives_every_manifest(tmp_path):
+    partitions = deployed_partitions()
+    stale = [str(p.relative_to(ROOT)) for p, text in generated_files(partitions).items() if p.read_text() != text]
+    assert not stale, f"{stale} drifted from PREFSTREAM_PARTITIONS={partitions}: run `python -m streams.deploy`"
+    assert _partition_counts("base") == {"configmap": partitions, "hpa": partitions}
+    assert _partition_counts("overlays/prod") == {"configmap": partitions, "keda": partitions}
+    assert _partition_counts("overlays/strimzi") == {"configmap": partitions, "hpa": partitions,
+                                                     "kafkatopic": partitions}
+    # Another value changes every one of them: generated into a copy of k8s/, rendered there.
+    copy = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", copy)
+    for path, text in generated_files(partitions * 2).items():
+        (copy / path.relative_to(ROOT / "k8s")).write_text(text)
+    for overlay, places in (("base", 2), ("overlays/prod", 2), ("overlays/strimzi", 3)):
+        counts = _partition_counts(str(copy / overlay))
+        assert len(counts) == places and set(counts.values()) == {partitions * 2}, (overlay, counts)
+    # The topics Job grows topics where the broker can add partitions.
+    job = next(d for d in render("base") if d["kind"] == "Job" and d["metadata"]["name"] == "prefstream-topics")
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["topics", "create", "--grow"]
 
 
 def test_compose_parses_and_references_only_what_exists():

@@ -4,10 +4,7 @@ broker and of the object store, the choice sticks to the home, and `up` resumes 
 from __future__ import annotations
 
 import gc
-import os
-import random
 import re
-import signal
 import stat
 import time
 
@@ -15,15 +12,13 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
-from streams.embedded.objectstore import ObjectStorePorts
-from streams.embedded.process import ServerProcess, free_port, port_is_free
+from streams.embedded.process import free_port
 from streams.embedded.stack import DURABLE_STORAGE, Stack
 from streams.kafka.admin import admin
 from streams.kafka.config import consumer_config, producer_config
 from streams.local.generate import GenerateConfig, generate
 from streams.settings import Settings
-from tests.helpers import processes_with_env, read_topic, run_cli
-from tests.test_up import _run_once
+from tests.helpers import free_object_store_port, kill9, processes_with_env, read_topic, run_cli, run_up_once
 
 pytestmark = pytest.mark.integration
 
@@ -36,19 +31,11 @@ IDLE_S = 3.0  # a reader is done after this long without a record ...
 FIRST_RECORD_S = 30.0  # ... once it has one; the first may wait for a group join or a restarted server
 
 
-def _object_store_port() -> int:
-    """A base port whose block (it, the next three, each + 10000) is free."""
-    while True:
-        port = random.randint(20000, 55000)
-        if all(port_is_free("127.0.0.1", p) for p in ObjectStorePorts.from_s3_port(port).all().values()):
-            return port
-
-
 def _settings(tmp_path, durable: bool) -> Settings:
     home = tmp_path / "home"
     return Settings(bootstrap=f"127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0",
                     home=home, models_dir=home / "models", shards_dir=home / "shards", durable=durable,
-                    object_store_port=_object_store_port())
+                    object_store_port=free_object_store_port())
 
 
 @pytest.fixture
@@ -112,16 +99,6 @@ def _committed(settings: Settings) -> dict[int, int]:
     return {tp.partition: tp.offset for tp in offsets}
 
 
-def _kill9(server: ServerProcess) -> None:
-    pid = server.pid()
-    assert pid is not None, f"{server.name} does not run"
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while server.pid() is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.pid() is None
-
-
 def _assert_kept(st: Stack, committed: dict[int, int]) -> None:
     assert sorted(_records(st.settings)) == sorted(f"r{i}" for i in range(RECORDS)), "a record was lost"
     assert _committed(st.settings) == committed, "the group's committed offsets changed"
@@ -133,7 +110,7 @@ def test_records_and_offsets_survive_kill_9_of_the_broker(durable_stack: Stack):
     committed = _committed(st.settings)
     assert len(first) == CONSUMED and sum(committed.values()) == CONSUMED
 
-    _kill9(st.broker)
+    kill9(st.broker)
     st.up()
     _assert_kept(st, committed)
     rest = _consume(st.settings)
@@ -147,14 +124,14 @@ def test_records_and_offsets_survive_kill_9_of_the_object_store(durable_stack: S
 
     # The store alone: up starts it again; the broker, left running, carries on.
     broker_pid = st.broker.pid()
-    _kill9(st.object_store.process)
+    kill9(st.object_store.process)
     st.up()
     assert st.broker.pid() == broker_pid
     _assert_kept(st, committed)
 
     # Both at once, as a machine crash would.
-    _kill9(st.broker)
-    _kill9(st.object_store.process)
+    kill9(st.broker)
+    kill9(st.object_store.process)
     st.up()
     _assert_kept(st, committed)
     _produce(st.settings, range(RECORDS, RECORDS + 10))  # and it takes new records
@@ -211,7 +188,7 @@ def test_up_durable_resumes_after_its_servers_are_killed(tmp_path):
 
     # 1. `up --durable` starts the durable stack and stops it all at Ctrl-C.
     log = tmp_path / "up1.log"
-    _run_once(settings, log, pairs[:5], 5, "--durable")
+    run_up_once(settings, log, pairs[:5], 5, "--durable")
     assert "The broker is durable" in log.read_text()
     assert processes_with_env("PREFSTREAM_HOME", str(home)) == [], "up left processes behind"
 
@@ -219,12 +196,12 @@ def test_up_durable_resumes_after_its_servers_are_killed(tmp_path):
     st = Stack(settings)
     st.up()
     for server in (st.broker, st.object_store.process, st.redis):
-        _kill9(server)
+        kill9(server)
 
     # 3. A plain `up` on the home is durable and resumes from the committed offsets: only the new
     # pairs are scored, and every pair is on prefs.scored exactly once.
     log = tmp_path / "up2.log"
-    _run_once(settings, log, pairs[5:], 7)
+    run_up_once(settings, log, pairs[5:], 7)
     assert "The broker is durable" in log.read_text()
     try:
         st.up()

@@ -57,6 +57,7 @@ from tests.helpers import (
     WorkerProcess,
     fake_pipeline,
     needs_bwrap,
+    review_task,
     settings_env,
     wait_for_scored,
 )
@@ -707,13 +708,12 @@ def test_redis_restarted_mid_review_loses_no_task(settings, tmp_path, n_tasks):
 
     from schemas.wire import ValueCodec
     from streams.kafka.config import producer_config
-    from tests.test_review import task
 
     t0 = time.monotonic()
     red = PrivateRedis(tmp_path / "home")
     red.start()
     s = settings.model_copy(update={"redis_url": red.url})
-    tasks = [task(1000 + i) for i in range(n_tasks)]
+    tasks = [review_task(1000 + i) for i in range(n_tasks)]
     codec, prod = ValueCodec(), Producer(producer_config(s))
     for t in tasks:
         v, h = codec.encode("ReviewTask", t, s.topic(topics.REVIEW))

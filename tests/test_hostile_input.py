@@ -198,7 +198,8 @@ def _vouching_pair(source: str) -> bytes:
 def test_an_unsigned_vouch_is_ignored_whatever_source_the_pair_claims():
     # Signed vouches: tests/test_provenance.py. Unsigned, the answer is ignored for every source, the
     # demo generator's included: the prompt's own expression (42) decides, and the label is flipped.
-    out = decoded_outputs(fake_pipeline(producer_keys="").process(
+    # The same pair from two sources: content de-duplication (off here) would dead-letter the second.
+    out = decoded_outputs(fake_pipeline(producer_keys="", duplicate_retention_s=0).process(
         _msgs([_vouching_pair("prefstream-generate"), _vouching_pair("some-app")])))
     routes = {s["pair"]["pair_id"]: (s["route"], s["route_reason"]) for s in out["prefs.scored"]}
     assert routes == {f"v-{src}": ("verified_by_tool", "math verifier: rejected is correct")
@@ -253,11 +254,12 @@ def test_an_output_larger_than_the_topic_takes_is_dead_lettered_not_sent(monkeyp
 
 
 def test_review_task_neighbours_are_trimmed_to_fit_the_topic():
+    from schemas.pairs import clip
     from streams.runtime.processors.outputs import OUTPUT_LIMIT, review_task
-    from streams.runtime.processors.retrieval import Neighbour, clip
+    from streams.runtime.processors.retrieval import NEIGHBOUR_TEXT_CHARS, Neighbour
     from streams.runtime.processors.router import Route
 
-    big = clip("z" * 100_000)
+    big = clip("z" * 100_000, NEIGHBOUR_TEXT_CHARS)
     assert len(big) < 4100, "neighbour texts are clipped when indexed"
     neighbours = [Neighbour(f"n{i}", big, big, big, "human", 0.9) for i in range(8)]
     pair = {"pair_id": "p", "created_at": 0}
@@ -299,15 +301,21 @@ def test_announcements_outside_the_models_store_are_refused_and_counted(case, tm
 
 
 def test_an_announcement_of_a_version_in_the_store_is_accepted(tmp_path: Path):
-    from streams.runtime.processors.scorer import trusted_version_dir
+    from streams.runtime.processors.scorer import resolve_announced
+    from trainers.storage.registry import ModelStore
 
-    good = tmp_path / "models" / "versions" / VERSION
-    good.mkdir(parents=True)
-    assert trusted_version_dir({"version": VERSION, "path": str(good)}, tmp_path / "models") == good
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    store = ModelStore(tmp_path / "models")
+    info = store.publish(src, "current")
+    # The announced path is never used: the version is found in the worker's own store.
+    record = {"version": info.version, "path": str(tmp_path / "elsewhere"),
+              "manifest_sha256": store.manifest_sha256(info.version)}
+    assert resolve_announced(record, store) == info.path
     # The same store reached through a link to the store itself is still the store.
     (tmp_path / "link").symlink_to(tmp_path / "models")
-    assert trusted_version_dir({"version": VERSION, "path": str(tmp_path / "link" / "versions" / VERSION)},
-                               tmp_path / "models") == good
+    assert resolve_announced(record, ModelStore(tmp_path / "link")).resolve() == info.path.resolve()
 
 
 # ---------------------------------------------------------------------------------------------- the fault test

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,58 +23,21 @@ from schemas.wire import ValueCodec
 from streams.kafka import topics
 from streams.kafka.config import consumer_config, producer_config
 from streams.kafka.reader import SeenSet, TopicReader, curated_identity, identity, read_topic, unique
-from streams.kafka.transactions import TXN_CALL_TIMEOUT_S, transactional_producer
 from streams.local import report
 from streams.runtime.controller import ScoredMonitor
 from streams.runtime.shard_writer import MANIFEST, ShardWriter
 from streams.sdk import ScoreConsumer
 from streams.settings import Settings, WorkerSettings
-from tests.helpers import run_writer
+from tests.helpers import curated_record, run_writer, scored_record, unique_pairs, write_batch
 from trainers.storage.shards import iter_records
 
 N = 20
 
 
-def _pairs(n: int) -> list[dict]:
-    tag = uuid.uuid4().hex[:6]
-    return [validate_pair({"prompt": f"{tag} question {i}?", "chosen": f"answer {i}", "rejected": "no"}) for i in range(n)]
-
-
-def _scored(pair: dict, version: str, p: float = 0.3, gold_p: float | None = 0.8) -> dict:
-    return {"pair": pair, "reward_chosen": 0.0, "reward_rejected": 1.0, "p": p, "model_version": version,
-            "gold_reward_chosen": None, "gold_reward_rejected": None, "gold_p": gold_p, "gold_model_version": None,
-            "scored_at": int(time.time() * 1000), "route": "silver", "route_reason": "test"}
-
-
-def _curated(pair: dict, version: str, split: str = "silver") -> dict:
-    return {"pair": pair, "split": split, "p": 0.9, "model_version": version, "reason": "test",
-            "curated_at": int(time.time() * 1000)}
-
-
-def write_batch(settings: Settings, pairs: list[dict], version: str = "v1", abort: bool = False,
-                transactional_id: str = "test-worker") -> None:
-    """One worker-like transaction: a ScoredPair and a CuratedPair per pair, keyed by pair_id, encoded
-    as the worker's ``Pipeline._out`` does; committed, or aborted after the records reached the broker."""
-    codec = ValueCodec(settings.schema_registry_url)
-    producer = transactional_producer(settings, f"{settings.topic_prefix}{transactional_id}")
-    producer.begin_transaction()
-    for pair in pairs:
-        for name, schema, rec in ((topics.SCORED, "ScoredPair", _scored(pair, version)),
-                                  (topics.CURATED, "CuratedPair", _curated(pair, version))):
-            topic = settings.topic(name)
-            value, headers = codec.encode(schema, rec, topic)
-            producer.produce(topic, value=value, key=pair["pair_id"].encode(), headers=headers)
-    assert producer.flush(TXN_CALL_TIMEOUT_S) == 0
-    if abort:
-        producer.abort_transaction(TXN_CALL_TIMEOUT_S)
-    else:
-        producer.commit_transaction(TXN_CALL_TIMEOUT_S)
-
-
 @pytest.fixture
 def redone(settings: Settings) -> list[dict]:
     """N pairs whose batch was aborted and then redone (committed) by the same transactional id."""
-    pairs = _pairs(N)
+    pairs = unique_pairs(N)
     write_batch(settings, pairs, abort=True)
     write_batch(settings, pairs)
     return pairs
@@ -89,11 +51,11 @@ def _ids(pairs: list[dict]) -> set[str]:
 
 def test_curated_identity_is_the_same_for_a_redone_batch_even_after_a_model_swap():
     pair = validate_pair({"prompt": "q", "chosen": "a", "rejected": "b"})
-    aborted, redone = _curated(pair, "v1", "silver"), _curated(pair, "v2", "flipped")
+    aborted, redone = curated_record(pair, "v1", "silver"), curated_record(pair, "v2", "flipped")
     assert curated_identity(aborted) == curated_identity(redone)
-    gold = {**_curated(pair, None, "gold"), "model_version": None}
+    gold = {**curated_record(pair, None, "gold"), "model_version": None}
     assert curated_identity(gold) != curated_identity(aborted), "a human-verified gold row is a different fact"
-    assert identity("ScoredPair", _scored(pair, "v1")) != identity("ScoredPair", _scored(pair, "v2"))
+    assert identity("ScoredPair", scored_record(pair, "v1")) != identity("ScoredPair", scored_record(pair, "v2"))
 
 
 def test_seen_set_is_a_bounded_lru():
@@ -105,8 +67,8 @@ def test_seen_set_is_a_bounded_lru():
 
 
 def test_unique_keeps_the_last_copy_in_first_seen_order():
-    pair_a, pair_b = _pairs(2)
-    first, other, second = _scored(pair_a, "v1", p=0.1), _scored(pair_b, "v1"), _scored(pair_a, "v1", p=0.9)
+    pair_a, pair_b = unique_pairs(2)
+    first, other, second = scored_record(pair_a, "v1", p=0.1), scored_record(pair_b, "v1"), scored_record(pair_a, "v1", p=0.9)
     assert unique("ScoredPair", [first, other, second]) == [second, other]
 
 
@@ -166,8 +128,8 @@ def _write_old_batches(settings: Settings, sizes: tuple[int, ...] = (100, 60)) -
     codec = ValueCodec(settings.schema_registry_url)
     producer = Producer(producer_config(settings, **{"linger.ms": 200}))
     for size in sizes:
-        for pair in _pairs(size):
-            value, headers = codec.encode("ScoredPair", _scored(pair, "old"), topic)
+        for pair in unique_pairs(size):
+            value, headers = codec.encode("ScoredPair", scored_record(pair, "old"), topic)
             producer.produce(topic, value=value, key=pair["pair_id"].encode(), headers=headers, partition=0)
         assert producer.flush(10) == 0
     consumer = Consumer(consumer_config(settings, None))
@@ -187,7 +149,7 @@ def test_controller_monitor_follows_only_new_records_once(settings):
     thread = threading.Thread(target=monitor.run, daemon=True)
     thread.start()
     time.sleep(3)  # let it find the partitions' end
-    pairs = _pairs(N)
+    pairs = unique_pairs(N)
     write_batch(settings, pairs, abort=True)
     write_batch(settings, pairs)
     deadline = time.monotonic() + 20
@@ -241,7 +203,7 @@ class _FlakyShardWriter(ShardWriter):
 
 @pytest.mark.integration
 def test_shard_writer_survives_failed_commits_and_flushes(settings):
-    pairs = _pairs(N)
+    pairs = unique_pairs(N)
     write_batch(settings, pairs)
     stop = threading.Event()
     writer = _FlakyShardWriter(settings, WorkerSettings(shard_max_age_s=0.5), stop)

@@ -12,9 +12,9 @@ import redis
 from bench.labeler import SPLITS, as_pair, confusion, load_eval_set
 from streams.local.generate import CATEGORIES as GENERATOR_TYPES
 from streams.review.aggregator import Aggregator, ac1, alpha
+from streams.review.disagreement import DISAGREEMENT_KEY
 from streams.runtime.processors.labeler import (
     CONTEXT_CHARS,
-    DISAGREEMENT_KEY,
     Labeler,
     controversiality,
     earlier_turns,

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from tests.helpers import toy_pairs
-from tests.test_retrain import FAST, swapped, write_shard
+from tests.helpers import FAST_RETRAIN, swapped, toy_pairs, write_shard
 from trainers.chain import chain_of, read_training_pairs, response_digest
-from trainers.retrain import RetrainConfig, in_gold_holdout, in_gold_validation, run_retrain, run_seed
+from trainers.retrain import RetrainConfig, run_retrain, run_seed
 from trainers.storage.registry import ModelStore
+from trainers.training.selection import in_gold_holdout, in_gold_validation
 from trainers.training.train import TrainConfig, held_out_scores, train
 
 
@@ -50,7 +50,7 @@ def test_retrains_size_to_data_stop_early_and_every_nth_trains_in_full_from_the_
     seed.write_text("\n".join(json.dumps({k: v for k, v in p.items() if k != "extra"}) for p in toy_pairs(40)))
     models, shards = tmp_path / "models", tmp_path / "shards"
     base = RetrainConfig(seed_file=str(seed), models_dir=str(models), shards_dir=str(shards),
-                         **(FAST | {"max_steps": 6}))
+                         **(FAST_RETRAIN | {"max_steps": 6}))
     run_seed(base, None)
     store = ModelStore(models)
     stage1 = store.serving("current")
@@ -59,7 +59,7 @@ def test_retrains_size_to_data_stop_early_and_every_nth_trains_in_full_from_the_
     gold = _gold_pairs(300, seed=1)
     write_shard(shards, "gold", gold)
     cfg = RetrainConfig(models_dir=str(models), shards_dir=str(shards), full_retrain_every=2, tolerance=1,
-                        **(FAST | {"max_steps": 0, "epochs": 1.0}))
+                        **(FAST_RETRAIN | {"max_steps": 0, "epochs": 1.0}))
     first = run_retrain(cfg)
     assert first.decision == "published", first.reason
     lineage = store.get(first.version).manifest["lineage"]

@@ -18,6 +18,8 @@ METRIC = re.compile(r"\b((?:prefstream|kafka)_[a-z0-9_]+)")
 
 def exported_samples() -> set[str]:
     """Every sample name the processes' registries can expose (counters' _total, histograms' _bucket, ...)."""
+    import streams.kafka.deadletter  # noqa: F401
+    import streams.review.metrics  # noqa: F401
     import streams.runtime.controller  # noqa: F401  (registers the controller's metrics)
     import streams.runtime.metrics  # noqa: F401
 

@@ -14,19 +14,21 @@ from schemas.wire import ValueCodec
 from streams.kafka import topics
 from streams.review import audit
 from streams.runtime.processors.router import RouterPolicy, route
-from streams.sdk import PreferenceProducer
 from streams.settings import WorkerSettings
-from tests.helpers import WorkerProcess, hh_valid_pairs, objective_pairs, read_topic, wait_for_scored
-from trainers.storage.shards import iter_records, load_manifest
+from tests.helpers import (
+    WorkerProcess,
+    assert_exactly_once_in_shards,
+    hh_valid_pairs,
+    objective_pairs,
+    produce,
+    read_topic,
+    short_pairs,
+    wait_for_scored,
+)
 
 pytestmark = pytest.mark.integration
 
 ROUTES = {"review", "silver", "flipped", "verified_by_tool", "dropped"}
-
-
-def produce(settings, pairs) -> set[str]:
-    with PreferenceProducer(settings) as producer:
-        return {producer.send(p) for p in pairs}
 
 
 def last_per_pair(records: list[dict]) -> dict[str, dict]:
@@ -34,21 +36,6 @@ def last_per_pair(records: list[dict]) -> dict[str, dict]:
     for r in records:
         out[r["pair"]["pair_id"]] = r
     return out
-
-
-def assert_exactly_once_in_shards(settings, expected_ids: set[str]) -> None:
-    """Every curated pair is in the committed shard records exactly once (waits for the writer's
-    time-based append)."""
-    deadline = time.monotonic() + 60
-    while True:
-        ids: Counter[str] = Counter(rec["pair"]["pair_id"] for _, rec in iter_records(settings.shards_dir))
-        if set(ids) >= expected_ids or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    dupes = {k: v for k, v in ids.items() if v > 1}
-    assert not dupes, f"duplicated shard rows: {list(dupes.items())[:5]}"
-    assert set(ids) == expected_ids, f"missing {len(expected_ids - set(ids))}, unexpected {len(set(ids) - expected_ids)}"
-    assert sum(load_manifest(settings.shards_dir).totals().values()) == len(expected_ids)
 
 
 # `make test` runs the small sizes; `make chaos` (tests marked slow) the full ones.
@@ -179,13 +166,6 @@ def test_bad_input_goes_to_the_dlq_and_valid_pairs_still_flow(settings):
         assert worker.stop() == 0
 
 
-def short_pairs(n: int, tag: str) -> list[dict]:
-    rng = random.Random(tag)
-    return [{"pair_id": f"{tag}-{i}", "prompt": f"Say something nice about item {i}.",
-             "chosen": rng.choice(["It is lovely.", "Great item!", "Very useful."]),
-             "rejected": rng.choice(["Meh.", "Bad.", "No."])} for i in range(n)]
-
-
 @pytest.mark.parametrize("n", CRASH_SIZES)
 def test_kill_9_three_times_loses_and_duplicates_nothing(settings, n):
     # n short pairs + n/10 objective ones; the three kills land 2-6 s apart whatever n is.
@@ -262,8 +242,8 @@ def test_dlq_list_and_replay_resend_the_original_bytes(settings):
     from confluent_kafka import Producer
 
     from streams.kafka.config import producer_config
+    from streams.kafka.deadletter import dead_letter
     from streams.kafka.reader import TopicReader
-    from streams.runtime.processors.ingest import dead_letter
     from tests.helpers import run_cli
 
     class Msg:  # what the worker saw: the record as it came off prefs.raw

@@ -12,10 +12,17 @@ from schemas.records import STRENGTHS, UNRANKED_SPLITS
 from streams.kafka import topics
 from streams.review.aggregator import Aggregator, combined_strength, decide, final_key
 from streams.review.render import markdown_html
-from tests.helpers import read_topic
-from tests.test_idempotent import _pairs
-from tests.test_review import SECRETS, auth, make_client, task
-from tests.test_review_e2e import browser  # noqa: F401  (the headless Chromium fixture)
+from tests.helpers import (
+    REVIEW_SECRETS,
+    auth,
+    make_client,
+    publish_tasks,
+    read_topic,
+    review_task,
+    running_review_app,
+    unique_pairs,
+    wait_pending,
+)
 from trainers.exceptions import DataError
 from trainers.storage.shards import PartitionLog, write_summary
 from trainers.training.data import STRENGTH_MARGIN, read_pairs, shard_pair
@@ -68,7 +75,7 @@ def outputs(out: list) -> dict[str, dict]:
 
 def test_the_majoritys_median_strength_reaches_verified_and_curated(agg):
     a, _, _ = agg
-    t = task(1)
+    t = review_task(1)
     a.handle(vote(t, "x", "rejected", "much"), t)
     a.handle(vote(t, "y", "chosen", "much"), t)  # the minority's strength does not count
     out = outputs(a.handle(vote(t, "z", "rejected", "slightly"), t))
@@ -79,7 +86,7 @@ def test_the_majoritys_median_strength_reaches_verified_and_curated(agg):
 
 def test_a_tie_majority_is_kept_with_its_verdict_as_the_task_showed_it(agg):
     a, r, prefix = agg
-    t = task(2)
+    t = review_task(2)
     a.handle(vote(t, "x", "tie"), t)
     a.handle(vote(t, "y", "chosen", "much"), t)
     out = outputs(a.handle(vote(t, "z", "tie"), t))
@@ -94,13 +101,13 @@ def test_a_tie_majority_is_kept_with_its_verdict_as_the_task_showed_it(agg):
 
 def test_the_expert_decides_both_bad_or_a_side_with_their_own_strength(agg):
     a, _, _ = agg
-    t = task(3)
+    t = review_task(3)
     for who, side in (("x", "chosen"), ("y", "rejected"), ("z", "invalid")):
         out = outputs(a.handle(vote(t, who, side, "much" if side == "chosen" else None), t))
     expert = out["prefs.review"]
     got = outputs(a.handle(vote(expert, "erin", "both_bad", expert=True), expert))
     assert got["prefs.curated"]["split"] == "both_bad" and got["prefs.verified"]["label"] == "both_bad"
-    t4 = task(4)
+    t4 = review_task(4)
     for who, side in (("x", "chosen"), ("y", "rejected"), ("z", "tie")):
         out = outputs(a.handle(vote(t4, who, side, None if side == "tie" else "slightly"), t4))
     expert = out["prefs.review"]
@@ -112,7 +119,7 @@ def test_a_tie_majority_on_an_audit_counts_as_a_split_not_against_the_automatic_
     from streams.review import audit
 
     a, r, prefix = agg
-    t = dict(task(5, task_category="math"), task_id="audit-task-5", reason="audit:silver")
+    t = dict(review_task(5, task_category="math"), task_id="audit-task-5", reason="audit:silver")
     for who in ("x", "y", "z"):
         assert a.handle(vote(t, who, "tie"), t) == []
     a.committed()
@@ -125,7 +132,7 @@ def test_a_tie_majority_on_an_audit_counts_as_a_split_not_against_the_automatic_
 def test_the_api_takes_strength_with_a_side_and_refuses_what_does_not_fit(settings):
     with make_client(settings) as client:
         for i in (10, 11, 12):
-            client.queue.add(task(i))
+            client.queue.add(review_task(i))
         t = client.get("/api/tasks/next", headers=auth("alice")).json()
         url = f"/api/tasks/{t['task_id']}/verdict"
         r = client.post(url, json={"verdict": "tie", "strength": "much"}, headers=auth("alice"))
@@ -159,12 +166,13 @@ def curated(pair: dict, split: str, strength: str | None) -> dict:
 
 
 def test_a_retrain_pair_from_a_much_shard_row_has_margin_1_and_the_loss_uses_it(tmp_path):
-    from trainers.retrain import CURRENT_SPLITS, GOLD_SPLITS, RetrainConfig, collect, in_gold_holdout
+    from trainers.retrain import RetrainConfig
     from trainers.storage.registry import ModelStore
+    from trainers.training.selection import CURRENT_SPLITS, GOLD_SPLITS, collect, in_gold_holdout
     from trainers.training.train import TrainConfig, train
 
     assert not set(UNRANKED_SPLITS) & set(CURRENT_SPLITS + GOLD_SPLITS), "ties must never be read as preferences"
-    pairs = [p for p in _pairs(40) if not in_gold_holdout(p["pair_id"])][:12]
+    pairs = [p for p in unique_pairs(40) if not in_gold_holdout(p["pair_id"])][:12]
     root = tmp_path / "shards"
     rows = ([curated(p, "gold", "much") for p in pairs[:6]] + [curated(p, "gold", None) for p in pairs[6:9]]
             + [curated(pairs[9], "tie", None), curated(pairs[10], "both_bad", None), curated(pairs[11], "silver", None)])
@@ -202,15 +210,14 @@ MARKDOWN = ("## Answer\n\nThe capital is **Paris**.\n\n<script>window.pwned=1</s
 @pytest.mark.integration
 def test_the_page_renders_markdown_safely_toggles_the_source_and_submits_strength_and_ties(
         settings, tmp_path, browser):  # noqa: F811  (the imported fixture)
-    from tests.test_review_e2e import publish_tasks, running_review_app, wait_pending
 
-    tasks = [task(300, chosen=MARKDOWN, rejected="Paris."), task(301), task(302), task(303)]
+    tasks = [review_task(300, chosen=MARKDOWN, rejected="Paris."), review_task(301), review_task(302), review_task(303)]
     with running_review_app(settings, tmp_path) as (url, _):
         publish_tasks(settings, tasks)
         wait_pending(url, len(tasks))
         page = browser.new_page()
         page.goto(url + "/annotate")
-        page.fill("#token", SECRETS["alice"])
+        page.fill("#token", REVIEW_SECRETS["alice"])
         page.click("#signin-btn")
         page.wait_for_selector("#task:not([hidden])")
         assert "Question 300" in page.text_content("#conversation")
@@ -247,10 +254,9 @@ def test_simulated_annotators_give_the_datas_strength_and_ties_and_the_aggregato
     import json
 
     from streams.review.simulate import load_truths, simulate
-    from tests.test_review_e2e import publish_tasks, running_review_app, wait_pending
 
-    tie, much, plain = (task(400, chosen="Either way works.", rejected="Both ways work."),
-                        task(401), task(402))
+    tie, much, plain = (review_task(400, chosen="Either way works.", rejected="Both ways work."),
+                        review_task(401), review_task(402))
     meta = {"pair-400": {"truth": "tie"}, "pair-401": {"truth": "chosen", "strength": "much"},
             "pair-402": {"truth": "chosen"}}
     truth = tmp_path / "truth.jsonl"
@@ -259,7 +265,7 @@ def test_simulated_annotators_give_the_datas_strength_and_ties_and_the_aggregato
     with running_review_app(settings, tmp_path) as (url, _):
         publish_tasks(settings, [tie, much, plain])
         wait_pending(url, 3)
-        stats = simulate(url, [SECRETS[n] for n in ("alice", "bob", "carol")], 1.0, load_truths(truth), idle_s=3)
+        stats = simulate(url, [REVIEW_SECRETS[n] for n in ("alice", "bob", "carol")], 1.0, load_truths(truth), idle_s=3)
         assert stats.answered == 9 and stats.correct == 9 and not stats.errors
         deadline = time.monotonic() + 60
         while len(curated := read_topic(settings, topics.CURATED, "CuratedPair", idle=1)) < 3:

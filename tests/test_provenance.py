@@ -41,10 +41,14 @@ from tests.helpers import (
     FakeMessage,
     WorkerProcess,
     aggregate_until_dead_letters,
+    auth,
     decoded_outputs,
     fake_pipeline,
+    make_client,
+    publish,
     raw_announcements,
     read_topic,
+    review_task,
     vouching_pair,
     wait_for_scored,
 )
@@ -194,7 +198,7 @@ def _produce_raw(settings, records: list[tuple[bytes, list]]) -> None:
 
 @pytest.mark.integration
 def test_a_producer_claiming_the_generators_source_cannot_put_its_label_into_the_shards(settings):
-    """The issue's attack on a real worker: "Mars has 7 moons." with metadata.answer and the demo
+    """The attack on a real worker: "Mars has 7 moons." with metadata.answer and the demo
     generator's source. Unsigned, it is not verified_by_tool and never reaches a shard as one; the same
     pair from the generator (signed with its key, the demo's path) is."""
     from streams.sdk import PreferenceProducer
@@ -347,22 +351,20 @@ def test_a_store_never_promotes_a_version_to_a_role_it_was_not_published_for(set
 # ---------------------------------------------------------------------------------------------- annotations
 def test_the_expert_flag_is_the_annotators_role_never_the_tasks_alone():
     from streams.review.app import VerdictIn, annotation
-    from tests.test_review import task
 
-    t = task(1, expert=True)
+    t = review_task(1, expert=True)
     assert annotation(t, "erin", VerdictIn(verdict="A"), "chosen_first", expert=True)["expert"] is True
     assert annotation(t, "alice", VerdictIn(verdict="A"), "chosen_first")["expert"] is False
-    assert annotation(task(2), "erin", VerdictIn(verdict="A"), "chosen_first", expert=True)["expert"] is False
+    assert annotation(review_task(2), "erin", VerdictIn(verdict="A"), "chosen_first", expert=True)["expert"] is False
 
 
 @pytest.mark.integration
 def test_annotations_the_review_app_writes_carry_its_signature(settings):
     from streams.kafka.reader import TopicReader
-    from tests.test_review import auth, make_client, task
 
     keys = AnnotationKeys(review_keys(settings, ReviewSettings()))
     with make_client(settings) as client:
-        client.queue.add(task(7, expert=True))
+        client.queue.add(review_task(7, expert=True))
         assert client.get("/api/tasks/next?expert=true", headers=auth("erin")).status_code == 200
         assert client.post("/api/tasks/pair-7/verdict", json={"verdict": "A"}, headers=auth("erin")).status_code == 200
     with TopicReader(settings.topic(topics.ANNOTATIONS), "Annotation", settings) as reader:
@@ -373,7 +375,7 @@ def test_annotations_the_review_app_writes_carry_its_signature(settings):
 
 @pytest.mark.integration
 def test_a_forged_expert_annotation_goes_to_the_dlq_and_decides_nothing(settings):
-    """The issue's attack: an Annotation with "expert": true written straight to prefs.annotations. It
+    """The attack: an Annotation with "expert": true written straight to prefs.annotations. It
     and its variants (a foreign key, a signed verdict altered) are dead-lettered with the reason; three
     verdicts the app signed still decide their task."""
     from confluent_kafka import Producer
@@ -381,13 +383,11 @@ def test_a_forged_expert_annotation_goes_to_the_dlq_and_decides_nothing(settings
     from streams.kafka.config import producer_config
     from streams.review.app import VerdictIn, annotation
     from streams.review.queue import ReviewQueue
-    from tests.test_aggregator import publish
-    from tests.test_review import task
 
     r = redis.Redis.from_url(settings.redis_url)
     q = ReviewQueue(r, settings.topic_prefix)
     r.set(q.k("initialized"), "1")
-    target, honest = task(90, expert=True), task(91)
+    target, honest = review_task(90, expert=True), review_task(91)
     q.add(target)
     q.add(honest)
     codec, topic = ValueCodec(), settings.topic(topics.ANNOTATIONS)

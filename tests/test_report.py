@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from streams.local.generate import GenerateConfig, generate
 from streams.local.report import (
     HOT_SWAP_TARGET_S,
+    annotator_agreement,
     ece_by_version,
     hot_swaps,
     human_verdicts,
@@ -16,6 +19,7 @@ from streams.local.report import (
     targets,
 )
 from streams.local.report_files import hot_swap_rows, model_rows, target_rows, to_html
+from streams.review.aggregator import alpha
 
 
 def _curated(pair: dict, split: str, swap: bool) -> dict:
@@ -189,3 +193,20 @@ def test_targets_are_judged_from_the_measured_values():
                                     "flip_detection_recall")] == [False, True, False, True, False, True, None, True]
     rows = target_rows([got["human_share_last_phase"], got["flip_detection_precision"]])
     assert rows[0].endswith("| 0.260 | <= 0.25 | missed |") and rows[1].endswith("| - | >= 0.95 | not measured |")
+
+
+def test_annotator_agreement_by_category_and_the_reannotations_against_the_majority():
+    def a(task: str, pair: str, who: str, preferred: str, reannotation: bool = False) -> tuple[dict, int]:
+        return ({"task_id": task, "pair_id": pair, "annotator": who, "preferred": preferred, "expert": False,
+                 "reannotation": reannotation}, 0)
+
+    anns = [a("t1", "p1", w, "chosen") for w in "xyz"] + [a("t2", "p2", w, v) for w, v in zip("xyz", ["rejected", "rejected", "chosen"], strict=True)]
+    anns += [a("t3", "p3", w, "chosen") for w in "xy"] + [a("t4", "p4", w, "rejected") for w in "xyz"]
+    anns += [a("r1", "p1", "w", "chosen", True), a("r2", "p2", "w", "chosen", True), a("r3", "p3", "w", "chosen", True)]
+    got = annotator_agreement(anns, {"p1": "maths", "p2": "maths", "p3": "poetry"})
+    assert set(got["alpha_by_category"]) == {"maths", "poetry", "unknown"}  # p4 has no category
+    assert got["alpha_by_category"]["maths"] == pytest.approx(alpha([{"x": "chosen", "y": "chosen", "z": "chosen"},
+                                                                     {"x": "rejected", "y": "rejected", "z": "chosen"}]))
+    # p3 had two verdicts only, so no majority to compare with; p1 agreed, p2 did not.
+    assert got["reannotation"] == {"answers": 2, "agreement": 0.5}
+    assert got["tasks"] == 4 and got["verdicts"] == len(anns)

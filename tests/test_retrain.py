@@ -8,35 +8,25 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
-from schemas.pairs import validate_pair
 from streams.runtime.jobs import JobTemplate, KubernetesRunner, LocalRunner, job_manifest, kube_client
-from tests.helpers import ROOT, WorkerProcess, json_lines, run_cli, settings_env, toy_pairs, wait_for_scored
+from tests.helpers import (
+    FAST_RETRAIN,
+    ROOT,
+    WorkerProcess,
+    json_lines,
+    produce,
+    run_cli,
+    settings_env,
+    swapped,
+    toy_pairs,
+    wait_for_scored,
+    write_shard,
+)
 from trainers.retrain import RetrainConfig, gate, run_retrain, run_seed
 from trainers.storage.registry import ModelStore
-from trainers.storage.shards import PartitionLog
-
-FAST = dict(max_steps=12, batch_size=8, max_length=64, learning_rate=1e-4, quantize=False)
-
-
-def write_shard(root: Path, split: str, pairs: list[dict], first: int | None = None, partition: int = 0) -> Path:
-    """Commit ``pairs`` to the shards as the shard writer does (``PartitionLog.append``), at offsets
-    from ``first`` (default: the partition's next offset). Returns the file they went to."""
-    log = PartitionLog(root, "t.prefs.curated", partition)
-    first = log.load()["next_offset"] if first is None else first
-    rows = [(first + i, {"pair": validate_pair({k: v for k, v in p.items() if k != "extra"}), "split": split,
-                         "p": None, "model_version": None, "reason": "test", "curated_at": 0})
-            for i, p in enumerate(pairs)]
-    log.append(rows, first + len(rows))
-    entry = next(e for e in log.load()["files"] if e["split"] == split and e["last_offset"] == first + len(rows) - 1)
-    return root / entry["file"]
-
-
-def swapped(pairs: list[dict]) -> list[dict]:
-    return [p | {"chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
 
 
 def test_gate_rules():
@@ -56,7 +46,7 @@ def test_seed_then_a_worse_model_fails_the_gate(tmp_path):
     seed.write_text("\n".join(json.dumps({k: v for k, v in p.items() if k != "extra"}) for p in toy_pairs(80)))
     models, shards = tmp_path / "models", tmp_path / "shards"
     announced = []
-    results = run_seed(RetrainConfig(seed_file=str(seed), models_dir=str(models), shards_dir=str(shards), **FAST),
+    results = run_seed(RetrainConfig(seed_file=str(seed), models_dir=str(models), shards_dir=str(shards), **FAST_RETRAIN),
                        announced.append)
     assert [r.decision for r in results] == ["published", "published"], [r.reason for r in results]
     store = ModelStore(models)
@@ -73,7 +63,7 @@ def test_seed_then_a_worse_model_fails_the_gate(tmp_path):
     regression.write_text("\n".join(json.dumps({k: v for k, v in p.items() if k != "extra"}) for p in toy_pairs(60, seed=11)))
     write_shard(shards, "silver", swapped(toy_pairs(160, seed=12)))
     res = run_retrain(RetrainConfig(models_dir=str(models), shards_dir=str(shards), replay_fraction=0.0,
-                                    regression_file=str(regression), **(FAST | {"max_steps": 30, "learning_rate": 3e-4})),
+                                    regression_file=str(regression), **(FAST_RETRAIN | {"max_steps": 30, "learning_rate": 3e-4})),
                       announced.append)
     assert res.decision == "gate_failed", res.reason
     assert "below the serving model" in res.reason or "drops" in res.reason
@@ -81,7 +71,7 @@ def test_seed_then_a_worse_model_fails_the_gate(tmp_path):
 
 
 def test_too_little_data_is_skipped(tmp_path):
-    res = run_retrain(RetrainConfig(models_dir=str(tmp_path / "m"), shards_dir=str(tmp_path / "s"), **FAST))
+    res = run_retrain(RetrainConfig(models_dir=str(tmp_path / "m"), shards_dir=str(tmp_path / "s"), **FAST_RETRAIN))
     assert res.decision == "skipped" and "min_pairs" in res.reason
 
 
@@ -208,11 +198,11 @@ def test_kube_client_without_credentials_says_what_to_do(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------- the whole loop
 def wait_until_served(settings, version: str, tag: str, failure: str, timeout: float = 120) -> None:
     """Keep sending small batches until every pair of one batch is scored by ``version``."""
-    from tests.test_pipeline import produce
 
     deadline = time.monotonic() + timeout
     while True:
-        batch = [{"pair_id": f"{tag}-{time.monotonic_ns()}-{i}", "prompt": f"What is {i} * 7?", "chosen": f"{i * 7}",
+        stamp = time.monotonic_ns()  # in the prompt too: a resent pair under a new id would be a duplicate
+        batch = [{"pair_id": f"{tag}-{stamp}-{i}", "prompt": f"What is {i} * 7? (batch {stamp})", "chosen": f"{i * 7}",
                   "rejected": f"{i * 7 + 1}"} for i in range(5)]
         ids = {p["pair_id"] for p in batch}
         produce(settings, batch)
@@ -242,7 +232,6 @@ def test_controller_retrains_gates_publishes_and_scorers_swap_then_rollback(sett
                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
         from tests.helpers import objective_pairs
-        from tests.test_pipeline import produce
 
         first = objective_pairs(60, seed=21)
         produce(settings, first)

@@ -7,40 +7,12 @@ import time
 
 import pytest
 import redis
-from fastapi.testclient import TestClient
 
-from schemas.pairs import validate_pair
 from streams.kafka import topics
-from streams.review.app import create_app, preferred
-from streams.settings import ReviewSettings
-from tests.helpers import read_topic
+from streams.review.app import preferred
+from tests.helpers import REVIEW_SECRETS, REVIEW_TOKENS, auth, make_client, read_topic, review_task
 
 pytestmark = pytest.mark.integration
-SECRETS = {"alice": "alice-token-0001", "bob": "bob-token-000022", "carol": "carol-token-0003", "dave": "dave-token-000044",
-           "erin": "expert-token-0005"}  # 16+ characters, as TokenBook requires
-TOKENS = ",".join(f"{name}:{token}" for name, token in SECRETS.items())
-
-
-def auth(name: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {SECRETS[name]}"}
-
-
-def task(i: int, p: float = 0.3, expert: bool = False, **pair_extra) -> dict:
-    pair = validate_pair({"prompt": f"Question {i}?", "chosen": f"good answer {i}", "rejected": f"bad answer {i}",
-                          "pair_id": f"pair-{i}"} | pair_extra)
-    return {"task_id": f"pair-{i}", "pair": pair, "p": p, "margin": -0.5, "model_version": "bootstrap", "priority": p,
-            "reason": "mispredicted", "similar": [], "expert": expert, "created_at": 0}
-
-
-def make_client(settings, **rs_fields):
-    # A high rate limit unless a test is about it: these tests fire requests back to back.
-    rs = ReviewSettings(**({"tokens": TOKENS, "experts": "erin", "lease_s": 2, "rate_per_s": 1000} | rs_fields))
-    app = create_app(settings, rs)
-    c = TestClient(app)
-    c.queue = app.state.queue
-    return c
-
-
 @pytest.fixture
 def client(settings):
     with make_client(settings) as c:
@@ -54,8 +26,8 @@ def test_requests_without_a_valid_token_get_401(client):
 
 
 def test_priority_three_distinct_annotators_and_never_twice(client):
-    client.queue.add(task(1, p=0.4))
-    client.queue.add(task(2, p=0.1))  # more severe: served first
+    client.queue.add(review_task(1, p=0.4))
+    client.queue.add(review_task(2, p=0.1))  # more severe: served first
     first = client.get("/api/tasks/next", headers=auth("alice")).json()
     assert first["task_id"] == "pair-2"
     assert {first["A"], first["B"]} == {"good answer 2", "bad answer 2"}
@@ -71,7 +43,7 @@ def test_priority_three_distinct_annotators_and_never_twice(client):
 
 
 def test_verdicts_reach_prefs_annotations_mapped_back_to_the_pair(client, settings):
-    client.queue.add(task(3))
+    client.queue.add(review_task(3))
     t = client.get("/api/tasks/next", headers=auth("alice")).json()
     chose_chosen = "A" if t["A"] == "good answer 3" else "B"
     client.post("/api/tasks/pair-3/verdict", json={"verdict": chose_chosen, "rationale": "<b>right</b>"}, headers=auth("alice"))
@@ -83,7 +55,7 @@ def test_verdicts_reach_prefs_annotations_mapped_back_to_the_pair(client, settin
 
 
 def test_double_submit_is_idempotent_and_others_cannot_submit(client, settings):
-    client.queue.add(task(4))
+    client.queue.add(review_task(4))
     client.get("/api/tasks/next", headers=auth("alice"))
     assert client.post("/api/tasks/pair-4/verdict", json={"verdict": "A"}, headers=auth("bob")).status_code == 403
     one = client.post("/api/tasks/pair-4/verdict", json={"verdict": "A"}, headers=auth("alice")).json()
@@ -93,7 +65,7 @@ def test_double_submit_is_idempotent_and_others_cannot_submit(client, settings):
 
 
 def test_leases_expire_and_return_the_task(client):
-    client.queue.add(task(5))
+    client.queue.add(review_task(5))
     assert client.get("/api/tasks/next", headers=auth("alice")).json()["task_id"] == "pair-5"
     assert client.get("/api/tasks/next", headers=auth("bob")).status_code == 204  # leased to alice
     time.sleep(2.5)
@@ -102,7 +74,7 @@ def test_leases_expire_and_return_the_task(client):
 
 
 def test_expert_view_only_for_experts(client):
-    client.queue.add(task(6, expert=True))
+    client.queue.add(review_task(6, expert=True))
     assert client.get("/api/tasks/next?expert=true", headers=auth("alice")).status_code == 403
     assert client.get("/api/tasks/next", headers=auth("alice")).status_code == 204
     t = client.get("/api/tasks/next?expert=true", headers=auth("erin")).json()
@@ -113,7 +85,7 @@ def test_expert_view_only_for_experts(client):
 
 
 def test_pages_escape_user_text(client):
-    client.queue.add(task(7))
+    client.queue.add(review_task(7))
     client.get("/api/tasks/next", headers=auth("alice"))
     client.post("/api/tasks/pair-7/verdict", json={"verdict": "A"}, headers=auth("alice"))
     html = client.get("/stats", headers=auth("bob")).text
@@ -148,7 +120,7 @@ def test_queue_survives_a_redis_restart_and_rebuilds_when_emptied(settings, tmp_
         q = ReviewQueue(r, settings.topic_prefix)
         codec, prod = ValueCodec(), Producer(producer_config(settings))
         for i in range(10, 15):
-            t = task(i)
+            t = review_task(i)
             v, h = codec.encode("ReviewTask", t, settings.topic(topics.REVIEW))
             prod.produce(settings.topic(topics.REVIEW), key=t["task_id"].encode(), value=v, headers=h)
         prod.flush(10)
@@ -185,13 +157,13 @@ def test_short_or_malformed_tokens_are_refused_at_start_naming_the_annotator_not
     with pytest.raises(ConfigError) as err:
         TokenBook("a-bare-token-with-no-name-0001")
     assert "a-bare-token" not in str(err.value) and "name:token" in str(err.value)
-    assert len(TokenBook(TOKENS)) == 5
+    assert len(TokenBook(REVIEW_TOKENS)) == 5
 
 
 def test_lease_cap_per_annotator(settings):
     with make_client(settings, max_leases=2) as c:
         for i in range(20, 24):
-            c.queue.add(task(i))
+            c.queue.add(review_task(i))
         held = [c.get("/api/tasks/next", headers=auth("alice")).json()["task_id"] for _ in range(2)]
         third = c.get("/api/tasks/next", headers=auth("alice"))
         assert third.status_code == 409 and "submit a verdict" in third.json()["detail"]
@@ -201,7 +173,7 @@ def test_lease_cap_per_annotator(settings):
 
 
 def test_request_bodies_over_the_limit_get_413(client):
-    client.queue.add(task(25))
+    client.queue.add(review_task(25))
     client.get("/api/tasks/next", headers=auth("alice"))
     big = {"verdict": "A", "rationale": "x" * (70 * 1024)}
     r = client.post("/api/tasks/pair-25/verdict", json=big, headers=auth("alice"))
@@ -234,16 +206,16 @@ def test_stats_need_a_token(client):
     assert client.get("/stats").status_code == 401 and "/annotate" in client.get("/stats").text
     assert client.get("/api/stats", headers=auth("dave")).json()["pending"] == 0
     assert client.get("/stats", headers=auth("dave")).status_code == 200
-    client.cookies.set("prefstream-token", SECRETS["dave"])  # what the sign-in page sets for /stats
+    client.cookies.set("prefstream-token", REVIEW_SECRETS["dave"])  # what the sign-in page sets for /stats
     assert client.get("/stats").status_code == 200
     client.cookies.set("prefstream-token", "not-a-known-token-at-all")
     assert client.get("/stats").status_code == 401
 
 
 def test_metrics_show_the_queue_for_the_dashboard(client):
-    client.queue.add(task(1))
-    client.queue.add(task(2))
-    client.queue.add(task(3, expert=True))
+    client.queue.add(review_task(1))
+    client.queue.add(review_task(2))
+    client.queue.add(review_task(3, expert=True))
     text = client.get("/metrics").text
     assert 'prefstream_review_queue_tasks{state="pending"} 2.0' in text
     assert 'prefstream_review_queue_tasks{state="expert"} 1.0' in text
@@ -255,7 +227,7 @@ def test_lease_looks_at_a_bounded_window_of_the_queue(stack, stack_settings):
     r = redis.Redis.from_url(stack_settings.redis_url)
     q = ReviewQueue(r, f"scan{time.monotonic_ns()}.", lease_s=30, lease_scan=60)
     for i in range(100):
-        q.add(task(1000 + i, p=i / 1000))
+        q.add(review_task(1000 + i, p=i / 1000))
     for i in range(55):  # alice has seen the first 55: the lease pages past the first 50
         r.sadd(q.k("seen", f"pair-{1000 + i}"), "alice")
     assert q.lease("alice")["task_id"] == "pair-1055"
@@ -271,14 +243,14 @@ def test_add_is_one_script_and_decided_keys_expire(stack, stack_settings):
 
     r = redis.Redis.from_url(stack_settings.redis_url)
     q = ReviewQueue(r, f"ret{time.monotonic_ns()}.", lease_s=30, retention_s=120)
-    ReviewQueue(r, f"warm{time.monotonic_ns()}.").add(task(59))  # loads the script: the call below is steady state
+    ReviewQueue(r, f"warm{time.monotonic_ns()}.").add(review_task(59))  # loads the script: the call below is steady state
     calls = []
     real = r.execute_command
     r.execute_command = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
-    assert q.add(task(60)) is True
+    assert q.add(review_task(60)) is True
     assert calls == ["EVALSHA"]  # one atomic round trip: task, queue entry and counter together
     del r.execute_command
-    assert q.add(task(60)) is False and q.stats()["added"] == 1
+    assert q.add(review_task(60)) is False and q.stats()["added"] == 1
     for who in ("a", "b", "c"):
         assert q.lease(who)["task_id"] == "pair-60"
         q.submit("pair-60", who, {"verdict": "A"})
@@ -301,7 +273,7 @@ def test_a_rebuilt_queue_never_offers_a_task_before_its_earlier_verdicts_are_bac
     from streams.kafka.config import producer_config
     from streams.review.feeder import Feeder
 
-    open_task, done_task = task(8), task(9, p=0.1)  # pair-9 is served first
+    open_task, done_task = review_task(8), review_task(9, p=0.1)  # pair-9 is served first
     codec, prod = ValueCodec(), Producer(producer_config(settings))
     for t in (open_task, done_task):
         value, headers = codec.encode("ReviewTask", t, settings.topic(topics.REVIEW))
@@ -332,7 +304,7 @@ def test_a_rebuilt_queue_never_offers_a_task_before_its_earlier_verdicts_are_bac
 def test_a_verdict_restored_while_its_annotator_held_the_lease_frees_the_task_for_others(client):
     """A rebuild can restore an annotator's verdict from the topic while they still hold the lease
     (their POST wrote Kafka before Redis); their submit is then a duplicate and must give the lease back."""
-    client.queue.add(task(10))
+    client.queue.add(review_task(10))
     assert client.get("/api/tasks/next", headers=auth("alice")).json()["task_id"] == "pair-10"
     client.queue.restore_verdict("pair-10", "alice", {"verdict": "A", "preferred": "chosen"})
     r = client.post("/api/tasks/pair-10/verdict", json={"verdict": "A"}, headers=auth("alice"))
@@ -349,7 +321,7 @@ def test_a_rebuild_that_redis_loses_halfway_starts_over_instead_of_marking_a_hal
 
     codec, prod = ValueCodec(), Producer(producer_config(settings))
     for i in (11, 12):
-        value, headers = codec.encode("ReviewTask", task(i), settings.topic(topics.REVIEW))
+        value, headers = codec.encode("ReviewTask", review_task(i), settings.topic(topics.REVIEW))
         prod.produce(settings.topic(topics.REVIEW), key=f"pair-{i}".encode(), value=value, headers=headers)
     assert prod.flush(10) == 0
     q = client.queue
@@ -364,3 +336,26 @@ def test_a_rebuild_that_redis_loses_halfway_starts_over_instead_of_marking_a_hal
     q.add = add_then_wipe_once
     Feeder(settings, q).rebuild_if_empty()
     assert wiped and q.redis.exists(q.k("initialized")) and q.stats()["pending"] == 2 and q.task("pair-11") and q.task("pair-12")
+
+
+def test_stats_page_and_metrics_show_alpha_by_category_and_reannotation_agreement(client, settings):
+    """What the aggregator keeps in Redis reaches the page and /metrics (a restarted app shows it at once)."""
+    from streams.review.aggregator import Aggregator, consistency_key
+
+    r = client.queue.redis
+    agg = Aggregator(r, settings.topic_prefix)
+    for i in range(4):
+        t = review_task(400 + i, task_category="cooking" if i < 2 else "history")
+        for who in "xyz":
+            agg.handle({"task_id": t["task_id"], "annotator": who, "preferred": "chosen" if i % 2 else "rejected"}, t)
+    agg.committed()
+    r.hset(consistency_key(settings.topic_prefix), mapping={"p1:w": "same", "p2:w": "same", "p3:w": "different"})
+    html = client.get("/stats", headers=auth("bob")).text
+    table = html.split('id="alpha-by-category"')[1].split("</table>")[0]
+    assert "<td>cooking</td>" in table and "<td>history</td>" in table
+    assert "0.667 (2 of 3)" in html.split('id="reannotation"')[1].split("</td>")[0]
+    stats = client.get("/api/stats", headers=auth("bob")).json()
+    assert set(stats["alpha_by_category"]) == {"cooking", "history"}
+    metrics = client.get("/metrics").text
+    assert 'prefstream_annotator_alpha{category="cooking"}' in metrics
+    assert "prefstream_reannotation_agreement 0.666" in metrics

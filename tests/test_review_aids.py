@@ -16,8 +16,7 @@ import pytest
 from streams.kafka import topics
 from streams.review.aggregator import Aggregator
 from tests.fake_llm import FakeJudge
-from tests.helpers import read_topic
-from tests.test_review import auth, make_client, task
+from tests.helpers import auth, make_client, read_topic, review_task
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +55,7 @@ def answer(client, who: str, tid: str, verdict: str = "A") -> None:
 
 
 def test_margin_and_p_read_in_the_annotators_order(client):
-    client.queue.add(task(30, p=0.3) | {"margin": -0.5})
+    client.queue.add(review_task(30, p=0.3) | {"margin": -0.5})
     in_order(client, "pair-30", {"alice": "chosen_first", "bob": "rejected_first"})
     a = next_task(client, "alice")
     assert (a["A"], a["margin"], a["p"]) == ("good answer 30", -0.5, 0.3)  # reward(chosen) - reward(rejected)
@@ -68,12 +67,12 @@ def test_margin_and_p_read_in_the_annotators_order(client):
 
 def test_similar_pairs_carry_the_label_the_humans_gave_them_when_served(client, settings):
     """Labels are read at serve time: pair-41, verified after the task was made, shows on the next serve."""
-    client.queue.add(task(40) | {"similar": [similar(41), similar(42), similar(43)]})
+    client.queue.add(review_task(40) | {"similar": [similar(41), similar(42), similar(43)]})
     assert [s["verified"] for s in next_task(client, "alice")["similar"]] == [None, None, None]
     answer(client, "alice", "pair-40")
     agg = Aggregator(client.queue.redis, settings.topic_prefix)
     # The similar pairs' review tasks, with the ids the worker gives them (streams/review/task_ids.py).
-    t41, t43 = (task(i) | {"task_id": agg.task_ids.of(f"pair-{i}")} for i in (41, 43))
+    t41, t43 = (review_task(i) | {"task_id": agg.task_ids.of(f"pair-{i}")} for i in (41, 43))
     for who, side in (("x", "rejected"), ("y", "rejected"), ("z", "chosen")):  # a majority for the shown "rejected"
         agg.handle(ann(t41["task_id"], who, side), task=t41)
     [(_, _, expert_task)] = [agg.handle(ann(t43["task_id"], who, side), task=t43)
@@ -101,7 +100,7 @@ def judge():
 def test_the_judge_aid_is_shown_in_each_annotators_order_and_is_never_a_vote(settings, judge):
     with make_client(settings, judge_url=judge.url, judge_model="judge-7b", judge_api_key="judge-key-1",
                      judge_wait_s=30) as c:
-        c.queue.add(task(50))
+        c.queue.add(review_task(50))
         in_order(c, "pair-50", {"alice": "chosen_first", "bob": "rejected_first", "carol": "chosen_first"})
         seen = {}
         for who in ("alice", "bob", "carol"):
@@ -127,7 +126,7 @@ def test_a_failing_judge_leaves_the_task_without_the_aid(settings, mode, caplog)
     try:
         with caplog.at_level(logging.WARNING, "streams.review.judge"), \
                 make_client(settings, judge_url=fake.url, judge_timeout_s=0.5, judge_wait_s=30) as c:
-            c.queue.add(task(60))
+            c.queue.add(review_task(60))
             t = next_task(c, "alice")
             assert t["task_id"] == "pair-60" and t["judge"] is None and not t["judge_pending"]
             assert c.get("/api/tasks/pair-60/judge", headers=auth("alice")).json() == {"judge": None,
@@ -145,7 +144,7 @@ def test_a_slow_judge_does_not_hold_up_the_annotator_and_reaches_the_page_later(
     fake = FakeJudge("slow")
     try:
         with make_client(settings, judge_url=fake.url, judge_wait_s=0) as c:
-            c.queue.add(task(70))
+            c.queue.add(review_task(70))
             in_order(c, "pair-70", {"alice": "rejected_first"})
             t = next_task(c, "alice")
             assert t["judge"] is None and t["judge_pending"]  # served while the judge is still answering

@@ -3,82 +3,35 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import contextmanager
 
 import pytest
-from confluent_kafka import Producer
 
-from schemas.wire import ValueCodec
-from streams.embedded.process import free_port
 from streams.kafka import topics
-from streams.kafka.config import producer_config
 from tests.fake_llm import FakeJudge
-from tests.helpers import ROOT, read_topic, settings_env
-from tests.test_review import SECRETS, TOKENS, task
+from tests.helpers import (
+    REVIEW_SECRETS,
+    ROOT,
+    annotator_get,
+    publish_tasks,
+    read_topic,
+    review_task,
+    running_review_app,
+    wait_pending,
+)
 
 pytestmark = pytest.mark.integration
-CHROMIUM = "/usr/bin/chromium"
-
-
-def publish_tasks(settings, tasks):
-    codec, prod = ValueCodec(), Producer(producer_config(settings))
-    for t in tasks:
-        v, h = codec.encode("ReviewTask", t, settings.topic(topics.REVIEW))
-        prod.produce(settings.topic(topics.REVIEW), key=t["task_id"].encode(), value=v, headers=h)
-    assert prod.flush(10) == 0
-
-
-@contextmanager
-def running_review_app(settings, tmp_path, extra_env: dict[str, str] | None = None):
-    port = free_port()
-    # At the default per-token rate limit: the simulated annotators wait out its 429s like real clients.
-    env = settings_env(settings) | {"PREFSTREAM_REVIEW_TOKENS": TOKENS, "PREFSTREAM_REVIEW_EXPERTS": "erin"} | (extra_env or {})
-    log = tmp_path / "review.log"
-    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "review", "--port", str(port)], env=env, cwd=ROOT,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=1)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.3)
-    try:
-        yield url, env
-    finally:
-        proc.terminate()
-        proc.wait(20)
-
-
 @pytest.fixture
 def review_app(settings, tmp_path):
     with running_review_app(settings, tmp_path) as app:
         yield app
 
 
-def get(url: str) -> bytes:
-    """GET as a signed-in annotator: /stats and /api/stats need a token."""
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {SECRETS['dave']}"})
-    return urllib.request.urlopen(req).read()
-
-
-def wait_pending(url: str, n: int) -> None:
-    deadline = time.monotonic() + 60
-    while json.loads(get(url + "/api/stats"))["pending"] < n:
-        assert time.monotonic() < deadline, "the feeder did not queue the tasks"
-        time.sleep(0.3)
-
-
 def test_simulated_annotators_drain_the_queue_into_gold(settings, review_app, tmp_path):
     url, env = review_app
-    tasks = [task(100 + i) for i in range(12)]
+    tasks = [review_task(100 + i) for i in range(12)]
     truth = tmp_path / "truth.jsonl"
     truth.write_text("\n".join(json.dumps(t["pair"]) for t in tasks))
     publish_tasks(settings, tasks)
@@ -89,21 +42,22 @@ def test_simulated_annotators_drain_the_queue_into_gold(settings, review_app, tm
     assert out.returncode == 0, out.stderr[-2000:]
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["answered"] == 36 and stats["correct"] == 36 and sorted(stats["per_annotator"].values()) == [12, 12, 12], (
-        out.stdout[-3000:], out.stderr[-3000:], get(url + "/api/stats"))
+        out.stdout[-3000:], out.stderr[-3000:], annotator_get(url + "/api/stats"))
     deadline = time.monotonic() + 60
     while len(verified := read_topic(settings, topics.VERIFIED, "VerifiedPair", idle=1)) < 12:
         assert time.monotonic() < deadline, f"only {len(verified)} verified"
     assert {v["decided_by"] for v in verified} == {"unanimous"} and {v["label"] for v in verified} == {"kept"}
-    page = get(url + "/stats").decode()
+    page = annotator_get(url + "/stats").decode()
     assert ">1.0000<" in page  # rolling alpha on the stats page: perfect agreement
     table = page.split("<main>")[1]
-    assert '<td id="throughput">36</td>' in page and page.count("<td>1.000</td>") == 3, (  # per-annotator agreement
+    annotators = table.split("<h2>Annotators</h2>")[1].split("</table>")[0]
+    assert '<td id="throughput">36</td>' in page and annotators.count("<td>1.000</td>") == 3, (  # per-annotator agreement
         table + out.stdout[-3000:] + out.stderr[-3000:] + (tmp_path / "review.log").read_text()[-3000:])
 
 
 def test_noisy_annotators_and_an_expert_end_every_task_verified(settings, review_app, tmp_path):
     url, env = review_app
-    tasks = [task(300 + i) for i in range(20)]
+    tasks = [review_task(300 + i) for i in range(20)]
     truth = tmp_path / "truth.jsonl"
     truth.write_text("\n".join(json.dumps(t["pair"]) for t in tasks))
     publish_tasks(settings, tasks)
@@ -115,27 +69,13 @@ def test_noisy_annotators_and_an_expert_end_every_task_verified(settings, review
     deadline = time.monotonic() + 60
     while len(verified := read_topic(settings, topics.VERIFIED, "VerifiedPair", idle=1)) < 20:
         assert time.monotonic() < deadline, (f"only {len(verified)} of 20 tasks ended verified", out.stdout[-2000:],
-                                             out.stderr[-2000:], get(url + "/api/stats"))
+                                             out.stderr[-2000:], annotator_get(url + "/api/stats"))
     by = {v["pair"]["pair_id"]: v for v in verified}
     assert set(by) == {t["task_id"] for t in tasks}
     assert {v["decided_by"] for v in verified} <= {"unanimous", "majority", "expert"}
     for v in verified:
         if v["decided_by"] == "expert":
             assert v["label"] == "kept"  # the simulated expert knows the truth
-
-
-@pytest.fixture
-def browser():
-    if not shutil.which(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                              "--no-first-run"])
-        yield b
-        b.close()
 
 
 @pytest.fixture
@@ -152,18 +92,18 @@ def test_browser_sign_in_click_keyboard_escaping_and_wrong_token(settings, tmp_p
 
     from streams.review.aggregator import Aggregator
 
-    hostile = task(200, prompt="<script>window.pwned=1</script>", chosen='<img src=x onerror="window.pwned=2">',
+    hostile = review_task(200, prompt="<script>window.pwned=1</script>", chosen='<img src=x onerror="window.pwned=2">',
                    rejected="**plain** <b>text</b>")
     hostile["pair"]["conversation"] = [{"role": "user", "content": "<script>window.pwned=1</script>"}]
     hostile["similar"] = [{"pair_id": "pair-199", "prompt": "<b>similar</b> question", "chosen": "yes",
                            "rejected": "no", "label_source": "human", "similarity": 0.87}]
     agg = Aggregator(redis.Redis.from_url(settings.redis_url), settings.topic_prefix)
-    similar = task(199) | {"task_id": agg.task_ids.of("pair-199")}  # the similar pair's own review task
+    similar = review_task(199) | {"task_id": agg.task_ids.of("pair-199")}  # the similar pair's own review task
     for who, side in (("x", "rejected"), ("y", "rejected"), ("z", "chosen")):
         agg.handle({"task_id": similar["task_id"], "annotator": who, "preferred": side}, task=similar)
     agg.committed()
     with running_review_app(settings, tmp_path, {"PREFSTREAM_REVIEW_JUDGE_URL": judge.url}) as (url, _):
-        publish_tasks(settings, [hostile, task(201)])
+        publish_tasks(settings, [hostile, review_task(201)])
         wait_pending(url, 2)
         browse_and_answer(settings, url, browser)
 
@@ -174,7 +114,7 @@ def browse_and_answer(settings, url, browser):
     page.fill("#token", "wrong-token-123")
     page.click("#signin-btn")
     page.wait_for_selector("#signin-error:has-text('refused')")
-    page.fill("#token", SECRETS["alice"])
+    page.fill("#token", REVIEW_SECRETS["alice"])
     page.click("#signin-btn")
     page.wait_for_selector("#task:not([hidden])")
     shown_a = page.text_content("#A-src")  # the source; #A holds the rendered markdown

@@ -14,9 +14,14 @@ from threading import Barrier
 import pytest
 
 from streams.kafka import topics
-from tests.helpers import read_topic
-from tests.test_review import SECRETS, task
-from tests.test_review_e2e import publish_tasks, running_review_app, wait_pending
+from tests.helpers import (
+    REVIEW_SECRETS,
+    publish_tasks,
+    read_topic,
+    review_task,
+    running_review_app,
+    wait_pending,
+)
 
 pytestmark = pytest.mark.integration
 RACERS = 8
@@ -42,15 +47,15 @@ def test_concurrent_votes_by_one_annotator_put_exactly_one_annotation_on_the_top
     reaches prefs.annotations, and every answer is that one verdict."""
     env = {"PREFSTREAM_REVIEW_RATE_PER_S": "1000"}
     with running_review_app(settings, tmp_path, env) as (url, _):
-        publish_tasks(settings, [task(80)])
+        publish_tasks(settings, [review_task(80)])
         wait_pending(url, 1)
-        status, t, _ = call(url + "/api/tasks/next", token=SECRETS["alice"])
+        status, t, _ = call(url + "/api/tasks/next", token=REVIEW_SECRETS["alice"])
         assert status == 200, t
         start = Barrier(RACERS)
 
         def submit(i: int) -> tuple[int, dict, dict]:
             start.wait()
-            return call(f"{url}/api/tasks/{t['task_id']}/verdict", "POST", {"verdict": "AB"[i % 2]}, SECRETS["alice"])
+            return call(f"{url}/api/tasks/{t['task_id']}/verdict", "POST", {"verdict": "AB"[i % 2]}, REVIEW_SECRETS["alice"])
 
         with ThreadPoolExecutor(RACERS) as pool:
             answers = list(pool.map(submit, range(RACERS)))
@@ -71,9 +76,9 @@ def test_unknown_tokens_are_rate_limited_per_client_address(settings, tmp_path):
         time.sleep((60 - time.time() % 60) % 60 if time.time() % 60 > 50 else 0)
         statuses = [call(url + "/api/tasks/next", token=f"guess-{i:04d}-xxxxxxxxxxxx")[0] for i in range(60)]
         assert statuses == [401] * bound + [429] * (60 - bound), statuses
-        status, body, headers = call(url + "/api/tasks/next", token=SECRETS["alice"])
+        status, body, headers = call(url + "/api/tasks/next", token=REVIEW_SECRETS["alice"])
         assert status == 429 and 0 < int(headers["retry-after"]) <= 60, (status, body)
         assert "unknown tokens" in str(body)
         other = {"X-Forwarded-For": "203.0.113.7"}
-        assert call(url + "/api/tasks/next", token=SECRETS["alice"], headers=other)[0] == 204
+        assert call(url + "/api/tasks/next", token=REVIEW_SECRETS["alice"], headers=other)[0] == 204
         assert call(url + "/api/tasks/next", token="guess-from-elsewhere-xx", headers=other)[0] == 401

@@ -10,22 +10,27 @@ import json
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-import trainers.storage.shards as shards
-from schemas.pairs import validate_pair
+import trainers.storage.shards.layout as shards
 from streams.runtime.shard_writer import ShardWriter
 from streams.settings import WorkerSettings
-from tests.helpers import run_cli
-from tests.test_idempotent import _pairs, write_batch
-from trainers.retrain import RetrainConfig, collect, in_gold_holdout, in_gold_validation
+from tests.helpers import (
+    SHARD_TOPIC,
+    micro_batches,
+    run_cli,
+    run_shard_writer_until,
+    shard_row,
+    unique_pairs,
+    write_batch,
+)
+from trainers.retrain import RetrainConfig
 from trainers.storage.registry import ModelStore
 from trainers.storage.shards import PartitionLog, compact_partition, iter_records, leftovers, load_manifest
-
-TOPIC = "t.prefs.curated"
+from trainers.storage.shards.reading import read_file
+from trainers.training.selection import collect, in_gold_holdout, in_gold_validation
 
 
 class Clock:
@@ -38,21 +43,6 @@ class Clock:
         return self.now
 
 
-def curated(pair: dict, split: str) -> dict:
-    return {"pair": validate_pair({k: v for k, v in pair.items() if k != "extra"}), "split": split, "p": 0.9,
-            "model_version": "v1", "reason": "test", "curated_at": 0}
-
-
-def micro_batches(log: PartitionLog, recs: list[dict], size: int, first: int = 0) -> int:
-    """Commit ``recs`` in micro-batches of ``size`` as the writer does; returns the next offset."""
-    offset = first
-    for i in range(0, len(recs), size):
-        rows = [(offset + j, r) for j, r in enumerate(recs[i:i + size])]
-        log.append(rows, offset + len(rows))
-        offset += len(rows)
-    return offset
-
-
 def said(proc) -> str:
     """What a command told its user (rich writes to stderr and wraps long lines)."""
     return proc.stderr.replace("\n", "")
@@ -63,23 +53,23 @@ def ids(root: Path, splits=None) -> list[str]:
 
 
 def test_files_roll_at_the_record_threshold_across_micro_batches(tmp_path):
-    log = PartitionLog(tmp_path, TOPIC, 0, roll_records=10, roll_age_s=1e9)
-    pairs = _pairs(34)
-    micro_batches(log, [curated(p, "silver") for p in pairs], size=3)
+    log = PartitionLog(tmp_path, SHARD_TOPIC, 0, roll_records=10, roll_age_s=1e9)
+    pairs = unique_pairs(34)
+    micro_batches(log, [shard_row(p, "silver") for p in pairs], size=3)
     files = load_manifest(tmp_path).entries()
     assert [(e["count"], e["open"]) for e in files] == [(10, False), (10, False), (10, False), (4, True)]
     for e in files:  # each file holds exactly its committed records, in offset order, each tagged with its offset
-        recs = list(shards.read_file(tmp_path, e))
+        recs = list(read_file(tmp_path, e))
         assert [r["source_offset"] for r in recs] == list(range(e["first_offset"], e["last_offset"] + 1))
         assert (tmp_path / e["file"]).stat().st_size == e["bytes"]
     assert ids(tmp_path) == [p["pair_id"] for p in pairs]
-    assert load_manifest(tmp_path).positions() == {f"{TOPIC}:0": 34}
+    assert load_manifest(tmp_path).positions() == {f"{SHARD_TOPIC}:0": 34}
 
 
 def test_files_roll_at_the_age_threshold(tmp_path):
     clock = Clock()
-    log = PartitionLog(tmp_path, TOPIC, 0, roll_records=1000, roll_age_s=300, clock=clock)
-    recs = [curated(p, "silver") for p in _pairs(9)]
+    log = PartitionLog(tmp_path, SHARD_TOPIC, 0, roll_records=1000, roll_age_s=300, clock=clock)
+    recs = [shard_row(p, "silver") for p in unique_pairs(9)]
     nxt = micro_batches(log, recs[:4], size=2)
     clock.now += 299
     nxt = micro_batches(log, recs[4:6], size=2, first=nxt)  # still young: same file
@@ -89,14 +79,14 @@ def test_files_roll_at_the_age_threshold(tmp_path):
     micro_batches(log, recs[6:], size=3, first=nxt)
     assert [(e["count"], e["open"]) for e in load_manifest(tmp_path).entries()] == [(6, False), (3, True)]
     clock.now += 300
-    micro_batches(log, [curated(p, "silver") for p in _pairs(1)], size=1, first=nxt + 3)
+    micro_batches(log, [shard_row(p, "silver") for p in unique_pairs(1)], size=1, first=nxt + 3)
     assert [(e["count"], e["open"]) for e in load_manifest(tmp_path).entries()] == [(6, False), (3, False), (1, True)]
 
 
 def test_each_split_has_its_own_open_file(tmp_path):
-    log = PartitionLog(tmp_path, TOPIC, 2, roll_records=4, roll_age_s=1e9)
-    pairs = _pairs(12)
-    recs = [curated(p, "gold" if i % 3 == 0 else "silver") for i, p in enumerate(pairs)]
+    log = PartitionLog(tmp_path, SHARD_TOPIC, 2, roll_records=4, roll_age_s=1e9)
+    pairs = unique_pairs(12)
+    recs = [shard_row(p, "gold" if i % 3 == 0 else "silver") for i, p in enumerate(pairs)]
     micro_batches(log, recs, size=5)
     man = load_manifest(tmp_path)
     assert man.totals() == {"gold": 4, "silver": 8}
@@ -109,8 +99,8 @@ class Crash(Exception):
 
 
 def test_a_crash_after_the_append_before_the_commit_is_never_read_and_is_truncated(tmp_path, monkeypatch):
-    log = PartitionLog(tmp_path, TOPIC, 0, roll_records=8, roll_age_s=1e9)
-    recs = [curated(p, "silver") for p in _pairs(12)]
+    log = PartitionLog(tmp_path, SHARD_TOPIC, 0, roll_records=8, roll_age_s=1e9)
+    recs = [shard_row(p, "silver") for p in unique_pairs(12)]
     nxt = micro_batches(log, recs[:5], size=5)
     committed = load_manifest(tmp_path).entries()[0]
 
@@ -126,7 +116,7 @@ def test_a_crash_after_the_append_before_the_commit_is_never_read_and_is_truncat
     assert len(list(tmp_path.glob("silver/*.avro"))) == 2 and leftovers(tmp_path)
     assert ids(tmp_path) == [r["pair"]["pair_id"] for r in recs[:5]], "a reader saw an uncommitted record"
 
-    restarted = PartitionLog(tmp_path, TOPIC, 0, roll_records=8, roll_age_s=1e9)
+    restarted = PartitionLog(tmp_path, SHARD_TOPIC, 0, roll_records=8, roll_age_s=1e9)
     state = restarted.recover()
     assert path.stat().st_size == committed["bytes"] and not leftovers(tmp_path)
     assert state["next_offset"] == 5  # Kafka redelivers from here
@@ -137,17 +127,17 @@ def test_a_crash_after_the_append_before_the_commit_is_never_read_and_is_truncat
 
 def test_records_the_manifest_already_holds_are_not_appended_again(tmp_path):
     """The offsets commit failed after the manifest was replaced: Kafka redelivers committed records."""
-    log = PartitionLog(tmp_path, TOPIC, 0)
-    recs = [curated(p, "silver") for p in _pairs(6)]
+    log = PartitionLog(tmp_path, SHARD_TOPIC, 0)
+    recs = [shard_row(p, "silver") for p in unique_pairs(6)]
     log.append([(i, r) for i, r in enumerate(recs[:4])], 4)
     assert log.append([(i, r) for i, r in enumerate(recs)], 6) == {"silver": 2}
     assert ids(tmp_path) == [r["pair"]["pair_id"] for r in recs]
 
 
 def _closed_small_files(tmp_path: Path, n_files: int, per_file: int) -> list[str]:
-    log = PartitionLog(tmp_path, TOPIC, 0, roll_records=per_file, roll_age_s=1e9)
-    pairs = _pairs(n_files * per_file)
-    micro_batches(log, [curated(p, "silver") for p in pairs], size=per_file)
+    log = PartitionLog(tmp_path, SHARD_TOPIC, 0, roll_records=per_file, roll_age_s=1e9)
+    pairs = unique_pairs(n_files * per_file)
+    micro_batches(log, [shard_row(p, "silver") for p in pairs], size=per_file)
     return [p["pair_id"] for p in pairs]
 
 
@@ -155,7 +145,7 @@ def test_compaction_merges_small_closed_files_and_readers_see_each_record_once(t
     expected = _closed_small_files(tmp_path, 6, 3)  # 18 records in 6 closed files of 3
     before = load_manifest(tmp_path)
     old_files = [e["file"] for e in before.entries()]
-    done = compact_partition(tmp_path, TOPIC, 0, target_records=10)
+    done = compact_partition(tmp_path, SHARD_TOPIC, 0, target_records=10)
     assert [(c.sources, c.records) for c in done] == [(3, 9), (3, 9)]
     after = load_manifest(tmp_path)
     assert [e["count"] for e in after.entries()] == [9, 9] and not any(e["open"] for e in after.entries())
@@ -163,7 +153,7 @@ def test_compaction_merges_small_closed_files_and_readers_see_each_record_once(t
     assert ids(tmp_path) == expected and after.positions() == before.positions()
     # A reader that took its manifest before the compaction still reads every record once.
     assert [rec["pair"]["pair_id"] for _, rec in iter_records(tmp_path, before)] == expected
-    assert compact_partition(tmp_path, TOPIC, 0, target_records=10) == []  # nothing small enough left to merge
+    assert compact_partition(tmp_path, SHARD_TOPIC, 0, target_records=10) == []  # nothing small enough left to merge
 
 
 def test_a_crashed_compaction_loses_and_duplicates_nothing(tmp_path, monkeypatch):
@@ -178,7 +168,7 @@ def test_a_crashed_compaction_loses_and_duplicates_nothing(tmp_path, monkeypatch
 
     monkeypatch.setattr(shards, "save_partition", crash)
     with pytest.raises(Crash):
-        compact_partition(tmp_path, TOPIC, 0, target_records=100)
+        compact_partition(tmp_path, SHARD_TOPIC, 0, target_records=100)
     monkeypatch.setattr(shards, "save_partition", real_save)
     assert ids(tmp_path) == expected and [e["file"] for e in load_manifest(tmp_path).entries()] == files
     assert len(leftovers(tmp_path)) == 1  # the merged copy no manifest names
@@ -187,11 +177,11 @@ def test_a_crashed_compaction_loses_and_duplicates_nothing(tmp_path, monkeypatch
     copies.mkdir()
     for f in files:
         shutil.copy(tmp_path / f, copies / Path(f).name)
-    compact_partition(tmp_path, TOPIC, 0, target_records=100)
+    compact_partition(tmp_path, SHARD_TOPIC, 0, target_records=100)
     for f in files:
         shutil.copy(copies / Path(f).name, tmp_path / f)
     assert ids(tmp_path) == expected and len(leftovers(tmp_path)) == len(files)
-    PartitionLog(tmp_path, TOPIC, 0).recover()  # the partition's next writer removes them
+    PartitionLog(tmp_path, SHARD_TOPIC, 0).recover()  # the partition's next writer removes them
     assert not leftovers(tmp_path) and ids(tmp_path) == expected
 
 
@@ -208,20 +198,20 @@ def test_reading_is_lazy_file_by_file(tmp_path):
 
 def test_a_retrain_reads_new_records_and_a_replay_sample_and_names_positions(tmp_path):
     root, models = tmp_path / "shards", tmp_path / "models"
-    log = PartitionLog(root, TOPIC, 0, roll_records=10, roll_age_s=1e9)
-    first = [curated(p, "silver") for p in _pairs(30)]
+    log = PartitionLog(root, SHARD_TOPIC, 0, roll_records=10, roll_age_s=1e9)
+    first = [shard_row(p, "silver") for p in unique_pairs(30)]
     nxt = micro_batches(log, first, size=7)
     cfg = RetrainConfig(shards_dir=str(root), models_dir=str(models), replay_fraction=0.3)
     store = ModelStore(models)
     got = collect(cfg, store)
     pairs, lineage = got.pairs, got.lineage
-    assert len(pairs) == 30 and lineage["positions"] == {f"{TOPIC}:0": 30} and lineage["files"] == 3
+    assert len(pairs) == 30 and lineage["positions"] == {f"{SHARD_TOPIC}:0": 30} and lineage["files"] == 3
     src = tmp_path / "model"
     src.mkdir()
     (src / "config.json").write_text("{}")
     store.publish(src, "current", lineage=lineage)
 
-    second = [curated(p, "silver") for p in _pairs(14)]
+    second = [shard_row(p, "silver") for p in unique_pairs(14)]
     micro_batches(log, second, size=5, first=nxt)  # 30 + 14: fills the open file, then one more
     got = collect(cfg, store)
     pairs, lineage = got.pairs, got.lineage
@@ -229,13 +219,13 @@ def test_a_retrain_reads_new_records_and_a_replay_sample_and_names_positions(tmp
     assert lineage["new_pairs"] == 14 and lineage["replayed_pairs"] == int(14 * 0.3 / 0.7)
     assert {p["pair_id"] for p in pairs[:14]} == new_ids
     assert {p["pair_id"] for p in pairs[14:]} <= {r["pair"]["pair_id"] for r in first}
-    assert lineage["positions"] == {f"{TOPIC}:0": 44}
+    assert lineage["positions"] == {f"{SHARD_TOPIC}:0": 44}
 
 
 def test_the_gold_holdout_and_validation_slice_are_never_trained_on(tmp_path):
     root = tmp_path / "shards"
-    log = PartitionLog(root, TOPIC, 1, roll_records=5, roll_age_s=1e9)
-    gold = [curated(p, "gold") for p in _pairs(60)]
+    log = PartitionLog(root, SHARD_TOPIC, 1, roll_records=5, roll_age_s=1e9)
+    gold = [shard_row(p, "gold") for p in unique_pairs(60)]
     micro_batches(log, gold, size=8)
     got = collect(RetrainConfig(role="gold", shards_dir=str(root), models_dir=str(tmp_path / "m")),
                   ModelStore(tmp_path / "m"))
@@ -250,9 +240,9 @@ def test_the_gold_holdout_and_validation_slice_are_never_trained_on(tmp_path):
 def _export_fixture(root: Path) -> dict[str, list[str]]:
     by_split: dict[str, list[str]] = {}
     for part, (split, n) in enumerate((("gold", 40), ("silver", 25), ("flipped", 7))):
-        log = PartitionLog(root, TOPIC, part, roll_records=6, roll_age_s=1e9)
-        pairs = _pairs(n)
-        micro_batches(log, [curated(p, split) for p in pairs], size=4)
+        log = PartitionLog(root, SHARD_TOPIC, part, roll_records=6, roll_age_s=1e9)
+        pairs = unique_pairs(n)
+        micro_batches(log, [shard_row(p, split) for p in pairs], size=4)
         by_split[split] = [p["pair_id"] for p in pairs]
     return by_split
 
@@ -281,7 +271,7 @@ def test_export_loads_with_hugging_face_datasets(tmp_path, stack_settings, fmt):
 
 
 def test_export_derived_splits_and_refusals(tmp_path, stack_settings):
-    from trainers.storage.shards_export import export_shards
+    from trainers.storage.shards.export import export_shards
 
     root = tmp_path / "shards"
     by_split = _export_fixture(root)
@@ -311,28 +301,11 @@ def test_shards_cli_summary_and_compact(tmp_path, stack_settings):
     assert ids(settings.shards_dir) == expected
 
 
-def test_legacy_flush_files_are_read_and_adopted(tmp_path):
-    """Shards from the per-flush layout keep working: read as closed files, adopted by the writer."""
-    from fastavro import writer
-
-    recs = [curated(p, "silver") for p in _pairs(5)]
-    legacy = tmp_path / "silver" / f"{TOPIC}.p0.{0:012d}-{4:012d}.1of1.n5.avro"
-    legacy.parent.mkdir(parents=True)
-    with legacy.open("wb") as fh:
-        writer(fh, shards.shard_schema(), recs)
-    assert ids(tmp_path) == [r["pair"]["pair_id"] for r in recs]
-    log = PartitionLog(tmp_path, TOPIC, 0)
-    assert log.recover()["next_offset"] == 5
-    more = [curated(p, "silver") for p in _pairs(3)]
-    micro_batches(log, more, size=3, first=5)
-    assert ids(tmp_path) == [r["pair"]["pair_id"] for r in recs + more]
-
-
 # ------------------------------------------------------------------------------- the real writer
 def _writes_every_pair_after_one_failed_save(settings, monkeypatch, fails_when) -> Path:
     """The disk fills once, on the first manifest write ``fails_when(state)`` picks; the writer must retry
     and end with every pair in the shards."""
-    pairs = _pairs(12)
+    pairs = unique_pairs(12)
     write_batch(settings, pairs)
     real_save, fails = shards.save_partition, []
 
@@ -345,7 +318,7 @@ def _writes_every_pair_after_one_failed_save(settings, monkeypatch, fails_when) 
     monkeypatch.setattr(shards, "save_partition", flaky)
     root = Path(settings.shards_dir)
     writer = ShardWriter(settings, WorkerSettings(shard_max_age_s=0.2, shard_compact_min_files=0), threading.Event())
-    _run(writer, lambda: sum(load_manifest(root).totals().values()) >= 12)
+    run_shard_writer_until(writer, lambda: sum(load_manifest(root).totals().values()) >= 12)
     assert fails and writer.failures == 1
     assert sorted(ids(root)) == sorted(p["pair_id"] for p in pairs)
     return root
@@ -357,27 +330,15 @@ def test_a_disk_that_fails_while_a_partition_is_assigned_loses_no_record(setting
     _writes_every_pair_after_one_failed_save(settings, monkeypatch, lambda state: True)  # recovery's write comes first
 
 
-def _run(writer: ShardWriter, until, timeout: float = 60) -> None:
-    thread = threading.Thread(target=writer.run, name="shards", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not until():
-        assert thread.is_alive(), "the shard writer thread ended"
-        time.sleep(0.2)
-    writer.stop.set()
-    thread.join(30)
-    assert not thread.is_alive()
-
-
 @pytest.mark.integration
 def test_the_writer_rolls_files_across_micro_batches(settings):
-    batches = [_pairs(12) for _ in range(5)]
+    batches = [unique_pairs(12) for _ in range(5)]
     for b in batches:
         write_batch(settings, b)
     wsettings = WorkerSettings(shard_max_records=4, shard_max_age_s=0.2, shard_roll_records=6,
                                shard_compact_min_files=0)
     root = Path(settings.shards_dir)
-    _run(ShardWriter(settings, wsettings, threading.Event()),
+    run_shard_writer_until(ShardWriter(settings, wsettings, threading.Event()),
          lambda: sum(load_manifest(root).totals().values()) >= 60)
     entries = load_manifest(root).entries()
     assert sorted(ids(root)) == sorted(p["pair_id"] for b in batches for p in b)

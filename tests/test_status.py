@@ -7,8 +7,9 @@ from collections import Counter
 
 from rich.console import Console
 
-from streams.local.status import Snapshot, one_line, rates, render, retrain_state
+from streams.local.status import Snapshot, controller_decisions, one_line, rates, render, retrain_state
 from streams.review import audit
+from streams.settings import Settings
 
 
 def _snap(t: float, scored: int, raw: int) -> Snapshot:
@@ -29,13 +30,17 @@ def test_rates_are_per_second_between_snapshots():
 
 
 def test_retrain_state_follows_the_decision_log(tmp_path):
-    log = tmp_path / "controller-decisions.jsonl"
-    assert retrain_state(log) == {}
+    settings = Settings(home=tmp_path)
+    log = settings.controller_decisions_file
+    assert controller_decisions(settings) == [] and retrain_state([]) == {}
     entries = [{"time": 0, "role": "current", "decision": "triggered", "reason": "threshold: 500 new"},
                {"time": 0, "role": "gold", "decision": "triggered", "reason": "drift: up"},
                {"time": 0, "role": "gold", "decision": "published", "reason": "ok", "version": "gold-v2"}]
-    log.write_text("\n".join(json.dumps(e) for e in entries))
-    state = retrain_state(log)
+    log.parent.mkdir(parents=True)
+    # The last line is torn, as a controller killed while appending leaves it.
+    log.write_text("".join(json.dumps(e) + "\n" for e in entries) + '{"time": 0, "role": "gold", "decis')
+    assert controller_decisions(settings) == entries
+    state = retrain_state(controller_decisions(settings))
     assert state["current"].startswith("running since") and "(threshold)" in state["current"]
     assert state["gold"].startswith("published gold-v2 at ")
 

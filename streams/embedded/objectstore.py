@@ -21,7 +21,6 @@ from streams.embedded.process import ServerProcess, free_port, port_frees
 from streams.embedded.s3 import S3Client, S3Credentials
 from streams.exceptions import ObjectStoreError, PortInUseError
 
-DEFAULT_S3_PORT = 8333
 DEFAULT_REGION = "us-east-1"
 IDENTITY = "prefstream"
 # Raft election timeout of the single master: the default 10 s made a restart take 18.5 s, 1 s 3.6 s.

@@ -87,10 +87,16 @@ def ensure_topics(settings: Settings, specs: tuple[TopicSpec, ...] = TOPICS, gro
             except KafkaException as exc:
                 err = exc.args[0]
                 if err.code() == err._UNSUPPORTED_FEATURE or "not supported" in err.str():
+                    wanted = spec_.partitions_in(settings)
                     raise BrokerError(
-                        f"the broker at {settings.bootstrap} cannot add partitions to {name} (the embedded broker "
-                        "cannot); on the embedded stack, whose data lives in memory, start it again with the new "
-                        "count: `prefstream stack down`, then `PREFSTREAM_PARTITIONS=N prefstream stack up`") from exc
+                        f"the broker at {settings.bootstrap} cannot add partitions to {name} (it does not support "
+                        f"CreatePartitions; Tansu, the embedded broker, does not). To run with {wanted} partitions, "
+                        "move to new topics: `PREFSTREAM_TOPIC_PREFIX=<new>. PREFSTREAM_PARTITIONS="
+                        f"{wanted} prefstream topics create`, copy the pairs (`prefstream consume prefs.raw > raw.jsonl`, "
+                        "then `PREFSTREAM_TOPIC_PREFIX=<new>. prefstream produce raw.jsonl`) and restart the workers "
+                        "with the new prefix, which score them again (docs/operations.md, \"Partitions\"). An "
+                        "in-memory embedded stack can instead be restarted empty: `prefstream stack down`, then "
+                        f"`PREFSTREAM_PARTITIONS={wanted} prefstream stack up`") from exc
                 raise BrokerError(f"could not add partitions to {name}: {err.str()}") from exc
             states.append(TopicState(name, spec_.partitions_in(settings), "grown", spec_.partitions_in(settings)))
     return states

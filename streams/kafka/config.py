@@ -17,7 +17,7 @@ from streams.settings import Settings
 
 # librdkafka's own log lines go through Python logging (served on poll), not straight to stderr:
 # services that configure logging see them in their logs, and a client idling in a test or a CLI
-# no longer prints "Connect ... failed" when a broker it no longer needs goes away.
+# prints nothing when a broker it does not need goes away.
 KAFKA_LOG = logging.getLogger("prefstream.kafka")
 KAFKA_LOG.addHandler(logging.NullHandler())
 # While a broker is away librdkafka logs every reconnect attempt of every client (several lines a

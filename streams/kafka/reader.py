@@ -1,5 +1,6 @@
-"""The one topic reader: every place that reads and decodes a topic (CLI, report, demo, controller,
-review feeder, SDK, tests, benchmarks) goes through ``TopicReader``.
+"""The one topic reader: every place that reads and decodes a topic outside a consume-transform-produce
+transaction (CLI, report, demo, controller, review feeder, SDK, tests, benchmarks) goes through
+``TopicReader``; the transactional stages keep their own consumers (below).
 
 Committed records only: on the embedded broker (Tansu 0.6) a ``read_committed`` consumer also
 receives the records of aborted transactions. Every ``TopicReader`` runs a ``CommittedFilter``

@@ -106,8 +106,9 @@ def loop_vs_batch(models_dir: str | Path, shards_dir: str | Path, version: str, 
     from trainers.chain import chain_of
     from trainers.evaluation.comparison import NOT_REPLAYED
     from trainers.evaluation.evaluate import holdout_accuracy
-    from trainers.retrain import RetrainConfig, collect
+    from trainers.retrain import RetrainConfig
     from trainers.storage.registry import ModelStore
+    from trainers.training.selection import collect
     from trainers.training.train import TrainConfig, train
 
     store = ModelStore(models_dir)

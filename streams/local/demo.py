@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import shutil
@@ -29,11 +28,13 @@ from typing import Any
 from rich.console import Console
 
 from streams.embedded.process import free_port
+from streams.embedded.stack import with_brokers
 from streams.exceptions import StreamsError
 from streams.kafka import topics
 from streams.local.curation import RETRAIN_FREEZE_LAYERS
 from streams.local.generate import GenerateConfig, as_clean, generate, write_jsonl
 from streams.local.services import Deployment
+from streams.local.status import controller_decisions
 from streams.local.supervisor import describe_exit
 from streams.settings import Settings, child_env, get_settings
 
@@ -158,6 +159,7 @@ class DemoConfig:
     # kinds of noise planted, truth = the published label (streams.local.generate.plant_noise).
     stream: str = "generated"
     durable: bool = False  # the embedded broker on the object store (Settings.durable)
+    brokers: int | None = None  # embedded brokers in one cluster (streams.embedded.stack.with_brokers); None: as configured
 
 
 @dataclass
@@ -193,11 +195,11 @@ def stream_config(cfg: DemoConfig) -> GenerateConfig:
 def hh_pairs(hh_file: Path, limit: int | None = None) -> list[dict]:
     """Valid HH-RLHF pairs from ``hh_file`` (its published label taken as the truth), in file order."""
     from schemas.exceptions import InvalidRecordError
-    from schemas.formats import read_jsonl
+    from schemas.formats import read_pair_lines
     from schemas.pairs import validate_pair
 
     out: list[dict] = []
-    for line in read_jsonl(hh_file, "hh-rlhf"):
+    for line in read_pair_lines(hh_file, "hh-rlhf"):
         try:
             pair = validate_pair(line.obj) if isinstance(line.obj, dict) else None
         except InvalidRecordError:
@@ -278,13 +280,8 @@ def _run_cli(args: list[str], settings: Settings, log_file: Path, timeout: float
         raise DemoError(f"`prefstream {' '.join(args)}` exited {proc.returncode}; its log ({log_file}) ends:\n{tail}")
 
 
-def _controller_outcomes(settings: Settings) -> list[dict]:
-    path = Path(settings.models_dir) / "controller-decisions.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def _published(settings: Settings) -> list[dict]:
-    return [d for d in _controller_outcomes(settings) if d["role"] == "current" and d["decision"] == "published"]
+    return [d for d in controller_decisions(settings) if d["role"] == "current" and d["decision"] == "published"]
 
 
 def _serving_everywhere(dep: Deployment, version: str) -> bool:
@@ -471,7 +468,7 @@ def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
     shutil.rmtree(root, ignore_errors=True)  # the previous run's state; its report stays in out_dir
     state = root / run_id
     state.mkdir(parents=True)
-    settings = _demo_settings(base.model_copy(update={"durable": True}) if cfg.durable else base, state, run_id)
+    settings = _demo_settings(with_brokers(base, cfg.durable, cfg.brokers), state, run_id)
     run = DemoRun(cfg, settings)
     t_end = run.started + cfg.time_limit_s
 
@@ -490,7 +487,11 @@ def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
         review_tokens=",".join(f"{n}:{t}" for n, t in tokens.items()), review_experts=",".join(experts),
         # On a small machine the worker and a retrain job share the cores: one thread for the worker keeps
         # them from thrashing (measured: a retrain took > 4 min beside a worker on all cores).
-        worker_env={"PREFSTREAM_WORKER_SHARD_MAX_AGE_S": "1", "PREFSTREAM_WORKER_THREADS": "1"},
+        # Content de-duplication off: the generator draws from small template pools with replacement (240
+        # generated pairs hold 40 repeats, some published flipped), and the demo measures how the loop handles
+        # every pair it streamed; the stream's repeats would otherwise be dead-lettered before scoring.
+        worker_env={"PREFSTREAM_WORKER_SHARD_MAX_AGE_S": "1", "PREFSTREAM_WORKER_THREADS": "1",
+                    "PREFSTREAM_WORKER_DUPLICATE_RETENTION_S": "0"},
         # ... and one thread for the retrain jobs (inherited from the controller), so that the two never
         # ask for more cores than there are.
         # The retrain threshold is set from the plan once Stage 1 has measured the machine's speed.
@@ -510,7 +511,7 @@ def run_demo(cfg: DemoConfig, base: Settings) -> dict[str, Any]:
         if run.plan and len(published) < run.plan.retrains and not run.warnings:
             run.warnings.append(f"{len(published)} of {run.plan.retrains} planned retrains were published")
         t0 = time.time()
-        report = write_report(run, data, _controller_outcomes(settings))  # reads the topics: the stack is still up
+        report = write_report(run, data, controller_decisions(settings))  # reads the topics: the stack is still up
         stage(f"report written to {cfg.out_dir}", t0)
     finally:
         dep.stop()  # services first (idempotent), then the stack if the demo started it

@@ -217,7 +217,6 @@ OBJECTIVE_CATEGORIES = ("arithmetic", "word_problem", "unit_conversion", "number
                         "python_code")
 SOURCE = "prefstream-generate"
 NOISY_SOURCE = "prefstream-generate-vendor-b"
-NOISE_KINDS = ("random", "style", "confident", "source")
 
 
 def _confident(bad: str, rng: random.Random) -> str:

@@ -31,15 +31,15 @@ from streams.local.curation import (
     probes,
 )
 from streams.local.generate import truly_better
-from streams.review import audit
+from streams.review import audit, neighbour_tasks
 from streams.review.aggregator import decide
 from streams.review.queue import VOTES_NEEDED
 from streams.settings import Settings, WorkerSettings
 from trainers.evaluation.evaluate import evaluate_versions
 from trainers.exceptions import TrainerError
+from trainers.storage.registry import BOOTSTRAP_VERSION
 
 log = logging.getLogger(__name__)
-CORRECTING_SPLITS = ("gold", "flipped", "verified_by_tool")
 PEAK_WINDOW_S = 10.0
 # Announcement on models.versions to the first pair scored by the new version: the load, verification
 # and warm-up happen in the worker's background before it, the swap itself between two batches.
@@ -200,19 +200,34 @@ def ece_by_version(evals: list[dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
-def annotator_agreement(annotations: list[tuple[dict, int]]) -> dict[str, Any]:
-    from streams.review.aggregator import alpha
+def annotator_agreement(annotations: list[tuple[dict, int]], category_of: dict[str, str] | None = None) -> dict[str, Any]:
+    """Alpha over every task with two or more verdicts, overall and per task category (``category_of``:
+    pair_id -> category), and the blind re-annotations against their task's majority."""
+    from streams.review.aggregator import alpha, decide
 
     units: dict[str, dict[str, str]] = defaultdict(dict)
+    pair_of: dict[str, str] = {}
+    reannotations: list[dict] = []
     experts = 0
     for a, _ in annotations:
         if a["expert"]:
             experts += 1
-        elif not a["reannotation"]:
+        elif a["reannotation"]:
+            reannotations.append(a)
+        else:
             units[a["task_id"]][a["annotator"]] = a["preferred"]
-    full = [u for u in units.values() if len(u) >= 2]
+            pair_of[a["task_id"]] = a["pair_id"]
+    full = {tid: u for tid, u in units.items() if len(u) >= 2}
+    by_category: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for tid, u in full.items():
+        by_category[(category_of or {}).get(pair_of[tid]) or "unknown"].append(u)
+    majority = {pair_of[tid]: d.preferred for tid, u in full.items()
+                if len(u) >= 3 and (d := decide(list(u.values()))).kind == "verified"}
+    checked = [a["preferred"] == majority[a["pair_id"]] for a in reannotations if a["pair_id"] in majority]
     return {"verdicts": len(annotations), "tasks": len(units), "expert_verdicts": experts,
-            "alpha": alpha(full) if full else None}
+            "alpha": alpha(list(full.values())) if full else None,
+            "alpha_by_category": {c: alpha(us) for c, us in sorted(by_category.items())},
+            "reannotation": {"answers": len(checked), "agreement": sum(checked) / len(checked) if checked else None}}
 
 
 def throughput(scored: list[tuple[dict, int]], window_s: float = PEAK_WINDOW_S) -> dict[str, float | None]:
@@ -301,12 +316,32 @@ def audits(annotations: list[tuple[dict, int]], curated: dict[str, dict], audit_
     return {"tasks_answered": len(votes), "by_kind": audit.summary(counts)}
 
 
+def kept_out(scored: dict[str, dict], dlq: list[tuple[dict, int]]) -> dict[str, int]:
+    """Pairs kept out of training before routing: repeats dead-lettered by content (duplicate, near_duplicate) and
+    scored pairs whose prompt is in an evaluation file (PREFSTREAM_DECONTAMINATE)."""
+    reasons = Counter(rec["reason"] for rec, _ in dlq)
+    return {"duplicate": reasons["duplicate"], "near_duplicate": reasons["near_duplicate"],
+            "contaminated": sum((rec.get("route_reason") or "").startswith("contaminated:") for rec in scored.values())}
+
+
+def neighbour_expansion(review_tasks: list[dict], stream: list[dict], gold: dict[str, dict]) -> dict[str, Any]:
+    """The ``neighbour_of_error`` tasks of the error-driven expansion (streams/runtime/expansion.py): how many,
+    how many were about planted noise (a pair whose published label the generator flipped), and of those how
+    many the humans then corrected (a gold record preferring the other response)."""
+    by_id = {p["pair_id"]: p for p in stream}
+    about = {t["pair"]["pair_id"] for t in review_tasks if neighbour_tasks.reviewed_route(t["reason"])}
+    planted = {i for i in about if ((by_id.get(i) or {}).get("metadata") or {}).get("flipped") == "true"}
+    corrected = {i for i in planted if i in gold and gold[i]["pair"]["chosen"] == by_id[i]["rejected"]}
+    return {"tasks": len(about), "planted_noise": len(planted), "planted_noise_corrected": len(corrected)}
+
+
 def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[str, Any]:
     s, cfg = run.settings, run.cfg
     scored_raw = _read(s, topics.SCORED, "ScoredPair")
     curated_raw = _read(s, topics.CURATED, "CuratedPair")
     annotations = _read(s, topics.ANNOTATIONS, "Annotation")
-    audit_tasks = {t["task_id"] for t, _ in _read(s, topics.REVIEW, "ReviewTask") if audit.kind_of(t) is not None}
+    review_tasks = [t for t, _ in _read(s, topics.REVIEW, "ReviewTask")]
+    audit_tasks = {t["task_id"] for t in review_tasks if audit.kind_of(t) is not None}
     versions = _read(s, topics.MODEL_VERSIONS, "ModelVersion")
     dlq = _read(s, topics.DLQ, "DeadLetter", idle=1.0)
     stream = data["stream"]
@@ -324,7 +359,7 @@ def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[
     evals = evaluate_versions(s.models_dir, data["holdout"], cfg.max_length)
     for e in evals:
         e["rolled_back"] = e["version"] in rolled_back
-    initial = next((e for e in evals if e["role"] == "current" and e["version"] != "bootstrap"), None)
+    initial = next((e for e in evals if e["role"] == "current" and e["version"] != BOOTSTRAP_VERSION), None)
     final = [e for e in evals if e["role"] == "current" and not e["rolled_back"]][-1]
     t0 = time.time()
     like, batch = curation_proof(run, data, final)
@@ -350,6 +385,7 @@ def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[
                   "scored": len(ids & set(scored)), "scored_records": len(scored_raw),
                   "missing": len(ids - set(scored)), "dead_letters": len(dlq)},
         "routes": dict(routes), "curated_by_split": dict(Counter(c["split"] for c in curated.values())),
+        "kept_out": kept_out(scored, dlq),
         "noise_detection": noise | {"by_kind": noise_by_kind(stream, scored, ranked)},
         "models": evals,
         "ece_by_version": ece_by_version(evals),
@@ -357,6 +393,8 @@ def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[
         "silver_precision": measured["silver_precision"], "flipped_precision": measured["flipped_precision"],
         "human_verdicts": human_verdicts(annotations, curated),
         "audits": audits(annotations, curated, audit_tasks),
+        "neighbour_expansion": neighbour_expansion(
+            review_tasks, stream, {rec["pair"]["pair_id"]: rec for rec, _ in curated_raw if rec["split"] == "gold"}),
         "curated_accuracy": final["holdout_accuracy"],
         "raw_trained_accuracy": comparison["raw"]["holdout_accuracy"] if comparison["raw"] else None,
         "raw_vs_curated": comparison, "like_for_like": like, "loop_vs_batch": batch,
@@ -364,7 +402,8 @@ def build(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -> dict[
         "retrained_beats_initial": bool(initial and final is not initial
                                         and final["holdout_accuracy"] > initial["holdout_accuracy"]),
         "hot_swaps": hot_swaps(versions, scored_raw, decisions),
-        "review": annotator_agreement(annotations) | {"simulated": run.annotator_stats},
+        "review": annotator_agreement(annotations, {i: rec["pair"].get("task_category") for i, rec in scored.items()})
+                  | {"simulated": run.annotator_stats},
         "throughput": throughput(scored_raw) | {"produce_rate": cfg.rate, "max_in_flight": cfg.max_in_flight},
         "latency_s": {"p50": _pct(latency, 50), "p99": _pct(latency, 99), "n": len(latency)},
         "phases": by_phase,

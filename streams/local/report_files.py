@@ -14,6 +14,7 @@ import numpy as np
 from streams.local.report import HOT_SWAP_TARGET_S, build
 from streams.review import audit
 from trainers.evaluation.evaluate import reliability_table
+from trainers.storage.registry import BOOTSTRAP_VERSION
 
 
 def _save(fig: Any, path: Path, files: list[str]) -> None:
@@ -210,6 +211,9 @@ def markdown(r: dict[str, Any], images: list[str]) -> str:
               f"| {p['streamed']} | {p['generated']} | {p['hh_rlhf']} | {p['scored']} | {p['missing']} | {p['dead_letters']} |",
               "", "Routes: " + ", ".join(f"{k} {v}" for k, v in sorted(r["routes"].items())),
               "", "Curated (training shards): " + ", ".join(f"{k} {v}" for k, v in sorted(r["curated_by_split"].items())), ""]
+    if r.get("kept_out"):
+        lines += ["Kept out of training before routing: " + ", ".join(f"{k} {v}" for k, v in r["kept_out"].items())
+                  + " (content repeats dead-lettered; prompts of PREFSTREAM_DECONTAMINATE files scored, routed nowhere).", ""]
     lines += ["## Model versions (clean holdout)", "",
               "| version | parent | backend | holdout acc. | style-trap acc. | temperature | ECE | ECE at T = 1 | note |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -235,6 +239,11 @@ def markdown(r: dict[str, Any], images: list[str]) -> str:
     review = r["review"]
     lines += ["## Human review", "", f"{review['verdicts']} verdicts on {review['tasks']} tasks ({review['expert_verdicts']} by experts); "
               f"Krippendorff's alpha {_fmt(review['alpha'])} (simulated annotators, accuracy {r['config']['annotator_accuracy']}).", ""]
+    if review.get("alpha_by_category"):
+        re = review["reannotation"]
+        lines += [f"Blind re-annotations agreeing with their task's majority: {_fmt(re['agreement'])} of {re['answers']}.", "",
+                  "| task category | alpha |", "|---|---|"]
+        lines += [f"| {c} | {_fmt(a)} |" for c, a in review["alpha_by_category"].items()] + [""]
     tput, lat = r["throughput"], r["latency_s"]
     lines += ["## Throughput and latency", "", f"Scored {_fmt(tput['scored_per_s_overall'], '.1f')} pairs/s over the run "
               f"(busiest 10 s: {_fmt(tput['scored_per_s_peak_10s'], '.1f')}/s; produced at up to {tput['produce_rate']}/s with at most {tput['max_in_flight']} pairs in flight). "
@@ -257,6 +266,14 @@ def markdown(r: dict[str, Any], images: list[str]) -> str:
     lines += ["", "## Stages", ""] + [f"- {k}: {v:.0f} s" for k, v in r["stage_seconds"].items()] + [""]
     lines += [f"![{i}]({i})" for i in images]
     return "\n".join(lines) + "\n"
+
+
+def _expansion_line(n: dict[str, Any] | None) -> str:
+    """The summary line of the error-driven expansion (report.neighbour_expansion); empty for older reports."""
+    if not n:
+        return ""
+    return (f"  neighbours of corrected errors sent to review: {n['tasks']}, {n['planted_noise']} of them planted "
+            f"noise, {n['planted_noise_corrected']} of those corrected by the humans\n")
 
 
 def audit_rows(a: dict[str, Any]) -> list[str]:
@@ -329,7 +346,7 @@ def write_report(run: Any, data: dict[str, list[dict]], decisions: list[dict]) -
 def summary(r: dict[str, Any]) -> str:
     noise, p = r["noise_detection"], r["pairs"]
     cur = [m for m in r["models"] if m["role"] == "current"]
-    accs = " → ".join(f"{m['version'].split('-')[-1] if m['version'] != 'bootstrap' else 'bootstrap'} "
+    accs = " → ".join(f"{m['version'].split('-')[-1] if m['version'] != BOOTSTRAP_VERSION else BOOTSTRAP_VERSION} "
                       f"{m['holdout_accuracy']:.3f}" for m in cur)
     eces = " → ".join(_fmt(r["ece_by_version"].get(m["version"])) for m in cur)
     c = noise["corrected_or_filtered"]
@@ -348,6 +365,7 @@ def summary(r: dict[str, Any]) -> str:
             f"  flipped labels found: precision {_fmt(c['precision'])}, recall {_fmt(c['recall'])} "
             f"(training-label accuracy {_fmt(noise['stream_label_accuracy'])} → {_fmt(noise['curated_label_accuracy'])})\n"
             f"  audited precision: {audit.headline(r['audits']['by_kind'])}\n"
+            + _expansion_line(r.get("neighbour_expansion")) +
             f"  annotator alpha {_fmt(r['review']['alpha'])}; latency p50 {_fmt(r['latency_s']['p50'], '.2f')} s, "
             f"p99 {_fmt(r['latency_s']['p99'], '.2f')} s; hot-swaps "
             f"{[_fmt(s['first_scored_after_s'], '.2f') for s in r['hot_swaps']]} s (target < {HOT_SWAP_TARGET_S:g} s)\n"

@@ -21,6 +21,9 @@ from streams.keys import ensure_local_keys
 from streams.local.supervisor import Supervisor, SupervisorError
 from streams.settings import Settings, child_env
 
+# The /metrics URLs of the running deployment's workers, one a line, in PREFSTREAM_HOME.
+WORKER_METRICS_FILE = "workers.metrics"
+
 
 def redis_answers(settings: Settings) -> bool:
     try:
@@ -86,6 +89,9 @@ class Deployment:
                                    ready_url=f"http://127.0.0.1:{port}/readyz")
             self.worker_metrics.append(f"http://127.0.0.1:{port}/metrics")
             children.append(child)
+        # `prefstream stack status` reads the workers' assignment and lag from these endpoints.
+        Path(self.settings.home).mkdir(parents=True, exist_ok=True)
+        (Path(self.settings.home) / WORKER_METRICS_FILE).write_text("".join(u + "\n" for u in self.worker_metrics))
         children.append(self.sup.start(
             "review", ["review", "--host", self.review_host, "--port", str(self.review_port)],
             env={"PREFSTREAM_REVIEW_TOKENS": self.review_tokens, "PREFSTREAM_REVIEW_EXPERTS": self.review_experts},
@@ -107,6 +113,7 @@ class Deployment:
                                   f"ends:\n{child.tail()}")
 
     def stop_services(self) -> dict[str, int | None]:
+        (Path(self.settings.home) / WORKER_METRICS_FILE).unlink(missing_ok=True)
         return self.sup.stop_all() if self.sup else {}
 
     def left_running(self) -> list[str]:

@@ -7,12 +7,10 @@ versions and their holdout accuracy) and the controller's decision log (retrains
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,6 +18,7 @@ from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 
+from schemas.formats import FormatError, jsonl_objects
 from streams.review import audit
 from streams.settings import Settings
 
@@ -42,6 +41,8 @@ class Snapshot:
     alpha: float | None = None
     audits: dict[str, Any] = field(default_factory=dict)  # streams/review/audit.py summary
     review_url: str = ""
+    # worker (1-based, in start order) -> {partition of prefs.raw it holds: lag, None until it has one}
+    assignment: dict[int, dict[int, float | None]] = field(default_factory=dict)
 
 
 def scrape(url: str, timeout: float = 2.0) -> dict[str, list[tuple[dict[str, str], float]]] | None:
@@ -73,13 +74,33 @@ def _add_worker(snap: Snapshot, m: dict[str, list[tuple[dict[str, str], float]]]
         snap.serving.update({k: v for k, v in labels.items() if v})
 
 
-def retrain_state(decisions_file: Path) -> dict[str, str]:
-    """role -> 'running since ...' or the last outcome, from the controller's decision log."""
+def worker_assignment(m: dict[str, list[tuple[dict[str, str], float]]]) -> dict[int, float | None]:
+    """The partitions a worker's /metrics says it holds, each with its lag (None before the first fetch)."""
+    lag = {int(labels["partition"]): v for labels, v in m.get("prefstream_partition_lag", [])}
+    return {int(labels["partition"]): lag.get(int(labels["partition"]))
+            for labels, v in m.get("prefstream_partition_assigned", []) if v}
+
+
+def assignment_text(held: dict[int, float | None]) -> str:
+    """'0,1,2 (lag 5)': the partitions and their summed lag, or 'none'."""
+    if not held:
+        return "none"
+    lags = [v for v in held.values() if v is not None]
+    return ",".join(str(p) for p in sorted(held)) + (f" (lag {sum(lags):.0f})" if lags else "")
+
+
+def controller_decisions(settings: Settings) -> list[dict[str, Any]]:
+    """The controller's decision log, oldest first; a line a killed controller left half written is left out."""
+    path = settings.controller_decisions_file
+    if not path.exists():
+        return []
+    return [line.obj for line in jsonl_objects(path) if not isinstance(line.obj, FormatError)]
+
+
+def retrain_state(decisions: list[dict[str, Any]]) -> dict[str, str]:
+    """role -> 'running since ...' or the last outcome, from the controller's decisions."""
     state: dict[str, str] = {}
-    if not decisions_file.exists():
-        return state
-    for line in decisions_file.read_text().splitlines():
-        d = json.loads(line)
+    for d in decisions:
         when = time.strftime("%H:%M:%S", time.localtime(d["time"]))
         if d["decision"] == "triggered":
             state[d["role"]] = f"running since {when} ({d['reason'].split(':')[0]})"
@@ -90,18 +111,19 @@ def retrain_state(decisions_file: Path) -> dict[str, str]:
 
 def collect(settings: Settings, worker_metrics: list[str], review_url: str = "", redis_client: Any = None) -> Snapshot:
     snap = Snapshot(workers=len(worker_metrics), review_url=review_url)
-    for url in worker_metrics:
+    for i, url in enumerate(worker_metrics, start=1):
         m = scrape(url)
         if m is not None:
             snap.workers_up += 1
             _add_worker(snap, m, settings.topic_prefix)
+            snap.assignment[i] = worker_assignment(m)
     store = settings.model_store()
     for role in ("current", "gold"):
         v = store.serving(role)
         if v:
             acc = store.get(v).manifest.get("metrics", {}).get("holdout_accuracy")
             snap.models[role] = {"version": v, "holdout_accuracy": acc}
-    snap.retrains = retrain_state(Path(settings.models_dir) / "controller-decisions.jsonl")
+    snap.retrains = retrain_state(controller_decisions(settings))
     if redis_client is not None:
         from streams.review.queue import ReviewQueue
 
@@ -151,7 +173,8 @@ def render(snap: Snapshot, before: Snapshot | None) -> Group:
     head = (f"workers {snap.workers_up}/{snap.workers} up · scored {snap.scored:.0f} (mispredicted {miss:.1%}) · "
             f"review queue {rv.get('pending', '-')} (+{rv.get('expert', '-')} expert) · verdicts {rv.get('verdicts', '-')}"
             f" · alpha {snap.alpha if snap.alpha is not None else '-'} · DLQ {sum(snap.dlq.values()):.0f}"
-            f"\naudited precision: {audit.headline(snap.audits)}")
+            f"\naudited precision: {audit.headline(snap.audits)}"
+            f"\npartitions of prefs.raw: {_assignment_line(snap)}")
     grid = Table.grid(padding=(0, 2))
     grid.add_row(flow, routes, models)
     return Group(Panel(head + (f"\nreview app: {snap.review_url}" if snap.review_url else ""), title="prefstream up"),
@@ -166,4 +189,9 @@ def one_line(snap: Snapshot, before: Snapshot | None) -> str:
     return (f"status workers={snap.workers_up}/{snap.workers} scored={snap.scored:.0f} raw_per_s={r.get('prefs.raw', 0):.1f} "
             f"routes[{routes}] review_pending={snap.review.get('pending', '-')} alpha={snap.alpha} "
             f"audits[{audit.headline(snap.audits)}] models[{models}] "
-            f"serving[{','.join(f'{k}={v}' for k, v in snap.serving.items())}]")
+            f"serving[{','.join(f'{k}={v}' for k, v in snap.serving.items())}] "
+            f"partitions[{_assignment_line(snap)}]")
+
+
+def _assignment_line(snap: Snapshot) -> str:
+    return " · ".join(f"worker {i}: {assignment_text(held)}" for i, held in sorted(snap.assignment.items())) or "-"

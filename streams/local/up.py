@@ -19,6 +19,7 @@ import redis
 from rich.console import Console
 from rich.live import Live
 
+from streams.embedded.stack import with_brokers
 from streams.local.services import Deployment
 from streams.local.status import Snapshot, collect, one_line, render
 from streams.local.supervisor import describe_exit
@@ -32,11 +33,9 @@ def _interrupt(*_: object) -> None:
 
 
 def run_up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool,
-           durable: bool = False) -> None:
+           durable: bool = False, brokers: int | None = None) -> None:
     """Run everything in the foreground with a live status until Ctrl-C or SIGTERM (`prefstream up`)."""
-    settings, rs = get_settings(), ReviewSettings()
-    if durable:
-        settings = settings.model_copy(update={"durable": True})
+    settings, rs = with_brokers(get_settings(), durable, brokers), ReviewSettings()
     tokens = rs.tokens.get_secret_value()
     if not tokens:
         token = secrets.token_urlsafe(16)

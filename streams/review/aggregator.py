@@ -16,7 +16,10 @@
   record.
 - Rolling Krippendorff's alpha (nominal) over the last decided tasks, overall and per task
   category, from the `krippendorff` package; exported as a metric, written to Redis for the stats
-  page; a warning below 0.85.
+  page; a warning below 0.85. The window itself is a Redis list, appended in the same MULTI that
+  marks its tasks decided, so a restarted aggregator goes on from the same window.
+- The re-annotation answers are counted against the verified label (``consistency``): the stats
+  page, /metrics and the demo report show the share that agreed.
 - Per task category, Gwet's AC1 over the same window, written to Redis (as 1 - AC1) for the
   labeler's controversiality. Alpha falls towards 0 when nearly every verdict is the same side,
   however often annotators agree (its chance term grows with prevalence: annotators 84-89% right
@@ -51,9 +54,9 @@ import numpy as np
 
 from schemas.records import STRENGTHS, UNRANKED_SPLITS
 from streams.exceptions import SignatureError
-from streams.review import audit, provenance, task_ids
+from streams.review import audit, neighbour_tasks, provenance, task_ids
+from streams.review.disagreement import DISAGREEMENT_KEY
 from streams.review.task_ids import TaskIds
-from streams.runtime.processors.labeler import DISAGREEMENT_KEY
 
 log = logging.getLogger(__name__)
 ALPHA_TARGET = 0.85
@@ -133,6 +136,29 @@ def needs_reannotation(pair_id: str) -> bool:
     return int(hashlib.sha256(pair_id.encode()).hexdigest(), 16) % REANNOTATE_EVERY == 0
 
 
+def window_key(queue_prefix: str) -> str:
+    """The list of the alpha window's units, oldest first: JSON [task category, {annotator: verdict}]."""
+    return f"{queue_prefix}prefstream:review:alpha:window"
+
+
+def alpha_by_category_key(queue_prefix: str) -> str:
+    """The hash task category -> rolling alpha over the window's units of that category."""
+    return f"{queue_prefix}prefstream:review:alpha:by_category"
+
+
+def consistency_key(queue_prefix: str) -> str:
+    """The hash "<pair_id>:<annotator>" -> same | different: each blind re-annotation against the verified label."""
+    return f"{queue_prefix}prefstream:agg:consistency:answers"
+
+
+def consistency(redis: Any, queue_prefix: str) -> dict[str, Any]:
+    """Blind re-annotations against the verified label: how many agreed, differed, and the share that agreed."""
+    got = Counter(v.decode() for v in redis.hvals(consistency_key(queue_prefix)))
+    same, different = got["same"], got["different"]
+    return {"same": same, "different": different,
+            "agreement": same / (same + different) if same + different else None}
+
+
 def votes_key(queue_prefix: str, task_id: str) -> str:
     return f"{queue_prefix}prefstream:agg:votes:{task_id}"
 
@@ -176,7 +202,9 @@ class Aggregator:
         self.prefix = f"{queue_prefix}prefstream:agg:"
         self.qp = f"{queue_prefix}prefstream:review:"
         self.retention_s = retention_s
-        self.window: deque[tuple[str, dict[str, str]]] = deque(maxlen=ALPHA_WINDOW)
+        self.window: deque[tuple[str, dict[str, str]]] = deque(
+            (tuple(json.loads(raw)) for raw in redis.lrange(window_key(queue_prefix), -ALPHA_WINDOW, -1)),
+            maxlen=ALPHA_WINDOW)
         self._after_commit: dict[str, Callable[[Any], None]] = {}  # task id -> its Redis writes
         self._window_pending: list[tuple[str, dict[str, str]]] = []
 
@@ -190,6 +218,9 @@ class Aggregator:
                 pipe.expire(votes_key(self.queue_prefix, tid), self.retention_s)
                 pipe.expire(strengths_key(self.queue_prefix, tid), self.retention_s)
                 effect(pipe)
+            if self._window_pending:
+                pipe.rpush(window_key(self.queue_prefix), *(json.dumps(unit) for unit in self._window_pending))
+                pipe.ltrim(window_key(self.queue_prefix), -ALPHA_WINDOW, -1)
             pipe.execute()
         if self._window_pending:
             self.window.extend(self._window_pending)
@@ -239,8 +270,14 @@ class Aggregator:
         pair_id = task["pair"]["pair_id"]
         if ann.get("reannotation"):
             final = self.redis.hget(final_key(self.queue_prefix), pair_id)
-            if final is not None:
-                self.redis.hincrby(self.prefix + "consistency", "same" if final.decode() == ann["preferred"] else "different", 1)
+            if final is not None:  # one answer per (pair, annotator), so a replayed batch does not count twice
+                self.redis.hsetnx(consistency_key(self.queue_prefix), f"{pair_id}:{ann['annotator']}",
+                                  "same" if final.decode() == ann["preferred"] else "different")
+                agreed = consistency(self.redis, self.queue_prefix)["agreement"]
+                if agreed is not None:
+                    from streams.review import metrics
+
+                    metrics.REANNOTATION_AGREEMENT.set(agreed)
             return []
         tid = ann["task_id"]
         key = votes_key(self.queue_prefix, tid)
@@ -272,7 +309,7 @@ class Aggregator:
             preferred = d.preferred if d.kind == "verified" else None
             self._after_commit[tid] = lambda pipe: audit.record(pipe, self.queue_prefix, category, kind, preferred)
             return []
-        self._after_commit[tid] = self._effects(d, ann, pair_id, votes)
+        self._after_commit[tid] = self._effects(d, ann, pair_id, votes, task.get("reason"))
         if settled is not None:
             return []  # its records are in Kafka already
         now = int(time.time() * 1000)
@@ -309,9 +346,16 @@ class Aggregator:
                                                             reason="reannotation", priority=1.0, created_at=now)))
         return out
 
-    def _effects(self, d: Decision, ann: dict[str, Any], pair_id: str, votes: dict[str, str]) -> Callable[[Any], None]:
-        """The Redis writes a decision implies, applied (on a MULTI pipeline) once its batch committed."""
+    def _effects(self, d: Decision, ann: dict[str, Any], pair_id: str, votes: dict[str, str],
+                 reason: str | None = None) -> Callable[[Any], None]:
+        """The Redis writes a decision implies, applied (on a MULTI pipeline) once its batch committed; and the
+        count of a neighbour_of_error task's outcome (review/neighbour_tasks.py)."""
         def apply(pipe: Any) -> None:
+            if d.kind == "verified" and (hit := neighbour_tasks.caught(reason, d.preferred)) is not None:
+                from streams.review import metrics
+
+                counter = metrics.EXPANSION_CAUGHT if hit else metrics.EXPANSION_CONFIRMED
+                counter.labels(neighbour_tasks.reviewed_route(reason)).inc()
             if d.kind == "verified" and not ann.get("expert"):  # per-annotator agreement with the decided label
                 for who, v in votes.items():
                     pipe.hincrby(self.qp + "stats:agree", who, int(v == d.preferred))
@@ -323,7 +367,7 @@ class Aggregator:
         return apply
 
     def _update_alpha(self) -> None:
-        from streams.runtime import metrics
+        from streams.review import metrics
 
         overall = alpha([v for _, v in self.window])
         if overall is None:
@@ -337,6 +381,7 @@ class Aggregator:
             a = alpha(units)
             if a is not None:
                 metrics.ALPHA.labels(cat).set(a)
+                self.redis.hset(alpha_by_category_key(self.queue_prefix), cat, f"{a:.4f}")
             agreement = ac1(units)
             if agreement is not None:
                 self.redis.hset(DISAGREEMENT_KEY, cat, f"{max(0.0, min(1.0, 1 - agreement)):.4f}")
@@ -453,9 +498,7 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64, retent
 
 def dead_letter(settings: Any, codec: Any, msg: Any, exc: BaseException) -> tuple[str, bytes | None, bytes, list]:
     """The encoded DeadLetter (prefs.dlq) of an annotation the aggregator cannot decode or does not accept."""
-    from streams.kafka import topics
-    from streams.runtime import metrics
-    from streams.runtime.processors import deadletter
+    from streams.kafka import deadletter, topics
 
     detail = (str(exc) if isinstance(exc, SignatureError) else
               f"the aggregator cannot decode this Annotation ({type(exc).__name__}: {exc}); only the review app "
@@ -464,7 +507,7 @@ def dead_letter(settings: Any, codec: Any, msg: Any, exc: BaseException) -> tupl
                                     type(exc).__name__)
     log.error("%s Annotation at %s[%s]@%s dead-lettered: %s", "refused" if isinstance(exc, SignatureError) else
               "unreadable", msg.topic(), msg.partition(), msg.offset(), exc)
-    metrics.DLQ.labels(record["reason"]).inc()
+    deadletter.DLQ.labels(record["reason"]).inc()
     topic = settings.topic(topics.DLQ)
     key = msg.key() if msg.key() is None or len(msg.key()) <= 1024 else None
     try:

@@ -40,14 +40,14 @@ from schemas.wire import ValueCodec
 from streams.kafka import topics
 from streams.kafka.config import producer_config
 from streams.keys import review_keys
-from streams.review import audit
+from streams.review import audit, metrics, tau
 from streams.review import judge as judges
+from streams.review.aggregator import alpha_by_category_key, consistency
 from streams.review.auth import TokenBook
 from streams.review.provenance import AnnotationKeys
 from streams.review.queue import QueueError, ReviewQueue
 from streams.review.render import markdown_html
 from streams.review.similar import with_verified
-from streams.runtime import metrics, tau
 from streams.settings import ReviewSettings, Settings
 
 VERDICT_TO_PREFERRED = {"tie": "tie", "both_bad": "both_bad", "invalid": "invalid"}
@@ -204,7 +204,10 @@ class Review:
 
     def stats(self) -> dict[str, Any]:
         alpha = self.redis.get(self.queue.k("alpha", "overall"))
+        by_category = self.redis.hgetall(alpha_by_category_key(self.topic_prefix))
         return self.queue.stats() | {"alpha": float(alpha) if alpha else None,
+                                     "alpha_by_category": {k.decode(): float(v) for k, v in by_category.items()},
+                                     "reannotation": consistency(self.redis, self.topic_prefix),
                                      "audits": audit.summary(audit.read(self.redis, self.topic_prefix)),
                                      "tau_shift": tau.read_shifts(self.redis, self.topic_prefix)}
 
@@ -331,13 +334,20 @@ def metrics_routes(ctx: Review) -> APIRouter:
 
     @router.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
-        counts = ctx.queue.stats()
+        counts = ctx.stats()
         for state in ("pending", "expert"):
             metrics.QUEUE_TASKS.labels(state).set(counts[state])
         for (category, kind), count in audit.read(ctx.redis, ctx.topic_prefix).items():
             metrics.AUDITED.labels(kind, category).set(count.decided)
             if count.precision is not None:
                 metrics.AUDIT_PRECISION.labels(kind, category).set(count.precision)
+        # From Redis, not only from the aggregator's last decision: a restarted app reports them at once.
+        for category, a in counts["alpha_by_category"].items():
+            metrics.ALPHA.labels(category).set(a)
+        if counts["alpha"] is not None:
+            metrics.ALPHA.labels("overall").set(counts["alpha"])
+        if counts["reannotation"]["agreement"] is not None:
+            metrics.REANNOTATION_AGREEMENT.set(counts["reannotation"]["agreement"])
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return router

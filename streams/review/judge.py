@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+from schemas.pairs import clip
 from streams.exceptions import JudgeError
-from streams.runtime.processors.retrieval import clip
 
 log = logging.getLogger(__name__)
 JUDGE_TEXT_CHARS = 12_000  # per text sent to the judge: bounds the request whatever the pair's size

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from streams import signing
-from streams.runtime import metrics
+from streams.review import metrics
 
 SCHEMA = "Annotation"
 REASON_PREFIX = "annotation_"

@@ -56,22 +56,19 @@ def truth_key(a: str, b: str) -> frozenset[str]:
 
 def load_truths(path: Path) -> dict[frozenset[str], Truth]:
     """truth_key(chosen, rejected) -> Truth, from a JSONL of pairs (``metadata.truth``, ``metadata.strength``)."""
-    import json
-
+    from schemas.formats import read_objects
     from schemas.pairs import validate_pair
 
     out = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            obj = json.loads(line)
-            pair = validate_pair(obj)
-            meta = obj.get("metadata") or {}
-            strength = meta.get("strength") if meta.get("strength") in STRENGTHS else None
-            if meta.get("truth") in UNRANKED_SPLITS:
-                out[truth_key(pair["chosen"], pair["rejected"])] = Truth(None, meta["truth"])
-            else:
-                better = pair["rejected"] if meta.get("truth") == "rejected" else pair["chosen"]
-                out[truth_key(pair["chosen"], pair["rejected"])] = Truth(better, strength=strength)
+    for obj in read_objects(path):
+        pair = validate_pair(obj)
+        meta = obj.get("metadata") or {}
+        strength = meta.get("strength") if meta.get("strength") in STRENGTHS else None
+        if meta.get("truth") in UNRANKED_SPLITS:
+            out[truth_key(pair["chosen"], pair["rejected"])] = Truth(None, meta["truth"])
+        else:
+            better = pair["rejected"] if meta.get("truth") == "rejected" else pair["chosen"]
+            out[truth_key(pair["chosen"], pair["rejected"])] = Truth(better, strength=strength)
     return out
 
 

@@ -27,13 +27,13 @@ from prometheus_client import Counter, Gauge
 
 from streams.kafka import topics
 from streams.kafka.reader import SeenSet, TopicReader, identity
-from streams.runtime.jobs import JobOutcome, LocalRunner
-from streams.runtime.tau import TauRule, TauTuner
+from streams.review.tau import TauRule, TauTuner
+from streams.runtime.jobs import JobOutcome, JobRunner, LocalRunner
 from streams.settings import ControllerSettings, Settings
-from trainers.retrain import CURRENT_SPLITS, GOLD_SPLITS
-from trainers.storage.registry import ModelStore
-from trainers.storage.s3shards import S3ShardStore
-from trainers.storage.shards import load_manifest
+from trainers.storage.files import atomic_write
+from trainers.storage.registry import BOOTSTRAP_VERSION, ModelStore
+from trainers.storage.shards import ShardStore
+from trainers.training.selection import CURRENT_SPLITS, GOLD_SPLITS
 
 log = logging.getLogger(__name__)
 DECISIONS = Counter("prefstream_controller_decisions_total", "Controller decisions", ["role", "decision", "reason"])
@@ -103,13 +103,13 @@ def _rate(values: deque, last: int) -> float | None:
 
 
 class Controller:
-    def __init__(self, settings: Settings, csettings: ControllerSettings, runner: Any = None, announce: Any = None) -> None:
+    def __init__(self, settings: Settings, csettings: ControllerSettings, runner: JobRunner | None = None,
+                 announce: Any = None) -> None:
         self.settings, self.csettings = settings, csettings
         self.store: ModelStore = settings.model_store()
-        self.shards = Path(settings.shards_dir)
-        self.s3_shards = S3ShardStore.from_url(settings.shards_url, settings.s3_endpoint) if settings.shards_url else None
-        self.state_file = Path(settings.models_dir) / "controller-state.json"
-        self.decisions_file = Path(settings.models_dir) / "controller-decisions.jsonl"
+        self.shards: ShardStore = settings.shard_store()
+        self.state_file = settings.controller_state_file
+        self.decisions_file = settings.controller_decisions_file
         self.runner = runner or self._make_runner()
         self.announce = announce
         self.running: dict[str, Any] = {}
@@ -119,20 +119,13 @@ class Controller:
         self.last_reason: dict[str, str] = {}
         self.rolled_back: set[str] = set()
         self.tau = TauTuner(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings.topic_prefix,
-                            TauRule(csettings.audit_target, csettings.audit_comfortable, csettings.audit_min,
-                                    csettings.tau_step, csettings.tau_max_shift))
+                            TauRule.from_settings(csettings))
 
-    def _make_runner(self) -> Any:
+    def _make_runner(self) -> JobRunner:
         if self.csettings.runner == "kubernetes":
             from streams.runtime.jobs import JobTemplate, KubernetesRunner
 
-            # The Jobs use the controller's model store: its S3 URL and endpoint, else the models volume.
-            return KubernetesRunner(JobTemplate(namespace=self.csettings.k8s_namespace, image=self.csettings.k8s_image,
-                                                gpus=self.csettings.job_gpus, models_url=self.settings.models_url,
-                                                shards_url=self.settings.shards_url,
-                                                s3_endpoint=self.settings.s3_endpoint,
-                                                kafka_ca_secret=self.csettings.k8s_kafka_ca_secret,
-                                                kafka_ca_location=str(self.settings.ssl_ca_location or "") or None))
+            return KubernetesRunner(JobTemplate.from_settings(self.settings, self.csettings))
         return LocalRunner(Path(self.settings.home) / "logs" / "retrain", gpus=self.csettings.job_gpus)
 
     # ------------------------------------------------------------------ state and records
@@ -143,9 +136,7 @@ class Controller:
 
     def _save_state(self) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state))
-        tmp.replace(self.state_file)
+        atomic_write(self.state_file, json.dumps(self.state).encode())
 
     def record(self, role: str, decision: str, reason: str, **extra: Any) -> None:
         DECISIONS.labels(role, decision, reason.split(":")[0][:40]).inc()
@@ -157,11 +148,7 @@ class Controller:
 
     # ------------------------------------------------------------------ decisions
     def totals(self) -> dict[str, int]:
-        if self.s3_shards is not None:  # the manifests alone: no file is downloaded to count
-            return self.s3_shards.manifest().totals()
-        if not self.shards.exists():
-            return {}
-        return load_manifest(self.shards).totals()
+        return self.shards.manifest().totals()  # the manifests alone: no file is read or downloaded to count
 
     def why_retrain(self, role: str, totals: dict[str, int]) -> tuple[str | None, str]:
         available = sum(totals.get(s, 0) for s in SPLITS[role])
@@ -176,7 +163,7 @@ class Controller:
         return None, f"{new} new pairs < threshold {threshold}"
 
     def drift(self) -> str | None:
-        serving = self.store.serving("current") or "bootstrap"
+        serving = self.store.serving("current") or BOOTSTRAP_VERSION
         with self.monitor.lock:
             st = self.monitor.stats.get(serving)
             if st is None or len(st.mispredicted) < 2 * self.csettings.window:
@@ -249,7 +236,7 @@ class Controller:
         self.tune_tau()
 
     def tune_tau(self) -> None:
-        """Move tau per category by the audits (streams/runtime/tau.py); Redis away only skips a step."""
+        """Move tau per category by the audits (streams/review/tau.py); Redis away only skips a step."""
         try:
             moves = self.tau.step()
         except redis.RedisError as exc:

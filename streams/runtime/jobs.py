@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from streams.exceptions import JobError
+from streams.settings import ControllerSettings, Settings
 
 RESULT_PREFIX = "RETRAIN_RESULT "
 
@@ -116,10 +117,12 @@ class LocalRunner:
 # ---------------------------------------------------------------------------- kubernetes
 @dataclass
 class JobTemplate:
-    """What the controller's ConfigMap says a retrain Job looks like (everything but the role)."""
+    """What the controller's ConfigMap says a retrain Job looks like (everything but the role).
 
-    namespace: str = "prefstream"
-    image: str = "prefstream:latest"
+    The fields that are settings default to the settings' own defaults; ``from_settings`` fills them."""
+
+    namespace: str = ControllerSettings.model_fields["k8s_namespace"].default
+    image: str = ControllerSettings.model_fields["k8s_image"].default
     service_account: str = "prefstream-retrain"
     cpu_request: str = "2"
     memory_request: str = "4Gi"
@@ -151,10 +154,19 @@ class JobTemplate:
     kafka_ca_secret: str | None = None
     kafka_ca_location: str | None = None
     # GPUs per Job (nvidia.com/gpu): 0 = CPU only; more than 1 runs the retrain under torchrun.
-    gpus: int = 0
+    gpus: int = ControllerSettings.model_fields["job_gpus"].default
     # /dev/shm of a multi-GPU Job: NCCL passes data between the ranks through shared memory, and a
     # container's default 64 MiB is too little.
     shm_size: str = "8Gi"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, csettings: ControllerSettings) -> JobTemplate:
+        """The controller's Jobs: its image and namespace, and its model store and shards (their S3 URLs
+        and endpoint, else the volumes)."""
+        return cls(namespace=csettings.k8s_namespace, image=csettings.k8s_image, gpus=csettings.job_gpus,
+                   models_url=settings.models_url, shards_url=settings.shards_url, s3_endpoint=settings.s3_endpoint,
+                   kafka_ca_secret=csettings.k8s_kafka_ca_secret,
+                   kafka_ca_location=str(settings.ssl_ca_location or "") or None)
 
 
 def _store_parts(tpl: JobTemplate) -> dict[str, list[dict[str, Any]]]:

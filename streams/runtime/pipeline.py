@@ -18,16 +18,18 @@ from streams.kafka.transactions import (
     Output,
 )
 from streams.keys import producer_keys_text
-from streams.review import audit, task_ids
+from streams.review import audit, task_ids, tau
 from streams.review.task_ids import TaskIds
-from streams.runtime import metrics, tau
+from streams.review_budget import parse_budget
+from streams.runtime import metrics
+from streams.runtime.processors import contamination
 from streams.runtime.processors.budget import (
     DEFERRED,
     ReviewBudget,
     apply_budget,
     deferred_outputs,
-    parse_budget,
 )
+from streams.runtime.processors.dedupe import ContentDedupe
 from streams.runtime.processors.embedder import Embedder
 from streams.runtime.processors.ingest import Ingestor
 from streams.runtime.processors.isolation import TRANSIENT, Failed, Item, isolate, with_result
@@ -41,6 +43,7 @@ from streams.runtime.processors.outputs import (
     scored_record,
 )
 from streams.runtime.processors.retrieval import NeighbourIndex
+from streams.runtime.processors.retrieval_store import IndexStore, entry
 from streams.runtime.processors.router import Route, RouterPolicy, route, similar_k
 from streams.runtime.processors.scorer import Scorer
 from streams.runtime.processors.trust import ProducerKeyring
@@ -54,6 +57,8 @@ TAU_REFRESH_S = 5.0
 
 def _count_route(decision: Route) -> None:
     metrics.ROUTES.labels(decision.kind, decision.reason.split(":")[0][:40]).inc()
+    if decision.reason.startswith(contamination.REASON_PREFIX):
+        metrics.CONTAMINATED.labels(decision.reason.removeprefix(contamination.REASON_PREFIX)[:80]).inc()
 
 
 class Pipeline:
@@ -71,7 +76,14 @@ class Pipeline:
         self.settings, self.wsettings = settings, wsettings
         self.codec = ValueCodec(settings.schema_registry_url)
         self.ingestor = Ingestor(self.codec, redis_client, wsettings.dedupe_ttl_s, key_prefix=settings.topic_prefix,
-                                 keyring=ProducerKeyring.parse(producer_keys_text(settings, wsettings)))
+                                 keyring=ProducerKeyring.parse(producer_keys_text(settings, wsettings)),
+                                 content=ContentDedupe(redis_client, wsettings.duplicate_retention_s,
+                                                       wsettings.near_duplicate_threshold, settings.topic_prefix))
+        # Read before anything slow: a bad file listed stops the worker at start, naming the file.
+        self.contamination = contamination.load(wsettings.decontaminate, wsettings.decontaminate_threshold)
+        if self.contamination.files:
+            log.info("decontamination: %d evaluation prompts from %s", len(self.contamination),
+                     ", ".join(f"{stem} ({n})" for stem, n in self.contamination.files.items()))
         self.embedder = embedder or Embedder(threads=wsettings.threads or None, precision=wsettings.embedder_precision)
         labeler = Labeler(self.embedder, redis=redis_client)
         self.labeler: Any = labeler
@@ -79,6 +91,9 @@ class Pipeline:
             key = wsettings.llm_api_key.get_secret_value() if wsettings.llm_api_key else None
             self.labeler = LLMLabeler(wsettings.llm_url, wsettings.llm_model, labeler, key)
         self.index = NeighbourIndex(self.embedder.dim)
+        # The index survives a restart in Redis (and feeds the error-driven expansion, streams/runtime/expansion.py).
+        self.store = IndexStore(redis_client, settings.topic_prefix, wsettings.retrieval_persist, self.embedder.dim)
+        self._load_index()
         self.scorer = scorer
         self.policy = RouterPolicy.from_settings(wsettings)
         self.redis = redis_client
@@ -148,7 +163,7 @@ class Pipeline:
         return outputs
 
     def _refresh_policy(self) -> None:
-        """Pick up the controller's tau shifts per category (streams/runtime/tau.py) every TAU_REFRESH_S."""
+        """Pick up the controller's tau shifts per category (streams/review/tau.py) every TAU_REFRESH_S."""
         self.task_ids.key()  # read once, here where a Redis error retries the batch, before any task is made
         now = time.monotonic()
         if now - self.policy_read_at < TAU_REFRESH_S:
@@ -227,21 +242,38 @@ class Pipeline:
                     _count_route(decision)
                 else:
                     outputs.extend(self._route_one(it, now, decision))
-                indexed.append(it)
+                if not decision.reason.startswith(contamination.REASON_PREFIX):  # never a neighbour to re-label
+                    indexed.append((it, decision))
             except Exception as exc:  # one record's routing or encoding error is that record's
                 self._fail(it.msg, "route", exc, outputs)
         if not indexed:
             return
+        vectors = np.stack([it.vec for it, _ in indexed])
         try:
-            self.index.add(np.stack([it.vec for it in indexed]),
-                           [(it.pair["pair_id"], prompt_text(it.pair), it.pair["chosen"], it.pair["rejected"],
-                             it.pair["label_source"]) for it in indexed])
+            self.index.add(vectors, [(it.pair["pair_id"], prompt_text(it.pair), it.pair["chosen"], it.pair["rejected"],
+                                      it.pair["label_source"]) for it, _ in indexed])
+            self.store.save(vectors, [entry(it.pair, it.score, d.kind) for it, d in indexed])
+        except TRANSIENT:
+            raise  # Redis away: the batch is redone, as for the ingest's dedupe
         except Exception:  # retrieval is context for reviewers: a batch missing from it is not worth a record
             log.exception("could not index a batch of %d pairs for retrieval", len(indexed))
+
+    def _load_index(self) -> None:
+        """Fill the index from the store (PREFSTREAM_WORKER_RETRIEVAL_PERSIST), so a restarted worker serves similar
+        pairs from its first batch; without Redis it starts empty and fills as it routes."""
+        try:
+            t0 = time.monotonic()
+            if loaded := self.store.load(self.index):
+                log.info("retrieval index: %d pairs loaded from Redis in %.1f s", loaded, time.monotonic() - t0)
+        except Exception:  # a worker without its old neighbours still routes correctly
+            log.exception("could not load the retrieval index from Redis; it starts empty")
 
     def decide(self, it: Item) -> Route:
         """Where the router sends a scored pair (before the review budget)."""
         check_score(it.score)
+        # An evaluation set's prompt is scored but goes nowhere a training shard is made from.
+        if (reason := self.contamination.reason(it.pair)) is not None:
+            return Route("dropped", reason)
         return route(it.score["p"], it.score["gold_p"], it.verdict, self.policy, it.pair.get("task_category"))
 
     def _route_one(self, it: Item, now: int, decision: Route) -> list[Output]:

@@ -31,7 +31,6 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
@@ -44,8 +43,7 @@ from streams.kafka.reader import curated_identity
 from streams.runtime import metrics
 from streams.settings import Settings, WorkerSettings
 from trainers.exceptions import DataError, StoreAccessError
-from trainers.storage import s3shards
-from trainers.storage.shards import MANIFEST, PartitionLog, compact_partition, write_summary
+from trainers.storage.shards import MANIFEST, PartitionLog, compact_partition
 
 __all__ = ["MANIFEST", "SHARD_GROUP", "ShardWriter"]
 
@@ -60,12 +58,9 @@ STORAGE_ERRORS = (OSError, DataError, StoreAccessError)
 class ShardWriter:
     def __init__(self, settings: Settings, wsettings: WorkerSettings, stop: threading.Event | None = None) -> None:
         self.settings, self.wsettings = settings, wsettings
-        self.root = Path(settings.shards_dir)
-        # PREFSTREAM_SHARDS_URL: appends go to the bucket; the local directory only mirrors what this
-        # writer reads back (the identities of a partition's committed records).
-        self.s3 = (s3shards.S3ShardStore.from_url(settings.shards_url, settings.s3_endpoint)
-                   if settings.shards_url else None)
-        self.mirror = settings.shards_mirror_dir
+        # PREFSTREAM_SHARDS_URL: appends go to the bucket, and a local mirror holds only what this writer
+        # reads back (the identities of a partition's committed records); else PREFSTREAM_SHARDS_DIR.
+        self.store = settings.shard_store()
         self.topic = settings.topic(topics.CURATED)
         self.codec = ValueCodec(settings.schema_registry_url)
         self.stop = stop or threading.Event()
@@ -84,13 +79,10 @@ class ShardWriter:
         self._compact_seen: dict[int, int] = {}  # partition -> its log's closed count at the last compaction
         self._summary_stale = False  # manifest.json lags the partitions' manifests
 
-    def _log(self, partition: int) -> PartitionLog | s3shards.S3PartitionLog:
+    def _log(self, partition: int) -> PartitionLog:
         if partition not in self.logs:
-            if self.s3 is not None:
-                self.logs[partition] = s3shards.S3PartitionLog(self.s3, self.topic, partition, self.mirror)
-            else:
-                self.logs[partition] = PartitionLog(self.root, self.topic, partition,
-                                                    self.wsettings.shard_roll_records, self.wsettings.shard_roll_age_s)
+            self.logs[partition] = PartitionLog(self.store, self.topic, partition, self.wsettings.shard_roll_records,
+                                                self.wsettings.shard_roll_age_s)
         return self.logs[partition]
 
     # -------------------------------------------------------------- assignment
@@ -176,13 +168,8 @@ class ShardWriter:
         if self.wsettings.shard_compact_min_files < 2 or self._compact_seen.get(plog.partition) == plog.closed:
             return
         try:
-            if self.s3 is not None:
-                done = s3shards.compact_partition(self.s3, self.mirror, plog.topic, plog.partition,
-                                                  self.wsettings.shard_roll_records,
-                                                  self.wsettings.shard_compact_min_files)
-            else:
-                done = compact_partition(self.root, plog.topic, plog.partition, self.wsettings.shard_roll_records,
-                                         self.wsettings.shard_compact_min_files)
+            done = compact_partition(self.store, plog.topic, plog.partition, self.wsettings.shard_roll_records,
+                                     self.wsettings.shard_compact_min_files)
         except (DataError, StoreAccessError) as exc:  # the small files stay as they are and are still read; never stop writing
             log.error("compacting %s[%d] failed: %s", plog.topic, plog.partition, exc)
             return
@@ -222,14 +209,13 @@ class ShardWriter:
         self._write_summary_if_stale()
 
     def _write_summary_if_stale(self) -> None:
-        # Once per pass, not per partition flush: it reads every partition's manifest. A bucket has no
-        # summary: its readers mirror the manifests (`prefstream shards` writes the mirror's).
-        if self._summary_stale and self.s3 is None:
-            write_summary(self.root)
+        # Once per pass, not per partition flush: it reads every partition's manifest.
+        if self._summary_stale:
+            self.store.write_summary()
         self._summary_stale = False
 
     def run(self) -> None:
-        (self.root if self.s3 is None else self.mirror).mkdir(parents=True, exist_ok=True)
+        self.store.local_root.mkdir(parents=True, exist_ok=True)
         self.consumer = Consumer(consumer_config(self.settings, f"{self.settings.topic_prefix}{SHARD_GROUP}", background=True))
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:

@@ -7,7 +7,8 @@ transactions and not Faust: docs/design.md, "Delivery and failure".
 
 Several workers in the same group share the partitions of prefs.raw: scaling is running more.
 Between raw batches the worker's second look (deferred.py) scores again the review candidates the
-review budget deferred to prefs.deferred, in transactions of its own.
+review budget deferred to prefs.deferred, in transactions of its own; and its error-driven expansion
+(expansion.py) sends the near neighbours of pairs whose human verdict corrected the model back to review.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from streams.kafka.transactions import BatchTransactions, rewind
 from streams.keys import announce_verifiers
 from streams.runtime import metrics
 from streams.runtime.announcements import AnnouncementGate
+from streams.runtime.assignment import Assignment
 from streams.runtime.deferred import SecondLook
+from streams.runtime.expansion import Expansion
 from streams.runtime.pipeline import Pipeline
 from streams.runtime.processors import sandbox
 from streams.runtime.processors.isolation import TRANSIENT
@@ -63,6 +66,7 @@ BROKER_PROBE_S = 5.0
 WORKER_SOCKET_TIMEOUT_MS = 15000
 VERSIONS_DRAIN_S = 1.0
 IDLE_POLL_S = 0.5  # how long an idle worker blocks for a record before checking its stop flag
+LAG_EXPORT_S = 1.0  # how often the per-partition lag gauges are refreshed (local to the client: cheap)
 
 
 class VersionWatcher:
@@ -203,6 +207,8 @@ class Worker:
         self.watcher = VersionWatcher(settings, self.slots)
         self.counts: Counter[str] = Counter()
         self.transactional_id = f"prefstream-{settings.topic_prefix}{wsettings.group}-{wsettings.worker_id}"
+        self.assignment = Assignment(f"{settings.topic_prefix}{wsettings.group}")
+        self.lag_at = 0.0  # when the per-partition lag was last exported
 
     def _start_models(self) -> None:
         self.watcher.drain()
@@ -227,7 +233,7 @@ class Worker:
                                             **{"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS,
                                                "socket.timeout.ms": WORKER_SOCKET_TIMEOUT_MS,
                                                "error_cb": self._consumer_error}))
-        consumer.subscribe([self.settings.topic(topics.RAW)])
+        self.assignment.subscribe(consumer, [self.settings.topic(topics.RAW)])  # logs and exports each rebalance
         return consumer
 
     def _start_shard_writer(self) -> threading.Thread | None:
@@ -258,6 +264,8 @@ class Worker:
         consumer = self._consumer()
         # Deferred review candidates (the review budget's) are looked at again between raw batches.
         second_look = SecondLook(self.settings, self.wsettings, pipeline, self.transactional_id, self.stop)
+        # Human verdicts that corrected the model send its near neighbours back to review (error-driven expansion).
+        expansion = Expansion(self.settings, self.wsettings, pipeline, self.transactional_id, self.stop)
         shard_thread = self._start_shard_writer()
         sizer = BatchSizer(self.wsettings.max_batch, self.wsettings.batch_target_s)
         self.started = True
@@ -276,7 +284,11 @@ class Worker:
                 self._probe_broker(consumer)
                 if msgs and self._process_batch(pipeline, txn, consumer, msgs, sizer):
                     self._count(msgs)
+                if time.monotonic() - self.lag_at >= LAG_EXPORT_S:
+                    self.assignment.update_lag(consumer)
+                    self.lag_at = time.monotonic()
                 second_look.step(sizer.limit)
+                expansion.step()
         finally:
             self.started = False
             self._set_ready()
@@ -285,6 +297,7 @@ class Worker:
                 txn.anchor(consumer)  # the last batch's rows are decided before the worker is gone
             consumer.close()  # leave the group now rather than after a session timeout
             second_look.close()
+            expansion.close()
             if shard_thread is not None:
                 shard_thread.join(timeout=30)
 
@@ -322,12 +335,15 @@ class Worker:
         """Follow is_ready, logging each change with its reason."""
         was, now = self.ready, self.is_ready()
         if was and not now:
-            log.error("not ready: %s", self._not_ready_reason())
+            # Stopping is not a fault: said at info, so a clean shutdown logs no error.
+            log.log(logging.ERROR if self.started else logging.INFO, "not ready: %s", self._not_ready_reason())
         elif now and not was and self.counts["batches"]:
             log.info("ready again")
         self.ready = now
 
     def _not_ready_reason(self) -> str:
+        if not self.started:
+            return "the worker is stopping"
         if self.broker_away_since is not None:
             return f"the broker at {self.settings.bootstrap} cannot be reached"
         if self.batch_since is not None:

@@ -195,11 +195,11 @@ def evaluate_versions(models_dir: str | Path, holdout: list[dict], max_length: i
     import torch
 
     from trainers.scoring.model import ONNX_INT8, RewardModel
-    from trainers.storage.registry import ModelStore
+    from trainers.storage.registry import BOOTSTRAP_VERSION, ModelStore
 
     pairs = [validate_pair(p) for p in holdout]
     torch.manual_seed(0)  # the bootstrap's random head, as the worker builds it
-    out = [{"version": "bootstrap", "role": "current", "parent": None, "published_at": None} |
+    out = [{"version": BOOTSTRAP_VERSION, "role": "current", "parent": None, "published_at": None} |
            holdout_accuracy(RewardModel.default(max_length=max_length), pairs)]
     store = ModelStore(models_dir)
     for info in store.list():

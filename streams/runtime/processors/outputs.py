@@ -12,11 +12,9 @@ from typing import Any
 
 from schemas.wire import ValueCodec
 from streams.exceptions import OutputTooLargeError, ProcessingError
-from streams.kafka import topics
+from streams.kafka import deadletter, topics
 from streams.kafka.topics import MAX_MESSAGE_BYTES
 from streams.kafka.transactions import Output
-from streams.runtime import metrics
-from streams.runtime.processors import deadletter
 from streams.runtime.processors.retrieval import Neighbour
 from streams.runtime.processors.router import Route
 
@@ -100,7 +98,7 @@ class Emitter:
 
     def dead(self, msg: Any, record: dict) -> Output:
         """The encoded DeadLetter; without the original's bytes if even that would not encode."""
-        metrics.DLQ.labels(record["reason"]).inc()
+        deadletter.DLQ.labels(record["reason"]).inc()
         key = msg.key() if msg.key() is None or len(msg.key()) <= 1024 else None
         try:
             return self.out(topics.DLQ, "DeadLetter", key, record)

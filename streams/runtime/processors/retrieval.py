@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from schemas.pairs import clip
+
 DEFAULT_CAPACITY = 200_000
 EXACT_LIMIT = 20_000
 N_LISTS = 256
@@ -24,10 +26,6 @@ KMEANS_ITERS = 6
 # Bounds the index's memory (200,000 pairs of up to 4 MiB each would not fit any worker) and the
 # size of a review task's similar list (8 neighbours of whole pairs could pass max.message.bytes).
 NEIGHBOUR_TEXT_CHARS = 4000
-
-
-def clip(text: str, limit: int = NEIGHBOUR_TEXT_CHARS) -> str:
-    return text if len(text) <= limit else text[:limit] + f" [... {len(text) - limit:,} more characters]"
 
 
 @dataclass
@@ -100,7 +98,7 @@ class NeighbourIndex:
         for vec, meta in zip(vectors, metas, strict=True):
             if meta[0] in self.ids:
                 continue
-            meta = (meta[0], clip(meta[1]), clip(meta[2]), clip(meta[3]), meta[4])
+            meta = (meta[0], *(clip(text, NEIGHBOUR_TEXT_CHARS) for text in meta[1:4]), meta[4])
             if self.size < self.capacity:
                 if self.size == len(self.vectors):
                     grown = np.zeros((min(self.capacity, len(self.vectors) * 2), self.dim), dtype=np.float32)

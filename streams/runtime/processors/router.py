@@ -29,7 +29,7 @@ class RouterPolicy:
     """The thresholds; their defaults and meaning live in WorkerSettings (tau, gold_agree, flip_below).
 
     ``tau_shift`` moves tau per task category (the controller sets it from audited precision,
-    streams/runtime/tau.py); the shifted tau stays within [0.5, TAU_CEILING]."""
+    streams/review/tau.py); the shifted tau stays within [0.5, TAU_CEILING]."""
 
     tau: float
     gold_agree: float

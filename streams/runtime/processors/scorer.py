@@ -31,7 +31,7 @@ from streams.runtime import metrics
 from trainers.exceptions import CorruptArtifactError, DeviceError, UnknownVersionError
 from trainers.scoring.devices import cpu_dtype_refusal, resolve_device, resolve_dtype
 from trainers.scoring.model import ONNX_FP32, ONNX_INT8, RewardModel, sigmoid
-from trainers.storage.files import LocalBackend, verify_dir
+from trainers.storage.files import verify_dir
 from trainers.storage.registry import BOOTSTRAP_VERSION, ROLES, ModelStore, sha256_file
 
 log = logging.getLogger(__name__)
@@ -134,20 +134,6 @@ def announced_version(record: dict) -> str:
         raise UntrustedModelPathError(f"version {version[:80]!r}: the version name is not one the model store makes "
                                       "(<role>-<date>-<time>-<6 hex>); publish with `prefstream` tools")
     return version
-
-
-def trusted_version_dir(record: dict, models_dir: str | os.PathLike) -> Path:
-    """The announced version's directory inside the directory store ``models_dir``, or UntrustedModelPathError.
-
-    The announced path is ignored: the version name is looked up in ``models_dir``, and its directory
-    must be there, and still inside the store after symlinks are resolved.
-    """
-    version = announced_version(record)
-    try:
-        return LocalBackend(models_dir).version_path(version)
-    except UnknownVersionError as exc:
-        raise UntrustedModelPathError(f"{exc}; publish the version into this worker's store "
-                                      "(PREFSTREAM_MODELS_DIR)") from exc
 
 
 def resolve_announced(record: dict, store: ModelStore) -> Path:

@@ -9,7 +9,7 @@ conversation followed by the assistant's response, as lists of ``{"role", "conte
 
 Splits are the shards' own (gold, silver, flipped, verified_by_tool) and two derived ones:
 ``train``, what a current-model retrain trains on (every split but the gold holdout), and
-``holdout``, the gold holdout (``trainers.retrain.in_gold_holdout``).
+``holdout``, the gold holdout (``trainers.training.selection.in_gold_holdout``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from trainers.exceptions import DataError
-from trainers.retrain import CURRENT_SPLITS, in_gold_holdout
-from trainers.storage.shards import Manifest, iter_records, load_manifest
+from trainers.storage.shards.layout import Manifest, load_manifest
+from trainers.storage.shards.reading import iter_records
+from trainers.training.selection import CURRENT_SPLITS, in_gold_holdout
 
 FORMATS = ("parquet", "jsonl")
 DERIVED = ("train", "holdout")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streams.review import audit
+from streams.settings import ControllerSettings
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,17 @@ def read_shifts(redis: Any, queue_prefix: str) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class TauRule:
-    target: float = 0.97
-    comfortable: float = 0.99
-    min_audits: int = 20
-    step: float = 0.05
-    max_shift: float = 0.15
+    """PREFSTREAM_CONTROLLER_AUDIT_TARGET, _AUDIT_COMFORTABLE, _AUDIT_MIN, _TAU_STEP and _TAU_MAX_SHIFT."""
+
+    target: float
+    comfortable: float
+    min_audits: int
+    step: float
+    max_shift: float
+
+    @classmethod
+    def from_settings(cls, cs: ControllerSettings) -> TauRule:
+        return cls(cs.audit_target, cs.audit_comfortable, cs.audit_min, cs.tau_step, cs.tau_max_shift)
 
     def move(self, shift: float, counts: audit.AuditCount) -> tuple[float, str] | None:
         """The new shift and why, or None to stay."""

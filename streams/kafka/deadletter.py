@@ -12,7 +12,12 @@ import hashlib
 import time
 from typing import Any
 
+from prometheus_client import Counter
+
 from streams.kafka.topics import MAX_MESSAGE_BYTES
+
+# Counted by whoever sends a DeadLetter: the worker's stages and the review aggregator.
+DLQ = Counter("prefstream_dlq_total", "Records sent to the dead-letter queue", ["reason"])
 
 # What one DeadLetter may carry of the original: the whole record whenever the DeadLetter fits the
 # DLQ topic's max.message.bytes (so it can be replayed as it was), else the start of the value. The
