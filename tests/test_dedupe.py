@@ -98,6 +98,24 @@ def test_content_dedupe_names_the_first_pair_and_lets_a_replay_through():
                      ["raw:2:1", "raw:2:2"])
     assert [x.reason for x in v] == [None, None]
     assert ContentDedupe(FakeRedis(), 0, 0.9).check([first], ["raw:0:1"])[0].held == [], "retention 0: off"
+    # The same pair_id from another offset is a resend (its pair_id claim may have expired first): a duplicate.
+    v = dedupe.check([first], ["raw:0:9"])
+    assert (v[0].reason, v[0].first) == (DUPLICATE, "first") and v[0].held == []
+
+
+def test_a_kept_pair_holds_its_band_keys_so_giving_it_back_frees_them():
+    redis = FakeRedis()
+    dedupe = ContentDedupe(redis, 3600, 0.9)
+    v = dedupe.check([_pair("first", "Summarise the meeting notes.", ESSAY, "No.")], ["raw:0:1"])
+    bands = [k for k, _ in v[0].held if k.startswith(dedupe.lsh)]
+    assert bands and all(redis.data[k] == b"first" for k in bands)
+    from streams.runtime.processors.ingest import RELEASE_SCRIPT
+
+    pipe = redis.pipeline()
+    for key, value in v[0].held:
+        pipe.eval(RELEASE_SCRIPT, 1, key, value)
+    pipe.execute()
+    assert not any(k in redis.data for k in bands)
 
 
 # ------------------------------------------------------------------------------------------- pipeline (no broker)

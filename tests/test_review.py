@@ -340,7 +340,7 @@ def test_a_rebuild_that_redis_loses_halfway_starts_over_instead_of_marking_a_hal
 
 def test_stats_page_and_metrics_show_alpha_by_category_and_reannotation_agreement(client, settings):
     """What the aggregator keeps in Redis reaches the page and /metrics (a restarted app shows it at once)."""
-    from streams.review.aggregator import Aggregator, consistency_key
+    from streams.review.aggregator import Aggregator, consistency_counts_key
 
     r = client.queue.redis
     agg = Aggregator(r, settings.topic_prefix)
@@ -349,7 +349,7 @@ def test_stats_page_and_metrics_show_alpha_by_category_and_reannotation_agreemen
         for who in "xyz":
             agg.handle({"task_id": t["task_id"], "annotator": who, "preferred": "chosen" if i % 2 else "rejected"}, t)
     agg.committed()
-    r.hset(consistency_key(settings.topic_prefix), mapping={"p1:w": "same", "p2:w": "same", "p3:w": "different"})
+    r.hset(consistency_counts_key(settings.topic_prefix), mapping={"same": 2, "different": 1})
     html = client.get("/stats", headers=auth("bob")).text
     table = html.split('id="alpha-by-category"')[1].split("</table>")[0]
     assert "<td>cooking</td>" in table and "<td>history</td>" in table

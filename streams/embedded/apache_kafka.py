@@ -235,6 +235,7 @@ class KafkaCluster:
         path = self._config_file(node)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)  # it may hold the admin password
+        path.chmod(0o600)  # touch leaves an existing file's mode as it was
         path.write_text(self._properties(node))
 
     def _java(self, libs: Path, *args: str) -> list[str]:

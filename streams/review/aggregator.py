@@ -151,10 +151,23 @@ def consistency_key(queue_prefix: str) -> str:
     return f"{queue_prefix}prefstream:agg:consistency:answers"
 
 
+def consistency_counts_key(queue_prefix: str) -> str:
+    """The hash same | different -> how many of the answers in ``consistency_key`` say so."""
+    return f"{queue_prefix}prefstream:agg:consistency:counts"
+
+
+# KEYS: consistency_key, consistency_counts_key. ARGV: "<pair_id>:<annotator>", same | different. An answer
+# is counted once, however often its batch is replayed.
+_COUNT_ANSWER = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
+return 1
+"""
+
+
 def consistency(redis: Any, queue_prefix: str) -> dict[str, Any]:
     """Blind re-annotations against the verified label: how many agreed, differed, and the share that agreed."""
-    got = Counter(v.decode() for v in redis.hvals(consistency_key(queue_prefix)))
-    same, different = got["same"], got["different"]
+    got = {k.decode(): int(v) for k, v in redis.hgetall(consistency_counts_key(queue_prefix)).items()}
+    same, different = got.get("same", 0), got.get("different", 0)
     return {"same": same, "different": different,
             "agreement": same / (same + different) if same + different else None}
 
@@ -271,8 +284,9 @@ class Aggregator:
         if ann.get("reannotation"):
             final = self.redis.hget(final_key(self.queue_prefix), pair_id)
             if final is not None:  # one answer per (pair, annotator), so a replayed batch does not count twice
-                self.redis.hsetnx(consistency_key(self.queue_prefix), f"{pair_id}:{ann['annotator']}",
-                                  "same" if final.decode() == ann["preferred"] else "different")
+                self.redis.eval(_COUNT_ANSWER, 2, consistency_key(self.queue_prefix),
+                                consistency_counts_key(self.queue_prefix), f"{pair_id}:{ann['annotator']}",
+                                "same" if final.decode() == ann["preferred"] else "different")
                 agreed = consistency(self.redis, self.queue_prefix)["agreement"]
                 if agreed is not None:
                     from streams.review import metrics

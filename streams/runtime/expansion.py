@@ -34,6 +34,7 @@ from streams.kafka.config import consumer_config
 from streams.kafka.reader import SeenSet, identity
 from streams.kafka.transactions import BatchTransactions, Output, rewind
 from streams.review.aggregator import final_key
+from streams.review.queue import DEFAULT_RETENTION_S
 from streams.runtime import metrics
 from streams.runtime.pipeline import Pipeline
 from streams.runtime.processors import expansion
@@ -49,8 +50,12 @@ MAX_STEP = 32
 SEEN_MAX = 100_000
 
 
+# As long as the review queue keeps a decided task's keys (streams/review/queue.py).
+SENT_RETENTION_S = DEFAULT_RETENTION_S
+
+
 def sent_key(prefix: str) -> str:
-    """The set of pair ids already sent to review as a neighbour of an error."""
+    """The sorted set of pair ids already sent to review as a neighbour of an error, by when they were sent."""
     return f"{prefix}prefstream:expansion:sent"
 
 
@@ -137,7 +142,11 @@ class Expansion:
         for rec in verified:
             self.seen.add(identity("VerifiedPair", rec))
         if sent:
-            self.pipeline.redis.sadd(sent_key(self.prefix), *sent)
+            now = time.time()
+            pipe = self.pipeline.redis.pipeline(transaction=False)
+            pipe.zadd(sent_key(self.prefix), dict.fromkeys(sent, now))
+            pipe.zremrangebyscore(sent_key(self.prefix), 0, now - SENT_RETENTION_S)
+            pipe.execute()
             metrics.EXPANSION.labels("sent").inc(len(sent))
         for topic, *_ in outputs:
             metrics.RECORDS_OUT.labels(topic).inc()
@@ -163,7 +172,8 @@ class Expansion:
         evidence = [expansion.Evidence(1.0, 1 - expansion.side_p(corrected.p, human_side))]
         for n in neighbours:
             final, s = finals.get(n.pair_id), stored.get(n.pair_id)
-            if final is not None and s is not None:  # a verified neighbour: did the model get it right?
+            # A verified neighbour that prefers a side: did the model get it right? (tie and both_bad say nothing.)
+            if final is not None and s is not None and final.decode() in ("chosen", "rejected"):
                 evidence.append(expansion.Evidence(n.similarity, 1 - expansion.side_p(s.p, final.decode())))
         error = expansion.error_vote(evidence)
         candidates = [(n, stored[n.pair_id]) for n in neighbours
@@ -206,8 +216,8 @@ class Expansion:
             return set()
         pipe = self.pipeline.redis.pipeline(transaction=False)
         for i in ids:
-            pipe.sismember(sent_key(self.prefix), i)
-        return {i for i, member in zip(ids, pipe.execute(), strict=True) if member}
+            pipe.zscore(sent_key(self.prefix), i)
+        return {i for i, when in zip(ids, pipe.execute(), strict=True) if when is not None}
 
     def _current_scores(self, stored: list[Any]) -> list[dict[str, Any]]:
         """Each stored pair's score by the serving model: the stored one when that version scored it."""

@@ -4,7 +4,8 @@ Exact: a pair's content key hashes its normalised conversation (case folded, whi
 one space) and the unordered pair of its normalised responses, so the same pair with chosen and
 rejected swapped, or resent under a new pair_id, has the same key. ``SET NX`` on the key in Redis
 claims it for the first pair_id; a later pair with another id is dead-lettered as ``duplicate``
-naming the first. The same pair_id meeting its own claim (a replay after a crash) passes.
+naming the first. A record meeting the claim it took itself (same pair_id and offset: a replay after a
+crash) passes; the same pair_id from another offset is a resend, dead-lettered as a duplicate too.
 
 Near: a MinHash signature over the conversation and both responses (minhash.py); its LSH bands are
 keys in Redis naming the first pair_id that had each band value, next to that pair's signature. A
@@ -103,7 +104,9 @@ class ContentDedupe:
         band_owners = replies[2 * len(pairs):]
         for i, (p, (key, flag)) in enumerate(zip(pairs, keys, strict=True)):
             owner = (replies[2 * i + 1] or b"").decode(errors="replace").split(" ")
-            if owner[0] and owner[0] != p["pair_id"]:
+            # Only the claim this record itself took (same pair_id, same offset: a replay) lets it pass; the same
+            # pair_id from another offset is a resend the pair_id claim no longer caught (its TTL is shorter).
+            if owner[0] and (owner[0] != p["pair_id"] or (len(owner) > 1 and owner[1] != where[i])):
                 swapped = len(owner) > 2 and owner[2] != str(int(flag))
                 out[i] = Verdict(DUPLICATE, owner[0], (
                     f"the same prompt and responses{' (chosen and rejected swapped)' if swapped else ''} as pair "
@@ -154,5 +157,7 @@ class ContentDedupe:
             batch_sigs[pid] = sigs[i]
             for b in bands[i]:
                 writes.set(self.lsh + b, pid, nx=True, ex=self.retention)
+                # Given back with the rest if the pair is dead-lettered later (released only while it names pid).
+                out[i].held.append((self.lsh + b, pid))
                 batch_bands.setdefault(b, pid)
         writes.execute()

@@ -5,7 +5,8 @@ Each routed pair is one field of a hash, pair_id -> its prompt embedding (float1
 well within the similarity ranking's precision) followed by a JSON record: the pair, its route, the model's p and
 rewards and the version that scored it. A sorted set orders the pairs by when they were routed; past the capacity
 (PREFSTREAM_WORKER_RETRIEVAL_PERSIST) the oldest are removed, as the in-memory index forgets its oldest. Workers
-sharing a deployment share the store, so each serves neighbours routed by the others too.
+of a deployment write one store; each loads it at start and then adds only the pairs it routes itself, so a
+neighbour another worker routed later is not in its in-memory index until it restarts.
 
 A pair whose texts are long is stored with them clipped (``whole`` false): enough for a reviewer's context, not
 for a review task of its own, so the expansion passes it by. A batch that is rolled back and redone writes the
@@ -34,6 +35,16 @@ LOAD_CHUNK = 1000
 def keys(prefix: str) -> tuple[str, str]:
     """(the hash of stored pairs, the sorted set of their routing times) of a deployment."""
     return f"{prefix}prefstream:retrieval:pairs", f"{prefix}prefstream:retrieval:order"
+
+
+# KEYS: the order sorted set, the pairs hash. ARGV: capacity. Drops the oldest pairs past the capacity.
+_EVICT = """
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
+if over <= 0 then return 0 end
+local gone = redis.call('ZPOPMIN', KEYS[1], over)
+for i = 1, #gone, 2 do redis.call('HDEL', KEYS[2], gone[i]) end
+return over
+"""
 
 
 @dataclass(frozen=True)
@@ -83,12 +94,9 @@ class IndexStore:
             rec["pair"]["pair_id"]: vec.astype(np.float16).tobytes() + json.dumps(rec).encode()
             for vec, rec in zip(vectors, records, strict=True)})
         pipe.zadd(self.order_key, {rec["pair"]["pair_id"]: now for rec in records})
-        pipe.zcard(self.order_key)
-        size = pipe.execute()[-1]
-        if size > self.capacity:
-            gone = [member for member, _ in self.redis.zpopmin(self.order_key, size - self.capacity)]
-            if gone:
-                self.redis.hdel(self.pairs_key, *gone)
+        # One script: a crash or a second worker between the pop and the delete would leave fields nothing evicts.
+        pipe.eval(_EVICT, 2, self.order_key, self.pairs_key, self.capacity)
+        pipe.execute()
 
     def _decode(self, raw: bytes | None) -> Stored | None:
         width = self.dim * 2
