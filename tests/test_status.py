@@ -7,7 +7,15 @@ from collections import Counter
 
 from rich.console import Console
 
-from streams.local.status import Snapshot, controller_decisions, one_line, rates, render, retrain_state
+from streams.local.status import (
+    ChangePrinter,
+    Snapshot,
+    controller_decisions,
+    one_line,
+    rates,
+    render,
+    retrain_state,
+)
 from streams.review import audit
 from streams.settings import Settings
 
@@ -57,3 +65,20 @@ def test_live_view_and_plain_line_show_the_same_facts():
     line = one_line(now, before)
     assert "scored=30" in line and "raw_per_s=10.0" in line and "serving[current=current-v2,gold=gold-v1]" in line
     assert "audits[silver 0.900 of 10 · flipped 1.000 of 4]" in line
+
+
+def test_plain_mode_prints_when_the_state_changes_or_a_quiet_minute_passed():
+    printer = ChangePrinter(every_s=60)
+    first = Snapshot(time=0.0, workers=1, workers_up=1, scored=10, records_in=Counter({"prefs.raw": 10}))
+    assert printer.line(first, None) is not None  # the first status is always printed
+    # Records flowed (a rate) but nothing else changed: no line; the scored count moved: a line.
+    same = Snapshot(time=1.0, workers=1, workers_up=1, scored=10, records_in=Counter({"prefs.raw": 20}))
+    assert printer.line(same, first) is None
+    moved = Snapshot(time=2.0, workers=1, workers_up=1, scored=11, records_in=Counter({"prefs.raw": 21}))
+    assert printer.line(moved, same) is not None
+    quiet = Snapshot(time=30.0, workers=1, workers_up=1, scored=11)
+    assert printer.line(quiet, moved) is None
+    later = Snapshot(time=62.5, workers=1, workers_up=1, scored=11)
+    assert printer.line(later, quiet) == one_line(later, quiet)  # a minute with no change: one line anyway
+    down = Snapshot(time=63.0, workers=1, workers_up=0, scored=11)
+    assert "workers=0/1" in printer.line(down, later)

@@ -82,12 +82,14 @@ DURABLE_HELP = (
 @click.option("--review-port", type=int, default=None, help="Port of the review app (default PREFSTREAM_REVIEW_PORT, 8080).")
 @click.option("--no-controller", is_flag=True, help="Do not run the retrain controller.")
 @click.option("--refresh", type=float, default=1.0, show_default=True, help="Seconds between status updates.")
-@click.option("--plain", is_flag=True, help="One status line per update instead of the live view "
-                                            "(the default when the output is not a terminal).")
+@click.option("--plain", is_flag=True, help="Status lines instead of the live view (the default when the output "
+                                            "is not a terminal): a line when something changed, else every --every s.")
+@click.option("--every", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="With --plain: seconds between lines when nothing changed (0: a line every --refresh).")
 @click.option("--durable", is_flag=True, help=DURABLE_HELP + " The next `up` resumes where this one stopped.")
 @click.option("--brokers", type=click.IntRange(1, 16), default=None, help=BROKERS_HELP)
-def up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool, durable: bool,
-       brokers: int | None) -> None:
+def up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool, every: float,
+       durable: bool, brokers: int | None) -> None:
     """Run everything in the foreground with a live status; Ctrl-C stops it all cleanly.
 
     Publish pairs meanwhile with `prefstream produce FILE` (or `prefstream generate | prefstream
@@ -96,7 +98,7 @@ def up(workers: int, review_port: int | None, no_controller: bool, refresh: floa
     """
     from streams.local.up import run_up
 
-    run_up(workers, review_port, no_controller, refresh, plain, durable, brokers)
+    run_up(workers, review_port, no_controller, refresh, plain, durable, brokers, every)
 
 
 @click.command()

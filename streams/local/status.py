@@ -193,5 +193,20 @@ def one_line(snap: Snapshot, before: Snapshot | None) -> str:
             f"partitions[{_assignment_line(snap)}]")
 
 
+class ChangePrinter:
+    """`up --plain`: a line when the status changed (rates aside, which move with every poll) or when
+    ``every_s`` passed since the last line, so a quiet run does not print the same line each second."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s, self.last_state, self.last_at = every_s, None, float("-inf")
+
+    def line(self, snap: Snapshot, before: Snapshot | None) -> str | None:
+        state = one_line(snap, None)  # without a previous snapshot the rates read 0: what is left is the state
+        if state == self.last_state and snap.time - self.last_at < self.every_s:
+            return None
+        self.last_state, self.last_at = state, snap.time
+        return one_line(snap, before)
+
+
 def _assignment_line(snap: Snapshot) -> str:
     return " · ".join(f"worker {i}: {assignment_text(held)}" for i, held in sorted(snap.assignment.items())) or "-"

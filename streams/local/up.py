@@ -21,7 +21,7 @@ from rich.live import Live
 
 from streams.embedded.stack import with_brokers
 from streams.local.services import Deployment
-from streams.local.status import Snapshot, collect, one_line, render
+from streams.local.status import ChangePrinter, Snapshot, collect, render
 from streams.local.supervisor import describe_exit
 from streams.settings import ReviewSettings, get_settings
 
@@ -33,7 +33,7 @@ def _interrupt(*_: object) -> None:
 
 
 def run_up(workers: int, review_port: int | None, no_controller: bool, refresh: float, plain: bool,
-           durable: bool = False, brokers: int | None = None) -> None:
+           durable: bool = False, brokers: int | None = None, every: float = 60.0) -> None:
     """Run everything in the foreground with a live status until Ctrl-C or SIGTERM (`prefstream up`)."""
     settings, rs = with_brokers(get_settings(), durable, brokers), ReviewSettings()
     tokens = rs.tokens.get_secret_value()
@@ -66,7 +66,7 @@ def run_up(workers: int, review_port: int | None, no_controller: bool, refresh: 
             console.print(f"using the running broker at {settings.bootstrap} and Redis (left running at exit)")
         console.print(f"up in {time.monotonic() - t0:.0f} s · review app {dep.review_url} · logs {dep.log_dir} · "
                       "Ctrl-C stops everything")
-        _watch(dep, refresh, interactive)
+        _watch(dep, refresh, interactive, every)
     except KeyboardInterrupt:
         pass
     finally:
@@ -77,7 +77,7 @@ def run_up(workers: int, review_port: int | None, no_controller: bool, refresh: 
                       ("; embedded stack stopped" if dep.stack is not None else ""))
 
 
-def _watch(dep: Deployment, refresh: float, interactive: bool) -> None:
+def _watch(dep: Deployment, refresh: float, interactive: bool, every_s: float) -> None:
     r = redis.Redis.from_url(dep.settings.redis_url, socket_timeout=2)
     before: Snapshot | None = None
 
@@ -92,9 +92,11 @@ def _watch(dep: Deployment, refresh: float, interactive: bool) -> None:
                 live.update(render(now, before))
                 before = now
                 time.sleep(refresh)
+    printer = ChangePrinter(every_s)
     while True:
         dep.check()
         now = snap()
-        console.print(one_line(now, before), highlight=False, markup=False)
+        if (line := printer.line(now, before)) is not None:
+            console.print(line, highlight=False, markup=False)
         before = now
         time.sleep(refresh)
