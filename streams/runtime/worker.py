@@ -13,6 +13,7 @@ review budget deferred to prefs.deferred, in transactions of its own; and its er
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import logging
 import os
@@ -199,6 +200,9 @@ class Worker:
         self.ready = self.started = False
         self.failed_batches = 0
         self.batch_since: float | None = None  # when the batch in progress started
+        # When the main loop last turned, and what it is doing: work between batches (the second look, the
+        # expansion, anchoring) that hangs stops the batches too, and only this tells.
+        self.loop_at, self.loop_stage, self.loop_dumped = time.monotonic(), "starting", False
         self.broker_away_since: float | None = None  # first consumer error saying the broker is away
         self.last_probe = 0.0
         self.last_error = ""
@@ -273,6 +277,7 @@ class Worker:
         log.info("worker %s consuming %s", self.transactional_id, self.settings.topic(topics.RAW))
         try:
             while not self.stop.is_set():
+                self._turn("polling prefs.raw")
                 txn.poll()
                 # Nothing waiting: a markers-only transaction lets readers take the last batch's outputs
                 # now rather than with the next batch (a no-op unless that batch had outputs).
@@ -287,7 +292,9 @@ class Worker:
                 if time.monotonic() - self.lag_at >= LAG_EXPORT_S:
                     self.assignment.update_lag(consumer)
                     self.lag_at = time.monotonic()
+                self._turn("the second look")
                 second_look.step(sizer.limit)
+                self._turn("the error-driven expansion")
                 expansion.step()
         finally:
             self.started = False
@@ -326,6 +333,13 @@ class Worker:
         batch stuck for stalled_batch_s (an orchestrator then stops counting on it; the log says why)."""
         now = time.monotonic()
         stalled = self.batch_since is not None and now - self.batch_since > self.wsettings.stalled_batch_s
+        stuck = self.started and self.batch_since is None and now - self.loop_at > self.wsettings.stalled_batch_s
+        if stuck and not self.loop_dumped:  # asked by /readyz (another thread): say where the loop is, once
+            self.loop_dumped = True
+            log.error("not ready: the main loop has been in %s for %.0f s; every thread's stack follows",
+                      self.loop_stage, now - self.loop_at)
+            faulthandler.dump_traceback(all_threads=True)
+        stalled = stalled or stuck
         away = self.broker_away_since is not None and now - self.broker_away_since > BROKER_AWAY_S
         ready = self.started and self.failed_batches < NOT_READY_AFTER and not stalled and not away
         metrics.READY.set(1 if ready else 0)
@@ -341,6 +355,9 @@ class Worker:
             log.info("ready again")
         self.ready = now
 
+    def _turn(self, stage: str) -> None:
+        self.loop_at, self.loop_stage, self.loop_dumped = time.monotonic(), stage, False
+
     def _not_ready_reason(self) -> str:
         if not self.started:
             return "the worker is stopping"
@@ -348,6 +365,8 @@ class Worker:
             return f"the broker at {self.settings.bootstrap} cannot be reached"
         if self.batch_since is not None:
             return f"a micro-batch has run for more than {self.wsettings.stalled_batch_s:.0f} s"
+        if time.monotonic() - self.loop_at > self.wsettings.stalled_batch_s:
+            return f"the main loop has been in {self.loop_stage} for more than {self.wsettings.stalled_batch_s:.0f} s"
         return f"{self.failed_batches} batches in a row did not commit; the last because {self.last_error}"
 
     def _process_batch(self, pipeline: Pipeline, txn: BatchTransactions, consumer: Consumer, msgs: list[Any],
