@@ -2,7 +2,7 @@
 
 For each data set, one `prefstream demo` run (comparison off) produces a served version whose chain trained
 on curated labels; then the chain is replayed like for like (streams/local/curation.py) with raw, curated
-and true labels, on several seeds, at two training lengths: the chain's own steps and ``--long`` times
+and true labels, on several seeds, at two training lengths (``--lengths``): the chain's own steps and three times
 them. Data sets: ``generated`` (the demo's stream, its default noise mix) and ``hh`` (HH-RLHF pairs from
 ../shared/data with the same kinds of noise planted; truth = the published HH label). Writes
 bench/results/curation.json: per data set and length, each arm's mean and 95% interval (Student's t over
@@ -106,23 +106,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--datasets", default="generated,hh", help="Comma-separated: generated, hh.")
     ap.add_argument("--pairs", type=int, default=1800, help="Pairs each demo streams.")
     ap.add_argument("--seeds", type=int, default=3, help="Seeds per arm (each trains raw, curated and truth).")
-    ap.add_argument("--long", type=float, default=3.0, help="The longer length: this many times the chain's steps.")
+    ap.add_argument("--lengths", default="1,3", help="Comma-separated training lengths, as multiples of the chain's "
+                                                     "steps (1: the chain's own; 3: three times as long).")
     ap.add_argument("--seed", type=int, default=0, help="Seed of the demo's data.")
     ap.add_argument("--time-limit", type=float, default=900.0, help="Each demo's time limit (s).")
     ap.add_argument("--state", action="append", default=[], metavar="NAME=DIR",
                     help="Study an existing demo state directory instead of running a demo for NAME.")
     args = ap.parse_args(argv)
     given = dict(s.split("=", 1) for s in args.state)
-    seeds, lengths = list(range(args.seeds)), [1.0, args.long]
+    seeds = list(range(args.seeds))
+    try:
+        lengths = [float(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--lengths takes numbers separated by commas, e.g. 1,3 (got {args.lengths!r})") from None
     result: dict[str, Any] = {"seeds": seeds, "datasets": {}}
     cmd = ("python -m bench.curation " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
 
     def save(name: str, done: dict[str, Any]) -> None:
-        # Written after every length: a run of some data sets keeps the others' results (each says the
-        # command that made it), and a stopped run keeps what it finished.
-        result["datasets"][name] = done | {"command": cmd}
+        # Written after every length: a run keeps the other data sets' results and the lengths of this data set
+        # it did not run (each length says the command that made it), and a stopped run keeps what it finished.
         earlier = RESULTS / "curation.json"
         kept = json.loads(earlier.read_text()).get("datasets", {}) if earlier.exists() else {}
+        ran = {length: res | {"command": cmd} for length, res in done["lengths"].items()}
+        result["datasets"][name] = done | {"lengths": kept.get(name, {}).get("lengths", {}) | ran}
         write_result("curation", result | {"datasets": kept | result["datasets"]}, cmd)
 
     for name in [d for d in args.datasets.split(",") if d]:
