@@ -980,7 +980,8 @@ def run_poisoning(settings, tmp: Path, cfg: Poisoning) -> dict:
             sent[f"spoofed:{variant}"] = []
             for i in range(n):
                 pid = f"{tag}-mars-{variant}-{i}"
-                value = vouching_pair(pid, GENERATOR_SOURCE, prompt=f"How many moons does Mars have? ({tag} {i})")
+                # Each attack pair is a pair of its own: two with one content would be one pair and a duplicate.
+                value = vouching_pair(pid, GENERATOR_SOURCE, prompt=f"How many moons does Mars have? ({tag} {variant} {i})")
                 headers = sign_pair(pair_from_json(value), attacker_key) if variant == "unknown_key" else None
                 raw.produce(raw_topic, value=value, key=pid.encode(), headers=headers)
                 sent[f"spoofed:{variant}"].append(pid)
