@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -913,3 +914,13 @@ def distinct_pairs(pairs: Iterable[dict], n: int) -> list[dict]:
         if len(out) == n:
             break
     return out
+
+
+def routes_counted(settings: Settings, minutes: int = 120) -> Counter:
+    """The route kinds the workers counted for the stats page's charts (streams/history.py) in the last ``minutes``."""
+    import redis
+
+    from streams import history
+
+    buckets = history.read(redis.Redis.from_url(settings.redis_url), settings.topic_prefix, history.ROUTES, minutes)
+    return sum((Counter({k: int(v) for k, v in b.counts.items()}) for b in buckets), Counter())

@@ -14,7 +14,7 @@ from streams.kafka.reader import TopicReader
 from streams.runtime.processors.router import RouterPolicy, route
 from streams.sdk import PreferenceProducer
 from streams.settings import WorkerSettings
-from tests.helpers import WorkerProcess, read_topic, wait_for_scored
+from tests.helpers import WorkerProcess, read_topic, routes_counted, wait_for_scored
 
 pytestmark = pytest.mark.integration
 
@@ -99,5 +99,11 @@ def test_a_pair_deferred_past_the_bound_goes_to_review_with_its_reason(settings)
         tasks = _wait_for(settings, topics.REVIEW, "ReviewTask", lambda t: t["pair"]["pair_id"], deferred,
                           timeout=60)
         assert all(t["reason"].startswith("deferred for more than 4 s") for t in tasks.values())
+        # The stats page counts the first pass's deferrals and the second look's routes, each as it committed.
+        want = {"deferred": len(deferred), "review": len(deferred)}
+        deadline = time.monotonic() + 10
+        while {k: routes_counted(settings)[k] for k in want} != want and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert {k: routes_counted(settings)[k] for k in want} == want
     finally:
         assert worker.stop() == 0

@@ -14,7 +14,7 @@ LAYERS: list[set[str]] = [
     {"schemas"},
     {"trainers"},
     {"streams.exceptions"},
-    {"streams.signing"},
+    {"streams.signing", "streams.history"},
     {"streams.review_budget"},
     {"streams.settings"},
     {"streams.keys"},

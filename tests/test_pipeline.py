@@ -22,6 +22,7 @@ from tests.helpers import (
     objective_pairs,
     produce,
     read_topic,
+    routes_counted,
     short_pairs,
     wait_for_scored,
 )
@@ -87,6 +88,7 @@ def test_end_to_end_every_pair_accounted_for(settings, half):
         assert "prefstream_routes_total" in text and "prefstream_processing_seconds_bucket" in text
         for stage in ("ingest", "score", "label", "verify", "route", "commit"):
             assert f'prefstream_stage_seconds_count{{stage="{stage}"}}' in text, stage
+        assert routes_counted(settings) == by_route  # the stats page's routes: each pair once, as its batch committed
     finally:
         assert worker.stop() == 0
 

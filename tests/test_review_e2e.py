@@ -140,3 +140,56 @@ def browse_and_answer(settings, url, browser):
     page.click("header a[href='/stats']")  # signed in: the stats link works without a Bearer header
     page.wait_for_selector("#verdicts:has-text('2')")
     assert page.evaluate("window.pwned") is None
+
+
+def test_stats_page_charts_in_a_browser(settings, tmp_path, browser):
+    """The charts come from what the workers, the queue, the aggregator and the model store recorded; a
+    category named like a script shows as text."""
+    import redis
+
+    from streams import history
+    from streams.review.aggregator import alpha_by_category_key
+    from streams.review.queue import ReviewQueue
+    from trainers.scoring.model import RewardModel
+
+    r = redis.Redis.from_url(settings.redis_url)
+    now = time.time()
+    for minutes_ago, counts in ((3, {"review": 2, "silver": 6}), (1, {"review": 1, "flipped": 1, "deferred": 4})):
+        history.add(r, settings.topic_prefix, history.ROUTES, counts, now - 60 * minutes_ago)
+    queue = ReviewQueue(r, settings.topic_prefix)
+    for i, p in ((300, 0.1), (301, 0.4)):
+        queue.add(review_task(i, p=p) | {"created_at": int((now - 90) * 1000)})
+    for who in ("a", "b", "c"):  # pair-300 gets its three verdicts: closed, 90 s after it was routed
+        assert queue.lease(who)["task_id"] == "pair-300"
+        queue.submit("pair-300", who, {"preferred": "chosen"})
+    hostile = "<img src=x onerror=window.pwned=1>"
+    r.hset(alpha_by_category_key(settings.topic_prefix), mapping={"math": 0.8, hostile: 0.4})
+    store = settings.model_store()
+    src = RewardModel.default(max_length=32).save(tmp_path / "model")
+    for acc in (0.7, 0.9):
+        store.publish(src, "current", metrics={"holdout_accuracy": acc}, calibration={"ece": 0.1})
+
+    with running_review_app(settings, tmp_path) as (url, _):
+        context = browser.new_context()
+        context.add_cookies([{"name": "prefstream-token", "value": REVIEW_SECRETS["alice"], "url": url + "/stats"}])
+        page = context.new_page()
+        page.goto(url + "/stats?minutes=10")
+        for chart in ("routes-chart", "human-share-chart", "queue-chart", "age-chart", "versions-chart",
+                      "categories-chart"):
+            box = page.locator(f"svg#{chart}").bounding_box()
+            assert box and box["width"] > 200 and box["height"] > 50, chart  # drawn, not just present
+
+        def titles(selector: str) -> list[str]:
+            return page.eval_on_selector_all(selector + " title", "els => els.map(e => e.textContent)")
+
+        share = titles("#human-share-chart g[data-series='human share']")
+        assert [t.rsplit(": ", 1)[1] for t in share] == ["0.25", "0.5"]  # 2 of 8; 1 of 2 (deferred left out)
+        assert len(titles("#routes-chart g[data-series='silver'] circle")) == 10  # every minute of the window
+        assert titles("#queue-chart g[data-series='open tasks'] circle")[-1].endswith(": 1")
+        age = titles("#age-chart g[data-series='mean age']")
+        assert len(age) == 1 and 1.4 < float(age[0].rsplit(": ", 1)[1].split()[0]) < 2.5  # about 90 s
+        assert [t.rsplit(": ", 1)[1] for t in titles("#versions-chart g[data-series='holdout accuracy']")] == ["0.7",
+                                                                                                             "0.9"]
+        assert f"alpha, {hostile}: 0.4" in titles("#categories-chart g[data-series='alpha']")
+        assert page.evaluate("window.pwned") is None
+        context.close()

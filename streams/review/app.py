@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import redis
 from confluent_kafka import Producer
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.templating import Jinja2Templates
@@ -37,10 +37,11 @@ from pydantic import BaseModel, Field, model_validator
 
 from schemas.records import Strength
 from schemas.wire import ValueCodec
+from streams.exceptions import ConfigError
 from streams.kafka import topics
 from streams.kafka.config import producer_config
 from streams.keys import review_keys
-from streams.review import audit, metrics, tau
+from streams.review import audit, dashboard, metrics, tau
 from streams.review import judge as judges
 from streams.review.aggregator import alpha_by_category_key, consistency
 from streams.review.auth import TokenBook
@@ -137,6 +138,7 @@ class Review:
     topic_prefix: str  # of the aggregator's keys, read for the similar pairs' labels
     judge: judges.JudgeAid | None = None
     keys: AnnotationKeys | None = None  # signs each Annotation (provenance.py); the aggregator checks it
+    versions: Callable[[], list[Any]] | None = None  # the model store's versions, for the stats page's chart
 
     def who(self, token: str | None, client: str | None = None) -> str:
         """The annotator of ``token``, counted against their rate limit; 401 or 429 otherwise.
@@ -237,7 +239,9 @@ def stats_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
     router = APIRouter()
 
     @router.get("/stats", response_class=HTMLResponse, include_in_schema=False)
-    def stats_page(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Any:
+    def stats_page(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer),
+                   minutes: int = Query(dashboard.DEFAULT_MINUTES, ge=1, le=dashboard.MAX_MINUTES,
+                                        description="how many minutes the charts over time show")) -> Any:
         try:
             ctx.who(creds.credentials if creds else request.cookies.get(STATS_COOKIE), client_address(request))
         except HTTPException as exc:
@@ -246,7 +250,9 @@ def stats_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
             return HTMLResponse(SIGN_IN_FIRST, status_code=401)  # a page for people: say how to sign in
         s = ctx.stats()
         alpha = f"{s['alpha']:.4f}" if s["alpha"] is not None else "n/a"
-        return TEMPLATES.TemplateResponse(request, "stats.html", {"s": s, "alpha": alpha})
+        charts = dashboard.charts(ctx.redis, ctx.topic_prefix, s, ctx.versions, minutes)
+        return TEMPLATES.TemplateResponse(request, "stats.html", {"s": s, "alpha": alpha, "charts": charts,
+                                                                  "minutes": minutes})
 
     @router.get("/api/stats")
     def api_stats(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict[str, Any]:
@@ -389,6 +395,15 @@ def annotation(task: dict[str, Any], who: str, body: VerdictIn, order: str, expe
     }
 
 
+def _versions(settings: Settings) -> list[Any]:
+    """The model store's versions for the stats page; a models directory this process cannot see is an error
+    (a store that merely looks empty would chart as 'no version published')."""
+    if not settings.models_url and not Path(settings.models_dir).is_dir():
+        raise ConfigError(f"no models directory at {settings.models_dir} here: no version is published yet, or "
+                          "this process does not see the store (mount the models volume, or set PREFSTREAM_MODELS_URL)")
+    return settings.model_store().list()
+
+
 def create_app(settings: Settings, rsettings: ReviewSettings, redis_client: Any = None, producer: Any = None) -> FastAPI:
     r = redis_client or redis.Redis.from_url(settings.redis_url)
     queue = ReviewQueue(r, settings.topic_prefix, rsettings.lease_s, rsettings.max_leases, rsettings.lease_scan,
@@ -398,7 +413,7 @@ def create_app(settings: Settings, rsettings: ReviewSettings, redis_client: Any 
                  ValueCodec(settings.schema_registry_url), settings.topic(topics.ANNOTATIONS),
                  producer or Producer(producer_config(settings, **{"message.timeout.ms": VERDICT_DELIVERY_MS})),
                  settings.topic_prefix, judge,
-                 AnnotationKeys(review_keys(settings, rsettings)))
+                 AnnotationKeys(review_keys(settings, rsettings)), lambda: _versions(settings))
     bearer = HTTPBearer(auto_error=False)
 
     @asynccontextmanager

@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 
 import redis
 
+from streams import history
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # How long the review threads wait between tries while Redis does not answer.
@@ -148,6 +150,7 @@ class ReviewQueue:
     def __init__(self, redis: Any, prefix: str = "", lease_s: int = DEFAULT_LEASE_S, max_leases: int = DEFAULT_MAX_LEASES,
                  lease_scan: int = DEFAULT_LEASE_SCAN, retention_s: int = DEFAULT_RETENTION_S) -> None:
         self.redis = redis
+        self.topic_prefix = prefix
         self.prefix = f"{prefix}prefstream:review:"
         self.lease_s, self.max_leases, self.lease_scan, self.retention_s = lease_s, max_leases, lease_scan, retention_s
         self._lease = self.redis.register_script(_LEASE)
@@ -167,6 +170,8 @@ class ReviewQueue:
         added = self._add(keys=keys, args=[json.dumps(task), float(task["priority"]), tid, _needed(task)])
         if added == 2:  # every verdict it needs was restored before it: never offered again
             self._expire_decided(tid)
+        elif added:
+            history.add(self.redis, self.topic_prefix, history.QUEUE, {"added": 1})
         return bool(added)
 
     def task(self, tid: str) -> dict[str, Any] | None:
@@ -262,7 +267,11 @@ class ReviewQueue:
         """A task with all its verdicts leaves the queue; its keys expire after the retention period."""
         if votes < _needed(task):
             return
-        self.redis.zrem(self.k("expert" if task.get("expert") else "pending"), tid)
+        if self.redis.zrem(self.k("expert" if task.get("expert") else "pending"), tid):  # 0: closed before
+            counts = {"closed": 1.0}
+            if task.get("created_at"):  # the time from routing to the last verdict
+                counts |= {"aged": 1.0, "age_s": max(0.0, time.time() - task["created_at"] / 1000)}
+            history.add(self.redis, self.topic_prefix, history.QUEUE, counts)
         self._expire_decided(tid)
 
     def _expire_decided(self, tid: str) -> None:

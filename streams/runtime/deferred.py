@@ -32,6 +32,7 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka import KafkaError as KafkaErrorCode
 
 from schemas.wire import ValueCodec
+from streams import history
 from streams.exceptions import StageFailedError
 from streams.kafka import topics
 from streams.kafka.committed import CommittedFilter
@@ -201,6 +202,7 @@ class SecondLook:
                 ids.add(identity("ScoredPair", rec))
                 rescore.append((m, rec, why))
                 handled.append(m)
+        self.pipeline.take_routed()  # the counts of an earlier step that did not commit
         if rescore:
             reasons = {id(m): (why, rec) for m, rec, why in rescore}
             outputs += self.pipeline.process_deferred([m for m, _, _ in rescore], [rec["pair"] for _, rec, _ in rescore],
@@ -210,6 +212,7 @@ class SecondLook:
             return 0  # rewound to the committed offsets: everything is looked at again next step
         for topic, *_ in outputs:
             metrics.RECORDS_OUT.labels(topic).inc()
+        history.add(self.pipeline.redis, self.settings.topic_prefix, history.ROUTES, self.pipeline.take_routed())
         for _, rec, _ in rescore:
             self.seen.add(identity("ScoredPair", rec))
         for (t, p), block in blocks.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -55,12 +56,6 @@ log = logging.getLogger(__name__)
 TAU_REFRESH_S = 5.0
 
 
-def _count_route(decision: Route) -> None:
-    metrics.ROUTES.labels(decision.kind, decision.reason.split(":")[0][:40]).inc()
-    if decision.reason.startswith(contamination.REASON_PREFIX):
-        metrics.CONTAMINATED.labels(decision.reason.removeprefix(contamination.REASON_PREFIX)[:80]).inc()
-
-
 class Pipeline:
     """The per-batch logic, free of Kafka plumbing (so it can be tested and benchmarked alone).
 
@@ -105,6 +100,19 @@ class Pipeline:
         self.budget = ReviewBudget(parse_budget(wsettings.review_budget))
         self._dead: list[Any] = []  # messages dead-lettered by a stage of the current call
         self._ingested: list[tuple[Any, Any]] = []  # (message, IngestResult) of the last process() call
+        self._routed: Counter[str] = Counter()  # route kinds since the last take_routed()
+
+    def _count_route(self, decision: Route) -> None:
+        metrics.ROUTES.labels(decision.kind, decision.reason.split(":")[0][:40]).inc()
+        if decision.reason.startswith(contamination.REASON_PREFIX):
+            metrics.CONTAMINATED.labels(decision.reason.removeprefix(contamination.REASON_PREFIX)[:80]).inc()
+        self._routed[decision.kind] += 1
+
+    def take_routed(self) -> Counter[str]:
+        """The route kinds decided since the last call: the caller counts them in the history once the batch
+        committed (streams/history.py), and drops them when it did not."""
+        routed, self._routed = self._routed, Counter()
+        return routed
 
     def _fail(self, msg: Any, stage: str, exc: BaseException, outputs: list[Output]) -> None:
         outputs.append(self.emit.fail(msg, stage, exc))
@@ -179,6 +187,7 @@ class Pipeline:
     def process_each(self, msgs: list[Any]) -> list[Output]:
         """``process`` one record at a time: the fallback when ``process`` raised on a batch (a bug, not data)."""
         outputs: list[Output] = []
+        self.take_routed()  # the failed batch's routes: its records are routed again below
         for m in msgs:
             try:
                 outputs += self.process([m])
@@ -239,7 +248,7 @@ class Pipeline:
                     raise decision
                 if decision.kind == DEFERRED:
                     outputs.extend(deferred_outputs(self.emit, it.pair, it.score, decision))
-                    _count_route(decision)
+                    self._count_route(decision)
                 else:
                     outputs.extend(self._route_one(it, now, decision))
                 if not decision.reason.startswith(contamination.REASON_PREFIX):  # never a neighbour to re-label
@@ -290,7 +299,7 @@ class Pipeline:
             out.append(self.emit.out(topics.CURATED, "CuratedPair", key, curated_record(pair, score, decision, now)))
             if decision.kind in audit.KINDS and audit.is_audited(pair["pair_id"], self.wsettings.audit_share):
                 out.append(self._audit_task(it, decision, now, len(scored[2])))
-        _count_route(decision)
+        self._count_route(decision)
         return out
 
     def _audit_task(self, it: Item, decision: Route, now: int, pair_bytes: int) -> Output:

@@ -30,6 +30,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from confluent_kafka import KafkaError as KafkaErrorCode
 
 from schemas.wire import ValueCodec
+from streams import history
 from streams.exceptions import StageFailedError
 from streams.kafka import topics
 from streams.kafka.config import consumer_config
@@ -386,6 +387,7 @@ class Worker:
                    sizer: BatchSizer) -> bool:
         try:
             started = time.perf_counter()
+            pipeline.take_routed()  # what an earlier try of a batch routed never committed
             try:
                 outputs = pipeline.process(msgs)
             except (*TRANSIENT, StageFailedError, OSError):
@@ -410,6 +412,7 @@ class Worker:
             return False
         for topic, *_ in outputs:
             metrics.RECORDS_OUT.labels(topic).inc()
+        history.add(self.redis, self.settings.topic_prefix, history.ROUTES, pipeline.take_routed())
         return True
 
     def _count(self, msgs: list[Any]) -> None:
