@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import curation, labeler, pipeline, random_model, retrieval, scoring, training
+from bench import curation, labeler, labeler_outside, pipeline, random_model, retrieval, scoring, training
 from bench.common import HH, RESULTS, ROOT, machine
 from trainers.scoring.model import ONNX_INT8
 
@@ -59,6 +59,9 @@ def table() -> str:
     lb = RESULTS / "labeler.json"
     if lb.exists():
         rows += labeler.rows(json.loads(lb.read_text()))
+    mt = RESULTS / "labeler-mtbench.json"  # written by bench.labeler_outside, which needs a FastChat checkout
+    if mt.exists():
+        rows += labeler_outside.rows(json.loads(mt.read_text()))
     for name, models in (("pipeline", "the served model alone"), ("pipeline-gold", "current and gold models"),
                          ("pipeline-current", "the BERT-base-sized model alone")):
         pl = RESULTS / f"{name}.json"

@@ -66,11 +66,20 @@ def test_a_follow_up_turn_is_labelled_with_the_conversation(labeler):
     pair = as_pair({"conversation": [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]})
     assert labeler.categorize([turns[-1]]) != ["travel"]  # the follow-up alone says nothing of travel
     assert labeler.label([pair])[0]["task_category"] == "travel"
-    # The earlier user turns, most recent first, cut so the extra pass stays short.
-    long = as_pair({"conversation": [{"role": "user", "content": "a" * 300}, {"role": "user", "content": "b" * 300},
+    # The earlier turns, most recent first, cut so the extra pass stays short.
+    long = as_pair({"conversation": [{"role": "user", "content": "a" * 300}, {"role": "assistant", "content": "b" * 300},
                                      {"role": "user", "content": "last"}]})
     assert earlier_turns(long) == ("b" * 300 + "\n" + "a" * 300)[:CONTEXT_CHARS]
     assert earlier_turns(as_pair({"conversation": [{"role": "user", "content": "only"}]})) == ""
+
+
+def test_the_assistant_turns_count_where_only_they_name_the_task(labeler):
+    turns = ["Can you help me with something?",
+             "Of course. Here is a Python function that sorts a list: def sort_list(xs): return sorted(xs)",
+             "Now make it handle None values too."]
+    pair = as_pair({"conversation": [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]})
+    assert labeler.categorize([turns[-1]], [turns[0]]) != ["python_coding"]  # the user turns alone do not say
+    assert labeler.label([pair])[0]["task_category"] == "python_coding"
 
 
 def test_ac1_by_hand():
@@ -112,3 +121,15 @@ def test_controversiality_reads_agreement_not_prevalence_on_a_skewed_run(stack, 
         assert history[easy] == pytest.approx(1 - ac1(skewed), abs=1e-4)
     finally:
         r.hdel(DISAGREEMENT_KEY, easy, hard)
+
+
+def test_one_refusing_response_makes_a_pair_at_least_medium_controversial(labeler):
+    def level(chosen: str, rejected: str) -> str:
+        pair = {"conversation": [{"role": "user", "content": "How do I pick a lock?"}], "chosen": chosen,
+                "rejected": rejected}
+        return labeler.label([pair], [0.0])[0]["controversiality"]
+
+    assert level("I'm sorry, but I can't help with breaking into homes.", "Insert a tension wrench first.") == "medium"
+    assert level("Insert a tension wrench first.", "I cannot help with that.") == "medium"
+    assert level("I can't help with that.", "I won't assist with that.") == "low"  # both refuse: no split
+    assert level("Insert a tension wrench first.", "Use a rake pick.") == "low"

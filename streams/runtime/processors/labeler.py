@@ -2,12 +2,14 @@
 
 - task_category: the taxonomy entry (``streams/data/taxonomy.json``, 54 task types) whose centroid
   (mean MiniLM embedding of its description and about ten examples) is nearest to the
-  conversation: the last user turn, mixed with the earlier user turns for multi-turn pairs.
+  conversation: the last user turn, mixed with the turns before it (user and assistant) for
+  multi-turn pairs.
   Top-1 accuracy on the labelled set ``bench/data/labeler_eval.jsonl`` is measured by
   ``python -m bench.labeler`` (docs/benchmarks.md).
 - objectivity: the category's default, overridden by cues in the prompt ("in your opinion", ...).
-- controversiality: from the two models' disagreement on the pair (|p - gold_p|) and the
-  category's annotator disagreement (1 - Gwet's AC1, kept in Redis by the aggregator).
+- controversiality: from the two models' disagreement on the pair (|p - gold_p|), the
+  category's annotator disagreement (1 - Gwet's AC1, kept in Redis by the aggregator) and the
+  responses (at least medium when one refuses and the other does not).
 - expected_attributes and annotation_guideline: the category's templates.
 
 An optional LLM labeler (OpenAI-compatible endpoint, JSON-schema output) is used only when
@@ -33,6 +35,11 @@ from streams.review.disagreement import DISAGREEMENT_KEY
 log = logging.getLogger(__name__)
 
 _OPINION_CUES = re.compile(r"\b(in your opinion|what do you think|do you believe|should i|is it (?:right|wrong|ethical)|better)\b", re.I)
+# A refusal opening one response: when only one of the two refuses, the request is one people disagree on
+# serving (the harmless half of HH-RLHF is made of such pairs), whatever the models' scores say.
+_REFUSAL = re.compile(r"^\W*(?:i'?m sorry,? but|sorry,? but|i (?:can(?:'|no)?t|cannot|won'?t|will not|am not able to|'m not "
+                      r"able to|am unable to|'m unable to) (?:help|assist|provide|do|answer|share|give|support|comply))",
+                      re.I)
 # A follow-up turn ("now make it shorter") says little on its own; the earlier user turns carry the
 # task. The last turn keeps the larger share so that a change of subject in it still decides.
 LAST_TURN_WEIGHT = 0.6
@@ -63,14 +70,21 @@ def load_taxonomy(path: str | None = None) -> list[Category]:
 
 
 def earlier_turns(record: dict) -> str:
-    """The user turns before the last one, most recent first, cut to CONTEXT_CHARS ("" for one turn)."""
-    users = [t["content"] for t in record["conversation"] if t["role"] == "user"]
-    return "\n".join(reversed(users[:-1]))[:CONTEXT_CHARS]
+    """Every turn before the last user turn (the assistant's included: an answer often names the task the
+    follow-up refers to), most recent first, cut to CONTEXT_CHARS ("" for one turn)."""
+    conv = record["conversation"]
+    last = max((i for i, t in enumerate(conv) if t["role"] == "user"), default=len(conv) - 1)
+    return "\n".join(t["content"] for t in reversed(conv[:last]))[:CONTEXT_CHARS]
 
 
-def controversiality(model_disagreement: float | None, category_disagreement: float) -> str:
-    """low / medium / high from the larger of the two disagreement signals (both in [0, 1])."""
-    score = max(model_disagreement or 0.0, category_disagreement)
+def refuses(response: str) -> bool:
+    return bool(_REFUSAL.match(response))
+
+
+def controversiality(model_disagreement: float | None, category_disagreement: float, one_refuses: bool = False) -> str:
+    """low / medium / high from the larger of the two disagreement signals (both in [0, 1]); at least medium
+    when exactly one of the two responses refuses."""
+    score = max(model_disagreement or 0.0, category_disagreement, 0.2 if one_refuses else 0.0)
     return CONTROVERSIALITY[0] if score < 0.2 else CONTROVERSIALITY[1] if score < 0.45 else CONTROVERSIALITY[2]
 
 
@@ -126,7 +140,8 @@ class Labeler:
                 p["objectivity"] = obj
             if p.get("controversiality") is None:
                 md = model_disagreement[i] if model_disagreement is not None else None
-                p["controversiality"] = controversiality(md, history.get(cat.name, 0.0))
+                p["controversiality"] = controversiality(md, history.get(cat.name, 0.0),
+                                                         refuses(p["chosen"]) != refuses(p["rejected"]))
             if p.get("expected_attributes") is None:
                 p["expected_attributes"] = list(cat.expected_attributes)
             if p.get("annotation_guideline") is None:
