@@ -19,6 +19,7 @@ The interval is the 95% Wilson interval of each share (80 questions: about +-0.1
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 from collections import Counter
 from pathlib import Path
@@ -78,7 +79,9 @@ def run(directory: Path, precision: str) -> dict:
 
     questions, answers = load(directory)
     labeler = Labeler(Embedder(precision=precision))
-    out: dict = {"source": str(directory), "questions": len(questions),
+    digest = hashlib.sha256((directory / "question.jsonl").read_bytes()).hexdigest()
+    out: dict = {"source": "MT-Bench question.jsonl (lm-sys/FastChat)", "question_jsonl_sha256": digest,
+                 "questions": len(questions),
                  "with_reference_answer": sum(q["question_id"] in answers for q in questions), "readings": {}}
     for reading in READINGS:
         pairs = [{"conversation": conversations(q, answers.get(q["question_id"]))[reading]} for q in questions]

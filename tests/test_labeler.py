@@ -133,3 +133,18 @@ def test_one_refusing_response_makes_a_pair_at_least_medium_controversial(labele
     assert level("Insert a tension wrench first.", "I cannot help with that.") == "medium"
     assert level("I can't help with that.", "I won't assist with that.") == "low"  # both refuse: no split
     assert level("Insert a tension wrench first.", "Use a rake pick.") == "low"
+
+
+def test_the_mt_bench_mapping_names_only_taxonomy_categories_and_reads_three_ways():
+    from bench.labeler_outside import MAPPING, conversations, wilson
+    from streams.runtime.processors.labeler import load_taxonomy
+
+    names = {c.name for c in load_taxonomy()}
+    assert set().union(*MAPPING.values()) <= names
+    q = {"turns": ["first?", "follow-up"]}
+    readings = conversations(q, "an answer")
+    assert [t["role"] for t in readings["whole conversation"]] == ["user", "assistant", "user"]
+    assert readings["user turns"][-1]["content"] == "follow-up" and len(readings["first turn"]) == 1
+    assert conversations(q, None)["whole conversation"] == readings["user turns"]
+    low, high = wilson(46, 80)
+    assert low < 46 / 80 < high and round(high - low, 2) == 0.21
