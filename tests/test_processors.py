@@ -229,8 +229,10 @@ def test_llm_labeler_uses_a_json_schema_answer_and_falls_back_per_pair(labeler):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         llm = LLMLabeler(f"http://127.0.0.1:{server.server_port}/v1", "qwen3-8b", labeler, api_key="k3y")
-        story = {"conversation": [{"role": "user", "content": "Write a story about a lighthouse."}], "chosen": "a",
-                 "rejected": "b"}
+        story = {"conversation": [{"role": "user", "content": "Write a story about a lighthouse."},
+                                  {"role": "assistant", "content": "The keeper lit the lamp."},
+                                  {"role": "user", "content": "Longer, please."}],
+                 "chosen": "The keeper lit the lamp at dusk", "rejected": "No."}
         rhyme = {"conversation": [{"role": "user", "content": "What is 17 * 23? Answer in rhyme."}], "chosen": "a",
                  "rejected": "b"}
         llm.label([story, rhyme])
@@ -239,6 +241,9 @@ def test_llm_labeler_uses_a_json_schema_answer_and_falls_back_per_pair(labeler):
     assert [s["path"] for s in seen] == ["/v1/chat/completions"] * 2
     assert seen[0]["auth"] == "Bearer k3y" and seen[0]["body"]["model"] == "qwen3-8b"
     assert seen[0]["body"]["response_format"]["type"] == "json_schema"
+    asked = seen[0]["body"]["messages"][-1]["content"]  # every turn and both responses, not the last turn alone
+    assert asked.index("Write a story") < asked.index("[assistant] The keeper") < asked.index("Longer, please.") < \
+        asked.index("[response 1] The keeper lit the lamp at dusk") < asked.index("[response 2] No.")
     assert (story["task_category"], story["objectivity"], story["controversiality"]) == \
         ("creative_story", "open-ended", "medium")
     assert story["expected_attributes"] == ["vivid imagery"]

@@ -12,8 +12,9 @@
   responses (at least medium when one refuses and the other does not).
 - expected_attributes and annotation_guideline: the category's templates.
 
-An optional LLM labeler (OpenAI-compatible endpoint, JSON-schema output) is used only when
-configured and falls back to the default on any failure.
+An optional LLM labeler (OpenAI-compatible endpoint, JSON-schema output) reads the whole
+conversation and both responses; it is used only when configured and falls back to the default on
+any failure.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas.pairs import CONTROVERSIALITY, OBJECTIVITY, prompt_text
+from schemas.pairs import CONTROVERSIALITY, OBJECTIVITY, clip, prompt_text
 from streams.exceptions import ConfigError, ProcessingError
 from streams.review.disagreement import DISAGREEMENT_KEY
 
@@ -47,6 +48,7 @@ LAST_TURN_WEIGHT = 0.6
 # HH-RLHF pairs (70% multi-turn) then takes about twice the time of the last turn alone
 # (bench/labeler.py); the whole 128 tokens would cost more for little (the latest turns lead).
 CONTEXT_CHARS = 200
+LLM_TURN_CHARS = 2000  # per turn and response sent to the LLM labeler: its context holds a long conversation
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,14 @@ LLM_SCHEMA = {
 }
 
 
+def llm_view(pair: dict) -> str:
+    """The whole pair as the LLM labeler reads it: every turn, then the two responses (neither named the
+    chosen one), each cut to LLM_TURN_CHARS."""
+    turns = [f"[{t['role']}] {clip(t['content'], LLM_TURN_CHARS)}" for t in pair["conversation"]]
+    return "\n\n".join([*turns, f"[response 1] {clip(pair['chosen'], LLM_TURN_CHARS)}",
+                         f"[response 2] {clip(pair['rejected'], LLM_TURN_CHARS)}"])
+
+
 class LLMLabeler:
     """Attributes from an OpenAI-compatible chat endpoint (vLLM, Ollama); falls back to ``fallback``."""
 
@@ -179,8 +189,10 @@ class LLMLabeler:
         body = {
             "model": self.model, "temperature": 0,
             "messages": [
-                {"role": "system", "content": f"Label the user's prompt. task_category must be one of: {names}."},
-                {"role": "user", "content": prompt_text(pair)},
+                {"role": "system", "content": "Label the task of this conversation: every turn counts, and the two "
+                                              "candidate responses may show how objective or controversial it is. "
+                                              f"task_category must be one of: {names}."},
+                {"role": "user", "content": llm_view(pair)},
             ],
             "response_format": {"type": "json_schema", "json_schema": {"name": "attributes", "schema": LLM_SCHEMA}},
         }
