@@ -182,8 +182,9 @@ def naive_scores(model: Any, tokenizer: Any, pairs: list[dict], max_length: int,
 def stream_scores(rm: Any, pairs: list[dict], bare_pairs_per_s: float) -> tuple[np.ndarray, np.ndarray]:
     """The worker's scoring path on in-memory pairs: micro-batches as its BatchSizer cuts them after
     measuring this model, each through the score stage's per-record isolation and ``Scorer.score``."""
-    from streams.runtime.processors.isolation import Item, isolate
+    from streams.runtime.isolation import isolate
     from streams.runtime.processors.scorer import Loaded, ModelSlot, Scorer
+    from streams.runtime.processors.stage import Item
     from streams.runtime.worker import BatchSizer
     from streams.settings import WorkerSettings
 

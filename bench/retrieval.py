@@ -14,7 +14,7 @@ from bench.common import write_result
 
 
 def run(n: int, queries: int, k: int, dim: int = 384, seed: int = 0) -> dict:
-    from streams.runtime.processors.retrieval import NeighbourIndex
+    from streams.runtime.retrieval.index import NeighbourIndex
 
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(200, dim)).astype(np.float32)

@@ -1,7 +1,7 @@
 """The text form of PREFSTREAM_WORKER_REVIEW_BUDGET, parsed.
 
 It sits beside settings.py, below the packages, so the settings can refuse a malformed budget at
-start-up without importing the worker; streams/runtime/processors/budget.py spends the budget.
+start-up without importing the worker; streams/runtime/curation/budget.py spends the budget.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from streams.kafka import topics
 from streams.kafka.config import producer_config
 from streams.kafka.reader import DEFAULT_DEDUPE_MAX, TopicReader
 from streams.keys import producer_signer
-from streams.runtime.processors.trust import sign_pair
+from streams.runtime.curation.trust import sign_pair
 from streams.settings import Settings, get_settings
 from streams.signing import HmacKey
 

@@ -4,7 +4,7 @@ Three kinds of record are signed, each by the one party allowed to write it:
 
 - PreferencePair with ``metadata.answer`` / ``metadata.tests`` (a vouch): by its producer, with an
   HMAC-SHA256 key the operator gave it and registered with the workers for one source
-  (streams/runtime/processors/trust.py);
+  (streams/runtime/curation/trust.py);
 - Annotation: by the review app, HMAC-SHA256 (streams/review/app.py; the aggregator, in the same
   process, checks it);
 - ModelVersion: by whoever announces (the controller, its retrain jobs, an operator's CLI) with an

@@ -900,9 +900,9 @@ FAST_RETRAIN = dict(max_steps=12, batch_size=8, max_length=64, learning_rate=1e-
 
 def distinct_pairs(pairs: Iterable[dict], n: int) -> list[dict]:
     """The first ``n`` of ``pairs`` whose content differs: a worker dead-letters a repeat as a duplicate
-    (streams/runtime/processors/dedupe.py), and the demo generator draws from small template pools."""
+    (streams/runtime/curation/dedupe.py), and the demo generator draws from small template pools."""
     from schemas.pairs import validate_pair
-    from streams.runtime.processors.dedupe import content_key
+    from streams.runtime.curation.dedupe import content_key
 
     seen: set[str] = set()
     out = []

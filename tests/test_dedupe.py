@@ -16,8 +16,8 @@ from streams.exceptions import ConfigError
 from streams.kafka import topics
 from streams.kafka.config import producer_config
 from streams.runtime import metrics
-from streams.runtime.processors import contamination, minhash
-from streams.runtime.processors.dedupe import (
+from streams.runtime.curation import contamination, minhash
+from streams.runtime.curation.dedupe import (
     DUPLICATE,
     NEAR_DUPLICATE,
     ContentDedupe,

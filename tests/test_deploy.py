@@ -829,8 +829,8 @@ def test_the_access_table_names_what_the_code_uses():
 
     modules = {
         "worker": ["streams/runtime/worker.py", "streams/runtime/pipeline.py", "streams/runtime/deferred.py",
-                   "streams/runtime/shard_writer.py", "streams/runtime/processors/outputs.py",
-                   "streams/runtime/processors/budget.py"],
+                   "streams/runtime/shard_writer.py", "streams/runtime/outputs.py",
+                   "streams/runtime/curation/budget.py"],
         "review": ["streams/review/app.py", "streams/review/aggregator.py", "streams/review/feeder.py"],
         "controller": ["streams/runtime/controller.py", "streams/kafka/announce.py"],
         "retrain": ["streams/kafka/announce.py"],

@@ -1,6 +1,6 @@
 """Error-driven expansion: a human verdict that corrects the model sends its near neighbours back to review.
 
-The decision alone (processors/expansion.py, review/neighbour_tasks.py), then the processor against the real
+The decision alone (curation/expansion.py, review/neighbour_tasks.py), then the processor against the real
 broker and Redis of the test session: pairs routed by a pipeline (their vectors fixed, so the similarities are
 known) are stored in Redis, a VerifiedPair that corrects the model is produced on prefs.verified, and the
 expansion's step writes a ``neighbour_of_error`` task for the wrong-labelled neighbour and none for the right one,
@@ -21,10 +21,10 @@ from schemas.wire import ValueCodec
 from streams.kafka import topics
 from streams.kafka.config import producer_config
 from streams.review import neighbour_tasks
+from streams.runtime.curation import expansion
 from streams.runtime.expansion import Expansion
 from streams.runtime.pipeline import Pipeline
-from streams.runtime.processors import expansion
-from streams.runtime.processors.retrieval_store import IndexStore
+from streams.runtime.retrieval.store import IndexStore
 from streams.settings import WorkerSettings
 from tests.helpers import FakeEmbedder, FakeMessage, FakeScorer, read_topic
 
@@ -196,8 +196,8 @@ def test_a_corrected_verdict_sends_the_wrong_neighbour_to_review_once(settings):
 
 @pytest.mark.integration
 def test_the_store_keeps_the_newest_pairs_and_refills_an_index(settings):
-    from streams.runtime.processors.retrieval import NeighbourIndex
-    from streams.runtime.processors.retrieval_store import entry
+    from streams.runtime.retrieval.index import NeighbourIndex
+    from streams.runtime.retrieval.store import entry
 
     r = redis.Redis.from_url(settings.redis_url)
     store = IndexStore(r, settings.topic_prefix, capacity=3, dim=4)

@@ -903,7 +903,7 @@ def run_poisoning(settings, tmp: Path, cfg: Poisoning) -> dict:
     from streams.kafka.reader import TopicReader, curated_identity
     from streams.keys import GENERATOR_SOURCE
     from streams.review.provenance import AnnotationKeys
-    from streams.runtime.processors.trust import sign_pair
+    from streams.runtime.curation.trust import sign_pair
     from streams.sdk import PreferenceProducer
     from tests.helpers import every_record, metric, raw_announcements, vouching_pair
     from trainers.scoring.model import RewardModel

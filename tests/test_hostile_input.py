@@ -94,6 +94,35 @@ def test_a_stage_failing_for_every_record_retries_the_batch_instead_of_dead_lett
         fake_pipeline(scorer).process(_msgs([_pair(i) for i in range(8)]))
 
 
+def test_a_new_stage_is_a_class_and_one_line_in_the_list_and_is_isolated_like_the_others():
+    from streams.runtime.processors.stage import Stage
+
+    class Length(Stage[int]):
+        name = timer = "length"
+
+        def run(self, items):
+            if any("number 3" in i.pair["conversation"][0]["content"] for i in items):
+                raise ValueError("cannot measure this one")
+            return [len(i.pair["chosen"]) for i in items]
+
+    read: dict[str, int] = {}
+
+    class Reader(Stage[None]):
+        name = timer = "reader"
+
+        def run(self, items):
+            read.update({i.pair["pair_id"]: i.found(Length) for i in items})  # typed by Length's result
+            return [None] * len(items)
+
+    pipeline = fake_pipeline()
+    pipeline.stages += [Length(), Reader()]
+    out = decoded_outputs(pipeline.process(_msgs([_pair(i) for i in range(6)])))
+    (dead,) = out["prefs.dlq"]
+    assert (dead["processor"], dead["error_type"], dead["source_offset"]) == ("length", "ValueError", 103)
+    assert read == {f"good-{i}": len(f"You are doing great, {i}.") for i in (0, 1, 2, 4, 5)}
+    assert sorted(s["pair"]["pair_id"] for s in out["prefs.scored"]) == [f"good-{i}" for i in (0, 1, 2, 4, 5)]
+
+
 @pytest.mark.parametrize("stage", ["ingest", "label", "embed", "verify", "route"])
 def test_any_exception_in_any_stage_dead_letters_only_that_record(stage, monkeypatch):
     pipeline = fake_pipeline()
@@ -111,16 +140,19 @@ def test_any_exception_in_any_stage_dead_letters_only_that_record(stage, monkeyp
         monkeypatch.setattr(pipeline.labeler, "label", lambda ps, d=None: boom([p["conversation"][0]["content"] for p in ps])
                             or label(ps, d))
     elif stage == "embed":
+        from streams.runtime.processors.embedder import EmbedStage
+
         class Failing:  # the retrieval embedding only (the labeler keeps its own reference)
             def embed(self, texts, inner=pipeline.embedder):
                 return boom(texts) or inner.embed(texts)
 
-        monkeypatch.setattr(pipeline, "embedder", Failing())
+        (embedding,) = [s for s in pipeline.stages if isinstance(s, EmbedStage)]
+        monkeypatch.setattr(embedding, "embedder", Failing())
     elif stage == "verify":
-        import streams.runtime.pipeline as worker
+        import streams.runtime.processors.verifiers as verifiers
 
-        verify_batch = worker.verify_batch
-        monkeypatch.setattr(worker, "verify_batch", lambda ps: boom([p["conversation"][0]["content"] for p in ps])
+        verify_batch = verifiers.verify_batch
+        monkeypatch.setattr(verifiers, "verify_batch", lambda ps: boom([p["conversation"][0]["content"] for p in ps])
                             or verify_batch(ps))
     else:
         import streams.runtime.pipeline as worker
@@ -210,7 +242,7 @@ def test_an_unsigned_vouch_is_ignored_whatever_source_the_pair_claims():
 
 # ---------------------------------------------------------------------------------------------- sizes
 def test_an_original_too_large_for_the_dlq_is_kept_truncated_with_its_hash_and_size():
-    from streams.runtime.processors.outputs import OUTPUT_LIMIT
+    from streams.runtime.outputs import OUTPUT_LIMIT
 
     value = b'{"prompt": "' + b"x" * (9 << 20) + b'"'
     out = fake_pipeline().process(_msgs([value]))
@@ -255,9 +287,9 @@ def test_an_output_larger_than_the_topic_takes_is_dead_lettered_not_sent(monkeyp
 
 def test_review_task_neighbours_are_trimmed_to_fit_the_topic():
     from schemas.pairs import clip
-    from streams.runtime.processors.outputs import OUTPUT_LIMIT, review_task
-    from streams.runtime.processors.retrieval import NEIGHBOUR_TEXT_CHARS, Neighbour
+    from streams.runtime.outputs import OUTPUT_LIMIT, review_task
     from streams.runtime.processors.router import Route
+    from streams.runtime.retrieval.index import NEIGHBOUR_TEXT_CHARS, Neighbour
 
     big = clip("z" * 100_000, NEIGHBOUR_TEXT_CHARS)
     assert len(big) < 4100, "neighbour texts are clipped when indexed"

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from streams.exceptions import ConfigError
-from streams.runtime.processors.retrieval import EXACT_LIMIT, NeighbourIndex
 from streams.runtime.processors.router import RouterPolicy, route, similar_k
 from streams.runtime.processors.verifiers import run_python, verify, verify_math
+from streams.runtime.retrieval.index import EXACT_LIMIT, NeighbourIndex
 from streams.settings import WorkerSettings
 from tests.helpers import FakeMessage, needs_bwrap
 

@@ -35,7 +35,7 @@ from streams.keys import (
     review_keys,
 )
 from streams.review.provenance import AnnotationKeys
-from streams.runtime.processors.trust import ProducerKeyring, sign_pair
+from streams.runtime.curation.trust import ProducerKeyring, sign_pair
 from streams.settings import ReviewSettings, Settings, WorkerSettings
 from tests.helpers import (
     FakeMessage,

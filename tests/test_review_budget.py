@@ -10,8 +10,8 @@ from pydantic import ValidationError
 
 from streams.exceptions import ConfigError
 from streams.review_budget import parse_budget
+from streams.runtime.curation.budget import ReviewBudget, apply_budget, defer_beyond
 from streams.runtime.deferred import NEWER, WAITED, due, is_newer
-from streams.runtime.processors.budget import ReviewBudget, apply_budget, defer_beyond
 from streams.runtime.processors.router import Route
 from streams.settings import WorkerSettings
 from tests.helpers import FakeMessage, FakeScorer, decoded_outputs, fake_pipeline

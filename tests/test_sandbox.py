@@ -17,8 +17,7 @@ import uuid
 import pytest
 import yaml
 
-from streams.runtime import metrics
-from streams.runtime.processors import sandbox
+from streams.runtime import metrics, sandbox
 from streams.runtime.processors.verifiers import run_python, verify, verify_code
 from tests.helpers import ROOT, needs_bwrap
 
@@ -349,7 +348,7 @@ REAPER_SCRIPT = r"""
 import ctypes, json, os, subprocess, sys, time
 PR_SET_CHILD_SUBREAPER = 36
 assert ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-from streams.runtime.processors import sandbox
+from streams.runtime import sandbox
 
 def children():
     out = []
@@ -436,7 +435,7 @@ print('children killed', failed)
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["as found here", "rlimit"])
 def test_a_fork_bomb_of_allocators_stays_within_the_runs_memory_cap(mode, monkeypatch):
-    from streams.runtime.processors import cgroups
+    from streams.runtime.sandbox import cgroups
 
     if mode == "rlimit":
         monkeypatch.setattr(cgroups, "find", lambda: None)

@@ -1,6 +1,6 @@
 """The second look: deferred review candidates scored again once a newer model serves.
 
-Pairs the review budget deferred (streams/runtime/processors/budget.py) wait on prefs.deferred as
+Pairs the review budget deferred (streams/runtime/curation/budget.py) wait on prefs.deferred as
 their ScoredPair; the record's Kafka timestamp is when it was deferred. The worker's main loop calls
 ``SecondLook.step`` between raw batches, so the scorer is never shared between threads. A record is
 due when the serving version is newer than the one that deferred it, or when it has waited longer
@@ -40,9 +40,10 @@ from streams.kafka.config import consumer_config
 from streams.kafka.reader import SeenSet, identity
 from streams.kafka.transactions import BatchTransactions, Output, rewind
 from streams.runtime import metrics
+from streams.runtime.isolation import TRANSIENT
 from streams.runtime.pipeline import Pipeline
-from streams.runtime.processors.isolation import TRANSIENT, Item
 from streams.runtime.processors.router import Route
+from streams.runtime.processors.stage import Item
 from streams.settings import WORKER_MAX_POLL_INTERVAL_MS, Settings, WorkerSettings
 from trainers.storage.registry import BOOTSTRAP_VERSION
 

@@ -2,8 +2,8 @@
 
 The worker's main loop calls ``Expansion.step`` between raw batches (as it does the second look), so the index,
 the scorer and the review budget are never shared between threads. For each VerifiedPair whose verdict
-corrected the model (processors/expansion.py says when, and which neighbours go to review), the corrected pair's
-p and embedding are read from the retrieval store (processors/retrieval_store.py), its 8 nearest neighbours from
+corrected the model (curation/expansion.py says when, and which neighbours go to review), the corrected pair's
+p and embedding are read from the retrieval store (retrieval/store.py), its 8 nearest neighbours from
 the worker's index, their route, p and whole pair from the store; neighbours scored by an older version than the
 serving one are scored again. The review tasks and the prefs.verified offsets commit in one transaction of the
 expansion's own producer (transactional id ``<worker's>-expansion``); a step redone after a crash makes the same
@@ -36,12 +36,12 @@ from streams.kafka.transactions import BatchTransactions, Output, rewind
 from streams.review.aggregator import final_key
 from streams.review.queue import DEFAULT_RETENTION_S
 from streams.runtime import metrics
+from streams.runtime.curation import expansion
+from streams.runtime.isolation import TRANSIENT
+from streams.runtime.outputs import review_task
 from streams.runtime.pipeline import Pipeline
-from streams.runtime.processors import expansion
-from streams.runtime.processors.isolation import TRANSIENT
-from streams.runtime.processors.outputs import review_task
-from streams.runtime.processors.retrieval import NEIGHBOUR_TEXT_CHARS, Neighbour
 from streams.runtime.processors.router import MAX_SIMILAR
+from streams.runtime.retrieval.index import NEIGHBOUR_TEXT_CHARS, Neighbour
 from streams.settings import WORKER_MAX_POLL_INTERVAL_MS, Settings, WorkerSettings
 
 log = logging.getLogger(__name__)

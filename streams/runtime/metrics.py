@@ -30,7 +30,7 @@ ANNOUNCEMENTS_REFUSED = Counter("prefstream_model_announcements_refused_total",
                                 "models.versions records refused, by role and reason (unsigned, unknown_key, "
                                 "bad_signature, stale, role_mismatch, downgrade, unverifiable, outside_store)",
                                 ["role", "reason"])
-# Vouches (metadata.answer / metadata.tests) by whether a producer key proved them (processors/trust.py).
+# Vouches (metadata.answer / metadata.tests) by whether a producer key proved them (curation/trust.py).
 VOUCHES_ACCEPTED = Counter("prefstream_vouches_accepted_total",
                            "Pairs whose vouch a producer key of their source signed, by source", ["source"])
 VOUCHES_STRIPPED = Counter("prefstream_vouches_stripped_total",

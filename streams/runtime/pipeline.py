@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -23,19 +23,17 @@ from streams.review import audit, task_ids, tau
 from streams.review.task_ids import TaskIds
 from streams.review_budget import parse_budget
 from streams.runtime import metrics
-from streams.runtime.processors import contamination
-from streams.runtime.processors.budget import (
+from streams.runtime.curation import contamination
+from streams.runtime.curation.budget import (
     DEFERRED,
     ReviewBudget,
     apply_budget,
     deferred_outputs,
 )
-from streams.runtime.processors.dedupe import ContentDedupe
-from streams.runtime.processors.embedder import Embedder
-from streams.runtime.processors.ingest import Ingestor
-from streams.runtime.processors.isolation import TRANSIENT, Failed, Item, isolate, with_result
-from streams.runtime.processors.labeler import Labeler, LLMLabeler
-from streams.runtime.processors.outputs import (
+from streams.runtime.curation.dedupe import ContentDedupe
+from streams.runtime.curation.trust import ProducerKeyring
+from streams.runtime.isolation import TRANSIENT, Failed, isolate
+from streams.runtime.outputs import (
     PRIORITY_AGE_SCALE,
     Emitter,
     check_score,
@@ -43,12 +41,15 @@ from streams.runtime.processors.outputs import (
     review_task,
     scored_record,
 )
-from streams.runtime.processors.retrieval import NeighbourIndex
-from streams.runtime.processors.retrieval_store import IndexStore, entry
+from streams.runtime.processors.embedder import Embedder, EmbedStage
+from streams.runtime.processors.ingest import Ingestor
+from streams.runtime.processors.labeler import Labeler, LabelStage, LLMLabeler
 from streams.runtime.processors.router import Route, RouterPolicy, route, similar_k
-from streams.runtime.processors.scorer import Scorer
-from streams.runtime.processors.trust import ProducerKeyring
-from streams.runtime.processors.verifiers import verify_batch
+from streams.runtime.processors.scorer import Scorer, ScoreStage
+from streams.runtime.processors.stage import Item, Stage
+from streams.runtime.processors.verifiers import VerifyStage
+from streams.runtime.retrieval.index import NeighbourIndex
+from streams.runtime.retrieval.store import IndexStore, entry
 from streams.settings import Settings, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Pipeline:
     RecursionError in a library, a model that chokes on one input) sends that record to prefs.dlq
     with the stage, the error's type and message and the original bytes, and the rest of the batch
     goes on. Stages that work on the whole batch (score, label, embed, verify) find the record that
-    broke them by bisection (processors/isolation.py).
+    broke them by bisection (isolation.py).
     """
 
     def __init__(self, settings: Settings, wsettings: WorkerSettings, redis_client: Any, scorer: Scorer,
@@ -89,7 +90,9 @@ class Pipeline:
         # The index survives a restart in Redis (and feeds the error-driven expansion, streams/runtime/expansion.py).
         self.store = IndexStore(redis_client, settings.topic_prefix, wsettings.retrieval_persist, self.embedder.dim)
         self._load_index()
-        self.scorer = scorer
+        self._scoring = ScoreStage(scorer)
+        # The batch stages, in order (processors/stage.py): a new one is a file in processors/ and a line here.
+        self.stages: list[Stage] = [self._scoring, LabelStage(self.labeler), EmbedStage(self.embedder), VerifyStage()]
         self.policy = RouterPolicy.from_settings(wsettings)
         self.redis = redis_client
         self.task_ids = TaskIds(redis_client, settings.topic_prefix)
@@ -114,6 +117,15 @@ class Pipeline:
         routed, self._routed = self._routed, Counter()
         return routed
 
+    @property
+    def scorer(self) -> Scorer:
+        """The serving models (the second look and the expansion score with them too)."""
+        return self._scoring.scorer
+
+    @scorer.setter
+    def scorer(self, scorer: Scorer) -> None:
+        self._scoring.scorer = scorer
+
     def _fail(self, msg: Any, stage: str, exc: BaseException, outputs: list[Output]) -> None:
         outputs.append(self.emit.fail(msg, stage, exc))
         self._dead.append(msg)
@@ -124,17 +136,17 @@ class Pipeline:
         dead = {id(m) for m in msgs}
         self.ingestor.release([r for m, r in self._ingested if id(m) in dead])
 
-    def _stage(self, stage: str, timer: str, fn: Callable[[list[Item]], Sequence[Any]], items: list[Item],
-               outputs: list[Output]) -> list[tuple[Item, Any]]:
-        """(item, result) for the items ``fn`` handled; the others are dead-lettered."""
-        with metrics.STAGE_SECONDS.labels(timer).time():
-            results = isolate(stage, fn, items)
+    def _run(self, stage: Stage, items: list[Item], outputs: list[Output]) -> list[Item]:
+        """The items ``stage`` handled, each holding its result; the others are dead-lettered."""
+        with metrics.STAGE_SECONDS.labels(stage.timer).time():
+            results = isolate(stage.name, stage.run, items)
         kept = []
         for item, result in zip(items, results, strict=True):
             if isinstance(result, Failed):
-                self._fail(item.msg, stage, result.error, outputs)
+                self._fail(item.msg, stage.name, result.error, outputs)
             else:
-                kept.append((item, result))
+                stage.keep(item, result)
+                kept.append(item)
         return kept
 
     def process(self, msgs: list[Any]) -> list[Output]:
@@ -155,15 +167,8 @@ class Pipeline:
                 metrics.DUPLICATES.inc()
             else:
                 items.append(Item(m, r.pair))
-        # Each stage keeps the items it handled; a record it dead-lettered goes no further.
-        items = [with_result(it, "score", r) for it, r in self._stage(
-            "score", "score", lambda b: self.scorer.score([i.pair for i in b]), items, outputs)]
-        items = [it for it, _ in self._stage("label", "label", self._label, items, outputs)]
-        items = [with_result(it, "vec", r) for it, r in self._stage(
-            "embed", "label", lambda b: list(self.embedder.embed([prompt_text(i.pair) for i in b])), items, outputs)]
-        # A vouch without a producer key's signature was stripped at ingest (processors/trust.py).
-        items = [with_result(it, "verdict", r) for it, r in self._stage(
-            "verify", "verify", lambda b: verify_batch([i.pair for i in b]), items, outputs)]
+        for stage in self.stages:  # a record a stage dead-lettered goes no further
+            items = self._run(stage, items, outputs)
         with metrics.STAGE_SECONDS.labels("route").time():
             self._refresh_policy()
             self._route(items, outputs)
@@ -206,10 +211,9 @@ class Pipeline:
         outputs: list[Output] = []
         self._dead = []
         items = [Item(m, pair) for m, pair in zip(msgs, pairs, strict=True)]
-        items = [with_result(it, "score", r) for it, r in self._stage(
-            "score", "score", lambda b: self.scorer.score([i.pair for i in b]), items, outputs)]
-        items = [with_result(it, "vec", r) for it, r in self._stage(
-            "embed", "label", lambda b: list(self.embedder.embed([prompt_text(i.pair) for i in b])), items, outputs)]
+        for stage in self.stages:
+            if stage.second_look:
+                items = self._run(stage, items, outputs)
         now = int(time.time() * 1000)
         with metrics.STAGE_SECONDS.labels("route").time():
             self._refresh_policy()
@@ -224,10 +228,6 @@ class Pipeline:
                 except Exception as exc:  # one record's routing or encoding error is that record's
                     self._fail(it.msg, "route", exc, outputs)
         return outputs
-
-    def _label(self, batch: list[Item]) -> list[dict]:
-        disagreement = [abs(i.score["p"] - i.score["gold_p"]) if i.score["gold_p"] is not None else None for i in batch]
-        return self.labeler.label([i.pair for i in batch], disagreement)
 
     def _route(self, items: list[Item], outputs: list[Output]) -> None:
         """Route each scored pair and append its output records; then index the batch for retrieval."""

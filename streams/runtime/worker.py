@@ -36,14 +36,13 @@ from streams.kafka import topics
 from streams.kafka.config import consumer_config
 from streams.kafka.transactions import BatchTransactions, rewind
 from streams.keys import announce_verifiers
-from streams.runtime import metrics
+from streams.runtime import metrics, sandbox
 from streams.runtime.announcements import AnnouncementGate
 from streams.runtime.assignment import Assignment
 from streams.runtime.deferred import SecondLook
 from streams.runtime.expansion import Expansion
+from streams.runtime.isolation import TRANSIENT
 from streams.runtime.pipeline import Pipeline
-from streams.runtime.processors import sandbox
-from streams.runtime.processors.isolation import TRANSIENT
 from streams.runtime.processors.scorer import (
     Loaded,
     ModelSlot,

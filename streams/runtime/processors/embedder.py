@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from schemas.pairs import prompt_text
 from streams.exceptions import ConfigError
+from streams.runtime.processors.stage import Item, Stage
 from trainers.scoring.formatting import length_sorted_batches, pad_batch
 from trainers.scoring.model import CPU_CALL_COST_TOKENS
 
@@ -174,3 +176,20 @@ class Embedder:
                     self._cache.popitem(last=False)
         return np.stack([self._cache[t] if t in self._cache else self._embed([t])[0] for t in texts]) if texts else \
             np.zeros((0, self.dim), dtype=np.float32)
+
+
+class EmbedStage(Stage[np.ndarray]):
+    """The last user turn's unit embedding (``Item.vec``), for the retrieval index and the review tasks'
+    similar pairs. Its time counts under the labeler's timer: the two share the encoder."""
+
+    name, timer = "embed", "label"
+    second_look = True
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+
+    def run(self, items: list[Item]) -> list[np.ndarray]:
+        return list(self.embedder.embed([prompt_text(i.pair) for i in items]))
+
+    def keep(self, item: Item, result: np.ndarray) -> None:
+        item.vec = result

@@ -28,8 +28,8 @@ from schemas.exceptions import SchemaError
 from schemas.pairs import normalize_text, validate_pair
 from schemas.wire import ValueCodec
 from streams.kafka.deadletter import dead_letter, from_exception
-from streams.runtime.processors.dedupe import ContentDedupe
-from streams.runtime.processors.trust import ProducerKeyring
+from streams.runtime.curation.dedupe import ContentDedupe
+from streams.runtime.curation.trust import ProducerKeyring
 
 __all__ = ["DEDUPE_PREFIX", "IngestResult", "Ingestor", "normalize"]
 

@@ -32,6 +32,7 @@ import numpy as np
 from schemas.pairs import CONTROVERSIALITY, OBJECTIVITY, clip, prompt_text
 from streams.exceptions import ConfigError, ProcessingError
 from streams.review.disagreement import DISAGREEMENT_KEY
+from streams.runtime.processors.stage import Item, Stage
 
 log = logging.getLogger(__name__)
 
@@ -218,3 +219,21 @@ class LLMLabeler:
         if todo:
             self.fallback.label(todo)
         return pairs
+
+
+class LabelStage(Stage[dict]):
+    """The five attributes, filled in each pair in place; the models' disagreement (from ScoreStage) feeds
+    controversiality, so this stage runs after it."""
+
+    name = timer = "label"
+
+    def __init__(self, labeler: Labeler | LLMLabeler) -> None:
+        self.labeler = labeler
+
+    def run(self, items: list[Item]) -> list[dict]:
+        disagreement = [abs(i.score["p"] - i.score["gold_p"]) if i.score and i.score["gold_p"] is not None else None
+                        for i in items]
+        return self.labeler.label([i.pair for i in items], disagreement)
+
+    def keep(self, item: Item, result: dict) -> None:
+        pass  # the labels are in the pair

@@ -28,6 +28,7 @@ import numpy as np
 
 from streams.exceptions import ConfigError, ModelRefusedError, UntrustedModelPathError
 from streams.runtime import metrics
+from streams.runtime.processors.stage import Item, Stage
 from trainers.exceptions import CorruptArtifactError, DeviceError, UnknownVersionError
 from trainers.scoring.devices import cpu_dtype_refusal, resolve_device, resolve_dtype
 from trainers.scoring.model import ONNX_FP32, ONNX_INT8, RewardModel, sigmoid
@@ -285,3 +286,19 @@ class Scorer:
         metrics.MISPREDICTED.inc(int((p < 0.5).sum()))
         metrics.BATCH_SIZE.observe(len(pairs))
         return out
+
+
+class ScoreStage(Stage[dict]):
+    """The current (and gold) reward model's scores of each pair (``Item.score``)."""
+
+    name = timer = "score"
+    second_look = True
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+
+    def run(self, items: list[Item]) -> list[dict]:
+        return self.scorer.score([i.pair for i in items])
+
+    def keep(self, item: Item, result: dict) -> None:
+        item.score = result

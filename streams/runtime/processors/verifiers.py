@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from schemas.pairs import prompt_text
-from streams.runtime.processors import sandbox
+from streams.runtime import sandbox
+from streams.runtime.processors.stage import Item, Stage
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
@@ -183,3 +184,16 @@ def verify(pair: dict[str, Any]) -> tuple[str, str] | None:
         winner = verify_math(pair)
         return ("math", winner) if winner else None
     return None
+
+
+class VerifyStage(Stage[tuple[str, str] | None]):
+    """A tool's verdict where one can check the pair (``Item.verdict``); vouches without a producer key's
+    signature were stripped at ingest (streams/runtime/curation/trust.py)."""
+
+    name = timer = "verify"
+
+    def run(self, items: list[Item]) -> list[tuple[str, str] | None]:
+        return verify_batch([i.pair for i in items])
+
+    def keep(self, item: Item, result: tuple[str, str] | None) -> None:
+        item.verdict = result

@@ -30,20 +30,6 @@ TRANSIENT: tuple[type[BaseException], ...] = (redis.RedisError, KafkaException, 
 SYSTEMIC_MIN_BATCH = 4
 
 
-@dataclass(eq=False)
-class Item:
-    """One record on its way through the worker's stages, with what each stage found."""
-
-    msg: Any
-    pair: dict
-    score: dict | None = None
-    vec: Any = None
-    verdict: tuple[str, str] | None = None
-
-
-def with_result(item: Item, field: str, value: Any) -> Item:
-    setattr(item, field, value)
-    return item
 
 
 @dataclass

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from streams.kafka import topics
 from streams.kafka.transactions import Output
 from streams.review_budget import BudgetSpec
-from streams.runtime.processors.outputs import Emitter, scored_record
+from streams.runtime.outputs import Emitter, scored_record
 from streams.runtime.processors.router import Route
 
 HOUR_S = 3600

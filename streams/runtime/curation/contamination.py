@@ -20,7 +20,7 @@ import numpy as np
 
 from schemas.pairs import prompt_text
 from streams.exceptions import ConfigError
-from streams.runtime.processors import minhash
+from streams.runtime.curation import minhash
 
 REASON_PREFIX = "contaminated:"
 

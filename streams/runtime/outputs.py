@@ -15,8 +15,8 @@ from streams.exceptions import OutputTooLargeError, ProcessingError
 from streams.kafka import deadletter, topics
 from streams.kafka.topics import MAX_MESSAGE_BYTES
 from streams.kafka.transactions import Output
-from streams.runtime.processors.retrieval import Neighbour
 from streams.runtime.processors.router import Route
+from streams.runtime.retrieval.index import Neighbour
 
 log = logging.getLogger(__name__)
 # Review priority is p plus the pair's age as a tie-break: created_at (epoch ms, ~1.7e12) divided by

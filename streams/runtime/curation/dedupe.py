@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from streams.runtime.processors import minhash
+from streams.runtime.curation import minhash
 
 CONTENT_PREFIX = "prefstream:content:"
 LSH_PREFIX = "prefstream:lsh:"

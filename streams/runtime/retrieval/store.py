@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from schemas.pairs import clip, prompt_text
-from streams.runtime.processors.retrieval import NEIGHBOUR_TEXT_CHARS, NeighbourIndex
+from streams.runtime.retrieval.index import NEIGHBOUR_TEXT_CHARS, NeighbourIndex
 
 log = logging.getLogger(__name__)
 # A pair whose JSON is longer is stored with clipped texts: 200,000 whole pairs of up to 4 MiB would not fit Redis.

@@ -33,7 +33,7 @@ and only then writes a per-run random token on a pipe of its own. A pass needs e
 that pipe; an exit status alone, or anything the candidate prints or writes, is no pass.
 
 In Kubernetes the sandbox can run in a sidecar (``k8s/components/code-verifier``): that container
-alone may create user namespaces, and runs ``python -m streams.runtime.processors.sandbox serve``
+alone may create user namespaces, and runs ``python -m streams.runtime.sandbox serve``
 on a Unix socket in a volume shared with the worker. A worker that sees the socket's directory
 (``SIDECAR_SOCKET``) sends each run there instead of starting bwrap itself.
 
@@ -62,7 +62,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from streams.runtime.processors import cgroups
+from streams.runtime.sandbox import cgroups
 
 log = logging.getLogger(__name__)
 
@@ -583,7 +583,7 @@ def make_server(path: str) -> socketserver.BaseServer:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) not in (1, 2) or argv[0] != "serve":
-        print("usage: python -m streams.runtime.processors.sandbox serve [SOCKET]", file=sys.stderr)
+        print("usage: python -m streams.runtime.sandbox serve [SOCKET]", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = argv[1] if len(argv) == 2 else SIDECAR_SOCKET
@@ -592,7 +592,3 @@ def main(argv: list[str] | None = None) -> int:
              server.sandbox.interpreter, server.sandbox.memory_mode)  # type: ignore[attr-defined]
     server.serve_forever()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

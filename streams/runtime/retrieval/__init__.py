@@ -1,0 +1,1 @@
+"""The retrieval index of similar pairs and its copy in Redis."""
