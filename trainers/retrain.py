@@ -43,9 +43,9 @@ from trainers.chain import root_version, write_training_pairs
 from trainers.evaluation.calibration import MANIFEST_KEY, MIN_CALIBRATION_PAIRS, calibrate
 from trainers.exceptions import ExportError, TrainerError
 from trainers.scoring.precision import PRECISIONS
-from trainers.storage.registry import Announcer, ModelStore, open_store
+from trainers.storage.registry import BOOTSTRAP_VERSION, Announcer, ModelStore, open_store
 from trainers.training import distributed
-from trainers.training.data import read_jsonl, split_holdout
+from trainers.training.data import read_training_pairs, split_holdout
 from trainers.training.selection import Collected, collect
 
 # Fewer validation pairs than this make early stopping a coin toss: the job trains its planned steps instead.
@@ -262,7 +262,7 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
 
     store = open_store(cfg.models_dir, cfg.models_cache_dir, cfg.s3_endpoint)
     validation: list[dict] = []
-    serving_version = store.serving(cfg.role) or "bootstrap"
+    serving_version = store.serving(cfg.role) or BOOTSTRAP_VERSION
     base_version = serving_version
     if pairs is None:
         data, mode, why = plan_data(cfg, store)
@@ -283,7 +283,7 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
         from trainers.evaluation.evaluate import read_regression_pairs
 
         # Any layout `prefstream eval` reads (RewardBench, RM-Bench, RMB, JudgeBench, ours): a
-        # benchmark file is the natural regression set, and read_jsonl would drop its rows unseen.
+        # benchmark file is the natural regression set, and read_training_pairs would drop its rows unseen.
         holdout = holdout + read_regression_pairs(cfg.regression_file)
     if len(pairs) < cfg.min_pairs:
         return RetrainResult(cfg.role, "skipped", f"{len(pairs)} training pairs, fewer than min_pairs={cfg.min_pairs}")
@@ -292,7 +292,7 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
         pairs, holdout = split_holdout(pairs, cfg.eval_fraction, cfg.seed)
         eval_set_name = "held-out slice of this job's data (no gold holdout yet)"
         held_out = len(holdout)
-    base = "default" if base_version == "bootstrap" else str(store.checkout(base_version))
+    base = "default" if base_version == BOOTSTRAP_VERSION else str(store.checkout(base_version))
     lap("collect")
     ranks = distributed.ranks()
     with tempfile.TemporaryDirectory(prefix="prefstream-retrain-") as tmp:
@@ -303,7 +303,7 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
         if ranks.is_main:
             write_training_pairs(trained.output_dir, pairs)
             lineage |= {k: trained.metrics.get(k) for k in ("steps", "planned_steps", "best_step", "stopped_early")}
-            serving_dir = "default" if serving_version == "bootstrap" else str(store.checkout(serving_version))
+            serving_dir = "default" if serving_version == BOOTSTRAP_VERSION else str(store.checkout(serving_version))
             result = _gate_and_publish(cfg, store, trained, pairs, holdout, serving_version, serving_dir,
                                        {"eval_set": eval_set_name, "lineage": lineage, "seconds": seconds, "lap": lap,
                                         "calibration_set": _calibration_set(held_out, len(holdout), eval_set_name)},
@@ -348,7 +348,7 @@ def _gate_and_publish(cfg: RetrainConfig, store: ModelStore, trained: Any, pairs
     run["lap"]("export")
     metrics = {"holdout_accuracy": cand["accuracy"], "serving_holdout_accuracy": serv["accuracy"],
                "holdout_pairs": cand["n"], "train_pairs": len(pairs), "final_loss": trained.metrics["final_loss"]}
-    info = store.publish(trained.output_dir, cfg.role, parent=None if serving_version == "bootstrap" else serving_version,
+    info = store.publish(trained.output_dir, cfg.role, parent=None if serving_version == BOOTSTRAP_VERSION else serving_version,
                          lineage=run["lineage"], metrics=metrics, announce=announce, reason=result.reason,
                          calibration=calibration.to_manifest())
     run["lap"]("publish")
@@ -362,7 +362,7 @@ def run_seed(cfg: RetrainConfig, announce: Announcer | None = None) -> list[Retr
     Both roles would train on the same pairs with the same config and seed, so the model is
     trained once (as gold) and the same weights are published again as current.
     """
-    seed_pairs = list(read_jsonl(Path(cfg.seed_file)))
+    seed_pairs = list(read_training_pairs(Path(cfg.seed_file)))
     if not seed_pairs:
         raise TrainerError(f"the seed file {cfg.seed_file} holds no usable pairs")
     lineage = {"seed_file": str(cfg.seed_file), "seed_pairs": len(seed_pairs)}

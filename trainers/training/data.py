@@ -30,7 +30,7 @@ TRAINING_KEYS = ("margin", "split", "is_flipped", "style_trap")
 STRENGTH_MARGIN = {"slightly": 0.0, "clearly": 0.5, "much": 1.0}  # keyed by schemas.records.STRENGTHS
 
 
-def read_jsonl(path: Path, skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
+def read_training_pairs(path: Path, skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Pairs from JSONL: our pair JSON, HH-RLHF or JudgeBench. Training-only keys go to 'extra'.
 
     A line that parses but is not a usable pair (identical responses, a missing field) is skipped with
@@ -123,7 +123,7 @@ def read_pairs(paths: Sequence[str | Path], skipped: list[str] | None = None) ->
             if f.suffix == ".avro":
                 out.extend(read_shard(f))
             elif f.name.endswith((".jsonl", ".jsonl.gz", ".json")):
-                out.extend(read_jsonl(f, skipped))
+                out.extend(read_training_pairs(f, skipped))
     if not out:
         why = f"; all {len(skipped)} records were unusable, the first: {skipped[0]}" if skipped else ""
         raise DataError(f"no pairs found in {', '.join(map(str, paths))} (expected *.avro shards or *.jsonl){why}")
