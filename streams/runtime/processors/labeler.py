@@ -45,10 +45,11 @@ _REFUSAL = re.compile(r"^\W*(?:i'?m sorry,? but|sorry,? but|i (?:can(?:'|no)?t|c
 # A follow-up turn ("now make it shorter") says little on its own; the earlier user turns carry the
 # task. The last turn keeps the larger share so that a change of subject in it still decides.
 LAST_TURN_WEIGHT = 0.6
-# The earlier turns are embedded as one text, most recent first, cut to about 50 tokens: labeling
-# HH-RLHF pairs (70% multi-turn) then takes about twice the time of the last turn alone
-# (bench/labeler.py); the whole 128 tokens would cost more for little (the latest turns lead).
-CONTEXT_CHARS = 200
+# The earlier turns are embedded as one text, most recent first, cut to about 20 tokens. With the
+# assistant's turns in it the text is nearly always that long: at 200 characters labeling HH-RLHF
+# pairs (70% multi-turn) took 2.6x the time of the last turn alone, at 80 characters 1.9x, at the same
+# top-1 on the labelled set's dev split (bench/labeler.py; the latest turns carry the task).
+CONTEXT_CHARS = 80
 LLM_TURN_CHARS = 2000  # per turn and response sent to the LLM labeler: its context holds a long conversation
 
 
