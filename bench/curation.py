@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # it did not run (each length says the command that made it), and a stopped run keeps what it finished.
         earlier = RESULTS / "curation.json"
         kept = json.loads(earlier.read_text()).get("datasets", {}) if earlier.exists() else {}
-        ran = {length: res | {"command": cmd} for length, res in done["lengths"].items()}
+        # Each length names the served version it studied: lengths kept from another demo run studied another one.
+        ran = {length: res | {"command": cmd, "version": done.get("version")} for length, res in done["lengths"].items()}
         result["datasets"][name] = done | {"lengths": kept.get(name, {}).get("lengths", {}) | ran}
         write_result("curation", result | {"datasets": kept | result["datasets"]}, cmd)
 

@@ -36,7 +36,7 @@ def test_a_run_of_one_length_keeps_the_other_lengths_and_data_sets(tmp_path, mon
 
     def study(state, lengths, seeds, on_length=None):  # the training itself is tests/test_learning.py's subject
         assert lengths == [3.0]
-        out = {"version": "v", "lengths": {"x3": {"steps": [252]}}}
+        out = {"version": "v2", "lengths": {"x3": {"steps": [252]}}}  # another demo run than the kept x1's
         on_length(out)
         return out
 
@@ -45,4 +45,5 @@ def test_a_run_of_one_length_keeps_the_other_lengths_and_data_sets(tmp_path, mon
     got = json.loads((tmp_path / "curation.json").read_text())["datasets"]
     assert got["generated"]["lengths"]["x1"]["command"] == "earlier x1"
     assert got["generated"]["lengths"]["x3"]["steps"] == [252] and "--lengths 3" in got["generated"]["lengths"]["x3"]["command"]
+    assert got["generated"]["lengths"]["x3"]["version"] == "v2"  # each length names the version it studied
     assert got["hh"]["lengths"] == {"x1": x1}
