@@ -264,8 +264,8 @@ class FakeMessage:
 
 
 class FakeRedis:
-    """The few Redis calls the pipeline makes (SET NX + GET in a pipeline, HGETALL, and ingest's one EVAL:
-    delete a key while it holds a given value), in memory."""
+    """The few Redis calls the pipeline makes (SET NX + GET in a pipeline, HGETALL, ingest's one EVAL:
+    delete a key while it holds a given value, and the history's HINCRBYFLOAT + EXPIRE), in memory."""
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
@@ -281,6 +281,12 @@ class FakeRedis:
 
     def get(self, key: str) -> None:
         self._ops.append(("get", key))
+
+    def hincrbyfloat(self, key: str, field: str, amount: float) -> None:  # streams/history.py's counts
+        self._ops.append(("hincrbyfloat", key, field.encode(), amount))
+
+    def expire(self, key: str, seconds: int) -> None:
+        self._ops.append(("expire", key))
 
     def eval(self, script: str, numkeys: int, key: str, value: str) -> None:
         from streams.runtime.processors.ingest import RELEASE_SCRIPT
@@ -300,6 +306,12 @@ class FakeRedis:
                 if held:
                     del self.data[op[1]]
                 out.append(int(held))
+            elif op[0] == "hincrbyfloat":
+                h = self.hashes.setdefault(op[1], {})
+                h[op[2]] = str(float(h.get(op[2], b"0")) + op[3]).encode()
+                out.append(float(h[op[2]]))
+            elif op[0] == "expire":
+                out.append(True)
             else:
                 out.append(self.data.get(op[1]))
         return out
