@@ -464,7 +464,11 @@ def test_a_fork_bomb_of_allocators_stays_within_the_runs_memory_cap(mode, monkey
         out = result.output.decode()
         assert result.memory_mode == found
         assert out.count("holds") > 7, out[-2000:]  # the children did allocate
-        assert peak[0] <= cap, f"{peak[0] >> 20} MiB held together under a {cap >> 20} MiB cap ({found})"
+        # The sampler reads the processes one after another, not at one instant: a child can be counted just
+        # before the kernel frees it and a sibling counted after it grew into that memory by a step or two (8 MiB
+        # each). One run measured 258 MiB that way under the 256 MiB cgroup cap; without a cap they hold 1.4 GiB.
+        slack = 2 * (8 << 20)
+        assert peak[0] <= cap + slack, f"{peak[0] >> 20} MiB held together under a {cap >> 20} MiB cap ({found})"
         if found.startswith("cgroup"):
             assert result.status == "memory limit" and not result.ok  # the kernel killed allocators at the cap
         else:
