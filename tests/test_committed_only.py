@@ -25,6 +25,7 @@ from schemas.pairs import validate_pair
 from schemas.wire import ValueCodec
 from streams.kafka import topics
 from streams.kafka.committed import MARKER_HEADER, TXN_HEADER, CommittedFilter, Source, Stamp, outcome
+from streams.kafka.config import consumer_config
 from streams.kafka.reader import read_topic
 from streams.kafka.transactions import BatchTransactions, transactional_producer
 from streams.runtime.controller import ScoredMonitor
@@ -279,6 +280,31 @@ def test_a_pair_curated_only_in_a_transaction_that_never_committed_never_reaches
     _run_writer(settings, lambda w: w.filter.dropped >= 1, timeout=20)
     assert _shard_rows(settings) == []
     assert read_topic(settings, topics.CURATED, "CuratedPair") == []
+
+
+@pytest.mark.integration
+def test_a_rebalance_before_the_idle_marker_leaves_the_last_batch_to_the_partitions_new_holder(settings):
+    """A worker commits a batch with outputs and loses the partition before its idle marker; it cannot name
+    the partition any more. The new holder, already anchored on its other partition, anchors the gained one,
+    so readers take the batch's rows instead of waiting for the partition's next record."""
+    (x,) = _pairs(1)
+    group = f"{settings.topic_prefix}worker"
+    marked = [settings.topic(t) for t in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ)]
+    first, msgs = raw_batch(settings, [x], group)
+    txn = BatchTransactions(settings, f"{settings.topic_prefix}w0", marked=marked)
+    assert txn.commit(first, [_encode(settings, topics.CURATED, "CuratedPair", x["pair_id"], _curated(x, "silver"))], msgs)
+    first.close()  # revoked before it was idle: no marker of its own names partition 0 after the row
+
+    raw = settings.topic(topics.RAW)
+    second = Consumer(consumer_config(settings, group))
+    second.assign([TopicPartition(raw, 1)])
+    successor = BatchTransactions(settings, f"{settings.topic_prefix}w1", marked=marked)
+    assert successor.anchor(second)  # at start, holding partition 1 only
+    second.incremental_assign([TopicPartition(raw, 0)])  # the rebalance gives it partition 0
+    assert successor.anchor(second)
+    second.close()
+    _run_writer(settings, lambda w: _shard_rows(settings), timeout=30)
+    assert [(r["pair"]["pair_id"], r["split"]) for r in _shard_rows(settings)] == [(x["pair_id"], "silver")]
 
 
 @pytest.mark.integration

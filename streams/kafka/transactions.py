@@ -114,6 +114,11 @@ class BatchTransactions:
         self._marker_partitions: list[tuple[str, int]] = []
         self._marker_partitions_at = float("-inf")
         self._anchor_after = float("-inf")
+        # The input partitions the last committed transaction's stamp named. A partition gained since (a
+        # rebalance) is anchored too: its predecessor's last batch waits for a marker that names it, and the
+        # predecessor, no longer holding it, cannot write one.
+        self._named: set[tuple[str, int]] = set()
+        self._naming: set[tuple[str, int]] = set()
 
     def poll(self) -> None:
         """Serve the producer's queue (librdkafka's log lines come through it)."""
@@ -147,6 +152,7 @@ class BatchTransactions:
         if self.marking is not None:
             # This batch's rows wait for a later marker; any later transaction's markers name its partitions.
             self.marking.unanchored = bool(outputs)
+            self._named = self._naming
 
     @staticmethod
     def _produce(producer: Producer, topic: str, value: bytes | None, key: bytes | None, headers: list | None,
@@ -164,6 +170,7 @@ class BatchTransactions:
         rebalance another worker may have moved them) and the batch's last offsets."""
         read = {(m.topic(), m.partition()) for m in msgs}
         held = read | {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        self._naming = held
         tps = [TopicPartition(t, p) for t, p in sorted(held)]
         committed = consumer.committed(tps, timeout=TXN_CALL_TIMEOUT_S)
         # Where the consumer reads next on partitions without records in this batch (see Marking.stamp).
@@ -189,12 +196,16 @@ class BatchTransactions:
     def anchor(self, consumer: Consumer) -> bool:
         """When idle: a transaction of markers only, so that readers can decide the last batch's rows.
 
-        Needed only after a committed transaction with outputs (and once at start, for a predecessor's last
-        batch); a no-op otherwise, or without marking, or while the consumer holds no partition. False when
+        Needed only after a committed transaction with outputs, and when the consumer holds a partition its
+        last transaction did not name (at start, and after a rebalance: the predecessor's last batch there
+        waits for a marker naming it); a no-op otherwise, or without marking, or while the consumer holds no partition. False when
         it failed (tried again at the next call)."""
-        if self.marking is None or not self.marking.unanchored:
+        if self.marking is None:
             return True
-        if time.monotonic() < self._anchor_after or not consumer.assignment():
+        held = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        if not self.marking.unanchored and held <= self._named:
+            return True
+        if time.monotonic() < self._anchor_after or not held:
             return False
         try:
             if self.producer is None:
@@ -209,6 +220,7 @@ class BatchTransactions:
             self._anchor_after = time.monotonic() + ANCHOR_RETRY_S
             return False
         self.marking.unanchored = False
+        self._named = self._naming
         self.failures, self.last_error = 0, ""
         return True
 
