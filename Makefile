@@ -42,6 +42,7 @@ bench:
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check streams trainers schemas tests bench
+	$(VENV)/bin/mypy  # streams trainers schemas, as pyproject.toml's [tool.mypy] says
 
 clean:
-	rm -rf $(VENV) .prefstream .pytest_cache demo-report
+	rm -rf $(VENV) .prefstream .pytest_cache .mypy_cache demo-report

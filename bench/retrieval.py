@@ -32,7 +32,7 @@ def run(n: int, queries: int, k: int, dim: int = 384, seed: int = 0) -> dict:
         got = index.search(q, k)
         lat.append(time.perf_counter() - t)
         exact = set(np.argsort(-(vecs @ q))[:k])  # the naive reference: a full sort of every similarity
-        hits += len({int(g.pair_id[1:]) for g in got} & exact)
+        hits += len({int(g["pair_id"][1:]) for g in got} & exact)
     lat_ms = np.array(lat) * 1000
     return {"indexed": n, "queries": queries, "k": k, "p50_ms": round(float(np.percentile(lat_ms, 50)), 3),
             "p99_ms": round(float(np.percentile(lat_ms, 99)), 3), "recall_at_k": hits / (queries * k),

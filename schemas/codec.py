@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.validation import ValidationError, validate
@@ -44,4 +44,5 @@ def decode(name: str, data: bytes, writer: Schema | None = None) -> dict[str, An
         raise DecodeError(f"bytes are not a valid {name} Avro record: {type(exc).__name__}: {exc}", "invalid_avro") from None
     if buf.tell() != len(data):
         raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after a {name} record; wrong schema?", "invalid_avro")
-    return record
+    # Every schema in the registry is an Avro record, which fastavro reads as a dict.
+    return cast(dict[str, Any], record)

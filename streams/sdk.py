@@ -76,10 +76,11 @@ class PreferenceProducer:
         """
         self._raise_pending()
         record = validate_pair(pair)
-        value, headers = self.codec.encode("PreferencePair", record, self.topic)
+        value, encoded = self.codec.encode("PreferencePair", record, self.topic)
+        headers: list[tuple[str, str | bytes | None]] = [*encoded]
         if self.key is not None:
             # Signed as the workers decode it (every schema field, defaults filled), not as given.
-            headers = headers + sign_pair(self.codec.decode("PreferencePair", value, headers, self.topic), self.key)
+            headers += sign_pair(self.codec.decode("PreferencePair", value, encoded, self.topic), self.key)
         while True:
             try:
                 self._producer.produce(self.topic, value=value, key=record["pair_id"].encode(),

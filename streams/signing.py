@@ -56,13 +56,15 @@ def canonical(schema: str, record: Mapping[str, Any]) -> bytes:
 
 
 class Signer(Protocol):
-    key_id: str
+    @property
+    def key_id(self) -> str: ...
 
     def sign(self, message: bytes) -> bytes: ...
 
 
 class Verifier(Protocol):
-    key_id: str
+    @property
+    def key_id(self) -> str: ...
 
     def verify(self, message: bytes, signature: bytes) -> bool: ...
 

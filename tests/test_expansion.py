@@ -212,7 +212,7 @@ def test_the_store_keeps_the_newest_pairs_and_refills_an_index(settings):
     assert not store.get(["p4"])["p4"].whole and store.get(["p3"])["p3"].whole
     index = NeighbourIndex(4)
     assert store.load(index) == 3
-    assert [n.pair_id for n in index.search(np.eye(4, dtype=np.float32)[3], 1)] == ["p3"]
+    assert [n["pair_id"] for n in index.search(np.eye(4, dtype=np.float32)[3], 1)] == ["p3"]
 
 
 def _review_tasks_of(settings, ids: set[str], timeout: float = 120) -> list[dict]:

@@ -287,13 +287,15 @@ def test_an_output_larger_than_the_topic_takes_is_dead_lettered_not_sent(monkeyp
 
 def test_review_task_neighbours_are_trimmed_to_fit_the_topic():
     from schemas.pairs import clip
+    from schemas.records import SimilarPair
     from streams.runtime.outputs import OUTPUT_LIMIT, review_task
     from streams.runtime.processors.router import Route
-    from streams.runtime.retrieval.index import NEIGHBOUR_TEXT_CHARS, Neighbour
+    from streams.runtime.retrieval.index import NEIGHBOUR_TEXT_CHARS
 
     big = clip("z" * 100_000, NEIGHBOUR_TEXT_CHARS)
     assert len(big) < 4100, "neighbour texts are clipped when indexed"
-    neighbours = [Neighbour(f"n{i}", big, big, big, "human", 0.9) for i in range(8)]
+    neighbours = [SimilarPair(pair_id=f"n{i}", prompt=big, chosen=big, rejected=big, label_source="human", similarity=0.9)
+                  for i in range(8)]
     pair = {"pair_id": "p", "created_at": 0}
     score = {"p": 0.3, "reward_chosen": 0.0, "reward_rejected": 1.0, "model_version": "bootstrap"}
     assert len(review_task(pair, score, Route("review", "mispredicted", 8), neighbours, 0, 1000, "t1")["similar"]) == 8

@@ -79,15 +79,15 @@ def test_retrieval_exact_and_ivf_agree_with_brute_force():
     index = NeighbourIndex(32)
     index.add(vecs[:1000], [(f"p{i}", "", "", "", "h") for i in range(1000)])
     q = vecs[3]
-    assert [n.pair_id for n in index.search(q, 5)] == [f"p{i}" for i in np.argsort(-(vecs[:1000] @ q))[:5]]
+    assert [n["pair_id"] for n in index.search(q, 5)] == [f"p{i}" for i in np.argsort(-(vecs[:1000] @ q))[:5]]
     index.add(vecs[1000:], [(f"p{i}", "", "", "", "h") for i in range(1000, len(vecs))])
     assert index.centroids is not None, "the index should switch to IVF past EXACT_LIMIT"
     hits = 0
     for qi in rng.integers(0, len(vecs), 50):
         exact = {f"p{i}" for i in np.argsort(-(vecs @ vecs[qi]))[:8]}
-        hits += len({n.pair_id for n in index.search(vecs[qi], 8)} & exact)
+        hits += len({n["pair_id"] for n in index.search(vecs[qi], 8)} & exact)
     assert hits / 400 >= 0.95
-    assert all(n.pair_id != "p3" for n in index.search(vecs[3], 8, exclude="p3"))
+    assert all(n["pair_id"] != "p3" for n in index.search(vecs[3], 8, exclude="p3"))
 
 
 def test_retrieval_forgets_oldest_when_full():
@@ -96,7 +96,7 @@ def test_retrieval_forgets_oldest_when_full():
     vecs = _unit(rng, 15, 8)
     index.add(vecs, [(f"p{i}", "", "", "", "h") for i in range(15)])
     assert index.size == 10 and "p0" not in index.ids and "p14" in index.ids
-    assert index.search(vecs[14], 1)[0].pair_id == "p14"
+    assert index.search(vecs[14], 1)[0]["pair_id"] == "p14"
 
 
 @pytest.fixture(scope="module")

@@ -260,6 +260,7 @@ def run_retrain(cfg: RetrainConfig, announce: Announcer | None = None, pairs: li
         seconds[name] = round(now - clock["t"], 1)
         clock["t"] = now
 
+    assert cfg.models_dir is not None  # cfg.validate() raised if it is unset
     store = open_store(cfg.models_dir, cfg.models_cache_dir, cfg.s3_endpoint)
     validation: list[dict] = []
     serving_version = store.serving(cfg.role) or BOOTSTRAP_VERSION
@@ -362,6 +363,8 @@ def run_seed(cfg: RetrainConfig, announce: Announcer | None = None) -> list[Retr
     Both roles would train on the same pairs with the same config and seed, so the model is
     trained once (as gold) and the same weights are published again as current.
     """
+    if cfg.seed_file is None:
+        raise TrainerError("run_seed needs a seed file: pass --seed-file")
     seed_pairs = list(read_training_pairs(Path(cfg.seed_file)))
     if not seed_pairs:
         raise TrainerError(f"the seed file {cfg.seed_file} holds no usable pairs")
@@ -370,6 +373,7 @@ def run_seed(cfg: RetrainConfig, announce: Announcer | None = None) -> list[Retr
                        lineage=lineage)
     if gold.decision != "published":
         return [gold, RetrainResult("current", gold.decision, f"not published: the gold model was not ({gold.reason})")]
+    assert cfg.models_dir is not None  # the gold run validated this same config
     store = open_store(cfg.models_dir, cfg.models_cache_dir, cfg.s3_endpoint)
     if store.serving("current") is not None:  # every rank reads it after rank 0 published gold
         # Re-running Stage 1 with a current model in place would replace it unchecked: gate as usual.
@@ -377,6 +381,7 @@ def run_seed(cfg: RetrainConfig, announce: Announcer | None = None) -> list[Retr
                                   holdout=[], lineage=lineage)]
     if not distributed.ranks().is_main:  # rank 0 publishes; its result is the one printed
         return [gold, RetrainResult("current", "published", gold.reason, candidate=gold.candidate, lineage=lineage)]
+    assert gold.version is not None  # a published result names the version it published
     src = store.get(gold.version)
     # Same weights, same held-out pairs: the gold version's temperature holds for current too.
     info = store.publish(store.checkout(gold.version), "current", parent=None, lineage=lineage, metrics=src.metrics, announce=announce,

@@ -10,6 +10,7 @@ import sys
 
 import click
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
 from schemas.exceptions import PrefstreamError
 from streams.cli.common import console
@@ -34,7 +35,7 @@ def _setting_error(exc: ValidationError) -> str:
     from streams import settings
 
     cls = getattr(settings, exc.title, None)
-    prefix = cls.model_config.get("env_prefix", "") if isinstance(cls, type) else ""
+    prefix = cls.model_config.get("env_prefix", "") if isinstance(cls, type) and issubclass(cls, BaseSettings) else ""
     lines = []
     for e in exc.errors():
         name, msg = f"{prefix}{'_'.join(map(str, e['loc'])).upper()}", e["msg"].removeprefix("Value error, ")

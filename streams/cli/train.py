@@ -135,8 +135,8 @@ def eval_cmd(model: Path, files: tuple[Path, ...], fmt: str, backend: str, devic
     device = resolve_device("cpu" if backend == "onnx" and device == "auto" else device)
     if refusal := cpu_dtype_refusal(dtype, device, "--dtype"):
         raise ConfigError(refusal)
-    rm = RewardModel.load(model, backend=backend, device=device, dtype=dtype,
-                          **({"onnx_file": best_onnx_file(model)} if backend == "onnx" else {}))
+    rm = (RewardModel.load(model, backend=backend, device=device, dtype=dtype, onnx_file=best_onnx_file(model))
+          if backend == "onnx" else RewardModel.load(model, backend=backend, device=device, dtype=dtype))
     with console.status(f"scoring {len(items)} items"):
         report = evaluate(rm, items, rm.temperature)
     report["skipped_lines"] = skipped

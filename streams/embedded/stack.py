@@ -8,6 +8,7 @@ the option never starts an empty in-memory broker in front of stored data.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +208,7 @@ class Stack:
             broker.start(
                 [str(binaries.tansu()), "broker", "--listener-url", url, "--advertised-listener-url", url,
                  "--storage-engine", self.storage],
-                ready=lambda b=broker: self._broker_answers(b), env=self._broker_env(extra_env),
+                ready=functools.partial(self._broker_answers, broker), env=self._broker_env(extra_env),
             )
         self._start_redis()
         return ensure_topics(self.settings)

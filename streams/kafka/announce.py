@@ -40,10 +40,10 @@ class Announcer:
         self.producer = Producer(producer_config(settings))
 
     def __call__(self, record: dict[str, Any]) -> None:
-        value, headers = self.codec.encode("ModelVersion", record, self.topic)
+        value, encoded = self.codec.encode("ModelVersion", record, self.topic)
         # Signed as the workers decode it (every schema field), not as given.
-        decoded = self.codec.decode("ModelVersion", value, headers, self.topic)
-        headers = headers + sign_headers("ModelVersion", decoded, self.signer)
+        decoded = self.codec.decode("ModelVersion", value, encoded, self.topic)
+        headers: list[tuple[str, str | bytes | None]] = [*encoded, *sign_headers("ModelVersion", decoded, self.signer)]
         producer = self.producer
         errors: list[str] = []
         producer.produce(self.topic, key=record["role"].encode(), value=value, headers=headers,

@@ -278,7 +278,7 @@ class CommittedFilter:
 
     def held(self, topic: str | None = None, partition: int | None = None) -> int:
         """Records waiting for a decision (of one partition, or of all)."""
-        if topic is not None:
+        if topic is not None and partition is not None:
             part = self._parts.get((topic, partition))
             return len(part.queue) if part else 0
         return sum(len(p.queue) for p in self._parts.values())

@@ -99,8 +99,9 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     return conf | overrides
 
 
-def consumer_config(settings: Settings, group: str | None, background: bool = False, **overrides: Any) -> dict[str, Any]:
-    """``background``: a consumer where a second of delay costs nothing fetches with the longer broker wait."""
+def consumer_config(settings: Settings, group: str | None, background: bool = False) -> dict[str, Any]:
+    """``background``: a consumer where a second of delay costs nothing fetches with the longer broker wait.
+    A caller that needs another librdkafka setting merges it into the dict this returns."""
     conf = _common(settings) | {
         "auto.offset.reset": "earliest",
         # Offsets are committed by the code after a record is processed, never by a timer.
@@ -116,7 +117,7 @@ def consumer_config(settings: Settings, group: str | None, background: bool = Fa
     }
     # librdkafka requires a group.id even for assign()-only readers; such a reader never commits.
     conf["group.id"] = group or "prefstream-reader"
-    return conf | overrides
+    return conf
 
 
 def admin_config(settings: Settings) -> dict[str, Any]:

@@ -151,8 +151,8 @@ class TopicReader:
         self.seen = SeenSet(dedupe) if dedupe else None
         self.duplicates = 0
         self.codec = ValueCodec(self.settings.schema_registry_url)
-        self._consumer = Consumer(consumer_config(self.settings, group,
-                                                  **({} if from_beginning else {"auto.offset.reset": "latest"})))
+        self._consumer = Consumer(consumer_config(self.settings, group)
+                                  | ({} if from_beginning else {"auto.offset.reset": "latest"}))
         if group:
             self._consumer.subscribe([topic])
         else:
@@ -191,11 +191,11 @@ class TopicReader:
                 if idle_timeout is not None and time.monotonic() - last > idle_timeout:
                     return
                 continue
-            if msg.error():
-                if msg.error().code() == _RdKafkaError._PARTITION_EOF:
+            if err := msg.error():
+                if err.code() == _RdKafkaError._PARTITION_EOF:
                     continue
-                if msg.error().fatal() or msg.error().code() == _RdKafkaError.UNKNOWN_TOPIC_OR_PART:
-                    raise BrokerError(f"reading {self.topic}: {msg.error().str()}")
+                if err.fatal() or err.code() == _RdKafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise BrokerError(f"reading {self.topic}: {err.str()}")
                 continue
             last = time.monotonic()
             for released, committed in self.filter.add(msg):

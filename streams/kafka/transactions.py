@@ -157,10 +157,12 @@ class BatchTransactions:
     @staticmethod
     def _produce(producer: Producer, topic: str, value: bytes | None, key: bytes | None, headers: list | None,
                  partition: int | None = None) -> None:
-        extra = {} if partition is None else {"partition": partition}
         while True:
             try:
-                producer.produce(topic, value=value, key=key, headers=headers, **extra)
+                if partition is None:
+                    producer.produce(topic, value=value, key=key, headers=headers)
+                else:
+                    producer.produce(topic, value=value, key=key, headers=headers, partition=partition)
                 return
             except BufferError:
                 producer.poll(0.1)  # the local queue is full: let deliveries drain, then go on
@@ -168,6 +170,7 @@ class BatchTransactions:
     def _stamp(self, consumer: Consumer, msgs: list[Any]) -> bytes:
         """The attempt's stamp: the group's committed offsets of the partitions it holds (asked now: after a
         rebalance another worker may have moved them) and the batch's last offsets."""
+        assert self.marking is not None, "only a stage that marks its topics stamps its attempts"
         read = {(m.topic(), m.partition()) for m in msgs}
         held = read | {(tp.topic, tp.partition) for tp in consumer.assignment()}
         self._naming = held
@@ -179,6 +182,7 @@ class BatchTransactions:
 
     def _produce_markers(self, producer: Producer, stamp: bytes) -> None:
         """One marker per partition of every marked topic (partition counts read again every MARKED_METADATA_S)."""
+        assert self.marking is not None, "only a stage that marks its topics writes markers"
         now = time.monotonic()
         if now - self._marker_partitions_at >= MARKED_METADATA_S:
             found = []
@@ -249,10 +253,11 @@ class BatchTransactions:
         self._abort()
 
     def _abort(self) -> None:
-        if self.producer is None:
+        producer = self.producer
+        if producer is None:
             return
         try:
-            self._call(lambda: self.producer.abort_transaction(TXN_CALL_TIMEOUT_S))
+            self._call(lambda: producer.abort_transaction(TXN_CALL_TIMEOUT_S))
         except KafkaException as exc:
             err = exc.args[0]
             if err.fatal():

@@ -330,6 +330,8 @@ def stream_pairs(run: DemoRun, dep: Deployment, pairs: list[dict], deadline: flo
     from streams.sdk import PreferenceProducer
 
     cfg, plan = run.cfg, run.plan
+    if plan is None:
+        raise DemoError("stream_pairs needs the run's plan: call plan_phases after Stage 1 first")
     retrains, phase_size = plan.retrains, plan.phase_size
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console, transient=True)

@@ -32,7 +32,7 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
+    files: list[str] = []
     cur = [m for m in report["models"] if m["role"] == "current"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     x = np.arange(len(cur))
@@ -61,10 +61,10 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
     if series:
         t0 = min(t for t, _ in series)
         kinds = sorted({r for _, r in series})
-        bins = np.arange(0, max(t for t, _ in series) - t0 + 10, 10)
+        edges = np.arange(0, max(t for t, _ in series) - t0 + 10, 10)
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        counts = [np.histogram([t - t0 for t, r in series if r == k], bins=bins)[0] for k in kinds]
-        ax.stackplot(bins[:-1], counts, labels=kinds)
+        counts = [np.histogram([t - t0 for t, r in series if r == k], bins=edges)[0] for k in kinds]
+        ax.stackplot(edges[:-1], counts, labels=kinds)
         for sw in report["hot_swaps"]:
             ax.axvline(sw["announced_at"] - t0, color="k", ls="--", lw=0.8)
         ax.set_xlabel("seconds (dashed: a new version announced)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,15 +22,23 @@ from streams.review import audit
 from streams.settings import Settings
 
 
+class Totals(dict[str, float]):
+    """Metric sums by label. A label not seen reads 0 without being added, as in a Counter, whose type
+    allows only int counts: Prometheus samples are floats."""
+
+    def __missing__(self, key: str) -> float:
+        return 0.0
+
+
 @dataclass
 class Snapshot:
     time: float = field(default_factory=time.time)
     workers_up: int = 0
     workers: int = 0
-    records_in: Counter = field(default_factory=Counter)
-    records_out: Counter = field(default_factory=Counter)
-    routes: Counter = field(default_factory=Counter)
-    dlq: Counter = field(default_factory=Counter)
+    records_in: Totals = field(default_factory=Totals)
+    records_out: Totals = field(default_factory=Totals)
+    routes: Totals = field(default_factory=Totals)
+    dlq: Totals = field(default_factory=Totals)
     scored: float = 0.0
     mispredicted: float = 0.0
     serving: dict[str, str] = field(default_factory=dict)  # what the workers report they serve
@@ -198,7 +205,8 @@ class ChangePrinter:
     ``every_s`` passed since the last line, so a quiet run does not print the same line each second."""
 
     def __init__(self, every_s: float) -> None:
-        self.every_s, self.last_state, self.last_at = every_s, None, float("-inf")
+        self.every_s, self.last_at = every_s, float("-inf")
+        self.last_state: str | None = None
 
     def line(self, snap: Snapshot, before: Snapshot | None) -> str | None:
         state = one_line(snap, None)  # without a previous snapshot the rates read 0: what is left is the state

@@ -48,7 +48,8 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import numpy as np
 
@@ -346,7 +347,7 @@ class Aggregator:
             label = "flipped"
         pair["label_source"] = "human"
         rationale = "; ".join(filter(None, [ann.get("rationale")]))
-        out = [
+        out: list[tuple[str, str, dict[str, Any]]] = [
             ("prefs.verified", "VerifiedPair", {"pair": pair, "label": label, "agreement": d.agreement,
                                                 "annotators": list(votes) if not ann.get("expert") else [ann["annotator"]],
                                                 "decided_by": d.decided_by, "strength": strength,
@@ -478,8 +479,9 @@ def run(settings: Any, redis_client: Any, stop: Any, max_batch: int = 64, retent
                 if (refused := keys.check(ann, m.headers())) is not None:  # not the review app's: it proves nothing
                     dead.append(dead_letter(settings, codec, m, SignatureError(provenance.detail(refused, ann), refused)))
                     continue
-                source = (m.topic(), m.partition(), m.offset())
-                handled = until_redis_answers(lambda ann=ann, source=source: agg.handle(ann, source=source), stop,
+                # confluent-kafka types these Optional (a Message made by hand); a consumed one has all three.
+                source = cast(tuple[str, int, int], (m.topic(), m.partition(), m.offset()))
+                handled = until_redis_answers(partial(agg.handle, ann, source=source), stop,
                                               "aggregating verdicts")
                 outputs.extend(handled or [])
             if stop.is_set():  # stopped while Redis was away: some verdicts were not handled, so no commit

@@ -313,6 +313,7 @@ def api_routes(ctx: Review, bearer: HTTPBearer) -> APIRouter:
             # The expert flag is the token's role here, on an expert task; the signature vouches for it.
             ann = annotation(task, who, body, ctx.order_for(task_id, who), expert=who in ctx.book.experts)
             value, headers = ctx.codec.encode("Annotation", ann, ctx.out_topic)
+            assert ctx.keys is not None  # create_app always gives the app its signing keys
             headers = ctx.keys.headers(ctx.codec, value, headers, ctx.out_topic)
             ctx.producer.produce(ctx.out_topic, key=ann["pair_id"].encode(), value=value, headers=headers,
                                  on_delivery=lambda err, _m: errors.append(err.str()) if err else None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from functools import partial
 from typing import Any
 
 from schemas.exceptions import SchemaError
@@ -103,7 +104,7 @@ class Feeder:
                         log.error("unusable ReviewTask at %d@%d: %s", msg.partition(), msg.offset(), exc)
                         continue
                     # Waits out a Redis outage here: the offset is committed only after the add.
-                    until_redis_answers(lambda task=task: self.queue.add(task), self.stop, "queueing review tasks")
+                    until_redis_answers(partial(self.queue.add, task), self.stop, "queueing review tasks")
                     until_redis_answers(self.rebuild_if_empty, self.stop, "rebuilding the review queue")
                     if self.stop.is_set():
                         break

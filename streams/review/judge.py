@@ -153,7 +153,7 @@ class JudgeAid:
 def view(stored: dict[str, Any] | None, order: str) -> dict[str, Any]:
     """``judge`` and ``judge_pending`` of a task view, with the verdict in the annotator's A/B ``order``."""
     state = (stored or {}).get("state")
-    if state != "done":
+    if stored is None or state != "done":
         return {"judge": None, "judge_pending": state == "pending"}
     side = stored["preferred"]
     verdict = "tie" if side == "tie" else ("A" if (side == "chosen") == (order == "chosen_first") else "B")

@@ -32,13 +32,13 @@ def with_verified(redis: Any, queue_prefix: str, similar: list[dict[str, Any]],
     if not similar:
         return []
     finals = redis.hmget(final_key(queue_prefix), [s["pair_id"] for s in similar])
+    pipe = redis.pipeline(transaction=False)
     if any(final is not None for final in finals):
         ids = ids or TaskIds(redis, queue_prefix)
-    pipe = redis.pipeline(transaction=False)
-    for s, final in zip(similar, finals, strict=True):
-        if final is not None:
-            pipe.hvals(votes_key(queue_prefix, ids.of(s["pair_id"])))
-            pipe.exists(votes_key(queue_prefix, ids.of(s["pair_id"], task_ids.EXPERT)))
+        for s, final in zip(similar, finals, strict=True):
+            if final is not None:
+                pipe.hvals(votes_key(queue_prefix, ids.of(s["pair_id"])))
+                pipe.exists(votes_key(queue_prefix, ids.of(s["pair_id"], task_ids.EXPERT)))
     answers = iter(pipe.execute())
     out = []
     for s, final in zip(similar, finals, strict=True):

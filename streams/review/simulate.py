@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -72,7 +73,7 @@ def load_truths(path: Path) -> dict[frozenset[str], Truth]:
     return out
 
 
-def call(client: httpx.Client, method: str, path: str, **kw: object) -> httpx.Response:
+def call(client: httpx.Client, method: str, path: str, **kw: Any) -> httpx.Response:
     """One API call; waits out the app's per-token rate limit (429 + Retry-After) like a polite client."""
     while True:
         r = client.request(method, path, **kw)

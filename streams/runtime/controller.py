@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge
 from streams.kafka import topics
 from streams.kafka.reader import SeenSet, TopicReader, identity
 from streams.review.tau import TauRule, TauTuner
-from streams.runtime.jobs import JobOutcome, JobRunner, LocalRunner
+from streams.runtime.jobs import Handle, JobOutcome, JobRunner, LocalRunner
 from streams.settings import ControllerSettings, Settings
 from trainers.storage.files import atomic_write
 from trainers.storage.registry import BOOTSTRAP_VERSION, ModelStore
@@ -97,9 +97,10 @@ class ScoredMonitor:
                     log.warning("unusable ScoredPair at %d@%d: %s", record.partition, record.offset, exc)
 
 
-def _rate(values: deque, last: int) -> float | None:
+def _rate(values: deque, last: int) -> float:
+    """The mean of the last ``last`` values; the callers check there are that many."""
     vals = list(values)[-last:]
-    return sum(vals) / len(vals) if vals else None
+    return sum(vals) / len(vals)
 
 
 class Controller:
@@ -112,7 +113,8 @@ class Controller:
         self.decisions_file = settings.controller_decisions_file
         self.runner = runner or self._make_runner()
         self.announce = announce
-        self.running: dict[str, Any] = {}
+        self.running: dict[str, Handle] = {}
+        self.running_pairs: dict[str, int] = {}  # the curated pairs available when the running job started
         self.monitor = ScoredMonitor(settings)
         self.stop = threading.Event()
         self.state = self._load_state()
@@ -170,7 +172,7 @@ class Controller:
                 return None
             base = sum(list(st.mispredicted)[: self.csettings.window]) / self.csettings.window
             now = _rate(st.mispredicted, self.csettings.window)
-        if now is not None and now - base > self.csettings.drift_bound:
+        if now - base > self.csettings.drift_bound:
             return f"misprediction rate {now:.3f} rose above its baseline {base:.3f} by more than {self.csettings.drift_bound}"
         return None
 
@@ -217,7 +219,7 @@ class Controller:
             if handle is not None:
                 if handle.done():
                     del self.running[role]
-                    self._finish(role, handle.outcome(), handle.available)
+                    self._finish(role, handle.outcome(), self.running_pairs.pop(role))
                 continue
             kind, why = self.why_retrain(role, totals)
             if kind is None:
@@ -228,8 +230,7 @@ class Controller:
                 continue
             labels = {"prefstream.io/data-pairs": str(available), "prefstream.io/trigger": kind}
             handle = self.runner.submit(role, labels, shlex.split(self.csettings.retrain_args))
-            handle.available = available
-            self.running[role] = handle
+            self.running[role], self.running_pairs[role] = handle, available
             RUNNING.labels(role).set(1)
             self.record(role, "triggered", f"{kind}: {why}", job=handle.name)
         self.check_rollback()

@@ -33,14 +33,13 @@ from confluent_kafka import KafkaError as KafkaErrorCode
 
 from schemas.wire import ValueCodec
 from streams import history
-from streams.exceptions import StageFailedError
 from streams.kafka import topics
 from streams.kafka.committed import CommittedFilter
 from streams.kafka.config import consumer_config
 from streams.kafka.reader import SeenSet, identity
 from streams.kafka.transactions import BatchTransactions, Output, rewind
 from streams.runtime import metrics
-from streams.runtime.isolation import TRANSIENT
+from streams.runtime.isolation import REDONE
 from streams.runtime.pipeline import Pipeline
 from streams.runtime.processors.router import Route
 from streams.runtime.processors.stage import Item
@@ -107,8 +106,8 @@ class SecondLook:
         self.codec = ValueCodec(settings.schema_registry_url)
         # Its own group: the workers share prefs.deferred's partitions as they share prefs.raw's.
         self.consumer = Consumer(consumer_config(
-            settings, f"{settings.topic_prefix}{wsettings.group}-deferred", background=True,
-            **{"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS}))
+            settings, f"{settings.topic_prefix}{wsettings.group}-deferred", background=True)
+            | {"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS})
         self.consumer.subscribe([self.topic], on_revoke=self._revoked)
         # Marks what it writes, as the worker does; not prefs.deferred, which it reads (and never writes).
         self.txn = BatchTransactions(settings, f"{transactional_id}-deferred", stop=self.stop,
@@ -137,9 +136,10 @@ class SecondLook:
     def _fetch(self, limit: int) -> list[Any]:
         msgs = self.consumer.consume(limit, 0)
         for m in msgs:
-            if m.error() and m.error().code() != KafkaErrorCode._PARTITION_EOF and m.error().str() not in self.errors_logged:
-                self.errors_logged.add(m.error().str())  # once each: a missing topic would repeat every step
-                log.warning("%s: %s (create it with `prefstream topics create`)", self.topic, m.error().str())
+            err = m.error()
+            if err and err.code() != KafkaErrorCode._PARTITION_EOF and err.str() not in self.errors_logged:
+                self.errors_logged.add(err.str())  # once each: a missing topic would repeat every step
+                log.warning("%s: %s (create it with `prefstream topics create`)", self.topic, err.str())
         return [m for m in msgs if not m.error()]
 
     def step(self, limit: int = MAX_STEP) -> int:
@@ -158,7 +158,7 @@ class SecondLook:
                 self.txn.anchor(self.consumer)  # idle: lets readers decide the last step's rows
                 return 0
             return self._handle(msgs, serving, now_ms)
-        except (*TRANSIENT, StageFailedError, OSError) as exc:
+        except REDONE as exc:
             log.warning("second look on %s failed (%s); redoing it from the committed offsets", self.topic, exc)
             self._resume(list(self.blocked))  # every partition is read again from its committed offset
             rewind(self.consumer, self.stop)
@@ -228,8 +228,8 @@ class SecondLook:
         """The review reason of a pair still a review candidate after its second look."""
         why, rec = why_rec
         if why == NEWER:
-            return f"still uncertain after rescoring with {serving} ({decision.reason}, p={it.score['p']:.3f})"
-        return (f"deferred for more than {self.max_wait_ms / 1000:.0f} s ({decision.reason}, p={it.score['p']:.3f} "
+            return f"still uncertain after rescoring with {serving} ({decision.reason}, p={it.scored['p']:.3f})"
+        return (f"deferred for more than {self.max_wait_ms / 1000:.0f} s ({decision.reason}, p={it.scored['p']:.3f} "
                 f"by {serving}; deferred by {rec['model_version']})")
 
     def close(self) -> None:

@@ -26,8 +26,8 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka import KafkaError as KafkaErrorCode
 
 from schemas.pairs import clip, prompt_text
+from schemas.records import SimilarPair
 from schemas.wire import ValueCodec
-from streams.exceptions import StageFailedError
 from streams.kafka import topics
 from streams.kafka.committed import CommittedFilter
 from streams.kafka.config import consumer_config
@@ -37,11 +37,11 @@ from streams.review.aggregator import final_key
 from streams.review.queue import DEFAULT_RETENTION_S
 from streams.runtime import metrics
 from streams.runtime.curation import expansion
-from streams.runtime.isolation import TRANSIENT
+from streams.runtime.isolation import REDONE
 from streams.runtime.outputs import review_task
 from streams.runtime.pipeline import Pipeline
 from streams.runtime.processors.router import MAX_SIMILAR
-from streams.runtime.retrieval.index import NEIGHBOUR_TEXT_CHARS, Neighbour
+from streams.runtime.retrieval.index import NEIGHBOUR_TEXT_CHARS
 from streams.settings import WORKER_MAX_POLL_INTERVAL_MS, Settings, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ class Expansion:
         self.consumer: Consumer | None = None
         if self.enabled:  # without the store there is no p or route of a neighbour to look at again
             self.consumer = Consumer(consumer_config(
-                settings, f"{settings.topic_prefix}{wsettings.group}-expansion", background=True,
-                **{"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS}))
+                settings, f"{settings.topic_prefix}{wsettings.group}-expansion", background=True)
+                | {"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS})
             self.consumer.subscribe([self.topic], on_revoke=self._revoked)
             self.txn = BatchTransactions(settings, f"{transactional_id}-expansion", stop=self.stop,
                                          marked=[self.review_topic, pipeline.out_topics[topics.DLQ]])
@@ -90,27 +90,28 @@ class Expansion:
     def step(self, limit: int = MAX_STEP) -> int:
         """Handle at most ``limit`` VerifiedPairs and commit their review tasks; the number of records handled.
         Infrastructure errors (broker, Redis, the scorer failing) roll the step back, to be redone."""
-        if not self.enabled:
+        if self.consumer is None:  # not enabled
             return 0
         self.txn.poll()
         try:
             msgs = self.consumer.consume(max(1, min(limit, MAX_STEP)), 0)
             for m in msgs:
-                if m.error() and m.error().code() != KafkaErrorCode._PARTITION_EOF and m.error().str() not in self.errors_logged:
-                    self.errors_logged.add(m.error().str())
-                    log.warning("%s: %s (create it with `prefstream topics create`)", self.topic, m.error().str())
+                err = m.error()
+                if err and err.code() != KafkaErrorCode._PARTITION_EOF and err.str() not in self.errors_logged:
+                    self.errors_logged.add(err.str())
+                    log.warning("%s: %s (create it with `prefstream topics create`)", self.topic, err.str())
             msgs = [m for m in msgs if not m.error()]
             if not msgs:
                 self.txn.anchor(self.consumer)
                 return 0
-            return self._handle(msgs)
-        except (*TRANSIENT, StageFailedError, OSError) as exc:
+            return self._handle(self.consumer, msgs)
+        except REDONE as exc:
             log.warning("error-driven expansion on %s failed (%s); redoing it from the committed offsets", self.topic, exc)
             rewind(self.consumer, self.stop)
             self.filter.reset_all()
             return 0
 
-    def _handle(self, msgs: list[Any]) -> int:
+    def _handle(self, consumer: Consumer, msgs: list[Any]) -> int:
         released: list[tuple[Any, bool]] = []
         for m in sorted(msgs, key=lambda m: (m.topic(), m.partition(), m.offset())):
             released += self.filter.add(m)
@@ -130,13 +131,13 @@ class Expansion:
         for rec in verified:
             try:
                 outputs += self.expand(rec, sent)
-            except (*TRANSIENT, StageFailedError, OSError):
+            except REDONE:
                 raise
             except Exception:  # a bug or a record it cannot handle: the verdict stands, its neighbours stay as they are
                 metrics.EXPANSION.labels("failed").inc()
                 log.exception("could not look again at the neighbours of %s", rec["pair"]["pair_id"])
         handled = [m for m, _ in released]
-        if (handled or outputs) and not self.txn.commit(self.consumer, outputs, handled):
+        if (handled or outputs) and not self.txn.commit(consumer, outputs, handled):
             self.filter.reset_all()
             return 0
         for rec in verified:
@@ -165,48 +166,50 @@ class Expansion:
         metrics.EXPANSION.labels("correction").inc()
         index = self.pipeline.index
         neighbours = index.search(corrected.vec, MAX_SIMILAR, exclude=pid)
-        ids = [n.pair_id for n in neighbours]
+        ids = [n["pair_id"] for n in neighbours]
         stored = store.get(ids)
         finals = dict(zip(ids, self.pipeline.redis.hmget(final_key(self.prefix), ids), strict=True)) if ids else {}
         was_sent = self._sent_before(ids)
         evidence = [expansion.Evidence(1.0, 1 - expansion.side_p(corrected.p, human_side))]
         for n in neighbours:
-            final, s = finals.get(n.pair_id), stored.get(n.pair_id)
+            final, s = finals.get(n["pair_id"]), stored.get(n["pair_id"])
             # A verified neighbour that prefers a side: did the model get it right? (tie and both_bad say nothing.)
             if final is not None and s is not None and final.decode() in ("chosen", "rejected"):
-                evidence.append(expansion.Evidence(n.similarity, 1 - expansion.side_p(s.p, final.decode())))
+                evidence.append(expansion.Evidence(n["similarity"], 1 - expansion.side_p(s.p, final.decode())))
         error = expansion.error_vote(evidence)
-        candidates = [(n, stored[n.pair_id]) for n in neighbours
-                      if n.pair_id in stored and finals.get(n.pair_id) is None and n.pair_id not in was_sent
-                      and n.pair_id not in sent and stored[n.pair_id].route in expansion.ELIGIBLE
-                      and stored[n.pair_id].whole]
+        candidates = [(n, stored[n["pair_id"]]) for n in neighbours
+                      if n["pair_id"] in stored and finals.get(n["pair_id"]) is None and n["pair_id"] not in was_sent
+                      and n["pair_id"] not in sent and stored[n["pair_id"]].route in expansion.ELIGIBLE
+                      and stored[n["pair_id"]].whole]
         if skipped := len(neighbours) - len(candidates):
             metrics.EXPANSION.labels("not_eligible").inc(skipped)
         scores = self._current_scores([s for _, s in candidates])
         decided = []
         for (n, s), score in zip(candidates, scores, strict=True):
             category = s.pair.get("task_category")
-            decision = expansion.look_again(s.route, score["p"], n.similarity, error,
+            decision = expansion.look_again(s.route, score["p"], n["similarity"], error,
                                             self.pipeline.policy.tau_for(category), pid)
             if decision is None:
                 metrics.EXPANSION.labels("confident").inc()
             else:
                 decided.append((n, s, score, decision))
         # The most doubtful first, as far as the review budget goes.
-        decided.sort(key=lambda d: expansion.guided_label_p(d[1].route, d[2]["p"], d[0].similarity, error))
+        decided.sort(key=lambda d: expansion.guided_label_p(d[1].route, d[2]["p"], d[0]["similarity"], error))
         allowed = self.pipeline.budget.allow(len(decided), 0)
         if len(decided) > allowed:
             metrics.EXPANSION.labels("over_budget").inc(len(decided) - allowed)
         now = int(time.time() * 1000)
-        shown = Neighbour(pid, *(clip(text, NEIGHBOUR_TEXT_CHARS) for text in (prompt_text(rec["pair"]), rec["pair"]["chosen"],
-                                                                         rec["pair"]["rejected"])), "human", 1.0)
+        shown = SimilarPair(pair_id=pid, prompt=clip(prompt_text(rec["pair"]), NEIGHBOUR_TEXT_CHARS),
+                            chosen=clip(rec["pair"]["chosen"], NEIGHBOUR_TEXT_CHARS),
+                            rejected=clip(rec["pair"]["rejected"], NEIGHBOUR_TEXT_CHARS), label_source="human",
+                            similarity=1.0)
         out, ids_sent = [], {}
         for n, s, score, decision in decided[:allowed]:
-            context = [shown] + index.search(n_vec(index, n.pair_id, s), max(0, decision.k - 1), exclude=n.pair_id)
-            task_id = self.pipeline.task_ids.of(n.pair_id)
+            context = [shown] + index.search(n_vec(index, n["pair_id"], s), max(0, decision.k - 1), exclude=n["pair_id"])
+            task_id = self.pipeline.task_ids.of(n["pair_id"])
             task = review_task(s.pair, score, decision, context, now, len(json.dumps(s.pair)), task_id)
-            out.append(self.pipeline.emit.out(topics.REVIEW, "ReviewTask", n.pair_id.encode(), task))
-            ids_sent[n.pair_id] = task_id
+            out.append(self.pipeline.emit.out(topics.REVIEW, "ReviewTask", n["pair_id"].encode(), task))
+            ids_sent[n["pair_id"]] = task_id
         sent.update(ids_sent)  # only once every task of this verdict encoded: all of them go out, or none
         return out
 
@@ -231,7 +234,7 @@ class Expansion:
         return out
 
     def close(self) -> None:
-        if not self.enabled:
+        if self.consumer is None:  # not enabled
             return
         if not self.txn.failures:
             self.txn.anchor(self.consumer)

@@ -24,6 +24,9 @@ T = TypeVar("T")
 
 # Errors of the infrastructure, not of a record: the batch is retried whole (the worker rewinds).
 TRANSIENT: tuple[type[BaseException], ...] = (redis.RedisError, KafkaException, ConnectionError, TimeoutError)
+# Errors after which a batch or step is redone from the committed offsets: the infrastructure's, a stage
+# failing for every record, and the operating system's.
+REDONE: tuple[type[BaseException], ...] = (*TRANSIENT, StageFailedError, OSError)
 # A batch this large failing record by record is taken as the stage failing (see the module doc).
 # Smaller batches are dead-lettered: with one or two records there is no way to tell, and a worker
 # that retried them forever would stall its partitions behind them.

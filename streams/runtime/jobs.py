@@ -303,7 +303,7 @@ class KubernetesHandle:
 
     def done(self) -> bool:
         status = self.runner.batch.read_namespaced_job_status(self.name, self.runner.template.namespace).status
-        return bool(status.succeeded or status.failed)
+        return status is not None and bool(status.succeeded or status.failed)
 
     def outcome(self) -> JobOutcome:
         return self.runner.wait(self.name)
@@ -325,7 +325,7 @@ class KubernetesRunner:
         name = f"prefstream-retrain-{role}-{time.strftime('%Y%m%d%H%M%S')}"
         body = job_manifest(name, role, labels, self.template, extra_args)
         try:
-            self.batch.create_namespaced_job(self.template.namespace, body)
+            self.batch.create_namespaced_job(self.template.namespace, body)  # type: ignore[arg-type]  # the client takes a dict body as it does a V1Job
         except ApiException as exc:
             raise JobError(f"creating Job {name} failed: {exc.status} {exc.reason}: {exc.body}") from exc
         return KubernetesHandle(name, self)
@@ -355,7 +355,7 @@ class KubernetesRunner:
             status = self.batch.read_namespaced_job_status(name, ns).status
         logs = ""
         pods = self.core.list_namespaced_pod(ns, label_selector=f"job-name={name}").items
-        if pods:
+        if pods and pods[-1].metadata is not None and pods[-1].metadata.name:
             logs = self.core.read_namespaced_pod_log(pods[-1].metadata.name, ns, tail_lines=200)
-        return JobOutcome(name, bool(status.succeeded), parse_result(logs),
-                          f"succeeded={status.succeeded} failed={status.failed}")
+        succeeded, failed = (status.succeeded, status.failed) if status is not None else (None, None)
+        return JobOutcome(name, bool(succeeded), parse_result(logs), f"succeeded={succeeded} failed={failed}")

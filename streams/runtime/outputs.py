@@ -10,13 +10,13 @@ import logging
 import math
 from typing import Any
 
+from schemas.records import SimilarPair
 from schemas.wire import ValueCodec
 from streams.exceptions import OutputTooLargeError, ProcessingError
 from streams.kafka import deadletter, topics
 from streams.kafka.topics import MAX_MESSAGE_BYTES
 from streams.kafka.transactions import Output
 from streams.runtime.processors.router import Route
-from streams.runtime.retrieval.index import Neighbour
 
 log = logging.getLogger(__name__)
 # Review priority is p plus the pair's age as a tie-break: created_at (epoch ms, ~1.7e12) divided by
@@ -42,20 +42,20 @@ def scored_record(pair: dict, score: dict, decision: Route) -> dict[str, Any]:
     return {"pair": pair, **score, "route": decision.kind, "route_reason": decision.reason}
 
 
-def fit_neighbours(neighbours: list[Neighbour], budget: int) -> list[dict[str, Any]]:
+def fit_neighbours(neighbours: list[SimilarPair], budget: int) -> list[SimilarPair]:
     """The similar pairs, most similar first, as many as fit in ``budget`` bytes."""
-    out, used = [], 0
+    out: list[SimilarPair] = []
+    used = 0
     for n in neighbours:
-        size = NEIGHBOUR_OVERHEAD + sum(len(t.encode("utf-8")) for t in (n.pair_id, n.prompt, n.chosen, n.rejected))
+        size = NEIGHBOUR_OVERHEAD + sum(len(n[f].encode("utf-8")) for f in ("pair_id", "prompt", "chosen", "rejected"))
         if used + size > budget:
             break
         used += size
-        out.append({"pair_id": n.pair_id, "prompt": n.prompt, "chosen": n.chosen, "rejected": n.rejected,
-                    "label_source": n.label_source, "similarity": n.similarity})
+        out.append(n)
     return out
 
 
-def review_task(pair: dict, score: dict, decision: Route, neighbours: list[Neighbour], now: int,
+def review_task(pair: dict, score: dict, decision: Route, neighbours: list[SimilarPair], now: int,
                 pair_bytes: int, task_id: str) -> dict[str, Any]:
     """A ReviewTask (id ``task_id``, streams/review/task_ids.py) with the similar pairs that fit next to a
     pair of ``pair_bytes`` encoded bytes."""

@@ -166,6 +166,7 @@ class Pipeline:
             elif r.duplicate:
                 metrics.DUPLICATES.inc()
             else:
+                assert r.pair is not None, "ingest gives each record a pair or a dead letter"
                 items.append(Item(m, r.pair))
         for stage in self.stages:  # a record a stage dead-lettered goes no further
             items = self._run(stage, items, outputs)
@@ -240,14 +241,14 @@ class Pipeline:
                 decisions.append(self.decide(it))
             except Exception as exc:  # one record's routing error is that record's
                 decisions.append(exc)
-        decisions = apply_budget(decisions, [it.score["p"] for it in items], self.budget,
-                                 [it.score["model_version"] for it in items])
+        decisions = apply_budget(decisions, [it.scored["p"] for it in items], self.budget,
+                                 [it.scored["model_version"] for it in items])
         for it, decision in zip(items, decisions, strict=True):
             try:
                 if isinstance(decision, BaseException):
                     raise decision
                 if decision.kind == DEFERRED:
-                    outputs.extend(deferred_outputs(self.emit, it.pair, it.score, decision))
+                    outputs.extend(deferred_outputs(self.emit, it.pair, it.scored, decision))
                     self._count_route(decision)
                 else:
                     outputs.extend(self._route_one(it, now, decision))
@@ -261,7 +262,7 @@ class Pipeline:
         try:
             self.index.add(vectors, [(it.pair["pair_id"], prompt_text(it.pair), it.pair["chosen"], it.pair["rejected"],
                                       it.pair["label_source"]) for it, _ in indexed])
-            self.store.save(vectors, [entry(it.pair, it.score, d.kind) for it, d in indexed])
+            self.store.save(vectors, [entry(it.pair, it.scored, d.kind) for it, d in indexed])
         except TRANSIENT:
             raise  # Redis away: the batch is redone, as for the ingest's dedupe
         except Exception:  # retrieval is context for reviewers: a batch missing from it is not worth a record
@@ -279,15 +280,15 @@ class Pipeline:
 
     def decide(self, it: Item) -> Route:
         """Where the router sends a scored pair (before the review budget)."""
-        check_score(it.score)
+        check_score(it.scored)
         # An evaluation set's prompt is scored but goes nowhere a training shard is made from.
         if (reason := self.contamination.reason(it.pair)) is not None:
             return Route("dropped", reason)
-        return route(it.score["p"], it.score["gold_p"], it.verdict, self.policy, it.pair.get("task_category"))
+        return route(it.scored["p"], it.scored["gold_p"], it.verdict, self.policy, it.pair.get("task_category"))
 
     def _route_one(self, it: Item, now: int, decision: Route) -> list[Output]:
         """The outputs of one pair, all encoded before any is kept, so a failure leaves none half-written."""
-        pair, score = it.pair, it.score
+        pair, score = it.pair, it.scored
         key = pair["pair_id"].encode()
         scored = self.emit.out(topics.SCORED, "ScoredPair", key, scored_record(pair, score, decision))
         out = [scored]
@@ -305,9 +306,9 @@ class Pipeline:
     def _audit_task(self, it: Item, decision: Route, now: int, pair_bytes: int) -> Output:
         """A blind review task for a pair curated without a human (streams/review/audit.py)."""
         pair = audit.shown(it.pair, decision.kind, decision.flip)
-        neighbours = self.index.search(it.vec, similar_k(it.score["p"]), exclude=pair["pair_id"])
+        neighbours = self.index.search(it.vec, similar_k(it.scored["p"]), exclude=pair["pair_id"])
         # Its id is as opaque as any task's (task_ids.py): an annotator cannot tell it is an audit.
-        task = review_task(pair, it.score, decision, neighbours, now, pair_bytes,
+        task = review_task(pair, it.scored, decision, neighbours, now, pair_bytes,
                            self.task_ids.of(pair["pair_id"], task_ids.AUDIT)) | {
             "reason": audit.REASON_PREFIX + decision.kind,
             "priority": audit.PRIORITY + pair["created_at"] / PRIORITY_AGE_SCALE}

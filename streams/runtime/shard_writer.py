@@ -216,12 +216,13 @@ class ShardWriter:
 
     def run(self) -> None:
         self.store.local_root.mkdir(parents=True, exist_ok=True)
-        self.consumer = Consumer(consumer_config(self.settings, f"{self.settings.topic_prefix}{SHARD_GROUP}", background=True))
-        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.consumer = consumer = Consumer(consumer_config(self.settings, f"{self.settings.topic_prefix}{SHARD_GROUP}",
+                                                            background=True))
+        consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             while not self.stop.is_set():
                 try:
-                    self._step()
+                    self._step(consumer)
                 except (KafkaException, OSError, StoreAccessError) as exc:
                     # The broker or the disk failed a commit or an append: the buffers are kept and the
                     # append is redone (the files are truncated back to the manifest's lengths first, and
@@ -233,10 +234,11 @@ class ShardWriter:
                     time.sleep(RETRY_S)
             self._flush_due(force=True)
         finally:
-            self.consumer.close()
-    def _step(self) -> None:
+            consumer.close()
+
+    def _step(self, consumer: Consumer) -> None:
         """One poll and whatever flushes are due."""
-        msg = self.consumer.poll(0.2)
+        msg = consumer.poll(0.2)
         if msg is not None and not msg.error():
             for released, committed in self.filter.add(msg):  # in offset order, once decided
                 self._take(released, committed)

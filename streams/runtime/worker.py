@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
@@ -41,7 +41,7 @@ from streams.runtime.announcements import AnnouncementGate
 from streams.runtime.assignment import Assignment
 from streams.runtime.deferred import SecondLook
 from streams.runtime.expansion import Expansion
-from streams.runtime.isolation import TRANSIENT
+from streams.runtime.isolation import REDONE
 from streams.runtime.pipeline import Pipeline
 from streams.runtime.processors.scorer import (
     Loaded,
@@ -106,7 +106,7 @@ class VersionWatcher:
 
     def drain(self) -> None:
         """Read what is there now; offer only the newest signed record per role (start-up)."""
-        signed: dict[str, list[dict]] = {}
+        signed: dict[str, list[Mapping[str, Any]]] = {}
         deadline = time.monotonic() + VERSIONS_DRAIN_S
         while time.monotonic() < deadline:
             msg = self.consumer.poll(0.2)
@@ -116,8 +116,8 @@ class VersionWatcher:
             if rec := self._decode(msg):
                 signed.setdefault(rec["role"], []).append(rec)
         for records in signed.values():
-            if (rec := self.gate.choose(records)) is not None:
-                self._offer(dict(rec))
+            if (chosen := self.gate.choose(records)) is not None:
+                self._offer(dict(chosen))
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -175,8 +175,8 @@ def next_batch(consumer: Consumer, max_batch: int, max_wait_s: float, idle_s: fl
     elif len(msgs) < max_batch and max_wait_s > 0:
         msgs += consumer.consume(max_batch - len(msgs), max_wait_s)
     for m in msgs:
-        if m.error() and m.error().code() != KafkaErrorCode._PARTITION_EOF:
-            log.warning("consumer error: %s", m.error().str())
+        if (err := m.error()) and err.code() != KafkaErrorCode._PARTITION_EOF:
+            log.warning("consumer error: %s", err.str())
     return [m for m in msgs if not m.error()]
 
 
@@ -233,10 +233,9 @@ class Worker:
         # socket.timeout.ms: a broker that holds the connection open but never answers (hung, or frozen
         # in the outage test) is only seen when a fetch times out; at librdkafka's 60 s an idle worker
         # took 81 s to turn not-ready, at 15 s (still 150 times the fetch wait) 36 s.
-        consumer = Consumer(consumer_config(self.settings, f"{self.settings.topic_prefix}{self.wsettings.group}",
-                                            **{"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS,
-                                               "socket.timeout.ms": WORKER_SOCKET_TIMEOUT_MS,
-                                               "error_cb": self._consumer_error}))
+        consumer = Consumer(consumer_config(self.settings, f"{self.settings.topic_prefix}{self.wsettings.group}")
+                            | {"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS,
+                               "socket.timeout.ms": WORKER_SOCKET_TIMEOUT_MS, "error_cb": self._consumer_error})
         self.assignment.subscribe(consumer, [self.settings.topic(topics.RAW)])  # logs and exports each rebalance
         return consumer
 
@@ -389,7 +388,7 @@ class Worker:
             pipeline.take_routed()  # what an earlier try of a batch routed never committed
             try:
                 outputs = pipeline.process(msgs)
-            except (*TRANSIENT, StageFailedError, OSError):
+            except REDONE:
                 raise
             except Exception:  # a bug met by some record: find it, never exit because of one
                 log.exception("a batch of %d failed outside the per-record stages; processing it record by record",

@@ -136,7 +136,9 @@ def expected_calibration_error(p: Any, labels: Any = None, bins: int = DEFAULT_B
     total = sum(b.count for b in table)
     if not total:
         return float("nan")
-    return float(sum(b.count * abs(b.accuracy - b.confidence) for b in table if b.count) / total)
+    # A bin has a confidence and an accuracy exactly when it has pairs (reliability() builds it so).
+    return float(sum(b.count * abs(b.accuracy - b.confidence) for b in table
+                     if b.accuracy is not None and b.confidence is not None) / total)
 
 
 def calibration_report(margins: Any, temperature: float = 1.0, labels: Any = None,

@@ -25,6 +25,7 @@ from trainers.evaluation.benchmarks import (
     read_regression_pairs,
 )
 from trainers.evaluation.calibration import calibration_report
+from trainers.exceptions import DataError
 
 __all__ = ["EVAL_FORMATS", "evaluate", "evaluate_versions", "holdout_accuracy", "is_style_trap", "markdown_table",
            "read_eval_items", "read_regression_pairs", "reliability_table", "rewardbench_scores"]
@@ -68,6 +69,8 @@ def evaluate(rm: Any, items: list[dict], temperature: float = 1.0) -> dict[str, 
     for i, it in enumerate(items):
         responses = {"pair": [it.get("chosen"), it.get("rejected")], "best_of_n": it.get("candidates"),
                      "rmbench": (it.get("chosen") or []) + (it.get("rejected") or [])}[it["kind"]]
+        if responses is None:  # read_eval_items gives every best_of_n item its candidates
+            raise DataError(f"evaluation item {i} ({it['kind']}) has no 'candidates'")
         for r in responses:
             convs.append(it["conversation"])
             resps.append(r)

@@ -56,10 +56,12 @@ def trace_to_onnx(model: Any, sample: dict[str, Any], output: str, output_axes: 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
+            target = out if isinstance(out, io.IOBase) else str(out)
             # .eval() on the wrapper: the export puts a module back in the mode it found it in, and a new
             # module is in training mode, which would leave the wrapped model with dropout switched on.
             torch.onnx.export(_Wrapper(model).eval(), tuple(sample[n] for n in names),
-                              out if isinstance(out, io.IOBase) else str(out), input_names=names,
+                              target,  # type: ignore[arg-type]  # torch types f as a path; buffers work too
+                              input_names=names,
                               output_names=[output], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
         except Exception as exc:  # torch raises many types here; all mean the same to the user
             raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {exc}") from exc

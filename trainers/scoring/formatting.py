@@ -55,7 +55,7 @@ def detect_input_format(model_type: str) -> str:
 
 @dataclass
 class Formatter:
-    tokenizer: object
+    tokenizer: Any  # a Hugging Face tokenizer (transformers is untyped here)
     input_format: str
     max_length: int
     use_token_type_ids: bool

@@ -273,7 +273,7 @@ class RewardModel:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        extra: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
         try:
             # Read in the serving dtype: an 8B model in bf16 needs 16 GB of host memory on the way, not 32.
             model = AutoModelForSequenceClassification.from_pretrained(

@@ -16,6 +16,7 @@ on this machine (in place, or downloaded into a cache), each checked against the
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -162,7 +163,7 @@ class ModelStore:
     def manifest_sha256(self, version: str) -> str:
         return hashlib.sha256(self._manifest_bytes(version)).hexdigest()
 
-    def history(self, role: str) -> list[str]:
+    def history(self, role: str) -> builtins.list[str]:
         self._check_role(role)
         data = self.backend.read(_role_key(role))
         return json.loads(data)["history"] if data else []
@@ -201,7 +202,8 @@ class ModelStore:
             self.verify(previous)  # another writer changed the history meanwhile
         return self._announce(previous, role, "rollback", reason, announce)
 
-    def _change_history(self, role: str, change: Callable[[list[str]], list[str]]) -> list[str]:
+    def _change_history(self, role: str,
+                        change: Callable[[builtins.list[str]], builtins.list[str]]) -> builtins.list[str]:
         """Apply ``change`` to the role's history without losing a concurrent writer's change; the new history.
 
         Each change carries an id: when a conditional write whose answer was lost is retried, the
@@ -211,8 +213,8 @@ class ModelStore:
         op = uuid.uuid4().hex
 
         def apply(current: bytes | None) -> bytes:
-            state = json.loads(current) if current else {"history": [], "generation": 0}
-            if state.get("op") == op:
+            state: dict[str, Any] = json.loads(current) if current else {"history": [], "generation": 0}
+            if current is not None and state.get("op") == op:
                 return current  # our own write landed already
             return json.dumps({"history": change(list(state["history"])),
                                "generation": state.get("generation", 0) + 1, "op": op}).encode()

@@ -22,6 +22,7 @@ AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION) or an explicit endpoint
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import random
@@ -29,6 +30,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -208,7 +210,7 @@ class S3Backend:
 
         return self._call(f"listing {self.location}/{prefix}", keys)
 
-    def version_names(self) -> list[str]:
+    def version_names(self) -> builtins.list[str]:
         base = self.key("versions/")
 
         def names() -> list[str]:
@@ -228,7 +230,7 @@ class S3Backend:
         for rel in files:
             key = self.key(f"versions/{version}/{rel}")
             self._call(f"uploading {rel} of {version} to {self.location}",
-                       lambda rel=rel, key=key: self.client.upload_file(str(src / rel), self.bucket, key))
+                       partial(self.client.upload_file, str(src / rel), self.bucket, key))
         # Last, and only if nobody wrote it: from this PUT on the version exists for every reader.
         key = self.key(f"versions/{version}/{MANIFEST}")
         self._call(f"publishing {version} to {self.location}",
@@ -249,7 +251,7 @@ class S3Backend:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 key = self.key(f"versions/{version}/{rel}")
                 self._call(f"downloading {rel} of {version} from {self.location}",
-                           lambda rel=rel, key=key: self.client.download_file(self.bucket, key, str(tmp / rel)))
+                           partial(self.client.download_file, self.bucket, key, str(tmp / rel)))
             (tmp / MANIFEST).write_bytes(manifest)
             try:
                 tmp.rename(target)
@@ -288,9 +290,9 @@ class S3Backend:
                 return new
             except ClientError as exc:
                 if self._status(exc) not in CONFLICT_STATUSES:
-                    self._call(f"updating {self.location}/{key}", lambda exc=exc: _raise(exc))
+                    self._call(f"updating {self.location}/{key}", partial(_raise, exc))
             except Exception as exc:  # connection errors and the like, translated with their fix
-                self._call(f"updating {self.location}/{key}", lambda exc=exc: _raise(exc))
+                self._call(f"updating {self.location}/{key}", partial(_raise, exc))
             # Another writer changed the object since we read it: read again and redo the change.
             time.sleep(random.uniform(0, backoff))
             backoff = min(backoff * 2, CAS_BACKOFF_MAX_S)

@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -82,7 +82,9 @@ def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors |= {f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's stub types the default call as the dict form, but the legacy default returns this tuple.
+    state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    kind, keys, pos, has_gauss, cached = state
     return {"python": _py_state(random.getstate()),
             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}, tensors
 

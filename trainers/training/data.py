@@ -12,9 +12,9 @@ a "much" pair is pushed until its reward gap exceeds 1.0, a "slightly" one only 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastavro import reader as avro_reader
 
@@ -77,7 +77,8 @@ def read_shard(path: Path) -> Iterator[dict[str, Any]]:
     own; the committed part of a live shards root is read with ``read_shards``)."""
     try:
         with path.open("rb") as fh:
-            for rec in avro_reader(fh):
+            # A shard file holds CuratedPair records, which fastavro reads as dicts.
+            for rec in cast(Iterable[dict[str, Any]], avro_reader(fh)):
                 if ranked(rec):
                     yield shard_pair(rec)
     except (OSError, ValueError, EOFError) as exc:

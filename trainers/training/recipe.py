@@ -17,7 +17,7 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
     """Shuffle, then sort within mega-batches by length, so batches are homogeneous but order random."""
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
-    batches = []
+    batches: list[list[int]] = []
     for start in range(0, len(idx), batch_size * mega):
         chunk = sorted(idx[start: start + batch_size * mega], key=lambda i: -lengths[i])
         batches.extend(chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size))
@@ -59,7 +59,10 @@ def freeze_lower_layers(model: Any, n: int) -> None:
     if n <= 0:
         return
     base = getattr(model, model.base_model_prefix, model)
-    for p in getattr(base, "embeddings", getattr(base, "embed_tokens", None)).parameters():
+    embeddings = getattr(base, "embeddings", getattr(base, "embed_tokens", None))
+    if embeddings is None:
+        raise TrainerError(f"freeze_layers: cannot find the embeddings of {type(model).__name__}")
+    for p in embeddings.parameters():
         p.requires_grad = False
     layers = None
     for attr in ("encoder.layer", "layers", "h"):

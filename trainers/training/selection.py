@@ -111,7 +111,7 @@ def collect(cfg: CollectConfig, store: ModelStore, full: bool = False) -> Collec
     wanted: dict[int, set[int]] = defaultdict(set)
     for j in rng.sample(range(len(old_entry)), k):
         wanted[old_entry[j]].add(old_index[j])
-    replay = []
+    replay: list[dict[str, Any]] = []
     for i in sorted(wanted):
         replay.extend(shard_pair(rec) for n, (_, rec) in enumerate(iter_records(root, entries=[entries[i]]))
                       if n in wanted[i])

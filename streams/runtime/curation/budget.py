@@ -50,9 +50,11 @@ class ReviewBudget:
             allowed = candidates
         elif self.spec.per_hour is not None:
             allowed = max(0, min(candidates, self.spec.per_hour - self.reviewed))
-        else:
+        elif self.spec.share is not None:
             # A small tolerance: 30% of 10 is 3, not 2.9999999999999996.
             allowed = max(0, min(candidates, math.floor(self.spec.share * self.scored + 1e-9) - self.reviewed))
+        else:  # parse_budget gives a share or a rate: a spec with neither limits nothing
+            allowed = candidates
         self.reviewed += allowed
         return allowed
 
@@ -75,13 +77,13 @@ def apply_budget(decisions: list[Route | BaseException], ps: list[float], budget
     ``ps`` and ``versions`` are each pair's calibrated p and the version that scored it; an exception in
     ``decisions`` (a pair that could not be routed) is passed through and not counted.
     """
-    routed = [i for i, d in enumerate(decisions) if isinstance(d, Route)]
-    candidates = [i for i in routed if decisions[i].kind == "review"]
+    routed = {i: d for i, d in enumerate(decisions) if isinstance(d, Route)}
+    candidates = [i for i, d in routed.items() if d.kind == "review"]
     allowed = budget.allow(len(candidates), len(routed))
     out = list(decisions)
     for j in defer_beyond([ps[i] for i in candidates], allowed):
         i = candidates[j]
-        d = decisions[i]
+        d = routed[i]
         out[i] = Route(DEFERRED, f"review budget {budget.spec.text if budget.spec else ''} spent: {d.reason}, "
                                  f"p={ps[i]:.3f} by {versions[i]}", d.k)
     return out

@@ -66,10 +66,17 @@ class ProducerKeyring:
             keys[key_id] = ProducerKey(signing.hmac_key(secret, f"{what} (key {key_id})", key_id=key_id), source)
         return cls(keys)
 
+    def _signer(self, headers: Any) -> ProducerKey:
+        """The key whose signature ``check`` accepted on ``headers``."""
+        key_id = signing.signed_by(headers)
+        if key_id is None:
+            raise KeyError("the record is unsigned")
+        return self.keys[key_id]
+
     def check(self, pair: Mapping[str, Any], headers: Any) -> str | None:
         """None when ``pair`` (as decoded, before normalisation) is signed by a key of its own source, else why not."""
         reason = signing.check(SCHEMA, pair, headers, lambda kid: k.key if (k := self.keys.get(kid)) else None)
-        if reason is None and self.keys[signing.signed_by(headers)].source != pair.get("source"):
+        if reason is None and self._signer(headers).source != pair.get("source"):
             return SOURCE_MISMATCH
         return reason
 
@@ -80,7 +87,7 @@ class ProducerKeyring:
             return pair
         reason = self.check(pair, headers)
         if reason is None:
-            metrics.VOUCHES_ACCEPTED.labels(self.keys[signing.signed_by(headers)].source[:80]).inc()
+            metrics.VOUCHES_ACCEPTED.labels(self._signer(headers).source[:80]).inc()
             return pair
         metrics.VOUCHES_STRIPPED.labels(reason).inc()
         source = str(pair.get("source", ""))[:80]

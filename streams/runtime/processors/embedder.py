@@ -28,6 +28,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ BACKENDS = ("onnx", "torch")
 PRECISIONS = ("int8", "fp32")
 
 
-def _torch_encoder(model: object) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+def _torch_encoder(model: Any) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     import torch
 
     def run(enc: dict[str, np.ndarray]) -> np.ndarray:
@@ -60,7 +61,7 @@ def _torch_encoder(model: object) -> Callable[[dict[str, np.ndarray]], np.ndarra
     return run
 
 
-def _export(model: object, tokenizer: object) -> tuple[bytes, list[str]]:
+def _export(model: Any, tokenizer: Any) -> tuple[bytes, list[str]]:
     """The encoder as fp32 ONNX graph bytes (exported in memory) and its input names."""
     from trainers.export.onnx import trace_to_onnx
 

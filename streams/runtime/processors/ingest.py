@@ -47,6 +47,13 @@ class IngestResult:
     claim: str | None = None  # the dedupe claim this record holds in Redis
     held: list[tuple[str, str]] = field(default_factory=list)  # its content claims (key, value), dedupe.py
 
+    @property
+    def decoded(self) -> dict[str, Any]:
+        """``pair``, where the caller has kept only the records that decoded to one."""
+        if self.pair is None:
+            raise LookupError("this record did not decode to a pair")
+        return self.pair
+
 
 def content_digest(pair: dict[str, Any]) -> str:
     """What a pair_id stands for: every field but the id and ``created_at`` (a resend may stamp a new time)."""
@@ -93,15 +100,15 @@ class Ingestor:
         pipe = self.redis.pipeline(transaction=False)
         claims = []
         for msg, r in todo:
-            claim = f"{msg.topic()}:{msg.partition()}:{msg.offset()} {content_digest(r.pair)}"
+            claim = f"{msg.topic()}:{msg.partition()}:{msg.offset()} {content_digest(r.decoded)}"
             claims.append(claim)
-            pipe.set(self.prefix + r.pair["pair_id"], claim, nx=True, ex=self.ttl)
-            pipe.get(self.prefix + r.pair["pair_id"])
+            pipe.set(self.prefix + r.decoded["pair_id"], claim, nx=True, ex=self.ttl)
+            pipe.get(self.prefix + r.decoded["pair_id"])
         replies = pipe.execute()
         seen_in_batch: set[str] = set()
         for i, (msg, r) in enumerate(todo):
             owner = replies[2 * i + 1]
-            pid = r.pair["pair_id"]
+            pid = r.decoded["pair_id"]
             if owner is None or owner.decode() == claims[i]:
                 if pid in seen_in_batch:  # no owner to compare with (Redis lost the key): keep the first copy
                     r.duplicate = True
@@ -119,11 +126,11 @@ class Ingestor:
                     r.duplicate = True
             seen_in_batch.add(pid)
         if self.content is not None:
-            self._by_content([(m, r) for m, r in todo if r.claim is not None])
+            self._by_content(self.content, [(m, r) for m, r in todo if r.claim is not None])
 
-    def _by_content(self, todo: list[tuple[Any, IngestResult]]) -> None:
+    def _by_content(self, content: ContentDedupe, todo: list[tuple[Any, IngestResult]]) -> None:
         """Dead-letter the pairs that repeat, exactly or nearly, a pair seen under another pair_id (dedupe.py)."""
-        verdicts = self.content.check([r.pair for _, r in todo],
+        verdicts = content.check([r.decoded for _, r in todo],
                                       [f"{m.topic()}:{m.partition()}:{m.offset()}" for m, _ in todo])
         repeated = []
         for (msg, r), v in zip(todo, verdicts, strict=True):
@@ -143,7 +150,7 @@ class Ingestor:
         pipe = self.redis.pipeline(transaction=False)
         for r in held:
             if r.claim is not None:
-                pipe.eval(RELEASE_SCRIPT, 1, self.prefix + r.pair["pair_id"], r.claim)
+                pipe.eval(RELEASE_SCRIPT, 1, self.prefix + r.decoded["pair_id"], r.claim)
             for key, value in r.held:
                 pipe.eval(RELEASE_SCRIPT, 1, key, value)
         pipe.execute()

@@ -19,7 +19,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,7 +124,7 @@ class ModelSlot:
 VERSION_NAME = re.compile(rf"(?:{'|'.join(ROLES)})-\d{{8}}-\d{{6}}-[0-9a-f]{{6}}")
 
 
-def announced_version(record: dict) -> str:
+def announced_version(record: Mapping[str, Any]) -> str:
     """The announced version name, or UntrustedModelPathError when it is not a name the store makes.
 
     models.versions is a topic anyone with write access can append to: only the version name of a
@@ -263,6 +263,8 @@ class Scorer:
         p and gold_p are calibrated with each version's temperature; the rewards stay raw.
         """
         cur, gold = self.current.serving, self.gold.serving
+        if cur is None:  # the current slot serves the bootstrap model from the start
+            raise RuntimeError("no current model is serving")
         rc, rr = cur.model.score_pairs(pairs)
         p = sigmoid((rc - rr) / cur.model.temperature)
         if gold is not None:

@@ -31,6 +31,13 @@ class Item:
     verdict: tuple[str, str] | None = None  # VerifyStage: (verifier, winner) when a tool decided the pair
     other: dict[type, Any] = field(default_factory=dict)  # results of further stages, by stage class
 
+    @property
+    def scored(self) -> dict:
+        """``score``, for the code after ScoreStage: every item still alive there has one."""
+        if self.score is None:
+            raise LookupError(f"pair {self.pair.get('pair_id')!r} has no score: ScoreStage did not run on it")
+        return self.score
+
     def found(self, stage: type[Stage[R]]) -> R:
         """The result ``stage`` stored for this item (KeyError when it did not run on it)."""
         return self.other[stage]

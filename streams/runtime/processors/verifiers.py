@@ -18,6 +18,7 @@ import ast
 import math
 import operator
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,7 +30,7 @@ NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
 CODE_TIMEOUT_S = 5.0
 CODE_MEMORY_BYTES = 512 << 20
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+_OPS: dict[type[ast.AST], Callable[..., Any]] = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
         ast.Pow: operator.pow, ast.USub: operator.neg, ast.Mod: operator.mod, ast.FloorDiv: operator.floordiv}
 _EXPR = re.compile(r"(?:what is|compute|calculate|evaluate)\s+([-+*/().\d\s^x×÷]+)\??", re.I)
 

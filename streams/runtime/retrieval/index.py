@@ -10,11 +10,10 @@ lists of their own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from schemas.pairs import clip
+from schemas.records import SimilarPair
 
 DEFAULT_CAPACITY = 200_000
 EXACT_LIMIT = 20_000
@@ -26,16 +25,6 @@ KMEANS_ITERS = 6
 # Bounds the index's memory (200,000 pairs of up to 4 MiB each would not fit any worker) and the
 # size of a review task's similar list (8 neighbours of whole pairs could pass max.message.bytes).
 NEIGHBOUR_TEXT_CHARS = 4000
-
-
-@dataclass
-class Neighbour:
-    pair_id: str
-    prompt: str
-    chosen: str
-    rejected: str
-    label_source: str
-    similarity: float
 
 
 class NeighbourIndex:
@@ -98,7 +87,8 @@ class NeighbourIndex:
         for vec, meta in zip(vectors, metas, strict=True):
             if meta[0] in self.ids:
                 continue
-            meta = (meta[0], *(clip(text, NEIGHBOUR_TEXT_CHARS) for text in meta[1:4]), meta[4])
+            meta = (meta[0], clip(meta[1], NEIGHBOUR_TEXT_CHARS), clip(meta[2], NEIGHBOUR_TEXT_CHARS),
+                    clip(meta[3], NEIGHBOUR_TEXT_CHARS), meta[4])
             if self.size < self.capacity:
                 if self.size == len(self.vectors):
                     grown = np.zeros((min(self.capacity, len(self.vectors) * 2), self.dim), dtype=np.float32)
@@ -118,7 +108,7 @@ class NeighbourIndex:
         if self.size >= EXACT_LIMIT and self.size >= 2 * max(self._trained_at, EXACT_LIMIT // 2):
             self._train()
 
-    def search(self, query: np.ndarray, k: int, exclude: str | None = None) -> list[Neighbour]:
+    def search(self, query: np.ndarray, k: int, exclude: str | None = None) -> list[SimilarPair]:
         if k <= 0 or self.size == 0:
             return []
         if self.centroids is None:
@@ -140,7 +130,8 @@ class NeighbourIndex:
             m = self.meta[int(candidates[i]) if candidates is not None else int(i)]
             if m[0] == exclude:
                 continue
-            out.append(Neighbour(m[0], m[1], m[2], m[3], m[4], float(sims[i])))
+            out.append(SimilarPair(pair_id=m[0], prompt=m[1], chosen=m[2], rejected=m[3], label_source=m[4],
+                                   similarity=float(sims[i])))
             if len(out) == k:
                 break
         return out

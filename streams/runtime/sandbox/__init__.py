@@ -249,6 +249,7 @@ def _run(sandbox: _Sandbox, source: str, limits: Limits, tests: str | None = Non
         for fd in inherited:
             os.close(fd)
     status, chunks, size, evidence = "exited", [], 0, b""
+    assert proc.stdout is not None  # started with stdout=PIPE
     out_fd = proc.stdout.fileno()
     reading = [out_fd] + ([evidence_fd] if evidence_fd is not None else [])
     try:
@@ -280,7 +281,7 @@ def _run(sandbox: _Sandbox, source: str, limits: Limits, tests: str | None = Non
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 status = "timeout"  # closed its output but went on running
-        if status == "exited" and evidence_fd in reading:
+        if status == "exited" and evidence_fd is not None and evidence_fd in reading:
             evidence += _drain(evidence_fd, MAX_EVIDENCE_BYTES + 1 - len(evidence))
     finally:
         if proc.returncode is None:
@@ -417,7 +418,7 @@ def _probe_local() -> tuple[_Sandbox | None, str]:
         return None, f"bwrap not found at {BWRAP}"
     if os.geteuid() == 0 and not os.path.exists(SETPRIV):
         return None, f"running as root and setpriv not found at {SETPRIV} (RLIMIT_NPROC needs a non-root uid)"
-    reasons = []
+    reasons: list[str] = []
     hierarchy = cgroups.find()
     for memory in ([hierarchy, None] if hierarchy is not None else [None]):
         for interpreter in _interpreters():
@@ -477,7 +478,7 @@ def reset() -> None:
 
 def run_python(source: str, limits: Limits | None = None) -> Result:
     """Run ``source`` as a script in a fresh sandbox; never runs it without one."""
-    if not available():
+    if not available() or _sandbox is None:
         return Result("unavailable")
     return _run(_sandbox, source, limits or Limits())
 
@@ -496,7 +497,7 @@ def run_tests(code: str, tests: str, limits: Limits | None = None) -> Result:
     """Run ``code`` then ``tests`` under the harness in a fresh sandbox; ``Result.passed`` is True only when
     the harness's random token for this run arrived, alone, on its pipe (it is written after the last test).
     Never runs anything without a sandbox."""
-    if not available():
+    if not available() or _sandbox is None:
         return Result("unavailable")
     token = _token()
     return _judge(_run(_sandbox, code, limits or Limits(), tests=tests, token=token), token)

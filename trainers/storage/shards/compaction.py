@@ -32,16 +32,18 @@ class Compacted:
 
 def _groups(entries: list[dict[str, Any]], target: int, min_files: int) -> list[list[dict[str, Any]]]:
     """Runs of consecutive small closed files of one split, each run at most ``target`` records."""
-    groups, run, size = [], [], 0
+    groups: list[list[dict[str, Any]]] = []
+    run: list[dict[str, Any]] = []
+    size = 0
     for e in entries + [None]:
-        small = e is not None and not e["open"] and e["count"] < target
-        if small and size + e["count"] <= target:
-            run.append(e)
-            size += e["count"]
+        small = e if e is not None and not e["open"] and e["count"] < target else None
+        if small is not None and size + small["count"] <= target:
+            run.append(small)
+            size += small["count"]
             continue
         if len(run) >= min_files:
             groups.append(run)
-        run, size = ([e], e["count"]) if small else ([], 0)
+        run, size = ([small], small["count"]) if small is not None else ([], 0)
     return groups
 
 

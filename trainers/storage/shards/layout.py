@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastavro import parse_schema
 from fastavro import writer as avro_writer
@@ -55,7 +55,8 @@ def shard_schema() -> dict[str, Any]:
     schema = json.loads(registry.get("CuratedPair").expanded_json)
     schema["fields"].append({"name": "source_offset", "type": "long", "default": -1,
                              "doc": "Offset of the record on prefs.curated; its partition is in the file name."})
-    return parse_schema(schema)
+    # A record schema parses to a dict (fastavro types the result as any schema form).
+    return cast(dict[str, Any], parse_schema(schema))
 
 
 def encode(rows: list[tuple[int, dict[str, Any]]]) -> bytes:

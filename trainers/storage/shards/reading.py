@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastavro import reader as avro_reader
 
@@ -44,7 +44,8 @@ def read_file(root: Path, entry: dict[str, Any]) -> Iterator[dict[str, Any]]:
         stream = io.BufferedReader(_Bounded(fh, entry["bytes"])) if entry.get("bytes") is not None else fh
         n = 0
         try:
-            for rec in avro_reader(stream):
+            # Shard files hold records of shard_schema(), which fastavro reads as dicts.
+            for rec in cast(Iterable[dict[str, Any]], avro_reader(stream)):
                 if n >= entry["count"]:
                     break
                 n += 1
