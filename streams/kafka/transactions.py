@@ -202,8 +202,8 @@ class BatchTransactions:
 
         Needed only after a committed transaction with outputs, and when the consumer holds a partition its
         last transaction did not name (at start, and after a rebalance: the predecessor's last batch there
-        waits for a marker naming it); a no-op otherwise, or without marking, or while the consumer holds no partition. False when
-        it failed (tried again at the next call)."""
+        waits for a marker naming it); a no-op otherwise, or without marking, or while the consumer holds
+        no partition. False when it failed (tried again at the next call)."""
         if self.marking is None:
             return True
         held = {(tp.topic, tp.partition) for tp in consumer.assignment()}
