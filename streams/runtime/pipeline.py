@@ -166,8 +166,7 @@ class Pipeline:
             elif r.duplicate:
                 metrics.DUPLICATES.inc()
             else:
-                assert r.pair is not None, "ingest gives each record a pair or a dead letter"
-                items.append(Item(m, r.pair))
+                items.append(Item(m, r.decoded))
         for stage in self.stages:  # a record a stage dead-lettered goes no further
             items = self._run(stage, items, outputs)
         with metrics.STAGE_SECONDS.labels("route").time():
