@@ -307,6 +307,53 @@ def test_a_rebalance_before_the_idle_marker_leaves_the_last_batch_to_the_partiti
     assert [(r["pair"]["pair_id"], r["split"]) for r in _shard_rows(settings)] == [(x["pair_id"], "silver")]
 
 
+class _StaleFirst:
+    """A consumer whose first committed-offset fetch of ``stale``'s partitions answers the offsets given there,
+    as the embedded broker can answer right after a commit; every other call goes to ``consumer``."""
+
+    def __init__(self, consumer: Consumer, stale: dict[tuple[str, int], int]) -> None:
+        self.consumer, self.stale = consumer, dict(stale)
+
+    def committed(self, partitions, timeout=None):
+        fresh = self.consumer.committed(partitions, timeout=timeout)
+        return [TopicPartition(tp.topic, tp.partition, self.stale.pop((tp.topic, tp.partition), tp.offset))
+                for tp in fresh]
+
+    def __getattr__(self, name: str):
+        return getattr(self.consumer, name)
+
+
+@pytest.mark.integration
+def test_a_new_holder_whose_first_committed_offset_is_stale_anchors_again_once_it_is_fresh(settings, monkeypatch):
+    """The rebalance case above, with the new holder's first committed-offset fetch answering the offset before
+    the predecessor's commit (and no position yet, having read nothing): its first markers decide nothing; it
+    anchors again once the committed offset it asks is past the one it named."""
+    from streams.kafka import transactions
+
+    (x,) = _pairs(1)
+    group = f"{settings.topic_prefix}worker"
+    marked = [settings.topic(t) for t in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ)]
+    first, msgs = raw_batch(settings, [x], group)
+    txn = BatchTransactions(settings, f"{settings.topic_prefix}w0", marked=marked)
+    assert txn.commit(first, [_encode(settings, topics.CURATED, "CuratedPair", x["pair_id"], _curated(x, "silver"))], msgs)
+    first.close()
+
+    raw = settings.topic(topics.RAW)
+    second = Consumer(consumer_config(settings, group))
+    second.assign([TopicPartition(raw, 0)])
+    stale = _StaleFirst(second, {(raw, 0): msgs[0].offset()})
+    successor = BatchTransactions(settings, f"{settings.topic_prefix}w1", marked=marked)
+    assert successor.anchor(stale)  # names partition 0 at the offset where x's batch began: decides nothing
+    held: list[int] = []
+    _run_writer(settings, lambda w: held.append(w.filter.held()) or held[-1] >= 1, timeout=20)
+    assert _shard_rows(settings) == [] and max(held) >= 1, "the premise: a stale marker decides nothing"
+    monkeypatch.setattr(transactions, "ANCHOR_CHECK_S", 0.0)
+    assert successor.anchor(stale)  # the committed offset now answers past the named one: anchored again
+    second.close()
+    _run_writer(settings, lambda w: _shard_rows(settings), timeout=30)
+    assert [(r["pair"]["pair_id"], r["split"]) for r in _shard_rows(settings)] == [(x["pair_id"], "silver")]
+
+
 @pytest.mark.integration
 def test_the_controller_monitor_counts_no_score_of_an_aborted_batch(settings):
     monitor = ScoredMonitor(settings)

@@ -4,8 +4,10 @@ newer version serves, or sends them to review once they waited past the bound.""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -61,6 +63,28 @@ def _deferred_first(settings, worker: WorkerProcess, pairs: list[dict]) -> set[s
     return candidates
 
 
+@contextlib.contextmanager
+def _streaming(settings, seconds: float, rate: float = 5.0) -> Iterator[None]:
+    """Pairs produced at ``rate`` per second in a thread, for ``seconds`` or until the block ends."""
+    stop = threading.Event()
+
+    def produce() -> None:
+        with PreferenceProducer(settings) as producer:
+            for i in range(int(seconds * rate)):
+                if stop.wait(1 / rate):
+                    return
+                producer.send({"pair_id": f"stream-{i}", "prompt": f"Name a colour that goes with shade {i}.",
+                               "chosen": f"Shade {i} goes well with navy.", "rejected": "Blue."})
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+
+
 def test_the_budget_defers_and_a_newer_version_rescores(settings):
     from streams.kafka.announce import Announcer
     from trainers.scoring.model import RewardModel
@@ -77,8 +101,12 @@ def test_the_budget_defers_and_a_newer_version_rescores(settings):
         worker.kill9()
         worker = WorkerProcess(settings, extra_env=env).start()
         v1 = ModelStore(settings.models_dir).publish(model_dir, "current", announce=Announcer(settings))
-        again = _wait_for(settings, topics.SCORED, "ScoredPair",
-                          lambda r: r["pair"]["pair_id"] if r["model_version"] == v1.version else None, deferred)
+        # The stream goes on meanwhile: every worker batch marks prefs.deferred, and the second look's rescored
+        # rows must reach readers while it flows, not once it stops.
+        with _streaming(settings, seconds=90):
+            again = _wait_for(settings, topics.SCORED, "ScoredPair",
+                              lambda r: r["pair"]["pair_id"] if r["model_version"] == v1.version else None, deferred,
+                              timeout=60)
         assert {r["route"] for r in again.values()} <= {"review", "silver", "flipped", "dropped"}, \
             "a second look never defers again"
         uncertain = {pid for pid, r in again.items() if r["route"] == "review"}

@@ -46,6 +46,9 @@ MARKED_METADATA_S = 60.0
 # After a failed markers-only transaction (the broker away) the next try waits this long, so an idle
 # loop that calls ``anchor`` on every pass keeps polling meanwhile.
 ANCHOR_RETRY_S = 5.0
+# How often an idle stage asks the group's committed offsets of its partitions again, to anchor once more
+# when one is past what its last markers named (see ``BatchTransactions.anchor``).
+ANCHOR_CHECK_S = 2.0
 
 
 def transactional_producer(settings: Settings, transactional_id: str) -> Producer:
@@ -114,11 +117,12 @@ class BatchTransactions:
         self._marker_partitions: list[tuple[str, int]] = []
         self._marker_partitions_at = float("-inf")
         self._anchor_after = float("-inf")
-        # The input partitions the last committed transaction's stamp named. A partition gained since (a
-        # rebalance) is anchored too: its predecessor's last batch waits for a marker that names it, and the
-        # predecessor, no longer holding it, cannot write one.
-        self._named: set[tuple[str, int]] = set()
-        self._naming: set[tuple[str, int]] = set()
+        # Per input partition the last committed transaction's stamp named: the committed offset it will leave
+        # there. A partition gained since (a rebalance) is anchored too: its predecessor's last batch waits for
+        # a marker that names it, and the predecessor, no longer holding it, cannot write one.
+        self._named: dict[tuple[str, int], int] = {}
+        self._naming: dict[tuple[str, int], int] = {}
+        self._checked_at = float("-inf")
 
     def poll(self) -> None:
         """Serve the producer's queue (librdkafka's log lines come through it)."""
@@ -173,12 +177,13 @@ class BatchTransactions:
         assert self.marking is not None, "only a stage that marks its topics stamps its attempts"
         read = {(m.topic(), m.partition()) for m in msgs}
         held = read | {(tp.topic, tp.partition) for tp in consumer.assignment()}
-        self._naming = held
         tps = [TopicPartition(t, p) for t, p in sorted(held)]
         committed = consumer.committed(tps, timeout=TXN_CALL_TIMEOUT_S)
         # Where the consumer reads next on partitions without records in this batch (see Marking.stamp).
         positions = consumer.position([tp for tp in tps if (tp.topic, tp.partition) not in read])
-        return self.marking.stamp(committed, msgs, positions).encode()
+        stamp = self.marking.stamp(committed, msgs, positions)
+        self._naming = {(s.topic, s.partition): s.hi + 1 if s.covers_records else s.lo for s in stamp.sources}
+        return stamp.encode()
 
     def _produce_markers(self, producer: Producer, stamp: bytes) -> None:
         """One marker per partition of every marked topic (partition counts read again every MARKED_METADATA_S)."""
@@ -200,14 +205,18 @@ class BatchTransactions:
     def anchor(self, consumer: Consumer) -> bool:
         """When idle: a transaction of markers only, so that readers can decide the last batch's rows.
 
-        Needed only after a committed transaction with outputs, and when the consumer holds a partition its
-        last transaction did not name (at start, and after a rebalance: the predecessor's last batch there
-        waits for a marker naming it); a no-op otherwise, or without marking, or while the consumer holds
-        no partition. False when it failed (tried again at the next call)."""
+        Needed after a committed transaction with outputs; when the consumer holds a partition its last
+        transaction did not name (at start, and after a rebalance: the predecessor's last batch there waits
+        for a marker naming it); and when the group's committed offset of a held partition is past the one
+        the last markers named. That last check runs every ANCHOR_CHECK_S: right after a commit the embedded
+        broker can still answer a committed-offset fetch with the offset before it, and a new holder that has
+        read nothing yet has no position to correct it, so its first markers may name the offset where the
+        predecessor's last batch began, which decides nothing. A no-op otherwise, or without marking, or while
+        the consumer holds no partition. False when it failed (tried again at the next call)."""
         if self.marking is None:
             return True
         held = {(tp.topic, tp.partition) for tp in consumer.assignment()}
-        if not self.marking.unanchored and held <= self._named:
+        if not self.marking.unanchored and held <= self._named.keys() and not self._named_behind(consumer, held):
             return True
         if time.monotonic() < self._anchor_after or not held:
             return False
@@ -227,6 +236,19 @@ class BatchTransactions:
         self._named = self._naming
         self.failures, self.last_error = 0, ""
         return True
+
+    def _named_behind(self, consumer: Consumer, held: set[tuple[str, int]]) -> bool:
+        """Whether a held partition's committed offset, asked at most every ANCHOR_CHECK_S, is past the one
+        the last markers named there."""
+        now = time.monotonic()
+        if now - self._checked_at < ANCHOR_CHECK_S:
+            return False
+        self._checked_at = now
+        try:
+            committed = consumer.committed([TopicPartition(t, p) for t, p in sorted(held)], timeout=ANCHOR_RETRY_S)
+        except KafkaException:
+            return False  # the broker is away: asked again at the next check
+        return any(tp.offset > self._named.get((tp.topic, tp.partition), tp.offset) for tp in committed)
 
     def _call(self, call: Callable[[], Any]) -> Any:
         for attempt in range(CALL_RETRIES + 1):

@@ -300,6 +300,7 @@ class ScoredTail:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.seen: set[str] = set()
+        self.held = 0  # records read but not yet decided committed or aborted (streams/kafka/committed.py)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="scored-tail", daemon=True)
 
@@ -312,6 +313,7 @@ class ScoredTail:
                     self.seen.add(record.value["pair"]["pair_id"])
                     if self.stop.is_set():
                         return
+                self.held = reader.filter.held()
 
     def __enter__(self) -> ScoredTail:
         self.thread.start()
@@ -395,7 +397,8 @@ def wait_drained(run: DemoRun, dep: Deployment, ids: set[str], deadline: float, 
         dep.check()
         time.sleep(0.5)
     if not ids <= tail.seen:
-        run.failures.append(f"{len(ids - tail.seen)} pairs were not scored before the time limit")
+        run.failures.append(f"{len(ids - tail.seen)} pairs were not scored before the time limit (prefs.scored "
+                            f"holds {tail.held} records of transactions no marker has decided yet)")
     # A retrain the last phase triggered is not waited for: stopping the controller cancels it (and
     # the decision log says so); the versions the demo asked for were served before the last phase.
     queue = ReviewQueue(redis.Redis.from_url(run.settings.redis_url), run.settings.topic_prefix)

@@ -208,9 +208,15 @@ class SecondLook:
             reasons = {id(m): (why, rec) for m, rec, why in rescore}
             outputs += self.pipeline.process_deferred([m for m, _, _ in rescore], [rec["pair"] for _, rec, _ in rescore],
                                                       lambda it, d: self._reason(it, d, reasons[id(it.msg)], serving))
-        if (len(handled) > skipped or outputs) and not self.txn.commit(self.consumer, outputs, handled):
-            self.filter.reset_all()
-            return 0  # rewound to the committed offsets: everything is looked at again next step
+        if len(handled) > skipped or outputs:
+            if not self.txn.commit(self.consumer, outputs, handled):
+                self.filter.reset_all()
+                return 0  # rewound to the committed offsets: everything is looked at again next step
+        else:
+            # Only the worker's markers, or records not due yet: idle as far as this stage's rows go. A busy
+            # worker marks prefs.deferred with every batch, so waiting for an empty fetch would hold this
+            # stage's last rows from every reader for as long as the stream flows.
+            self.txn.anchor(self.consumer)
         for topic, *_ in outputs:
             metrics.RECORDS_OUT.labels(topic).inc()
         history.add(self.pipeline.redis, self.settings.topic_prefix, history.ROUTES, self.pipeline.take_routed())
