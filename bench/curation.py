@@ -23,6 +23,7 @@ from typing import Any
 
 from bench.common import HH, RESULTS, write_result
 from schemas.formats import read_objects
+from trainers.exceptions import TrainerError
 
 PROBES = ("clean_holdout", "non_trap", "style_traps", "confident_wrong")
 
@@ -137,7 +138,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"shared data not present: {HH}; the hh data set needs ../shared/data")
         print(f"curation study: {name}", flush=True)
         state = Path(given[name]) if name in given else _run_demo(name, args, Path(tempfile.mkdtemp(prefix="bench-cur-")))
-        study(state, lengths, seeds, on_length=lambda done, n=name: save(n, done))
+        try:
+            study(state, lengths, seeds, on_length=lambda done, n=name: save(n, done))
+        except TrainerError as exc:
+            raise SystemExit(f"curation study, {name} (demo state {state}): {exc}") from None
     return result
 
 

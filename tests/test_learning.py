@@ -115,3 +115,12 @@ def test_like_for_like_replays_a_chain_with_each_arms_labels_paired_by_seed(tmp_
     got = gains(arms)["toy"]
     assert got["mean"] > 0.3 and len(got["per_seed"]) == 2 and got["ci95"][0] <= got["mean"] <= got["ci95"][1]
     assert got["ceiling_share"] == pytest.approx(1.0, abs=0.05)  # curated labels are the truth here
+
+
+def test_a_chain_without_a_retrain_is_refused_with_what_to_do():
+    from trainers.chain import Chain
+    from trainers.evaluation.comparison import compare
+    from trainers.exceptions import TrainerError
+
+    with pytest.raises(TrainerError, match="trained by no retrain.*longer time limit"):
+        compare(Chain("current-stage1", []), "default", {"raw": {}}, {"toy": toy_pairs(4)}, seeds=[0])

@@ -65,6 +65,10 @@ def replay(chain: Chain, base_dir: str | Path, labels: dict[str, dict[str, Any]]
     ``scale`` multiplies every link's schedule and steps (a longer training of the same chain)."""
     from trainers.training.train import TrainConfig, train
 
+    if not chain.links:
+        raise TrainerError(f"the served version is {chain.base} itself, trained by no retrain: there is no chain to "
+                           "replay (a demo whose first retrain did not serve before its time limit leaves this; give "
+                           "it a longer time limit)")
     model_dir, rm = str(base_dir), None
     for i, link in enumerate(chain.links):
         pairs = [labels[r["pair_id"]] for r in link.pairs if r["pair_id"] in labels]
