@@ -282,18 +282,25 @@ def test_a_pair_curated_only_in_a_transaction_that_never_committed_never_reaches
     assert read_topic(settings, topics.CURATED, "CuratedPair") == []
 
 
-@pytest.mark.integration
-def test_a_rebalance_before_the_idle_marker_leaves_the_last_batch_to_the_partitions_new_holder(settings):
-    """A worker commits a batch with outputs and loses the partition before its idle marker; it cannot name
-    the partition any more. The new holder, already anchored on its other partition, anchors the gained one,
-    so readers take the batch's rows instead of waiting for the partition's next record."""
+def _committed_then_revoked(settings: Settings) -> tuple[dict, str, list[str], list]:
+    """A worker commits one pair's silver row and loses partition 0 before it is idle: no marker of its own names
+    the partition after the row. The pair, the group, the marked topics and the batch."""
     (x,) = _pairs(1)
     group = f"{settings.topic_prefix}worker"
     marked = [settings.topic(t) for t in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ)]
     first, msgs = raw_batch(settings, [x], group)
     txn = BatchTransactions(settings, f"{settings.topic_prefix}w0", marked=marked)
     assert txn.commit(first, [_encode(settings, topics.CURATED, "CuratedPair", x["pair_id"], _curated(x, "silver"))], msgs)
-    first.close()  # revoked before it was idle: no marker of its own names partition 0 after the row
+    first.close()
+    return x, group, marked, msgs
+
+
+@pytest.mark.integration
+def test_a_rebalance_before_the_idle_marker_leaves_the_last_batch_to_the_partitions_new_holder(settings):
+    """A worker commits a batch with outputs and loses the partition before its idle marker; it cannot name
+    the partition any more. The new holder, already anchored on its other partition, anchors the gained one,
+    so readers take the batch's rows instead of waiting for the partition's next record."""
+    x, group, marked, msgs = _committed_then_revoked(settings)
 
     raw = settings.topic(topics.RAW)
     second = Consumer(consumer_config(settings, group))
@@ -330,13 +337,7 @@ def test_a_new_holder_whose_first_committed_offset_is_stale_anchors_again_once_i
     anchors again once the committed offset it asks is past the one it named."""
     from streams.kafka import transactions
 
-    (x,) = _pairs(1)
-    group = f"{settings.topic_prefix}worker"
-    marked = [settings.topic(t) for t in (topics.SCORED, topics.REVIEW, topics.CURATED, topics.DLQ)]
-    first, msgs = raw_batch(settings, [x], group)
-    txn = BatchTransactions(settings, f"{settings.topic_prefix}w0", marked=marked)
-    assert txn.commit(first, [_encode(settings, topics.CURATED, "CuratedPair", x["pair_id"], _curated(x, "silver"))], msgs)
-    first.close()
+    x, group, marked, msgs = _committed_then_revoked(settings)
 
     raw = settings.topic(topics.RAW)
     second = Consumer(consumer_config(settings, group))
