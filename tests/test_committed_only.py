@@ -314,6 +314,27 @@ def test_a_rebalance_before_the_idle_marker_leaves_the_last_batch_to_the_partiti
     assert [(r["pair"]["pair_id"], r["split"]) for r in _shard_rows(settings)] == [(x["pair_id"], "silver")]
 
 
+@pytest.mark.integration
+def test_a_batch_read_before_a_rebalance_took_its_partition_writes_and_commits_nothing(settings):
+    """A batch spans a rebalance that takes its partition: its old holder must not commit it. Committed, its
+    rows would follow the new holder's markers, which name the partition already: no marker would decide them."""
+    (x,) = _pairs(1)
+    group = f"{settings.topic_prefix}worker"
+    curated = settings.topic(topics.CURATED)
+    consumer, msgs = raw_batch(settings, [x], group)
+    raw = settings.topic(topics.RAW)
+    before = consumer.committed([TopicPartition(raw, 0)], timeout=10)[0].offset
+    consumer.incremental_unassign([TopicPartition(raw, 0)])  # what the revoke callback leaves
+    txn = BatchTransactions(settings, f"{settings.topic_prefix}w0", marked=[curated])
+    assert not txn.commit(consumer, [_encode(settings, topics.CURATED, "CuratedPair", x["pair_id"], _curated(x, "silver"))],
+                          msgs)
+    consumer.close()
+    probe = Consumer(consumer_config(settings, group))
+    assert probe.committed([TopicPartition(raw, 0)], timeout=10)[0].offset == before
+    probe.close()
+    assert every_record(settings, topics.CURATED) == [], "the old holder wrote the batch's rows or markers"
+
+
 class _StaleFirst:
     """A consumer whose first committed-offset fetch of ``stale``'s partitions answers the offsets given there,
     as the embedded broker can answer right after a commit; every other call goes to ``consumer``."""

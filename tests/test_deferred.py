@@ -135,3 +135,44 @@ def test_a_pair_deferred_past_the_bound_goes_to_review_with_its_reason(settings)
         assert {k: routes_counted(settings)[k] for k in want} == want
     finally:
         assert worker.stop() == 0
+
+
+def test_a_partition_paused_before_a_rebalance_is_read_again_when_it_comes_back(settings):
+    """librdkafka keeps a partition paused across a rebalance that gives it back (the premise, checked on a plain
+    consumer); the second look's assign callback resumes it, as the blocks it kept were forgotten on revoke."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from streams.kafka.config import consumer_config, producer_config
+    from streams.runtime.deferred import unpaused
+
+    topic = settings.topic(topics.DEFERRED)
+    # A short poll interval: sleeping past it makes the group take the partitions and give them back.
+    conf = {"max.poll.interval.ms": 7000, "session.timeout.ms": 6000}
+    plain = Consumer(consumer_config(settings, f"{settings.topic_prefix}plain") | conf)
+    second = Consumer(consumer_config(settings, f"{settings.topic_prefix}second-look") | conf)
+    plain.subscribe([topic])
+    second.subscribe([topic], on_assign=unpaused)
+    producer = Producer(producer_config(settings))
+
+    def read(seconds: float) -> dict[str, set[int]]:
+        got: dict[str, set[int]] = {"plain": set(), "second": set()}
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for name, consumer in (("plain", plain), ("second", second)):
+                got[name] |= {m.partition() for m in consumer.consume(10, 0.2) if not m.error()}
+        return got
+
+    producer.produce(topic, value=b"{}", partition=0)
+    producer.flush(10)
+    assert read(15) == {"plain": {0}, "second": {0}}, "both consumers hold partition 0"
+    for consumer in (plain, second):
+        consumer.pause([TopicPartition(topic, 0)])
+    time.sleep(10)  # past max.poll.interval: each leaves its group and takes partition 0 back at its next poll
+    read(8)
+    producer.produce(topic, value=b"{}", partition=0)
+    producer.flush(10)
+    got = read(10)
+    plain.close()
+    second.close()
+    assert got["plain"] == set(), "the premise: librdkafka kept the plain consumer's partition paused"
+    assert got["second"] == {0}, "the second look's partition stayed paused after the rebalance"

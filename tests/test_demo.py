@@ -16,13 +16,22 @@ from trainers.evaluation.calibration import calibrated_p
 pytestmark = pytest.mark.integration
 
 
+def _service_logs(settings, chars: int = 3000) -> str:
+    """The end of each service log of the newest demo run (a failure says where the pairs stopped)."""
+    runs = sorted((settings.home / "demo").glob("*/logs"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        return "\n(no demo run directory with logs)"
+    return "".join(f"\n--- {log.name} (last {chars} characters)\n{log.read_text(errors='replace')[-chars:]}"
+                   for log in sorted(runs[-1].glob("*.log")) if log.name != "seed.log")
+
+
 def test_short_demo_reports_what_the_topics_hold(settings, tmp_path):
     out = tmp_path / "report"
     n = 240
     proc = run_cli(["demo", "--out", str(out), "--pairs", str(n), "--hh-pairs", "0", "--seed-pairs", "60",
                     "--holdout-pairs", "60", "--retrains", "1", "--seed-steps", "4", "--retrain-epochs", "1", "--comparison-seeds", "1",
                     "--max-length", "64", "--rate", "20", "--time-limit", "600"], settings, check=False, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-4000:] + _service_logs(settings)
     assert "demo summary" in proc.stderr
     for name in ("report.md", "report.html", "report.json", "accuracy_by_version.png", "reliability.png",
                  "routes_over_time.png", "latency_histogram.png"):

@@ -67,12 +67,12 @@ class FakeMsg:
 
 
 class FakeConsumer:
-    def __init__(self, committed: int = 5, unreachable: int = 0) -> None:
-        self.committed_offset, self.unreachable = committed, unreachable
+    def __init__(self, committed: int = 5, unreachable: int = 0, holds: bool = True) -> None:
+        self.committed_offset, self.unreachable, self.holds = committed, unreachable, holds
         self.seeks: list[int] = []
 
     def assignment(self) -> list[TopicPartition]:
-        return [TopicPartition("prefs.raw", 0)]
+        return [TopicPartition("prefs.raw", 0)] if self.holds else []
 
     def committed(self, partitions, timeout=None) -> list[TopicPartition]:
         if self.unreachable:
@@ -110,6 +110,12 @@ def test_a_clean_batch_commits_in_one_transaction():
     assert ok and txn.failures == 0
     assert producer.calls == ["begin", "send_offsets", "commit"] and len(producer.produced) == 1
     assert consumer.seeks == []
+
+
+def test_a_batch_whose_partition_a_rebalance_took_is_not_committed_by_its_old_holder():
+    ok, txn, (producer,), consumer = run_batch({}, FakeConsumer(holds=False))
+    assert not ok and producer.calls == [] and producer.produced == []
+    assert txn.failures == 0  # not a broker failure: the batch is its new holder's now
 
 
 def test_a_retriable_error_retries_the_same_call_and_commits():

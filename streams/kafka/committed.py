@@ -29,7 +29,9 @@ transaction never become visible, measured on Tansu as on Apache Kafka). So:
 The rows of a stage's last batch before a pause are decided by its next transaction, or by the
 markers-only transaction it writes when it is idle (``BatchTransactions.anchor``); when a rebalance
 moves the partition first, by the new holder's, which anchors every partition it gains, and anchors again
-when a committed offset it asks later is past the one its markers named (a stale fetch). On a broker that
+when a committed offset it asks later is past the one its markers named (a stale fetch). A batch with records
+of a partition its stage no longer holds is never committed (``BatchTransactions.commit``): its rows would
+follow the new holder's markers, and nothing would decide them. On a broker that
 hides aborted records (Apache Kafka) a reader only sees committed attempts: the filter never drops a
 row, it only waits for the next marker.
 """

@@ -130,7 +130,19 @@ class BatchTransactions:
             self.producer.poll(0)
 
     def commit(self, consumer: Consumer, outputs: list[Output], msgs: list[Any]) -> bool:
-        """Commit ``outputs`` with the batch's offsets; on failure recover and rewind, and return False."""
+        """Commit ``outputs`` with the batch's offsets; on failure recover and rewind, and return False.
+
+        A batch with records of a partition the consumer no longer holds is not committed either: a rebalance
+        served while the batch was read gave it to another member, which reads it again from the committed
+        offset. Committed here too, its rows would follow the new holder's markers, and the new holder, having
+        named the partition already, would write none after them: readers would hold them, and every later row
+        of their partitions, for good (and on a broker that checks no ownership the offsets would race)."""
+        if gone := sorted({(m.topic(), m.partition()) for m in msgs}
+                          - {(tp.topic, tp.partition) for tp in consumer.assignment()}):
+            log.info("a rebalance took %s while this batch was read; not committed here, its new holder reads it "
+                     "again", ", ".join(f"{t}[{p}]" for t, p in gone))
+            rewind(consumer, self.stop)
+            return False
         try:
             if self.producer is None:
                 self.producer = self._make_producer(self.settings, self.transactional_id)

@@ -85,6 +85,15 @@ def due(deferred_by: str, serving: str, deferred_at_ms: int, now_ms: int, max_wa
     return None
 
 
+def unpaused(consumer: Any, partitions: list[TopicPartition]) -> None:
+    """The assign callback: take the partitions and read every one of them. librdkafka keeps a partition's pause
+    across a rebalance that gives it back (confluentinc/librdkafka#1849), while the second look forgets the blocks
+    of the partitions it is revoked; a partition paused then would stay paused for good, its deferred pairs
+    never scored again."""
+    consumer.assign(partitions)
+    consumer.resume(partitions)
+
+
 @dataclass(frozen=True)
 class Block:
     """Why a partition is paused: its head record, at ``offset``, was deferred by ``version`` at ``deferred_at_ms``."""
@@ -108,7 +117,7 @@ class SecondLook:
         self.consumer = Consumer(consumer_config(
             settings, f"{settings.topic_prefix}{wsettings.group}-deferred", background=True)
             | {"max.poll.interval.ms": WORKER_MAX_POLL_INTERVAL_MS})
-        self.consumer.subscribe([self.topic], on_revoke=self._revoked)
+        self.consumer.subscribe([self.topic], on_assign=unpaused, on_revoke=self._revoked)
         # Marks what it writes, as the worker does; not prefs.deferred, which it reads (and never writes).
         self.txn = BatchTransactions(settings, f"{transactional_id}-deferred", stop=self.stop,
                                      marked=[t for name, t in pipeline.out_topics.items() if name != topics.DEFERRED])
